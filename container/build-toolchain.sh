@@ -1,0 +1,212 @@
+#!/usr/bin/env bash
+# Builds hpk's pinned toolchain into a tool folder keyed by the versions in versions.env.
+#
+#   bash container/build-toolchain.sh          build what is missing, print the tool folder
+#
+# Parts: Debian packages, etcd, kube-apiserver + kube-controller-manager + kubectl,
+# CoreDNS, Apptainer (unprivileged, without setuid). Each Go part installs into
+# <tools>/<name>-<version>/bin and is marked complete only when its build succeeded,
+# so a second run finds everything in place and takes seconds.
+#
+# Environment:
+#   HPK_TOOLS_DIR   the tool folder (default /var/cache/hpk-tools for root,
+#                   ~/.cache/hpk-tools otherwise)
+#   HPK_SKIP_APT=1  do not install Debian packages (fail if they are missing)
+set -Eeuo pipefail
+
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+# shellcheck source=versions.env
+source "$here/versions.env"
+
+if [[ -n ${HPK_TOOLS_DIR:-} ]]; then
+    tools=$HPK_TOOLS_DIR
+elif [[ $(id -u) == 0 ]]; then
+    tools=/var/cache/hpk-tools
+else
+    tools=${XDG_CACHE_HOME:-$HOME/.cache}/hpk-tools
+fi
+mkdir -p "$tools/src" "$tools/logs"
+chmod 755 "$tools"
+log=$tools/logs/build-$(date +%Y%m%d-%H%M%S).log
+: >"$log"
+
+say() { printf '[toolchain] %s\n' "$*"; }
+
+current_part=""
+on_error() {
+    [[ $BASHPID == "$$" ]] || return 0 # report once, from the top-level shell
+    say "FAILED: part '$current_part' did not build. The last lines of its log:"
+    tail -n 25 "$log" | sed 's/^/    | /'
+    say "full log: $log"
+}
+trap on_error ERR
+
+# part NAME VERSION FUNCTION: run FUNCTION unless NAME-VERSION is already complete.
+part() {
+    local name=$1 version=$2 fn=$3
+    local dest=$tools/$name-$version
+    current_part="$name $version"
+    if [[ -f $dest/.complete ]]; then
+        say "$name $version: cached in $dest"
+        return 0
+    fi
+    say "$name $version: building (log: $log)"
+    local start=$SECONDS
+    rm -rf "$dest"
+    mkdir -p "$dest/bin"
+    echo "=== $name $version" >>"$log"
+    ("$fn" "$dest" "$version") >>"$log" 2>&1
+    date -u +%FT%TZ >"$dest/.complete"
+    say "$name $version: done in $((SECONDS - start)) s"
+}
+
+# --- Debian packages -------------------------------------------------------------------
+debian_packages=(
+    # the Slurm test bed
+    slurm-wlm slurmdbd munge mariadb-server
+    # Apptainer: build dependencies and the helpers it runs unprivileged
+    build-essential pkg-config libseccomp-dev libtalloc-dev libattr1-dev libprotobuf-c-dev
+    libsubid-dev fakeroot cryptsetup uidmap squashfs-tools squashfuse fuse2fs
+    # test images and DNS checks
+    debootstrap busybox-static bind9-dnsutils
+)
+
+install_debian_packages() {
+    current_part="Debian packages"
+    local missing=()
+    local pkg
+    for pkg in "${debian_packages[@]}"; do
+        dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
+    done
+    if ((${#missing[@]} == 0)); then
+        say "Debian packages: all ${#debian_packages[@]} present"
+        return 0
+    fi
+    if [[ ${HPK_SKIP_APT:-} == 1 || $(id -u) != 0 ]]; then
+        say "FAILED: Debian packages missing and this run cannot install them: ${missing[*]}"
+        trap - ERR
+        exit 1
+    fi
+    say "Debian packages: installing ${missing[*]}"
+    {
+        apt-get update -q
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}"
+    } >>"$log" 2>&1
+    say "Debian packages: done"
+}
+
+# --- Go --------------------------------------------------------------------------------
+check_go() {
+    current_part="Go toolchain"
+    if ! command -v go >/dev/null; then
+        say "FAILED: Go is not installed; Go $GO_MIN_VERSION or newer is needed to build the toolchain"
+        trap - ERR
+        exit 1
+    fi
+    local have
+    have=$(go env GOVERSION | sed 's/^go//')
+    if [[ $(printf '%s\n%s\n' "$GO_MIN_VERSION" "$have" | sort -V | head -n1) != "$GO_MIN_VERSION" ]]; then
+        say "FAILED: Go $have is too old; $GO_MIN_VERSION or newer is needed"
+        trap - ERR
+        exit 1
+    fi
+    say "Go $have"
+    export CGO_ENABLED=0 GOFLAGS=-mod=mod GOTOOLCHAIN=local
+}
+
+# A fresh wrapper module in which one upstream module is built as a dependency.
+wrapper_module() {
+    local dir=$1 name=$2
+    rm -rf "$dir"
+    mkdir -p "$dir"
+    cd "$dir"
+    go mod init "hpk.build/$name"
+}
+
+build_etcd() {
+    local dest=$1 version=$2
+    wrapper_module "$tools/src/etcd-$version" etcd
+    go get "go.etcd.io/etcd/server/v3@v$version"
+    go build -trimpath -ldflags "-s -w" -o "$dest/bin/etcd" go.etcd.io/etcd/server/v3
+    "$dest/bin/etcd" --version
+}
+
+build_kubernetes() {
+    local dest=$1 version=$2
+    local src=$tools/src/kubernetes-$version
+    wrapper_module "$src" kubernetes
+    go mod download -json "k8s.io/kubernetes@v$version" >module.json
+    local gomod
+    gomod=$(sed -n 's/^\s*"GoMod": "\(.*\)",$/\1/p' module.json)
+    # k8s.io/kubernetes points each staging module at ./staging; as a dependency each must
+    # be pinned to its published v0.<minor>.<patch> instead.
+    local staging=v0.${version#*.}
+    {
+        echo "require k8s.io/kubernetes v$version"
+        echo "replace ("
+        sed -n 's#^\s*\(k8s.io/[a-z0-9-]*\) => ./staging/src/.*#\t\1 => \1 '"$staging"'#p' "$gomod"
+        echo ")"
+    } >>go.mod
+    local pkg=k8s.io/component-base/version cpkg=k8s.io/client-go/pkg/version
+    local minor=${version#*.}
+    minor=${minor%%.*}
+    local ld="-s -w"
+    local p
+    for p in $pkg $cpkg; do
+        ld+=" -X $p.gitVersion=v$version -X $p.gitMajor=1 -X $p.gitMinor=$minor"
+        ld+=" -X $p.gitTreeState=clean -X $p.buildDate=1970-01-01T00:00:00Z"
+    done
+    local cmd
+    for cmd in kube-apiserver kube-controller-manager kubectl; do
+        echo "--- $cmd"
+        go build -trimpath -ldflags "$ld" -o "$dest/bin/$cmd" "k8s.io/kubernetes/cmd/$cmd"
+    done
+    "$dest/bin/kubectl" version --client
+}
+
+build_coredns() {
+    local dest=$1 version=$2
+    wrapper_module "$tools/src/coredns-$version" coredns
+    cp "$here/coredns/main.go" .
+    go get "github.com/coredns/coredns@v$version"
+    go mod tidy
+    go build -trimpath -ldflags "-s -w" -o "$dest/bin/coredns" .
+    "$dest/bin/coredns" -version
+}
+
+build_apptainer() {
+    local dest=$1 version=$2
+    local mod=github.com/apptainer/apptainer
+    local info sum dir
+    info=$(GONOSUMDB=$mod go mod download -json "$mod@v$version")
+    sum=$(sed -n 's/^\s*"Sum": "\(.*\)",$/\1/p' <<<"$info")
+    dir=$(sed -n 's/^\s*"Dir": "\(.*\)",$/\1/p' <<<"$info")
+    if [[ $sum != "$APPTAINER_MODULE_SUM" ]]; then
+        echo "apptainer module hash $sum does not match the pinned $APPTAINER_MODULE_SUM"
+        return 1
+    fi
+    # The module cache is read-only and has no git metadata: build in a copy that carries
+    # the VERSION file apptainer's configure step reads.
+    local src=$tools/src/apptainer-$version
+    rm -rf "$src"
+    cp -r "$dir" "$src"
+    # Module zips carry no exec bits; the configure and build scripts need them.
+    chmod -R u+wx "$src"
+    echo "$version" >"$src/VERSION"
+    cd "$src"
+    # Apptainer builds its own C parts; only its Go parts may be static.
+    CGO_ENABLED=1 ./mconfig --without-suid -b builddir --prefix="$dest"
+    CGO_ENABLED=1 make -C builddir -j "$(nproc)"
+    CGO_ENABLED=1 make -C builddir install
+    "$dest/bin/apptainer" version
+}
+
+say "tool folder: $tools"
+install_debian_packages
+check_go
+part etcd "$ETCD_VERSION" build_etcd
+part kubernetes "$KUBERNETES_VERSION" build_kubernetes
+part coredns "$COREDNS_VERSION" build_coredns
+part apptainer "$APPTAINER_VERSION" build_apptainer
+trap - ERR
+say "ready: $tools"

@@ -1,0 +1,96 @@
+"""The pinned toolchain: where container/build-toolchain.sh put each component.
+
+The pins live in container/versions.env, shared with the shell recipe. Each component sits in
+<tools>/<name>-<version>/bin, and is usable only once the recipe wrote its `.complete` mark.
+This module only reads; building is the recipe's job.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from hpk.paths import container_dir
+
+_LINE = re.compile(r"^([A-Z][A-Z0-9_]*)=(\S*)$")
+
+#: Component name in the tool folder -> the versions.env key that pins it.
+COMPONENTS = {
+    "etcd": "ETCD_VERSION",
+    "kubernetes": "KUBERNETES_VERSION",
+    "coredns": "COREDNS_VERSION",
+    "apptainer": "APPTAINER_VERSION",
+}
+
+
+class ToolchainMissing(RuntimeError):
+    """A pinned component has not been built; the message says how to build it."""
+
+
+def read_pins(path: Path | None = None) -> dict[str, str]:
+    """Parse versions.env: KEY=VALUE lines, comments and blank lines ignored."""
+    path = path or container_dir() / "versions.env"
+    pins: dict[str, str] = {}
+    for number, raw in enumerate(path.read_text().splitlines(), start=1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        match = _LINE.match(line)
+        if not match:
+            raise ValueError(f"{path}:{number}: expected KEY=VALUE, got {raw!r}")
+        pins[match.group(1)] = match.group(2)
+    return pins
+
+
+def tools_dir() -> Path:
+    """The tool folder, chosen exactly as build-toolchain.sh chooses it."""
+    override = os.environ.get("HPK_TOOLS_DIR")
+    if override:
+        return Path(override)
+    if os.geteuid() == 0:
+        return Path("/var/cache/hpk-tools")
+    cache = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(cache) / "hpk-tools"
+
+
+@dataclass(frozen=True)
+class Toolchain:
+    """The bin folders of the pinned components."""
+
+    root: Path
+    pins: dict[str, str]
+
+    @classmethod
+    def load(cls) -> Toolchain:
+        return cls(root=tools_dir(), pins=read_pins())
+
+    def component_dir(self, name: str) -> Path:
+        return self.root / f"{name}-{self.pins[COMPONENTS[name]]}"
+
+    def bin_dirs(self) -> list[Path]:
+        return [self.component_dir(name) / "bin" for name in COMPONENTS]
+
+    def missing(self) -> list[str]:
+        return [
+            f"{name} {self.pins[COMPONENTS[name]]}"
+            for name in COMPONENTS
+            if not (self.component_dir(name) / ".complete").is_file()
+        ]
+
+    def binary(self, name: str) -> Path:
+        """Path of a built binary such as 'kube-apiserver'; raises if it was not built."""
+        for directory in self.bin_dirs():
+            candidate = directory / name
+            if candidate.is_file() and (directory.parent / ".complete").is_file():
+                return candidate
+        raise ToolchainMissing(
+            f"{name} is not in the tool folder {self.root}; "
+            "build it with: bash container/build-toolchain.sh"
+        )
+
+    def path_with_tools(self, path: str | None = None) -> str:
+        """PATH with the tool folders first."""
+        rest = path if path is not None else os.environ.get("PATH", "")
+        return os.pathsep.join([*(str(d) for d in self.bin_dirs()), rest])
