@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Builds hpk's pinned toolchain into a tool folder keyed by the versions in versions.env.
 #
-#   bash container/build-toolchain.sh          build what is missing, print the tool folder
+#   bash container/build-toolchain.sh          build what is missing
+#   bash container/build-toolchain.sh --print-dir   print the tool folder and exit
 #
 # Parts: Debian packages, etcd, kube-apiserver + kube-controller-manager + kubectl,
 # CoreDNS, Apptainer (unprivileged, without setuid). Each Go part installs into
@@ -24,6 +25,10 @@ elif [[ $(id -u) == 0 ]]; then
     tools=/var/cache/hpk-tools
 else
     tools=${XDG_CACHE_HOME:-$HOME/.cache}/hpk-tools
+fi
+if [[ ${1:-} == --print-dir ]]; then
+    echo "$tools"
+    exit 0
 fi
 mkdir -p "$tools/src" "$tools/logs"
 chmod 755 "$tools"

@@ -72,6 +72,10 @@ def port_listeners(port: int) -> list[int]:
 
 @dataclass
 class Testbed:
+    """One local Slurm cluster, described by its settings."""
+
+    __test__ = False  # not a pytest test class, despite the name
+
     settings: TestbedSettings
 
     # --- what the bed consists of ----------------------------------------------------

@@ -20,6 +20,10 @@ import psutil
 
 log = logging.getLogger(__name__)
 
+# Daemons started by this process, kept so that they are reaped when stopped here, and so that
+# a Popen is never collected (and warned about) while its daemon runs on purpose.
+_children: dict[int, subprocess.Popen[bytes]] = {}
+
 
 class DaemonFailed(RuntimeError):
     """A daemon exited or never became ready; the message names it and its log."""
@@ -77,6 +81,7 @@ def start(daemon: Daemon, *, env: dict[str, str] | None = None) -> int:
             start_new_session=True,
             env=env,
         )
+    _children[process.pid] = process
     daemon.pid_file.write_text(f"{process.pid}\n")
     log.info("started %s (pid %d)", daemon.name, process.pid)
     return process.pid
@@ -118,6 +123,9 @@ def terminate_and_wait(pid: int, *, timeout: float, name: str) -> None:
         psutil.Process(pid).wait(timeout=10)
     except psutil.NoSuchProcess:
         pass
+    child = _children.pop(pid, None)
+    if child is not None:
+        child.wait(timeout=1)
 
 
 def tail(path: Path, lines: int = 15) -> str:

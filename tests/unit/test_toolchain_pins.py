@@ -1,0 +1,74 @@
+"""The recipe's version pins, and the agreement between the shell recipe and hpk.toolchain."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from hpk.paths import container_dir
+from hpk.toolchain import COMPONENTS, Toolchain, ToolchainMissing, read_pins, tools_dir
+
+RECIPE = container_dir() / "build-toolchain.sh"
+
+
+def version(text: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in text.split("."))
+
+
+def test_every_component_is_pinned_to_an_exact_version() -> None:
+    pins = read_pins()
+    for key in COMPONENTS.values():
+        assert len(version(pins[key])) == 3, f"{key} must be an exact x.y.z version"
+
+
+def test_pins_meet_the_projects_constraints() -> None:
+    pins = read_pins()
+    assert version(pins["KUBERNETES_VERSION"])[:2] == (1, 33)
+    assert version(pins["APPTAINER_VERSION"])[:2] in {(1, 3), (1, 4)}
+    # Kubernetes >= 1.31 relies on etcd health endpoints that arrived in 3.5.11.
+    assert version(pins["ETCD_VERSION"]) >= (3, 5, 11)
+    assert pins["APPTAINER_MODULE_SUM"].startswith("h1:")
+
+
+def test_malformed_pin_file_is_rejected_with_its_line(tmp_path: Path) -> None:
+    bad = tmp_path / "versions.env"
+    bad.write_text("# comment\nKUBERNETES_VERSION=1.33.1\nnot a pin\n")
+    with pytest.raises(ValueError, match=r"versions.env:3"):
+        read_pins(bad)
+
+
+@pytest.mark.parametrize("override", [None, "/srv/hpk tools"])
+def test_recipe_and_python_choose_the_same_tool_folder(
+    override: str | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "HPK_TOOLS_DIR"}
+    monkeypatch.delenv("HPK_TOOLS_DIR", raising=False)
+    if override:
+        env["HPK_TOOLS_DIR"] = override
+        monkeypatch.setenv("HPK_TOOLS_DIR", override)
+    printed = subprocess.run(
+        ["bash", str(RECIPE), "--print-dir"], env=env, capture_output=True, text=True, check=True
+    ).stdout.strip()
+    assert printed == str(tools_dir())
+
+
+def test_component_folders_are_keyed_by_version(tmp_path: Path) -> None:
+    chain = Toolchain(root=tmp_path, pins=read_pins())
+    assert chain.component_dir("kubernetes").name == f"kubernetes-{chain.pins['KUBERNETES_VERSION']}"
+    assert sorted(chain.missing()) == sorted(
+        f"{name} {chain.pins[key]}" for name, key in COMPONENTS.items()
+    )
+
+
+def test_binary_without_completed_build_names_the_recipe(tmp_path: Path) -> None:
+    chain = Toolchain(root=tmp_path, pins=read_pins())
+    half_built = chain.component_dir("etcd") / "bin"
+    half_built.mkdir(parents=True)
+    (half_built / "etcd").write_text("")
+    with pytest.raises(ToolchainMissing, match="build-toolchain.sh"):
+        chain.binary("etcd")
+    (half_built.parent / ".complete").write_text("")
+    assert chain.binary("etcd") == half_built / "etcd"
