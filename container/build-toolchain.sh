@@ -199,6 +199,8 @@ build_apptainer() {
     chmod -R u+wx "$src"
     echo "$version" >"$src/VERSION"
     cd "$src"
+    # Its makefile runs `go clean -cache`: give it a build cache of its own.
+    export GOCACHE=$tools/src/apptainer-gocache
     # Apptainer builds its own C parts; only its Go parts may be static.
     CGO_ENABLED=1 ./mconfig --without-suid -b builddir --prefix="$dest"
     CGO_ENABLED=1 make -C builddir -j "$(nproc)"

@@ -1,0 +1,45 @@
+# The two commands the README opens with:
+#   make demo   bring up the local Slurm test bed and run the main job on it
+#   make test   run the whole test suite (lint, unit and end-to-end)
+# Both install what is missing first (Debian packages, the pinned toolchain, the Python
+# environment), and both are safe to repeat.
+
+SHELL := /bin/bash
+# Debian's interpreter when there is one: a venv made from it can be used by every user,
+# which the tests that run as an ordinary user need.
+PYTHON ?= $(shell test -x /usr/bin/python3 && echo /usr/bin/python3 || command -v python3)
+VENV := .venv
+HPK := $(VENV)/bin/hpk
+
+.PHONY: demo test lint unit e2e toolchain venv
+
+toolchain:
+	@bash container/build-toolchain.sh
+
+$(VENV)/.installed: pyproject.toml
+	@echo "[setup] Python environment in $(VENV) (from $(PYTHON))"
+	@test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
+	@$(VENV)/bin/pip install -q --disable-pip-version-check -e '.[dev]'
+	@touch $@
+
+venv: $(VENV)/.installed
+
+demo: toolchain venv
+	@$(HPK) dev up
+	@$(HPK) dev demo
+
+lint: venv
+	@echo "[test] ruff and mypy"
+	@$(VENV)/bin/ruff check .
+	@$(VENV)/bin/ruff format --check .
+	@$(VENV)/bin/mypy
+
+unit: venv
+	@echo "[test] unit tests"
+	@$(VENV)/bin/pytest tests/unit
+
+e2e: toolchain venv
+	@echo "[test] end-to-end tests on the real stack"
+	@$(VENV)/bin/pytest tests/e2e
+
+test: toolchain lint unit e2e
