@@ -7,6 +7,7 @@ processes behind), stops the daemons in reverse order by pid, and removes the no
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import secrets
@@ -263,6 +264,7 @@ class Testbed:
             ],
             capture_output=True,
             text=True,
+            check=False,
         )
         if result.returncode != 0:
             raise TestbedError(f"mariadb-install-db failed:\n{result.stdout}{result.stderr}")
@@ -273,6 +275,7 @@ class Testbed:
             input=statement,
             capture_output=True,
             text=True,
+            check=False,
         )
 
     def _mariadb_answers(self) -> bool:
@@ -288,28 +291,24 @@ class Testbed:
         if result.returncode != 0:
             raise TestbedError(f"could not create the slurm database user: {result.stderr}")
 
-    def _sacctmgr(self, *args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            ["sacctmgr", "-i", *args],
-            capture_output=True,
-            text=True,
-            env=self._daemon_env(),
-            timeout=30,
-        )
-
     def _register_cluster(self) -> None:
         name = self.settings.cluster_name
-        listed = self._sacctmgr("-n", "-P", "list", "cluster", "format=cluster")
+        listed = self._slurm("sacctmgr", "-n", "-P", "list", "cluster", "format=cluster")
         if name in listed.stdout.split():
             return
-        result = self._sacctmgr("add", "cluster", name)
+        result = self._slurm("sacctmgr", "-i", "add", "cluster", name)
         if result.returncode != 0:
             raise TestbedError(f"sacctmgr add cluster {name} failed: {result.stderr}")
 
     # --- slurmctld and slurmd -----------------------------------------------------------
     def _slurm(self, *argv: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            list(argv), capture_output=True, text=True, env=self._daemon_env(), timeout=timeout
+            list(argv),
+            capture_output=True,
+            text=True,
+            env=self._daemon_env(),
+            timeout=timeout,
+            check=False,
         )
 
     def _slurmctld_answers(self) -> bool:
@@ -329,7 +328,9 @@ class Testbed:
         states: dict[str, str] = {}
         while time.monotonic() < deadline:
             states = self._node_states()
-            if states and all(st.rstrip("*").startswith(("idle", "mixed", "alloc")) for st in states.values()):
+            if states and all(
+                st.rstrip("*").startswith(("idle", "mixed", "alloc")) for st in states.values()
+            ):
                 return
             for node in self.settings.nodes:
                 daemon = by_name[f"slurmd-{node}"]
@@ -380,10 +381,8 @@ class Testbed:
         for root in roots:
             for procs in root.rglob("cgroup.procs"):
                 for pid in procs.read_text().split():
-                    try:
+                    with contextlib.suppress(ProcessLookupError):
                         os.kill(int(pid), signal.SIGKILL)
-                    except ProcessLookupError:
-                        pass
         for root in roots:
             for folder in sorted(
                 (p for p in root.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)

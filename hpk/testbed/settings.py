@@ -24,7 +24,7 @@ class TestbedSettings:
     __test__ = False  # not a pytest test class, despite the name
 
     root: Path = field(
-        default_factory=lambda: Path(os.environ.get("HPK_TESTBED_DIR", "/var/tmp/hpk-testbed"))
+        default_factory=lambda: Path(os.environ.get("HPK_TESTBED_DIR", "/var/tmp/hpk-testbed"))  # noqa: S108
     )
     """Folder for the bed's configuration, state, logs and pid files (world-readable, so that
     ordinary users can read slurm.conf and reach munge)."""

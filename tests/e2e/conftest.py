@@ -53,7 +53,9 @@ def ordinary_user() -> pwd.struct_passwd:
     try:
         return pwd.getpwnam(ORDINARY_USER)
     except KeyError:
-        subprocess.run(["useradd", "--create-home", "--shell", "/bin/bash", ORDINARY_USER], check=True)
+        subprocess.run(
+            ["useradd", "--create-home", "--shell", "/bin/bash", ORDINARY_USER], check=True
+        )
         return pwd.getpwnam(ORDINARY_USER)
 
 

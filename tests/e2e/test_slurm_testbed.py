@@ -8,9 +8,9 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from hpk.test_images import ensure_test_images, register_test_images
 
 from hpk.images import cached_image
-from hpk.test_images import ensure_test_images, register_test_images
 from hpk.testbed.bed import Testbed, cgroups_usable
 from hpk.toolchain import Toolchain
 from tests.e2e.slurm import job_folder, sbatch, wait_finished
@@ -100,15 +100,15 @@ def test_ordinary_user_runs_apptainer_in_a_job(
     try:
         sif = ensure_test_images()[PYTHON_IMAGE]
         apptainer = toolchain.binary("apptainer")
-        script = write_script(
-            folder,
-            f'id -un\nexec {apptainer} exec {sif} python3 -c "{PROBE}; import os; print(os.getuid())"',
-        )
+        probe = f"{PROBE}; import os; print(os.getuid())"
+        script = write_script(folder, f'id -un\nexec {apptainer} exec {sif} python3 -c "{probe}"')
         subprocess.run(["chown", user, str(script)], check=True)
         job = sbatch(script, "--output=out.txt", user=user)
         acct = wait_finished(job)
         output = (folder / "out.txt").read_text().split()
-        assert (acct.state, acct.exit_code) == ("COMPLETED", "0:0"), (folder / "out.txt").read_text()
+        assert (acct.state, acct.exit_code) == ("COMPLETED", "0:0"), (
+            folder / "out.txt"
+        ).read_text()
         assert output[0] == user
         assert output[-1] == str(ordinary_user.pw_uid)
     finally:

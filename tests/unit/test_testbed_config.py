@@ -41,8 +41,9 @@ def test_nodes_have_their_own_ports_and_the_gpu_node_its_gres() -> None:
     assert [n.split()[0] for n in nodes] == ["n1", "n2", "n3", "n4"]
     assert [n.split("Port=")[1].split()[0] for n in nodes] == ["16821", "16822", "16823", "16824"]
     assert "Gres=gpu:2" in nodes[3] and all("Gres" not in n for n in nodes[:3])
-    assert "NodeName=n4 Name=gpu Count=2 File=/srv/bed/state/fake-gpu/gpu[0-1]" in (
-        config.files["gres.conf"]
+    assert (
+        "NodeName=n4 Name=gpu Count=2 File=/srv/bed/state/fake-gpu/gpu[0-1]"
+        in (config.files["gres.conf"])
     )
 
 
@@ -79,7 +80,9 @@ def test_database_password_only_in_the_secret_file() -> None:
 
 
 def test_unknown_setting_lists_the_valid_ones() -> None:
-    with pytest.raises(TypeError, match=r"unknown test bed settings \['cpu'\]; valid: .*cpus_per_node"):
+    with pytest.raises(
+        TypeError, match=r"unknown test bed settings \['cpu'\]; valid: .*cpus_per_node"
+    ):
         TestbedSettings.from_overrides(cpu=4)
 
 

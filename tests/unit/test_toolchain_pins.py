@@ -57,7 +57,9 @@ def test_recipe_and_python_choose_the_same_tool_folder(
 
 def test_component_folders_are_keyed_by_version(tmp_path: Path) -> None:
     chain = Toolchain(root=tmp_path, pins=read_pins())
-    assert chain.component_dir("kubernetes").name == f"kubernetes-{chain.pins['KUBERNETES_VERSION']}"
+    assert (
+        chain.component_dir("kubernetes").name == f"kubernetes-{chain.pins['KUBERNETES_VERSION']}"
+    )
     assert sorted(chain.missing()) == sorted(
         f"{name} {chain.pins[key]}" for name, key in COMPONENTS.items()
     )
@@ -68,7 +70,7 @@ def test_binary_without_completed_build_names_the_recipe(tmp_path: Path) -> None
     half_built = chain.component_dir("etcd") / "bin"
     half_built.mkdir(parents=True)
     (half_built / "etcd").write_text("")
-    with pytest.raises(ToolchainMissing, match="build-toolchain.sh"):
+    with pytest.raises(ToolchainMissing, match=r"build-toolchain\.sh"):
         chain.binary("etcd")
     (half_built.parent / ".complete").write_text("")
     assert chain.binary("etcd") == half_built / "etcd"
