@@ -1,0 +1,196 @@
+"""The container images hpk's tests run, built locally because no registry is reachable.
+
+Each image is an Apptainer definition file in container/test-images/ and is cached as a SIF
+file next to the pinned toolchain, in <tools>/test-images-<hash>/, where the hash covers the
+recipe files and the Apptainer pin: a changed recipe builds afresh, an unchanged one costs
+nothing. `register_test_images` then imports them into hpk's image cache under the names
+Docker would give them, so pods can say `image: busybox`.
+
+Building needs root (debootstrap) and the Debian mirror; it starts no container, since the
+recipes do all their work on the host (see the recipes' %setup sections).
+
+    python -m hpk.test_images [--register]
+"""
+
+from __future__ import annotations
+
+import argparse
+import fcntl
+import filecmp
+import hashlib
+import logging
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+from hpk.images import cached_image, check_sif, import_image
+from hpk.paths import container_dir
+from hpk.toolchain import Toolchain, ToolchainMissing, tools_dir
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TestImage:
+    """One test image and the reference it stands in for."""
+
+    __test__ = False  # not a pytest test class, despite the name
+
+    name: str
+    """File name stem of the built SIF (`<name>.sif`)."""
+    reference: str
+    """The normalized Docker reference it is cached under."""
+    recipe: str
+    """Its Apptainer definition file, in container/test-images/."""
+
+
+#: Every test image; the one place that names them.
+TEST_IMAGES: tuple[TestImage, ...] = (
+    TestImage("busybox", "docker.io/library/busybox:latest", "busybox.def"),
+    TestImage("python-3.11", "docker.io/library/python:3.11", "python-3.11.def"),
+)
+
+
+class TestImageBuildFailed(RuntimeError):
+    """A test image could not be built; the message names the image and its log."""
+
+    __test__ = False
+
+
+def recipes_dir() -> Path:
+    return container_dir() / "test-images"
+
+
+def recipe_hash(toolchain: Toolchain | None = None) -> str:
+    """A short hash of every recipe file and the Apptainer pin: the cache folder's key."""
+    pins = (toolchain or Toolchain.load()).pins
+    digest = hashlib.sha256(f"apptainer={pins['APPTAINER_VERSION']}\n".encode())
+    for path in sorted(recipes_dir().iterdir()):
+        if path.is_file():
+            digest.update(f"{path.name}\n{path.stat().st_size}\n".encode())
+            digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def built_images_dir(toolchain: Toolchain | None = None) -> Path:
+    """Where the built SIF files for the current recipes live (or will)."""
+    return tools_dir() / f"test-images-{recipe_hash(toolchain)}"
+
+
+def _say(message: str) -> None:
+    print(f"[test-images] {message}", flush=True)
+
+
+@contextmanager
+def _build_lock(folder: Path) -> Iterator[None]:
+    # Test sessions started side by side must not build the same image twice at once.
+    fd = os.open(folder / ".build.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def ensure_test_images(progress: Callable[[str], None] = _say) -> dict[str, Path]:
+    """Build the test images that are not cached yet; returns reference -> SIF file."""
+    toolchain = Toolchain.load()
+    apptainer = toolchain.binary("apptainer")
+    folder = built_images_dir(toolchain)
+    wanted = {image.reference: folder / f"{image.name}.sif" for image in TEST_IMAGES}
+    if all(path.is_file() for path in wanted.values()):
+        progress(f"all {len(wanted)} images cached in {folder}")
+        return wanted
+
+    folder.mkdir(parents=True, exist_ok=True)
+    folder.chmod(0o755)  # the SIF files must be readable by the users that run them
+    log_dir = tools_dir() / "logs"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    log_file = log_dir / f"test-images-{datetime.now(UTC):%Y%m%d-%H%M%S}.log"
+    with _build_lock(folder):
+        for image in TEST_IMAGES:
+            target = wanted[image.reference]
+            if target.is_file():
+                progress(f"{image.name}: cached ({target})")
+                continue
+            if os.geteuid() != 0:
+                raise TestImageBuildFailed(
+                    f"test image {image.name} ({image.reference}) is not built and building "
+                    "needs root (debootstrap); run: sudo python -m hpk.test_images"
+                )
+            progress(f"{image.name}: building {image.reference} (log: {log_file})")
+            started = time.monotonic()
+            _build(image, target=target, apptainer=apptainer, log_file=log_file)
+            size_mb = target.stat().st_size / 1e6
+            progress(f"{image.name}: done in {time.monotonic() - started:.0f} s, {size_mb:.1f} MB")
+    return wanted
+
+
+def _build(image: TestImage, *, target: Path, apptainer: Path, log_file: Path) -> None:
+    partial = target.with_name(f".{target.name}.part")
+    with log_file.open("a") as stream:
+        stream.write(f"=== {image.name} ({image.reference}) from {image.recipe}\n")
+        stream.flush()
+        result = subprocess.run(
+            [str(apptainer), "build", "--force", "--notest", str(partial), image.recipe],
+            cwd=recipes_dir(),
+            stdin=subprocess.DEVNULL,
+            stdout=stream,
+            stderr=subprocess.STDOUT,
+            check=False,
+        )
+    if result.returncode != 0:
+        partial.unlink(missing_ok=True)
+        tail = "\n".join(log_file.read_text(errors="replace").splitlines()[-20:])
+        raise TestImageBuildFailed(
+            f"test image {image.name} ({image.reference}) did not build: apptainer exited "
+            f"with {result.returncode}; full log: {log_file}; its last lines:\n{tail}"
+        )
+    check_sif(partial)
+    partial.chmod(0o644)
+    partial.replace(target)
+
+
+def register_test_images(cache_dir: Path | None = None) -> dict[str, Path]:
+    """Build the test images if needed and put them into hpk's image cache.
+
+    Returns reference -> path in the cache. An entry that already holds the same bytes is left
+    alone, so a second call is cheap.
+    """
+    registered: dict[str, Path] = {}
+    for reference, built in ensure_test_images().items():
+        present = cached_image(reference, cache_dir=cache_dir)
+        if present is not None and filecmp.cmp(present, built, shallow=False):
+            registered[reference] = present
+        else:
+            registered[reference] = import_image(reference, built, cache_dir=cache_dir)
+    return registered
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m hpk.test_images", description="Build (and cache) hpk's test images."
+    )
+    parser.add_argument(
+        "--register", action="store_true", help="also import them into hpk's image cache"
+    )
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        images = register_test_images() if args.register else ensure_test_images()
+    except (TestImageBuildFailed, ToolchainMissing) as error:
+        print(f"[test-images] FAILED: {error}", file=sys.stderr)
+        return 1
+    for reference, path in images.items():
+        print(f"{reference} {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
