@@ -8,7 +8,10 @@ import shlex
 import sys
 from collections.abc import Sequence
 
+from hpk.images import ImageError
+from hpk.images_cli import add_images_commands
 from hpk.testbed.bed import Testbed, TestbedError
+from hpk.testbed.demo import run_demo
 from hpk.testbed.processes import DaemonFailed
 from hpk.testbed.settings import TestbedSettings
 
@@ -28,6 +31,8 @@ def _dev(args: argparse.Namespace) -> int:
         for name, pid in status:
             print(f"{name:14} {'running, pid ' + str(pid) if pid else 'stopped'}")
         return 0 if all(pid for _, pid in status) else 3
+    elif args.action == "demo":
+        return run_demo(bed, _progress)
     elif args.action == "env":
         for key, value in bed.env().items():
             print(f"export {key}={shlex.quote(value)}")
@@ -40,8 +45,10 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     dev = commands.add_parser("dev", help="the local Slurm test bed (needs root)")
-    dev.add_argument("action", choices=["up", "down", "status", "env"])
+    dev.add_argument("action", choices=["up", "down", "status", "env", "demo"])
     dev.set_defaults(func=_dev)
+
+    add_images_commands(commands)
     return parser
 
 
@@ -53,7 +60,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         return int(args.func(args))
-    except (TestbedError, DaemonFailed) as error:
+    except (TestbedError, DaemonFailed, ImageError) as error:
         print(f"hpk: {error}", file=sys.stderr)
         return 1
 

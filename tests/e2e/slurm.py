@@ -71,12 +71,13 @@ def accounting(job_id: str) -> Accounting | None:
 
 
 def wait_finished(job_id: str, timeout: float = 120) -> Accounting:
-    """Poll sacct until the job has a terminal state."""
+    """Poll sacct until the job has a terminal state and its record is complete: slurmdbd can
+    report the final state a moment before the partition and node list."""
     deadline = time.monotonic() + timeout
     seen = None
     while time.monotonic() < deadline:
         seen = accounting(job_id)
-        if seen and seen.state in TERMINAL:
+        if seen and seen.state in TERMINAL and seen.partition and seen.node_list:
             return seen
         time.sleep(0.5)
     raise AssertionError(f"job {job_id} not finished after {timeout} s; last sacct: {seen}")

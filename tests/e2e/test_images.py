@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from hpk.apptainer import run_options
 from hpk.images import cached_image, list_images
 from hpk.test_images import TEST_IMAGES, TestImage, ensure_test_images, register_test_images
 from hpk.toolchain import Toolchain
@@ -43,16 +44,12 @@ def run_image(
     action: str,
     sif: Path,
     *args: str,
-    options: tuple[str, ...] = (),
     prefix: tuple[str, ...] = (),
+    uid: int | None = None,
 ) -> subprocess.CompletedProcess[str]:
-    """`apptainer ACTION OPTIONS SIF ARGS`, as root unless `prefix` switches the user."""
-    if os.geteuid() == 0 and not prefix:
-        # Apptainer keeps every capability for root by default, and this machine's bounding
-        # set lacks CAP_SYS_RESOURCE, so a root run asks for none.
-        options = ("--no-privs", *options)
+    """`apptainer ACTION SIF ARGS` with hpk's options for the user; `prefix` switches user."""
     return subprocess.run(
-        [*prefix, str(apptainer), action, *options, str(sif), *args],
+        [*prefix, str(apptainer), action, *run_options(uid), str(sif), *args],
         capture_output=True,
         text=True,
         timeout=180,
@@ -163,10 +160,6 @@ def test_an_ordinary_user_runs_the_cached_python_image(
     sif = cached_image("python:3.11", cache_dir=shared_cache)
     assert sif is not None
     code = "import os, sys; print(os.getuid(), sys.version_info[:2])"
-    # Without a usable /dev/fuse, Apptainer cannot mount the image unprivileged and must
-    # unpack it into a temporary folder instead.
-    fuse = Path("/dev/fuse")
-    usable = fuse.exists() and stat.S_IMODE(fuse.stat().st_mode) & 0o006 == 0o006
     result = run_image(
         apptainer,
         "exec",
@@ -174,8 +167,8 @@ def test_an_ordinary_user_runs_the_cached_python_image(
         "python3",
         "-c",
         code,
-        options=() if usable else ("--unsquash",),
         prefix=prefix,
+        uid=uid,
     )
     assert result.returncode == 0, result.stderr
     assert uid != 0

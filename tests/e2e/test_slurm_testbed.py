@@ -8,9 +8,10 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from hpk.test_images import ensure_test_images, register_test_images
 
+from hpk.apptainer import run_options
 from hpk.images import cached_image
+from hpk.test_images import ensure_test_images, register_test_images
 from hpk.testbed.bed import Testbed, cgroups_usable
 from hpk.toolchain import Toolchain
 from tests.e2e.slurm import job_folder, sbatch, wait_finished
@@ -39,7 +40,10 @@ def test_apptainer_job_runs_python_image(
     job_dir: Path, toolchain: Toolchain, python_sif: Path
 ) -> None:
     apptainer = toolchain.binary("apptainer")
-    script = write_script(job_dir, f'exec {apptainer} exec {python_sif} python3 -c "{PROBE}"')
+    options = " ".join(run_options())
+    script = write_script(
+        job_dir, f'exec {apptainer} exec {options} {python_sif} python3 -c "{PROBE}"'
+    )
     job = sbatch(script, "--output=out.txt", "--job-name=e2e-apptainer")
     acct = wait_finished(job)
     assert (acct.state, acct.exit_code) == ("COMPLETED", "0:0")
@@ -71,14 +75,14 @@ def test_job_over_its_memory_is_stopped(job_dir: Path, testbed: Testbed) -> None
 @pytest.mark.timeout(120)
 def test_gpu_job_lands_on_the_gpu_partition(job_dir: Path, testbed: Testbed) -> None:
     gpu_nodes = testbed.settings.gpu_nodes
-    script = write_script(job_dir, 'echo "gpus=$SLURM_JOB_GPUS"')
+    script = write_script(job_dir, 'echo "gpus=$SLURM_GPUS_ON_NODE"')
     job = sbatch(script, "-p", "gpu", "--gres=gpu:1", "--output=out.txt")
     acct = wait_finished(job)
     assert acct.state == "COMPLETED"
     assert acct.partition == "gpu"
     assert acct.node_list in gpu_nodes
     assert "gres/gpu=1" in acct.alloc_tres
-    assert (job_dir / "out.txt").read_text().strip() in {"gpus=0", "gpus=1"}
+    assert (job_dir / "out.txt").read_text() == "gpus=1\n"
 
 
 @pytest.mark.timeout(120)
@@ -101,15 +105,19 @@ def test_ordinary_user_runs_apptainer_in_a_job(
         sif = ensure_test_images()[PYTHON_IMAGE]
         apptainer = toolchain.binary("apptainer")
         probe = f"{PROBE}; import os; print(os.getuid())"
-        script = write_script(folder, f'id -un\nexec {apptainer} exec {sif} python3 -c "{probe}"')
+        options = " ".join(run_options(ordinary_user.pw_uid))
+        script = write_script(
+            folder, f'id -un\nexec {apptainer} exec {options} {sif} python3 -c "{probe}"'
+        )
         subprocess.run(["chown", user, str(script)], check=True)
-        job = sbatch(script, "--output=out.txt", user=user)
+        job = sbatch(script, "--output=out.txt", "--error=err.txt", user=user)
         acct = wait_finished(job)
-        output = (folder / "out.txt").read_text().split()
-        assert (acct.state, acct.exit_code) == ("COMPLETED", "0:0"), (
-            folder / "out.txt"
-        ).read_text()
-        assert output[0] == user
-        assert output[-1] == str(ordinary_user.pw_uid)
+        errors = (folder / "err.txt").read_text()
+        assert (acct.state, acct.exit_code) == ("COMPLETED", "0:0"), errors
+        assert (folder / "out.txt").read_text().splitlines() == [
+            user,
+            "python 3.11 in apptainer",
+            str(ordinary_user.pw_uid),
+        ]
     finally:
         subprocess.run(["rm", "-rf", str(folder)], check=False)

@@ -1,0 +1,42 @@
+"""How hpk runs Apptainer on a host, whatever the site's configuration says.
+
+Two host facts change the command line, and neither may be fixed by editing the site's
+apptainer.conf:
+- Without a /dev/fuse the user may open, an unprivileged Apptainer cannot mount a SIF and
+  stops; `--unsquash` makes it unpack the image into a temporary folder instead.
+- As root, Apptainer asks for every capability by default, which fails where the bounding set
+  lacks one (CAP_SYS_RESOURCE on the test machines); `--no-privs` asks for none.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+FUSE_DEVICE = Path("/dev/fuse")
+
+
+def fuse_usable(uid: int, *, device: Path = FUSE_DEVICE) -> bool:
+    """Whether a process of `uid` can open the FUSE device for reading and writing."""
+    try:
+        info = device.stat()
+    except FileNotFoundError:
+        return False
+    mode = stat.S_IMODE(info.st_mode)
+    if uid == 0:
+        return True
+    if info.st_uid == uid:
+        return mode & 0o600 == 0o600
+    return mode & 0o006 == 0o006
+
+
+def run_options(uid: int | None = None, *, device: Path = FUSE_DEVICE) -> list[str]:
+    """Options for `apptainer exec|run` as `uid` (default: this process's user) on this host."""
+    uid = os.geteuid() if uid is None else uid
+    options: list[str] = []
+    if uid == 0:
+        options.append("--no-privs")
+    if not fuse_usable(uid, device=device):
+        options.append("--unsquash")
+    return options
