@@ -10,9 +10,9 @@ from collections.abc import Sequence
 
 from hpk.images import ImageError
 from hpk.images_cli import add_images_commands
+from hpk.process import ProcessFailed
 from hpk.testbed.bed import Testbed, TestbedError
 from hpk.testbed.demo import run_demo
-from hpk.testbed.processes import DaemonFailed
 from hpk.testbed.settings import TestbedSettings
 
 
@@ -60,7 +60,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         return int(args.func(args))
-    except (TestbedError, DaemonFailed, ImageError) as error:
+    except (TestbedError, ProcessFailed, ImageError) as error:
         print(f"hpk: {error}", file=sys.stderr)
         return 1
 

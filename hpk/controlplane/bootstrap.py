@@ -16,8 +16,8 @@ from urllib.parse import quote
 
 import yaml
 
+from hpk.controlplane.errors import ControlPlaneError
 from hpk.controlplane.probes import TLSClient, request
-from hpk.controlplane.process import ControlPlaneError
 from hpk.templating import render
 
 log = logging.getLogger(__name__)

@@ -15,9 +15,9 @@ from pathlib import Path
 
 from hpk.controlplane.ports import Ports
 from hpk.controlplane.probes import TLSClient, answers
-from hpk.controlplane.process import ProcessSpec
 from hpk.controlplane.settings import Binaries, ControlPlaneSettings, StateLayout
 from hpk.pki import ClusterPKI
+from hpk.process import ProcessSpec
 from hpk.templating import render
 
 ETCD = "etcd"

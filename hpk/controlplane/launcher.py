@@ -5,7 +5,7 @@ when they are still free), refreshes the certificates, and writes the kubeconfig
 Corefile. `start` then runs etcd, kube-apiserver, kube-controller-manager and CoreDNS, each
 only after the one before it is ready, and applies the RBAC objects CoreDNS needs. If any
 component dies or stays unready, everything started so far is stopped again and a
-`ComponentFailed` names the culprit and quotes its log.
+`hpk.process.ProcessFailed` names the culprit and quotes its log.
 
 This is what the control-plane job will run; it touches only its state folder, the PKI folder
 and the processes it started.
@@ -24,16 +24,16 @@ from hpk.controlplane.components import Component, Context
 from hpk.controlplane.host import host_resolvers, hostname, node_addresses, primary_address
 from hpk.controlplane.ports import Ports, choose_ports, load_ports, save_ports
 from hpk.controlplane.probes import TLSClient
-from hpk.controlplane.process import (
+from hpk.controlplane.settings import Binaries, ControlPlaneSettings, StateLayout
+from hpk.files import PRIVATE_FILE_MODE, private_dir, write_atomic
+from hpk.pki import ClusterPKI, write_kubeconfig
+from hpk.process import (
     HostRunner,
     Runner,
     RunningProcess,
     start_process,
     stop_all,
 )
-from hpk.controlplane.settings import Binaries, ControlPlaneSettings, StateLayout
-from hpk.files import PRIVATE_FILE_MODE, private_dir, write_atomic
-from hpk.pki import ClusterPKI, write_kubeconfig
 
 log = logging.getLogger(__name__)
 
@@ -147,7 +147,7 @@ class ControlPlane:
     def start(self) -> None:
         """Prepare, then start every component in order and wait until each is ready.
 
-        Raises ComponentFailed (after stopping what was started) if one dies or stays unready.
+        Raises ProcessFailed (after stopping what was started) if one dies or stays unready.
         """
         if self._processes:
             raise RuntimeError("this control plane is already started")

@@ -22,9 +22,15 @@ from pathlib import Path
 
 import psutil
 
-from hpk.testbed import processes
+from hpk.process import (
+    ProcessExited,
+    ProcessSpec,
+    recorded_pid,
+    start_detached,
+    stop_recorded,
+    wait_until,
+)
 from hpk.testbed.config import render_slurm_config
-from hpk.testbed.processes import Daemon, DaemonFailed
 from hpk.testbed.settings import TestbedSettings
 from hpk.toolchain import Toolchain
 
@@ -91,16 +97,17 @@ class Testbed:
     def _daemon_env(self) -> dict[str, str]:
         return {**os.environ, "SLURM_CONF": str(self.settings.slurm_conf)}
 
-    def _daemon(self, name: str, argv: list[str]) -> Daemon:
+    def _daemon(self, name: str, argv: list[str]) -> ProcessSpec:
         s = self.settings
-        return Daemon(
+        return ProcessSpec(
             name=name,
-            argv=argv,
+            argv=tuple(argv),
             pid_file=s.run / "pids" / f"{name}.pid",
             log_file=s.logs / f"{name}.out",
+            env={"SLURM_CONF": str(s.slurm_conf)},
         )
 
-    def daemons(self) -> list[Daemon]:
+    def daemons(self) -> list[ProcessSpec]:
         """Every daemon of the bed, in start order."""
         s = self.settings
         conf = str(s.slurm_conf)
@@ -141,7 +148,7 @@ class Testbed:
         return bed
 
     def status(self) -> list[tuple[str, int | None]]:
-        return [(d.name, processes.running_pid(d)) for d in self.daemons()]
+        return [(d.name, recorded_pid(d)) for d in self.daemons()]
 
     # --- up ----------------------------------------------------------------------------
     def up(self, progress: Progress = print) -> None:
@@ -153,32 +160,34 @@ class Testbed:
         progress(f"test bed in {s.root} (memory limits: {'cgroups' if cgroups else 'polling'})")
         self._write_files(cgroups=cgroups)
         by_name = {d.name: d for d in self.daemons()}
-        env = self._daemon_env()
 
         progress("munged")
-        processes.start(by_name["munged"], env=env)
-        processes.wait_ready(by_name["munged"], s.munge_socket.exists, timeout=20)
+        start_detached(by_name["munged"])
+        wait_until(by_name["munged"], s.munge_socket.exists, timeout=20, what="listening")
 
         progress("mariadb")
         self._init_mariadb()
-        processes.start(by_name["mariadb"], env=env)
-        processes.wait_ready(by_name["mariadb"], self._mariadb_answers, timeout=60)
+        start_detached(by_name["mariadb"])
+        wait_until(by_name["mariadb"], self._mariadb_answers, timeout=60, what="answering")
         self._ensure_db_user()
 
         progress("slurmdbd")
-        processes.start(by_name["slurmdbd"], env=env)
-        processes.wait_ready(
-            by_name["slurmdbd"], lambda: bool(port_listeners(s.slurmdbd_port)), timeout=60
+        start_detached(by_name["slurmdbd"])
+        wait_until(
+            by_name["slurmdbd"],
+            lambda: bool(port_listeners(s.slurmdbd_port)),
+            timeout=60,
+            what="listening",
         )
         self._register_cluster()
 
         progress("slurmctld")
-        processes.start(by_name["slurmctld"], env=env)
-        processes.wait_ready(by_name["slurmctld"], self._slurmctld_answers, timeout=60)
+        start_detached(by_name["slurmctld"])
+        wait_until(by_name["slurmctld"], self._slurmctld_answers, timeout=60, what="answering")
 
         progress(f"slurmd x{len(s.nodes)}")
         for node in s.nodes:
-            processes.start(by_name[f"slurmd-{node}"], env=env)
+            start_detached(by_name[f"slurmd-{node}"])
         self._wait_nodes_ready(by_name)
         progress("ready: " + " ".join(f"{k}={v}" for k, v in self.env().items() if k != "PATH"))
 
@@ -211,9 +220,10 @@ class Testbed:
 
     def _write_files(self, *, cgroups: bool) -> None:
         s = self.settings
-        for folder in (s.root, s.etc, s.run, s.logs, s.state):
+        for folder in (s.root, s.etc, s.run, s.state):
             folder.mkdir(parents=True, exist_ok=True)
             folder.chmod(0o755)  # ordinary users read slurm.conf and reach munge
+        s.logs.mkdir(mode=0o700, exist_ok=True)
         (s.run / "munge").mkdir(exist_ok=True)
         (s.run / "munge").chmod(0o755)
         private = s.state / "munge"
@@ -322,7 +332,7 @@ class Testbed:
             states[node] = state
         return states
 
-    def _wait_nodes_ready(self, by_name: dict[str, Daemon], timeout: float = 60) -> None:
+    def _wait_nodes_ready(self, by_name: dict[str, ProcessSpec], timeout: float = 60) -> None:
         deadline = time.monotonic() + timeout
         resumed = False
         states: dict[str, str] = {}
@@ -334,8 +344,8 @@ class Testbed:
                 return
             for node in self.settings.nodes:
                 daemon = by_name[f"slurmd-{node}"]
-                if processes.running_pid(daemon) is None:
-                    raise DaemonFailed(f"{daemon.name} exited\n{processes.tail(daemon.log_file)}")
+                if recorded_pid(daemon) is None:
+                    raise ProcessExited(daemon.name, "exited", log_file=daemon.log_file)
             drained = [n for n, st in states.items() if st.startswith(("drain", "down"))]
             if drained and not resumed:
                 # Saved state from an earlier bed can keep nodes down; they are ours to resume.
@@ -348,16 +358,16 @@ class Testbed:
     def down(self, progress: Progress = print) -> None:
         """Stop exactly what `up` started. A no-op when nothing runs."""
         daemons = self.daemons()
-        running = [d for d in daemons if processes.running_pid(d) is not None]
+        running = [d for d in daemons if recorded_pid(d) is not None]
         if not running:
             progress("nothing running")
             self._remove_cgroups()
             return
         ctld = next(d for d in daemons if d.name == "slurmctld")
-        if processes.running_pid(ctld) is not None:
+        if recorded_pid(ctld) is not None:
             self._cancel_all_jobs(progress)
         for daemon in reversed(daemons):
-            if processes.stop(daemon):
+            if stop_recorded(daemon, timeout=20):
                 progress(f"stopped {daemon.name}")
         self._remove_cgroups()
 

@@ -15,8 +15,6 @@ import pytest
 
 from hpk.controlplane import (
     Binaries,
-    ComponentExited,
-    ComponentNotReady,
     ControlPlane,
     ControlPlaneSettings,
     Ports,
@@ -25,8 +23,8 @@ from hpk.controlplane import (
 from hpk.controlplane import components as comp
 from hpk.controlplane.host import host_resolvers
 from hpk.controlplane.ports import choose_ports, load_ports, port_is_free, save_ports
-from hpk.controlplane.process import ProcessSpec, start_process
 from hpk.pki import ClusterPKI
+from hpk.process import ProcessExited, ProcessNotReady, ProcessSpec, start_process
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -81,10 +79,10 @@ def test_component_that_dies_is_named_with_the_tail_of_its_log(tmp_path: Path) -
         tmp_path, etcd_body="echo 'listen tcp 127.0.0.1:2379: bind: address in use' >&2; exit 3"
     )
     plane = ControlPlane(tmp_path / "state", pki=ClusterPKI(tmp_path / "pki"), binaries=binaries)
-    with pytest.raises(ComponentExited) as caught:
+    with pytest.raises(ProcessExited) as caught:
         plane.start()
     error = caught.value
-    assert error.component == "etcd"
+    assert error.name == "etcd"
     assert "etcd exited with status 3" in str(error)
     assert "bind: address in use" in str(error)
     assert error.log_file == tmp_path / "state" / "logs" / "etcd.log"
@@ -102,9 +100,9 @@ def test_component_that_never_gets_ready_is_stopped(tmp_path: Path) -> None:
         binaries=binaries,
         settings=ControlPlaneSettings(etcd_ready_timeout_s=1.0, stop_timeout_s=5.0),
     )
-    with pytest.raises(ComponentNotReady) as caught:
+    with pytest.raises(ProcessNotReady) as caught:
         plane.start()
-    assert caught.value.component == "etcd"
+    assert caught.value.name == "etcd"
     assert "within 1 s" in str(caught.value)
     assert "waiting for peers" in caught.value.log_tail
     pid = int(marker.read_text())

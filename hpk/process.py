@@ -1,9 +1,13 @@
-"""Start, watch and stop one long-running program: argv in, log file and pid file out.
+"""Start, watch and stop long-running programs: argv in, log file and pid file out.
 
-This layer knows nothing about Kubernetes. A component is described by a `ProcessSpec`, and a
-`Runner` turns the spec into the command line that is really executed. `HostRunner` runs the
-argv as it is; a runner that wraps it in `apptainer exec` (using `ProcessSpec.paths` for the
-bind mounts) can be dropped in without touching the components.
+Two users share it: the control-plane launcher, which owns its components for as long as it
+runs, and the test bed, whose daemons outlive the `hpk dev up` that started them and are
+found again through their pid files. This layer knows nothing about Kubernetes or Slurm.
+
+A program is described by a `ProcessSpec`, and a `Runner` turns the spec into the command line
+that is really executed. `HostRunner` runs the argv as it is; a runner that wraps it in
+`apptainer exec` (using `ProcessSpec.paths` for the bind mounts) can be dropped in without
+touching the components.
 
 Each process gets its own session, so stopping signals its whole process group: that also
 reaches helpers a wrapper such as Apptainer's starter leaves behind.
@@ -18,10 +22,12 @@ import shlex
 import signal
 import subprocess
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
+
+import psutil
 
 from hpk.files import open_private_append, private_dir, write_atomic
 
@@ -31,30 +37,26 @@ LOG_TAIL_LINES = 20
 """How many lines of a component's log an error message quotes."""
 
 
-class ControlPlaneError(RuntimeError):
-    """Base of every error the control-plane launcher raises."""
+class ProcessFailed(RuntimeError):
+    """A program exited or never became ready during start-up, or would not stop.
 
-
-class ComponentFailed(ControlPlaneError):
-    """A component exited or never became ready during start-up.
-
-    The message names the component and quotes the tail of its log.
+    The message names the program and quotes the tail of its log.
     """
 
-    def __init__(self, component: str, reason: str, *, log_file: Path) -> None:
-        self.component = component
+    def __init__(self, name: str, reason: str, *, log_file: Path) -> None:
+        self.name = name
         self.reason = reason
         self.log_file = log_file
         self.log_tail = tail(log_file)
-        super().__init__(f"{component} {reason}; last lines of {log_file}:\n{self.log_tail}")
+        super().__init__(f"{name} {reason}; last lines of {log_file}:\n{self.log_tail}")
 
 
-class ComponentExited(ComponentFailed):
-    """The component's process ended while it was starting."""
+class ProcessExited(ProcessFailed):
+    """The process ended while it was starting."""
 
 
-class ComponentNotReady(ComponentFailed):
-    """The component kept running but did not pass its readiness check in time."""
+class ProcessNotReady(ProcessFailed):
+    """The process kept running but did not pass its readiness check in time."""
 
 
 @dataclass(frozen=True)
@@ -143,7 +145,7 @@ class RunningProcess:
         status = self.returncode()
         self.spec.pid_file.unlink(missing_ok=True)
         if status is None:
-            raise ControlPlaneError(f"{self.name} (pid {self.pid}) survived SIGKILL")
+            raise ProcessFailed(self.name, "survived SIGKILL", log_file=self.spec.log_file)
         log.info("%s (pid %d) ended with status %d", self.name, self.pid, status)
         return status
 
@@ -168,14 +170,14 @@ class RunningProcess:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self.pid, signum)
 
-    def fail(self, reason: str) -> ComponentFailed:
+    def fail(self, reason: str) -> ProcessFailed:
         """The error to raise when this process failed to start; says whether it exited."""
         code = self.returncode()
         if code is not None:
-            return ComponentExited(
+            return ProcessExited(
                 self.name, f"exited with status {code} during start-up", log_file=self.spec.log_file
             )
-        return ComponentNotReady(self.name, reason, log_file=self.spec.log_file)
+        return ProcessNotReady(self.name, reason, log_file=self.spec.log_file)
 
 
 def start_process(spec: ProcessSpec, *, runner: Runner | None = None) -> RunningProcess:
@@ -209,6 +211,83 @@ def stop_all(processes: Sequence[RunningProcess], *, timeout: float) -> None:
             process.stop(timeout=timeout)
         except Exception:
             log.exception("could not stop %s (pid %d)", process.name, process.pid)
+
+
+# --- Daemons that outlive the command that started them -------------------------------------
+# The test bed's `up` starts daemons and exits; `status` and `down` find them again through
+# their pid files. A pid file counts only while its process is alive and still runs the same
+# program, so a stale file after a crash or a reboot is recognised as such.
+
+_detached: dict[int, RunningProcess] = {}
+"""Daemons started by this process, kept so that they are reaped when stopped here."""
+
+
+def recorded_pid(spec: ProcessSpec) -> int | None:
+    """The pid in `spec.pid_file` if that process is alive and runs `spec`'s program."""
+    try:
+        pid = int(spec.pid_file.read_text().strip())
+        process = psutil.Process(pid)
+        if process.status() == psutil.STATUS_ZOMBIE:
+            return None
+        cmdline = process.cmdline()
+    except (FileNotFoundError, ValueError, psutil.Error):
+        return None
+    if cmdline and Path(cmdline[0]).name == Path(spec.argv[0]).name:
+        return pid
+    return None
+
+
+def start_detached(spec: ProcessSpec) -> int:
+    """Start `spec` unless its pid file names it running already; return its pid."""
+    pid = recorded_pid(spec)
+    if pid is not None:
+        log.info("%s already running (pid %d)", spec.name, pid)
+        return pid
+    spec.pid_file.unlink(missing_ok=True)
+    process = start_process(spec)
+    _detached[process.pid] = process
+    return process.pid
+
+
+def wait_until(spec: ProcessSpec, check: Callable[[], bool], *, timeout: float, what: str) -> None:
+    """Poll `check` until it holds; fail early, quoting the log, if the daemon died."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return
+        if recorded_pid(spec) is None:
+            raise ProcessExited(spec.name, "exited during start-up", log_file=spec.log_file)
+        time.sleep(0.2)
+    raise ProcessNotReady(
+        spec.name, f"was not {what} within {timeout:.0f} s", log_file=spec.log_file
+    )
+
+
+def stop_recorded(spec: ProcessSpec, *, timeout: float) -> bool:
+    """Stop the daemon named by `spec`'s pid file: SIGTERM its process group, SIGKILL after
+    `timeout`. Returns whether it was running; the pid file is removed either way."""
+    pid = recorded_pid(spec)
+    if pid is None:
+        spec.pid_file.unlink(missing_ok=True)
+        return False
+    own = _detached.pop(pid, None)
+    if own is not None:
+        own.stop(timeout=timeout)
+        return True
+    log.info("stopping %s (pid %d)", spec.name, pid)
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, signal.SIGTERM)
+    try:
+        psutil.Process(pid).wait(timeout=timeout)
+    except psutil.TimeoutExpired:
+        log.warning("%s (pid %d) ignored SIGTERM for %.0f s; killing it", spec.name, pid, timeout)
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pid, signal.SIGKILL)
+        psutil.Process(pid).wait(timeout=30)
+    except psutil.NoSuchProcess:
+        pass
+    spec.pid_file.unlink(missing_ok=True)
+    return True
 
 
 def tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
