@@ -43,6 +43,7 @@ on_error() {
     say "FAILED: part '$current_part' did not build. The last lines of its log:"
     tail -n 25 "$log" | sed 's/^/    | /'
     say "full log: $log"
+    [[ -z $proxy_problem ]] || say "likely cause: $proxy_problem"
 }
 trap on_error ERR
 
@@ -208,9 +209,27 @@ build_apptainer() {
     "$dest/bin/apptainer" version
 }
 
+# Whether the Go module proxy answers. A build may still succeed from the local module cache,
+# so an unreachable proxy is not fatal by itself; if a part then fails, the message names it.
+proxy_problem=""
+check_module_proxy() {
+    local name answer
+    for name in etcd-$ETCD_VERSION kubernetes-$KUBERNETES_VERSION coredns-$COREDNS_VERSION \
+        apptainer-$APPTAINER_VERSION; do
+        [[ -f $tools/$name/.complete ]] && continue
+        # -versions always asks the proxy; a plain lookup may be answered from the local cache.
+        if ! answer=$(timeout 120 go list -m -versions k8s.io/kubernetes 2>&1); then
+            proxy_problem="the Go module proxy ($(go env GOPROXY)) cannot be reached: $(tail -n 1 <<<"$answer")"
+            say "warning: $proxy_problem; building from the local module cache"
+        fi
+        return 0
+    done
+}
+
 say "tool folder: $tools"
 install_debian_packages
 check_go
+check_module_proxy
 part etcd "$ETCD_VERSION" build_etcd
 part kubernetes "$KUBERNETES_VERSION" build_kubernetes
 part coredns "$COREDNS_VERSION" build_coredns
