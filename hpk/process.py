@@ -226,11 +226,19 @@ def recorded_pid(spec: ProcessSpec) -> int | None:
     """The pid in `spec.pid_file` if that process is alive and runs `spec`'s program."""
     try:
         pid = int(spec.pid_file.read_text().strip())
+    except (FileNotFoundError, ValueError):
+        return None
+    own = _detached.get(pid)
+    if own is not None:
+        # Started here: its handle knows, while its command line may still be ours for the
+        # moment between fork and exec.
+        return pid if own.alive() else None
+    try:
         process = psutil.Process(pid)
         if process.status() == psutil.STATUS_ZOMBIE:
             return None
         cmdline = process.cmdline()
-    except (FileNotFoundError, ValueError, psutil.Error):
+    except psutil.Error:
         return None
     if cmdline and Path(cmdline[0]).name == Path(spec.argv[0]).name:
         return pid

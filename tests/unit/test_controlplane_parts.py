@@ -24,7 +24,15 @@ from hpk.controlplane import components as comp
 from hpk.controlplane.host import host_resolvers
 from hpk.controlplane.ports import choose_ports, load_ports, port_is_free, save_ports
 from hpk.pki import ClusterPKI
-from hpk.process import ProcessExited, ProcessNotReady, ProcessSpec, start_process
+from hpk.process import (
+    ProcessExited,
+    ProcessNotReady,
+    ProcessSpec,
+    recorded_pid,
+    start_detached,
+    start_process,
+    stop_recorded,
+)
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -224,3 +232,33 @@ def test_etcd_requires_client_certificates(tmp_path: Path) -> None:
     assert "--peer-client-cert-auth=true" in argv
     assert "--listen-client-urls=https://127.0.0.1:2379" in argv
     assert f"--data-dir={tmp_path}/state/etcd" in argv
+
+
+def test_detached_daemon_is_found_by_its_pid_file_at_once(tmp_path: Path) -> None:
+    spec = ProcessSpec(
+        name="sleeper",
+        argv=("sleep", "30"),
+        log_file=tmp_path / "log" / "sleeper.log",
+        pid_file=tmp_path / "run" / "sleeper.pid",
+    )
+    pid = start_detached(spec)
+    try:
+        # Straight after the start, before exec may have happened, it already counts.
+        assert recorded_pid(spec) == pid
+        assert start_detached(spec) == pid, "a second start must find the first"
+    finally:
+        assert stop_recorded(spec, timeout=5)
+    assert recorded_pid(spec) is None
+    assert not spec.pid_file.exists()
+    assert not stop_recorded(spec, timeout=5)
+
+
+def test_pid_file_of_another_program_does_not_count(tmp_path: Path) -> None:
+    spec = ProcessSpec(
+        name="sleeper",
+        argv=("sleep", "30"),
+        log_file=tmp_path / "sleeper.log",
+        pid_file=tmp_path / "sleeper.pid",
+    )
+    spec.pid_file.write_text(f"{os.getpid()}\n")  # a live pid, but it runs python
+    assert recorded_pid(spec) is None
