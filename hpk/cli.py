@@ -8,9 +8,13 @@ import shlex
 import sys
 from collections.abc import Sequence
 
+from hpk import cluster
+from hpk.controlplane import job
+from hpk.home import HpkHome
 from hpk.images import ImageError
 from hpk.images_cli import add_images_commands
 from hpk.process import ProcessFailed
+from hpk.slurm import SlurmUnavailable, SubmissionFailed
 from hpk.testbed.bed import Testbed, TestbedError
 from hpk.testbed.demo import run_demo
 from hpk.testbed.settings import TestbedSettings
@@ -39,10 +43,59 @@ def _dev(args: argparse.Namespace) -> int:
     return 0
 
 
+def _control_plane(args: argparse.Namespace) -> int:
+    try:
+        return job.run(HpkHome.default(), runner=None)
+    except job.AlreadyRunning as error:
+        print(f"hpk: {error}", file=sys.stderr)
+        return 1
+
+
+def _up(args: argparse.Namespace) -> int:
+    return cluster.up(
+        HpkHome.default(), flags=args.sbatch_flags, progress=_say, timeout=args.timeout
+    )
+
+
+def _down(args: argparse.Namespace) -> int:
+    return cluster.down(HpkHome.default(), progress=_say)
+
+
+def _status(args: argparse.Namespace) -> int:
+    return cluster.status(HpkHome.default(), show=print)
+
+
+def _kubeconfig(args: argparse.Namespace) -> int:
+    print(f"export KUBECONFIG={shlex.quote(str(HpkHome.default().kubeconfig))}")
+    return 0
+
+
+def _say(message: str) -> None:
+    print(f"[hpk] {message}", flush=True)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hpk", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     commands = parser.add_subparsers(dest="command", required=True)
+
+    up = commands.add_parser(
+        "up",
+        help="submit the control-plane job and wait until kubectl works",
+        description="Extra arguments are passed to sbatch, e.g. `hpk up --time=2:00:00 -p debug`.",
+    )
+    up.add_argument("--timeout", type=float, default=600, help="seconds to wait for readiness")
+    up.set_defaults(func=_up)
+    commands.add_parser("down", help="stop the control-plane job in order").set_defaults(func=_down)
+    commands.add_parser(
+        "status", help="the control plane's job, health and certificates"
+    ).set_defaults(func=_status)
+    commands.add_parser("kubeconfig", help="print the export KUBECONFIG line").set_defaults(
+        func=_kubeconfig
+    )
+    plane = commands.add_parser("control-plane", help="what runs inside the control-plane job")
+    plane.add_argument("action", choices=["run"])
+    plane.set_defaults(func=_control_plane)
 
     dev = commands.add_parser("dev", help="the local Slurm test bed (needs root)")
     dev.add_argument("action", choices=["up", "down", "status", "env", "demo"])
@@ -53,14 +106,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args, extra = build_parser().parse_known_args(argv)
+    if extra and args.func is not _up:
+        build_parser().error(f"unrecognized arguments: {' '.join(extra)}")
+    args.sbatch_flags = extra
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     try:
         return int(args.func(args))
-    except (TestbedError, ProcessFailed, ImageError) as error:
+    except (TestbedError, ProcessFailed, ImageError, SlurmUnavailable, SubmissionFailed) as error:
         print(f"hpk: {error}", file=sys.stderr)
         return 1
 

@@ -59,6 +59,7 @@ class ControlPlane:
         self.runner: Runner = runner or HostRunner()
         self._context: Context | None = None
         self._processes: list[RunningProcess] = []
+        self._components: list[Component] = []
         self.startup_seconds: dict[str, float] = {}
         """How long each component took from launch to ready, filled in by `start`."""
 
@@ -175,6 +176,7 @@ class ControlPlane:
         for component in batch:
             process = start_process(component.spec, runner=self.runner)
             self._processes.append(process)
+            self._components.append(component)
             launched.append((component, process, time.monotonic()))
         for component, process, started in launched:
             _wait_ready(component, process, started=started)
@@ -186,10 +188,18 @@ class ControlPlane:
                 self.startup_seconds[component.spec.name],
             )
 
+    def health(self) -> dict[str, bool]:
+        """Each started component's health now: alive and passing its readiness check."""
+        return {
+            component.spec.name: process.alive() and component.ready()
+            for component, process in zip(self._components, self._processes, strict=True)
+        }
+
     def stop(self) -> None:
         """Stop every started component, the last started first. Safe to call again."""
         stop_all(self._processes, timeout=self.settings.stop_timeout_s)
         self._processes.clear()
+        self._components.clear()
 
     def __enter__(self) -> ControlPlane:
         self.start()

@@ -1,0 +1,194 @@
+"""`hpk control-plane run`: what the control-plane Slurm job does on its node.
+
+It takes the lock on the user's hpk folder (two control planes never share one), starts the
+components and then the kubelet, writes ~/.hpk/kubeconfig for the login node, and reports
+every step in the cluster record. On SIGTERM (scancel, or the walltime warning from
+`#SBATCH --signal`) it stops the kubelet, then the controller-manager and CoreDNS, then the
+API server, then etcd; the next run resumes from the same etcd data and certificates.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import logging
+import os
+import signal
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from types import FrameType
+
+from hpk.controlplane.errors import ControlPlaneError
+from hpk.controlplane.host import hostname
+from hpk.controlplane.launcher import ControlPlane
+from hpk.controlplane.settings import Binaries, ControlPlaneSettings
+from hpk.files import private_dir
+from hpk.home import HpkHome
+from hpk.pki import ClusterPKI, PKIError, write_kubeconfig
+from hpk.process import ProcessFailed, ProcessSpec, Runner, RunningProcess, start_process
+from hpk.record import ClusterRecord, read_record
+from hpk.toolchain import ToolchainMissing
+from kubelet_py import CONNECTED_MESSAGE
+
+log = logging.getLogger(__name__)
+
+KUBELET = "hpk-kubelet"
+KUBELET_NODE = "hpk"
+HEALTH_INTERVAL_S = 5.0
+"""How often the job checks its components and updates the record."""
+
+
+class AlreadyRunning(RuntimeError):
+    """Another control plane holds this hpk folder."""
+
+
+@contextlib.contextmanager
+def exclusive(home: HpkHome) -> Iterator[None]:
+    """Hold the hpk folder's lock for as long as the control plane runs.
+
+    The lock is an flock, which the kernel drops when its holder dies, so a lock left by a
+    killed job is never stale: the next run simply takes it.
+    """
+    private_dir(home.root)
+    fd = os.open(home.lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = read_record(home.record)
+            where = (
+                f"job {holder.job_id} on {holder.node} (pid {holder.pid}), {holder.state}"
+                if holder
+                else "an unknown process"
+            )
+            raise AlreadyRunning(
+                f"a control plane already runs on {home.root}: {where}. "
+                "Stop it with `hpk down` first."
+            ) from None
+        yield
+    finally:
+        os.close(fd)
+
+
+class StopRequested:
+    """Turns SIGTERM and SIGINT into an event the main loop waits on."""
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+        self.signal_name = ""
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, self._on_signal)
+
+    def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
+        self.signal_name = signal.Signals(signum).name
+        self.event.set()
+
+
+def kubelet_spec(home: HpkHome, kubeconfig: Path) -> ProcessSpec:
+    """The kubelet runs on the node itself, never in the image: it calls Slurm's commands."""
+    return ProcessSpec(
+        name=KUBELET,
+        argv=(
+            sys.executable,
+            "-m",
+            "kubelet_py.main",
+            f"--kubeconfig={kubeconfig}",
+            f"--node-name={KUBELET_NODE}",
+        ),
+        log_file=home.kubelet_log,
+        pid_file=home.control_plane / "run" / f"{KUBELET}.pid",
+    )
+
+
+def _wait_kubelet(process: RunningProcess, *, stop: StopRequested, timeout: float) -> None:
+    waited = 0.0
+    while waited < timeout:
+        if not process.alive():
+            raise process.fail("exited during start-up")
+        log_text = process.spec.log_file.read_text(errors="replace")
+        if CONNECTED_MESSAGE in log_text:
+            return
+        if stop.event.wait(0.25):
+            return
+        waited += 0.25
+    raise process.fail(f"did not reach the API server within {timeout:.0f} s")
+
+
+def run(
+    home: HpkHome,
+    *,
+    settings: ControlPlaneSettings | None = None,
+    binaries: Binaries | None = None,
+    runner: Runner | None = None,
+) -> int:
+    """Run the control plane until SIGTERM; returns the process's exit status."""
+    stop = StopRequested()
+    with exclusive(home):
+        record = ClusterRecord(
+            job_id=os.environ.get("SLURM_JOB_ID"), node=hostname(), pid=os.getpid()
+        )
+        record.save(home.record)
+        plane = ControlPlane(
+            home.control_plane,
+            pki=ClusterPKI(home.pki),
+            settings=settings,
+            binaries=binaries,
+            runner=runner,
+        )
+        kubelet: RunningProcess | None = None
+        status = 0
+        try:
+            plane.start()
+            pki = plane.pki
+            client = pki.ensure_kubelet_client(KUBELET_NODE)
+            kubelet_conf = plane.layout.kubeconfigs / f"{KUBELET}.conf"
+            write_kubeconfig(
+                kubelet_conf, server=plane.apiserver_url, ca_cert=pki.ca.cert, client=client
+            )
+            kubelet = start_process(kubelet_spec(home, kubelet_conf))
+            _wait_kubelet(kubelet, stop=stop, timeout=plane.settings.apiserver_ready_timeout_s)
+
+            endpoint = f"https://{plane.context.advertise_address}:{plane.ports.apiserver}"
+            write_kubeconfig(
+                home.kubeconfig, server=endpoint, ca_cert=pki.ca.cert, client=pki.admin
+            )
+            record.state, record.apiserver = "ready", endpoint
+            record.health = {**plane.health(), KUBELET: kubelet.alive()}
+            record.save(home.record)
+            log.info("control plane ready at %s; on the login node run:", endpoint)
+            log.info("    export KUBECONFIG=%s", home.kubeconfig)
+
+            while not stop.event.wait(HEALTH_INTERVAL_S):
+                record.health = {**plane.health(), KUBELET: kubelet.alive()}
+                dead = [name for name, process in _processes(plane, kubelet) if not process.alive()]
+                if dead:
+                    record.state, record.message = "failed", f"{', '.join(dead)} exited"
+                    log.error("%s exited; stopping the control plane", ", ".join(dead))
+                    status = 1
+                    break
+                record.save(home.record)
+            else:
+                log.info("%s received: stopping in order", stop.signal_name)
+                record.message = f"stopped on {stop.signal_name}"
+        except (ProcessFailed, ToolchainMissing, ControlPlaneError, PKIError) as error:
+            log.error("%s", error)
+            record.state, record.message = "failed", str(error).splitlines()[0]
+            status = 1
+        finally:
+            if record.state != "failed":
+                record.state = "stopping"
+            record.save(home.record)
+            if kubelet is not None:
+                kubelet.stop(timeout=plane.settings.stop_timeout_s)
+            plane.stop()
+            if record.state == "stopping":
+                record.state = "stopped"
+            record.health = {}
+            record.save(home.record)
+        return status
+
+
+def _processes(plane: ControlPlane, kubelet: RunningProcess) -> list[tuple[str, RunningProcess]]:
+    return [*plane.processes.items(), (KUBELET, kubelet)]
