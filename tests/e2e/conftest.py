@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import os
 import pwd
+import shutil
 import subprocess
 import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -20,6 +22,10 @@ from hpk.testbed.settings import TestbedSettings
 from hpk.toolchain import Toolchain
 
 ORDINARY_USER = "hpk-e2e"
+PROJECT = Path(__file__).resolve().parents[2]
+USER_INSTALL = Path("/var/tmp/hpk-e2e-install")
+"""Where the ordinary user's copy of hpk lives: this checkout may sit in a folder only root
+can enter, as /root is."""
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -68,3 +74,85 @@ def job_dir(testbed: Testbed) -> Iterator[Path]:
     folder.chmod(0o755)
     yield folder
     subprocess.run(["rm", "-rf", str(folder)], check=False)
+
+
+@dataclass(frozen=True)
+class UserInstall:
+    """hpk installed for the ordinary user as a user installs it: a checkout and a venv."""
+
+    user: pwd.struct_passwd
+    source: Path
+    python: Path
+
+    def env(self, **extra: str) -> dict[str, str]:
+        """A login-like environment for the user, with hpk's venv first on PATH."""
+        return {
+            "HOME": self.user.pw_dir,
+            "USER": self.user.pw_name,
+            "PATH": f"{self.python.parent}:/usr/local/bin:/usr/bin:/bin",
+            "SLURM_CONF": os.environ["SLURM_CONF"],
+            # The toolchain the tests built, shared as a site would share it.
+            "HPK_TOOLS_DIR": str(Toolchain.load().root),
+            "LANG": "C.UTF-8",
+            **extra,
+        }
+
+    def run(
+        self, *argv: str, env: dict[str, str] | None = None, timeout: float = 300
+    ) -> subprocess.CompletedProcess[str]:
+        """Run a command as the user (runuser keeps only the environment given here)."""
+        return subprocess.run(
+            [
+                "runuser",
+                "-u",
+                self.user.pw_name,
+                "--",
+                "env",
+                "-i",
+                *_env_args(env or self.env()),
+                *argv,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+            cwd=self.user.pw_dir,
+        )
+
+
+def _env_args(env: dict[str, str]) -> list[str]:
+    return [f"{key}={value}" for key, value in env.items()]
+
+
+@pytest.fixture(scope="session")
+def user_install(ordinary_user: pwd.struct_passwd, testbed: Testbed) -> UserInstall:
+    """Copy this checkout where the user can read it, with a venv made by Debian's python."""
+    source = USER_INSTALL / "src"
+    venv = USER_INSTALL / "venv"
+    USER_INSTALL.mkdir(mode=0o755, exist_ok=True)
+    shutil.rmtree(source, ignore_errors=True)
+    shutil.copytree(
+        PROJECT,
+        source,
+        ignore=shutil.ignore_patterns(".venv", ".git", "__pycache__", "*.egg-info", ".*_cache"),
+    )
+    subprocess.run(["chmod", "-R", "a+rX", str(USER_INSTALL)], check=True)
+    stamp = venv / ".installed"
+    pyproject = (source / "pyproject.toml").read_text()
+    if not stamp.exists() or stamp.read_text() != pyproject:
+        subprocess.run(["/usr/bin/python3", "-m", "venv", "--clear", str(venv)], check=True)
+        subprocess.run(
+            [
+                str(venv / "bin/pip"),
+                "install",
+                "-q",
+                "--disable-pip-version-check",
+                "-e",
+                str(source),
+            ],
+            check=True,
+            timeout=600,
+        )
+        stamp.write_text(pyproject)
+        subprocess.run(["chmod", "-R", "a+rX", str(USER_INSTALL)], check=True)
+    return UserInstall(user=ordinary_user, source=source, python=venv / "bin" / "python")
