@@ -1,8 +1,7 @@
-"""The README's first command, on the test bed: one Slurm job that runs the python test
-image under Apptainer and prints what it computed.
+"""The README's first command, on the test bed: a Slurm job that runs the python test image
+under Apptainer, then `hpk up` (the control-plane job) and kubectl against it.
 
-It grows into "submit slurm/hpk.sbatch and run a pod with kubectl" as the control plane and
-the kubelet land.
+It grows into "run a pod with kubectl" as the kubelet lands.
 """
 
 from __future__ import annotations
@@ -10,7 +9,9 @@ from __future__ import annotations
 import os
 import subprocess
 
+from hpk import cluster
 from hpk.apptainer import run_options
+from hpk.home import HpkHome
 from hpk.images import cached_image
 from hpk.test_images import register_test_images
 from hpk.testbed.bed import Progress, Testbed, TestbedError
@@ -25,7 +26,36 @@ DEMO_PROGRAM = (
 
 
 def run_demo(bed: Testbed, progress: Progress = print) -> int:
-    """Submit the demo job, wait for it, and print its output and Slurm's verdict."""
+    """Run an Apptainer job, then the control plane, and show kubectl working."""
+    status = run_apptainer_job(bed, progress)
+    if status != 0:
+        return status
+    os.environ.update(bed.env())
+    home = HpkHome.default()
+    progress(f"hpk up (state in {home.root})")
+    status = cluster.up(home, progress=progress)
+    if status != 0:
+        return status
+    kubectl = str(Toolchain.load().binary("kubectl"))
+    for args in (["get", "--raw=/readyz"], ["get", "namespaces"]):
+        progress(f"kubectl {' '.join(args)}")
+        shown = subprocess.run(
+            [kubectl, f"--kubeconfig={home.kubeconfig}", *args],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        for line in (shown.stdout + shown.stderr).splitlines():
+            progress(f"  | {line}")
+        if shown.returncode != 0:
+            return shown.returncode
+    progress(f"the cluster keeps running: export KUBECONFIG={home.kubeconfig}; `hpk down` stops it")
+    return 0
+
+
+def run_apptainer_job(bed: Testbed, progress: Progress = print) -> int:
+    """Submit a job that runs the python image, wait, and print its output and verdict."""
     progress("test images")
     register_test_images()
     sif = cached_image(DEMO_IMAGE)
