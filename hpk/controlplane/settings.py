@@ -12,6 +12,9 @@ from pathlib import Path
 
 from hpk.toolchain import Toolchain
 
+IMAGE_BIN_DIR = Path("/usr/local/bin")
+"""Where the control-plane image (container/control-plane.def) keeps its programs."""
+
 
 @dataclass(frozen=True)
 class ControlPlaneSettings:
@@ -94,6 +97,17 @@ class Binaries:
             kube_apiserver=tools.binary("kube-apiserver"),
             kube_controller_manager=tools.binary("kube-controller-manager"),
             coredns=tools.binary("coredns"),
+        )
+
+    @classmethod
+    def in_image(cls) -> Binaries:
+        """The same programs as seen inside the control-plane image, for a runner that
+        starts them there (hpk.controlplane.image.ApptainerRunner)."""
+        return cls(
+            etcd=IMAGE_BIN_DIR / "etcd",
+            kube_apiserver=IMAGE_BIN_DIR / "kube-apiserver",
+            kube_controller_manager=IMAGE_BIN_DIR / "kube-controller-manager",
+            coredns=IMAGE_BIN_DIR / "coredns",
         )
 
 
