@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import shlex
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from hpk import cluster
 from hpk.controlplane import job
+from hpk.controlplane.image import ControlPlaneImageError, ensure_image
 from hpk.home import HpkHome
 from hpk.images import ImageError
 from hpk.images_cli import add_images_commands
@@ -44,8 +47,12 @@ def _dev(args: argparse.Namespace) -> int:
 
 
 def _control_plane(args: argparse.Namespace) -> int:
+    if args.action == "build-image":
+        print(ensure_image(progress=_say))
+        return 0
+    image = os.environ.get("HPK_CONTROL_PLANE_IMAGE")
     try:
-        return job.run(HpkHome.default(), runner=None)
+        return job.run(HpkHome.default(), image=Path(image) if image else None)
     except job.AlreadyRunning as error:
         print(f"hpk: {error}", file=sys.stderr)
         return 1
@@ -93,8 +100,13 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_parser("kubeconfig", help="print the export KUBECONFIG line").set_defaults(
         func=_kubeconfig
     )
-    plane = commands.add_parser("control-plane", help="what runs inside the control-plane job")
-    plane.add_argument("action", choices=["run"])
+    plane = commands.add_parser(
+        "control-plane",
+        help="run: what the control-plane job runs; build-image: build the control-plane image",
+        description="`run` starts the components from the Apptainer image named by "
+        "$HPK_CONTROL_PLANE_IMAGE, or from the tool folder when it is unset.",
+    )
+    plane.add_argument("action", choices=["run", "build-image"])
     plane.set_defaults(func=_control_plane)
 
     dev = commands.add_parser("dev", help="the local Slurm test bed (needs root)")
@@ -116,7 +128,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         return int(args.func(args))
-    except (TestbedError, ProcessFailed, ImageError, SlurmUnavailable, SubmissionFailed) as error:
+    except (
+        TestbedError,
+        ProcessFailed,
+        ImageError,
+        SlurmUnavailable,
+        SubmissionFailed,
+        ControlPlaneImageError,
+    ) as error:
         print(f"hpk: {error}", file=sys.stderr)
         return 1
 

@@ -158,7 +158,10 @@ def status(home: HpkHome, *, show: Progress) -> int:
     job = current.job if current else None
     show(f"job:        {record.job_id} ({job.state if job else 'not in the queue'})")
     show(f"node:       {record.node}")
-    show(f"state:      {record.state}{' - ' + record.message if record.message else ''}")
+    state = record.state
+    if current is None and state in ("starting", "ready", "stopping"):
+        state += " (last word of a job that is no longer in the queue)"
+    show(f"state:      {state}{' - ' + record.message if record.message else ''}")
     show(f"endpoint:   {record.apiserver or '-'}")
     reachable = bool(current and record.apiserver and apiserver_ready(home, record.apiserver))
     show(f"api server: {'answers /readyz' if reachable else 'not reachable'}")

@@ -22,6 +22,7 @@ from types import FrameType
 
 from hpk.controlplane.errors import ControlPlaneError
 from hpk.controlplane.host import hostname
+from hpk.controlplane.image import ApptainerRunner, find_apptainer
 from hpk.controlplane.launcher import ControlPlane
 from hpk.controlplane.settings import Binaries, ControlPlaneSettings
 from hpk.files import private_dir
@@ -116,20 +117,37 @@ def _wait_kubelet(process: RunningProcess, *, stop: StopRequested, timeout: floa
     raise process.fail(f"did not reach the API server within {timeout:.0f} s")
 
 
+def _runtime(image: Path | None) -> tuple[Binaries | None, Runner | None]:
+    """The binaries and runner: the control-plane image's, or the tool folder's."""
+    if image is None:
+        return None, None
+    if not image.is_file():
+        raise ControlPlaneError(f"the control-plane image {image} does not exist")
+    return Binaries.in_image(), ApptainerRunner(image, apptainer=find_apptainer())
+
+
 def run(
-    home: HpkHome,
-    *,
-    settings: ControlPlaneSettings | None = None,
-    binaries: Binaries | None = None,
-    runner: Runner | None = None,
+    home: HpkHome, *, settings: ControlPlaneSettings | None = None, image: Path | None = None
 ) -> int:
-    """Run the control plane until SIGTERM; returns the process's exit status."""
+    """Run the control plane until SIGTERM; returns the process's exit status.
+
+    With `image`, the components run inside that control-plane image; without, straight
+    from the tool folder. The kubelet runs on the node either way.
+    """
     stop = StopRequested()
     with exclusive(home):
         record = ClusterRecord(
             job_id=os.environ.get("SLURM_JOB_ID"), node=hostname(), pid=os.getpid()
         )
         record.save(home.record)
+        try:
+            binaries, runner = _runtime(image)
+        except ControlPlaneError as error:
+            log.error("%s", error)
+            record.state, record.message = "failed", str(error)
+            record.save(home.record)
+            return 1
+        log.info("components run %s", f"in the image {image}" if image else "from the tool folder")
         plane = ControlPlane(
             home.control_plane,
             pki=ClusterPKI(home.pki),
@@ -137,57 +155,67 @@ def run(
             binaries=binaries,
             runner=runner,
         )
-        kubelet: RunningProcess | None = None
-        status = 0
-        try:
-            plane.start()
-            pki = plane.pki
-            client = pki.ensure_kubelet_client(KUBELET_NODE)
-            kubelet_conf = plane.layout.kubeconfigs / f"{KUBELET}.conf"
-            write_kubeconfig(
-                kubelet_conf, server=plane.apiserver_url, ca_cert=pki.ca.cert, client=client
-            )
-            kubelet = start_process(kubelet_spec(home, kubelet_conf))
-            _wait_kubelet(kubelet, stop=stop, timeout=plane.settings.apiserver_ready_timeout_s)
+        return _serve(home, plane, record=record, stop=stop)
 
-            endpoint = f"https://{plane.context.advertise_address}:{plane.ports.apiserver}"
-            write_kubeconfig(
-                home.kubeconfig, server=endpoint, ca_cert=pki.ca.cert, client=pki.admin
-            )
-            record.state, record.apiserver = "ready", endpoint
+
+def _serve(
+    home: HpkHome, plane: ControlPlane, *, record: ClusterRecord, stop: StopRequested
+) -> int:
+    """Start everything, report readiness and health until asked to stop, then stop in order."""
+    kubelet: RunningProcess | None = None
+    status = 0
+    try:
+        plane.start()
+        kubelet = _start_kubelet(home, plane, stop=stop)
+        endpoint = f"https://{plane.context.advertise_address}:{plane.ports.apiserver}"
+        pki = plane.pki
+        write_kubeconfig(home.kubeconfig, server=endpoint, ca_cert=pki.ca.cert, client=pki.admin)
+        record.state, record.apiserver = "ready", endpoint
+        log.info("control plane ready at %s; on the login node run:", endpoint)
+        log.info("    export KUBECONFIG=%s", home.kubeconfig)
+        while True:
             record.health = {**plane.health(), KUBELET: kubelet.alive()}
+            dead = [name for name, process in _processes(plane, kubelet) if not process.alive()]
+            if dead:
+                record.state, record.message = "failed", f"{', '.join(dead)} exited"
+                log.error("%s exited; stopping the control plane", ", ".join(dead))
+                status = 1
+                break
             record.save(home.record)
-            log.info("control plane ready at %s; on the login node run:", endpoint)
-            log.info("    export KUBECONFIG=%s", home.kubeconfig)
-
-            while not stop.event.wait(HEALTH_INTERVAL_S):
-                record.health = {**plane.health(), KUBELET: kubelet.alive()}
-                dead = [name for name, process in _processes(plane, kubelet) if not process.alive()]
-                if dead:
-                    record.state, record.message = "failed", f"{', '.join(dead)} exited"
-                    log.error("%s exited; stopping the control plane", ", ".join(dead))
-                    status = 1
-                    break
-                record.save(home.record)
-            else:
+            if stop.event.wait(HEALTH_INTERVAL_S):
                 log.info("%s received: stopping in order", stop.signal_name)
                 record.message = f"stopped on {stop.signal_name}"
-        except (ProcessFailed, ToolchainMissing, ControlPlaneError, PKIError) as error:
-            log.error("%s", error)
-            record.state, record.message = "failed", str(error).splitlines()[0]
-            status = 1
-        finally:
-            if record.state != "failed":
-                record.state = "stopping"
-            record.save(home.record)
-            if kubelet is not None:
-                kubelet.stop(timeout=plane.settings.stop_timeout_s)
-            plane.stop()
-            if record.state == "stopping":
-                record.state = "stopped"
-            record.health = {}
-            record.save(home.record)
-        return status
+                break
+    except (ProcessFailed, ToolchainMissing, ControlPlaneError, PKIError) as error:
+        log.error("%s", error)
+        record.state, record.message = "failed", str(error).splitlines()[0]
+        status = 1
+    finally:
+        if record.state != "failed":
+            record.state = "stopping"
+        record.save(home.record)
+        if kubelet is not None:
+            kubelet.stop(timeout=plane.settings.stop_timeout_s)
+        plane.stop()
+        if record.state == "stopping":
+            record.state = "stopped"
+        record.health = {}
+        record.save(home.record)
+    return status
+
+
+def _start_kubelet(home: HpkHome, plane: ControlPlane, *, stop: StopRequested) -> RunningProcess:
+    pki = plane.pki
+    kubeconfig = plane.layout.kubeconfigs / f"{KUBELET}.conf"
+    write_kubeconfig(
+        kubeconfig,
+        server=plane.apiserver_url,
+        ca_cert=pki.ca.cert,
+        client=pki.ensure_kubelet_client(KUBELET_NODE),
+    )
+    kubelet = start_process(kubelet_spec(home, kubeconfig))
+    _wait_kubelet(kubelet, stop=stop, timeout=plane.settings.apiserver_ready_timeout_s)
+    return kubelet
 
 
 def _processes(plane: ControlPlane, kubelet: RunningProcess) -> list[tuple[str, RunningProcess]]:

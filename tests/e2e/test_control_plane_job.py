@@ -23,6 +23,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from hpk.controlplane.image import ensure_image
 from hpk.toolchain import Toolchain
 from tests.e2e.conftest import UserInstall
 
@@ -238,6 +239,39 @@ def test_missing_binary_fails_the_job_fast_and_names_it(
     assert up.returncode == 1
     assert time.monotonic() - started < 60
     assert "is not in the tool folder /var/tmp/no-such-tool-folder" in up.stdout, up.stdout
+    user_install.run("rm", "-rf", str(home))
+
+
+def test_control_plane_runs_from_its_image(user_install: UserInstall) -> None:
+    image = ensure_image()
+    home = Path(user_install.user.pw_dir) / ".hpk-image"
+    user_install.run("rm", "-rf", str(home))
+    env = user_install.env(HPK_HOME=str(home), HPK_CONTROL_PLANE_IMAGE=str(image))
+    try:
+        up = user_install.run("hpk", "up", "--timeout=240", env=env)
+        assert up.returncode == 0, up.stdout + up.stderr
+        kubectl = Toolchain.load().binary("kubectl")
+        readyz = user_install.run(
+            str(kubectl), f"--kubeconfig={home}/kubeconfig", "get", "--raw=/readyz", env=env
+        )
+        assert readyz.stdout.strip() == "ok", readyz.stderr
+        for component in ("etcd", "kube-apiserver", "kube-controller-manager", "coredns"):
+            started = (home / "control-plane" / "logs" / f"{component}.log").read_text()
+            assert re.search(rf"hpk starts: \S*apptainer exec .*{re.escape(str(image))}", started)
+        assert user_install.run("hpk", "down", env=env).returncode == 0
+        assert user_processes(user_install.user.pw_uid) == []
+    finally:
+        user_install.run("hpk", "down", env=env)
+        user_install.run("rm", "-rf", str(home))
+
+
+def test_missing_image_fails_the_job_fast_and_names_it(user_install: UserInstall) -> None:
+    home = Path(user_install.user.pw_dir) / ".hpk-missing-image"
+    user_install.run("rm", "-rf", str(home))
+    env = user_install.env(HPK_HOME=str(home), HPK_CONTROL_PLANE_IMAGE="/var/tmp/none.sif")
+    up = user_install.run("hpk", "up", "--timeout=120", env=env)
+    assert up.returncode == 1
+    assert "the control-plane image /var/tmp/none.sif does not exist" in up.stdout, up.stdout
     user_install.run("rm", "-rf", str(home))
 
 
