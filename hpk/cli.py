@@ -51,11 +51,7 @@ def _control_plane(args: argparse.Namespace) -> int:
         print(ensure_image(progress=_say))
         return 0
     image = os.environ.get("HPK_CONTROL_PLANE_IMAGE")
-    try:
-        return job.run(HpkHome.default(), image=Path(image) if image else None)
-    except job.AlreadyRunning as error:
-        print(f"hpk: {error}", file=sys.stderr)
-        return 1
+    return job.run(HpkHome.default(), image=Path(image) if image else None)
 
 
 def _up(args: argparse.Namespace) -> int:
@@ -129,6 +125,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args))
     except (
+        job.AlreadyRunning,
         TestbedError,
         ProcessFailed,
         ImageError,
