@@ -27,6 +27,7 @@ from hpk.controlplane.image import (
     image_path,
     in_image_program,
     is_static_executable,
+    runnable_image,
 )
 from hpk.controlplane.settings import IMAGE_BIN_DIR
 from hpk.pki import ClusterPKI
@@ -338,3 +339,54 @@ def test_every_file_a_component_names_is_bound(tmp_path: Path, name: str) -> Non
     options, inside = split(runner.command(component.spec))
     assert inside[1:] == [str(Binaries.in_image().etcd.parent / name), *component.spec.argv[1:]]
     assert len(mounts(options)) == 2  # the state folder and the PKI folder
+
+
+def fake_apptainer(tmp_path: Path) -> tuple[Path, Path]:
+    """A stand-in for `apptainer build --sandbox DIR SIF` that counts its calls."""
+    calls = tmp_path / "calls"
+    program = tmp_path / "apptainer"
+    program.write_text(f'#!/bin/sh\necho "$@" >> {calls}\nmkdir -p "$4/usr/local/bin"\n')
+    program.chmod(0o755)
+    return program, calls
+
+
+def test_runnable_image_is_the_sif_where_fuse_works(tmp_path: Path) -> None:
+    device = tmp_path / "fuse"
+    device.write_text("")
+    device.chmod(0o666)
+    sif = tmp_path / "control-plane-x.sif"
+    assert runnable_image(sif, apptainer="false", uid=4242, fuse_device=device) == sif
+
+
+def test_runnable_image_unpacks_once_without_fuse(tmp_path: Path) -> None:
+    program, calls = fake_apptainer(tmp_path)
+    sif = tmp_path / "control-plane-1.33.13-abc.sif"
+    scratch = tmp_path / "scratch"
+    for _ in range(3):
+        folder = runnable_image(
+            sif,
+            apptainer=str(program),
+            uid=4242,
+            scratch=scratch,
+            fuse_device=tmp_path / "no-fuse",
+        )
+        assert folder == scratch / "control-plane-1.33.13-abc"
+        assert (folder / "usr/local/bin").is_dir()
+    assert len(calls.read_text().splitlines()) == 1
+    assert not list(scratch.glob(".*.part"))
+
+
+def test_failed_unpack_leaves_nothing_and_says_why(tmp_path: Path) -> None:
+    program = tmp_path / "apptainer"
+    program.write_text('#!/bin/sh\necho "FATAL: no space left" >&2\nexit 255\n')
+    program.chmod(0o755)
+    scratch = tmp_path / "scratch"
+    with pytest.raises(ImageBuildFailed, match="no space left"):
+        runnable_image(
+            tmp_path / "cp.sif",
+            apptainer=str(program),
+            uid=4242,
+            scratch=scratch,
+            fuse_device=tmp_path / "no-fuse",
+        )
+    assert sorted(p.name for p in scratch.iterdir()) == [".control-plane-image.lock"]
