@@ -1,0 +1,491 @@
+"""Binds unscheduled pods to partition nodes: hpk's stand-in for kube-scheduler.
+
+Slurm is the scheduler here. It queues work the moment it is submitted, so Kubernetes must
+not hold pods back until resources look free: every pod that names no node is bound at once
+to the node of the partition it asks for. The only decision is the partition, taken in this
+order:
+
+1. the pod's nodeSelector: `hpk.io/partition: <partition>`, or
+   `kubernetes.io/hostname: <prefix>-<partition>`;
+2. `-p`/`--partition` in the `slurm.hpk.io/flags` annotation (a comma-separated list means
+   "any of these"; the first is taken);
+3. the default partition.
+
+A pod whose choices contradict each other, that asks for a partition without an hpk node, or
+whose nodeSelector does not match the chosen node's labels stays Pending: it gets the
+condition PodScheduled=False (reason Unschedulable) with a message naming the valid
+partitions, and a FailedScheduling Event. It is looked at again whenever it changes (the user
+fixes the annotation) or the set of partitions changes.
+
+What it may touch: the API server through `BinderApi` and `ListWatch` (kubelet_py.apiserver),
+and the node set the node agent last registered. It runs no Slurm command; full validation of
+the flags annotation is `kubelet_py/flags.py`'s job when the pod is submitted.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import shlex
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from kubelet_py.apiserver import (
+    ApiError,
+    ApiUnavailable,
+    Conflict,
+    KubeApi,
+    ListWatch,
+    NotFound,
+    WatchEvent,
+    pod_path,
+)
+from kubelet_py.nodes import HOSTNAME_LABEL, PARTITION_LABEL, NodeSet, PartitionNode
+
+log = logging.getLogger(__name__)
+
+JSON = dict[str, Any]
+
+FLAGS_ANNOTATION = "slurm.hpk.io/flags"
+"""Pod annotation whose words go to sbatch."""
+
+SCHEDULER_NAMES = ("default-scheduler", "hpk")
+"""Pods that name one of these schedulers (or none: the API fills in the first) are bound."""
+
+UNBOUND_PODS = "spec.nodeName=,status.phase!=Succeeded,status.phase!=Failed"
+"""Field selector of the pods no node has yet."""
+
+COMPONENT = "hpk-kubelet"
+"""The source of the Events the binder records."""
+
+
+class Unschedulable(Exception):
+    """The pod cannot be bound; the message says why and names the valid choices."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+# ---------------------------------------------------------------------------------------------
+# The decision (pure)
+
+
+def requested_partitions(flags: str) -> list[str]:
+    """The partitions `-p`/`--partition` asks for in a flags annotation ([] if none).
+
+    A minimal reading: the words are split as a shell would, the last partition option wins,
+    as with sbatch. Malformed text yields [] here; the pod controller rejects it properly.
+    """
+    try:
+        words = shlex.split(flags)
+    except ValueError:
+        return []
+    value: str | None = None
+    for index, word in enumerate(words):
+        if word in ("-p", "--partition"):
+            value = words[index + 1] if index + 1 < len(words) else None
+        elif word.startswith("--partition="):
+            value = word.split("=", 1)[1]
+        elif word.startswith("-p") and not word.startswith("--"):
+            value = word[2:]
+    return [name for name in (value or "").split(",") if name]
+
+
+def wants_binding(pod: Mapping[str, Any], *, scheduler_names: Iterable[str]) -> bool:
+    """The pod is this binder's to bind: no node yet, alive, and for one of our schedulers."""
+    spec = pod.get("spec") or {}
+    metadata = pod.get("metadata") or {}
+    phase = (pod.get("status") or {}).get("phase")
+    return (
+        not spec.get("nodeName")
+        and not metadata.get("deletionTimestamp")
+        and phase not in ("Succeeded", "Failed")
+        and spec.get("schedulerName", SCHEDULER_NAMES[0]) in tuple(scheduler_names)
+    )
+
+
+def choose_node(pod: Mapping[str, Any], nodes: NodeSet) -> PartitionNode:
+    """The node the pod belongs on; raises Unschedulable with the reason otherwise."""
+    spec = pod.get("spec") or {}
+    selector: Mapping[str, str] = spec.get("nodeSelector") or {}
+    annotations: Mapping[str, str] = (pod.get("metadata") or {}).get("annotations") or {}
+    valid = ", ".join(nodes.partition_names) or "none"
+
+    chosen: PartitionNode | None = None
+    if PARTITION_LABEL in selector:
+        wanted = selector[PARTITION_LABEL]
+        chosen = nodes.by_label(wanted)
+        if chosen is None:
+            raise Unschedulable(
+                f'no hpk node for partition "{wanted}" (nodeSelector {PARTITION_LABEL}); '
+                f"valid partitions: {valid}"
+            )
+    if HOSTNAME_LABEL in selector:
+        wanted = selector[HOSTNAME_LABEL]
+        by_host = nodes.by_node_name(wanted)
+        if by_host is None:
+            raise Unschedulable(
+                f'"{wanted}" (nodeSelector {HOSTNAME_LABEL}) is not an hpk node; '
+                f"valid nodes: {', '.join(nodes.node_names) or 'none'}"
+            )
+        if chosen is not None and chosen is not by_host:
+            raise Unschedulable(
+                f"the nodeSelector asks for partition {chosen.partition.name} and for node "
+                f"{by_host.name} (partition {by_host.partition.name}); choose one"
+            )
+        chosen = by_host
+
+    requested = requested_partitions(annotations.get(FLAGS_ANNOTATION, ""))
+    unknown = [name for name in requested if nodes.by_partition(name) is None]
+    if unknown:
+        raise Unschedulable(
+            f'no hpk node for partition "{",".join(unknown)}" (-p in {FLAGS_ANNOTATION}); '
+            f"valid partitions: {valid}"
+        )
+    if chosen is None and requested:
+        chosen = nodes.by_partition(requested[0])
+    elif chosen is not None and requested and chosen.partition.name not in requested:
+        raise Unschedulable(
+            f"the nodeSelector asks for partition {chosen.partition.name} but "
+            f"{FLAGS_ANNOTATION} asks for {','.join(requested)}; make them agree"
+        )
+    if chosen is None:
+        chosen = nodes.default_node
+        if chosen is None:
+            raise Unschedulable(
+                f"the pod names no partition and there is no default one; set the "
+                f"nodeSelector {PARTITION_LABEL} to one of: {valid}"
+            )
+
+    mismatched = {k: v for k, v in selector.items() if chosen.labels.get(k) != v}
+    if mismatched:
+        pairs = ", ".join(f"{k}={v}" for k, v in sorted(mismatched.items()))
+        raise Unschedulable(f"node {chosen.name} does not match the pod's nodeSelector ({pairs})")
+    return chosen
+
+
+def unschedulable_patch(message: str, *, now: dt.datetime) -> JSON:
+    """The pod status patch that says why the pod stays Pending."""
+    return {
+        "status": {
+            "conditions": [
+                {
+                    "type": "PodScheduled",
+                    "status": "False",
+                    "reason": "Unschedulable",
+                    "message": message,
+                    "lastTransitionTime": _rfc3339(now),
+                    "lastProbeTime": None,
+                }
+            ]
+        }
+    }
+
+
+def already_reported(pod: Mapping[str, Any], message: str) -> bool:
+    """The pod's status already says it is unschedulable, for this very reason."""
+    for condition in (pod.get("status") or {}).get("conditions") or []:
+        if condition.get("type") == "PodScheduled":
+            return bool(
+                condition.get("status") == "False"
+                and condition.get("reason") == "Unschedulable"
+                and condition.get("message") == message
+            )
+    return False
+
+
+def pod_event(
+    pod: Mapping[str, Any], *, kind: str, reason: str, message: str, now: dt.datetime
+) -> JSON:
+    """A core/v1 Event about `pod`."""
+    metadata = pod.get("metadata") or {}
+    stamp = _rfc3339(now)
+    return {
+        "apiVersion": "v1",
+        "kind": "Event",
+        "metadata": {
+            "generateName": f"{metadata.get('name', 'pod')}.",
+            "namespace": metadata.get("namespace", "default"),
+        },
+        "involvedObject": {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "namespace": metadata.get("namespace", "default"),
+            "name": metadata.get("name", ""),
+            "uid": metadata.get("uid", ""),
+            "resourceVersion": metadata.get("resourceVersion", ""),
+        },
+        "type": kind,
+        "reason": reason,
+        "message": message,
+        "source": {"component": COMPONENT},
+        "reportingComponent": COMPONENT,
+        "reportingInstance": COMPONENT,
+        "firstTimestamp": stamp,
+        "lastTimestamp": stamp,
+        "count": 1,
+    }
+
+
+def pod_key(pod: Mapping[str, Any]) -> str:
+    metadata = pod.get("metadata") or {}
+    return f"{metadata.get('namespace', '')}/{metadata.get('name', '')}"
+
+
+def _rfc3339(moment: dt.datetime) -> str:
+    return moment.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+# ---------------------------------------------------------------------------------------------
+# The loops
+
+
+@dataclass(frozen=True)
+class BinderSettings:
+    """How the binder watches and retries."""
+
+    scheduler_names: tuple[str, ...] = SCHEDULER_NAMES
+    """Pods whose spec.schedulerName is one of these are bound; others are left alone."""
+
+    watch_timeout_s: int = 300
+    """Server-side timeout of one watch request; the watch is then opened again."""
+
+    watch_quiet_s: float = 120.0
+    """A watch stream silent for this long (not even a bookmark) is opened again."""
+
+    retry_initial_s: float = 1.0
+    """First wait before binding a pod again after the API server failed."""
+
+    retry_max_s: float = 60.0
+    """Longest wait between attempts."""
+
+
+class BinderApi(Protocol):
+    """What the binder needs from the API server (kubelet_py.apiserver.KubeApi)."""
+
+    def bind_pod(self, *, namespace: str, name: str, uid: str, node: str) -> None:
+        """Bind through pods/binding; Conflict if already bound, NotFound if gone."""
+
+    def patch_pod_status(self, *, namespace: str, name: str, patch: Mapping[str, Any]) -> JSON:
+        """Strategic-merge patch of the pod's status subresource."""
+
+    def create_event(self, namespace: str, event: Mapping[str, Any]) -> JSON:
+        """Record an Event."""
+
+
+def unbound_pods(api: KubeApi, settings: BinderSettings) -> ListWatch:
+    """The list-watch of every pod that has no node yet, in every namespace."""
+    return ListWatch(
+        api,
+        pod_path(),
+        field_selector=UNBOUND_PODS,
+        timeout_s=settings.watch_timeout_s,
+        quiet_s=settings.watch_quiet_s,
+    )
+
+
+class _Pending:
+    """Pods waiting to be handled, keyed namespace/name; the newest version of a pod wins."""
+
+    def __init__(self) -> None:
+        self._items: dict[str, tuple[JSON, float]] = {}
+        self._changed = threading.Condition()
+
+    def put(self, key: str, pod: JSON, *, delay_s: float = 0.0) -> None:
+        with self._changed:
+            self._items[key] = (pod, time.monotonic() + delay_s)
+            self._changed.notify()
+
+    def discard(self, key: str) -> None:
+        with self._changed:
+            self._items.pop(key, None)
+
+    def wake(self) -> None:
+        with self._changed:
+            self._changed.notify_all()
+
+    def take(self, stop: threading.Event, *, poll_s: float = 0.5) -> tuple[str, JSON] | None:
+        """The pod due first, waiting for one until `stop`; None once stopped."""
+        with self._changed:
+            while not stop.is_set():
+                now = time.monotonic()
+                due = [(when, key) for key, (_pod, when) in self._items.items() if when <= now]
+                if due:
+                    _when, key = min(due)
+                    pod, _ = self._items.pop(key)
+                    return key, pod
+                upcoming = min((when for _pod, when in self._items.values()), default=None)
+                timeout = poll_s if upcoming is None else min(poll_s, max(0.0, upcoming - now))
+                self._changed.wait(timeout)
+        return None
+
+    def __len__(self) -> int:
+        with self._changed:
+            return len(self._items)
+
+
+class Binder:
+    """Binds each unbound pod it hears of; `follow` and `work` run on two threads.
+
+    `follow` turns watch events into work; `work` decides and binds, retrying failed API
+    calls with a capped backoff. Neither ever raises: failures are logged and retried.
+    """
+
+    def __init__(
+        self,
+        api: BinderApi,
+        *,
+        nodes: Callable[[], NodeSet | None],
+        settings: BinderSettings | None = None,
+        clock: Callable[[], dt.datetime] = _utcnow,
+    ) -> None:
+        self.api = api
+        self.nodes = nodes
+        self.settings = settings or BinderSettings()
+        self.clock = clock
+        self._pending = _Pending()
+        self._lock = threading.Lock()  # guards the two bookkeeping dicts below
+        self._attempts: dict[str, int] = {}
+        self._unschedulable: dict[str, JSON] = {}
+        self._seen_partitions: tuple[str, ...] | None = None
+        self.bound = 0
+        """Pods bound since start."""
+
+    # -- feeding --------------------------------------------------------------------------
+
+    def offer(self, event: WatchEvent) -> None:
+        """Queue the pod of one watch event, or forget it when it no longer needs a node."""
+        pod = event.object
+        key = pod_key(pod)
+        if event.type != "DELETED" and wants_binding(
+            pod, scheduler_names=self.settings.scheduler_names
+        ):
+            self._pending.put(key, pod)
+        else:
+            self._pending.discard(key)
+            self._forget(key)
+
+    def follow(self, events: Iterable[WatchEvent]) -> None:
+        """Offer every event (from `unbound_pods`) until the iteration ends."""
+        for event in events:
+            self.offer(event)
+
+    # -- working --------------------------------------------------------------------------
+
+    def work(self, stop: threading.Event) -> None:
+        """Handle queued pods until `stop`."""
+        while not stop.is_set():
+            self._requeue_if_partitions_changed()
+            taken = self._pending.take(stop)
+            if taken is None:
+                break
+            key, pod = taken
+            try:
+                self.handle(key, pod)
+            except Exception:  # a bug in one pod's handling must not stop the binder
+                log.exception("%s: binding failed unexpectedly", key)
+                self._retry(key, pod)
+
+    def stop(self) -> None:
+        """Wake `work` so that it notices its stop event at once."""
+        self._pending.wake()
+
+    def handle(self, key: str, pod: JSON) -> None:
+        """Bind one pod, or report why it cannot be bound."""
+        nodes = self.nodes()
+        if nodes is None or not nodes.nodes:
+            self._pending.put(key, pod, delay_s=1.0)  # the nodes are not registered yet
+            return
+        try:
+            node = choose_node(pod, nodes)
+        except Unschedulable as unschedulable:
+            with self._lock:
+                self._unschedulable[key] = pod
+            self._report_unschedulable(key, pod, unschedulable.message)
+            return
+        metadata = pod.get("metadata") or {}
+        try:
+            self.api.bind_pod(
+                namespace=str(metadata.get("namespace", "")),
+                name=str(metadata.get("name", "")),
+                uid=str(metadata.get("uid", "")),
+                node=node.name,
+            )
+        except (Conflict, NotFound) as settled:
+            log.info("%s: not bound (%s): already bound, replaced or deleted", key, settled.status)
+            self._forget(key)
+            return
+        except (ApiError, ApiUnavailable) as error:
+            log.warning("%s: binding to %s failed: %s", key, node.name, error)
+            self._retry(key, pod)
+            return
+        self._forget(key)
+        self.bound += 1
+        log.info("%s: bound to %s (partition %s)", key, node.name, node.partition.name)
+        self._record_event(
+            key,
+            pod,
+            kind="Normal",
+            reason="Scheduled",
+            message=f"Successfully assigned {key} to {node.name}",
+        )
+
+    def _report_unschedulable(self, key: str, pod: JSON, message: str) -> None:
+        if already_reported(pod, message):
+            return
+        log.warning("%s: unschedulable: %s", key, message)
+        metadata = pod.get("metadata") or {}
+        try:
+            self.api.patch_pod_status(
+                namespace=str(metadata.get("namespace", "")),
+                name=str(metadata.get("name", "")),
+                patch=unschedulable_patch(message, now=self.clock()),
+            )
+        except NotFound:
+            self._forget(key)
+            return
+        except (ApiError, ApiUnavailable) as error:
+            log.warning("%s: cannot write the PodScheduled condition: %s", key, error)
+            self._retry(key, pod)
+            return
+        self._record_event(key, pod, kind="Warning", reason="FailedScheduling", message=message)
+
+    def _record_event(self, key: str, pod: JSON, *, kind: str, reason: str, message: str) -> None:
+        namespace = str((pod.get("metadata") or {}).get("namespace", "default"))
+        event = pod_event(pod, kind=kind, reason=reason, message=message, now=self.clock())
+        try:
+            self.api.create_event(namespace, event)
+        except (ApiError, ApiUnavailable) as error:  # an Event is a courtesy, not a duty
+            log.warning("%s: event %s not recorded: %s", key, reason, error)
+
+    def _retry(self, key: str, pod: JSON) -> None:
+        with self._lock:
+            attempt = self._attempts.get(key, 0) + 1
+            self._attempts[key] = attempt
+        settings = self.settings
+        delay = min(settings.retry_initial_s * 2 ** (attempt - 1), settings.retry_max_s)
+        self._pending.put(key, pod, delay_s=delay)
+
+    def _forget(self, key: str) -> None:
+        with self._lock:
+            self._attempts.pop(key, None)
+            self._unschedulable.pop(key, None)
+
+    def _requeue_if_partitions_changed(self) -> None:
+        nodes = self.nodes()
+        names = tuple(nodes.partition_names) if nodes else None
+        if names == self._seen_partitions:
+            return
+        self._seen_partitions = names
+        with self._lock:
+            waiting = list(self._unschedulable.items())
+        for key, pod in waiting:
+            self._pending.put(key, pod)

@@ -1,0 +1,670 @@
+"""Slurm partitions as Kubernetes nodes: one Node per partition, its status and its Lease.
+
+hpk has no machines of its own to register. Each Slurm partition the kubelet may use becomes
+a Node named `<prefix>-<partition>`, so that a pod chooses a partition with a nodeSelector and
+`kubectl describe node` shows what the partition offers (CPUs, memory and GPUs summed over its
+Slurm nodes). A Lease per node in `kube-node-lease`, renewed every few seconds, is the
+heartbeat that keeps the controller-manager from marking the nodes NotReady and evicting
+their pods.
+
+What it may touch: the API server through the narrow `NodeApi` (implemented by
+`kubelet_py.apiserver.KubeApi`), and Slurm only through an injected `PartitionSource`.
+`sinfo_partitions` below is a stopgap that reads `sinfo` itself until the Slurm adapter
+(`kubelet_py/slurm.py`) offers the same answer; switching is a one-line change in `main`.
+
+Shutdown leaves the nodes exactly as they are: it neither deletes them nor marks them
+NotReady, it only stops renewing their Leases. Pods on an hpk node are Slurm jobs that keep
+running while the kubelet is away (a walltime restart of the control-plane job, a kubelet
+restart), and they must be adopted when it comes back, not evicted. Deleting a Node would make
+the pod garbage collector delete its pods; writing NotReady would make the controller-manager
+taint the node with `node.kubernetes.io/not-ready:NoExecute`, and that taint outlives the
+control plane, so the next start could evict every pod before the kubelet marks the node Ready
+again. A silent Lease is the gentlest signal: the control-plane job stops the controller-
+manager right after the kubelet, and if only the kubelet is gone, every hpk node goes quiet at
+once, which the node lifecycle controller treats as a full disruption and does not evict for.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import logging
+import platform
+import re
+import subprocess
+import threading
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Protocol
+
+log = logging.getLogger(__name__)
+
+JSON = dict[str, Any]
+
+PARTITION_LABEL = "hpk.io/partition"
+"""Node label holding the partition; a pod's nodeSelector on it chooses the partition."""
+
+PARTITION_ANNOTATION = "hpk.io/partition-name"
+"""Node annotation with Slurm's exact partition name (the label may have been sanitized)."""
+
+HOSTNAME_LABEL = "kubernetes.io/hostname"
+GPU_RESOURCE = "nvidia.com/gpu"
+LEASE_NAMESPACE = "kube-node-lease"
+MANAGED_BY = "hpk-kubelet"
+
+_DNS_LABEL_MAX = 63
+_LABEL_VALUE = re.compile(r"^([A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?)?$")
+_DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+_ARCHITECTURES = {"x86_64": "amd64", "aarch64": "arm64", "armv7l": "arm", "i686": "386"}
+
+
+class PartitionsUnavailable(RuntimeError):
+    """Slurm's partitions could not be read (sinfo failed or its answer made no sense)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Partitions
+
+
+@dataclass(frozen=True)
+class Partition:
+    """One Slurm partition, with its resources summed over its Slurm nodes."""
+
+    name: str
+    """Slurm's name for it, as `sbatch -p` takes it."""
+
+    nodes: int
+    """How many Slurm nodes it has."""
+
+    cpus: int
+    """CPUs over all of its nodes."""
+
+    memory_mb: int
+    """Memory over all of its nodes, in MiB (Slurm's "MB")."""
+
+    gpus: int = 0
+    """GPUs (gres `gpu`) over all of its nodes."""
+
+    default: bool = False
+    """Slurm's default partition (the one marked `*` by sinfo)."""
+
+    up: bool = True
+    """The partition accepts jobs (sinfo's availability is "up")."""
+
+
+PartitionSource = Callable[[], Sequence[Partition]]
+"""Reads the partitions Slurm has now; raises PartitionsUnavailable when it cannot."""
+
+SINFO_FORMAT = "%R|%P|%N|%c|%m|%G|%a"
+"""One line per (partition, Slurm node): name, name with `*` if default, node, CPUs, memory
+(MB), gres, availability."""
+
+
+def gpu_count(gres: str) -> int:
+    """GPUs in one sinfo gres field, e.g. `gpu:2`, `gpu:a100:4(S:0-1)`, `gpu:1,mps:100`."""
+    total = 0
+    for item in re.sub(r"\([^)]*\)", "", gres).split(","):
+        parts = item.strip().split(":")
+        if parts[0] != "gpu":
+            continue
+        count = parts[-1] if len(parts) > 1 else "1"
+        total += int(count) if count.isdigit() else 1
+    return total
+
+
+def _number(text: str) -> int:
+    digits = re.match(r"\d+", text.strip())
+    if digits is None:
+        raise PartitionsUnavailable(f"sinfo printed {text!r} where a number belongs")
+    return int(digits.group())
+
+
+def parse_sinfo(text: str) -> list[Partition]:
+    """Partitions from `sinfo -h -N -o SINFO_FORMAT`, in the order sinfo lists them."""
+    sums: dict[str, dict[str, int]] = {}
+    flags: dict[str, tuple[bool, bool]] = {}
+    for line in text.splitlines():
+        if not line.strip():
+            continue
+        fields = line.split("|")
+        if len(fields) != 7:
+            raise PartitionsUnavailable(f"unexpected sinfo line: {line!r}")
+        name, marked, _node, cpus, memory, gres, available = (f.strip() for f in fields)
+        totals = sums.setdefault(name, {"nodes": 0, "cpus": 0, "memory_mb": 0, "gpus": 0})
+        totals["nodes"] += 1
+        totals["cpus"] += _number(cpus)
+        totals["memory_mb"] += _number(memory)
+        totals["gpus"] += gpu_count(gres)
+        flags[name] = (marked.endswith("*"), available.lower() == "up")
+    return [
+        Partition(name=name, default=flags[name][0], up=flags[name][1], **totals)
+        for name, totals in sums.items()
+    ]
+
+
+def sinfo_partitions(*, command: str = "sinfo", timeout_s: float = 30.0) -> list[Partition]:
+    """Slurm's partitions, read with sinfo (stopgap until kubelet_py/slurm.py has them)."""
+    argv = [command, "-h", "-N", "-o", SINFO_FORMAT]
+    try:
+        result = subprocess.run(
+            argv, capture_output=True, text=True, timeout=timeout_s, check=False
+        )
+    except (OSError, subprocess.TimeoutExpired) as error:
+        raise PartitionsUnavailable(f"{command}: {error}") from error
+    if result.returncode != 0:
+        raise PartitionsUnavailable(f"{command} failed: {result.stderr.strip()}")
+    return parse_sinfo(result.stdout)
+
+
+# ---------------------------------------------------------------------------------------------
+# Names
+
+
+def dns_label(name: str, *, max_length: int = _DNS_LABEL_MAX) -> str:
+    """`name` made a DNS label: lower case, runs of other characters as one `-`, no `-` at
+    either end, at most `max_length` characters; "x" if nothing is left."""
+    label = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+    return label[:max_length].rstrip("-") or "x"
+
+
+def is_label_value(value: str) -> bool:
+    """Kubernetes accepts `value` as a label value."""
+    return len(value) <= _DNS_LABEL_MAX and bool(_LABEL_VALUE.match(value))
+
+
+def _short_hash(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:6]
+
+
+# ---------------------------------------------------------------------------------------------
+# Settings and host facts
+
+
+@dataclass(frozen=True)
+class NodeSettings:
+    """Which nodes the kubelet registers and how it keeps them alive."""
+
+    prefix: str = "hpk"
+    """Node names are `<prefix>-<partition>` (the partition made a DNS label)."""
+
+    partitions: tuple[str, ...] | None = None
+    """Slurm partitions to register, by name; None: every partition sinfo shows."""
+
+    default_partition: str | None = None
+    """Partition of pods that ask for none; None: Slurm's default (or the only partition)."""
+
+    kubelet_port: int = 10250
+    """HTTPS port of the kubelet API, advertised in `status.daemonEndpoints`."""
+
+    max_pods: int = 10000
+    """The `pods` capacity: Slurm queues, so this is only a guard against runaway clients."""
+
+    status_interval_s: float = 60.0
+    """How often capacity is read from Slurm again and the node status written."""
+
+    lease_interval_s: float = 10.0
+    """How often each node's Lease is renewed."""
+
+    lease_duration_s: int = 40
+    """The Lease's `leaseDurationSeconds`: how long it counts as held without renewal."""
+
+    retry_interval_s: float = 5.0
+    """Wait before trying again after Slurm or the API server failed."""
+
+    def __post_init__(self) -> None:
+        if not _DNS_LABEL.match(self.prefix) or len(self.prefix) > 40:
+            raise ValueError(f"node name prefix {self.prefix!r} is not a short DNS label")
+        if not 0 < self.kubelet_port < 65536:
+            raise ValueError(f"kubelet_port {self.kubelet_port} is not a TCP port")
+        for name in ("status_interval_s", "lease_interval_s", "retry_interval_s"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive")
+        if self.lease_duration_s <= self.lease_interval_s:
+            raise ValueError("lease_duration_s must be longer than lease_interval_s")
+        if self.max_pods <= 0:
+            raise ValueError("max_pods must be positive")
+
+
+@dataclass(frozen=True)
+class HostInfo:
+    """What the nodes say about the machine the kubelet runs on."""
+
+    address: str
+    """InternalIP: where the API server reaches the kubelet API."""
+
+    hostname: str
+    """The machine's host name (the Hostname address)."""
+
+    kubelet_version: str
+    """Reported as nodeInfo.kubeletVersion, e.g. v1.33.13-hpk."""
+
+    kernel_version: str = field(default_factory=platform.release)
+    """nodeInfo.kernelVersion."""
+
+    os_image: str = "Linux"
+    """nodeInfo.osImage: the distribution's pretty name."""
+
+    architecture: str = "amd64"
+    """nodeInfo.architecture and the kubernetes.io/arch label, in Go's spelling."""
+
+    container_runtime: str = "apptainer"
+    """nodeInfo.containerRuntimeVersion."""
+
+    @classmethod
+    def detect(cls, *, address: str, hostname: str, kubelet_version: str) -> HostInfo:
+        machine = platform.machine()
+        return cls(
+            address=address,
+            hostname=hostname,
+            kubelet_version=kubelet_version,
+            os_image=_os_image(Path("/etc/os-release")),
+            architecture=_ARCHITECTURES.get(machine, machine or "unknown"),
+        )
+
+
+def _os_image(os_release: Path) -> str:
+    try:
+        text = os_release.read_text()
+    except OSError:
+        return "Linux"
+    match = re.search(r'^PRETTY_NAME="?([^"\n]*)"?$', text, re.MULTILINE)
+    return match.group(1) if match else "Linux"
+
+
+# ---------------------------------------------------------------------------------------------
+# Which nodes
+
+
+def node_labels(*, name: str, partition_label: str, host: HostInfo) -> dict[str, str]:
+    """The labels the kubelet puts on a partition node."""
+    return {
+        HOSTNAME_LABEL: name,
+        "kubernetes.io/os": "linux",
+        "kubernetes.io/arch": host.architecture,
+        "kubernetes.io/role": "agent",
+        "type": "virtual-kubelet",
+        PARTITION_LABEL: partition_label,
+        "app.kubernetes.io/managed-by": MANAGED_BY,
+    }
+
+
+@dataclass(frozen=True)
+class PartitionNode:
+    """The node that stands for one partition."""
+
+    partition: Partition
+    """The partition behind it."""
+
+    name: str
+    """The Node's name (and its kubernetes.io/hostname label)."""
+
+    label: str
+    """The value of its hpk.io/partition label: the partition's name when that is a valid
+    label value, else its DNS-label form."""
+
+    labels: Mapping[str, str] = field(default_factory=dict, compare=False)
+    """Every label of the Node: the kubelet's own before registration, afterwards the
+    Node's as the API server returned them (with any a user added)."""
+
+
+@dataclass(frozen=True)
+class NodeSet:
+    """The nodes the kubelet registers now, and where pods that ask for nothing go."""
+
+    nodes: tuple[PartitionNode, ...]
+    """One per partition, in partition-name order."""
+
+    default: str | None
+    """Name of the default partition; None when there is none."""
+
+    @property
+    def partition_names(self) -> list[str]:
+        return [node.partition.name for node in self.nodes]
+
+    @property
+    def node_names(self) -> list[str]:
+        return [node.name for node in self.nodes]
+
+    def by_partition(self, name: str) -> PartitionNode | None:
+        return next((node for node in self.nodes if node.partition.name == name), None)
+
+    def by_label(self, value: str) -> PartitionNode | None:
+        """The node whose hpk.io/partition label is `value` (or whose partition is named so)."""
+        found = next((node for node in self.nodes if node.label == value), None)
+        return found or self.by_partition(value)
+
+    def by_node_name(self, name: str) -> PartitionNode | None:
+        return next((node for node in self.nodes if node.name == name), None)
+
+    @property
+    def default_node(self) -> PartitionNode | None:
+        return self.by_partition(self.default) if self.default is not None else None
+
+
+def plan_nodes(
+    partitions: Sequence[Partition], settings: NodeSettings, *, host: HostInfo
+) -> NodeSet:
+    """The nodes for `partitions`, filtered by the settings, with unique DNS-label names.
+
+    Two partitions whose DNS-label forms collide (e.g. `gpu_a` and `gpu.a`) each get a short
+    hash of their real name appended, so every partition keeps a node of its own.
+    """
+    by_name = {p.name: p for p in partitions}
+    if settings.partitions is None:
+        chosen = sorted(by_name.values(), key=lambda p: p.name)
+    else:
+        missing = [name for name in settings.partitions if name not in by_name]
+        if missing:
+            log.warning(
+                "Slurm has no partition %s; it has %s",
+                ", ".join(missing),
+                ", ".join(sorted(by_name)) or "none",
+            )
+        chosen = sorted(
+            (by_name[n] for n in dict.fromkeys(settings.partitions) if n in by_name),
+            key=lambda p: p.name,
+        )
+    room = _DNS_LABEL_MAX - len(settings.prefix) - 1
+    labels = {p.name: dns_label(p.name, max_length=room) for p in chosen}
+    taken = Counter(labels.values())
+    nodes = []
+    for partition in chosen:
+        label = labels[partition.name]
+        if taken[label] > 1:
+            label = (
+                f"{dns_label(partition.name, max_length=room - 7)}-{_short_hash(partition.name)}"
+            )
+        name = f"{settings.prefix}-{label}"
+        value = partition.name if is_label_value(partition.name) else label
+        nodes.append(
+            PartitionNode(
+                partition=partition,
+                name=name,
+                label=value,
+                labels=node_labels(name=name, partition_label=value, host=host),
+            )
+        )
+    return NodeSet(nodes=tuple(nodes), default=_default_partition(chosen, settings))
+
+
+def _default_partition(chosen: Sequence[Partition], settings: NodeSettings) -> str | None:
+    names = [p.name for p in chosen]
+    if settings.default_partition is not None:
+        if settings.default_partition in names:
+            return settings.default_partition
+        log.warning(
+            "the default partition %s is not registered (registered: %s)",
+            settings.default_partition,
+            ", ".join(names) or "none",
+        )
+    slurm_default = next((p.name for p in chosen if p.default), None)
+    if slurm_default is not None:
+        return slurm_default
+    return names[0] if len(names) == 1 else None
+
+
+# ---------------------------------------------------------------------------------------------
+# The objects
+
+
+def _rfc3339(moment: dt.datetime) -> str:
+    return moment.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _micro_time(moment: dt.datetime) -> str:
+    return moment.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def resources(partition: Partition, settings: NodeSettings) -> dict[str, str]:
+    """Capacity (and allocatable) of the partition's node, as Kubernetes quantities."""
+    amounts = {
+        "cpu": str(partition.cpus),
+        "memory": f"{partition.memory_mb * 1024}Ki",
+        "pods": str(settings.max_pods),
+    }
+    if partition.gpus:
+        amounts[GPU_RESOURCE] = str(partition.gpus)
+    return amounts
+
+
+def node_object(node: PartitionNode) -> JSON:
+    """The Node as the kubelet applies it: name, labels and annotations, no spec.
+
+    Taints and other labels belong to others (the controller-manager, the user) and are
+    left alone by server-side apply.
+    """
+    return {
+        "apiVersion": "v1",
+        "kind": "Node",
+        "metadata": {
+            "name": node.name,
+            "labels": dict(node.labels),
+            "annotations": {PARTITION_ANNOTATION: node.partition.name},
+        },
+    }
+
+
+def node_status_object(
+    node: PartitionNode,
+    *,
+    host: HostInfo,
+    settings: NodeSettings,
+    heartbeat: dt.datetime,
+    ready_since: dt.datetime,
+) -> JSON:
+    """The Node's status as the kubelet applies it to the status subresource."""
+    partition = node.partition
+    amounts = resources(partition, settings)
+    state = "up" if partition.up else "not up (Slurm queues its jobs until it is)"
+    nodes = f"{partition.nodes} node{'' if partition.nodes == 1 else 's'}"
+    return {
+        "apiVersion": "v1",
+        "kind": "Node",
+        "metadata": {"name": node.name},
+        "status": {
+            "capacity": amounts,
+            "allocatable": dict(amounts),
+            "conditions": [
+                {
+                    "type": "Ready",
+                    "status": "True",
+                    "reason": "KubeletReady",
+                    "message": (
+                        f"hpk-kubelet is posting ready status; Slurm partition "
+                        f"{partition.name} ({nodes}) is {state}"
+                    ),
+                    "lastHeartbeatTime": _rfc3339(heartbeat),
+                    "lastTransitionTime": _rfc3339(ready_since),
+                }
+            ],
+            "addresses": [
+                {"type": "InternalIP", "address": host.address},
+                {"type": "Hostname", "address": host.hostname},
+            ],
+            "daemonEndpoints": {"kubeletEndpoint": {"Port": settings.kubelet_port}},
+            "nodeInfo": {
+                "machineID": "",
+                "systemUUID": "",
+                "bootID": "",
+                "kernelVersion": host.kernel_version,
+                "osImage": host.os_image,
+                "containerRuntimeVersion": host.container_runtime,
+                "kubeletVersion": host.kubelet_version,
+                "kubeProxyVersion": "",
+                "operatingSystem": "linux",
+                "architecture": host.architecture,
+            },
+        },
+    }
+
+
+def lease_object(
+    node_name: str, *, node_uid: str | None, settings: NodeSettings, now: dt.datetime
+) -> JSON:
+    """The node's heartbeat Lease; owned by the Node, so it goes when the Node goes."""
+    metadata: JSON = {"name": node_name, "namespace": LEASE_NAMESPACE}
+    if node_uid:
+        metadata["ownerReferences"] = [
+            {"apiVersion": "v1", "kind": "Node", "name": node_name, "uid": node_uid}
+        ]
+    return {
+        "apiVersion": "coordination.k8s.io/v1",
+        "kind": "Lease",
+        "metadata": metadata,
+        "spec": {
+            "holderIdentity": node_name,
+            "leaseDurationSeconds": settings.lease_duration_s,
+            "renewTime": _micro_time(now),
+        },
+    }
+
+
+def ready_since(existing: Mapping[str, Any] | None, *, now: dt.datetime) -> dt.datetime:
+    """When the node became Ready: kept from an existing Node that is Ready, else now."""
+    conditions = ((existing or {}).get("status") or {}).get("conditions") or []
+    for condition in conditions:
+        if condition.get("type") == "Ready" and condition.get("status") == "True":
+            try:
+                text = str(condition.get("lastTransitionTime", ""))
+                return dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
+            except ValueError:
+                break
+    return now
+
+
+# ---------------------------------------------------------------------------------------------
+# Keeping them alive
+
+
+class NodeApi(Protocol):
+    """What the node agent needs from the API server (kubelet_py.apiserver.KubeApi)."""
+
+    def get_node(self, name: str) -> JSON | None:
+        """The Node, or None if it does not exist."""
+
+    def apply_node(self, node: Mapping[str, Any]) -> JSON:
+        """Server-side apply of the Node (creates it when missing); returns the Node."""
+
+    def apply_node_status(self, node: Mapping[str, Any]) -> JSON:
+        """Server-side apply to the Node's status subresource."""
+
+    def apply_lease(self, lease: Mapping[str, Any]) -> JSON:
+        """Server-side apply of a Lease (creates it when missing)."""
+
+
+def _utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+class NodeAgent:
+    """Registers the partition nodes, refreshes their status and renews their Leases.
+
+    `run_status` and `run_leases` are loops for two threads of their own; `current` may be
+    read from any thread. Failures are logged and retried; they never end a loop.
+    """
+
+    def __init__(
+        self,
+        api: NodeApi,
+        *,
+        source: PartitionSource,
+        settings: NodeSettings,
+        host: HostInfo,
+        clock: Callable[[], dt.datetime] = _utcnow,
+    ) -> None:
+        self.api = api
+        self.source = source
+        self.settings = settings
+        self.host = host
+        self.clock = clock
+        self.registered = threading.Event()
+        """Set once every node has been registered at least once."""
+        self._lock = threading.Lock()
+        self._current: NodeSet | None = None
+        self._uids: dict[str, str] = {}
+        self._ready_since: dict[str, dt.datetime] = {}
+
+    def current(self) -> NodeSet | None:
+        """The nodes as last registered; None before the first registration."""
+        with self._lock:
+            return self._current
+
+    def sync(self) -> NodeSet:
+        """Read the partitions, then apply each node and its status; returns the node set."""
+        planned = plan_nodes(self.source(), self.settings, host=self.host)
+        if not planned.nodes:
+            raise PartitionsUnavailable("Slurm shows no partition this kubelet may use")
+        now = self.clock()
+        registered = []
+        for node in planned.nodes:
+            if node.name not in self._ready_since:
+                self._ready_since[node.name] = ready_since(self.api.get_node(node.name), now=now)
+            applied = self.api.apply_node(node_object(node))
+            metadata = applied.get("metadata") or {}
+            uid = str(metadata.get("uid", ""))
+            registered.append(
+                replace(node, labels={**node.labels, **(metadata.get("labels") or {})})
+            )
+            self.api.apply_node_status(
+                node_status_object(
+                    node,
+                    host=self.host,
+                    settings=self.settings,
+                    heartbeat=now,
+                    ready_since=self._ready_since[node.name],
+                )
+            )
+            with self._lock:
+                self._uids[node.name] = uid
+        planned = NodeSet(nodes=tuple(registered), default=planned.default)
+        with self._lock:
+            previous = self._current
+            self._current = planned
+        if previous is None or previous.node_names != planned.node_names:
+            log.info(
+                "registered nodes %s (default partition: %s)",
+                ", ".join(planned.node_names),
+                planned.default or "none",
+            )
+        gone = set(previous.node_names if previous else ()) - set(planned.node_names)
+        for name in sorted(gone):
+            log.warning("%s: its partition is gone; the node is left, its Lease not renewed", name)
+        self.registered.set()
+        return planned
+
+    def renew_leases(self) -> None:
+        """Renew the Lease of every registered node."""
+        nodes = self.current()
+        if nodes is None:
+            return
+        now = self.clock()
+        for name in nodes.node_names:
+            with self._lock:
+                uid = self._uids.get(name)
+            self.api.apply_lease(lease_object(name, node_uid=uid, settings=self.settings, now=now))
+
+    def run_status(self, stop: threading.Event) -> None:
+        """Sync now, then every `status_interval_s` (sooner after a failure) until `stop`."""
+        while not stop.is_set():
+            wait = self.settings.status_interval_s
+            try:
+                self.sync()
+            except Exception as error:  # logged and retried: the loop must outlive any failure
+                log.warning("node status not written: %s", error)
+                wait = min(wait, self.settings.retry_interval_s)
+            stop.wait(wait)
+
+    def run_leases(self, stop: threading.Event) -> None:
+        """Renew every `lease_interval_s` once the nodes are registered, until `stop`."""
+        while not stop.is_set() and not self.registered.wait(0.5):
+            pass
+        while not stop.is_set():
+            wait = self.settings.lease_interval_s
+            try:
+                self.renew_leases()
+            except Exception as error:  # logged and retried: a missed renewal is not fatal
+                log.warning("node leases not renewed: %s", error)
+                wait = min(wait, self.settings.retry_interval_s)
+            stop.wait(wait)
