@@ -543,8 +543,8 @@ def apiserver_sans(
 class ClusterPKI:
     """Every certificate and key of one cluster, in one folder (0700).
 
-    The properties only say where files are; `ensure_control_plane` and
-    `ensure_kubelet_client` create or refresh them.
+    The properties only say where files are; `ensure_control_plane`,
+    `ensure_hpk_kubelet_client` and `ensure_kubelet_client` create or refresh them.
     """
 
     ADMIN_USER = "kubernetes-admin"
@@ -556,6 +556,10 @@ class ClusterPKI:
     """The API server's identity towards aggregated API servers (e.g. metrics-server)."""
     COREDNS_USER = "hpk:coredns"
     """CoreDNS's identity; the launcher binds it to a read-only ClusterRole."""
+    KUBELET_USER = "hpk:kubelet"
+    """hpk-kubelet's identity. It registers a node per Slurm partition, which the Node
+    authorizer's system:node:<name> identities cannot; RBAC grants it its rights instead."""
+    KUBELET_GROUPS = ("hpk:kubelets",)
 
     def __init__(self, root: Path, *, policy: IssuePolicy = DEFAULT_POLICY) -> None:
         self.root = root
@@ -611,6 +615,10 @@ class ClusterPKI:
     @property
     def coredns(self) -> CertFiles:
         return self._pair("coredns")
+
+    @property
+    def hpk_kubelet(self) -> CertFiles:
+        return self._pair("hpk-kubelet")
 
     @property
     def sa_key(self) -> Path:
@@ -708,6 +716,17 @@ class ClusterPKI:
             policy=policy,
         )
         ensure_service_account_key(self.sa_key, self.sa_pub)
+
+    def ensure_hpk_kubelet_client(self) -> CertFiles:
+        """hpk-kubelet's client certificate (CN=hpk:kubelet, O=hpk:kubelets)."""
+        ensure_client_cert(
+            self.hpk_kubelet,
+            ca=self.load_ca(),
+            user=self.KUBELET_USER,
+            groups=self.KUBELET_GROUPS,
+            policy=self.policy,
+        )
+        return self.hpk_kubelet
 
     def ensure_kubelet_client(self, node_name: str) -> CertFiles:
         """The kubelet's client certificate for node `node_name` (CN=system:node:<name>,

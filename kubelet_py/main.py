@@ -1,8 +1,16 @@
 """Entry point of `hpk-kubelet`. Logging is configured here and nowhere else.
 
-For now the kubelet connects to the API server with its node identity and waits for SIGTERM:
-it is the process the control-plane job runs and stops beside the components. It runs no
-pods yet and says so at start.
+The kubelet connects to the API server with its own identity (CN `hpk:kubelet`, which the
+control plane grants exactly the rights a kubelet needs), logs `CONNECTED_MESSAGE` (the
+control-plane job waits for that line), and then works on threads of its own, because the
+Kubernetes client blocks:
+
+- `nodes`: registers one Node per Slurm partition and rewrites its status and capacity;
+- `leases`: renews each node's Lease in kube-node-lease, the heartbeat;
+- `binder-watch` and `binder`: bind every unscheduled pod to its partition's node.
+
+SIGTERM or SIGINT stops them all within a few seconds and leaves the nodes registered (see
+kubelet_py.nodes for why). Pods bound to the nodes do not run yet; it says so at start.
 """
 
 from __future__ import annotations
@@ -13,30 +21,196 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
 
 from hpk import __version__
+from hpk.controlplane.host import hostname, primary_address
 from kubelet_py import CONNECTED_MESSAGE
-from kubelet_py.apiserver import server_version
+from kubelet_py.apiserver import ApiError, ApiUnavailable, KubeApi
+from kubelet_py.binder import Binder, BinderSettings, unbound_pods
+from kubelet_py.nodes import HostInfo, NodeAgent, NodeSettings, sinfo_partitions
 
 log = logging.getLogger("kubelet_py")
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+@dataclass(frozen=True)
+class KubeletSettings:
+    """Everything the kubelet process is started with."""
+
+    kubeconfig: Path
+    """Credentials of the kubelet's identity and the API server's address."""
+
+    nodes: NodeSettings = field(default_factory=NodeSettings)
+    """Which partition nodes to register and how to keep them alive."""
+
+    binder: BinderSettings = field(default_factory=BinderSettings)
+    """How unscheduled pods are watched and bound."""
+
+    node_ip: str | None = None
+    """InternalIP of the nodes; None: this machine's primary address."""
+
+    hostname: str | None = None
+    """Hostname address of the nodes; None: this machine's host name."""
+
+    connect_timeout_s: float = 60.0
+    """How long to wait for the API server at start."""
+
+    stop_timeout_s: float = 3.0
+    """How long the threads get to finish after SIGTERM."""
+
+
+def _csv(text: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in text.split(",") if part.strip())
+
+
+def parse_args(argv: Sequence[str] | None = None) -> KubeletSettings:
+    defaults = NodeSettings()
     parser = argparse.ArgumentParser(prog="hpk-kubelet")
     parser.add_argument("--version", action="version", version=f"hpk-kubelet {__version__}")
     parser.add_argument("--kubeconfig", type=Path, required=True, help="the kubelet's kubeconfig")
-    parser.add_argument("--node-name", default="hpk", help="name of the node it registers")
+    parser.add_argument(
+        "--node-name-prefix",
+        default=defaults.prefix,
+        help="nodes are named <prefix>-<partition> (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--partitions",
+        type=_csv,
+        default=None,
+        help="comma-separated Slurm partitions to register (default: all)",
+    )
+    parser.add_argument(
+        "--default-partition",
+        default=None,
+        help="partition of pods that ask for none (default: Slurm's default)",
+    )
+    parser.add_argument(
+        "--port",
+        type=int,
+        default=defaults.kubelet_port,
+        help="HTTPS port of the kubelet API the nodes advertise (default: %(default)s)",
+    )
+    parser.add_argument("--node-ip", default=None, help="InternalIP of the nodes")
+    parser.add_argument("--hostname", default=None, help="Hostname address of the nodes")
+    parser.add_argument(
+        "--node-status-interval",
+        type=float,
+        default=defaults.status_interval_s,
+        help="seconds between capacity refreshes (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--lease-interval",
+        type=float,
+        default=defaults.lease_interval_s,
+        help="seconds between Lease renewals (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--lease-duration",
+        type=int,
+        default=defaults.lease_duration_s,
+        help="the Leases' leaseDurationSeconds (default: %(default)s)",
+    )
     parser.add_argument(
         "--connect-timeout", type=float, default=60.0, help="seconds to wait for the API server"
     )
     args = parser.parse_args(argv)
+    try:
+        nodes = NodeSettings(
+            prefix=args.node_name_prefix,
+            partitions=args.partitions or None,
+            default_partition=args.default_partition,
+            kubelet_port=args.port,
+            status_interval_s=args.node_status_interval,
+            lease_interval_s=args.lease_interval,
+            lease_duration_s=args.lease_duration,
+        )
+    except ValueError as error:
+        parser.error(str(error))
+    return KubeletSettings(
+        kubeconfig=args.kubeconfig,
+        nodes=nodes,
+        node_ip=args.node_ip,
+        hostname=args.hostname,
+        connect_timeout_s=args.connect_timeout,
+    )
+
+
+def _connect(api: KubeApi, *, stopping: threading.Event, timeout_s: float) -> str | None:
+    """The API server's version once it answers; None if it did not in time."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            return api.server_version()
+        except (ApiError, ApiUnavailable) as error:
+            if time.monotonic() > deadline or stopping.is_set():
+                log.error("cannot reach the API server: %s", error)
+                return None
+        stopping.wait(1.0)
+
+
+def _thread(name: str, target: Callable[[], None]) -> threading.Thread:
+    def run() -> None:
+        try:
+            target()
+        except Exception:  # the loops catch their own failures; this is the last resort
+            log.exception("thread %s failed", name)
+
+    thread = threading.Thread(target=run, name=name, daemon=True)
+    thread.start()
+    return thread
+
+
+def run(settings: KubeletSettings, *, stopping: threading.Event) -> int:
+    """Run the kubelet until `stopping` is set; returns the process's exit status."""
+    node_api = KubeApi(settings.kubeconfig)
+    binder_api = KubeApi(settings.kubeconfig)
+    try:
+        version = _connect(node_api, stopping=stopping, timeout_s=settings.connect_timeout_s)
+        if version is None:
+            return 0 if stopping.is_set() else 1
+        log.info("%s (%s)", CONNECTED_MESSAGE, version)
+        log.warning("the pod provider is not implemented yet: pods bound to its nodes will not run")
+        host = HostInfo.detect(
+            address=settings.node_ip or primary_address(),
+            hostname=settings.hostname or hostname(),
+            kubelet_version=f"{version}-hpk",
+        )
+        agent = NodeAgent(node_api, source=sinfo_partitions, settings=settings.nodes, host=host)
+        binder = Binder(binder_api, nodes=agent.current, settings=settings.binder)
+        watch = unbound_pods(binder_api, settings.binder)
+        stop = threading.Event()
+        threads = [
+            _thread("nodes", lambda: agent.run_status(stop)),
+            _thread("leases", lambda: agent.run_leases(stop)),
+            _thread("binder-watch", lambda: binder.follow(watch)),
+            _thread("binder", lambda: binder.work(stop)),
+        ]
+        stopping.wait()
+        began = time.monotonic()
+        stop.set()
+        watch.stop()
+        binder.stop()
+        deadline = began + settings.stop_timeout_s
+        for thread in threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        late = [thread.name for thread in threads if thread.is_alive()]
+        if late:
+            log.warning("threads still busy after %.0f s: %s", settings.stop_timeout_s, late)
+        log.info("stopped in %.1f s; the nodes stay registered", time.monotonic() - began)
+        return 0
+    finally:
+        node_api.close()
+        binder_api.close()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    settings = parse_args(argv)
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-
     stopping = threading.Event()
 
     def on_signal(signum: int, _frame: FrameType | None) -> None:
@@ -45,22 +219,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-
-    deadline = time.monotonic() + args.connect_timeout
-    while True:
-        try:
-            version = server_version(args.kubeconfig)
-            break
-        except Exception as error:  # the client raises many kinds; all mean "not yet"
-            if time.monotonic() > deadline or stopping.is_set():
-                log.error("cannot reach the API server: %s", error)
-                return 1
-            time.sleep(1)
-    log.info("%s (%s) as node %s", CONNECTED_MESSAGE, version, args.node_name)
-    log.warning("the pod provider is not implemented yet: pods bound to this node will not run")
-    stopping.wait()
-    log.info("stopped")
-    return 0
+    return run(settings, stopping=stopping)
 
 
 if __name__ == "__main__":

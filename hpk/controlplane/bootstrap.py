@@ -1,9 +1,10 @@
 """Objects the control plane itself needs in the API before its later components start.
 
-Today that is CoreDNS's read-only ClusterRole and its binding: RBAC has no static files, so
-they are put into the API once the API server is ready. Objects are sent with server-side
-apply (field manager "hpk"), which creates or updates them in one idempotent request, so a
-restart simply applies them again.
+Today that is CoreDNS's read-only ClusterRole and hpk-kubelet's rights (a ClusterRole for
+nodes, pods and what pods mount, and a Role for the node Leases), each with its binding: RBAC
+has no static files, so they are put into the API once the API server is ready. Objects are
+sent with server-side apply (field manager "hpk"), which creates or updates them in one
+idempotent request, so a restart simply applies them again.
 """
 
 from __future__ import annotations
@@ -76,4 +77,15 @@ def apply_objects(server: str, objects: Iterable[Mapping[str, Any]], *, tls: TLS
 def coredns_rbac(user: str) -> list[dict[str, Any]]:
     """CoreDNS's ClusterRole and the binding that gives it to `user`."""
     text = render("controlplane/coredns-rbac.yaml.j2", user=user)
+    return [doc for doc in yaml.safe_load_all(text) if doc]
+
+
+KUBELET_LEASE_NAMESPACE = "kube-node-lease"
+
+
+def kubelet_rbac(user: str) -> list[dict[str, Any]]:
+    """hpk-kubelet's ClusterRole and Lease Role, bound to `user` (with the Lease namespace)."""
+    text = render(
+        "controlplane/kubelet-rbac.yaml.j2", user=user, lease_namespace=KUBELET_LEASE_NAMESPACE
+    )
     return [doc for doc in yaml.safe_load_all(text) if doc]

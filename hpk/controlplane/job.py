@@ -20,10 +20,12 @@ from collections.abc import Iterator
 from pathlib import Path
 from types import FrameType
 
+from hpk.controlplane.bootstrap import apply_objects, kubelet_rbac
 from hpk.controlplane.errors import ControlPlaneError
 from hpk.controlplane.host import hostname
 from hpk.controlplane.image import ApptainerRunner, find_apptainer
 from hpk.controlplane.launcher import ControlPlane
+from hpk.controlplane.probes import TLSClient
 from hpk.controlplane.settings import Binaries, ControlPlaneSettings
 from hpk.files import private_dir
 from hpk.home import HpkHome
@@ -36,7 +38,8 @@ from kubelet_py import CONNECTED_MESSAGE
 log = logging.getLogger(__name__)
 
 KUBELET = "hpk-kubelet"
-KUBELET_NODE = "hpk"
+KUBELET_NODE_PREFIX = "hpk"
+"""The kubelet's nodes are named <prefix>-<partition>: hpk-batch, hpk-gpu."""
 HEALTH_INTERVAL_S = 5.0
 """How often the job checks its components and updates the record."""
 
@@ -87,8 +90,11 @@ class StopRequested:
         self.event.set()
 
 
-def kubelet_spec(home: HpkHome, kubeconfig: Path) -> ProcessSpec:
-    """The kubelet runs on the node itself, never in the image: it calls Slurm's commands."""
+def kubelet_spec(home: HpkHome, kubeconfig: Path, *, node_ip: str) -> ProcessSpec:
+    """The kubelet runs on the node itself, never in the image: it calls Slurm's commands.
+
+    Its nodes advertise `node_ip`, the address the API server advertises too.
+    """
     return ProcessSpec(
         name=KUBELET,
         argv=(
@@ -96,7 +102,8 @@ def kubelet_spec(home: HpkHome, kubeconfig: Path) -> ProcessSpec:
             "-m",
             "kubelet_py.main",
             f"--kubeconfig={kubeconfig}",
-            f"--node-name={KUBELET_NODE}",
+            f"--node-name-prefix={KUBELET_NODE_PREFIX}",
+            f"--node-ip={node_ip}",
         ),
         log_file=home.kubelet_log,
         pid_file=home.control_plane / "run" / f"{KUBELET}.pid",
@@ -204,16 +211,29 @@ def _serve(
     return status
 
 
-def _start_kubelet(home: HpkHome, plane: ControlPlane, *, stop: StopRequested) -> RunningProcess:
+def prepare_kubelet(plane: ControlPlane) -> Path:
+    """Give the kubelet its identity on a started control plane; returns its kubeconfig.
+
+    Issues (or keeps) the hpk:kubelet client certificate, applies the RBAC objects that
+    grant that identity its rights, and writes the kubeconfig the kubelet runs with.
+    """
     pki = plane.pki
+    admin = TLSClient(ca=pki.ca.cert, client=pki.admin)
+    apply_objects(plane.apiserver_url, kubelet_rbac(ClusterPKI.KUBELET_USER), tls=admin)
     kubeconfig = plane.layout.kubeconfigs / f"{KUBELET}.conf"
     write_kubeconfig(
         kubeconfig,
         server=plane.apiserver_url,
         ca_cert=pki.ca.cert,
-        client=pki.ensure_kubelet_client(KUBELET_NODE),
+        client=pki.ensure_hpk_kubelet_client(),
     )
-    kubelet = start_process(kubelet_spec(home, kubeconfig))
+    return kubeconfig
+
+
+def _start_kubelet(home: HpkHome, plane: ControlPlane, *, stop: StopRequested) -> RunningProcess:
+    kubeconfig = prepare_kubelet(plane)
+    spec = kubelet_spec(home, kubeconfig, node_ip=plane.context.advertise_address)
+    kubelet = start_process(spec)
     _wait_kubelet(kubelet, stop=stop, timeout=plane.settings.apiserver_ready_timeout_s)
     return kubelet
 
