@@ -1,0 +1,632 @@
+"""The kubelet's Slurm adapter: the only module of kubelet_py that runs Slurm's commands.
+
+It runs `sbatch`, `squeue`, `sacct`, `scancel` and `sinfo` through a `CommandRunner` it is
+given, so that unit tests replace the commands with a fake and never patch globals. Every call
+passes argv, never a shell. Everything above this module sees parsed, typed answers and typed
+errors; Slurm's text formats stay here.
+
+Facts about Slurm 22.05 this module is built on (measured on the test bed):
+
+- `squeue -j` with a single unknown ID fails with rc 1 ("Invalid job id specified"); with two
+  or more IDs it silently leaves the unknown ones out and returns rc 0.
+- `squeue -O field` pads and truncates to 20 characters; `field:0` prints the whole value, and
+  a suffix after the size (`field:0|`) gives a delimiter.
+- `squeue -O exit_code` is the raw wait status (768 for exit 3, 253 for signal 125 with the
+  core flag); sacct prints the same as "code:signal".
+- `sacct` prints "CANCELLED by <uid>" as the state, and 0:0 as the exit code of a job that
+  scancel ended while scontrol says 0:15; its JSON output misreports exit codes, so only the
+  text output (`-P`) is read.
+- `scancel` of an unknown job returns rc 0; with `--signal` it fails ("Invalid job id
+  specified").
+- An unreachable controller makes squeue, sbatch, scancel and sinfo retry for about 9 s and then
+  fail with "Unable to contact slurm controller"; an unreachable slurmdbd makes sacct fail at
+  once.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import subprocess
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import NamedTuple, Protocol
+
+log = logging.getLogger(__name__)
+
+JOB_ID = re.compile(r"^[1-9][0-9]*(_[0-9]+)?$")
+"""A job ID as sbatch prints it, or one task of an array ("ID_N")."""
+
+FINAL_STATES = frozenset(
+    {
+        "BOOT_FAIL",
+        "CANCELLED",
+        "COMPLETED",
+        "DEADLINE",
+        "FAILED",
+        "NODE_FAIL",
+        "OUT_OF_MEMORY",
+        "PREEMPTED",
+        "REVOKED",
+        "SPECIAL_EXIT",
+        "TIMEOUT",
+    }
+)
+"""States after which Slurm does nothing more with a job. A job Slurm requeues (after a
+preemption or a node failure) never shows these: squeue lists it as PENDING again."""
+
+UNREACHABLE_MARKERS = (
+    "Unable to contact slurm controller",
+    "Socket timed out",
+    "Transport endpoint is not connected",
+    "Connection refused",
+    "Problem talking to the database",
+    "backup controller in standby mode",
+    "Zero Bytes were transmitted or received",
+)
+"""Parts of Slurm's messages that mean "the controller or slurmdbd is not there", as opposed
+to a refusal that retrying cannot fix."""
+
+ACCOUNTING_DISABLED = "accounting storage is disabled"
+
+_QUEUE_FIELDS = (
+    "JobArrayID",
+    "JobID",
+    "State",
+    "Reason",
+    "NodeList",
+    "BatchHost",
+    "Partition",
+    "StartTime",
+    "EndTime",
+    "exit_code",
+    "RestartCnt",
+    # Last, because a comment may itself contain the delimiter.
+    "Comment",
+)
+_QUEUE_FORMAT = ",".join(f"{name}:0|" for name in _QUEUE_FIELDS[:-1]) + f",{_QUEUE_FIELDS[-1]}:0"
+
+_ACCOUNTING_FIELDS = (
+    "JobID",
+    "JobIDRaw",
+    "State",
+    "ExitCode",
+    "Reason",
+    "NodeList",
+    "Partition",
+    "Start",
+    "End",
+)
+
+_NO_TIME = frozenset({"", "N/A", "NONE", "None", "Unknown"})
+_NO_NODES = frozenset({"", "None assigned", "(null)", "n/a"})
+
+
+class SlurmError(Exception):
+    """A Slurm command failed; the message is Slurm's, with the command named."""
+
+
+class SlurmUnavailable(SlurmError):
+    """Slurm could not be reached (controller or slurmdbd down, command missing or too slow).
+    Retrying later may succeed."""
+
+
+class SubmissionFailed(SlurmError):
+    """sbatch refused the job; the message is sbatch's. Retrying the same job will not help."""
+
+
+class AccountingDisabled(SlurmError):
+    """The site runs Slurm without slurmdbd, so sacct knows no finished jobs."""
+
+
+class CommandResult(NamedTuple):
+    """What a command returned."""
+
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+class CommandRunner(Protocol):
+    """Runs one command. The seam that unit tests replace."""
+
+    def run(
+        self, argv: Sequence[str], *, timeout: float, env: Mapping[str, str] | None = None
+    ) -> CommandResult:
+        """Run argv (never through a shell) and return its exit status and output.
+
+        `env` is the command's whole environment; None inherits this process's. Raises
+        SlurmUnavailable when the command cannot be started or runs longer than `timeout`
+        seconds (it is then killed).
+        """
+        ...
+
+
+class SubprocessRunner:
+    """The real runner: one child process per command."""
+
+    def run(
+        self, argv: Sequence[str], *, timeout: float, env: Mapping[str, str] | None = None
+    ) -> CommandResult:
+        try:
+            done = subprocess.run(
+                list(argv),
+                capture_output=True,
+                text=True,
+                timeout=timeout,
+                env=None if env is None else dict(env),
+                check=False,
+                stdin=subprocess.DEVNULL,
+            )
+        except subprocess.TimeoutExpired as error:
+            raise SlurmUnavailable(f"{argv[0]} did not answer within {timeout:g} s") from error
+        except OSError as error:
+            raise SlurmUnavailable(f"{argv[0]} could not run: {error}") from error
+        return CommandResult(done.returncode, done.stdout, done.stderr)
+
+
+@dataclass(frozen=True)
+class ExitStatus:
+    """How a job's batch script ended: Slurm's "code:signal"."""
+
+    code: int
+    """The exit code, when the script exited."""
+    signal: int
+    """The signal that ended it, or 0. OUT_OF_MEMORY jobs show 125 here."""
+
+    @classmethod
+    def from_wait_status(cls, raw: int) -> ExitStatus:
+        """From a raw wait status, as `squeue -O exit_code` prints it."""
+        return cls(code=(raw >> 8) & 0xFF, signal=raw & 0x7F)
+
+    @classmethod
+    def parse(cls, text: str) -> ExitStatus | None:
+        """From sacct's "code:signal"; None when the text is not of that form."""
+        code, sep, signal = text.strip().partition(":")
+        if not sep or not code.isdigit() or not signal.isdigit():
+            return None
+        return cls(code=int(code), signal=int(signal))
+
+    @property
+    def shell_code(self) -> int:
+        """The code a shell would report: the exit code, or 128 + the signal."""
+        return 128 + self.signal if self.signal else self.code
+
+    def __str__(self) -> str:
+        return f"{self.code}:{self.signal}"
+
+
+@dataclass(frozen=True)
+class QueueEntry:
+    """One job as squeue lists it."""
+
+    job_id: str
+    """The ID as the job's owner knows it ("123", or "123_4" for an array task)."""
+    raw_id: str
+    """Slurm's internal ID (differs from job_id for array tasks)."""
+    state: str
+    """Slurm's long state name, e.g. PENDING, RUNNING, COMPLETING, OUT_OF_MEMORY."""
+    reason: str | None
+    """Why the job waits or why it ended (e.g. Priority, JobHeldUser, NonZeroExitCode)."""
+    nodes: str
+    """The node list in Slurm's compressed form ("n[1-3]"); empty while pending."""
+    batch_host: str | None
+    """The node that runs the batch script."""
+    partition: str
+    """The partition the job runs in (or one of those it may run in)."""
+    start_time: datetime | None
+    """When the job started; for a pending job, Slurm's estimate."""
+    end_time: datetime | None
+    """When the job ended; for a running job, its time limit."""
+    exit: ExitStatus
+    """How the batch script ended; 0:0 while it runs."""
+    restarts: int
+    """How many times Slurm requeued the job."""
+    comment: str | None
+    """The job's --comment."""
+
+
+@dataclass(frozen=True)
+class AccountingEntry:
+    """One job as `sacct -X` (allocations only, no steps) reports it."""
+
+    job_id: str
+    """The ID as the job's owner knows it ("123", or "123_4" for an array task)."""
+    raw_id: str
+    """Slurm's internal ID."""
+    state: str
+    """Slurm's long state name, without sacct's " by <uid>" suffix."""
+    cancelled_by: str | None
+    """The UID that cancelled the job, from "CANCELLED by <uid>"."""
+    exit: ExitStatus | None
+    """How the batch script ended (sacct's ExitCode)."""
+    reason: str | None
+    """Slurm's reason, mostly "None" once a job has ended."""
+    nodes: str
+    """The node list in Slurm's compressed form; empty when none was assigned."""
+    batch_host: str | None
+    """The first node of the allocation, where the batch script ran."""
+    partition: str
+    """The partition the job ran in."""
+    start_time: datetime | None
+    """When the job started."""
+    end_time: datetime | None
+    """When the job ended."""
+
+
+@dataclass(frozen=True)
+class NodeInfo:
+    """One node of a partition, as sinfo shows it."""
+
+    name: str
+    """Slurm's node name."""
+    address: str
+    """The node's NodeAddr (an IP address or a host name)."""
+    cpus: int
+    """CPUs the node offers to jobs."""
+    memory_mb: int
+    """Memory the node offers to jobs (RealMemory), in MB."""
+    gpus: int
+    """GPUs in the node's generic resources."""
+    state: str
+    """sinfo's long node state, e.g. idle, mixed, allocated, down*, drained."""
+
+    @property
+    def usable(self) -> bool:
+        """Whether Slurm can start jobs on the node now or later (not down, drained or failed)."""
+        state = self.state.rstrip("*~#!%$@^-").lower()
+        return not any(word in state for word in ("down", "drain", "fail", "maint", "unknown"))
+
+
+@dataclass(frozen=True)
+class PartitionInfo:
+    """One partition, as sinfo shows it."""
+
+    name: str
+    """The partition's name."""
+    default: bool
+    """Whether jobs that name no partition go here."""
+    available: bool
+    """Whether the partition is up (sinfo's %a is "up")."""
+    nodes: tuple[NodeInfo, ...] = field(default=())
+    """The partition's nodes."""
+
+    @property
+    def cpus(self) -> int:
+        """CPUs of the usable nodes."""
+        return sum(node.cpus for node in self.nodes if node.usable)
+
+    @property
+    def memory_mb(self) -> int:
+        """Memory of the usable nodes, in MB."""
+        return sum(node.memory_mb for node in self.nodes if node.usable)
+
+    @property
+    def gpus(self) -> int:
+        """GPUs of the usable nodes."""
+        return sum(node.gpus for node in self.nodes if node.usable)
+
+
+@dataclass(frozen=True)
+class SlurmSettings:
+    """How the adapter runs Slurm's commands."""
+
+    timeout: float = 60.0
+    """Seconds a command may take. An unreachable controller makes commands retry for about
+    9 s before they give up, so this is well above that."""
+    squeue: str = "squeue"
+    """The squeue command."""
+    sacct: str = "sacct"
+    """The sacct command."""
+    sbatch: str = "sbatch"
+    """The sbatch command."""
+    scancel: str = "scancel"
+    """The scancel command."""
+    sinfo: str = "sinfo"
+    """The sinfo command."""
+
+
+class SlurmClient:
+    """Typed calls to Slurm's commands. Safe to share between threads."""
+
+    def __init__(self, runner: CommandRunner, *, settings: SlurmSettings | None = None) -> None:
+        self._runner = runner
+        self._settings = settings or SlurmSettings()
+
+    def submit(
+        self,
+        script: Path,
+        argv_flags: Sequence[str],
+        *,
+        env: Mapping[str, str] | None = None,
+    ) -> str:
+        """sbatch the script with the given options; returns the new job's ID.
+
+        `env` is sbatch's whole environment (None: this process's); by default sbatch hands
+        it to the job. Raises SlurmUnavailable when the controller cannot be reached (the job
+        may then exist all the same, if the answer was lost after Slurm accepted it), and
+        SubmissionFailed with sbatch's message when Slurm refuses the job.
+        """
+        parsable = [] if "--parsable" in argv_flags else ["--parsable"]
+        argv = [self._settings.sbatch, *parsable, *argv_flags, str(script)]
+        result = self._run(argv, env=env)
+        message = _message(result)
+        if result.returncode != 0:
+            if _unreachable(message):
+                raise SlurmUnavailable(f"sbatch: {message}")
+            raise SubmissionFailed(message or f"sbatch failed with exit code {result.returncode}")
+        lines = result.stdout.strip().splitlines()
+        job_id = lines[-1].split(";")[0].strip() if lines else ""
+        if not JOB_ID.match(job_id):
+            # Slurm took the job or not; a retry could duplicate it, so this is final.
+            raise SubmissionFailed(f"sbatch printed no job ID: {result.stdout.strip()!r}")
+        log.info("job %s: submitted %s", job_id, script)
+        return job_id
+
+    def queue(self, job_ids: Iterable[str]) -> dict[str, QueueEntry]:
+        """The given jobs as squeue lists them, in one call, keyed by job ID.
+
+        Finished jobs are listed until Slurm's MinJobAge has passed; jobs squeue does not know
+        are missing from the answer. An array's base ID lists all its tasks ("ID_N").
+        """
+        ids = _checked_ids(job_ids)
+        if not ids:
+            return {}
+        argv = [self._settings.squeue, "-h", "-t", "all", "-j", ",".join(ids), "-O", _QUEUE_FORMAT]
+        result = self._run(argv)
+        if result.returncode != 0:
+            message = _message(result)
+            # squeue asks for a single ID with its own call, which fails when the ID is unknown.
+            if len(ids) == 1 and "Invalid job id specified" in message:
+                return {}
+            raise _failure("squeue", message, result.returncode)
+        return parse_queue(result.stdout)
+
+    def jobs_with_comment_prefix(self, prefix: str) -> dict[str, QueueEntry]:
+        """This user's jobs squeue lists (finished ones too) whose comment starts with prefix.
+
+        For recovery after a restart: the kubelet's jobs carry "hpk-uid=<pod UID>".
+        """
+        argv = [self._settings.squeue, "-h", "-t", "all", "--me", "-O", _QUEUE_FORMAT]
+        result = self._run(argv)
+        if result.returncode != 0:
+            raise _failure("squeue", _message(result), result.returncode)
+        return {
+            job_id: entry
+            for job_id, entry in parse_queue(result.stdout).items()
+            if entry.comment is not None and entry.comment.startswith(prefix)
+        }
+
+    def accounting(self, job_ids: Iterable[str]) -> dict[str, AccountingEntry]:
+        """The given jobs as sacct reports them, in one call, keyed by job ID.
+
+        Jobs sacct does not know are missing from the answer. Raises AccountingDisabled on a
+        site without slurmdbd.
+        """
+        ids = _checked_ids(job_ids)
+        if not ids:
+            return {}
+        argv = [
+            self._settings.sacct,
+            "-P",
+            "-n",
+            "-X",
+            "-j",
+            ",".join(ids),
+            "-o",
+            ",".join(_ACCOUNTING_FIELDS),
+        ]
+        result = self._run(argv)
+        if result.returncode != 0:
+            message = _message(result)
+            if ACCOUNTING_DISABLED in message:
+                raise AccountingDisabled(f"sacct: {message}")
+            raise _failure("sacct", message, result.returncode)
+        return parse_accounting(result.stdout)
+
+    def cancel(self, job_id: str, *, signal: str | None = None) -> None:
+        """End the job, or send it a signal. Idempotent: a job Slurm no longer knows is fine.
+
+        With a signal (e.g. "TERM"), scancel sends it to the batch script as well as to the
+        job's steps (`--full`), so that the script's trap can record its containers' exit.
+        """
+        _checked_ids([job_id])
+        argv = [self._settings.scancel]
+        if signal is not None:
+            if not re.fullmatch(r"(SIG)?[A-Z0-9]+", signal):
+                raise ValueError(f"not a signal name or number: {signal!r}")
+            argv += [f"--signal={signal}", "--full"]
+        argv.append(job_id)
+        result = self._run(argv)
+        if result.returncode == 0:
+            log.info("job %s: scancel %s", job_id, " ".join(argv[1:-1]) or "sent")
+            return
+        message = _message(result)
+        if "Invalid job id specified" in message or "already completing or completed" in message:
+            log.info("job %s: nothing to cancel, Slurm no longer runs it", job_id)
+            return
+        raise _failure("scancel", message, result.returncode)
+
+    def partitions(self) -> list[PartitionInfo]:
+        """Every partition with its nodes, from one sinfo call."""
+        argv = [self._settings.sinfo, "-h", "-N", "-o", "%R|%P|%a|%N|%o|%c|%m|%G|%T"]
+        result = self._run(argv)
+        if result.returncode != 0:
+            raise _failure("sinfo", _message(result), result.returncode)
+        return parse_partitions(result.stdout)
+
+    def _run(self, argv: Sequence[str], *, env: Mapping[str, str] | None = None) -> CommandResult:
+        return self._runner.run(argv, timeout=self._settings.timeout, env=env)
+
+
+def parse_queue(text: str) -> dict[str, QueueEntry]:
+    """Parse the output of `squeue -h -O` with this module's fields."""
+    entries: dict[str, QueueEntry] = {}
+    for line in text.splitlines():
+        if not line.strip():
+            continue
+        parts = line.split("|", len(_QUEUE_FIELDS) - 1)
+        if len(parts) != len(_QUEUE_FIELDS):
+            log.warning("squeue printed a line this adapter cannot read: %r", line)
+            continue
+        (job_id, raw_id, state, reason, nodes, batch_host, partition) = (
+            part.strip() for part in parts[:7]
+        )
+        start, end, exit_code, restarts, comment = parts[7:]
+        entries[job_id] = QueueEntry(
+            job_id=job_id,
+            raw_id=raw_id,
+            state=state,
+            reason=_reason(reason),
+            nodes="" if nodes in _NO_NODES else nodes,
+            batch_host=None if batch_host in _NO_NODES else batch_host,
+            partition=partition,
+            start_time=parse_time(start),
+            end_time=parse_time(end),
+            exit=ExitStatus.from_wait_status(_int(exit_code)),
+            restarts=_int(restarts),
+            comment=None if comment.strip() in ("", "(null)") else comment.rstrip("\n"),
+        )
+    return entries
+
+
+def parse_accounting(text: str) -> dict[str, AccountingEntry]:
+    """Parse the output of `sacct -P -n -X -o` with this module's fields.
+
+    When sacct prints a job twice (it may, after a requeue or when IDs were reused), the last
+    line wins: sacct prints the newest record last.
+    """
+    entries: dict[str, AccountingEntry] = {}
+    for line in text.splitlines():
+        if not line.strip():
+            continue
+        parts = [part.strip() for part in line.split("|")]
+        if len(parts) != len(_ACCOUNTING_FIELDS):
+            log.warning("sacct printed a line this adapter cannot read: %r", line)
+            continue
+        job_id, raw_id, state_text, exit_code, reason, nodes, partition, start, end = parts
+        state, _, by = state_text.partition(" by ")
+        nodes = "" if nodes in _NO_NODES else nodes
+        entries[job_id] = AccountingEntry(
+            job_id=job_id,
+            raw_id=raw_id,
+            state=state.strip(),
+            cancelled_by=by.strip() or None,
+            exit=ExitStatus.parse(exit_code),
+            reason=_reason(reason),
+            nodes=nodes,
+            batch_host=first_node(nodes),
+            partition=partition,
+            start_time=parse_time(start),
+            end_time=parse_time(end),
+        )
+    return entries
+
+
+def parse_partitions(text: str) -> list[PartitionInfo]:
+    """Parse `sinfo -h -N -o '%R|%P|%a|%N|%o|%c|%m|%G|%T'`: one line per node and partition."""
+    order: list[str] = []
+    heads: dict[str, tuple[bool, bool]] = {}
+    nodes: dict[str, list[NodeInfo]] = {}
+    for line in text.splitlines():
+        if not line.strip():
+            continue
+        parts = [part.strip() for part in line.split("|")]
+        if len(parts) != 9:
+            log.warning("sinfo printed a line this adapter cannot read: %r", line)
+            continue
+        name, marked, avail, node, address, cpus, memory, gres, state = parts
+        if name not in heads:
+            order.append(name)
+            heads[name] = (marked.endswith("*"), avail.lower() == "up")
+            nodes[name] = []
+        nodes[name].append(
+            NodeInfo(
+                name=node,
+                address=address,
+                cpus=_int(cpus.rstrip("+")),
+                memory_mb=_int(memory.rstrip("+")),
+                gpus=gpus_in_gres(gres),
+                state=state,
+            )
+        )
+    return [
+        PartitionInfo(
+            name=name,
+            default=heads[name][0],
+            available=heads[name][1],
+            nodes=tuple(nodes[name]),
+        )
+        for name in order
+    ]
+
+
+def gpus_in_gres(gres: str) -> int:
+    """The number of GPUs in a GRES string such as "gpu:2", "gpu:a100:4(S:0-1),mps:100"."""
+    return sum(int(count) for count in re.findall(r"(?:^|,)gpu(?::[^:,(]+)?:(\d+)", gres))
+
+
+def first_node(nodes: str) -> str | None:
+    """The first host of a Slurm host list: "n[3-5,9],m1" → "n3"."""
+    if not nodes:
+        return None
+    depth = 0
+    end = len(nodes)
+    for index, char in enumerate(nodes):
+        depth += {"[": 1, "]": -1}.get(char, 0)
+        if char == "," and depth == 0:
+            end = index
+            break
+    head = nodes[:end]
+    return re.sub(r"\[([^\]]*)\]", lambda match: re.split(r"[,-]", match.group(1))[0], head)
+
+
+def parse_time(text: str) -> datetime | None:
+    """A time as Slurm prints it (local time, no zone), in UTC; None for N/A, Unknown, NONE."""
+    text = text.strip()
+    if text in _NO_TIME:
+        return None
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        return None
+    return moment.astimezone(UTC)
+
+
+def _reason(text: str) -> str | None:
+    text = text.strip()
+    return None if text in ("", "None", "(null)") else text
+
+
+def _int(text: str) -> int:
+    try:
+        return int(text.strip())
+    except ValueError:
+        return 0
+
+
+def _checked_ids(job_ids: Iterable[str]) -> list[str]:
+    ids = list(dict.fromkeys(job_ids))
+    bad = [job_id for job_id in ids if not JOB_ID.match(job_id)]
+    if bad:
+        # Slurm would fail the whole call for one malformed ID.
+        raise ValueError(f"not Slurm job IDs: {bad}")
+    return ids
+
+
+def _message(result: CommandResult) -> str:
+    """Slurm's message without the "sbatch: error: " prefixes, one line."""
+    text = result.stderr.strip() or result.stdout.strip()
+    lines = [re.sub(r"^\w+: (error|fatal): ", "", line).strip() for line in text.splitlines()]
+    return "; ".join(line for line in lines if line)
+
+
+def _unreachable(message: str) -> bool:
+    return any(marker.lower() in message.lower() for marker in UNREACHABLE_MARKERS)
+
+
+def _failure(command: str, message: str, returncode: int) -> SlurmError:
+    text = f"{command}: {message or f'exit code {returncode}'}"
+    return SlurmUnavailable(text) if _unreachable(message) else SlurmError(text)
