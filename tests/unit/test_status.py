@@ -1,0 +1,439 @@
+"""From Slurm's view of a job and its containers' markers to the pod status users see.
+
+One test per Slurm state (and per way a container can end), each checking what `kubectl get
+pod` and `kubectl describe pod` would show: the phase, the reason, the conditions and each
+container's state and exit code.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from kubelet_py.status import ContainerMarkers, pod_status, read_markers
+from kubelet_py.watcher import JobView
+
+T0 = datetime(2026, 11, 24, 10, 0, 0, tzinfo=UTC)
+ADDRESSES = {"n1": "127.0.0.1", "n4": "10.0.0.4"}
+
+SPEC: dict[str, Any] = {"containers": [{"name": "main", "image": "docker://busybox:1.36"}]}
+SPEC_WITH_INIT: dict[str, Any] = {
+    "initContainers": [
+        {"name": "fetch", "image": "docker://busybox:1.36"},
+        {"name": "prepare", "image": "docker://busybox:1.36"},
+    ],
+    "containers": [
+        {"name": "main", "image": "docker://python:3.12"},
+        {"name": "sidecar", "image": "docker://busybox:1.36"},
+    ],
+}
+
+
+def job(state: str, **fields: Any) -> JobView:
+    started = state not in ("PENDING", "CONFIGURING", "REQUEUED")
+    final = fields.pop("final", state in FINALS)
+    values: dict[str, Any] = {
+        "job_id": "42",
+        "state": state,
+        "reason": None,
+        "nodes": "n1" if started else "",
+        "batch_host": "n1" if started else None,
+        "start_time": T0 if started else None,
+        "end_time": T0 + timedelta(minutes=5) if final else None,
+        "exit_code": 0,
+        "exit_signal": 0,
+        "restarts": 0,
+        "cancelled_by": None,
+        "final": final,
+        "source": "squeue",
+    }
+    values.update(fields)
+    return JobView(**values)
+
+
+FINALS = {
+    "COMPLETED",
+    "FAILED",
+    "CANCELLED",
+    "TIMEOUT",
+    "OUT_OF_MEMORY",
+    "NODE_FAIL",
+    "BOOT_FAIL",
+    "DEADLINE",
+    "PREEMPTED",
+    "LOST",
+}
+
+
+def ran(start: int = 1, end: int | None = None, code: int | None = None) -> ContainerMarkers:
+    """Markers of a container that started `start` s after the job and maybe ended."""
+    return ContainerMarkers(
+        started_at=T0 + timedelta(seconds=start),
+        exit_code=code,
+        finished_at=None if end is None else T0 + timedelta(seconds=end),
+    )
+
+
+def container(status: dict[str, Any], name: str, kind: str = "containerStatuses") -> Any:
+    return next(c for c in status[kind] if c["name"] == name)
+
+
+def condition(status: dict[str, Any], kind: str) -> Any:
+    return next(c for c in status["conditions"] if c["type"] == kind)
+
+
+def terminated(status: dict[str, Any], name: str, kind: str = "containerStatuses") -> Any:
+    return container(status, name, kind)["state"]["terminated"]
+
+
+# --- before and while Slurm runs the job ------------------------------------------------
+
+
+def test_a_job_slurm_does_not_list_yet_leaves_the_pod_pending() -> None:
+    status = pod_status(SPEC, None, {})
+    assert status["phase"] == "Pending"
+    scheduled = condition(status, "PodScheduled")
+    assert (scheduled["status"], scheduled["reason"]) == ("False", "SlurmPending")
+    assert "not list the job yet" in scheduled["message"]
+    assert container(status, "main")["state"]["waiting"]["reason"] == "SlurmPending"
+
+
+@pytest.mark.parametrize(
+    ("reason", "words"),
+    [
+        ("Priority", "higher priority"),
+        ("Resources", "resources"),
+        ("JobHeldUser", "scontrol release 42"),
+        ("BeginTime", "requeued"),
+        ("QOSMaxJobsPerUserLimit", "QOS"),
+        ("ReqNodeNotAvail, UnavailableNodes:n[1-3]", "not available"),
+    ],
+)
+def test_a_pending_job_shows_slurms_reason(reason: str, words: str) -> None:
+    status = pod_status(SPEC, job("PENDING", reason=reason), {})
+    assert status["phase"] == "Pending"
+    scheduled = condition(status, "PodScheduled")
+    assert scheduled["status"] == "False"
+    assert f"Slurm job 42 is pending ({reason})" in scheduled["message"]
+    assert words in scheduled["message"]
+    waiting = container(status, "main")["state"]["waiting"]
+    assert waiting == {"reason": "SlurmPending", "message": scheduled["message"]}
+    assert "startTime" not in status and "hostIP" not in status
+
+
+def test_a_pending_pod_with_init_containers_waits_in_every_container() -> None:
+    status = pod_status(SPEC_WITH_INIT, job("PENDING", reason="Priority"), {})
+    assert [c["state"]["waiting"]["reason"] for c in status["initContainerStatuses"]] == [
+        "SlurmPending",
+        "SlurmPending",
+    ]
+    initialized = condition(status, "Initialized")
+    assert initialized["status"] == "False"
+    assert initialized["message"] == "containers with incomplete status: [fetch prepare]"
+
+
+def test_a_running_job_makes_the_pod_running_with_start_time_and_host_ip() -> None:
+    status = pod_status(SPEC, job("RUNNING"), {"main": ran(2)}, node_addresses=ADDRESSES)
+    assert status["phase"] == "Running"
+    assert status["startTime"] == "2026-11-24T10:00:00Z"
+    assert status["hostIP"] == "127.0.0.1"
+    assert status["podIP"] == "127.0.0.1"
+    assert status["hostIPs"] == [{"ip": "127.0.0.1"}]
+    main = container(status, "main")
+    assert main["state"] == {"running": {"startedAt": "2026-11-24T10:00:02Z"}}
+    assert main["ready"] is True and main["started"] is True
+    assert {c["type"]: c["status"] for c in status["conditions"]} == {
+        "PodScheduled": "True",
+        "Initialized": "True",
+        "ContainersReady": "True",
+        "Ready": "True",
+    }
+    assert condition(status, "Ready")["lastTransitionTime"] == "2026-11-24T10:00:02Z"
+
+
+def test_a_running_job_whose_container_has_not_started_yet() -> None:
+    status = pod_status(SPEC, job("RUNNING"), {})
+    assert status["phase"] == "Running"
+    assert container(status, "main")["state"]["waiting"]["reason"] == "ContainerCreating"
+    ready = condition(status, "Ready")
+    assert (ready["status"], ready["reason"]) == ("False", "ContainersNotReady")
+    assert ready["message"] == "containers with unready status: [main]"
+
+
+def test_a_host_name_is_not_given_as_host_ip() -> None:
+    status = pod_status(SPEC, job("RUNNING"), {}, node_addresses={"n1": "node1.cluster"})
+    assert "hostIP" not in status and "podIP" not in status
+
+
+def test_init_containers_run_in_order_before_the_main_containers() -> None:
+    markers = {"fetch": ran(1, 3, 0), "prepare": ran(4)}
+    status = pod_status(SPEC_WITH_INIT, job("RUNNING"), markers)
+    assert status["phase"] == "Running"
+    fetch = terminated(status, "fetch", "initContainerStatuses")
+    assert (fetch["exitCode"], fetch["reason"]) == (0, "Completed")
+    assert fetch["finishedAt"] == "2026-11-24T10:00:03Z"
+    prepare = container(status, "prepare", "initContainerStatuses")
+    assert prepare["state"] == {"running": {"startedAt": "2026-11-24T10:00:04Z"}}
+    assert prepare["ready"] is False
+    assert container(status, "main")["state"]["waiting"]["reason"] == "PodInitializing"
+    initialized = condition(status, "Initialized")
+    assert initialized["status"] == "False"
+    assert initialized["message"] == "containers with incomplete status: [prepare]"
+
+
+def test_after_the_init_containers_the_main_containers_run_side_by_side() -> None:
+    markers = {
+        "fetch": ran(1, 2, 0),
+        "prepare": ran(2, 3, 0),
+        "main": ran(4),
+        "sidecar": ran(4),
+    }
+    status = pod_status(SPEC_WITH_INIT, job("RUNNING"), markers)
+    initialized = condition(status, "Initialized")
+    assert initialized["status"] == "True"
+    assert initialized["lastTransitionTime"] == "2026-11-24T10:00:03Z"
+    assert condition(status, "Ready")["status"] == "True"
+    assert all(c["ready"] for c in status["containerStatuses"])
+
+
+def test_a_job_that_is_completing_is_still_running() -> None:
+    status = pod_status(SPEC, job("COMPLETING"), {"main": ran(1, 9, 0)})
+    assert status["phase"] == "Running"
+    assert terminated(status, "main")["reason"] == "Completed"
+    assert condition(status, "Ready")["status"] == "False"
+
+
+def test_a_configuring_job_is_pending() -> None:
+    status = pod_status(SPEC, job("CONFIGURING", batch_host="n1"), {})
+    assert status["phase"] == "Pending"
+    assert "waits for them to be ready" in condition(status, "PodScheduled")["message"]
+
+
+# --- how a job ends ---------------------------------------------------------------------
+
+
+def test_completed_means_succeeded_with_each_containers_exit() -> None:
+    markers = {"fetch": ran(1, 2, 0), "prepare": ran(2, 3, 0), "main": ran(4, 8, 0)}
+    markers["sidecar"] = ran(4, 9, 0)
+    status = pod_status(SPEC_WITH_INIT, job("COMPLETED"), markers, node_addresses=ADDRESSES)
+    assert status["phase"] == "Succeeded"
+    assert "reason" not in status
+    assert status["message"] == "Slurm job 42 completed"
+    main = terminated(status, "main")
+    assert main == {
+        "exitCode": 0,
+        "reason": "Completed",
+        "startedAt": "2026-11-24T10:00:04Z",
+        "finishedAt": "2026-11-24T10:00:08Z",
+    }
+    ready = condition(status, "Ready")
+    assert (ready["status"], ready["reason"]) == ("False", "PodCompleted")
+    assert status["hostIP"] == "127.0.0.1"
+    assert status["startTime"] == "2026-11-24T10:00:00Z"
+
+
+def test_failed_means_failed_with_the_real_exit_codes() -> None:
+    markers = {"fetch": ran(1, 2, 0), "prepare": ran(2, 3, 0)}
+    markers |= {"main": ran(4, 8, 3), "sidecar": ran(4, 9, 0)}
+    view = job("FAILED", reason="NonZeroExitCode", exit_code=3)
+    status = pod_status(SPEC_WITH_INIT, view, markers)
+    assert status["phase"] == "Failed"
+    assert "reason" not in status
+    assert status["message"] == "Slurm job 42 failed (exit code 3:0)"
+    assert (terminated(status, "main")["exitCode"], terminated(status, "main")["reason"]) == (
+        3,
+        "Error",
+    )
+    assert terminated(status, "sidecar")["exitCode"] == 0
+    assert condition(status, "Initialized")["status"] == "True"
+
+
+def test_a_failed_init_container_fails_the_pod_and_the_rest_never_start() -> None:
+    markers = {"fetch": ran(1, 2, 7)}
+    status = pod_status(SPEC_WITH_INIT, job("FAILED", exit_code=7), markers)
+    assert status["phase"] == "Failed"
+    fetch = terminated(status, "fetch", "initContainerStatuses")
+    assert (fetch["exitCode"], fetch["reason"]) == (7, "Error")
+    prepare = terminated(status, "prepare", "initContainerStatuses")
+    assert prepare["reason"] == "ContainerCannotRun"
+    main = terminated(status, "main")
+    assert (main["exitCode"], main["reason"]) == (7, "ContainerCannotRun")
+    assert main["message"] == "the container never started: init container fetch failed"
+    assert main["finishedAt"] == "2026-11-24T10:05:00Z"
+    initialized = condition(status, "Initialized")
+    assert initialized["status"] == "False"
+    assert initialized["message"] == "containers with incomplete status: [fetch prepare]"
+
+
+def test_an_image_that_cannot_run_is_container_cannot_run() -> None:
+    status = pod_status(SPEC, job("FAILED", exit_code=125), {"main": ran(1, 1, 125)})
+    main = terminated(status, "main")
+    assert (main["exitCode"], main["reason"]) == (125, "ContainerCannotRun")
+
+
+def test_a_job_cancelled_outside_kubernetes_fails_the_pod_with_a_reason() -> None:
+    view = job("CANCELLED", cancelled_by="0", exit_signal=15)
+    status = pod_status(SPEC, view, {"main": ran(1, 30, 143)})
+    assert status["phase"] == "Failed"
+    assert status["reason"] == "Cancelled"
+    assert status["message"] == "Slurm job 42 was cancelled outside Kubernetes by UID 0"
+    main = terminated(status, "main")
+    assert (main["exitCode"], main["reason"]) == (143, "Cancelled")
+
+
+def test_a_job_cancelled_while_pending_never_ran() -> None:
+    view = job("CANCELLED", reason="Priority", batch_host=None, nodes="")
+    status = pod_status(SPEC, view, {}, node_addresses=ADDRESSES)
+    assert status["phase"] == "Failed"
+    assert status["reason"] == "Cancelled"
+    assert "startTime" not in status and "hostIP" not in status
+    assert condition(status, "PodScheduled")["status"] == "False"
+    main = terminated(status, "main")
+    assert (main["exitCode"], main["reason"]) == (143, "Cancelled")
+    assert main["message"].startswith("the container never started")
+
+
+def test_a_time_limit_is_deadline_exceeded() -> None:
+    status = pod_status(
+        SPEC_WITH_INIT,
+        job("TIMEOUT", reason="TimeLimit"),
+        {
+            "fetch": ran(1, 2, 0),
+            "prepare": ran(2, 3, 0),
+            "main": ran(4, 60, 143),
+            "sidecar": ran(4),
+        },
+    )
+    assert (status["phase"], status["reason"]) == ("Failed", "DeadlineExceeded")
+    assert status["message"] == "Slurm job 42 reached its time limit"
+    assert terminated(status, "main")["reason"] == "DeadlineExceeded"
+    sidecar = terminated(status, "sidecar")
+    assert (sidecar["exitCode"], sidecar["reason"]) == (143, "DeadlineExceeded")
+    assert sidecar["startedAt"] == "2026-11-24T10:00:04Z"
+    assert sidecar["finishedAt"] == "2026-11-24T10:05:00Z", "the job's end, as nothing else"
+    assert sidecar["message"].startswith("the container was running when")
+
+
+def test_out_of_memory_is_oom_killed_with_exit_code_137() -> None:
+    spec = {"containers": [{"name": "main", "image": "a"}, {"name": "helper", "image": "b"}]}
+    view = job("OUT_OF_MEMORY", reason="OutOfMemory", exit_signal=125)
+    status = pod_status(spec, view, {"main": ran(1, 5, 137), "helper": ran(1, 5, 143)})
+    assert (status["phase"], status["reason"]) == ("Failed", "OOMKilled")
+    main = terminated(status, "main")
+    assert (main["exitCode"], main["reason"]) == (137, "OOMKilled")
+    assert terminated(status, "helper")["reason"] == "Error", "the trap stopped it, not the OOM"
+
+
+def test_out_of_memory_before_the_marker_was_written() -> None:
+    status = pod_status(SPEC, job("OUT_OF_MEMORY", exit_signal=125), {"main": ran(1)})
+    main = terminated(status, "main")
+    assert (main["exitCode"], main["reason"]) == (137, "OOMKilled")
+
+
+def test_a_failed_node_is_node_lost() -> None:
+    status = pod_status(SPEC, job("NODE_FAIL", reason="NodeDown"), {"main": ran(1)})
+    assert (status["phase"], status["reason"]) == ("Failed", "NodeLost")
+    main = terminated(status, "main")
+    assert (main["exitCode"], main["reason"]) == (137, "NodeLost")
+
+
+def test_a_preempted_job_slurm_will_not_requeue_fails_the_pod() -> None:
+    status = pod_status(SPEC, job("PREEMPTED"), {"main": ran(1, 9, 143)})
+    assert (status["phase"], status["reason"]) == ("Failed", "Preempted")
+
+
+def test_a_requeued_job_is_pending_again_and_forgets_the_last_runs_markers() -> None:
+    old = {"main": ran(1, 20, 143)}
+    pending = job("PENDING", reason="BeginTime", restarts=1)
+    status = pod_status(SPEC, pending, old)
+    assert status["phase"] == "Pending"
+    assert container(status, "main")["state"]["waiting"]["reason"] == "SlurmPending"
+    rerun = job("RUNNING", restarts=1, start_time=T0 + timedelta(minutes=3))
+    status = pod_status(SPEC, rerun, old)
+    assert status["phase"] == "Running"
+    assert container(status, "main")["state"]["waiting"]["reason"] == "ContainerCreating"
+    new = {"main": ran(182)}
+    status = pod_status(SPEC, rerun, new)
+    assert container(status, "main")["state"]["running"]["startedAt"] == "2026-11-24T10:03:02Z"
+
+
+def test_a_lost_job_fails_the_pod_with_the_watchers_explanation() -> None:
+    message = "neither squeue nor sacct knows Slurm job 42"
+    view = job("LOST", message=message, source="watcher", end_time=None)
+    status = pod_status(SPEC, view, {"main": ran(1)})
+    assert (status["phase"], status["reason"], status["message"]) == (
+        "Failed",
+        "SlurmJobLost",
+        message,
+    )
+    main = terminated(status, "main")
+    assert (main["exitCode"], main["reason"]) == (137, "ContainerStatusUnknown")
+    assert "finishedAt" not in main
+
+
+def test_an_unknown_final_state_still_fails_the_pod() -> None:
+    status = pod_status(SPEC, job("SPECIAL_EXIT", final=True, exit_code=2), {})
+    assert (status["phase"], status["reason"]) == ("Failed", "SpecialExit")
+    assert terminated(status, "main")["exitCode"] == 2
+
+
+@pytest.mark.parametrize("state", sorted(FINALS))
+def test_a_final_status_depends_only_on_its_inputs_and_is_json(state: str) -> None:
+    view = job(state)
+    markers = {"main": ran(1, 4, 0 if state == "COMPLETED" else 1)}
+    first = pod_status(SPEC_WITH_INIT, view, markers, node_addresses=ADDRESSES)
+    second = pod_status(SPEC_WITH_INIT, view, markers, node_addresses=ADDRESSES)
+    assert first == second
+    assert json.loads(json.dumps(first)) == first
+    assert first["phase"] == ("Succeeded" if state == "COMPLETED" else "Failed")
+    for status in first["initContainerStatuses"] + first["containerStatuses"]:
+        assert {"name", "image", "imageID", "ready", "restartCount", "state"} <= set(status)
+        assert list(status["state"]) == ["terminated"]
+
+
+# --- the markers in the pod folder ------------------------------------------------------
+
+
+def test_read_markers_reads_started_and_exit_files(tmp_path: Path) -> None:
+    containers = tmp_path / "containers"
+    (containers / "main").mkdir(parents=True)
+    (containers / "main" / "started").write_text("2026-11-24T10:00:01.123456789Z\n")
+    (containers / "main" / "exit").write_text("3 2026-11-24T10:00:09.5+00:00\n")
+    (containers / "sidecar").mkdir()
+    (containers / "sidecar" / "started").write_text("2026-11-24 10:00:02+00:00\n")
+    (containers / "broken").mkdir()
+    (containers / "broken" / "exit").write_text("garbage\n")
+    (containers / "stray-file").write_text("")
+    markers = read_markers(tmp_path)
+    assert markers["main"] == ContainerMarkers(
+        started_at=datetime(2026, 11, 24, 10, 0, 1, 123456, tzinfo=UTC),
+        exit_code=3,
+        finished_at=datetime(2026, 11, 24, 10, 0, 9, 500000, tzinfo=UTC),
+    )
+    assert markers["sidecar"] == ContainerMarkers(
+        started_at=datetime(2026, 11, 24, 10, 0, 2, tzinfo=UTC)
+    )
+    assert markers["broken"] == ContainerMarkers()
+    assert set(markers) == {"main", "sidecar", "broken"}
+
+
+def test_read_markers_of_a_pod_folder_without_containers(tmp_path: Path) -> None:
+    assert read_markers(tmp_path) == {}
+    assert read_markers(tmp_path / "missing") == {}
+
+
+def test_an_exit_marker_without_a_time_still_gives_the_code(tmp_path: Path) -> None:
+    (tmp_path / "containers" / "main").mkdir(parents=True)
+    (tmp_path / "containers" / "main" / "exit").write_text("137\n")
+    assert read_markers(tmp_path)["main"] == ContainerMarkers(exit_code=137)
+
+
+def test_markers_a_little_older_than_slurms_start_time_still_count() -> None:
+    # The node's clock may be behind the controller's; without a requeue, markers are current.
+    early = ContainerMarkers(started_at=T0 - timedelta(seconds=30))
+    status = pod_status(SPEC, job("RUNNING"), {"main": early})
+    assert container(status, "main")["state"]["running"]["startedAt"] == "2026-11-24T09:59:30Z"
