@@ -6,6 +6,9 @@ apptainer.conf:
   stops; `--unsquash` makes it unpack the image into a temporary folder instead.
 - As root, Apptainer asks for every capability by default, which fails where the bounding set
   lacks one (CAP_SYS_RESOURCE on the test machines); `--no-privs` asks for none.
+
+`python -m hpk.apptainer` prints the options for the user and host it runs on; pod job scripts
+call it on the compute node.
 """
 
 from __future__ import annotations
@@ -40,3 +43,15 @@ def run_options(uid: int | None = None, *, device: Path = FUSE_DEVICE) -> list[s
     if not fuse_usable(uid, device=device):
         options.append("--unsquash")
     return options
+
+
+def main() -> int:
+    """Print this user's options on this host on one line, separated by spaces: a job script
+    reads them at run time, because the compute node, not the host that rendered the script,
+    decides them. No option holds a space."""
+    print(" ".join(run_options()))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,205 @@
+"""Runs one container of a pod inside the pod's Slurm job and records it: markers and log.
+
+The job script starts every container through this module, on the compute node:
+
+    python -I -m kubelet_py.launch [--image SIF] CONTAINER_DIR -- COMMAND...
+
+It writes CONTAINER_DIR/started, runs COMMAND (the `apptainer exec|run ...` line) with no
+input, reads its stdout and stderr from two pipes, appends each line to CONTAINER_DIR/log as
+"<RFC 3339 time with nanoseconds> <stdout|stderr> <line>", and when COMMAND has ended writes
+CONTAINER_DIR/exit ("<code> <time>") and exits with the same code.
+
+Why a process and not shell pipes: bash cannot stamp lines with nanoseconds without a process
+per line, and it does not wait for process substitutions, so the last lines of a log could
+land after the exit marker, or be lost when the job ends. One reader for both pipes also keeps
+stdout and stderr in the order they arrived as closely as two pipes allow.
+
+TERM, INT and HUP are passed on to COMMAND; this process keeps reading until COMMAND has ended,
+so the exit marker holds the container's real code (143 after TERM) unless Slurm's KILL ends
+everything first, in which case the job script's trap has already written 137.
+
+It runs on compute nodes and must start fast: stdlib only, nothing else of kubelet_py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import selectors
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from types import FrameType
+
+IMAGE_CANNOT_RUN = 125
+"""The exit code when the container cannot be started at all (as `docker run` uses it)."""
+
+LONGEST_LINE = 1 << 20
+"""A line longer than this many bytes is logged in pieces of this size, so memory stays
+bounded when a program writes without newlines."""
+
+DRAIN_SECONDS = 2.0
+"""How long to keep reading after COMMAND ended, for output still in the pipes. A background
+process that keeps the pipes open longer loses what it writes after that."""
+
+_READ_SIZE = 1 << 16
+_POLL_SECONDS = 0.2
+_FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+_STREAMS = ("stdout", "stderr")
+
+
+def rfc3339(nanoseconds: int) -> str:
+    """UTC time in RFC 3339 with nine fractional digits: 2024-05-01T12:00:00.000000001Z."""
+    seconds, fraction = divmod(nanoseconds, 1_000_000_000)
+    return f"{time.strftime('%Y-%m-%dT%H:%M:%S', time.gmtime(seconds))}.{fraction:09d}Z"
+
+
+def write_marker(path: Path, text: str) -> None:
+    """Write `text` and a newline to `path` atomically: a reader sees all of it or nothing."""
+    temporary = path.with_name(f".{path.name}.{os.getpid()}")
+    temporary.write_text(f"{text}\n")
+    os.replace(temporary, path)
+
+
+class LogWriter:
+    """Turns the bytes of two streams into stamped log lines, one write per batch of lines."""
+
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+        self._pending: dict[str, bytearray] = {stream: bytearray() for stream in _STREAMS}
+
+    def feed(self, stream: str, data: bytes, *, now: int) -> None:
+        """Add bytes read from `stream` at time `now` (ns); log every line they complete."""
+        pending = self._pending[stream]
+        pending += data
+        entries: list[bytes] = []
+        stamp = rfc3339(now).encode()
+        start = 0
+        while (end := pending.find(b"\n", start)) >= 0:
+            entries.append(b"%s %s %s\n" % (stamp, stream.encode(), pending[start:end]))
+            start = end + 1
+        del pending[:start]
+        while len(pending) >= LONGEST_LINE:
+            entries.append(b"%s %s %s\n" % (stamp, stream.encode(), pending[:LONGEST_LINE]))
+            del pending[:LONGEST_LINE]
+        self._write(b"".join(entries))
+
+    def line(self, stream: str, text: str, *, now: int) -> None:
+        """Log one line of hpk's own (why a container could not start)."""
+        self.feed(stream, text.encode() + b"\n", now=now)
+
+    def close(self, *, now: int) -> None:
+        """Log what is left of unfinished last lines, without inventing newlines in the data."""
+        stamp = rfc3339(now).encode()
+        for stream, pending in self._pending.items():
+            if pending:
+                self._write(b"%s %s %s\n" % (stamp, stream.encode(), pending))
+                pending.clear()
+
+    def _write(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            written = os.write(self._fd, view)
+            view = view[written:]
+
+
+def exit_code(returncode: int) -> int:
+    """A process's code as a shell reports it: 128 + N when signal N ended it."""
+    return 128 - returncode if returncode < 0 else returncode
+
+
+def launch(container_dir: Path, command: Sequence[str], *, image: Path | None = None) -> int:
+    """Run one container as the module docstring says; returns its exit code."""
+    received: list[int] = []
+    child: subprocess.Popen[bytes] | None = None
+
+    def forward(signum: int, _frame: FrameType | None) -> None:
+        received.append(signum)
+        if child is not None and child.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(child.pid, signum)
+
+    for signum in _FORWARDED:
+        signal.signal(signum, forward)
+    if received:  # stopped before it started: the container never ran, so no markers
+        return 128 + received[0]
+
+    container_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(
+        container_dir / "log", os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600
+    )
+    log = LogWriter(fd)
+    try:
+        write_marker(container_dir / "started", rfc3339(time.time_ns()))
+        if image is not None and not os.access(image, os.R_OK):
+            log.line("stderr", f"hpk: cannot read the image file {image}", now=time.time_ns())
+            code = IMAGE_CANNOT_RUN
+        else:
+            try:
+                child = subprocess.Popen(
+                    list(command),
+                    stdin=subprocess.DEVNULL,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE,
+                )
+            except OSError as error:
+                log.line("stderr", f"hpk: cannot start {command[0]}: {error}", now=time.time_ns())
+                code = IMAGE_CANNOT_RUN
+            else:
+                if received:  # a signal came between the check above and the start
+                    os.kill(child.pid, received[-1])
+                code = _pump(child, log)
+        log.close(now=time.time_ns())
+    finally:
+        os.close(fd)
+    write_marker(container_dir / "exit", f"{code} {rfc3339(time.time_ns())}")
+    return code
+
+
+def _pump(child: subprocess.Popen[bytes], log: LogWriter) -> int:
+    assert child.stdout is not None and child.stderr is not None
+    with selectors.DefaultSelector() as selector:
+        selector.register(child.stdout, selectors.EVENT_READ, "stdout")
+        selector.register(child.stderr, selectors.EVENT_READ, "stderr")
+        drain_until: float | None = None
+        while selector.get_map():
+            timeout = _POLL_SECONDS
+            if drain_until is not None:
+                timeout = max(0.0, min(timeout, drain_until - time.monotonic()))
+            for key, _ in selector.select(timeout):
+                data = os.read(key.fd, _READ_SIZE)
+                if data:
+                    log.feed(key.data, data, now=time.time_ns())
+                else:
+                    selector.unregister(key.fileobj)
+            if drain_until is None and child.poll() is not None:
+                drain_until = time.monotonic() + DRAIN_SECONDS
+            elif drain_until is not None and time.monotonic() >= drain_until:
+                break
+    child.stdout.close()
+    child.stderr.close()
+    return exit_code(child.wait())
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    words = list(sys.argv[1:] if argv is None else argv)
+    if "--" not in words:
+        print("usage: python -m kubelet_py.launch [--image SIF] DIR -- COMMAND...", file=sys.stderr)
+        return 2
+    split = words.index("--")
+    parser = argparse.ArgumentParser(prog="python -m kubelet_py.launch")
+    parser.add_argument("--image", type=Path, help="the SIF file COMMAND runs; 125 if unreadable")
+    parser.add_argument("container_dir", type=Path, help="the container's folder in the pod")
+    args = parser.parse_args(words[:split])
+    command = words[split + 1 :]
+    if not command:
+        parser.error("no COMMAND after --")
+    return launch(args.container_dir, command, image=args.image)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

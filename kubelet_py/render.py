@@ -1,0 +1,582 @@
+"""A pod, rendered into its Slurm job: the job script, sbatch's arguments, and the files beside
+the script that hold what must never be in it (the containers' environment).
+
+This is where the pod spec is read, and where every field of it is accounted for: a field is
+honoured here, handled by another layer or true of every hpk pod anyway (the `_ELSEWHERE`
+tables say which and why), or refused with an InvalidPodSpec that names it.
+
+The job script follows the contract in docs/kubelet.md ("The job script"). Every value it
+interpolates goes through the template's `sh` filter. Environment values never appear on a
+command line or in the script (unless `command` or `args` reference them as `$(VAR)`): they go
+to `env/<container>` files that the caller writes 0600 into the pod folder, and Apptainer
+reads them with `--env-file`.
+
+Pure: the pod (a dict shaped like the API's JSON) and the settings in, text out. The only I/O
+is Jinja2 reading the template, through hpk.templating.
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+import sys
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field, fields
+from pathlib import PurePosixPath
+from types import MappingProxyType
+
+from hpk.images import InvalidImageReference, normalize_reference
+from hpk.templating import render
+from kubelet_py.errors import InvalidPodSpec
+from kubelet_py.flags import ANNOTATION, FIELD, SbatchOption, merge_options, parse_flags
+from kubelet_py.resources import container_resources, resource_options
+
+TEMPLATE = "pod.sbatch.j2"
+JOB_SCRIPT = "job.sh"
+SLURM_OUTPUT = "slurm.out"
+ENV_DIR = "env"
+VOLUMES_DIR = "volumes"
+DEFAULT_WORKING_DIR = "/"
+"""Where a container starts without `workingDir`: Docker's default for an image without
+WORKDIR. SIF images carry no WORKDIR, and the job's own folder is hpk's, not the pod's."""
+
+APPTAINER_OPTIONS = ("--cleanenv", "--no-eval")
+"""For every container: only the image's and the pod's environment (not the kubelet's), and
+values and arguments passed as they are, never evaluated by a shell inside the container."""
+
+_DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
+_DNS_SUBDOMAIN = re.compile(rf"{_DNS_LABEL.pattern}(\.{_DNS_LABEL.pattern})*")
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_UID = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]{0,127}")
+#: Apptainer's --env-file ignores these names (or sets them itself), so a pod cannot set them.
+_ENV_RESERVED = frozenset({"HOME", "PWD", "UID", "GID", "EUID", "IFS", "OPTIND"})
+#: Characters Apptainer's --bind reads as separators or escapes.
+_BIND_SPECIAL = frozenset(":,^\\")
+
+# What the pod spec may hold: fields read here (honoured or checked), and fields whose values
+# need no check here, with the reason.
+_POD_HONOURED = frozenset({"containers", "initContainers", "volumes", "activeDeadlineSeconds"})
+_POD_CHECKED = frozenset({"restartPolicy", "securityContext", "dnsPolicy", "os"})
+_ELSEWHERE: Mapping[str, str] = MappingProxyType(
+    {
+        "hostNetwork": "containers always use the node's network",
+        "hostPID": "containers always share the node's PID namespace",
+        "hostIPC": "containers always share the node's IPC namespace",
+        "shareProcessNamespace": "containers always share the node's PID namespace",
+        "enableServiceLinks": "service variables are not injected yet (docs/kubelet.md)",
+        "nodeName": "the kubelet binds every pod to its node",
+        "nodeSelector": "the kubelet's nodes stand for Slurm partitions",
+        "affinity": "Slurm places the job",
+        "tolerations": "Slurm places the job",
+        "topologySpreadConstraints": "Slurm places the job",
+        "schedulerName": "the kubelet binds every pod to its node",
+        "schedulingGates": "the API server holds gated pods back",
+        "priority": "Slurm orders its queue",
+        "priorityClassName": "Slurm orders its queue",
+        "preemptionPolicy": "Slurm orders its queue",
+        "terminationGracePeriodSeconds": "deletion waits this long before Slurm kills the job",
+        "serviceAccountName": "the token comes as a projected volume",
+        "serviceAccount": "the token comes as a projected volume",
+        "automountServiceAccountToken": "the token comes as a projected volume",
+        "imagePullSecrets": "images are pulled into the SIF cache before rendering",
+    }
+)
+_CONTAINER_HONOURED = frozenset(
+    {"name", "image", "command", "args", "workingDir", "env", "resources", "volumeMounts"}
+)
+_CONTAINER_CHECKED = frozenset({"stdin", "stdinOnce", "tty", "securityContext"})
+_CONTAINER_ELSEWHERE: Mapping[str, str] = MappingProxyType(
+    {
+        "imagePullPolicy": "images are pulled into the SIF cache before rendering",
+        "terminationMessagePath": "status reporting",
+        "terminationMessagePolicy": "status reporting",
+        "ports": "informational: containers use the node's network",
+        "resizePolicy": "hpk never resizes a running pod",
+    }
+)
+_DNS_POLICIES = frozenset({"ClusterFirst", "ClusterFirstWithHostNet", "Default"})
+_MOUNT_HONOURED = frozenset({"name", "mountPath", "readOnly", "subPath"})
+
+
+class ImageNotResolved(LookupError):
+    """The settings name no SIF file for a container's image: the caller resolves images."""
+
+    def __init__(self, reference: str, known: Sequence[str]) -> None:
+        super().__init__(
+            f"no SIF file given for image {reference}; given: {', '.join(known) or 'none'}"
+        )
+        self.reference = reference
+
+
+@dataclass(frozen=True)
+class RenderSettings:
+    """What rendering needs besides the pod: where things are, on the nodes that run the job."""
+
+    pod_dir: PurePosixPath
+    """The pod's folder on the shared filesystem (absolute); the job runs there."""
+
+    apptainer: PurePosixPath
+    """The Apptainer binary on the compute nodes (absolute)."""
+
+    images: Mapping[str, PurePosixPath] = field(default_factory=dict)
+    """The SIF file of every image the pod's containers name, by image reference (any form
+    Docker accepts; `busybox` and `docker.io/library/busybox:latest` are the same key)."""
+
+    python: PurePosixPath = field(default_factory=lambda: PurePosixPath(sys.executable))
+    """A Python interpreter on the compute nodes that can import hpk and kubelet_py: the job
+    runs each container through `kubelet_py.launch` and asks `hpk.apptainer` for the options."""
+
+    partition: str | None = None
+    """The Slurm partition of the node the pod is bound to; None leaves it to Slurm's default.
+    The pod's flags annotation may name another."""
+
+    def __post_init__(self) -> None:
+        for name in ("pod_dir", "apptainer", "python"):
+            path = PurePosixPath(getattr(self, name))
+            if not path.is_absolute() or _has_control(str(path)):
+                raise ValueError(f"setting {name} must be an absolute path, not {str(path)!r}")
+            object.__setattr__(self, name, path)
+        special = sorted(_BIND_SPECIAL & set(str(self.pod_dir)))
+        if special:
+            raise ValueError(
+                f"setting pod_dir may not contain {''.join(special)!r}: Apptainer's --bind "
+                f"reads them as separators ({str(self.pod_dir)!r})"
+            )
+        resolved: dict[str, PurePosixPath] = {}
+        for reference, sif in self.images.items():
+            path = PurePosixPath(sif)
+            if not path.is_absolute() or _has_control(str(path)):
+                raise ValueError(f"setting images: {reference} must map to an absolute path")
+            resolved[normalize_reference(reference)] = path
+        object.__setattr__(self, "images", MappingProxyType(resolved))
+        if self.partition is not None and not re.fullmatch(r"[A-Za-z0-9_.-]+", self.partition):
+            raise ValueError(f"setting partition {self.partition!r} is not a partition name")
+
+    @classmethod
+    def from_overrides(cls, **overrides: object) -> RenderSettings:
+        """Settings from keyword values, rejecting unknown names with the list of valid ones."""
+        valid = [f.name for f in fields(cls)]
+        unknown = sorted(set(overrides) - set(valid))
+        if unknown:
+            raise TypeError(f"unknown render settings {unknown}; valid: {valid}")
+        return cls(**overrides)  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True)
+class RenderedPod:
+    """A pod's Slurm job, ready to be written into the pod folder and submitted."""
+
+    script: str
+    """The job script: write it to `<pod folder>/job.sh` (0700)."""
+
+    sbatch_args: tuple[str, ...]
+    """sbatch's arguments after the program name, the job script's path last: run
+    `sbatch *sbatch_args` as argv, never through a shell."""
+
+    files: Mapping[str, str]
+    """Files the script reads, by path relative to the pod folder (`env/main`): write each
+    0600 (in 0700 folders) before submitting. They hold the containers' environment."""
+
+
+@dataclass(frozen=True)
+class ContainerLaunch:
+    """How the job script starts one container (the template's view of it)."""
+
+    name: str
+    image: str
+    """The normalized image reference, for the script's comments."""
+    sif: str
+    action: str
+    """`exec` when the pod gives `command`, else `run` (the image's runscript)."""
+    options: tuple[str, ...]
+    """Apptainer options after hpk's run options, other than the binds."""
+    binds: tuple[str, ...]
+    """`--bind` specifications, one per volume mount."""
+    arguments: tuple[str, ...]
+    """The words after the SIF file: `command` + `args`, or `args`."""
+
+
+def render_pod(pod: Mapping[str, object], settings: RenderSettings) -> RenderedPod:
+    """The job script, sbatch arguments and env files of `pod`.
+
+    Raises InvalidPodSpec (naming the field) for a pod hpk cannot run as asked, and
+    ImageNotResolved when `settings.images` lacks one of its images.
+    """
+    metadata = _mapping(pod.get("metadata"), "metadata")
+    namespace = _name(metadata.get("namespace"), "metadata.namespace", _DNS_LABEL)
+    name = _name(metadata.get("name"), "metadata.name", _DNS_SUBDOMAIN, longest=253)
+    uid = _name(metadata.get("uid"), "metadata.uid", _UID, longest=128)
+    annotations = _mapping(metadata.get("annotations"), "metadata.annotations")
+    spec = _mapping(pod.get("spec"), "spec")
+    _check_pod_fields(spec)
+
+    flags_text = annotations.get(ANNOTATION, "")
+    if not isinstance(flags_text, str):
+        raise InvalidPodSpec(FIELD, "must be a string")
+    requested = parse_flags(flags_text)
+    volumes = _volumes(spec)
+    init = _containers(spec, "initContainers")
+    main = _containers(spec, "containers")
+    if not main:
+        raise InvalidPodSpec("spec.containers", "a pod needs at least one container")
+    _check_unique_names(init, main)
+    gpus_by_flags = any(_asks_for_gpus(option) for option in requested)
+
+    files: dict[str, str] = {}
+    launches: dict[str, list[ContainerLaunch]] = {"initContainers": [], "containers": []}
+    for key, containers in (("initContainers", init), ("containers", main)):
+        for index, container in enumerate(containers):
+            launch, environment = _launch(
+                container,
+                where=f"spec.{key}[{index}]",
+                volumes=volumes,
+                settings=settings,
+                gpus_by_flags=gpus_by_flags,
+            )
+            launches[key].append(launch)
+            if environment is not None:
+                files[f"{ENV_DIR}/{launch.name}"] = environment
+
+    script = render(
+        TEMPLATE,
+        namespace=namespace,
+        pod_name=name,
+        uid=uid,
+        pod_dir=str(settings.pod_dir),
+        apptainer=str(settings.apptainer),
+        python=str(settings.python),
+        volume_dirs=sorted(_volume_dirs(volumes, init + main)),
+        init=launches["initContainers"],
+        main=launches["containers"],
+    )
+    derived = [SbatchOption("partition", settings.partition)] if settings.partition else []
+    derived += resource_options(spec)
+    output = str(settings.pod_dir / SLURM_OUTPUT).replace("%", "%%")  # sbatch expands %j etc.
+    args = (
+        f"--job-name=hpk/{namespace}/{name}",
+        f"--comment=hpk-uid={uid}",
+        f"--chdir={settings.pod_dir}",
+        f"--output={output}",
+        f"--error={output}",
+        "--parsable",
+        "--no-requeue",
+        *(option.argv() for option in merge_options(derived, requested)),
+        str(settings.pod_dir / JOB_SCRIPT),
+    )
+    return RenderedPod(script=script, sbatch_args=args, files=MappingProxyType(files))
+
+
+def expand(text: str, variables: Mapping[str, str]) -> str:
+    """Kubernetes' `$(VAR)` expansion: a known VAR is replaced, an unknown one stays as written,
+    and `$$` stands for one `$` (so `$$(VAR)` is the literal `$(VAR)`)."""
+    out: list[str] = []
+    position = 0
+    while position < len(text):
+        dollar = text.find("$", position)
+        if dollar < 0 or dollar == len(text) - 1:
+            out.append(text[position:])
+            break
+        out.append(text[position:dollar])
+        following = text[dollar + 1]
+        if following == "$":
+            out.append("$")
+            position = dollar + 2
+        elif following == "(":
+            close = text.find(")", dollar + 2)
+            if close < 0:
+                out.append("$(")
+                position = dollar + 2
+            else:
+                reference = text[dollar + 2 : close]
+                out.append(variables.get(reference, text[dollar : close + 1]))
+                position = close + 1
+        else:
+            out.append(text[dollar : dollar + 2])
+            position = dollar + 2
+    return "".join(out)
+
+
+def env_file(variables: Mapping[str, str]) -> str:
+    """The environment as a file for Apptainer's --env-file, which evaluates it as a shell
+    script without running commands: every value single-quoted, so it stays literal."""
+    lines = ["# Read by apptainer --env-file; every value is a literal string."]
+    lines += [f"{name}={shlex.quote(value)}" for name, value in variables.items()]
+    return "\n".join(lines) + "\n"
+
+
+def _launch(
+    container: Mapping[str, object],
+    *,
+    where: str,
+    volumes: Mapping[str, str],
+    settings: RenderSettings,
+    gpus_by_flags: bool,
+) -> tuple[ContainerLaunch, str | None]:
+    _check_container_fields(container, where)
+    name = _name(container.get("name"), f"{where}.name", _DNS_LABEL)
+    image_text = container.get("image")
+    if not isinstance(image_text, str) or not image_text:
+        raise InvalidPodSpec(f"{where}.image", "must name an image")
+    try:
+        image = normalize_reference(image_text)
+    except InvalidImageReference as error:
+        raise InvalidPodSpec(f"{where}.image", error.problem) from error
+    sif = settings.images.get(image)
+    if sif is None:
+        raise ImageNotResolved(image, sorted(settings.images))
+
+    variables = _environment(container, where)
+    command = [expand(word, variables) for word in _words(container, "command", where)]
+    arguments = [expand(word, variables) for word in _words(container, "args", where)]
+    working_dir = container.get("workingDir") or DEFAULT_WORKING_DIR
+    if not isinstance(working_dir, str) or not working_dir.startswith("/"):
+        raise InvalidPodSpec(f"{where}.workingDir", "must be an absolute path")
+    _check_text(working_dir, f"{where}.workingDir")
+
+    options = list(APPTAINER_OPTIONS)
+    if gpus_by_flags or container_resources(container, field=where).gpus:
+        options.append("--nv")
+    if variables:
+        # Relative to the job's folder: --env-file splits its value as CSV, the path cannot.
+        options += ["--env-file", f"{ENV_DIR}/{name}"]
+    options += ["--pwd", working_dir]
+    launch = ContainerLaunch(
+        name=name,
+        image=image,
+        sif=str(sif),
+        action="exec" if command else "run",
+        options=tuple(options),
+        binds=tuple(_binds(container, where=where, volumes=volumes, pod_dir=settings.pod_dir)),
+        arguments=tuple(command + arguments),
+    )
+    return launch, env_file(variables) if variables else None
+
+
+def _environment(container: Mapping[str, object], where: str) -> dict[str, str]:
+    if "envFrom" in container:
+        raise InvalidPodSpec(f"{where}.envFrom", "is not supported yet")
+    variables: dict[str, str] = {}
+    for index, entry in enumerate(_objects(container.get("env"), f"{where}.env")):
+        at = f"{where}.env[{index}]"
+        unknown = sorted(set(entry) - {"name", "value"})
+        if unknown:
+            raise InvalidPodSpec(f"{at}.{unknown[0]}", "is not supported yet")
+        name = entry.get("name")
+        if not isinstance(name, str) or not _ENV_NAME.fullmatch(name):
+            raise InvalidPodSpec(
+                f"{at}.name",
+                f"{name!r} cannot be set under Apptainer: names are letters, digits and '_', "
+                "not starting with a digit",
+            )
+        if name in _ENV_RESERVED:
+            raise InvalidPodSpec(f"{at}.name", f"Apptainer does not let a container set {name}")
+        value = entry.get("value", "")
+        if not isinstance(value, str):
+            raise InvalidPodSpec(f"{at}.value", "must be a string")
+        _check_text(value, f"{at}.value", controls=True)
+        variables[name] = expand(value, variables)
+    return variables
+
+
+def _words(container: Mapping[str, object], key: str, where: str) -> list[str]:
+    words = _list(container.get(key), f"{where}.{key}")
+    for index, word in enumerate(words):
+        if not isinstance(word, str):
+            raise InvalidPodSpec(f"{where}.{key}[{index}]", "must be a string")
+        _check_text(word, f"{where}.{key}[{index}]", controls=True)
+    return [str(word) for word in words]
+
+
+def _volumes(spec: Mapping[str, object]) -> dict[str, str]:
+    """Volume name -> its folder relative to the pod folder."""
+    volumes: dict[str, str] = {}
+    for index, volume in enumerate(_objects(spec.get("volumes"), "spec.volumes")):
+        where = f"spec.volumes[{index}]"
+        name = _name(volume.get("name"), f"{where}.name", _DNS_LABEL)
+        sources = sorted(set(volume) - {"name"})
+        if sources != ["emptyDir"]:
+            kind = sources[0] if sources else "(none)"
+            hint = ""
+            if kind == "projected" and name.startswith("kube-api-access-"):
+                hint = "; set automountServiceAccountToken: false on the pod until it is"
+            raise InvalidPodSpec(
+                f"{where}.{kind}",
+                f"volume {name}: only emptyDir volumes are supported yet{hint}",
+            )
+        empty_dir = _mapping(volume["emptyDir"], f"{where}.emptyDir")
+        if empty_dir.get("medium") not in (None, ""):
+            raise InvalidPodSpec(f"{where}.emptyDir.medium", "only the default medium is supported")
+        unknown = sorted(set(empty_dir) - {"medium"})
+        if unknown:
+            raise InvalidPodSpec(f"{where}.emptyDir.{unknown[0]}", "is not supported yet")
+        if name in volumes:
+            raise InvalidPodSpec(f"{where}.name", f"volume {name} is defined twice")
+        volumes[name] = f"{VOLUMES_DIR}/{name}"
+    return volumes
+
+
+def _binds(
+    container: Mapping[str, object],
+    *,
+    where: str,
+    volumes: Mapping[str, str],
+    pod_dir: PurePosixPath,
+) -> Iterator[str]:
+    mounts = _objects(container.get("volumeMounts"), f"{where}.volumeMounts")
+    for index, mount in enumerate(mounts):
+        at = f"{where}.volumeMounts[{index}]"
+        for key in sorted(set(mount) - _MOUNT_HONOURED):
+            if not (key == "mountPropagation" and mount[key] in (None, "None")):
+                raise InvalidPodSpec(f"{at}.{key}", "is not supported yet")
+        volume = mount.get("name")
+        if not isinstance(volume, str) or volume not in volumes:
+            raise InvalidPodSpec(f"{at}.name", f"{volume!r} is not a volume of the pod")
+        source = _mount_source(volumes[volume], mount.get("subPath"), at)
+        target = mount.get("mountPath")
+        if not isinstance(target, str) or not target.startswith("/"):
+            raise InvalidPodSpec(f"{at}.mountPath", "must be an absolute path")
+        _check_bind_path(target, f"{at}.mountPath")
+        spec = f"{pod_dir / source}:{target}"
+        yield f"{spec}:ro" if mount.get("readOnly") is True else spec
+
+
+def _mount_source(folder: str, sub_path: object, at: str) -> str:
+    if sub_path in (None, ""):
+        return folder
+    if not isinstance(sub_path, str):
+        raise InvalidPodSpec(f"{at}.subPath", "must be a string")
+    parts = PurePosixPath(sub_path).parts
+    if sub_path.startswith("/") or ".." in parts:
+        raise InvalidPodSpec(f"{at}.subPath", "must be a relative path inside the volume")
+    _check_bind_path(sub_path, f"{at}.subPath")
+    return "/".join((folder, *parts))
+
+
+def _volume_dirs(
+    volumes: Mapping[str, str], containers: Sequence[Mapping[str, object]]
+) -> set[str]:
+    """Folders the script creates before any container starts: volumes and their subPaths."""
+    folders = set(volumes.values())
+    for container in containers:
+        for mount in _objects(container.get("volumeMounts"), "volumeMounts"):
+            if mount.get("subPath"):
+                folders.add(_mount_source(volumes[str(mount["name"])], mount["subPath"], ""))
+    return folders
+
+
+def _check_pod_fields(spec: Mapping[str, object]) -> None:
+    unknown = sorted(set(spec) - _POD_HONOURED - _POD_CHECKED - set(_ELSEWHERE))
+    if unknown:
+        raise InvalidPodSpec(f"spec.{unknown[0]}", "is not supported yet")
+    policy = spec.get("restartPolicy", "Always")
+    if policy != "Never":
+        raise InvalidPodSpec(
+            "spec.restartPolicy",
+            f"{policy!r} is not supported yet: hpk runs each container once (use Never)",
+        )
+    if spec.get("securityContext"):
+        raise InvalidPodSpec("spec.securityContext", "is not supported yet")
+    dns_policy = spec.get("dnsPolicy", "ClusterFirst")
+    if dns_policy not in _DNS_POLICIES:
+        raise InvalidPodSpec("spec.dnsPolicy", f"{dns_policy!r} is not supported yet")
+    os_name = _mapping(spec.get("os"), "spec.os").get("name", "linux")
+    if os_name != "linux":
+        raise InvalidPodSpec("spec.os.name", f"{os_name!r}: hpk runs Linux containers")
+
+
+def _check_container_fields(container: Mapping[str, object], where: str) -> None:
+    known = _CONTAINER_HONOURED | _CONTAINER_CHECKED | set(_CONTAINER_ELSEWHERE) | {"envFrom"}
+    unknown = sorted(set(container) - known)
+    if unknown:
+        raise InvalidPodSpec(f"{where}.{unknown[0]}", "is not supported yet")
+    for key in ("stdin", "stdinOnce", "tty"):
+        if container.get(key):
+            raise InvalidPodSpec(f"{where}.{key}", "containers in Slurm jobs have no input")
+    context = _mapping(container.get("securityContext"), f"{where}.securityContext")
+    for key, value in context.items():
+        at = f"{where}.securityContext.{key}"
+        if key == "capabilities":
+            # Apptainer gives an unprivileged container no capabilities: dropping is a no-op.
+            capabilities = _mapping(value, at)
+            if capabilities.get("add") or set(capabilities) - {"add", "drop"}:
+                raise InvalidPodSpec(at, "only dropping capabilities is supported")
+        elif (key, value) not in {
+            ("privileged", False),
+            ("allowPrivilegeEscalation", False),
+            ("readOnlyRootFilesystem", True),  # a SIF image is read-only
+        }:
+            raise InvalidPodSpec(at, f"{value!r} is not supported yet")
+
+
+def _check_unique_names(*groups: Sequence[Mapping[str, object]]) -> None:
+    seen: set[object] = set()
+    for group in groups:
+        for container in group:
+            name = container.get("name")
+            if name in seen:
+                raise InvalidPodSpec("spec", f"two containers are named {name!r}")
+            seen.add(name)
+
+
+def _asks_for_gpus(option: SbatchOption) -> bool:
+    if option.name == "gres":
+        return "gpu" in (option.value or "")
+    return option.name.startswith("gpus")
+
+
+def _containers(spec: Mapping[str, object], key: str) -> list[Mapping[str, object]]:
+    return _objects(spec.get(key), f"spec.{key}")
+
+
+def _objects(value: object, where: str) -> list[Mapping[str, object]]:
+    return [_mapping(item, f"{where}[{index}]") for index, item in enumerate(_list(value, where))]
+
+
+def _mapping(value: object, where: str) -> Mapping[str, object]:
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise InvalidPodSpec(where, "must be an object")
+    return value
+
+
+def _list(value: object, where: str) -> list[object]:
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise InvalidPodSpec(where, "must be a list")
+    return value
+
+
+def _name(value: object, where: str, pattern: re.Pattern[str], *, longest: int = 63) -> str:
+    if not isinstance(value, str) or len(value) > longest or not pattern.fullmatch(value):
+        raise InvalidPodSpec(where, f"{value!r} is not a valid name")
+    return value
+
+
+def _has_control(text: str) -> bool:
+    return any(ord(character) < 32 or ord(character) == 127 for character in text)
+
+
+def _check_text(text: str, where: str, *, controls: bool = False) -> None:
+    """Text that must reach a process unchanged: no NUL, valid UTF-8, and maybe no control
+    characters (paths and names may not hold newlines; values and arguments may)."""
+    if "\0" in text:
+        raise InvalidPodSpec(where, "holds a NUL character, which no process can receive")
+    try:
+        text.encode()
+    except UnicodeEncodeError as error:
+        raise InvalidPodSpec(where, "is not valid Unicode text") from error
+    if not controls and _has_control(text):
+        raise InvalidPodSpec(where, "holds a control character")
+
+
+def _check_bind_path(path: str, where: str) -> None:
+    _check_text(path, where)
+    special = "".join(sorted(_BIND_SPECIAL & set(path)))
+    if special:
+        raise InvalidPodSpec(
+            where, f"{path!r}: Apptainer's --bind reads {special!r} as separators or escapes"
+        )
+    if path != path.strip():
+        raise InvalidPodSpec(where, f"{path!r}: Apptainer's --bind strips spaces at either end")

@@ -1,0 +1,137 @@
+"""The in-job launcher: markers, stamped log lines, exit codes and signals, with real processes
+(no Slurm, no Apptainer)."""
+
+from __future__ import annotations
+
+import re
+import signal
+import subprocess
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+
+import pytest
+
+from kubelet_py.launch import LONGEST_LINE, exit_code, launch, rfc3339
+
+STAMP = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{9}Z"
+
+
+def entries(folder: Path) -> list[tuple[str, str, str]]:
+    """The log as (time, stream, line), checking every entry's shape."""
+    found = []
+    for raw in (folder / "log").read_bytes().split(b"\n")[:-1]:
+        stamp, stream, line = raw.decode().split(" ", 2)
+        assert re.fullmatch(STAMP, stamp), stamp
+        found.append((stamp, stream, line))
+    return found
+
+
+def marker(folder: Path, name: str) -> str:
+    return (folder / name).read_text()
+
+
+def parse(stamp: str) -> datetime:
+    return datetime.fromisoformat(stamp[:26] + "+00:00")  # microseconds are enough to order
+
+
+def test_rfc3339_has_nine_digits_and_utc() -> None:
+    assert rfc3339(1_700_000_000_000_000_001) == "2023-11-14T22:13:20.000000001Z"
+    assert rfc3339(0) == "1970-01-01T00:00:00.000000000Z"
+
+
+@pytest.mark.parametrize(("returncode", "code"), [(0, 0), (3, 3), (-15, 143), (-9, 137)])
+def test_exit_codes_as_a_shell_reports_them(returncode: int, code: int) -> None:
+    assert exit_code(returncode) == code
+
+
+def test_lines_are_stamped_by_stream_and_markers_written(tmp_path: Path) -> None:
+    folder = tmp_path / "containers" / "main"
+    script = "echo out1; echo err1 >&2; sleep 0.2; echo out2; printf 'no newline'; exit 3"
+    code = launch(folder, ["sh", "-c", script])
+    assert code == 3
+    lines = entries(folder)
+    assert [(stream, line) for _, stream, line in lines] == [
+        ("stdout", "out1"),
+        ("stderr", "err1"),
+        ("stdout", "out2"),
+        ("stdout", "no newline"),
+    ]
+    started = marker(folder, "started")
+    assert re.fullmatch(f"{STAMP}\n", started)
+    exit_text = marker(folder, "exit")
+    assert re.fullmatch(rf"3 {STAMP}\n", exit_text)
+    times = [parse(started), *(parse(stamp) for stamp, _, _ in lines), parse(exit_text[2:])]
+    assert times == sorted(times)
+    assert (folder / "log").stat().st_mode & 0o777 == 0o600
+    assert sorted(path.name for path in folder.iterdir()) == ["exit", "log", "started"]
+
+
+def test_bytes_pass_unchanged(tmp_path: Path) -> None:
+    data = "tab\there ü \x1b[1mbold\x1b[0m \\ 'q' \"d\"\r"
+    launch(tmp_path, [sys.executable, "-c", f"import sys; sys.stdout.write({data!r} + '\\n')"])
+    assert entries(tmp_path)[0][1:] == ("stdout", data)
+
+
+def test_a_long_line_is_logged_in_pieces(tmp_path: Path) -> None:
+    size = LONGEST_LINE + 10
+    launch(tmp_path, [sys.executable, "-c", f"print('x' * {size})"])
+    assert [len(line) for _, _, line in entries(tmp_path)] == [LONGEST_LINE, 10]
+
+
+def test_a_second_run_appends_to_the_log(tmp_path: Path) -> None:
+    launch(tmp_path, ["echo", "one"])
+    launch(tmp_path, ["echo", "two"])
+    assert [line for _, _, line in entries(tmp_path)] == ["one", "two"]
+
+
+def test_unreadable_image_means_125(tmp_path: Path) -> None:
+    code = launch(tmp_path, ["echo", "never"], image=tmp_path / "missing.sif")
+    assert code == 125
+    assert marker(tmp_path, "exit").startswith("125 ")
+    [(_, stream, line)] = entries(tmp_path)
+    assert stream == "stderr" and "cannot read the image file" in line
+
+
+def test_a_command_that_cannot_start_means_125(tmp_path: Path) -> None:
+    assert launch(tmp_path, [str(tmp_path / "no-such-program")]) == 125
+    assert "cannot start" in entries(tmp_path)[0][2]
+
+
+def run_launcher(folder: Path, script: str) -> subprocess.Popen[bytes]:
+    process = subprocess.Popen(
+        [sys.executable, "-m", "kubelet_py.launch", str(folder), "--", "sh", "-c", script]
+    )
+    deadline = time.monotonic() + 10
+    while not (folder / "log").exists() or b"up" not in (folder / "log").read_bytes():
+        assert time.monotonic() < deadline, "the container did not start"
+        time.sleep(0.02)
+    return process
+
+
+def test_term_is_passed_on_and_the_real_code_recorded(tmp_path: Path) -> None:
+    process = run_launcher(
+        tmp_path, "trap 'echo bye; exit 7' TERM; echo up; while :; do sleep 0.05; done"
+    )
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=10) == 7
+    assert marker(tmp_path, "exit").startswith("7 ")
+    assert [line for _, _, line in entries(tmp_path)] == ["up", "bye"]
+
+
+def test_a_container_killed_by_term_exits_143(tmp_path: Path) -> None:
+    process = run_launcher(tmp_path, "echo up; exec sleep 30")
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=10) == 143
+    assert marker(tmp_path, "exit").startswith("143 ")
+
+
+def test_usage_errors() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "kubelet_py.launch", "dir"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 2 and "usage" in result.stderr

@@ -1,0 +1,642 @@
+"""Rendering a pod into its job: golden job scripts, sbatch's arguments, the env files, and
+every pod field hpk refuses.
+
+Regenerate the golden scripts with HPK_UPDATE_GOLDEN=1 and read the diff before committing.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import re
+import shlex
+import subprocess
+from collections.abc import Mapping
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import pytest
+
+from kubelet_py.errors import InvalidPodSpec
+from kubelet_py.flags import InvalidSbatchFlags
+from kubelet_py.render import (
+    ImageNotResolved,
+    RenderedPod,
+    RenderSettings,
+    env_file,
+    expand,
+    render_pod,
+)
+
+GOLDEN = Path(__file__).parent / "golden"
+BUSYBOX = "docker.io/library/busybox:latest"
+PYTHON = "docker.io/library/python:3.11"
+IMAGES = {
+    BUSYBOX: PurePosixPath("/home/alice/.hpk/images/docker.io/library/busybox/latest.sif"),
+    PYTHON: PurePosixPath("/home/alice/.hpk/images/docker.io/library/python/3.11.sif"),
+}
+FLAGS_FIELD = "metadata.annotations[slurm.hpk.io/flags]"
+WEIRD_DIR = PurePosixPath('/var/tmp/it\'s a "pod"; folder/default/weird')
+
+Pod = dict[str, Any]
+
+
+def settings(name: str = "demo", **overrides: object) -> RenderSettings:
+    values: dict[str, object] = {
+        "pod_dir": PurePosixPath(f"/home/alice/.hpk/pods/default/{name}"),
+        "apptainer": PurePosixPath("/opt/hpk/tools/apptainer-1.4.3/bin/apptainer"),
+        "python": PurePosixPath("/home/alice/hpk/.venv/bin/python"),
+        "images": IMAGES,
+        "partition": "batch",
+    }
+    values.update(overrides)
+    return RenderSettings.from_overrides(**values)
+
+
+def pod(name: str, *containers: Pod, **spec: Any) -> Pod:
+    return {
+        "metadata": {
+            "name": name,
+            "namespace": "default",
+            "uid": "5f0c8a9e-1d2b-4c3d-8e4f-123456789abc",
+            "annotations": spec.pop("annotations", {}),
+        },
+        "spec": {"restartPolicy": "Never", "containers": list(containers), **spec},
+    }
+
+
+def busybox(name: str, **fields: Any) -> Pod:
+    return {"name": name, "image": "busybox", **fields}
+
+
+ECHO = pod("echo", busybox("main", command=["echo", "hello"]))
+
+INIT_AND_TWO = pod(
+    "init-and-two",
+    busybox(
+        "writer",
+        command=["sh", "-c", "cat /work/order; echo ready > /work/ready"],
+        volumeMounts=[{"name": "work", "mountPath": "/work"}],
+    ),
+    busybox(
+        "reader",
+        command=["sh", "-c", "while [ ! -e /work/ready ]; do sleep 0.1; done"],
+        volumeMounts=[{"name": "work", "mountPath": "/work", "readOnly": True}],
+    ),
+    initContainers=[
+        busybox(
+            "first",
+            command=["sh", "-c", "echo first > /work/order"],
+            volumeMounts=[{"name": "work", "mountPath": "/work"}],
+        ),
+        busybox(
+            "second",
+            command=["sh", "-c", "echo second >> /work/order"],
+            volumeMounts=[{"name": "work", "mountPath": "/work", "subPath": "."}],
+        ),
+    ],
+    volumes=[{"name": "work", "emptyDir": {}}],
+)
+
+COMMAND_ARGS = pod(
+    "command-args",
+    busybox("command-only", command=["echo", "one", "two"]),
+    busybox("command-and-args", command=["echo"], args=["one", "two"], workingDir="/tmp"),
+    busybox("args-only", args=["-c", "echo from the runscript"]),
+    busybox("neither"),
+    busybox("empty-lists", command=[], args=[]),
+)
+
+TRICKY = {
+    "QUOTES": 'it\'s "quoted"',
+    "NEWLINES": "line one\nline two\n",
+    "DOLLAR": "$HOME ${PATH} $(not-a-ref $$",
+    "BACKTICKS": "`id` $(id)",
+    "JSON": '{"a": [1, "two"], "b": {"c": null}}',
+    "UNICODE": "héllo wörld ✓ 日本",
+    "EMPTY": "",
+}
+ENV = pod(
+    "env",
+    {
+        "name": "main",
+        "image": "python:3.11",
+        "command": ["python3", "-c", "import os; print(os.environ['JSON'])"],
+        "env": [
+            *({"name": name, "value": value} for name, value in TRICKY.items()),
+            {"name": "BASE", "value": "/data"},
+            {"name": "DERIVED", "value": "$(BASE)/in and $$(BASE) and $(LATER) and $(UNKNOWN)"},
+            {"name": "LATER", "value": "later"},
+            {"name": "NO_VALUE"},
+        ],
+    },
+)
+
+RESOURCES = pod(
+    "resources",
+    busybox("a", command=["true"], resources={"requests": {"cpu": "500m", "memory": "100Mi"}}),
+    busybox(
+        "b",
+        command=["true"],
+        resources={"limits": {"cpu": "1", "memory": "1Gi", "nvidia.com/gpu": "1"}},
+    ),
+    initContainers=[busybox("init", command=["true"], resources={"requests": {"cpu": "4"}})],
+    activeDeadlineSeconds=125,
+)
+
+FLAGS = pod(
+    "flags",
+    busybox("main", command=["true"], resources={"requests": {"cpu": "2", "memory": "1Gi"}}),
+    annotations={"slurm.hpk.io/flags": "-p gpu --mem-per-cpu=2G --gpus-per-node=1 -t 10"},
+    activeDeadlineSeconds=60,
+)
+
+GOLDEN_CASES: dict[str, tuple[Pod, RenderSettings]] = {
+    "echo": (ECHO, settings("echo")),
+    "init-and-two": (INIT_AND_TWO, settings("init-and-two")),
+    "command-args": (COMMAND_ARGS, settings("command-args")),
+    "env": (ENV, settings("env")),
+    "resources": (RESOURCES, settings("resources")),
+    "flags": (FLAGS, settings("flags")),
+    "weird-path": (ECHO, settings(pod_dir=WEIRD_DIR)),
+}
+
+
+@pytest.mark.parametrize("case", sorted(GOLDEN_CASES))
+def test_job_script_matches_golden_file(case: str) -> None:
+    the_pod, the_settings = GOLDEN_CASES[case]
+    script = render_pod(the_pod, the_settings).script
+    golden = GOLDEN / f"pod-{case}.sh"
+    if os.environ.get("HPK_UPDATE_GOLDEN"):
+        golden.write_text(script)
+    assert script == golden.read_text()
+
+
+@pytest.mark.parametrize("case", sorted(GOLDEN_CASES))
+def test_job_script_is_valid_bash(case: str) -> None:
+    the_pod, the_settings = GOLDEN_CASES[case]
+    script = render_pod(the_pod, the_settings).script
+    result = subprocess.run(
+        ["bash", "-n"], input=script, capture_output=True, text=True, check=False
+    )
+    assert result.returncode == 0, result.stderr
+
+
+def launches(rendered: RenderedPod) -> dict[str, list[str]]:
+    """Container name -> the argv its launcher runs, read back from the script as bash would."""
+    found: dict[str, list[str]] = {}
+    text = rendered.script.replace(" \\\n", " ")
+    for match in re.finditer(r'^"\$python" -I -m kubelet_py\.launch .*? &$', text, re.M | re.S):
+        words = shlex.split(match.group(0)[: -len(" &")])
+        folder = words[words.index("--") - 1]
+        found[folder.removeprefix("$containers/")] = words[words.index("--") + 1 :]
+    return found
+
+
+def test_docker_semantics_of_command_and_args() -> None:
+    argv = launches(render_pod(COMMAND_ARGS, settings()))
+    sif = str(IMAGES[BUSYBOX])
+
+    def after_image(words: list[str]) -> tuple[str, list[str]]:
+        return words[1], words[words.index(sif) + 1 :]
+
+    assert after_image(argv["command-only"]) == ("exec", ["echo", "one", "two"])
+    assert after_image(argv["command-and-args"]) == ("exec", ["echo", "one", "two"])
+    assert after_image(argv["args-only"]) == ("run", ["-c", "echo from the runscript"])
+    assert after_image(argv["neither"]) == ("run", [])
+    assert after_image(argv["empty-lists"]) == ("run", [])
+
+
+def test_apptainer_options_for_each_container() -> None:
+    argv = launches(render_pod(COMMAND_ARGS, settings()))
+    words = argv["command-and-args"]
+    assert words[:3] == ["$apptainer", "exec", "${run_options[@]}"]
+    assert words[3:7] == ["--cleanenv", "--no-eval", "--pwd", "/tmp"]
+    assert argv["neither"][5:7] == ["--pwd", "/"]
+
+
+def test_volumes_are_bound_from_the_pod_folder() -> None:
+    rendered = render_pod(INIT_AND_TWO, settings("init-and-two"))
+    argv = launches(rendered)
+    folder = "/home/alice/.hpk/pods/default/init-and-two/volumes/work"
+    assert argv["writer"][argv["writer"].index("--bind") + 1] == f"{folder}:/work"
+    assert argv["reader"][argv["reader"].index("--bind") + 1] == f"{folder}:/work:ro"
+    assert 'mkdir -p -- "$containers" volumes/work || exit 125' in rendered.script
+
+
+def test_init_containers_run_in_order_before_the_main_ones() -> None:
+    script = render_pod(INIT_AND_TWO, settings()).script
+    order = [script.index(f'"$containers"/{name} --') for name in ("first", "second", "writer")]
+    assert order == sorted(order)
+    first_wait = script.index('wait "$!" || exit "$?"', order[0])
+    assert order[0] < first_wait < order[1]
+
+
+def test_env_values_go_to_the_env_file_not_the_script() -> None:
+    rendered = render_pod(ENV, settings("env"))
+    assert set(rendered.files) == {"env/main"}
+    for value in [*TRICKY.values(), "later"]:
+        if value:
+            assert value not in rendered.script
+    assert "--env-file env/main" in rendered.script
+
+
+READ_BACK = 'set -a; source /dev/stdin; for n in "$@"; do printf "%s\\0" "${!n}"; done'
+
+
+def test_env_file_holds_literal_values_with_kubernetes_expansion() -> None:
+    content = render_pod(ENV, settings("env")).files["env/main"]
+    # Read the file back as a shell would (Apptainer evaluates it as shell, with no commands).
+    result = subprocess.run(
+        ["bash", "-c", READ_BACK, "_", *TRICKY, "BASE", "DERIVED", "LATER", "NO_VALUE"],
+        input=content,
+        capture_output=True,
+        text=True,
+        check=True,
+        env={"PATH": os.environ["PATH"], "BASE": "from-the-host", "LANG": "C.UTF-8"},
+    )
+    values = result.stdout.split("\0")[:-1]
+    expected = [
+        # Kubernetes reads $$ as an escaped $, also without a reference after it.
+        *(value.replace("$$", "$") for value in TRICKY.values()),
+        "/data",
+        "/data/in and $(BASE) and $(LATER) and $(UNKNOWN)",
+        "later",
+        "",
+    ]
+    assert values == expected
+
+
+def test_env_file_golden_lines() -> None:
+    assert env_file({"A": "x y", "B": "it's", "C": ""}) == (
+        "# Read by apptainer --env-file; every value is a literal string.\n"
+        "A='x y'\n"
+        "B='it'\"'\"'s'\n"
+        "C=''\n"
+    )
+
+
+def test_command_and_args_are_expanded_with_the_whole_env() -> None:
+    the_pod = pod(
+        "x",
+        busybox(
+            "main",
+            command=["echo", "$(GREETING)", "$$(GREETING)"],
+            args=["$(LATE)", "$(MISSING)"],
+            env=[{"name": "GREETING", "value": "hi"}, {"name": "LATE", "value": "late"}],
+        ),
+    )
+    argv = launches(render_pod(the_pod, settings()))["main"]
+    assert argv[-5:] == ["echo", "hi", "$(GREETING)", "late", "$(MISSING)"]
+
+
+@pytest.mark.parametrize(
+    ("text", "expanded"),
+    [
+        ("plain", "plain"),
+        ("$(A)", "a"),
+        ("x$(A)y$(B)z", "xaybz"),
+        ("$$(A)", "$(A)"),
+        ("$$$(A)", "$a"),
+        ("$$$$(A)", "$$(A)"),
+        ("$(MISSING)", "$(MISSING)"),
+        ("$(A", "$(A"),
+        ("$(", "$("),
+        ("$", "$"),
+        ("a$", "a$"),
+        ("$A", "$A"),
+        ("${A}", "${A}"),
+        ("$()", "$()"),
+        ("$(A)$(A)", "aa"),
+        ("$x$(A)", "$xa"),
+        ("ü$(A)ü", "üaü"),
+    ],
+)
+def test_kubernetes_variable_expansion(text: str, expanded: str) -> None:
+    assert expand(text, {"A": "a", "B": "b"}) == expanded
+
+
+def test_sbatch_arguments_for_a_plain_pod() -> None:
+    assert render_pod(ECHO, settings("echo")).sbatch_args == (
+        "--job-name=hpk/default/echo",
+        "--comment=hpk-uid=5f0c8a9e-1d2b-4c3d-8e4f-123456789abc",
+        "--chdir=/home/alice/.hpk/pods/default/echo",
+        "--output=/home/alice/.hpk/pods/default/echo/slurm.out",
+        "--error=/home/alice/.hpk/pods/default/echo/slurm.out",
+        "--parsable",
+        "--no-requeue",
+        "--partition=batch",
+        "/home/alice/.hpk/pods/default/echo/job.sh",
+    )
+
+
+def test_sbatch_arguments_from_resources_and_deadline() -> None:
+    args = render_pod(RESOURCES, settings("resources")).sbatch_args
+    # cpu: max(init 4, 0.5 + 1) = 4; memory: 100Mi + 1Gi; gpu from b's limit; 125 s -> 3 min.
+    assert args[7:-1] == (
+        "--partition=batch",
+        "--cpus-per-task=4",
+        "--mem=1124M",
+        "--gres=gpu:1",
+        "--time=3",
+    )
+    argv = launches(render_pod(RESOURCES, settings("resources")))
+    assert "--nv" in argv["b"]
+    assert "--nv" not in argv["a"] and "--nv" not in argv["init"]
+
+
+def test_annotation_flags_replace_derived_ones() -> None:
+    rendered = render_pod(FLAGS, settings("flags"))
+    assert rendered.sbatch_args[7:-1] == (
+        "--cpus-per-task=2",
+        "--partition=gpu",
+        "--mem-per-cpu=2G",
+        "--gpus-per-node=1",
+        "--time=10",
+    )
+    assert "--nv" in launches(rendered)["main"]  # the flags ask for a GPU
+
+
+def test_no_partition_setting_leaves_it_to_slurm() -> None:
+    args = render_pod(ECHO, settings(partition=None)).sbatch_args
+    assert not [arg for arg in args if arg.startswith("--partition")]
+
+
+def test_weird_pod_folder_reaches_sbatch_as_single_words() -> None:
+    args = render_pod(ECHO, settings(pod_dir=WEIRD_DIR)).sbatch_args
+    assert f"--chdir={WEIRD_DIR}" in args
+    assert f"--output={WEIRD_DIR}/slurm.out" in args
+    assert args[-1] == f"{WEIRD_DIR}/job.sh"
+
+
+def test_weird_pod_folder_is_one_word_in_the_script() -> None:
+    script = render_pod(ECHO, settings(pod_dir=WEIRD_DIR)).script
+    result = subprocess.run(
+        [
+            "bash",
+            "-c",
+            script.split("\n\n")[1].split("\ncontainers=")[0] + '\necho "$pod_dir"',
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert result.stdout == f"{WEIRD_DIR}\n"
+
+
+def test_percent_in_the_pod_folder_is_not_a_slurm_pattern() -> None:
+    args = render_pod(ECHO, settings(pod_dir=PurePosixPath("/p/100%j"))).sbatch_args
+    assert "--output=/p/100%%j/slurm.out" in args
+    assert "--chdir=/p/100%j" in args
+
+
+def test_unknown_settings_are_refused_with_the_valid_ones() -> None:
+    with pytest.raises(TypeError) as caught:
+        settings(pod_folder="/x")
+    assert "unknown render settings ['pod_folder']" in str(caught.value)
+    assert "'pod_dir', 'apptainer', 'images', 'python', 'partition'" in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"pod_dir": PurePosixPath("relative/dir")}, "absolute path"),
+        ({"pod_dir": PurePosixPath("/a:b")}, "may not contain ':'"),
+        ({"pod_dir": PurePosixPath("/a,b")}, "may not contain ','"),
+        ({"pod_dir": PurePosixPath("/a\\b")}, "may not contain"),
+        ({"pod_dir": PurePosixPath("/a\nb")}, "absolute path"),
+        ({"apptainer": PurePosixPath("apptainer")}, "absolute path"),
+        ({"images": {"busybox": PurePosixPath("busybox.sif")}}, "absolute path"),
+        ({"partition": "gpu;x"}, "not a partition name"),
+    ],
+)
+def test_bad_settings(overrides: dict[str, object], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        settings(**overrides)
+
+
+def test_image_references_match_in_any_form() -> None:
+    short = settings(images={"busybox": "/sif/bb.sif", "python:3.11": "/sif/py.sif"})
+    assert launches(render_pod(ECHO, short))["main"][-3:] == ["/sif/bb.sif", "echo", "hello"]
+
+
+def test_an_image_without_a_sif_file_is_the_callers_error() -> None:
+    with pytest.raises(ImageNotResolved, match=re.escape(BUSYBOX)) as caught:
+        render_pod(ECHO, settings(images={}))
+    assert caught.value.reference == BUSYBOX
+
+
+def test_a_pod_as_the_api_server_returns_it_renders() -> None:
+    """Every field the API server's defaulting and admission add is accounted for."""
+    served = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {
+            "name": "served",
+            "namespace": "default",
+            "uid": "0b4a5f5e-8d7c-4b51-9d2e-1f0e5c3a7b99",
+            "resourceVersion": "1234",
+            "creationTimestamp": "2025-01-01T00:00:00Z",
+            "labels": {"app": "x"},
+            "annotations": {},
+        },
+        "spec": {
+            "automountServiceAccountToken": False,
+            "containers": [
+                {
+                    "name": "main",
+                    "image": "busybox",
+                    "command": ["echo", "hi"],
+                    "imagePullPolicy": "Always",
+                    "ports": [{"containerPort": 8080, "protocol": "TCP"}],
+                    "resources": {},
+                    "terminationMessagePath": "/dev/termination-log",
+                    "terminationMessagePolicy": "File",
+                    "securityContext": {
+                        "allowPrivilegeEscalation": False,
+                        "capabilities": {"drop": ["ALL"]},
+                    },
+                }
+            ],
+            "dnsPolicy": "ClusterFirst",
+            "enableServiceLinks": True,
+            "nodeName": "hpk-batch",
+            "preemptionPolicy": "PreemptLowerPriority",
+            "priority": 0,
+            "restartPolicy": "Never",
+            "schedulerName": "default-scheduler",
+            "securityContext": {},
+            "serviceAccount": "default",
+            "serviceAccountName": "default",
+            "terminationGracePeriodSeconds": 30,
+            "tolerations": [
+                {
+                    "effect": "NoExecute",
+                    "key": "node.kubernetes.io/not-ready",
+                    "operator": "Exists",
+                    "tolerationSeconds": 300,
+                }
+            ],
+        },
+        "status": {"phase": "Pending", "qosClass": "BestEffort"},
+    }
+    assert launches(render_pod(served, settings()))["main"][-2:] == ["echo", "hi"]
+
+
+def with_changes(base: Pod, path: str, value: object) -> Pod:
+    """A copy of `base` with the field at `path` (keys and list indexes, joined by /) set."""
+    changed = copy.deepcopy(base)
+    *parents, last = path.split("/")
+    target: Any = changed
+    for key in parents:
+        target = target[int(key)] if isinstance(target, list) else target[key]
+    if isinstance(target, list):
+        target[int(last)] = value
+    else:
+        target[last] = value
+    return changed
+
+
+def refused(the_pod: Pod) -> InvalidPodSpec:
+    with pytest.raises(InvalidPodSpec) as caught:
+        render_pod(the_pod, settings())
+    return caught.value
+
+
+BASE = pod("x", busybox("main", command=["true"]), initContainers=[busybox("first")])
+
+
+@pytest.mark.parametrize(
+    ("path", "value", "field", "message"),
+    [
+        ("spec/restartPolicy", "Always", "spec.restartPolicy", "use Never"),
+        ("spec/restartPolicy", "OnFailure", "spec.restartPolicy", "not supported yet"),
+        ("spec/hostAliases", [{"ip": "1.2.3.4"}], "spec.hostAliases", "not supported yet"),
+        ("spec/securityContext", {"runAsUser": 1}, "spec.securityContext", "not supported"),
+        ("spec/dnsPolicy", "None", "spec.dnsPolicy", "not supported yet"),
+        ("spec/os", {"name": "windows"}, "spec.os.name", "Linux"),
+        ("spec/containers", [], "spec.containers", "at least one container"),
+        ("spec/containers", {}, "spec.containers", "must be a list"),
+        ("spec/activeDeadlineSeconds", 0, "spec.activeDeadlineSeconds", "positive"),
+        ("metadata/uid", None, "metadata.uid", "not a valid name"),
+        ("metadata/namespace", "Default", "metadata.namespace", "not a valid name"),
+        ("metadata/annotations", {"slurm.hpk.io/flags": 3}, FLAGS_FIELD, "string"),
+    ],
+)
+def test_pod_fields_hpk_cannot_honour_fail_the_pod(
+    path: str, value: object, field: str, message: str
+) -> None:
+    error = refused(with_changes(BASE, path, value))
+    assert (error.field, message in error.problem) == (field, True), error
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "field", "message"),
+    [
+        ("envFrom", [{"configMapRef": {}}], "envFrom", "yet"),
+        ("env", [{"name": "A", "valueFrom": {}}], "env[0].valueFrom", "yet"),
+        ("env", [{"name": "my.var", "value": "x"}], "env[0].name", "letters"),
+        ("env", [{"name": "HOME", "value": "/x"}], "env[0].name", "HOME"),
+        ("env", [{"name": "A", "value": 3}], "env[0].value", "string"),
+        ("env", [{"name": "A", "value": "a\0b"}], "env[0].value", "NUL"),
+        ("env", [{"name": "A", "value": "\ud800"}], "env[0].value", "Unicode"),
+        ("args", ["ok", 5], "args[1]", "string"),
+        ("command", "echo hi", "command", "must be a list"),
+        ("livenessProbe", {"exec": {}}, "livenessProbe", "yet"),
+        ("readinessProbe", {}, "readinessProbe", "yet"),
+        ("lifecycle", {}, "lifecycle", "yet"),
+        ("restartPolicy", "Always", "restartPolicy", "yet"),
+        ("stdin", True, "stdin", "no input"),
+        ("tty", True, "tty", "no input"),
+        ("securityContext", {"runAsUser": 0}, "securityContext.runAsUser", "yet"),
+        ("securityContext", {"privileged": True}, "securityContext.privileged", "yet"),
+        (
+            "securityContext",
+            {"capabilities": {"add": ["X"]}},
+            "securityContext.capabilities",
+            "drop",
+        ),
+        ("workingDir", "relative", "workingDir", "absolute"),
+        ("image", "", "image", "must name an image"),
+        ("image", "Bad/Image", "image", "lowercase"),
+        ("name", "Main", "name", "not a valid name"),
+        ("resources", {"requests": {"cpu": "x"}}, "resources.requests[cpu]", "quantity"),
+    ],
+)
+def test_container_fields_hpk_cannot_honour_fail_the_pod(
+    key: str, value: object, field: str, message: str
+) -> None:
+    error = refused(with_changes(BASE, f"spec/containers/0/{key}", value))
+    assert (error.field, message in error.problem) == (f"spec.containers[0].{field}", True), error
+
+
+def test_container_names_are_unique_across_init_and_main() -> None:
+    error = refused(with_changes(BASE, "spec/containers/0/name", "first"))
+    assert (error.field, error.problem) == ("spec", "two containers are named 'first'")
+
+
+VOLUME_POD = pod(
+    "v",
+    busybox("main", volumeMounts=[{"name": "data", "mountPath": "/data"}]),
+    volumes=[{"name": "data", "emptyDir": {}}],
+)
+
+
+@pytest.mark.parametrize(
+    ("volume", "field", "message"),
+    [
+        ({"name": "data", "hostPath": {"path": "/"}}, "hostPath", "only emptyDir"),
+        ({"name": "data", "configMap": {"name": "c"}}, "configMap", "only emptyDir"),
+        ({"name": "data"}, "(none)", "only emptyDir"),
+        ({"name": "data", "emptyDir": {"medium": "Memory"}}, "emptyDir.medium", "default medium"),
+        ({"name": "data", "emptyDir": {"sizeLimit": "1Gi"}}, "emptyDir.sizeLimit", "yet"),
+        (
+            {"name": "kube-api-access-x1y2z", "projected": {}},
+            "projected",
+            "set automountServiceAccountToken: false",
+        ),
+    ],
+)
+def test_volumes_hpk_cannot_honour_fail_the_pod(
+    volume: dict[str, object], field: str, message: str
+) -> None:
+    error = refused(with_changes(VOLUME_POD, "spec/volumes/0", volume))
+    assert (error.field, message in error.problem) == (f"spec.volumes[0].{field}", True), error
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        ("name", "other", "not a volume"),
+        ("mountPath", "data", "absolute"),
+        ("mountPath", "/a:b", "separators"),
+        ("mountPath", "/a,b", "separators"),
+        ("mountPath", "/data ", "spaces"),
+        ("subPath", "../up", "inside the volume"),
+        ("subPath", "/abs", "inside the volume"),
+        ("subPathExpr", "$(X)", "yet"),
+        ("mountPropagation", "Bidirectional", "yet"),
+    ],
+)
+def test_mounts_hpk_cannot_honour_fail_the_pod(key: str, value: object, message: str) -> None:
+    error = refused(with_changes(VOLUME_POD, f"spec/containers/0/volumeMounts/0/{key}", value))
+    field = f"spec.containers[0].volumeMounts[0].{key}"
+    assert (error.field, message in error.problem) == (field, True), error
+
+
+def test_bad_flags_annotation_fails_the_pod() -> None:
+    bad = pod("x", busybox("main"), annotations={"slurm.hpk.io/flags": "--uid=0"})
+    with pytest.raises(InvalidSbatchFlags, match="--uid is not allowed"):
+        render_pod(bad, settings())
+
+
+def test_rendering_does_not_change_the_pod() -> None:
+    before = copy.deepcopy(INIT_AND_TWO)
+    render_pod(INIT_AND_TWO, settings())
+    assert before == INIT_AND_TWO
+
+
+def test_files_are_a_read_only_view() -> None:
+    files: Mapping[str, str] = render_pod(ENV, settings()).files
+    with pytest.raises(TypeError):
+        files["env/other"] = "x"  # type: ignore[index]
