@@ -34,7 +34,7 @@ def sbatch_script() -> Path:
 class Running:
     """A control-plane job that Slurm still has, with what it last reported."""
 
-    job: slurm.JobInfo
+    job: slurm.QueueEntry
     record: ClusterRecord
 
 
@@ -44,7 +44,7 @@ def running(home: HpkHome) -> Running | None:
     if record is None or record.job_id is None:
         return None
     job = slurm.job_info(record.job_id)
-    if job is None or not job.active:
+    if job is None or not slurm.is_active(job):
         return None
     return Running(job, record)
 
@@ -64,7 +64,7 @@ def up(
     if current is not None:
         progress(
             f"a control plane is already {current.job.state.lower()}: job {current.job.job_id}"
-            f" on {current.job.node or '(not yet placed)'}; starting nothing"
+            f" on {current.job.nodes or '(not yet placed)'}; starting nothing"
         )
         progress(f"export KUBECONFIG={home.kubeconfig}")
         return 0
@@ -89,22 +89,22 @@ def _follow(home: HpkHome, job_id: str, *, progress: Progress, timeout: float) -
         job = slurm.job_info(job_id)
         record = read_record(home.record)
         ours = record is not None and record.job_id == job_id
-        if job is None or not job.active:
+        if job is None or not slurm.is_active(job):
             state = job.state if job else "gone from the queue"
             message = record.message if ours and record else ""
             progress(f"job {job_id} ended ({state}) before the control plane was ready {message}")
             _show_output(home, job_id, progress)
             return 1
         if job.state == "PENDING":
-            line = "queued" if job.reason in ("None", "") else f"queued ({job.reason})"
+            line = "queued" if job.reason in (None, "None", "") else f"queued ({job.reason})"
         elif ours and record and record.state == "ready":
             if apiserver_ready(home, record.apiserver):
-                progress(f"ready: {record.apiserver} (job {job_id} on {job.node})")
+                progress(f"ready: {record.apiserver} (job {job_id} on {job.nodes})")
                 progress(f"export KUBECONFIG={home.kubeconfig}")
                 return 0
             line = "waiting for the API server to answer"
         else:
-            line = f"starting on {job.node}"
+            line = f"starting on {job.nodes}"
         if line != said:
             progress(line)
             said = line
@@ -133,12 +133,12 @@ def down(home: HpkHome, *, progress: Progress, timeout: float = 120) -> int:
         return 0
     # SIGTERM to the batch shell alone lets hpk stop the components in order; a plain scancel
     # would signal every process of the job at once.
-    slurm.cancel(job_id, batch_only=True)
-    progress(f"stopping job {job_id} on {current.job.node}")
+    slurm.stop_batch_shell(job_id)
+    progress(f"stopping job {job_id} on {current.job.nodes}")
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         job = slurm.job_info(job_id)
-        if job is None or not job.active:
+        if not slurm.is_active(job):
             record = read_record(home.record)
             progress(f"stopped ({record.state if record else 'no record'})")
             return 0

@@ -31,7 +31,8 @@ from hpk.controlplane.host import hostname, primary_address
 from kubelet_py import CONNECTED_MESSAGE
 from kubelet_py.apiserver import ApiError, ApiUnavailable, KubeApi
 from kubelet_py.binder import Binder, BinderSettings, unbound_pods
-from kubelet_py.nodes import HostInfo, NodeAgent, NodeSettings, sinfo_partitions
+from kubelet_py.nodes import HostInfo, NodeAgent, NodeSettings, partitions_from
+from kubelet_py.slurm import SlurmClient, SubprocessRunner
 
 log = logging.getLogger("kubelet_py")
 
@@ -178,7 +179,12 @@ def run(settings: KubeletSettings, *, stopping: threading.Event) -> int:
             hostname=settings.hostname or hostname(),
             kubelet_version=f"{version}-hpk",
         )
-        agent = NodeAgent(node_api, source=sinfo_partitions, settings=settings.nodes, host=host)
+        agent = NodeAgent(
+            node_api,
+            source=partitions_from(SlurmClient(SubprocessRunner())),
+            settings=settings.nodes,
+            host=host,
+        )
         binder = Binder(binder_api, nodes=agent.current, settings=settings.binder)
         watch = unbound_pods(binder_api, settings.binder)
         stop = threading.Event()

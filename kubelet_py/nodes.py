@@ -9,8 +9,7 @@ their pods.
 
 What it may touch: the API server through the narrow `NodeApi` (implemented by
 `kubelet_py.apiserver.KubeApi`), and Slurm only through an injected `PartitionSource`.
-`sinfo_partitions` below is a stopgap that reads `sinfo` itself until the Slurm adapter
-(`kubelet_py/slurm.py`) offers the same answer; switching is a one-line change in `main`.
+`partitions_from` below adapts kubelet_py.slurm's `SlurmClient.partitions()` to it.
 
 Shutdown leaves the nodes exactly as they are: it neither deletes them nor marks them
 NotReady, it only stops renewing their Leases. Pods on an hpk node are Slurm jobs that keep
@@ -31,13 +30,14 @@ import hashlib
 import logging
 import platform
 import re
-import subprocess
 import threading
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
+
+from kubelet_py.slurm import SlurmClient, SlurmError
 
 log = logging.getLogger(__name__)
 
@@ -97,65 +97,32 @@ class Partition:
 PartitionSource = Callable[[], Sequence[Partition]]
 """Reads the partitions Slurm has now; raises PartitionsUnavailable when it cannot."""
 
-SINFO_FORMAT = "%R|%P|%N|%c|%m|%G|%a"
-"""One line per (partition, Slurm node): name, name with `*` if default, node, CPUs, memory
-(MB), gres, availability."""
 
+def partitions_from(client: SlurmClient) -> PartitionSource:
+    """A PartitionSource that reads Slurm through the kubelet's Slurm adapter.
 
-def gpu_count(gres: str) -> int:
-    """GPUs in one sinfo gres field, e.g. `gpu:2`, `gpu:a100:4(S:0-1)`, `gpu:1,mps:100`."""
-    total = 0
-    for item in re.sub(r"\([^)]*\)", "", gres).split(","):
-        parts = item.strip().split(":")
-        if parts[0] != "gpu":
-            continue
-        count = parts[-1] if len(parts) > 1 else "1"
-        total += int(count) if count.isdigit() else 1
-    return total
+    Capacity counts only the nodes Slurm can start jobs on (not down, drained or failed).
+    """
 
+    def read() -> list[Partition]:
+        try:
+            infos = client.partitions()
+        except SlurmError as error:
+            raise PartitionsUnavailable(str(error)) from error
+        return [
+            Partition(
+                name=info.name,
+                nodes=len(info.nodes),
+                cpus=info.cpus,
+                memory_mb=info.memory_mb,
+                gpus=info.gpus,
+                default=info.default,
+                up=info.available,
+            )
+            for info in infos
+        ]
 
-def _number(text: str) -> int:
-    digits = re.match(r"\d+", text.strip())
-    if digits is None:
-        raise PartitionsUnavailable(f"sinfo printed {text!r} where a number belongs")
-    return int(digits.group())
-
-
-def parse_sinfo(text: str) -> list[Partition]:
-    """Partitions from `sinfo -h -N -o SINFO_FORMAT`, in the order sinfo lists them."""
-    sums: dict[str, dict[str, int]] = {}
-    flags: dict[str, tuple[bool, bool]] = {}
-    for line in text.splitlines():
-        if not line.strip():
-            continue
-        fields = line.split("|")
-        if len(fields) != 7:
-            raise PartitionsUnavailable(f"unexpected sinfo line: {line!r}")
-        name, marked, _node, cpus, memory, gres, available = (f.strip() for f in fields)
-        totals = sums.setdefault(name, {"nodes": 0, "cpus": 0, "memory_mb": 0, "gpus": 0})
-        totals["nodes"] += 1
-        totals["cpus"] += _number(cpus)
-        totals["memory_mb"] += _number(memory)
-        totals["gpus"] += gpu_count(gres)
-        flags[name] = (marked.endswith("*"), available.lower() == "up")
-    return [
-        Partition(name=name, default=flags[name][0], up=flags[name][1], **totals)
-        for name, totals in sums.items()
-    ]
-
-
-def sinfo_partitions(*, command: str = "sinfo", timeout_s: float = 30.0) -> list[Partition]:
-    """Slurm's partitions, read with sinfo (stopgap until kubelet_py/slurm.py has them)."""
-    argv = [command, "-h", "-N", "-o", SINFO_FORMAT]
-    try:
-        result = subprocess.run(
-            argv, capture_output=True, text=True, timeout=timeout_s, check=False
-        )
-    except (OSError, subprocess.TimeoutExpired) as error:
-        raise PartitionsUnavailable(f"{command}: {error}") from error
-    if result.returncode != 0:
-        raise PartitionsUnavailable(f"{command} failed: {result.stderr.strip()}")
-    return parse_sinfo(result.stdout)
+    return read
 
 
 # ---------------------------------------------------------------------------------------------

@@ -23,7 +23,7 @@ from types import FrameType
 from hpk.controlplane.bootstrap import apply_objects, kubelet_rbac
 from hpk.controlplane.errors import ControlPlaneError
 from hpk.controlplane.host import hostname
-from hpk.controlplane.image import ApptainerRunner, find_apptainer
+from hpk.controlplane.image import ApptainerRunner, find_apptainer, runnable_image
 from hpk.controlplane.launcher import ControlPlane
 from hpk.controlplane.probes import TLSClient
 from hpk.controlplane.settings import Binaries, ControlPlaneSettings
@@ -130,7 +130,9 @@ def _runtime(image: Path | None) -> tuple[Binaries | None, Runner | None]:
         return None, None
     if not image.is_file():
         raise ControlPlaneError(f"the control-plane image {image} does not exist")
-    return Binaries.in_image(), ApptainerRunner(image, apptainer=find_apptainer())
+    apptainer = find_apptainer()
+    runnable = runnable_image(image, apptainer=apptainer)
+    return Binaries.in_image(), ApptainerRunner(runnable, apptainer=apptainer)
 
 
 def run(

@@ -257,7 +257,7 @@ def test_control_plane_runs_from_its_image(user_install: UserInstall) -> None:
         assert readyz.stdout.strip() == "ok", readyz.stderr
         for component in ("etcd", "kube-apiserver", "kube-controller-manager", "coredns"):
             started = (home / "control-plane" / "logs" / f"{component}.log").read_text()
-            assert re.search(rf"hpk starts: \S*apptainer exec .*{re.escape(str(image))}", started)
+            assert re.search(rf"hpk starts: \S*apptainer exec .*{re.escape(image.stem)}", started)
         assert user_install.run("hpk", "down", env=env).returncode == 0
         assert user_processes(user_install.user.pw_uid) == []
     finally:

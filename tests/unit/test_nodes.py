@@ -7,6 +7,7 @@ from __future__ import annotations
 import datetime as dt
 import threading
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -25,25 +26,24 @@ from kubelet_py.nodes import (
     NodeSet,
     NodeSettings,
     Partition,
+    PartitionsUnavailable,
     dns_label,
-    gpu_count,
     lease_object,
     node_object,
     node_status_object,
-    parse_sinfo,
+    partitions_from,
     plan_nodes,
     ready_since,
 )
+from kubelet_py.slurm import NodeInfo, PartitionInfo, SlurmUnavailable
 
 pytestmark = pytest.mark.timeout(30)
 
-# What the test bed's `sinfo -h -N -o '%R|%P|%N|%c|%m|%G|%a'` prints.
-TESTBED_SINFO = """\
-batch|batch*|n1|16|32768|(null)|up
-batch|batch*|n2|16|32768|(null)|up
-batch|batch*|n3|16|32768|(null)|up
-gpu|gpu|n4|16|32768|gpu:2|up
-"""
+# The test bed's partitions: batch* (n1-n3) and gpu (n4 with gres gpu:2), 16 CPUs and 32 GiB each.
+TESTBED = [
+    Partition(name="batch", nodes=3, cpus=48, memory_mb=98304, gpus=0, default=True, up=True),
+    Partition(name="gpu", nodes=1, cpus=16, memory_mb=32768, gpus=2, default=False, up=True),
+]
 
 HOST = HostInfo(
     address="192.0.2.10",
@@ -57,7 +57,7 @@ NOW = dt.datetime(2026, 1, 2, 3, 4, 5, 678901, tzinfo=dt.UTC)
 
 
 def bed_nodes(settings: NodeSettings | None = None) -> NodeSet:
-    return plan_nodes(parse_sinfo(TESTBED_SINFO), settings or NodeSettings(), host=HOST)
+    return plan_nodes(TESTBED, settings or NodeSettings(), host=HOST)
 
 
 def pod(
@@ -82,36 +82,40 @@ def pod(
 # sinfo
 
 
-def test_sinfo_lines_sum_up_per_partition_and_mark_the_default() -> None:
-    batch, gpu = parse_sinfo(TESTBED_SINFO)
-    assert batch == Partition(
-        name="batch", nodes=3, cpus=48, memory_mb=98304, gpus=0, default=True, up=True
-    )
-    assert gpu == Partition(
-        name="gpu", nodes=1, cpus=16, memory_mb=32768, gpus=2, default=False, up=True
+def bed_node(name: str, *, state: str = "idle", gpus: int = 0) -> NodeInfo:
+    return NodeInfo(
+        name=name, address="127.0.0.1", cpus=16, memory_mb=32768, gpus=gpus, state=state
     )
 
 
-@pytest.mark.parametrize(
-    ("gres", "gpus"),
-    [
-        ("(null)", 0),
-        ("gpu:2", 2),
-        ("gpu:a100:4(S:0-1)", 4),
-        ("gpu:a100:2,gpu:v100:1", 3),
-        ("gpu:4(S:0,1),mps:400", 4),
-        ("mps:100", 0),
-        ("gpu", 1),
-    ],
-)
-def test_gpus_are_counted_from_every_gres_spelling(gres: str, gpus: int) -> None:
-    assert gpu_count(gres) == gpus
+class FakeSlurm:
+    def __init__(self, answer: list[PartitionInfo] | Exception) -> None:
+        self.answer = answer
+
+    def partitions(self) -> list[PartitionInfo]:
+        if isinstance(self.answer, Exception):
+            raise self.answer
+        return self.answer
 
 
-def test_a_partition_that_is_down_is_still_listed_but_not_up() -> None:
-    (maint,) = parse_sinfo("maint|maint|n9|8|1024|(null)|down\n")
-    assert maint.up is False
-    assert maint.cpus == 8
+def test_partitions_come_from_the_slurm_adapter_counting_usable_nodes() -> None:
+    batch = PartitionInfo(
+        "batch", True, True, (bed_node("n1"), bed_node("n2"), bed_node("n3", state="drained"))
+    )
+    gpu = PartitionInfo("gpu", False, True, (bed_node("n4", gpus=2),))
+    maint = PartitionInfo("maint", False, False, (bed_node("n9"),))
+    read = partitions_from(FakeSlurm([batch, gpu, maint]))  # type: ignore[arg-type]
+    assert read() == [
+        Partition(name="batch", nodes=3, cpus=32, memory_mb=65536, gpus=0, default=True, up=True),
+        Partition(name="gpu", nodes=1, cpus=16, memory_mb=32768, gpus=2, default=False, up=True),
+        Partition(name="maint", nodes=1, cpus=16, memory_mb=32768, gpus=0, default=False, up=False),
+    ]
+
+
+def test_slurm_failure_is_partitions_unavailable() -> None:
+    read = partitions_from(FakeSlurm(SlurmUnavailable("controller down")))  # type: ignore[arg-type]
+    with pytest.raises(PartitionsUnavailable, match="controller down"):
+        read()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -303,7 +307,7 @@ class FakeNodeApi:
 
 def test_the_agent_registers_every_partition_then_renews_leases_with_owner_uids() -> None:
     api = FakeNodeApi()
-    sources: list[Sequence[Partition]] = [parse_sinfo(TESTBED_SINFO)]
+    sources: list[Sequence[Partition]] = [TESTBED]
     agent = NodeAgent(
         api, source=lambda: sources[-1], settings=NodeSettings(), host=HOST, clock=lambda: NOW
     )
@@ -321,7 +325,7 @@ def test_the_agent_registers_every_partition_then_renews_leases_with_owner_uids(
     }
     assert owners == {"hpk-batch": "uid-hpk-batch", "hpk-gpu": "uid-hpk-gpu"}
 
-    sources.append(parse_sinfo(TESTBED_SINFO.replace("gpu:2", "gpu:4")))
+    sources.append([TESTBED[0], replace(TESTBED[1], gpus=4)])
     agent.sync()  # the periodic refresh picks up new capacity
     assert api.statuses["hpk-gpu"]["capacity"]["nvidia.com/gpu"] == "4"
 
