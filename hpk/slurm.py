@@ -26,9 +26,7 @@ _runner = SubprocessRunner()
 _client = SlurmClient(_runner)
 
 
-def submit(
-    script: Path, *, flags: Sequence[str] = (), env: Mapping[str, str] | None = None
-) -> str:
+def submit(script: Path, *, flags: Sequence[str] = (), env: Mapping[str, str] | None = None) -> str:
     """sbatch the script with extra flags; returns the job ID."""
     return _client.submit(script, flags, env=env)
 
