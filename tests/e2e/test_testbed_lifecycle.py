@@ -79,14 +79,12 @@ def test_up_is_idempotent_recovers_and_down_leaves_nothing(small_bed: Testbed) -
     # The recovered bed runs jobs, and a job still running at down is cancelled.
     script = s.root / "sleep.sh"
     script.write_text("#!/bin/bash\nsleep 300\n")
-    os.environ["SLURM_CONF"] = str(s.slurm_conf)
-    try:
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("SLURM_CONF", str(s.slurm_conf))
         quick = s.root / "quick.sh"
         quick.write_text("#!/bin/bash\necho hi\n")
         assert wait_finished(sbatch(quick, "--output=/dev/null")).state == "COMPLETED"
         sbatch(script, "--output=/dev/null")
-    finally:
-        os.environ.pop("SLURM_CONF")
 
     small_bed.down(progress=print)
     pids = [pid for pid in after.values() if pid]
