@@ -15,19 +15,13 @@ import logging
 import sys
 from pathlib import Path
 
-from hpk.controlplane import Binaries, ControlPlane, ControlPlaneSettings
+from hpk.controlplane import Binaries, ControlPlane
 from hpk.controlplane.image import ApptainerRunner
 from hpk.files import write_atomic
 from hpk.pki import ClusterPKI
+from tests.e2e.planes import TEST_PLANE_SETTINGS
 
-# As in test_control_plane.py: the test machine is small and may be busy.
-SETTINGS = ControlPlaneSettings(
-    dns_bind_address="127.0.0.1",
-    etcd_ready_timeout_s=90.0,
-    apiserver_ready_timeout_s=150.0,
-    controller_manager_ready_timeout_s=120.0,
-    coredns_ready_timeout_s=90.0,
-)
+SETTINGS = TEST_PLANE_SETTINGS
 
 
 def main(root: Path, image: Path, apptainer: str) -> int:

@@ -14,22 +14,16 @@ from pathlib import Path
 import psutil
 import pytest
 
-from hpk.controlplane import ControlPlane, ControlPlaneSettings
+from hpk.controlplane import ControlPlane
 from hpk.controlplane.ports import port_is_free
 from hpk.controlplane.probes import TLSClient, request
 from hpk.pki import ClusterPKI, load_certificate
 from hpk.toolchain import Toolchain
+from tests.e2e.planes import TEST_PLANE_SETTINGS
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
 
-# Generous: the test machine has two cores and may be building something else.
-SETTINGS = ControlPlaneSettings(
-    dns_bind_address="127.0.0.1",
-    etcd_ready_timeout_s=90.0,
-    apiserver_ready_timeout_s=150.0,
-    controller_manager_ready_timeout_s=120.0,
-    coredns_ready_timeout_s=90.0,
-)
+SETTINGS = TEST_PLANE_SETTINGS
 
 
 def new_control_plane(root: Path) -> ControlPlane:

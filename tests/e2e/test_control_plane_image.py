@@ -9,11 +9,9 @@ from __future__ import annotations
 
 import json
 import os
-import pwd
 import shutil
 import subprocess
 import sys
-import sysconfig
 import time
 import uuid
 from collections.abc import Iterator
@@ -23,23 +21,18 @@ from typing import Any
 import psutil
 import pytest
 
-from hpk.controlplane import Binaries, ControlPlane, ControlPlaneSettings, components
+from hpk.controlplane import Binaries, ControlPlane, components
 from hpk.controlplane.image import ApptainerRunner, find_apptainer
 from hpk.controlplane.probes import TLSClient, answers
-from hpk.paths import project_root
 from hpk.pki import ClusterPKI
 from hpk.process import start_process
 from hpk.toolchain import Toolchain
+from tests.e2e.conftest import UserInstall
+from tests.e2e.planes import TEST_PLANE_SETTINGS
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
 
-SETTINGS = ControlPlaneSettings(
-    dns_bind_address="127.0.0.1",
-    etcd_ready_timeout_s=90.0,
-    apiserver_ready_timeout_s=150.0,
-    controller_manager_ready_timeout_s=120.0,
-    coredns_ready_timeout_s=90.0,
-)
+SETTINGS = TEST_PLANE_SETTINGS
 COMPONENTS = ("etcd", "kube-apiserver", "kube-controller-manager", "coredns")
 HOST_ONLY = "HPK_E2E_HOST_ONLY"
 """Set in the launcher's environment only; a clean container environment lacks it."""
@@ -285,28 +278,6 @@ def test_component_deaf_to_sigterm_is_killed_with_its_starter(
 # --- as an ordinary user ---------------------------------------------------------------------
 
 
-def python_for(user: pwd.struct_passwd) -> str:
-    """An interpreter of this session's Python version that `user` may run.
-
-    The session's own may live in a folder only root can enter; the packages it imports come
-    from the (readable) virtual environment through PYTHONPATH.
-    """
-    wanted = f"python{sys.version_info.major}.{sys.version_info.minor}"
-    for candidate in (f"/usr/bin/{wanted}", f"/usr/local/bin/{wanted}"):
-        if not Path(candidate).is_file():
-            continue
-        probe = subprocess.run(
-            ["runuser", "-u", user.pw_name, "--", candidate, "-c", "print(1)"],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
-        )
-        if probe.stdout.strip() == "1":
-            return candidate
-    pytest.skip(f"no {wanted} that {user.pw_name} may run")
-
-
 def wait_for_file(path: Path, driver: subprocess.Popen[str], *, timeout: float) -> Any:
     deadline = time.monotonic() + timeout
     while not path.is_file():
@@ -321,14 +292,12 @@ def test_ordinary_user_runs_the_control_plane_in_the_image(
     scratch: Path,
     image: Path,
     toolchain: Toolchain,
-    ordinary_user: pwd.struct_passwd,
+    user_install: UserInstall,
 ) -> None:
-    user = ordinary_user
+    user = user_install.user
     root = scratch / "user"
     root.mkdir(mode=0o700)
     os.chown(root, user.pw_uid, user.pw_gid)
-    python = python_for(user)
-    search_path = os.pathsep.join([sysconfig.get_paths()["purelib"], str(project_root())])
     driver_log = scratch / "driver.log"
     with driver_log.open("w") as log:
         driver = subprocess.Popen(
@@ -341,10 +310,11 @@ def test_ordinary_user_runs_the_control_plane_in_the_image(
                 "-i",
                 "PATH=/usr/bin:/bin",
                 f"HOME={user.pw_dir}",
-                f"PYTHONPATH={search_path}",
+                # The script imports the tests' shared settings from the user's copy.
+                f"PYTHONPATH={user_install.source}",
                 "PYTHONDONTWRITEBYTECODE=1",
-                python,
-                str(Path(__file__).with_name("control_plane_as_user.py")),
+                str(user_install.python),
+                str(user_install.source / "tests" / "e2e" / "control_plane_as_user.py"),
                 str(root),
                 str(image),
                 find_apptainer(toolchain),

@@ -23,22 +23,17 @@ from typing import Any
 
 import pytest
 
-from hpk.controlplane import ControlPlane, ControlPlaneSettings
+from hpk.controlplane import ControlPlane
 from hpk.controlplane.job import prepare_kubelet
 from hpk.pki import ClusterPKI
 from hpk.testbed.bed import Testbed
 from hpk.toolchain import Toolchain
 from kubelet_py import CONNECTED_MESSAGE
+from tests.e2e.planes import TEST_PLANE_SETTINGS
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
 
-SETTINGS = ControlPlaneSettings(
-    dns_bind_address="127.0.0.1",
-    etcd_ready_timeout_s=90.0,
-    apiserver_ready_timeout_s=150.0,
-    controller_manager_ready_timeout_s=120.0,
-    coredns_ready_timeout_s=90.0,
-)
+SETTINGS = TEST_PLANE_SETTINGS
 NAMESPACE = "e2e-binding"
 NODE_MONITOR_GRACE_S = 40.0
 """The controller-manager's default --node-monitor-grace-period."""
