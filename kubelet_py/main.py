@@ -7,10 +7,12 @@ Kubernetes client blocks:
 
 - `nodes`: registers one Node per Slurm partition and rewrites its status and capacity;
 - `leases`: renews each node's Lease in kube-node-lease, the heartbeat;
-- `binder-watch` and `binder`: bind every unscheduled pod to its partition's node.
+- `binder-watch` and `binder`: bind every unscheduled pod to its partition's node;
+- `pods-watch` and `pods`: the pod controller, which runs every pod bound to the nodes as a
+  Slurm job (kubelet_py.controller and kubelet_py.provider), with the job watcher's thread.
 
 SIGTERM or SIGINT stops them all within a few seconds and leaves the nodes registered (see
-kubelet_py.nodes for why). Pods bound to the nodes do not run yet; it says so at start.
+kubelet_py.nodes for why) and the pods' jobs running (a restart adopts them).
 """
 
 from __future__ import annotations
@@ -23,16 +25,21 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from types import FrameType
 
 from hpk import __version__
 from hpk.controlplane.host import hostname, primary_address
+from hpk.controlplane.image import find_apptainer
+from hpk.home import HpkHome
 from kubelet_py import CONNECTED_MESSAGE
-from kubelet_py.apiserver import ApiError, ApiUnavailable, KubeApi
+from kubelet_py.apiserver import ApiError, ApiUnavailable, KubeApi, ListWatch, pod_path
 from kubelet_py.binder import Binder, BinderSettings, unbound_pods
+from kubelet_py.controller import BOUND_PODS, PodController
 from kubelet_py.nodes import HostInfo, NodeAgent, NodeSettings, partitions_from
+from kubelet_py.provider import ProviderSettings, SlurmProvider
 from kubelet_py.slurm import SlurmClient, SubprocessRunner
+from kubelet_py.watcher import JobView, JobWatcher
 
 log = logging.getLogger("kubelet_py")
 
@@ -61,6 +68,10 @@ class KubeletSettings:
 
     stop_timeout_s: float = 3.0
     """How long the threads get to finish after SIGTERM."""
+
+    home: HpkHome | None = None
+    """The hpk folder whose `pods/` holds the pod folders and `images/` the images;
+    None: the user's (HPK_HOME or ~/.hpk)."""
 
 
 def _csv(text: str) -> tuple[str, ...]:
@@ -168,12 +179,12 @@ def run(settings: KubeletSettings, *, stopping: threading.Event) -> int:
     """Run the kubelet until `stopping` is set; returns the process's exit status."""
     node_api = KubeApi(settings.kubeconfig)
     binder_api = KubeApi(settings.kubeconfig)
+    pod_api = KubeApi(settings.kubeconfig)
     try:
         version = _connect(node_api, stopping=stopping, timeout_s=settings.connect_timeout_s)
         if version is None:
             return 0 if stopping.is_set() else 1
         log.info("%s (%s)", CONNECTED_MESSAGE, version)
-        log.warning("the pod provider is not implemented yet: pods bound to its nodes will not run")
         host = HostInfo.detect(
             address=settings.node_ip or primary_address(),
             hostname=settings.hostname or hostname(),
@@ -187,18 +198,54 @@ def run(settings: KubeletSettings, *, stopping: threading.Event) -> int:
         )
         binder = Binder(binder_api, nodes=agent.current, settings=settings.binder)
         watch = unbound_pods(binder_api, settings.binder)
+        home = settings.home or HpkHome.default()
+        slurm = SlurmClient(SubprocessRunner())
+        changed: list[Callable[[str, JobView], None]] = []
+
+        def on_change(key: str, view: JobView) -> None:
+            for callback in changed:
+                callback(key, view)
+
+        watcher = JobWatcher(slurm, on_change)
+        provider = SlurmProvider(
+            slurm=slurm,
+            watcher=watcher,
+            settings=ProviderSettings(
+                pods_dir=home.root / "pods",
+                apptainer=PurePosixPath(find_apptainer()),
+                image_cache=home.root / "images",
+            ),
+        )
+
+        def partition_of(node_name: str) -> str | None:
+            nodes = agent.current()
+            if nodes is not None:
+                found = nodes.by_node_name(node_name)
+                return found.partition.name if found else None
+            prefix = f"{settings.nodes.prefix}-"
+            return node_name[len(prefix) :] or None if node_name.startswith(prefix) else None
+
+        changed.append(provider.job_changed)
+        controller = PodController(pod_api, provider, partition_of=partition_of)
+        pods_watch = ListWatch(pod_api, pod_path(), field_selector=BOUND_PODS)
         stop = threading.Event()
+        watcher.start()
         threads = [
             _thread("nodes", lambda: agent.run_status(stop)),
             _thread("leases", lambda: agent.run_leases(stop)),
             _thread("binder-watch", lambda: binder.follow(watch)),
             _thread("binder", lambda: binder.work(stop)),
+            _thread("pods-watch", lambda: controller.follow(pods_watch)),
+            _thread("pods", lambda: controller.work(stop)),
         ]
         stopping.wait()
         began = time.monotonic()
         stop.set()
         watch.stop()
         binder.stop()
+        pods_watch.stop()
+        controller.stop()
+        watcher.stop(timeout=settings.stop_timeout_s)
         deadline = began + settings.stop_timeout_s
         for thread in threads:
             thread.join(max(0.0, deadline - time.monotonic()))
@@ -210,6 +257,7 @@ def run(settings: KubeletSettings, *, stopping: threading.Event) -> int:
     finally:
         node_api.close()
         binder_api.close()
+        pod_api.close()
 
 
 def main(argv: Sequence[str] | None = None) -> int:

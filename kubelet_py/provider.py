@@ -1,0 +1,307 @@
+"""The provider boundary: what the pod controller asks of whatever runs pods.
+
+`PodLifecycleHandler` is the interface (modelled on virtual-kubelet's); `SlurmProvider` runs
+each pod as one Slurm job. It owns the pod folders (`<hpk home>/pods/<namespace>/<name>/`),
+renders with kubelet_py.render, submits and cancels through the Slurm adapter and reads job
+states from the shared JobWatcher. It never talks to the API server: the controller does.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Any, Protocol
+
+from hpk.images import cached_image
+from kubelet_py.render import RenderSettings, render_pod
+from kubelet_py.slurm import QueueEntry
+from kubelet_py.status import pod_status, read_markers
+from kubelet_py.watcher import JobView
+
+log = logging.getLogger(__name__)
+
+JOB_ID_ANNOTATION = "slurm.hpk.io/job-id"
+"""The pod annotation that carries its Slurm job's ID once it was submitted."""
+
+JOB_ID_FILE = "job-id"
+UID_FILE = "uid"
+JOB_SCRIPT = "job.sh"
+
+JSON = dict[str, Any]
+
+
+def pod_key(pod: Mapping[str, Any]) -> str:
+    metadata = pod.get("metadata") or {}
+    return f"{metadata.get('namespace', '')}/{metadata.get('name', '')}"
+
+
+class PodLifecycleHandler(Protocol):
+    """What the pod controller needs from a pod provider."""
+
+    def create_pod(self, pod: Mapping[str, Any], *, partition: str | None = None) -> str:
+        """Start the pod (or adopt the job it already has) and return its job's ID.
+
+        Never starts a second job for a pod that has one. Raises InvalidPodSpec,
+        ImageNotResolved or SubmissionFailed for a pod that cannot run (final), and
+        SlurmUnavailable when it should be tried again later.
+        """
+
+    def update_pod(self, pod: Mapping[str, Any]) -> None:
+        """Take note of a newer version of a known pod; a running job is not changed."""
+
+    def delete_pod(self, pod: Mapping[str, Any]) -> None:
+        """Stop the pod's job and forget it. Idempotent: an unknown pod or ended job is fine."""
+
+    def get_pod(self, namespace: str, name: str) -> JSON | None:
+        """The pod as the provider last saw it, or None if it does not know it."""
+
+    def get_pod_status(self, namespace: str, name: str) -> JSON | None:
+        """The pod's status from its job and its containers' markers; None if unknown."""
+
+    def get_pods(self) -> list[JSON]:
+        """Every pod the provider runs or ran and has not forgotten."""
+
+    def notify_pods(self, callback: Callable[[str], None]) -> None:
+        """Have `callback(pod key)` called whenever a pod's job changes. Must not block."""
+
+
+class JobRunner(Protocol):
+    """What the provider needs from the Slurm adapter (kubelet_py.slurm.SlurmClient)."""
+
+    def submit(
+        self, script: Path, argv_flags: Any, *, env: Mapping[str, str] | None = None
+    ) -> str: ...
+
+    def cancel(self, job_id: str, *, signal: str | None = None) -> None: ...
+
+    def jobs_with_comment_prefix(self, prefix: str) -> dict[str, QueueEntry]: ...
+
+
+class JobTracker(Protocol):
+    """What the provider needs from the shared watcher (kubelet_py.watcher.JobWatcher)."""
+
+    def register(self, job_id: str, key: str) -> None: ...
+
+    def forget(self, job_id: str) -> None: ...
+
+    def view(self, job_id: str) -> JobView | None: ...
+
+
+@dataclass(frozen=True)
+class ProviderSettings:
+    """Where the provider keeps pods and what their jobs run with."""
+
+    pods_dir: Path
+    """`<hpk home>/pods`: one folder per pod below `<namespace>/<name>`, on the shared
+    filesystem."""
+
+    apptainer: PurePosixPath
+    """The Apptainer binary the jobs run."""
+
+    image_cache: Path | None = None
+    """The image cache the pods' images come from; None: the user's default cache."""
+
+    python: PurePosixPath | None = None
+    """The interpreter the jobs run kubelet_py.launch with; None: this one."""
+
+    cancel_signal: str = "TERM"
+    """The signal a deleted pod's job gets first; Slurm's KillWait then kills it."""
+
+    node_addresses: Mapping[str, str] = field(default_factory=dict)
+    """Slurm node name -> address, for hostIP and podIP."""
+
+
+@dataclass
+class _Known:
+    pod: Mapping[str, Any]
+    job_id: str
+    folder: Path
+
+
+class SlurmProvider:
+    """Runs each pod as one Slurm job (see the module docstring)."""
+
+    def __init__(
+        self, *, slurm: JobRunner, watcher: JobTracker, settings: ProviderSettings
+    ) -> None:
+        self.slurm = slurm
+        self.watcher = watcher
+        self.settings = settings
+        self._lock = threading.Lock()
+        self._pods: dict[str, _Known] = {}
+        self._callbacks: list[Callable[[str], None]] = []
+
+    def folder(self, namespace: str, name: str) -> Path:
+        return self.settings.pods_dir / namespace / name
+
+    # -- the handler ----------------------------------------------------------------------
+
+    def create_pod(self, pod: Mapping[str, Any], *, partition: str | None = None) -> str:
+        metadata = pod.get("metadata") or {}
+        namespace = str(metadata.get("namespace", ""))
+        name = str(metadata.get("name", ""))
+        uid = str(metadata.get("uid", ""))
+        key = f"{namespace}/{name}"
+        if not namespace or not name or not uid or "/" in namespace + name:
+            raise ValueError(f"pod {key!r} lacks a namespace, name or uid")
+        folder = self.folder(namespace, name)
+
+        annotated = (metadata.get("annotations") or {}).get(JOB_ID_ANNOTATION)
+        if annotated:
+            return self._adopt(pod, str(annotated), folder, how="annotation")
+        self._claim_folder(folder, uid, key)
+        recorded = _read(folder / JOB_ID_FILE)
+        if recorded:
+            return self._adopt(pod, recorded, folder, how="pod folder")
+        # A folder with our uid and no job ID: a submission whose answer got lost may exist.
+        queued = self.slurm.jobs_with_comment_prefix(f"hpk-uid={uid}")
+        if queued:
+            job_id = sorted(queued, key=int)[-1]
+            _write(folder / JOB_ID_FILE, job_id + "\n", 0o600)
+            return self._adopt(pod, job_id, folder, how="Slurm comment")
+
+        images: dict[str, PurePosixPath] = {}
+        spec = pod.get("spec") or {}
+        for container in [*(spec.get("initContainers") or []), *(spec.get("containers") or [])]:
+            reference = container.get("image") if isinstance(container, Mapping) else None
+            if isinstance(reference, str) and reference not in images:
+                try:
+                    sif = cached_image(reference, cache_dir=self.settings.image_cache)
+                except ValueError:
+                    sif = None  # an unreadable reference: render names the image it lacks
+                if sif is not None:
+                    images[reference] = PurePosixPath(sif)
+        render_settings = RenderSettings(
+            pod_dir=PurePosixPath(folder),
+            apptainer=self.settings.apptainer,
+            images=images,
+            partition=partition,
+            **({"python": self.settings.python} if self.settings.python else {}),
+        )
+        rendered = render_pod(pod, render_settings)
+        for relative, text in rendered.files.items():
+            path = folder / relative
+            path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            _write(path, text, 0o600)
+        script = Path(rendered.sbatch_args[-1])
+        _write(script, rendered.script, 0o700)
+        job_id = self.slurm.submit(script, list(rendered.sbatch_args[:-1]))
+        _write(folder / JOB_ID_FILE, job_id + "\n", 0o600)
+        log.info("%s: job %s submitted", key, job_id)
+        self._remember(key, pod, job_id, folder)
+        return job_id
+
+    def update_pod(self, pod: Mapping[str, Any]) -> None:
+        with self._lock:
+            known = self._pods.get(pod_key(pod))
+            if known is not None:
+                known.pod = pod
+
+    def delete_pod(self, pod: Mapping[str, Any]) -> None:
+        key = pod_key(pod)
+        metadata = pod.get("metadata") or {}
+        with self._lock:
+            known = self._pods.pop(key, None)
+        job_id = known.job_id if known else None
+        if job_id is None:
+            job_id = (metadata.get("annotations") or {}).get(JOB_ID_ANNOTATION)
+        if job_id is None:
+            folder = self.folder(str(metadata.get("namespace", "")), str(metadata.get("name")))
+            if _read(folder / UID_FILE) == str(metadata.get("uid", "")):
+                job_id = _read(folder / JOB_ID_FILE)
+        if not job_id:
+            log.info("%s: no job to cancel", key)
+            return
+        self.slurm.cancel(str(job_id), signal=self.settings.cancel_signal)
+        self.watcher.forget(str(job_id))
+        log.info("%s: job %s cancelled", key, job_id)
+
+    def get_pod(self, namespace: str, name: str) -> JSON | None:
+        with self._lock:
+            known = self._pods.get(f"{namespace}/{name}")
+        return dict(known.pod) if known else None
+
+    def get_pod_status(self, namespace: str, name: str) -> JSON | None:
+        with self._lock:
+            known = self._pods.get(f"{namespace}/{name}")
+        if known is None:
+            return None
+        return pod_status(
+            known.pod.get("spec") or {},
+            self.watcher.view(known.job_id),
+            read_markers(known.folder),
+            node_addresses=self.settings.node_addresses,
+        )
+
+    def get_pods(self) -> list[JSON]:
+        with self._lock:
+            return [dict(known.pod) for known in self._pods.values()]
+
+    def notify_pods(self, callback: Callable[[str], None]) -> None:
+        with self._lock:
+            self._callbacks.append(callback)
+
+    # -- for the controller ---------------------------------------------------------------
+
+    def job_id(self, key: str) -> str | None:
+        with self._lock:
+            known = self._pods.get(key)
+        return known.job_id if known else None
+
+    def job_changed(self, key: str, view: JobView) -> None:
+        """The watcher's callback: pass the change on to whoever asked through notify_pods."""
+        with self._lock:
+            callbacks = list(self._callbacks)
+        for callback in callbacks:
+            callback(key)
+
+    def forget(self, pod: Mapping[str, Any]) -> None:
+        """Stop tracking a pod whose job is over and whose status was written."""
+        with self._lock:
+            known = self._pods.pop(pod_key(pod), None)
+        if known is not None:
+            self.watcher.forget(known.job_id)
+
+    # -- helpers --------------------------------------------------------------------------
+
+    def _adopt(self, pod: Mapping[str, Any], job_id: str, folder: Path, *, how: str) -> str:
+        key = pod_key(pod)
+        log.info("%s: job %s adopted (from its %s)", key, job_id, how)
+        self._remember(key, pod, job_id, folder)
+        return job_id
+
+    def _remember(self, key: str, pod: Mapping[str, Any], job_id: str, folder: Path) -> None:
+        with self._lock:
+            self._pods[key] = _Known(pod=pod, job_id=job_id, folder=folder)
+        self.watcher.register(job_id, key)
+
+    def _claim_folder(self, folder: Path, uid: str, key: str) -> None:
+        """Make `folder` this uid's: a folder of another pod of the same name is moved aside."""
+        owner = _read(folder / UID_FILE)
+        if folder.exists() and owner != uid:
+            aside = folder.with_name(f".{folder.name}.{owner or 'unknown'}.{os.getpid()}")
+            folder.rename(aside)
+            log.info("%s: folder of an earlier pod (uid %s) moved to %s", key, owner, aside)
+        folder.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        folder.mkdir(mode=0o700, exist_ok=True)
+        if owner != uid:
+            _write(folder / UID_FILE, uid + "\n", 0o600)
+
+
+def _read(path: Path) -> str | None:
+    try:
+        return path.read_text().strip() or None
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+
+
+def _write(path: Path, text: str, mode: int) -> None:
+    """Write a file that never exists with wider permissions than `mode`."""
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    with os.fdopen(descriptor, "w") as handle:
+        handle.write(text)
+    os.chmod(path, mode)
