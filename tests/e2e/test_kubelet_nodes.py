@@ -16,7 +16,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +29,7 @@ from hpk.pki import ClusterPKI
 from hpk.testbed.bed import Testbed
 from hpk.toolchain import Toolchain
 from kubelet_py import CONNECTED_MESSAGE
+from tests.e2e.kube import admin_kubectl, eventually
 from tests.e2e.planes import TEST_PLANE_SETTINGS
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
@@ -51,39 +52,13 @@ class Kubelet:
     registered_after_s: float
 
     def kubectl(self, *args: str, check: bool = True, stdin: str | None = None) -> str:
-        result = subprocess.run(
-            [
-                str(Toolchain.load().binary("kubectl")),
-                f"--kubeconfig={self.plane.layout.admin_kubeconfig}",
-                "--request-timeout=20s",
-                *args,
-            ],
-            input=stdin,
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
-        )
-        if check and result.returncode != 0:
-            raise AssertionError(f"kubectl {' '.join(args)} failed: {result.stderr}")
-        return result.stdout
+        return admin_kubectl(self.plane, *args, check=check, stdin=stdin)
 
     def get(self, *args: str) -> dict[str, Any]:
         return dict(json.loads(self.kubectl("get", *args, "-o", "json")))
 
     def log(self) -> str:
         return self.log_file.read_text(errors="replace")
-
-
-def eventually(what: str, probe: Callable[[], Any], *, timeout: float = 60.0) -> Any:
-    """Call `probe` until it returns something truthy; fail naming `what` after `timeout`."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        found = probe()
-        if found:
-            return found
-        time.sleep(0.5)
-    pytest.fail(f"{what} did not happen within {timeout:.0f} s")
 
 
 def ready(node: dict[str, Any]) -> str:

@@ -13,8 +13,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,7 +25,7 @@ from hpk.controlplane.job import prepare_kubelet
 from hpk.pki import ClusterPKI
 from hpk.test_images import register_test_images
 from hpk.testbed.bed import Testbed
-from hpk.toolchain import Toolchain
+from tests.e2e.kube import admin_kubectl, eventually
 from tests.e2e.planes import TEST_PLANE_SETTINGS
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
@@ -41,22 +40,7 @@ class Cluster:
     log_file: Path
 
     def kubectl(self, *args: str, check: bool = True, stdin: str | None = None) -> str:
-        result = subprocess.run(
-            [
-                str(Toolchain.load().binary("kubectl")),
-                f"--kubeconfig={self.plane.layout.admin_kubeconfig}",
-                "--request-timeout=20s",
-                *args,
-            ],
-            input=stdin,
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
-        )
-        if check and result.returncode != 0:
-            raise AssertionError(f"kubectl {' '.join(args)} failed: {result.stderr}")
-        return result.stdout
+        return admin_kubectl(self.plane, *args, check=check, stdin=stdin)
 
     def pod(self, name: str) -> dict[str, Any] | None:
         out = self.kubectl("get", "pod", "-n", NAMESPACE, name, "-o", "json", check=False)
@@ -88,16 +72,6 @@ class Cluster:
 
     def log(self) -> str:
         return self.log_file.read_text(errors="replace")
-
-
-def eventually(what: str, probe: Callable[[], Any], *, timeout: float = 60.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        found = probe()
-        if found:
-            return found
-        time.sleep(0.5)
-    pytest.fail(f"{what} did not happen within {timeout:.0f} s")
 
 
 def slurm(*argv: str) -> str:

@@ -1,0 +1,46 @@
+"""Helpers for the end-to-end tests that drive a control plane they started themselves."""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from hpk.controlplane import ControlPlane
+from hpk.toolchain import Toolchain
+
+
+def admin_kubectl(
+    plane: ControlPlane, *args: str, check: bool = True, stdin: str | None = None
+) -> str:
+    """The pinned kubectl as the cluster's admin; fails the test when `check` and it fails."""
+    result = subprocess.run(
+        [
+            str(Toolchain.load().binary("kubectl")),
+            f"--kubeconfig={plane.layout.admin_kubeconfig}",
+            "--request-timeout=20s",
+            *args,
+        ],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    if check and result.returncode != 0:
+        raise AssertionError(f"kubectl {' '.join(args)} failed: {result.stderr}")
+    return result.stdout
+
+
+def eventually(what: str, probe: Callable[[], Any], *, timeout: float = 60.0) -> Any:
+    """Call `probe` until it returns something truthy; fail naming `what` after `timeout`."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = probe()
+        if found:
+            return found
+        time.sleep(0.5)
+    pytest.fail(f"{what} did not happen within {timeout:.0f} s")
