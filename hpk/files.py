@@ -10,8 +10,10 @@ that a reader (or a job killed half-way) never sees a half-written key.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 PRIVATE_DIR_MODE = 0o700
@@ -71,3 +73,19 @@ def open_private_append(path: Path) -> int:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, PRIVATE_FILE_MODE)
     os.fchmod(fd, PRIVATE_FILE_MODE)
     return fd
+
+
+@contextlib.contextmanager
+def held_lock(path: Path, *, mode: int = PUBLIC_FILE_MODE) -> Iterator[None]:
+    """Hold an exclusive flock on `path`, created with `mode` if missing, until the block ends.
+
+    flock needs no write access, so users who share a folder can take each other's locks, and
+    the kernel drops a lock when its holder dies, so none is ever left stale. The lock file is
+    never removed: a waiter would otherwise lock a file a newcomer no longer sees.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, mode)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing the last descriptor releases the lock

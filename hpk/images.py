@@ -25,7 +25,6 @@ Locks are `fcntl.flock` locks, which hold across nodes on NFS; Lustre needs `-o 
 
 from __future__ import annotations
 
-import fcntl
 import logging
 import os
 import re
@@ -37,6 +36,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
+from hpk.files import held_lock
 from hpk.paths import hpk_home
 
 log = logging.getLogger(__name__)
@@ -320,14 +320,8 @@ def image_lock(reference: str, *, cache_dir: Path | None = None) -> Iterator[Pat
     target = root / relative_image_path(parse_reference(reference))
     _ensure_cache_root(root)
     _make_folder(target.parent)
-    lock_path = target.with_name(f".{target.name}.lock")
-    # flock needs no write access, so users sharing the cache can take each other's locks.
-    fd = os.open(lock_path, os.O_RDONLY | os.O_CREAT, _FILE_MODE)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+    with held_lock(target.with_name(f".{target.name}.lock"), mode=_FILE_MODE):
         yield target
-    finally:
-        os.close(fd)  # closing the last descriptor releases the lock
 
 
 def check_sif(path: Path) -> None:

@@ -15,7 +15,6 @@ recipes do all their work on the host (see the recipes' %setup sections).
 from __future__ import annotations
 
 import argparse
-import fcntl
 import filecmp
 import hashlib
 import logging
@@ -23,12 +22,12 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
+from hpk.files import held_lock
 from hpk.images import cached_image, check_sif, import_image
 from hpk.paths import container_dir
 from hpk.toolchain import Toolchain, ToolchainMissing, tools_dir
@@ -87,17 +86,6 @@ def _say(message: str) -> None:
     print(f"[test-images] {message}", flush=True)
 
 
-@contextmanager
-def _build_lock(folder: Path) -> Iterator[None]:
-    # Test sessions started side by side must not build the same image twice at once.
-    fd = os.open(folder / ".build.lock", os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)
-
-
 def ensure_test_images(progress: Callable[[str], None] = _say) -> dict[str, Path]:
     """Build the test images that are not cached yet; returns reference -> SIF file."""
     toolchain = Toolchain.load()
@@ -113,7 +101,7 @@ def ensure_test_images(progress: Callable[[str], None] = _say) -> dict[str, Path
     log_dir = tools_dir() / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
     log_file = log_dir / f"test-images-{datetime.now(UTC):%Y%m%d-%H%M%S}.log"
-    with _build_lock(folder):
+    with held_lock(folder / ".build.lock"):
         for image in TEST_IMAGES:
             target = wanted[image.reference]
             if target.is_file():

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import fcntl
 import hashlib
 import io
 import logging
@@ -29,8 +28,7 @@ import struct
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
@@ -38,6 +36,7 @@ from pathlib import Path, PurePosixPath
 from hpk.apptainer import FUSE_DEVICE, fuse_usable, run_options
 from hpk.controlplane.errors import ControlPlaneError
 from hpk.controlplane.settings import IMAGE_BIN_DIR
+from hpk.files import held_lock
 from hpk.images import InvalidImageFile, check_sif
 from hpk.paths import container_dir
 from hpk.process import ProcessSpec, tail
@@ -197,17 +196,6 @@ def _say(message: str) -> None:
     print(f"[control-plane-image] {message}", file=sys.stderr, flush=True)
 
 
-@contextmanager
-def _build_lock(folder: Path) -> Iterator[None]:
-    # Sessions started side by side must not build the same image twice at once.
-    fd = os.open(folder / ".control-plane-image.lock", os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)
-
-
 def ensure_image(
     toolchain: Toolchain | None = None, *, progress: Callable[[str], None] = _say
 ) -> Path:
@@ -238,7 +226,7 @@ def ensure_image(
             f"cannot write to the tool folder {tools.root}; build as its owner, or point "
             "HPK_TOOLS_DIR at a tool folder of your own"
         )
-    with _build_lock(tools.root):
+    with held_lock(tools.root / ".control-plane-image.lock"):
         if target.is_file():  # built meanwhile by another session
             progress(f"cached: {target}")
             return target
@@ -457,7 +445,7 @@ def runnable_image(
     if done.exists() and target.is_dir():
         return target
     root.mkdir(mode=0o700, parents=True, exist_ok=True)
-    with _build_lock(root):
+    with held_lock(root / ".control-plane-image.lock"):
         if done.exists() and target.is_dir():
             return target
         partial = root / f".{image.stem}.{os.getpid()}.part"
