@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
+import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -44,3 +47,34 @@ def eventually(what: str, probe: Callable[[], Any], *, timeout: float = 60.0) ->
             return found
         time.sleep(0.5)
     pytest.fail(f"{what} did not happen within {timeout:.0f} s")
+
+
+def start_kubelet(
+    plane: ControlPlane, kubeconfig: Path, *, log_file: Path, env: Mapping[str, str]
+) -> subprocess.Popen[bytes]:
+    """hpk-kubelet against `plane`, as the control-plane job starts it, logging to `log_file`."""
+    with log_file.open("wb") as out:
+        return subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "kubelet_py.main",
+                f"--kubeconfig={kubeconfig}",
+                f"--node-ip={plane.context.advertise_address}",
+            ],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **env},
+        )
+
+
+def stop_process(process: subprocess.Popen[bytes] | None) -> None:
+    """SIGTERM, then SIGKILL after 10 s; nothing if it has already ended."""
+    if process is None or process.poll() is not None:
+        return
+    process.terminate()
+    try:
+        process.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(timeout=10)

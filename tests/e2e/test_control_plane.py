@@ -7,8 +7,7 @@ from __future__ import annotations
 import json
 import re
 import subprocess
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
@@ -19,6 +18,7 @@ from hpk.controlplane.ports import port_is_free
 from hpk.controlplane.probes import TLSClient, request
 from hpk.pki import ClusterPKI, load_certificate
 from hpk.toolchain import Toolchain
+from tests.e2e.kube import eventually
 from tests.e2e.planes import TEST_PLANE_SETTINGS
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
@@ -57,18 +57,6 @@ def dig(plane: ControlPlane, name: str, *options: str) -> str:
         check=False,
     )
     return result.stdout
-
-
-def eventually(what: str, probe: Callable[[], str], *, timeout: float = 60.0) -> str:
-    """Call `probe` until it returns a non-empty string; fail with `what` after `timeout`."""
-    deadline = time.monotonic() + timeout
-    last = ""
-    while time.monotonic() < deadline:
-        last = probe()
-        if last:
-            return last
-        time.sleep(0.5)
-    pytest.fail(f"{what} did not happen within {timeout:.0f} s")
 
 
 def processes_mentioning(folder: Path) -> list[psutil.Process]:

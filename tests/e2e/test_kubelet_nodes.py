@@ -9,11 +9,9 @@ The tests run in file order against one kubelet; the last one stops it.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -29,7 +27,7 @@ from hpk.pki import ClusterPKI
 from hpk.testbed.bed import Testbed
 from hpk.toolchain import Toolchain
 from kubelet_py import CONNECTED_MESSAGE
-from tests.e2e.kube import admin_kubectl, eventually
+from tests.e2e.kube import admin_kubectl, eventually, start_kubelet, stop_process
 from tests.e2e.planes import TEST_PLANE_SETTINGS
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
@@ -76,19 +74,12 @@ def kubelet(testbed: Testbed) -> Iterator[Kubelet]:
         kubeconfig = prepare_kubelet(plane)
         log_file = root / "kubelet.log"
         started = time.monotonic()
-        with log_file.open("wb") as out:
-            process = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "kubelet_py.main",
-                    f"--kubeconfig={kubeconfig}",
-                    f"--node-ip={plane.context.advertise_address}",
-                ],
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                env={**os.environ, "SLURM_CONF": str(testbed.settings.slurm_conf)},
-            )
+        process = start_kubelet(
+            plane,
+            kubeconfig,
+            log_file=log_file,
+            env={"SLURM_CONF": str(testbed.settings.slurm_conf)},
+        )
         running = Kubelet(
             plane=plane,
             process=process,
@@ -110,9 +101,7 @@ def kubelet(testbed: Testbed) -> Iterator[Kubelet]:
         yield running
         running.kubectl("delete", "namespace", NAMESPACE, "--wait=false", check=False)
     finally:
-        if process is not None and process.poll() is None:
-            process.kill()
-            process.wait(timeout=10)
+        stop_process(process)
         plane.stop()
         shutil.rmtree(root, ignore_errors=True)
 

@@ -7,11 +7,9 @@ and kubectl as the cluster's admin.
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import subprocess
-import sys
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -25,7 +23,7 @@ from hpk.controlplane.job import prepare_kubelet
 from hpk.pki import ClusterPKI
 from hpk.test_images import register_test_images
 from hpk.testbed.bed import Testbed
-from tests.e2e.kube import admin_kubectl, eventually
+from tests.e2e.kube import admin_kubectl, eventually, start_kubelet, stop_process
 from tests.e2e.planes import TEST_PLANE_SETTINGS
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
@@ -90,23 +88,12 @@ def cluster(testbed: Testbed) -> Iterator[Cluster]:
     try:
         kubeconfig = prepare_kubelet(plane)
         log_file = root / "kubelet.log"
-        with log_file.open("wb") as out:
-            process = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "kubelet_py.main",
-                    f"--kubeconfig={kubeconfig}",
-                    f"--node-ip={plane.context.advertise_address}",
-                ],
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                env={
-                    **os.environ,
-                    "SLURM_CONF": str(testbed.settings.slurm_conf),
-                    "HPK_HOME": str(home),
-                },
-            )
+        process = start_kubelet(
+            plane,
+            kubeconfig,
+            log_file=log_file,
+            env={"SLURM_CONF": str(testbed.settings.slurm_conf), "HPK_HOME": str(home)},
+        )
         running = Cluster(plane=plane, home=home, log_file=log_file)
         eventually(
             "node hpk-batch",
@@ -122,12 +109,7 @@ def cluster(testbed: Testbed) -> Iterator[Cluster]:
         yield running
         running.kubectl("delete", "pods", "--all", "-n", NAMESPACE, "--wait=false", check=False)
     finally:
-        if process is not None and process.poll() is None:
-            process.terminate()
-            try:
-                process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                process.kill()
+        stop_process(process)
         plane.stop()
         shutil.rmtree(root, ignore_errors=True)
 
