@@ -1,13 +1,14 @@
 """The README's first command, on the test bed: a Slurm job that runs the python test image
-under Apptainer, then `hpk up` (the control-plane job) and kubectl against it.
-
-It grows into "run a pod with kubectl" as the kubelet lands.
+under Apptainer, then `hpk up` (the control-plane job), then a pod created with kubectl, shown
+as Kubernetes sees it (`kubectl get pod`, `kubectl logs`) and as Slurm does (`sacct`).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
+import time
 
 from hpk import cluster
 from hpk.apptainer import run_options
@@ -16,6 +17,7 @@ from hpk.images import cached_image
 from hpk.test_images import register_test_images
 from hpk.testbed.bed import Progress, Testbed, TestbedError
 from hpk.toolchain import Toolchain
+from kubelet_py.provider import JOB_ID_ANNOTATION
 
 DEMO_IMAGE = "docker.io/library/python:3.11"
 DEMO_PROGRAM = (
@@ -36,21 +38,85 @@ def run_demo(bed: Testbed, progress: Progress = print) -> int:
     status = cluster.up(home, progress=progress)
     if status != 0:
         return status
-    kubectl = str(Toolchain.load().binary("kubectl"))
-    for args in (["get", "--raw=/readyz"], ["get", "namespaces"]):
-        progress(f"kubectl {' '.join(args)}")
-        shown = subprocess.run(
-            [kubectl, f"--kubeconfig={home.kubeconfig}", *args],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
-        )
-        for line in (shown.stdout + shown.stderr).splitlines():
-            progress(f"  | {line}")
-        if shown.returncode != 0:
-            return shown.returncode
+    status = run_demo_pod(home, progress)
+    if status != 0:
+        return status
     progress(f"the cluster keeps running: export KUBECONFIG={home.kubeconfig}; `hpk down` stops it")
+    return 0
+
+
+DEMO_POD = "hpk-demo"
+DEMO_POD_MANIFEST = {
+    "apiVersion": "v1",
+    "kind": "Pod",
+    "metadata": {"name": DEMO_POD, "namespace": "default"},
+    "spec": {
+        "restartPolicy": "Never",
+        # Service-account token volumes are not supported yet.
+        "automountServiceAccountToken": False,
+        "containers": [
+            {
+                "name": "hello",
+                "image": DEMO_IMAGE,
+                "command": ["python3", "-c", DEMO_PROGRAM],
+                "resources": {"requests": {"cpu": "1", "memory": "512Mi"}},
+            }
+        ],
+    },
+}
+
+
+def run_demo_pod(home: HpkHome, progress: Progress = print) -> int:
+    """Create a pod with kubectl, wait for it to end, and show it, its log and its job."""
+    kubectl = [str(Toolchain.load().binary("kubectl")), f"--kubeconfig={home.kubeconfig}"]
+
+    def show(*args: str, stdin: str | None = None, quiet: bool = False) -> int:
+        if not quiet:
+            progress(f"kubectl {' '.join(args)}")
+        shown = subprocess.run(
+            [*kubectl, *args], input=stdin, capture_output=True, text=True, timeout=300, check=False
+        )
+        if not quiet or shown.returncode != 0:
+            for line in (shown.stdout + shown.stderr).splitlines():
+                progress(f"  | {line}")
+        return shown.returncode
+
+    for args in (["get", "--raw=/readyz"], ["get", "nodes"]):
+        if status := show(*args):
+            return status
+    show("delete", "pod", DEMO_POD, "--ignore-not-found", "--wait=true", quiet=True)
+    # The namespace's default service account may still be on its way in a new cluster.
+    deadline = time.monotonic() + 60
+    while status := show("create", "-f", "-", stdin=json.dumps(DEMO_POD_MANIFEST), quiet=True):
+        if time.monotonic() > deadline:
+            return status
+        time.sleep(1)
+    progress(f"pod {DEMO_POD} created; waiting for it to succeed")
+    wait = ["wait", f"pod/{DEMO_POD}", "--for=jsonpath={.status.phase}=Succeeded"]
+    if status := show(*wait, "--timeout=300s"):
+        show("describe", "pod", DEMO_POD)
+        return status
+    for args in (["get", "pod", DEMO_POD, "-o", "wide"], ["logs", DEMO_POD]):
+        if status := show(*args):
+            return status
+    found = subprocess.run(
+        [*kubectl, "get", "pod", DEMO_POD, "-o", "json"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    job_id = json.loads(found.stdout)["metadata"]["annotations"][JOB_ID_ANNOTATION]
+    progress(f"sacct -j {job_id}")
+    accounted = subprocess.run(
+        ["sacct", "-X", "-j", job_id, "-o", "JobID,JobName%30,Partition,AllocCPUS,State,ExitCode"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    for line in (accounted.stdout + accounted.stderr).splitlines():
+        progress(f"  | {line}")
     return 0
 
 

@@ -98,7 +98,11 @@ class UserInstall:
         }
 
     def run(
-        self, *argv: str, env: dict[str, str] | None = None, timeout: float = 300
+        self,
+        *argv: str,
+        env: dict[str, str] | None = None,
+        timeout: float = 300,
+        stdin: str | None = None,
     ) -> subprocess.CompletedProcess[str]:
         """Run a command as the user (runuser keeps only the environment given here)."""
         return subprocess.run(
@@ -112,6 +116,7 @@ class UserInstall:
                 *_env_args(env or self.env()),
                 *argv,
             ],
+            input=stdin,
             capture_output=True,
             text=True,
             timeout=timeout,

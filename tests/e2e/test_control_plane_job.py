@@ -24,8 +24,10 @@ import psutil
 import pytest
 
 from hpk.controlplane.image import ensure_image
+from hpk.test_images import built_images_dir
 from hpk.toolchain import Toolchain
 from tests.e2e.conftest import UserInstall
+from tests.e2e.kube import eventually
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -43,10 +45,10 @@ class Cluster:
     def hpk(self, *args: str) -> subprocess.CompletedProcess[str]:
         return self.install.run("hpk", *args)
 
-    def kubectl(self, *args: str) -> subprocess.CompletedProcess[str]:
+    def kubectl(self, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
         kubectl = Toolchain.load().binary("kubectl")
         env = self.install.env(KUBECONFIG=str(self.kubeconfig))
-        return self.install.run(str(kubectl), "--request-timeout=20s", *args, env=env)
+        return self.install.run(str(kubectl), "--request-timeout=20s", *args, env=env, stdin=stdin)
 
     def record(self) -> dict[str, object]:
         return dict(json.loads((self.home / "control-plane.json").read_text()))
@@ -116,6 +118,60 @@ def test_namespace_and_configmap_round_trip(cluster: Cluster) -> None:
     assert created.returncode == 0, created.stderr
     read = cluster.kubectl("-n", "e2e", "get", "configmap", "kept", "-o", "jsonpath={.data.answer}")
     assert read.stdout == "42"
+
+
+def test_a_pod_runs_as_the_users_slurm_job(cluster: Cluster) -> None:
+    busybox = built_images_dir() / "busybox.sif"
+    imported = cluster.hpk("images", "import", "docker.io/library/busybox:latest", str(busybox))
+    assert imported.returncode == 0, imported.stderr
+    cluster.kubectl("create", "namespace", "pods")
+    pod = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": "whoami", "namespace": "pods"},
+        "spec": {
+            "restartPolicy": "Never",
+            "automountServiceAccountToken": False,
+            "containers": [{"name": "main", "image": "busybox", "command": ["id", "-u"]}],
+        },
+    }
+    # The namespace's default service account appears shortly after the namespace.
+    deadline = time.monotonic() + 60
+    while True:
+        created = cluster.kubectl("create", "-f", "-", stdin=json.dumps(pod))
+        if created.returncode == 0 or time.monotonic() > deadline:
+            break
+        time.sleep(1)
+    assert created.returncode == 0, created.stderr
+    waited = cluster.kubectl(
+        "wait",
+        "-n",
+        "pods",
+        "pod/whoami",
+        "--for=jsonpath={.status.phase}=Succeeded",
+        "--timeout=180s",
+    )
+    assert waited.returncode == 0, (
+        waited.stderr + cluster.kubectl("get", "pod", "-n", "pods", "whoami", "-o", "yaml").stdout
+    )
+    annotations = cluster.kubectl(
+        "get", "pod", "-n", "pods", "whoami", "-o", "jsonpath={.metadata.annotations}"
+    )
+    job_id = json.loads(annotations.stdout)["slurm.hpk.io/job-id"]
+    wanted = f"{cluster.install.user.pw_name}|COMPLETED"
+
+    def accounted() -> bool:
+        line = subprocess.run(
+            ["sacct", "-n", "-X", "-P", "-j", job_id, "-o", "User,State"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        return line == wanted
+
+    eventually(f"sacct: job {job_id} {wanted}", accounted, timeout=30)
+    logs = cluster.kubectl("logs", "-n", "pods", "whoami")
+    assert logs.stdout.strip() == str(cluster.install.user.pw_uid), logs.stderr
 
 
 def test_coredns_resolves_the_kubernetes_service(cluster: Cluster) -> None:
