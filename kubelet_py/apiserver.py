@@ -18,7 +18,7 @@ import contextlib
 import json
 import logging
 import threading
-from collections.abc import Generator, Iterator, Mapping, Sequence
+from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -400,6 +400,10 @@ class ListWatch:
     fell out of the server's window) lists again; a stream the server ends, or that stays
     quiet too long, is opened again from the last version seen; an unreachable server is
     retried with a capped backoff. `stop` ends the iteration from any thread.
+
+    Callbacks given to `when_listed` are called with a list's objects once the last of
+    them has been taken from the iteration (on the iterating thread, before the watch
+    opens): the consumer has then seen every object that existed at the list's version.
     """
 
     def __init__(
@@ -425,6 +429,11 @@ class ListWatch:
         self._stopping = threading.Event()
         self._lock = threading.Lock()
         self._stream: WatchStream | None = None
+        self._listed: list[Callable[[list[JSON]], None]] = []
+
+    def when_listed(self, callback: Callable[[list[JSON]], None]) -> None:
+        """Have `callback(objects)` called after each full list has been iterated."""
+        self._listed.append(callback)
 
     def stop(self) -> None:
         self._stopping.set()
@@ -453,6 +462,11 @@ class ListWatch:
                     )
                     for item in items:
                         yield WatchEvent("LISTED", item)
+                    for callback in list(self._listed):
+                        try:
+                            callback(items)
+                        except Exception:  # a consumer's bug must not end the watch
+                            log.exception("a callback on the list of %s failed", self.path)
                 version = yield from self._watch_once(version)
                 backoff = 0.0
             except Gone:

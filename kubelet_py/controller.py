@@ -1,11 +1,25 @@
 """The pod controller: joins the API server's pods to the provider's jobs.
 
-It follows every pod bound to one of the kubelet's nodes, keyed namespace/name in a work
-queue with capped backoff, and: starts new pods through the provider and records the job ID
-in the pod's `slurm.hpk.io/job-id` annotation; writes the status the provider computes to
-/status when it changed (never over a terminal pod); fails pods the provider refuses, with a
-Warning Event; cancels the job of a pod being deleted and then confirms the deletion. It
-talks to the API server through kubelet_py.apiserver and to Slurm only through the provider.
+It follows every pod bound to one of the kubelet's nodes in a work queue with capped
+backoff, handled by several workers, never two at once for the same pod, and:
+
+- starts new pods through the provider and records the job ID in the pod's
+  `slurm.hpk.io/job-id` annotation (after a restart the provider adopts the job a pod
+  already has, and never submits a second one);
+- writes the status the provider computes to /status when it changed (never over a terminal
+  pod, and not before Slurm has listed the job: a restart must not turn Running back into
+  Pending);
+- fails pods the provider refuses, with a Warning Event;
+- stops the job of a pod being deleted: TERM first, KILL once the pod's grace period is over
+  if the job still runs, then confirms the deletion (the queue brings the pod back when the
+  job ends or the grace period is over: no worker waits);
+- after each full list of the pods (the first one after a start, and any list again after a
+  410), cancels the kubelet's Slurm jobs whose pod no longer exists.
+
+Pods are keyed `namespace/name`, deletions `namespace/name/uid` (a new pod of the same name
+is another pod); both keys of a name share one lock in the queue. The orphan sweep has its
+own key. It talks to the API server through kubelet_py.apiserver and to Slurm only through
+the provider.
 """
 
 from __future__ import annotations
@@ -15,11 +29,20 @@ import datetime as dt
 import logging
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Protocol
 
-from kubelet_py.apiserver import ApiError, ApiUnavailable, KubeApi, NotFound, WatchEvent, pod_path
+from kubelet_py.apiserver import (
+    ApiError,
+    ApiUnavailable,
+    Conflict,
+    ListWatch,
+    NotFound,
+    WatchEvent,
+    pod_path,
+)
 from kubelet_py.binder import pod_event
 from kubelet_py.errors import InvalidPodSpec
 from kubelet_py.provider import JOB_ID_ANNOTATION, SlurmProvider, pod_key
@@ -31,11 +54,31 @@ log = logging.getLogger(__name__)
 JSON = dict[str, Any]
 TERMINAL = ("Succeeded", "Failed")
 BOUND_PODS = "spec.nodeName!="
+SWEEP = ":orphans"
+"""The queue key of the orphan sweep (no pod key contains a colon)."""
+DEFAULT_GRACE_S = 30
+"""Kubernetes' default terminationGracePeriodSeconds."""
+
+
+class PodApi(Protocol):
+    """What the controller needs from the API server (kubelet_py.apiserver.KubeApi)."""
+
+    def request(self, method: str, path: str, *, body: Mapping[str, Any] | None = None) -> JSON: ...
+
+    def merge_patch(self, path: str, patch: Mapping[str, Any]) -> JSON: ...
+
+    def patch_pod_status(self, *, namespace: str, name: str, patch: Mapping[str, Any]) -> JSON: ...
+
+    def create_event(self, namespace: str, event: Mapping[str, Any]) -> JSON: ...
 
 
 @dataclass(frozen=True)
 class ControllerSettings:
-    """How the pod controller retries."""
+    """How the pod controller works and retries."""
+
+    workers: int = 8
+    """Pods handled at once (threads). Submissions wait on sbatch and the API server, not
+    on this process, so several workers submit several times faster than one."""
 
     retry_initial_s: float = 1.0
     """First wait before handling a pod again after a failure."""
@@ -43,12 +86,25 @@ class ControllerSettings:
     retry_max_s: float = 60.0
     """Longest wait between attempts."""
 
+    stop_timeout_s: float = 2.0
+    """How long `work` waits for its other workers when it is stopped."""
+
+
+def group_of(key: str) -> str:
+    """The lock a key takes in the queue: `namespace/name` for pod and deletion keys."""
+    return "/".join(key.split("/")[:2])
+
 
 class _Queue:
-    """Keys waiting to be handled, each with the time it is due."""
+    """Keys waiting to be handled, each with the time it is due.
+
+    A key taken is busy until `done`, and so is every key of its group (`group_of`): a key
+    put meanwhile waits until then. So no two workers ever handle one pod at once.
+    """
 
     def __init__(self) -> None:
         self._due: dict[str, float] = {}
+        self._busy: set[str] = set()
         self._changed = threading.Condition()
 
     def put(self, key: str, *, delay_s: float = 0.0) -> None:
@@ -57,23 +113,64 @@ class _Queue:
             self._due[key] = min(when, self._due.get(key, when))
             self._changed.notify()
 
+    def done(self, key: str) -> None:
+        with self._changed:
+            self._busy.discard(group_of(key))
+            self._changed.notify_all()
+
     def wake(self) -> None:
         with self._changed:
             self._changed.notify_all()
+
+    def __len__(self) -> int:
+        with self._changed:
+            return len(self._due)
 
     def take(self, stop: threading.Event, *, poll_s: float = 0.5) -> str | None:
         with self._changed:
             while not stop.is_set():
                 now = time.monotonic()
-                due = [(when, key) for key, when in self._due.items() if when <= now]
-                if due:
-                    key = min(due)[1]
+                ready = [
+                    (when, key)
+                    for key, when in self._due.items()
+                    if when <= now and group_of(key) not in self._busy
+                ]
+                if ready:
+                    key = min(ready)[1]
                     del self._due[key]
+                    self._busy.add(group_of(key))
                     return key
-                upcoming = min(self._due.values(), default=None)
+                upcoming = min(
+                    (when for key, when in self._due.items() if group_of(key) not in self._busy),
+                    default=None,
+                )
                 timeout = poll_s if upcoming is None else min(poll_s, max(0.0, upcoming - now))
                 self._changed.wait(timeout)
         return None
+
+
+@dataclass
+class _Deletion:
+    """A pod being deleted, from the first sign until its job has stopped."""
+
+    pod: JSON
+    gone: bool = False
+    """The API object is gone already (deleted with no grace, or while the kubelet was away)."""
+    deadline: float | None = None
+    """When the grace period is over (monotonic); None until the first signal."""
+    killed: bool = False
+
+
+@dataclass
+class _Written:
+    uid: str
+    status: JSON
+
+
+@dataclass
+class _Listed:
+    uids: frozenset[str] = field(default_factory=frozenset)
+    count: int = 0
 
 
 class PodController:
@@ -81,7 +178,7 @@ class PodController:
 
     def __init__(
         self,
-        api: KubeApi,
+        api: PodApi,
         provider: SlurmProvider,
         *,
         partition_of: Callable[[str], str | None],
@@ -93,101 +190,176 @@ class PodController:
         """Node name -> its Slurm partition; None for a node that is not the kubelet's."""
         self.settings = settings or ControllerSettings()
         self._pods: dict[str, JSON] = {}
-        self._written: dict[str, JSON] = {}
+        self._deletions: dict[str, _Deletion] = {}
+        self._confirmed: OrderedDict[str, None] = OrderedDict()
+        self._written: dict[str, _Written] = {}
+        self._annotated: set[str] = set()
         self._failures: dict[str, int] = {}
+        self._listed = _Listed()
         self._lock = threading.Lock()
         self._queue = _Queue()
-        provider.notify_pods(self._queue.put)
+        provider.notify_pods(self._job_changed)
 
     # -- feeding --------------------------------------------------------------------------
 
     def offer(self, event: WatchEvent) -> None:
         pod = event.object
         key = pod_key(pod)
+        metadata = pod.get("metadata") or {}
+        uid = str(metadata.get("uid", ""))
         node = str((pod.get("spec") or {}).get("nodeName") or "")
         if self.partition_of(node) is None:
             return
+        if event.type == "DELETED":
+            self._gone(key, pod)
+            return
         with self._lock:
-            if event.type == "DELETED":
-                self._pods.pop(key, None)
-                gone = pod
-            else:
-                self._pods[key] = pod
-                gone = None
-        if gone is not None:
-            self._deleted(key, gone)
+            self._pods[key] = pod
+        if metadata.get("deletionTimestamp"):
+            self._deleting(f"{key}/{uid}", pod, gone=False)
             return
         self.provider.update_pod(pod)
         self._queue.put(key)
 
     def follow(self, events: Iterable[WatchEvent]) -> None:
+        """Offer every event until the iteration ends; a ListWatch also tells the controller
+        when each full list has been offered, which starts the orphan sweep."""
+        if isinstance(events, ListWatch):
+            events.when_listed(self.listed)
         for event in events:
             self.offer(event)
 
+    def listed(self, items: list[JSON]) -> None:
+        """Every bound pod of a full list has been offered: forget the pods the list no
+        longer has (deleted while no watch was open), then sweep Slurm for orphans."""
+        uids = frozenset(str((item.get("metadata") or {}).get("uid", "")) for item in items)
+        with self._lock:
+            self._listed = _Listed(uids=uids, count=self._listed.count + 1)
+            vanished = [
+                pod
+                for pod in self._pods.values()
+                if str((pod.get("metadata") or {}).get("uid", "")) not in uids
+            ]
+        for pod in vanished:
+            self._gone(pod_key(pod), pod)
+        self._queue.put(SWEEP)
+
     def work(self, stop: threading.Event) -> None:
+        """Handle queued keys on `settings.workers` threads (this one included) until `stop`."""
+        helpers = [
+            threading.Thread(target=self._work, args=(stop,), name=f"pods-{number}", daemon=True)
+            for number in range(1, max(1, self.settings.workers))
+        ]
+        for helper in helpers:
+            helper.start()
+        self._work(stop)
+        deadline = time.monotonic() + self.settings.stop_timeout_s
+        for helper in helpers:
+            helper.join(max(0.0, deadline - time.monotonic()))
+
+    def stop(self) -> None:
+        self._queue.wake()
+
+    @property
+    def lists_seen(self) -> int:
+        """How many full lists of the pods the controller was told of."""
+        with self._lock:
+            return self._listed.count
+
+    def _work(self, stop: threading.Event) -> None:
         while not stop.is_set():
             key = self._queue.take(stop)
             if key is None:
                 break
-            with self._lock:
-                pod = self._pods.get(key)
-            if pod is None:
-                continue
             try:
-                self.handle(key, pod)
-                self._failures.pop(key, None)
+                self._handle_key(key)
+                with self._lock:
+                    self._failures.pop(key, None)
             except (ApiError, ApiUnavailable, SlurmError) as error:
                 self._retry(key, f"{type(error).__name__}: {error}")
             except Exception:  # one pod's bug must not stop the others
                 log.exception("%s: handling failed unexpectedly", key)
                 self._retry(key, "unexpected error")
+            finally:
+                self._queue.done(key)
 
-    def stop(self) -> None:
-        self._queue.wake()
+    def _handle_key(self, key: str) -> None:
+        if key == SWEEP:
+            self.sweep()
+        elif key.count("/") == 2:
+            self.handle_deletion(key)
+        else:
+            with self._lock:
+                pod = self._pods.get(key)
+            if pod is not None:
+                self.handle(key, pod)
+
+    def _job_changed(self, key: str) -> None:
+        """The provider's notification: handle the pod again, and its deletion if any."""
+        with self._lock:
+            deletions = [dkey for dkey in self._deletions if group_of(dkey) == key]
+        self._queue.put(key)
+        for dkey in deletions:
+            self._queue.put(dkey)
 
     # -- handling -------------------------------------------------------------------------
 
     def handle(self, key: str, pod: JSON) -> None:
         metadata = pod.get("metadata") or {}
-        status = pod.get("status") or {}
+        uid = str(metadata.get("uid", ""))
         if metadata.get("deletionTimestamp"):
-            self._confirm_deletion(key, pod)
-            return
-        if status.get("phase") in TERMINAL:
+            return  # its deletion key handles it
+        with self._lock:
+            written = self._written.get(key)
+        if (pod.get("status") or {}).get("phase") in TERMINAL or (
+            written is not None and written.uid == uid and written.status.get("phase") in TERMINAL
+        ):
             self.provider.forget(pod)
             return
         job_id = self.provider.job_id(key)
+        annotated = (metadata.get("annotations") or {}).get(JOB_ID_ANNOTATION)
         if job_id is None:
             node = str((pod.get("spec") or {}).get("nodeName") or "")
-            adopting = bool((metadata.get("annotations") or {}).get(JOB_ID_ANNOTATION))
             try:
                 job_id = self.provider.create_pod(pod, partition=self.partition_of(node))
             except (InvalidPodSpec, ImageNotResolved, SubmissionFailed) as error:
                 self._fail(key, pod, error)
                 return
-            if not adopting:
+            if not annotated:
                 self._event(pod, "Normal", "Submitted", f"Slurm job {job_id} submitted")
-            if (metadata.get("annotations") or {}).get(JOB_ID_ANNOTATION) != job_id:
-                self.api.merge_patch(
-                    pod_path(metadata["namespace"], metadata["name"]),
-                    {"metadata": {"annotations": {JOB_ID_ANNOTATION: job_id}}},
-                )
+        if annotated != job_id and uid not in self._annotated:
+            self.api.merge_patch(
+                pod_path(metadata["namespace"], metadata["name"]),
+                {"metadata": {"annotations": {JOB_ID_ANNOTATION: job_id}}},
+            )
+            with self._lock:
+                self._annotated.add(uid)
         self._sync_status(key, pod, job_id)
 
     def _sync_status(self, key: str, pod: JSON, job_id: str) -> None:
+        if self.provider.job_view(key) is None:
+            return  # not listed by Slurm yet; the watcher brings the pod back when it is
         metadata = pod["metadata"]
+        uid = str(metadata.get("uid", ""))
         wanted = self.provider.get_pod_status(metadata["namespace"], metadata["name"])
         if wanted is None:
             return
         with self._lock:
-            before = self._written.get(key)
+            written = self._written.get(key)
+        if written is not None and written.uid == uid:
+            before: JSON | None = written.status
+        else:  # after a restart: what the pod shows is what was written last
+            current = pod.get("status") or {}
+            before = {name: current.get(name) for name in wanted} if current else None
         if wanted == before:
+            with self._lock:
+                self._written[key] = _Written(uid=uid, status=wanted)
             return
         self.api.patch_pod_status(
             namespace=metadata["namespace"], name=metadata["name"], patch={"status": wanted}
         )
         with self._lock:
-            self._written[key] = wanted
+            self._written[key] = _Written(uid=uid, status=wanted)
         phase = wanted.get("phase")
         old_phase = (before or {}).get("phase") or (pod.get("status") or {}).get("phase")
         log.info("%s: job %s: status %s", key, job_id, phase)
@@ -205,59 +377,128 @@ class PodController:
         log.warning("%s: failed: %s: %s", key, reason, message)
         metadata = pod["metadata"]
         containers = (pod.get("spec") or {}).get("containers") or []
-        self.api.patch_pod_status(
-            namespace=metadata["namespace"],
-            name=metadata["name"],
-            patch={
-                "status": {
-                    "phase": "Failed",
-                    "reason": reason,
-                    "message": message,
-                    "containerStatuses": [
-                        {
-                            "name": c.get("name", ""),
-                            "image": c.get("image", ""),
-                            "imageID": "",
-                            "ready": False,
-                            "restartCount": 0,
-                            "started": False,
-                            "state": {"waiting": {"reason": reason, "message": message}},
-                        }
-                        for c in containers
-                    ],
+        status = {
+            "phase": "Failed",
+            "reason": reason,
+            "message": message,
+            "containerStatuses": [
+                {
+                    "name": c.get("name", ""),
+                    "image": c.get("image", ""),
+                    "imageID": "",
+                    "ready": False,
+                    "restartCount": 0,
+                    "started": False,
+                    "state": {"waiting": {"reason": reason, "message": message}},
                 }
-            },
+                for c in containers
+            ],
+        }
+        self.api.patch_pod_status(
+            namespace=metadata["namespace"], name=metadata["name"], patch={"status": status}
         )
+        with self._lock:
+            self._written[key] = _Written(uid=str(metadata.get("uid", "")), status=status)
         self._event(pod, "Warning", reason, message)
 
-    def _confirm_deletion(self, key: str, pod: JSON) -> None:
-        self.provider.delete_pod(pod)
-        metadata = pod["metadata"]
-        with contextlib.suppress(NotFound):
-            self.api.request(
-                "DELETE",
-                pod_path(metadata["namespace"], metadata["name"]),
-                body={
-                    "apiVersion": "v1",
-                    "kind": "DeleteOptions",
-                    "gracePeriodSeconds": 0,
-                    "preconditions": {"uid": metadata.get("uid", "")},
-                },
-            )
-        log.info("%s: deletion confirmed", key)
+    # -- deletion -------------------------------------------------------------------------
 
-    def _deleted(self, key: str, pod: JSON) -> None:
-        try:
-            self.provider.delete_pod(pod)
-        except SlurmError as error:
-            log.warning("%s: cancelling the job of a deleted pod failed: %s", key, error)
+    def _deleting(self, dkey: str, pod: JSON, *, gone: bool) -> None:
+        uid = dkey.rsplit("/", 1)[1]
         with self._lock:
-            self._written.pop(key, None)
-            self._failures.pop(key, None)
+            if uid in self._confirmed:
+                return  # the echo of a deletion this controller confirmed
+            deletion = self._deletions.get(dkey)
+            if deletion is None:
+                deletion = self._deletions[dkey] = _Deletion(pod=pod)
+            deletion.pod = pod
+            deletion.gone = deletion.gone or gone
+        self._queue.put(dkey)
+
+    def _gone(self, key: str, pod: JSON) -> None:
+        uid = str((pod.get("metadata") or {}).get("uid", ""))
+        with self._lock:
+            current = self._pods.get(key)
+            if current is not None and (current.get("metadata") or {}).get("uid") == uid:
+                del self._pods[key]
+        self._deleting(f"{key}/{uid}", pod, gone=True)
+
+    def handle_deletion(self, dkey: str) -> None:
+        """One step of a deletion: signal the job, wait (by requeueing) for it to end or for
+        the grace period to pass, KILL it, then confirm the deletion."""
+        with self._lock:
+            deletion = self._deletions.get(dkey)
+        if deletion is None:
+            return
+        pod = deletion.pod
+        key = group_of(dkey)
+        now = time.monotonic()
+        if (pod.get("status") or {}).get("phase") in TERMINAL:
+            ended = True  # the job is over; nothing to signal
+        else:
+            if deletion.deadline is None:
+                grace = grace_period_s(pod)
+                deletion.deadline = now + grace
+                log.info("%s: deleting, grace period %d s", key, grace)
+            ended = self.provider.delete_pod(pod)
+            if not ended and now < deletion.deadline:
+                self._queue.put(dkey, delay_s=deletion.deadline - now)
+                return
+            if not ended and not deletion.killed:
+                self.provider.delete_pod(pod, kill=True)
+                deletion.killed = True
+                log.info("%s: grace period over, job killed", key)
+        self.provider.forget(pod)
+        metadata = pod["metadata"]
+        uid = str(metadata.get("uid", ""))
+        if not deletion.gone:
+            # Conflict: the uid precondition failed, a new pod took the name: ours is gone.
+            with contextlib.suppress(NotFound, Conflict):
+                self.api.request(
+                    "DELETE",
+                    pod_path(metadata["namespace"], metadata["name"]),
+                    body={
+                        "apiVersion": "v1",
+                        "kind": "DeleteOptions",
+                        "gracePeriodSeconds": 0,
+                        "preconditions": {"uid": uid},
+                    },
+                )
+            log.info("%s: deletion confirmed", key)
+        with self._lock:
+            self._deletions.pop(dkey, None)
+            self._confirmed[uid] = None
+            while len(self._confirmed) > 10_000:
+                self._confirmed.popitem(last=False)
+            written = self._written.get(key)
+            if written is not None and written.uid == uid:
+                del self._written[key]
+            self._annotated.discard(uid)
+
+    # -- recovery -------------------------------------------------------------------------
+
+    def sweep(self) -> None:
+        """Cancel the kubelet's Slurm jobs whose pod is gone (after a full list only)."""
+        with self._lock:
+            if self._listed.count == 0:
+                return
+
+        def alive() -> set[str]:
+            with self._lock:
+                uids = set(self._listed.uids)
+                uids.update(
+                    str((p.get("metadata") or {}).get("uid", "")) for p in self._pods.values()
+                )
+                uids.update(dkey.rsplit("/", 1)[1] for dkey in self._deletions)
+            return uids
+
+        cancelled = self.provider.sweep_orphans(alive)
+        log.info("orphan sweep: %d job(s) cancelled %s", len(cancelled), cancelled or "")
 
     def _retry(self, key: str, why: str) -> None:
-        count = self._failures.get(key, 0) + 1
-        self._failures[key] = count
+        with self._lock:
+            count = self._failures.get(key, 0) + 1
+            self._failures[key] = count
         delay = min(self.settings.retry_max_s, self.settings.retry_initial_s * 2 ** (count - 1))
         log.warning("%s: %s; trying again in %.0f s", key, why, delay)
         self._queue.put(key, delay_s=delay)
@@ -271,6 +512,18 @@ class PodController:
             )
         except (ApiError, ApiUnavailable) as error:
             log.warning("%s: event %s not recorded: %s", pod_key(pod), reason, error)
+
+
+def grace_period_s(pod: Mapping[str, Any]) -> int:
+    """The pod's grace period: the deletion's, else its spec's, else Kubernetes' default."""
+    metadata = pod.get("metadata") or {}
+    for value in (
+        metadata.get("deletionGracePeriodSeconds"),
+        (pod.get("spec") or {}).get("terminationGracePeriodSeconds"),
+    ):
+        if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+            return value
+    return DEFAULT_GRACE_S
 
 
 def _utcnow() -> dt.datetime:

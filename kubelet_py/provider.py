@@ -4,6 +4,11 @@
 each pod as one Slurm job. It owns the pod folders (`<hpk home>/pods/<namespace>/<name>/`),
 renders with kubelet_py.render, submits and cancels through the Slurm adapter and reads job
 states from the shared JobWatcher. It never talks to the API server: the controller does.
+
+Which Slurm jobs are this kubelet's: a job whose comment is `hpk-uid=<pod UID>` and whose
+working folder (`--chdir`, the pod folder) is `<pods_dir>/<namespace>/<name>`, with the job
+name `hpk/<namespace>/<name>` to match. The comment alone is not enough: one user may run
+two hpk clusters (two hpk homes) on the same Slurm, and each must leave the other's jobs be.
 """
 
 from __future__ import annotations
@@ -11,21 +16,24 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any, Protocol
 
 from hpk.images import cached_image
 from kubelet_py.render import RenderSettings, render_pod
-from kubelet_py.slurm import QueueEntry
+from kubelet_py.slurm import FINAL_STATES, ListedJob, SlurmError, SlurmUnavailable
 from kubelet_py.status import pod_status, read_markers
-from kubelet_py.watcher import JobView
+from kubelet_py.watcher import WAITING_STATES, JobView
 
 log = logging.getLogger(__name__)
 
 JOB_ID_ANNOTATION = "slurm.hpk.io/job-id"
 """The pod annotation that carries its Slurm job's ID once it was submitted."""
+
+UID_COMMENT = "hpk-uid="
+"""The start of the --comment of every job the kubelet submits (followed by the pod's UID)."""
 
 JOB_ID_FILE = "job-id"
 UID_FILE = "uid"
@@ -53,8 +61,18 @@ class PodLifecycleHandler(Protocol):
     def update_pod(self, pod: Mapping[str, Any]) -> None:
         """Take note of a newer version of a known pod; a running job is not changed."""
 
-    def delete_pod(self, pod: Mapping[str, Any]) -> None:
-        """Stop the pod's job and forget it. Idempotent: an unknown pod or ended job is fine."""
+    def delete_pod(self, pod: Mapping[str, Any], *, kill: bool = False) -> bool:
+        """Ask the pod's job to stop and return whether it has ended.
+
+        The first call sends the job the first signal (TERM), a call with `kill` sends KILL;
+        a signal already sent is not sent again, and a job that has not started is cancelled
+        outright. The job stays watched (and `notify_pods` callbacks keep coming) until
+        `forget`. Idempotent: a pod without a job, or whose job has ended, returns True.
+        Raises SlurmUnavailable when it should be tried again later.
+        """
+
+    def forget(self, pod: Mapping[str, Any]) -> None:
+        """Stop tracking the pod and its job. Idempotent."""
 
     def get_pod(self, namespace: str, name: str) -> JSON | None:
         """The pod as the provider last saw it, or None if it does not know it."""
@@ -78,7 +96,7 @@ class JobRunner(Protocol):
 
     def cancel(self, job_id: str, *, signal: str | None = None) -> None: ...
 
-    def jobs_with_comment_prefix(self, prefix: str) -> dict[str, QueueEntry]: ...
+    def listed_jobs(self, comment_prefix: str) -> dict[str, ListedJob]: ...
 
 
 class JobTracker(Protocol):
@@ -109,7 +127,8 @@ class ProviderSettings:
     """The interpreter the jobs run kubelet_py.launch with; None: this one."""
 
     cancel_signal: str = "TERM"
-    """The signal a deleted pod's job gets first; Slurm's KillWait then kills it."""
+    """The signal a deleted pod's job gets first; KILL follows when the pod's grace period
+    is over (the controller keeps the time)."""
 
     node_addresses: Mapping[str, str] = field(default_factory=dict)
     """Slurm node name -> address, for hostIP and podIP."""
@@ -118,6 +137,7 @@ class ProviderSettings:
 @dataclass
 class _Known:
     pod: Mapping[str, Any]
+    uid: str
     job_id: str
     folder: Path
 
@@ -133,6 +153,7 @@ class SlurmProvider:
         self.settings = settings
         self._lock = threading.Lock()
         self._pods: dict[str, _Known] = {}
+        self._signalled: dict[str, str] = {}
         self._callbacks: list[Callable[[str], None]] = []
 
     def folder(self, namespace: str, name: str) -> Path:
@@ -153,16 +174,22 @@ class SlurmProvider:
         annotated = (metadata.get("annotations") or {}).get(JOB_ID_ANNOTATION)
         if annotated:
             return self._adopt(pod, str(annotated), folder, how="annotation")
-        self._claim_folder(folder, uid, key)
-        recorded = _read(folder / JOB_ID_FILE)
-        if recorded:
-            return self._adopt(pod, recorded, folder, how="pod folder")
-        # A folder with our uid and no job ID: a submission whose answer got lost may exist.
-        queued = self.slurm.jobs_with_comment_prefix(f"hpk-uid={uid}")
-        if queued:
-            job_id = sorted(queued, key=int)[-1]
-            _write(folder / JOB_ID_FILE, job_id + "\n", 0o600)
-            return self._adopt(pod, job_id, folder, how="Slurm comment")
+        if self._claim_folder(folder, uid, key):
+            recorded = _read(folder / JOB_ID_FILE)
+            if recorded:
+                return self._adopt(pod, recorded, folder, how="pod folder")
+            # Our folder from an earlier attempt, without a job ID: the answer of a
+            # submission may have been lost (sbatch timed out, or the kubelet was killed).
+            # A folder made just now needs no look: the uid file is written before sbatch.
+            queued = [
+                job
+                for job in self.slurm.listed_jobs(f"{UID_COMMENT}{uid}").values()
+                if self._owns(job)
+            ]
+            if queued:
+                job_id = max((job.job_id for job in queued), key=_job_number)
+                _write(folder / JOB_ID_FILE, job_id + "\n", 0o600)
+                return self._adopt(pod, job_id, folder, how="Slurm comment")
 
         images: dict[str, PurePosixPath] = {}
         spec = pod.get("spec") or {}
@@ -192,33 +219,49 @@ class SlurmProvider:
         job_id = self.slurm.submit(script, list(rendered.sbatch_args[:-1]))
         _write(folder / JOB_ID_FILE, job_id + "\n", 0o600)
         log.info("%s: job %s submitted", key, job_id)
-        self._remember(key, pod, job_id, folder)
+        self._remember(key, pod, uid, job_id, folder)
         return job_id
 
     def update_pod(self, pod: Mapping[str, Any]) -> None:
         with self._lock:
             known = self._pods.get(pod_key(pod))
-            if known is not None:
+            if known is not None and known.uid == _uid(pod):
                 known.pod = pod
 
-    def delete_pod(self, pod: Mapping[str, Any]) -> None:
+    def delete_pod(self, pod: Mapping[str, Any], *, kill: bool = False) -> bool:
         key = pod_key(pod)
-        metadata = pod.get("metadata") or {}
+        job_id = self._job_of(pod)
+        if job_id is None:
+            log.info("%s: no job to stop", key)
+            return True
+        self.watcher.register(job_id, key)  # to hear when it has ended
+        view = self.watcher.view(job_id)
+        if view is not None and view.final:
+            log.info("%s: job %s has ended (%s)", key, job_id, view.state)
+            return True
+        signal = "KILL" if kill else self.settings.cancel_signal
         with self._lock:
-            known = self._pods.pop(key, None)
-        job_id = known.job_id if known else None
-        if job_id is None:
-            job_id = (metadata.get("annotations") or {}).get(JOB_ID_ANNOTATION)
-        if job_id is None:
-            folder = self.folder(str(metadata.get("namespace", "")), str(metadata.get("name")))
-            if _read(folder / UID_FILE) == str(metadata.get("uid", "")):
-                job_id = _read(folder / JOB_ID_FILE)
-        if not job_id:
-            log.info("%s: no job to cancel", key)
-            return
-        self.slurm.cancel(str(job_id), signal=self.settings.cancel_signal)
-        self.watcher.forget(str(job_id))
-        log.info("%s: job %s cancelled", key, job_id)
+            sent = self._signalled.get(job_id)
+        if sent in (signal, "KILL"):
+            return False
+        if view is not None and view.state in WAITING_STATES:
+            self.slurm.cancel(job_id)  # nothing runs yet, so nothing to stop gently
+            how = "cancelled before it started"
+        else:
+            try:
+                self.slurm.cancel(job_id, signal=signal)
+                how = f"sent {signal}"
+            except SlurmUnavailable:
+                raise
+            except SlurmError as error:
+                # Slurm refuses to signal a job that has not started; cancel it instead.
+                log.info("%s: job %s: %s; cancelling it", key, job_id, error)
+                self.slurm.cancel(job_id)
+                how = "cancelled"
+        with self._lock:
+            self._signalled[job_id] = signal
+        log.info("%s: job %s %s", key, job_id, how)
+        return False
 
     def get_pod(self, namespace: str, name: str) -> JSON | None:
         with self._lock:
@@ -259,28 +302,94 @@ class SlurmProvider:
         for callback in callbacks:
             callback(key)
 
+    def job_view(self, key: str) -> JobView | None:
+        """What the watcher last learnt of the pod's job; None before Slurm listed it."""
+        job_id = self.job_id(key)
+        return self.watcher.view(job_id) if job_id else None
+
     def forget(self, pod: Mapping[str, Any]) -> None:
-        """Stop tracking a pod whose job is over and whose status was written."""
+        """Stop tracking the pod and its job (over, or its pod deleted). Idempotent."""
+        key = pod_key(pod)
+        uid = _uid(pod)
+        job_id = self._job_of(pod)
         with self._lock:
-            known = self._pods.pop(pod_key(pod), None)
-        if known is not None:
-            self.watcher.forget(known.job_id)
+            known = self._pods.get(key)
+            if known is not None and known.uid == uid:
+                del self._pods[key]
+            if job_id is not None:
+                self._signalled.pop(job_id, None)
+        if job_id is not None:
+            self.watcher.forget(job_id)
+
+    def sweep_orphans(self, live_uids: Callable[[], Collection[str]]) -> list[str]:
+        """Cancel this kubelet's jobs that are not over and whose pod no longer exists.
+
+        `live_uids` gives the UIDs of every pod that exists; it is called after Slurm was
+        asked, so a pod created meanwhile is in it. Only jobs this kubelet submitted (see the
+        module docstring) are touched. Returns the IDs of the cancelled jobs.
+        """
+        listed = self.slurm.listed_jobs(UID_COMMENT)
+        alive = set(live_uids())
+        with self._lock:
+            alive.update(known.uid for known in self._pods.values())
+        cancelled = []
+        for job in sorted(listed.values(), key=lambda job: _job_number(job.job_id)):
+            if job.state in FINAL_STATES or not self._owns(job):
+                continue
+            uid = (job.comment or "")[len(UID_COMMENT) :].strip()
+            if uid in alive:
+                continue
+            self.slurm.cancel(job.job_id)
+            cancelled.append(job.job_id)
+            log.info("%s: job %s cancelled: its pod (uid %s) is gone", job.name, job.job_id, uid)
+        return cancelled
 
     # -- helpers --------------------------------------------------------------------------
 
     def _adopt(self, pod: Mapping[str, Any], job_id: str, folder: Path, *, how: str) -> str:
         key = pod_key(pod)
         log.info("%s: job %s adopted (from its %s)", key, job_id, how)
-        self._remember(key, pod, job_id, folder)
+        self._remember(key, pod, _uid(pod), job_id, folder)
         return job_id
 
-    def _remember(self, key: str, pod: Mapping[str, Any], job_id: str, folder: Path) -> None:
+    def _remember(
+        self, key: str, pod: Mapping[str, Any], uid: str, job_id: str, folder: Path
+    ) -> None:
         with self._lock:
-            self._pods[key] = _Known(pod=pod, job_id=job_id, folder=folder)
+            self._pods[key] = _Known(pod=pod, uid=uid, job_id=job_id, folder=folder)
         self.watcher.register(job_id, key)
 
-    def _claim_folder(self, folder: Path, uid: str, key: str) -> None:
-        """Make `folder` this uid's: a folder of another pod of the same name is moved aside."""
+    def _job_of(self, pod: Mapping[str, Any]) -> str | None:
+        """The job of this very pod (not of another of its name): known, annotated or in its
+        folder."""
+        metadata = pod.get("metadata") or {}
+        uid = _uid(pod)
+        with self._lock:
+            known = self._pods.get(pod_key(pod))
+        if known is not None and known.uid == uid:
+            return known.job_id
+        annotated = (metadata.get("annotations") or {}).get(JOB_ID_ANNOTATION)
+        if annotated:
+            return str(annotated)
+        folder = self.folder(str(metadata.get("namespace", "")), str(metadata.get("name", "")))
+        if uid and _read(folder / UID_FILE) == uid:
+            return _read(folder / JOB_ID_FILE)
+        return None
+
+    def _owns(self, job: ListedJob) -> bool:
+        """Whether a job of the user's is one this kubelet submitted (module docstring)."""
+        work_dir = PurePosixPath(job.work_dir.strip())
+        if len(work_dir.parts) < 3 or job.name != f"hpk/{work_dir.parent.name}/{work_dir.name}":
+            return False
+        pods_dir = work_dir.parent.parent
+        mine = PurePosixPath(self.settings.pods_dir)
+        return pods_dir == mine or pods_dir == PurePosixPath(os.path.realpath(mine))
+
+    def _claim_folder(self, folder: Path, uid: str, key: str) -> bool:
+        """Make `folder` this uid's: a folder of another pod of the same name is moved aside.
+
+        Returns whether the folder was already this uid's (an earlier attempt made it).
+        """
         owner = _read(folder / UID_FILE)
         if folder.exists() and owner != uid:
             aside = folder.with_name(f".{folder.name}.{owner or 'unknown'}.{os.getpid()}")
@@ -290,6 +399,16 @@ class SlurmProvider:
         folder.mkdir(mode=0o700, exist_ok=True)
         if owner != uid:
             _write(folder / UID_FILE, uid + "\n", 0o600)
+        return owner == uid
+
+
+def _uid(pod: Mapping[str, Any]) -> str:
+    return str((pod.get("metadata") or {}).get("uid", ""))
+
+
+def _job_number(job_id: str) -> tuple[int, int]:
+    base, _, task = job_id.partition("_")
+    return int(base), int(task or 0)
 
 
 def _read(path: Path) -> str | None:

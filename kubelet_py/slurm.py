@@ -88,6 +88,8 @@ _QUEUE_FIELDS = (
 )
 _QUEUE_FORMAT = ",".join(f"{name}:0|" for name in _QUEUE_FIELDS[:-1]) + f",{_QUEUE_FIELDS[-1]}:0"
 
+_LISTED_FORMAT = "JobID:0|,State:0|,Name:0|,WorkDir:0|,Comment:0"
+
 _ACCOUNTING_FIELDS = (
     "JobID",
     "JobIDRaw",
@@ -224,6 +226,22 @@ class QueueEntry:
     """How the batch script ended; 0:0 while it runs."""
     restarts: int
     """How many times Slurm requeued the job."""
+    comment: str | None
+    """The job's --comment."""
+
+
+@dataclass(frozen=True)
+class ListedJob:
+    """One of the user's jobs with what tells whose it is: its name, folder and comment."""
+
+    job_id: str
+    """The ID as the job's owner knows it."""
+    state: str
+    """Slurm's long state name."""
+    name: str
+    """The job's --job-name."""
+    work_dir: str
+    """The job's working folder (--chdir), as Slurm keeps it."""
     comment: str | None
     """The job's --comment."""
 
@@ -399,6 +417,23 @@ class SlurmClient:
             if entry.comment is not None and entry.comment.startswith(prefix)
         }
 
+    def listed_jobs(self, comment_prefix: str) -> dict[str, ListedJob]:
+        """This user's jobs squeue lists (finished ones too) whose comment starts with the
+        prefix, with their names and working folders, in one call.
+
+        For recovery after a restart: a job is the kubelet's when its comment is
+        "hpk-uid=<pod UID>" and its folder is a pod folder of the kubelet's hpk home.
+        """
+        argv = [self._settings.squeue, "-h", "-t", "all", "--me", "-O", _LISTED_FORMAT]
+        result = self._run(argv)
+        if result.returncode != 0:
+            raise _failure("squeue", _message(result), result.returncode)
+        return {
+            job.job_id: job
+            for job in parse_listed(result.stdout)
+            if job.comment is not None and job.comment.startswith(comment_prefix)
+        }
+
     def accounting(self, job_ids: Iterable[str]) -> dict[str, AccountingEntry]:
         """The given jobs as sacct reports them, in one call, keyed by job ID.
 
@@ -490,6 +525,34 @@ def parse_queue(text: str) -> dict[str, QueueEntry]:
             comment=None if comment.strip() in ("", "(null)") else comment.rstrip("\n"),
         )
     return entries
+
+
+def parse_listed(text: str) -> list[ListedJob]:
+    """Parse the output of `squeue -h -O` with the fields of `SlurmClient.listed_jobs`.
+
+    The folder and the comment come last and either may hold the delimiter; the kubelet's
+    own comments never do, so the comment is what follows the last one.
+    """
+    jobs = []
+    for line in text.splitlines():
+        if not line.strip():
+            continue
+        parts = line.split("|", 3)
+        if len(parts) != 4:
+            log.warning("squeue printed a line this adapter cannot read: %r", line)
+            continue
+        job_id, state, name, rest = parts
+        work_dir, _, comment = rest.rpartition("|")
+        jobs.append(
+            ListedJob(
+                job_id=job_id.strip(),
+                state=state.strip(),
+                name=name,
+                work_dir=work_dir,
+                comment=None if comment.strip() in ("", "(null)") else comment.rstrip("\n"),
+            )
+        )
+    return jobs
 
 
 def parse_accounting(text: str) -> dict[str, AccountingEntry]:
