@@ -544,7 +544,8 @@ class ClusterPKI:
     """Every certificate and key of one cluster, in one folder (0700).
 
     The properties only say where files are; `ensure_control_plane`,
-    `ensure_hpk_kubelet_client` and `ensure_kubelet_client` create or refresh them.
+    `ensure_hpk_kubelet_client`, `ensure_kubelet_serving` and `ensure_kubelet_client` create
+    or refresh them.
     """
 
     ADMIN_USER = "kubernetes-admin"
@@ -560,6 +561,8 @@ class ClusterPKI:
     """hpk-kubelet's identity. It registers a node per Slurm partition, which the Node
     authorizer's system:node:<name> identities cannot; RBAC grants it its rights instead."""
     KUBELET_GROUPS = ("hpk:kubelets",)
+    KUBELET_SERVING_NAME = "hpk-kubelet"
+    """CN of the kubelet's serving certificate (clients check its SANs, not its CN)."""
 
     def __init__(self, root: Path, *, policy: IssuePolicy = DEFAULT_POLICY) -> None:
         self.root = root
@@ -619,6 +622,10 @@ class ClusterPKI:
     @property
     def hpk_kubelet(self) -> CertFiles:
         return self._pair("hpk-kubelet")
+
+    @property
+    def kubelet_serving(self) -> CertFiles:
+        return self._pair("kubelet-serving")
 
     @property
     def sa_key(self) -> Path:
@@ -727,6 +734,20 @@ class ClusterPKI:
             policy=self.policy,
         )
         return self.hpk_kubelet
+
+    def ensure_kubelet_serving(self, *, hostname: str, addresses: Sequence[str]) -> CertFiles:
+        """hpk-kubelet's serving certificate for its HTTPS API (`kubectl logs`), from the
+        cluster CA, for the host name and the addresses its nodes advertise. The API server
+        checks it against the cluster CA (`--kubelet-certificate-authority`). Issued again
+        when the kubelet moves to a host with other names."""
+        ensure_server_cert(
+            self.kubelet_serving,
+            ca=self.load_ca(),
+            common_name=self.KUBELET_SERVING_NAME,
+            sans=[hostname, *addresses],
+            policy=self.policy,
+        )
+        return self.kubelet_serving
 
     def ensure_kubelet_client(self, node_name: str) -> CertFiles:
         """The kubelet's client certificate for node `node_name` (CN=system:node:<name>,

@@ -9,7 +9,10 @@ Kubernetes client blocks:
 - `leases`: renews each node's Lease in kube-node-lease, the heartbeat;
 - `binder-watch` and `binder`: bind every unscheduled pod to its partition's node;
 - `pods-watch` and `pods`: the pod controller, which runs every pod bound to the nodes as a
-  Slurm job (kubelet_py.controller and kubelet_py.provider), with the job watcher's thread.
+  Slurm job (kubelet_py.controller and kubelet_py.provider), with the job watcher's thread;
+- `logserver`: the HTTPS kubelet API (`kubectl logs`, kubelet_py.logserver), when it has its
+  certificate (`--tls-cert-file`); its port is bound before anything else, so a port that is
+  taken ends the kubelet at once.
 
 SIGTERM or SIGINT stops them all within a few seconds and leaves the nodes registered (see
 kubelet_py.nodes for why) and the pods' jobs running (a restart adopts them).
@@ -27,6 +30,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from types import FrameType
+from typing import Any
 
 from hpk import __version__
 from hpk.controlplane.host import hostname, primary_address
@@ -36,6 +40,7 @@ from kubelet_py import CONNECTED_MESSAGE
 from kubelet_py.apiserver import ApiError, ApiUnavailable, KubeApi, ListWatch, pod_path
 from kubelet_py.binder import Binder, BinderSettings, unbound_pods
 from kubelet_py.controller import BOUND_PODS, PodController
+from kubelet_py.logserver import LogServer, LookupUnavailable, PodLookup, ServerTLS
 from kubelet_py.nodes import HostInfo, NodeAgent, NodeSettings, partitions_from
 from kubelet_py.provider import ProviderSettings, SlurmProvider
 from kubelet_py.slurm import SlurmClient, SubprocessRunner
@@ -73,6 +78,12 @@ class KubeletSettings:
     """The hpk folder whose `pods/` holds the pod folders and `images/` the images;
     None: the user's (HPK_HOME or ~/.hpk)."""
 
+    tls: ServerTLS | None = None
+    """The kubelet API's certificate and client CA; None: the API is not served."""
+
+    address: str = "0.0.0.0"  # noqa: S104 (the API server connects to the node's address)
+    """Where the kubelet API listens; its port is `nodes.kubelet_port`."""
+
 
 def _csv(text: str) -> tuple[str, ...]:
     return tuple(part.strip() for part in text.split(",") if part.strip())
@@ -104,6 +115,24 @@ def parse_args(argv: Sequence[str] | None = None) -> KubeletSettings:
         type=int,
         default=defaults.kubelet_port,
         help="HTTPS port of the kubelet API the nodes advertise (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--address",
+        default="0.0.0.0",  # noqa: S104 (the API server connects to the node's address)
+        help="address the kubelet API listens on (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--tls-cert-file",
+        type=Path,
+        default=None,
+        help="serving certificate of the kubelet API; without it the API is not served",
+    )
+    parser.add_argument("--tls-private-key-file", type=Path, default=None, help="its key")
+    parser.add_argument(
+        "--client-ca-file",
+        type=Path,
+        default=None,
+        help="CA of the client certificates the kubelet API accepts (the cluster CA)",
     )
     parser.add_argument("--node-ip", default=None, help="InternalIP of the nodes")
     parser.add_argument("--hostname", default=None, help="Hostname address of the nodes")
@@ -141,7 +170,17 @@ def parse_args(argv: Sequence[str] | None = None) -> KubeletSettings:
         )
     except ValueError as error:
         parser.error(str(error))
+    tls_files = (args.tls_cert_file, args.tls_private_key_file, args.client_ca_file)
+    if any(tls_files) and not all(tls_files):
+        parser.error("--tls-cert-file, --tls-private-key-file and --client-ca-file go together")
+    tls = None
+    if args.tls_cert_file:
+        tls = ServerTLS(
+            cert=args.tls_cert_file, key=args.tls_private_key_file, client_ca=args.client_ca_file
+        )
     return KubeletSettings(
+        tls=tls,
+        address=args.address,
         kubeconfig=args.kubeconfig,
         nodes=nodes,
         node_ip=args.node_ip,
@@ -163,6 +202,40 @@ def _connect(api: KubeApi, *, stopping: threading.Event, timeout_s: float) -> st
         stopping.wait(1.0)
 
 
+def pod_lookup(api: KubeApi) -> PodLookup:
+    """The log server's view of a pod: the API server's, asked on each request."""
+
+    def lookup(namespace: str, name: str) -> dict[str, Any] | None:
+        try:
+            return api.get_or_none(pod_path(namespace, name))
+        except (ApiError, ApiUnavailable) as error:
+            raise LookupUnavailable(str(error)) from error
+
+    return lookup
+
+
+def _log_server(
+    settings: KubeletSettings, tls: ServerTLS, *, pods_dir: Path, api: KubeApi
+) -> LogServer | None:
+    """The kubelet API, its port bound; None (and the reason logged) when it cannot be."""
+    try:
+        return LogServer(
+            tls=tls,
+            pods_dir=pods_dir,
+            address=settings.address,
+            port=settings.nodes.kubelet_port,
+            lookup=pod_lookup(api),
+        )
+    except OSError as error:  # ssl.SSLError is one too
+        log.error(
+            "cannot serve the kubelet API on %s:%d: %s",
+            settings.address,
+            settings.nodes.kubelet_port,
+            error,
+        )
+        return None
+
+
 def _thread(name: str, target: Callable[[], None]) -> threading.Thread:
     def run() -> None:
         try:
@@ -175,12 +248,23 @@ def _thread(name: str, target: Callable[[], None]) -> threading.Thread:
     return thread
 
 
-def run(settings: KubeletSettings, *, stopping: threading.Event) -> int:
+def run(  # noqa: PLR0915 (every thread's wiring, start and stop in one place)
+    settings: KubeletSettings, *, stopping: threading.Event
+) -> int:
     """Run the kubelet until `stopping` is set; returns the process's exit status."""
+    home = settings.home or HpkHome.default()
     node_api = KubeApi(settings.kubeconfig)
     binder_api = KubeApi(settings.kubeconfig)
     pod_api = KubeApi(settings.kubeconfig)
+    log_api = KubeApi(settings.kubeconfig)
+    server: LogServer | None = None
     try:
+        if settings.tls is not None:
+            server = _log_server(settings, settings.tls, pods_dir=home.root / "pods", api=log_api)
+            if server is None:
+                return 1
+        else:
+            log.warning("no --tls-cert-file: the kubelet API (kubectl logs) is not served")
         version = _connect(node_api, stopping=stopping, timeout_s=settings.connect_timeout_s)
         if version is None:
             return 0 if stopping.is_set() else 1
@@ -198,7 +282,6 @@ def run(settings: KubeletSettings, *, stopping: threading.Event) -> int:
         )
         binder = Binder(binder_api, nodes=agent.current, settings=settings.binder)
         watch = unbound_pods(binder_api, settings.binder)
-        home = settings.home or HpkHome.default()
         slurm = SlurmClient(SubprocessRunner())
         changed: list[Callable[[str, JobView], None]] = []
 
@@ -238,6 +321,8 @@ def run(settings: KubeletSettings, *, stopping: threading.Event) -> int:
             _thread("pods-watch", lambda: controller.follow(pods_watch)),
             _thread("pods", lambda: controller.work(stop)),
         ]
+        if server is not None:
+            threads.append(server.start())
         stopping.wait()
         began = time.monotonic()
         stop.set()
@@ -246,6 +331,9 @@ def run(settings: KubeletSettings, *, stopping: threading.Event) -> int:
         pods_watch.stop()
         controller.stop()
         watcher.stop(timeout=settings.stop_timeout_s)
+        if server is not None:
+            server.stop()
+            server = None
         deadline = began + settings.stop_timeout_s
         for thread in threads:
             thread.join(max(0.0, deadline - time.monotonic()))
@@ -255,9 +343,12 @@ def run(settings: KubeletSettings, *, stopping: threading.Event) -> int:
         log.info("stopped in %.1f s; the nodes stay registered", time.monotonic() - began)
         return 0
     finally:
+        if server is not None:
+            server.stop()
         node_api.close()
         binder_api.close()
         pod_api.close()
+        log_api.close()
 
 
 def main(argv: Sequence[str] | None = None) -> int:

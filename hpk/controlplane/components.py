@@ -164,6 +164,10 @@ def kube_apiserver(ctx: Context) -> Component:
         f"--service-account-key-file={pki.sa_pub}",
         f"--kubelet-client-certificate={pki.apiserver_kubelet_client.cert}",
         f"--kubelet-client-key={pki.apiserver_kubelet_client.key}",
+        # hpk-kubelet serves with a certificate of the cluster CA for the addresses its nodes
+        # advertise; the InternalIP is the host's, which the certificate names.
+        f"--kubelet-certificate-authority={pki.ca.cert}",
+        "--kubelet-preferred-address-types=InternalIP,Hostname,InternalDNS,ExternalDNS,ExternalIP",
         # Aggregated APIs (metrics-server and the like): the API server proves itself with the
         # front-proxy client certificate. Without kube-proxy, ClusterIPs do not route, so it
         # calls the endpoints directly.

@@ -16,13 +16,13 @@ import os
 import signal
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from types import FrameType
 
 from hpk.controlplane.bootstrap import apply_objects, kubelet_rbac
 from hpk.controlplane.errors import ControlPlaneError
-from hpk.controlplane.host import hostname
+from hpk.controlplane.host import hostname, node_addresses
 from hpk.controlplane.image import ApptainerRunner, find_apptainer, runnable_image
 from hpk.controlplane.launcher import ControlPlane
 from hpk.controlplane.probes import TLSClient
@@ -90,10 +90,13 @@ class StopRequested:
         self.event.set()
 
 
-def kubelet_spec(home: HpkHome, kubeconfig: Path, *, node_ip: str) -> ProcessSpec:
+def kubelet_spec(
+    home: HpkHome, kubeconfig: Path, *, node_ip: str, api_args: Sequence[str] = ()
+) -> ProcessSpec:
     """The kubelet runs on the node itself, never in the image: it calls Slurm's commands.
 
-    Its nodes advertise `node_ip`, the address the API server advertises too.
+    Its nodes advertise `node_ip`, the address the API server advertises too. `api_args`
+    (from `kubelet_api_args`) make it serve its HTTPS API; without them it serves none.
     """
     return ProcessSpec(
         name=KUBELET,
@@ -104,9 +107,28 @@ def kubelet_spec(home: HpkHome, kubeconfig: Path, *, node_ip: str) -> ProcessSpe
             f"--kubeconfig={kubeconfig}",
             f"--node-name-prefix={KUBELET_NODE_PREFIX}",
             f"--node-ip={node_ip}",
+            *api_args,
         ),
         log_file=home.kubelet_log,
         pid_file=home.control_plane / "run" / f"{KUBELET}.pid",
+    )
+
+
+def kubelet_api_args(plane: ControlPlane) -> tuple[str, ...]:
+    """The kubelet's flags for its HTTPS API (`kubectl logs`) on a prepared control plane.
+
+    Issues (or keeps) its serving certificate for this host's name and addresses, and gives
+    it the port chosen for it and the cluster CA, whose client certificates it accepts.
+    """
+    advertise = plane.context.advertise_address
+    serving = plane.pki.ensure_kubelet_serving(
+        hostname=hostname(), addresses=list(dict.fromkeys([advertise, *node_addresses()]))
+    )
+    return (
+        f"--port={plane.ports.kubelet}",
+        f"--tls-cert-file={serving.cert}",
+        f"--tls-private-key-file={serving.key}",
+        f"--client-ca-file={plane.pki.ca.cert}",
     )
 
 
@@ -234,7 +256,12 @@ def prepare_kubelet(plane: ControlPlane) -> Path:
 
 def _start_kubelet(home: HpkHome, plane: ControlPlane, *, stop: StopRequested) -> RunningProcess:
     kubeconfig = prepare_kubelet(plane)
-    spec = kubelet_spec(home, kubeconfig, node_ip=plane.context.advertise_address)
+    spec = kubelet_spec(
+        home,
+        kubeconfig,
+        node_ip=plane.context.advertise_address,
+        api_args=kubelet_api_args(plane),
+    )
     kubelet = start_process(spec)
     _wait_kubelet(kubelet, stop=stop, timeout=plane.settings.apiserver_ready_timeout_s)
     return kubelet

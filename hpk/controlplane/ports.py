@@ -49,6 +49,10 @@ class Ports:
     dns_ready: int
     """CoreDNS's ready plugin (HTTP, /ready)."""
 
+    kubelet: int
+    """hpk-kubelet's HTTPS API (`kubectl logs`), on every address; its nodes advertise it in
+    `status.daemonEndpoints`. Not 10250: other users' kubelets may share the node."""
+
     def as_dict(self) -> dict[str, int]:
         return asdict(self)
 
@@ -59,6 +63,10 @@ class Ports:
 UDP_PORTS = frozenset({"dns"})
 """Fields whose port must be free for UDP as well as TCP."""
 
+ADDED_PORTS = frozenset({"kubelet"})
+"""Fields a ports.json written by an older hpk lacks. Such a record is still used: these
+ports are read as 0 ("not recorded") and chosen afresh, the others kept."""
+
 
 def save_ports(path: Path, ports: Ports) -> None:
     write_atomic(path, json.dumps(ports.as_dict(), indent=2) + "\n", mode=PRIVATE_FILE_MODE)
@@ -68,7 +76,12 @@ def load_ports(path: Path) -> Ports | None:
     """The ports recorded in `path`, or None if there is no usable record."""
     try:
         data = json.loads(path.read_text())
-        return Ports(**{f.name: int(data[f.name]) for f in fields(Ports)})
+        return Ports(
+            **{
+                f.name: int(data[f.name] if f.name in data or f.name not in ADDED_PORTS else 0)
+                for f in fields(Ports)
+            }
+        )
     except FileNotFoundError:
         return None
     except (ValueError, KeyError, TypeError) as exc:
@@ -102,7 +115,8 @@ def port_is_free(port: int, *, udp: bool = False) -> bool:
 
 
 def choose_ports(previous: Ports | None = None) -> Ports:
-    """Reuse each port of `previous` that is still free; pick a fresh free port for the rest.
+    """Reuse each port of `previous` that is still free; pick a fresh free port for the rest
+    (and for a port `previous` records as 0).
 
     Sockets stay bound until all ports are chosen, so no port is handed out twice.
     """
@@ -111,11 +125,7 @@ def choose_ports(previous: Ports | None = None) -> Ports:
         for f in fields(Ports):
             udp = f.name in UDP_PORTS
             wanted: int | None = getattr(previous, f.name) if previous else None
-            if (
-                wanted is not None
-                and wanted not in chosen.values()
-                and port_is_free(wanted, udp=udp)
-            ):
+            if wanted and wanted not in chosen.values() and port_is_free(wanted, udp=udp):
                 chosen[f.name] = wanted
                 continue
             while True:

@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 from hpk.controlplane import ControlPlane
+from hpk.controlplane.job import kubelet_api_args
 from hpk.toolchain import Toolchain
 
 
@@ -50,9 +51,19 @@ def eventually(what: str, probe: Callable[[], Any], *, timeout: float = 60.0) ->
 
 
 def start_kubelet(
-    plane: ControlPlane, kubeconfig: Path, *, log_file: Path, env: Mapping[str, str]
+    plane: ControlPlane,
+    kubeconfig: Path,
+    *,
+    log_file: Path,
+    env: Mapping[str, str],
+    serve_api: bool = False,
 ) -> subprocess.Popen[bytes]:
-    """hpk-kubelet against `plane`, as the control-plane job starts it, logging to `log_file`."""
+    """hpk-kubelet against `plane`, as the control-plane job starts it, logging to `log_file`.
+
+    With `serve_api` it serves its HTTPS API (`kubectl logs`) on the plane's kubelet port,
+    with a serving certificate from the plane's CA; without, it serves none.
+    """
+    api_args = kubelet_api_args(plane) if serve_api else ()
     with log_file.open("wb") as out:
         return subprocess.Popen(
             [
@@ -61,6 +72,7 @@ def start_kubelet(
                 "kubelet_py.main",
                 f"--kubeconfig={kubeconfig}",
                 f"--node-ip={plane.context.advertise_address}",
+                *api_args,
             ],
             stdout=out,
             stderr=subprocess.STDOUT,

@@ -3,6 +3,7 @@ what happens when a component dies or never gets ready (shown with tiny shell sc
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -62,6 +63,7 @@ def context(tmp_path: Path, *, upstreams_state: Path | None = None) -> comp.Cont
         dns=1053,
         dns_health=8080,
         dns_ready=8181,
+        kubelet=10250,
     )
     return comp.Context(
         settings=ControlPlaneSettings(),
@@ -150,7 +152,7 @@ def test_stop_escalates_to_sigkill_and_reaches_the_whole_group(tmp_path: Path) -
 def test_chosen_ports_are_distinct_and_free(tmp_path: Path) -> None:
     ports = choose_ports()
     values = ports.values()
-    assert len(set(values)) == len(values) == 7
+    assert len(set(values)) == len(values) == 8
     assert all(port_is_free(p) for p in values)
     assert port_is_free(ports.dns, udp=True)
     save_ports(tmp_path / "ports.json", ports)
@@ -167,6 +169,18 @@ def test_recorded_ports_are_reused_unless_taken() -> None:
         again = choose_ports(previous)
     assert again.apiserver != previous.apiserver
     assert again.etcd_client == previous.etcd_client
+
+
+def test_ports_file_without_the_kubelet_port_keeps_the_others(tmp_path: Path) -> None:
+    previous = choose_ports()
+    older = {k: v for k, v in previous.as_dict().items() if k != "kubelet"}
+    path = tmp_path / "ports.json"
+    path.write_text(json.dumps(older))
+    loaded = load_ports(path)
+    assert loaded is not None and loaded.kubelet == 0
+    again = choose_ports(loaded)
+    assert again.apiserver == previous.apiserver
+    assert again.kubelet not in (0, *older.values())
 
 
 def test_unreadable_ports_file_is_ignored(tmp_path: Path) -> None:
@@ -223,6 +237,8 @@ def test_apiserver_command_line_is_locked_down(tmp_path: Path) -> None:
     assert "--secure-port=6443" in argv
     assert "--advertise-address=192.0.2.10" in argv
     assert "--service-cluster-ip-range=10.96.0.0/16" in argv
+    assert f"--kubelet-certificate-authority={tmp_path}/pki/ca.crt" in argv
+    assert any(a.startswith("--kubelet-preferred-address-types=InternalIP,") for a in argv)
     assert not any(a.startswith("--insecure") for a in argv)
 
 

@@ -1,0 +1,655 @@
+"""The kubelet's HTTPS API: `/containerLogs` for `kubectl logs`, and `/healthz`.
+
+`kubectl logs` asks the API server, which asks the kubelet of the pod's node at the node's
+InternalIP and the port in `status.daemonEndpoints`. This module answers from the pod folders
+(docs/kubelet.md, "The pod folder"): it only reads `containers/<name>/` (`started`, `log`,
+`exit`) and the folder's `uid`, which the job writes on the compute node.
+
+Who may ask: TLS with a client certificate signed by the cluster CA (anything else fails the
+handshake), and then only the API server's kubelet-client identity or a member of
+`system:masters`; any other identity of the cluster gets 403.
+
+Two layers, so that the first can be tested on literal files:
+
+- pure: `parse_options` (the query), `find_log` (which file, or which error) and `read_log`
+  (the file's entries, filtered and formatted as the API's body, followed when asked);
+- `LogServer`: a ThreadingHTTPServer with TLS; one thread per connection. A follow polls the
+  file every `POLL_SECONDS` and stops when the container has ended and the file is drained,
+  when the client goes away, or when the server stops.
+
+What it may touch: the pod folders, read only; the pod as the API server has it, only through
+an injected `PodLookup` (so this module never imports the Kubernetes client).
+"""
+
+from __future__ import annotations
+
+import calendar
+import logging
+import os
+import re
+import select
+import socket
+import socketserver
+import ssl
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any, BinaryIO
+from urllib.parse import parse_qs, unquote, urlsplit
+
+log = logging.getLogger(__name__)
+
+POLL_SECONDS = 0.2
+"""How often a follow looks at the log file again."""
+
+HANDSHAKE_TIMEOUT_S = 10.0
+"""A client that has not finished the TLS handshake by then is dropped."""
+
+IDLE_TIMEOUT_S = 60.0
+"""A connection with no request (or a client that stops reading) for this long is closed."""
+
+PREVIOUS_LOG = "log.previous"
+"""Reserved in a container's folder for the log of its previous run. Containers never restart
+today, so nothing writes it; a later restart feature renames `log` to it before a new run."""
+
+ALLOWED_USERS = frozenset({"kube-apiserver-kubelet-client"})
+"""Client certificate CNs that may use the API (the API server's kubelet-client identity)."""
+
+ALLOWED_GROUPS = frozenset({"system:masters"})
+"""Client certificate Os whose members may use the API."""
+
+_READ_SIZE = 1 << 16
+_STREAMS = (b"stdout", b"stderr")
+_NAME = re.compile(r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
+_TIME = re.compile(
+    r"^(\d{4})-(\d\d)-(\d\d)[Tt](\d\d):(\d\d):(\d\d)(?:\.(\d{1,9}))?([Zz]|[+-]\d\d:\d\d)$"
+)
+_TRUE = frozenset({"1", "t", "T", "true", "TRUE", "True"})
+_FALSE = frozenset({"", "0", "f", "F", "false", "FALSE", "False"})
+
+
+class LogError(Exception):
+    """A request the server answers with an error status and a one-line message."""
+
+    status: HTTPStatus = HTTPStatus.BAD_REQUEST
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class BadRequest(LogError):
+    """The query or the path cannot be served as asked (400); `kubectl` shows the message."""
+
+
+class NotFound(LogError):
+    """No such pod or container here (404)."""
+
+    status = HTTPStatus.NOT_FOUND
+
+
+class LookupUnavailable(RuntimeError):
+    """The API server could not say whether the pod exists; the folders alone then decide."""
+
+
+PodLookup = Callable[[str, str], Mapping[str, Any] | None]
+"""The pod `(namespace, name)` as the API server has it, None when it has none; raises
+LookupUnavailable when it cannot tell."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Times
+
+
+def parse_time(text: str) -> int | None:
+    """An RFC 3339 time as nanoseconds since the epoch; None if `text` is not one."""
+    match = _TIME.match(text)
+    if match is None:
+        return None
+    year, month, day, hour, minute, second, fraction, zone = match.groups()
+    try:
+        seconds = calendar.timegm(
+            (int(year), int(month), int(day), int(hour), int(minute), int(second), 0, 0, 0)
+        )
+    except (ValueError, OverflowError):
+        return None
+    if zone not in ("Z", "z"):
+        sign = 1 if zone[0] == "+" else -1
+        seconds -= sign * (int(zone[1:3]) * 3600 + int(zone[4:6]) * 60)
+    return seconds * 1_000_000_000 + int((fraction or "").ljust(9, "0"))
+
+
+# ---------------------------------------------------------------------------------------------
+# The query
+
+
+@dataclass(frozen=True)
+class LogOptions:
+    """What a `/containerLogs` request asks for (the API's PodLogOptions)."""
+
+    tail_lines: int | None = None
+    """Only the last this many lines; None: all."""
+
+    timestamps: bool = False
+    """Put each line's time (RFC 3339, nanoseconds) and a space in front of it."""
+
+    follow: bool = False
+    """Keep streaming new lines until the container has ended."""
+
+    limit_bytes: int | None = None
+    """Stop after this many bytes of output (a line may be cut); None: no limit."""
+
+    since_ns: int | None = None
+    """Only lines stamped at or after this time, in ns since the epoch; None: all."""
+
+    previous: bool = False
+    """The log of the container's previous run instead of the current one."""
+
+
+def _one(query: Mapping[str, Sequence[str]], name: str) -> str | None:
+    values = query.get(name)
+    return values[-1] if values else None
+
+
+def _flag(query: Mapping[str, Sequence[str]], name: str) -> bool:
+    value = _one(query, name)
+    if value is None or value in _FALSE:
+        return False
+    if value in _TRUE:
+        return True
+    raise BadRequest(f"{name}={value!r} is not a boolean")
+
+
+def _count(query: Mapping[str, Sequence[str]], name: str, *, least: int) -> int | None:
+    value = _one(query, name)
+    if value is None:
+        return None
+    try:
+        number = int(value)
+    except ValueError:
+        raise BadRequest(f"{name}={value!r} is not an integer") from None
+    if number < least:
+        raise BadRequest(f"{name} must be at least {least}, not {number}")
+    return number
+
+
+def parse_options(query: Mapping[str, Sequence[str]], *, now_ns: int) -> LogOptions:
+    """The options of a query string (as `urllib.parse.parse_qs` gives it); BadRequest when a
+    value is malformed or out of range, as the API server's validation would say."""
+    since_seconds = _count(query, "sinceSeconds", least=1)
+    since_time = _one(query, "sinceTime")
+    if since_seconds is not None and since_time is not None:
+        raise BadRequest("at most one of sinceTime or sinceSeconds may be specified")
+    since_ns = None
+    if since_seconds is not None:
+        since_ns = now_ns - since_seconds * 1_000_000_000
+    elif since_time is not None:
+        since_ns = parse_time(since_time)
+        if since_ns is None:
+            raise BadRequest(f"sinceTime={since_time!r} is not an RFC 3339 time")
+    return LogOptions(
+        tail_lines=_count(query, "tailLines", least=0),
+        timestamps=_flag(query, "timestamps"),
+        follow=_flag(query, "follow"),
+        limit_bytes=_count(query, "limitBytes", least=1),
+        since_ns=since_ns,
+        previous=_flag(query, "previous"),
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Which file
+
+
+@dataclass(frozen=True)
+class PodView:
+    """What the log server needs to know of a pod the API server has."""
+
+    uid: str
+    """The pod's UID; a folder with another `uid` is an older pod's."""
+
+    containers: tuple[str, ...]
+    """Its init containers, then its main containers."""
+
+    waiting: Mapping[str, str] = field(default_factory=dict)
+    """Container -> the reason its status gives for waiting, where it has one."""
+
+    @classmethod
+    def of(cls, pod: Mapping[str, Any]) -> PodView:
+        spec = pod.get("spec") or {}
+        status = pod.get("status") or {}
+        names = [
+            str(container.get("name", ""))
+            for key in ("initContainers", "containers")
+            for container in spec.get(key) or ()
+        ]
+        waiting = {}
+        for key in ("initContainerStatuses", "containerStatuses"):
+            for entry in status.get(key) or ():
+                reason = ((entry.get("state") or {}).get("waiting") or {}).get("reason")
+                if reason:
+                    waiting[str(entry.get("name", ""))] = str(reason)
+        return cls(
+            uid=str((pod.get("metadata") or {}).get("uid", "")),
+            containers=tuple(names),
+            waiting=waiting,
+        )
+
+
+def _check_name(kind: str, name: str) -> None:
+    if len(name) > 253 or not _NAME.match(name) or ".." in name:
+        raise NotFound(f"{kind} {name!r} is not a valid name")
+
+
+def find_log(
+    pods_dir: Path,
+    *,
+    namespace: str,
+    pod: str,
+    container: str,
+    previous: bool = False,
+    view: PodView | None = None,
+) -> Path:
+    """The log file to serve for the container, or the LogError to answer instead.
+
+    `view` is the pod as the API server has it, when it could be asked: it tells a container
+    that has not started from one the pod does not have, and the pod's folder from a folder an
+    older pod of that name left. Without it, the folders alone decide.
+    """
+    for kind, name in (("namespace", namespace), ("pod", pod), ("container", container)):
+        _check_name(kind, name)
+    if view is not None and container not in view.containers:
+        raise NotFound(
+            f"container {container!r} not found in pod {namespace}/{pod}; "
+            f"it has {', '.join(view.containers) or 'none'}"
+        )
+    folder = pods_dir / namespace / pod
+    if view is None and not folder.is_dir():
+        raise NotFound(f"pod {namespace}/{pod} not found on this kubelet")
+    waiting = f'container "{container}" in pod "{pod}" is waiting to start'
+    if view is not None:
+        reason = view.waiting.get(container) or "ContainerCreating"
+        waiting = f"{waiting}: {reason}"
+        if not folder.is_dir() or _read(folder / "uid") != view.uid:
+            raise BadRequest(waiting)
+    else:
+        waiting = f"{waiting} (or the pod has no such container)"
+    container_dir = folder / "containers" / container
+    if previous:
+        older = container_dir / PREVIOUS_LOG
+        if older.is_file():
+            return older
+        raise BadRequest(f'previous terminated container "{container}" in pod "{pod}" not found')
+    if not (container_dir / "started").exists() and not (container_dir / "log").exists():
+        raise BadRequest(waiting)
+    return container_dir / "log"
+
+
+def _read(path: Path) -> str | None:
+    try:
+        return path.read_text().strip()
+    except OSError:
+        return None
+
+
+def container_ended(log_file: Path) -> Callable[[], bool]:
+    """For `read_log`: whether the container of `log_file` has ended, by its `exit` marker.
+
+    A folder that is gone (the pod was deleted and its folder removed or renamed) counts as
+    ended too, since nothing more will be written where the reader looks.
+    """
+    container_dir = log_file.parent
+
+    def ended() -> bool:
+        return (
+            log_file.name != "log"
+            or (container_dir / "exit").exists()
+            or not (container_dir.is_dir())
+        )
+
+    return ended
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading
+
+
+def _format(raw: bytes, options: LogOptions) -> bytes | None:
+    """One log entry as the API gives it; None when `since_ns` leaves it out.
+
+    An entry not in the contract's format is given whole, as a line without a time.
+    """
+    stamp, _, rest = raw.partition(b" ")
+    stream, _, line = rest.partition(b" ")
+    when = parse_time(stamp.decode("ascii", "replace")) if stream in _STREAMS else None
+    if when is None:
+        return raw + b"\n"
+    if options.since_ns is not None and when < options.since_ns:
+        return None
+    if options.timestamps:
+        return b"%s %s\n" % (stamp, line)
+    return line + b"\n"
+
+
+def _tail_start(handle: BinaryIO, size: int, lines: int) -> int:
+    """The offset where the last `lines` complete lines of the first `size` bytes begin.
+
+    Reads backwards in blocks, so a tail of a large log costs what the tail costs. Bytes
+    after the last newline (a line still being written) are no complete line.
+    """
+    wanted = lines + 1  # the newline before the first line wanted
+    position = size
+    while position > 0:
+        step = min(_READ_SIZE, position)
+        position -= step
+        handle.seek(position)
+        block = handle.read(step)
+        index = len(block)
+        while (index := block.rfind(b"\n", 0, index)) >= 0:
+            wanted -= 1
+            if wanted == 0:
+                return position + index + 1
+    return 0
+
+
+def _never_stop(seconds: float) -> bool:
+    threading.Event().wait(seconds)
+    return False
+
+
+def read_log(
+    path: Path,
+    options: LogOptions,
+    *,
+    ended: Callable[[], bool] = lambda: True,
+    wait: Callable[[float], bool] = _never_stop,
+) -> Iterator[bytes]:
+    """The log at `path` as the body of a `/containerLogs` answer, in non-empty pieces.
+
+    Without `follow`: what the file holds now. With it: then what is appended, until `ended()`
+    is true and the file is drained, or until `wait(POLL_SECONDS)` returns True (the client
+    left, or the server stops). A file that does not exist yet is empty, and followed until
+    it appears. A last piece without a newline is a line still being written: it is left out
+    until it is complete, unless the container has ended.
+    """
+    remaining = options.limit_bytes
+    for piece in _formatted(path, options, ended=ended, wait=wait):
+        if remaining is not None and len(piece) >= remaining:
+            yield piece[:remaining]
+            return
+        if remaining is not None:
+            remaining -= len(piece)
+        yield piece
+
+
+def _open(path: Path, *, tail_lines: int | None) -> BinaryIO | None:
+    try:
+        handle = path.open("rb")
+    except FileNotFoundError:
+        return None
+    if tail_lines is not None:
+        handle.seek(_tail_start(handle, os.fstat(handle.fileno()).st_size, tail_lines))
+    return handle
+
+
+def _formatted(
+    path: Path,
+    options: LogOptions,
+    *,
+    ended: Callable[[], bool],
+    wait: Callable[[float], bool],
+) -> Iterator[bytes]:
+    """read_log without the byte limit."""
+    handle = _open(path, tail_lines=options.tail_lines)
+    pending = b""
+    try:
+        while True:
+            # Asked before reading: whatever was written before the end is then in the file.
+            finished = ended()
+            if handle is None:  # the tail is of what was there at first; this is all new
+                handle = _open(path, tail_lines=None)
+            while handle is not None and (chunk := handle.read(_READ_SIZE)):
+                *lines, pending = (pending + chunk).split(b"\n")
+                out = b"".join(piece for raw in lines if (piece := _format(raw, options)))
+                if out:
+                    yield out
+            if finished:
+                last = _format(pending, options) if pending else None
+                if last:
+                    yield last
+                return
+            if not options.follow or wait(POLL_SECONDS):
+                return
+    finally:
+        if handle is not None:
+            handle.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# The server
+
+
+@dataclass(frozen=True)
+class ServerTLS:
+    """The kubelet API's certificate and whom it trusts."""
+
+    cert: Path
+    """Serving certificate (PEM), signed by the cluster CA, for the node's names."""
+
+    key: Path
+    """Its private key."""
+
+    client_ca: Path
+    """CA whose client certificates are accepted (the cluster CA)."""
+
+    def context(self) -> ssl.SSLContext:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        context.load_cert_chain(self.cert, self.key)
+        context.load_verify_locations(cafile=str(self.client_ca))
+        context.verify_mode = ssl.CERT_REQUIRED
+        return context
+
+
+def identity(peer: Mapping[str, Any] | None) -> tuple[str, tuple[str, ...]]:
+    """(user, groups) of a verified client certificate, as Kubernetes reads them: CN and Os."""
+    user = ""
+    groups: list[str] = []
+    for rdn in (peer or {}).get("subject", ()):
+        for key, value in rdn:
+            if key == "commonName":
+                user = str(value)
+            elif key == "organizationName":
+                groups.append(str(value))
+    return user, tuple(groups)
+
+
+def allowed(user: str, groups: Sequence[str]) -> bool:
+    """Whether this identity may read logs: the API server's, or a cluster admin."""
+    return user in ALLOWED_USERS or any(group in ALLOWED_GROUPS for group in groups)
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    block_on_close = False
+
+    def __init__(
+        self,
+        address: tuple[str, int],
+        *,
+        tls: ssl.SSLContext,
+        pods_dir: Path,
+        lookup: PodLookup | None,
+    ) -> None:
+        super().__init__(address, _Handler)
+        # The handshake happens in the connection's own thread (finish_request), so a slow
+        # or hostile client never holds up accept().
+        self.socket = tls.wrap_socket(self.socket, server_side=True, do_handshake_on_connect=False)
+        self.pods_dir = pods_dir
+        self.lookup = lookup
+        self.stopping = threading.Event()
+
+    def server_bind(self) -> None:
+        # HTTPServer's own asks DNS for the host's full name, which can hang on a compute node.
+        socketserver.TCPServer.server_bind(self)
+        host, port = self.server_address[:2]
+        self.server_name, self.server_port = str(host), int(port)
+
+    def finish_request(self, request: Any, client_address: Any) -> None:
+        try:
+            request.settimeout(HANDSHAKE_TIMEOUT_S)
+            request.do_handshake()
+        except (ssl.SSLError, OSError) as error:
+            log.info("TLS handshake with %s refused: %s", client_address[0], error)
+            return
+        super().finish_request(request, client_address)
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        log.warning("request from %s failed", client_address[0], exc_info=True)
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: _Server
+    protocol_version = "HTTP/1.1"
+    server_version = "hpk-kubelet"
+    timeout = IDLE_TIMEOUT_S
+
+    def log_message(self, format: str, *args: Any) -> None:
+        log.debug("%s %s", self.client_address[0], format % args)
+
+    def _answer(self, status: HTTPStatus, text: str) -> None:
+        body = text.encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "text/plain; charset=utf-8")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_GET(self) -> None:
+        user, groups = identity(self.connection.getpeercert())
+        if not allowed(user, groups):
+            log.info("refused %s %s to user %r (groups %s)", self.command, self.path, user, groups)
+            self._answer(
+                HTTPStatus.FORBIDDEN,
+                f"Forbidden (user={user}, groups={list(groups)}): only the API server and "
+                "system:masters may use the kubelet API",
+            )
+            return
+        url = urlsplit(self.path)
+        parts = [unquote(part) for part in url.path.split("/")[1:]]
+        if parts == ["healthz"]:
+            self._answer(HTTPStatus.OK, "ok")
+        elif len(parts) == 4 and parts[0] == "containerLogs":
+            self._logs(*parts[1:], query=parse_qs(url.query, keep_blank_values=True))
+        else:
+            self._answer(HTTPStatus.NOT_FOUND, f"{url.path} not found")
+
+    def _logs(self, namespace: str, pod: str, container: str, *, query: dict[str, Any]) -> None:
+        key = f"{namespace}/{pod}"
+        try:
+            options = parse_options(query, now_ns=time.time_ns())
+            path = find_log(
+                self.server.pods_dir,
+                namespace=namespace,
+                pod=pod,
+                container=container,
+                previous=options.previous,
+                view=self._view(namespace, pod),
+            )
+        except LogError as error:
+            log.info("pod %s: logs of %s refused: %s", key, container, error.message)
+            self._answer(error.status, error.message)
+            return
+        self.send_response(HTTPStatus.OK)
+        self.send_header("Content-Type", "text/plain; charset=utf-8")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        try:
+            for piece in read_log(path, options, ended=container_ended(path), wait=self._wait):
+                self.wfile.write(b"%x\r\n%s\r\n" % (len(piece), piece))
+            self.wfile.write(b"0\r\n\r\n")
+        except (OSError, ssl.SSLError) as error:  # the client went away mid-stream
+            log.debug("pod %s: log stream of %s ended: %s", key, container, error)
+            self.close_connection = True
+        if self.server.stopping.is_set():
+            self.close_connection = True
+
+    def _view(self, namespace: str, pod: str) -> PodView | None:
+        if self.server.lookup is None:
+            return None
+        try:
+            found = self.server.lookup(namespace, pod)
+        except LookupUnavailable as error:
+            log.warning("pod %s/%s: cannot ask the API server (%s)", namespace, pod, error)
+            return None
+        if found is None:
+            raise NotFound(f"pod {namespace}/{pod} not found")
+        return PodView.of(found)
+
+    def _wait(self, seconds: float) -> bool:
+        """For a follow: wait, then say whether to stop (server stopping, client gone)."""
+        if self.server.stopping.wait(seconds):
+            return True
+        return self._client_gone()
+
+    def _client_gone(self) -> bool:
+        connection: socket.socket = self.connection
+        readable, _, _ = select.select([connection], [], [], 0)
+        if not readable:
+            return False
+        # The client sends nothing while it reads a stream: readable means it closed the
+        # connection (or sent a TLS alert).
+        connection.settimeout(0)
+        try:
+            data = connection.recv(1)
+        except ssl.SSLWantReadError:
+            return False
+        except OSError:
+            return True
+        finally:
+            connection.settimeout(self.timeout)
+        self.close_connection = True
+        return not data
+
+
+class LogServer:
+    """The kubelet API on `address:port`, serving the pod folders below `pods_dir`."""
+
+    def __init__(
+        self,
+        *,
+        tls: ServerTLS,
+        pods_dir: Path,
+        address: str = "0.0.0.0",  # noqa: S104 (the API server connects to the node's address)
+        port: int,
+        lookup: PodLookup | None = None,
+    ) -> None:
+        """Binds the port (OSError when it is taken) and loads the certificates (OSError,
+        ssl.SSLError when they cannot be read); serves nothing before `start`."""
+        self._server = _Server((address, port), tls=tls.context(), pods_dir=pods_dir, lookup=lookup)
+        self._thread: threading.Thread | None = None
+
+    @property
+    def port(self) -> int:
+        return int(self._server.server_address[1])
+
+    def start(self) -> threading.Thread:
+        """Serve on a daemon thread of its own until `stop`."""
+        log.info("kubelet API listening on port %d", self.port)
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, args=(0.5,), name="logserver", daemon=True
+        )
+        self._thread.start()
+        return self._thread
+
+    def stop(self) -> None:
+        """Stop accepting, end every follow within a poll, and close the port."""
+        self._server.stopping.set()
+        if self._thread is not None:
+            self._server.shutdown()
+            self._thread.join()
+        self._server.server_close()

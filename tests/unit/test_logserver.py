@@ -1,0 +1,452 @@
+"""The kubelet API's log server: reading the pod folder contract's log files with the API's
+options, and the HTTPS server's TLS, its authorisation rule and its streams (on 127.0.0.1,
+with certificates from a cluster CA made in a tmp folder)."""
+
+from __future__ import annotations
+
+import http.client
+import os
+import ssl
+import threading
+import time
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from hpk.pki import (
+    CertFiles,
+    ClusterPKI,
+    ensure_client_cert,
+    load_certificate,
+    subject_alt_names,
+)
+from kubelet_py.logserver import (
+    BadRequest,
+    LogOptions,
+    LogServer,
+    NotFound,
+    PodView,
+    ServerTLS,
+    find_log,
+    parse_options,
+    parse_time,
+    read_log,
+)
+
+pytestmark = pytest.mark.timeout(60)
+
+T1 = "2025-01-02T03:04:05.000000001Z"
+T2 = "2025-01-02T03:04:06.500000000Z"
+T3 = "2025-01-02T03:04:08.123456789Z"
+LOG = f"{T1} stdout first\n{T2} stderr second line\n{T3} stdout third\n"
+
+
+def body(path: Path, **options: Any) -> bytes:
+    ended = options.pop("ended", True)
+    return b"".join(read_log(path, LogOptions(**options), ended=lambda: ended))
+
+
+@pytest.fixture
+def log_file(tmp_path: Path) -> Path:
+    path = tmp_path / "log"
+    path.write_text(LOG)
+    return path
+
+
+# --- the query ---------------------------------------------------------------------------------
+
+
+def test_query_options_and_their_defaults() -> None:
+    now = parse_time(T3)
+    assert now is not None
+    assert parse_options({}, now_ns=now) == LogOptions()
+    options = parse_options(
+        {
+            "tailLines": ["2"],
+            "timestamps": ["true"],
+            "follow": ["1"],
+            "limitBytes": ["10"],
+            "sinceSeconds": ["3"],
+            "previous": ["false"],
+        },
+        now_ns=now,
+    )
+    assert options == LogOptions(
+        tail_lines=2,
+        timestamps=True,
+        follow=True,
+        limit_bytes=10,
+        since_ns=now - 3_000_000_000,
+        previous=False,
+    )
+    assert parse_options({"sinceTime": [T2]}, now_ns=now).since_ns == parse_time(T2)
+
+
+@pytest.mark.parametrize(
+    ("query", "message"),
+    [
+        ({"tailLines": ["-1"]}, "tailLines must be at least 0"),
+        ({"limitBytes": ["0"]}, "limitBytes must be at least 1"),
+        ({"sinceSeconds": ["0"]}, "sinceSeconds must be at least 1"),
+        ({"tailLines": ["ten"]}, "not an integer"),
+        ({"follow": ["maybe"]}, "not a boolean"),
+        ({"sinceTime": ["yesterday"]}, "not an RFC 3339 time"),
+        ({"sinceSeconds": ["5"], "sinceTime": [T1]}, "at most one of sinceTime or sinceSeconds"),
+    ],
+)
+def test_bad_query_values_are_refused(query: dict[str, list[str]], message: str) -> None:
+    with pytest.raises(BadRequest, match=message):
+        parse_options(query, now_ns=0)
+
+
+def test_times_with_offsets_and_fractions() -> None:
+    assert parse_time("1970-01-01T00:00:01Z") == 1_000_000_000
+    assert parse_time("1970-01-01T01:00:01.5+01:00") == 1_500_000_000
+    assert parse_time("2025-01-02 03:04:05Z") is None
+
+
+# --- reading a log file ---------------------------------------------------------------------
+
+
+def test_lines_without_and_with_timestamps(log_file: Path) -> None:
+    assert body(log_file) == b"first\nsecond line\nthird\n"
+    assert body(log_file, timestamps=True) == (
+        f"{T1} first\n{T2} second line\n{T3} third\n".encode()
+    )
+
+
+def test_tail_lines(log_file: Path) -> None:
+    assert body(log_file, tail_lines=2) == b"second line\nthird\n"
+    assert body(log_file, tail_lines=0) == b""
+    assert body(log_file, tail_lines=10) == b"first\nsecond line\nthird\n"
+
+
+def test_tail_of_a_log_larger_than_a_read(tmp_path: Path) -> None:
+    path = tmp_path / "log"
+    path.write_text("".join(f"{T1} stdout line-{i:06d}\n" for i in range(20000)))
+    assert body(path, tail_lines=3) == b"line-019997\nline-019998\nline-019999\n"
+
+
+def test_limit_bytes_cuts_mid_line(log_file: Path) -> None:
+    assert body(log_file, limit_bytes=9) == b"first\nsec"
+    assert body(log_file, limit_bytes=1000) == b"first\nsecond line\nthird\n"
+    stamped = body(log_file, timestamps=True, limit_bytes=20)
+    assert stamped == f"{T1}"[:20].encode()
+
+
+def test_since_leaves_out_older_lines(log_file: Path) -> None:
+    assert body(log_file, since_ns=parse_time(T2)) == b"second line\nthird\n"
+    assert body(log_file, since_ns=parse_time(T2), tail_lines=1) == b"third\n"
+    assert body(log_file, since_ns=parse_time(T3) + 1) == b""  # type: ignore[operator]
+
+
+def test_partial_last_line_waits_for_its_end_unless_the_container_ended(tmp_path: Path) -> None:
+    path = tmp_path / "log"
+    path.write_text(f"{T1} stdout done\n{T2} stdout half a li")
+    assert body(path, ended=False) == b"done\n"
+    assert body(path, ended=False, tail_lines=1) == b"done\n"
+    assert body(path, ended=True) == b"done\nhalf a li\n"
+
+
+def test_a_log_that_does_not_exist_yet_is_empty(tmp_path: Path) -> None:
+    assert body(tmp_path / "log", ended=False) == b""
+
+
+def test_lines_not_in_the_format_are_given_whole(tmp_path: Path) -> None:
+    path = tmp_path / "log"
+    path.write_text(f"garbage here\n{T1} stdout \n{T1} stdout  two spaces\n")
+    assert body(path) == b"garbage here\n\n two spaces\n"
+
+
+def test_follow_reads_appended_lines_until_the_container_ends(tmp_path: Path) -> None:
+    path = tmp_path / "log"
+    exit_marker = tmp_path / "exit"
+    waits: list[float] = []
+
+    def wait(seconds: float) -> bool:
+        waits.append(seconds)
+        if len(waits) == 1:  # the file appears during the first wait
+            path.write_text(f"{T1} stdout one\n{T2} stdout tw")
+        elif len(waits) == 2:
+            with path.open("a") as out:
+                out.write(f"o\n{T3} stdout three\n")
+            exit_marker.write_text("0 x\n")
+        return False
+
+    pieces = list(read_log(path, LogOptions(follow=True), ended=exit_marker.exists, wait=wait))
+    assert b"".join(pieces) == b"one\ntwo\nthree\n"
+    assert waits == [0.2, 0.2]
+
+
+def test_follow_stops_when_asked(tmp_path: Path) -> None:
+    path = tmp_path / "log"
+    path.write_text(f"{T1} stdout one\n")
+    stream = read_log(path, LogOptions(follow=True), ended=lambda: False, wait=lambda _: True)
+    assert list(stream) == [b"one\n"]
+
+
+# --- which file ----------------------------------------------------------------------------
+
+
+def pod_folder(
+    pods: Path, name: str, containers: Mapping[str, str | None], *, uid: str = "uid-1"
+) -> Path:
+    """A pod folder: container -> its log (None: not started)."""
+    folder = pods / "default" / name
+    folder.mkdir(parents=True)
+    (folder / "uid").write_text(f"{uid}\n")
+    for container, text in containers.items():
+        if text is None:
+            continue
+        directory = folder / "containers" / container
+        directory.mkdir(parents=True)
+        (directory / "started").write_text(f"{T1}\n")
+        (directory / "log").write_text(text)
+    return folder
+
+
+def test_find_log_of_main_and_init_containers(tmp_path: Path) -> None:
+    folder = pod_folder(tmp_path, "p", {"init": f"{T1} stdout i\n", "main": LOG, "later": None})
+    assert find_log(tmp_path, namespace="default", pod="p", container="main") == (
+        folder / "containers" / "main" / "log"
+    )
+    init = find_log(tmp_path, namespace="default", pod="p", container="init")
+    assert body(init) == b"i\n"
+    with pytest.raises(BadRequest, match='container "later" in pod "p" is waiting to start'):
+        find_log(tmp_path, namespace="default", pod="p", container="later")
+
+
+def test_find_log_errors(tmp_path: Path) -> None:
+    pod_folder(tmp_path, "p", {"main": LOG})
+    with pytest.raises(NotFound, match="pod default/gone not found"):
+        find_log(tmp_path, namespace="default", pod="gone", container="main")
+    with pytest.raises(BadRequest, match='previous terminated container "main" in pod "p"'):
+        find_log(tmp_path, namespace="default", pod="p", container="main", previous=True)
+    for pod, container in (("..", "main"), ("p", "../../etc"), ("p", "Main")):
+        with pytest.raises(NotFound, match="not a valid name"):
+            find_log(tmp_path, namespace="default", pod=pod, container=container)
+
+
+def test_previous_log_is_served_where_a_restart_would_keep_it(tmp_path: Path) -> None:
+    folder = pod_folder(tmp_path, "p", {"main": LOG})
+    older = folder / "containers" / "main" / "log.previous"
+    older.write_text(f"{T1} stdout before the restart\n")
+    assert find_log(tmp_path, namespace="default", pod="p", container="main", previous=True) == (
+        older
+    )
+
+
+def test_find_log_with_the_pod_the_api_server_has(tmp_path: Path) -> None:
+    pod_folder(tmp_path, "p", {"main": LOG}, uid="old-uid")
+    pod = {
+        "metadata": {"uid": "new-uid"},
+        "spec": {"initContainers": [{"name": "init"}], "containers": [{"name": "main"}]},
+        "status": {
+            "initContainerStatuses": [{"name": "init", "state": {"waiting": {"reason": "Q"}}}],
+            "containerStatuses": [
+                {"name": "main", "state": {"waiting": {"reason": "PodInitializing"}}}
+            ],
+        },
+    }
+    view = PodView.of(pod)
+    assert view.containers == ("init", "main")
+    with pytest.raises(NotFound, match="container 'side' not found in pod default/p"):
+        find_log(tmp_path, namespace="default", pod="p", container="side", view=view)
+    # The folder is an older pod's: the new pod's container has not started.
+    with pytest.raises(BadRequest, match="is waiting to start: PodInitializing"):
+        find_log(tmp_path, namespace="default", pod="p", container="main", view=view)
+    with pytest.raises(BadRequest, match="is waiting to start: Q"):
+        find_log(tmp_path, namespace="default", pod="new", container="init", view=view)
+    current = PodView(uid="old-uid", containers=("main",))
+    assert find_log(tmp_path, namespace="default", pod="p", container="main", view=current)
+
+
+# --- the HTTPS server ---------------------------------------------------------------------
+
+
+class Bed:
+    def __init__(self, root: Path) -> None:
+        self.pods = root / "pods"
+        self.pki = ClusterPKI(root / "pki")
+        self.pki.ensure_control_plane(
+            hostname="localhost", node_ips=["127.0.0.1"], service_cidr="10.96.0.0/16"
+        )
+        self.serving = self.pki.ensure_kubelet_serving(
+            hostname="localhost", addresses=["127.0.0.1"]
+        )
+        self.pods_seen: dict[tuple[str, str], dict[str, Any] | None] = {}
+        self.server = LogServer(
+            tls=ServerTLS(cert=self.serving.cert, key=self.serving.key, client_ca=self.pki.ca.cert),
+            pods_dir=self.pods,
+            address="127.0.0.1",
+            port=0,
+        )
+        self.server.start()
+
+    def connect(self, client: CertFiles | None) -> http.client.HTTPSConnection:
+        context = ssl.create_default_context(cafile=str(self.pki.ca.cert))
+        if client is not None:
+            context.load_cert_chain(client.cert, client.key)
+        return http.client.HTTPSConnection(
+            "127.0.0.1", self.server.port, context=context, timeout=10
+        )
+
+    def get(self, path: str, client: CertFiles | None = None) -> tuple[int, bytes]:
+        connection = self.connect(client or self.pki.apiserver_kubelet_client)
+        try:
+            connection.request("GET", path)
+            response = connection.getresponse()
+            return response.status, response.read()
+        finally:
+            connection.close()
+
+
+@pytest.fixture
+def bed(tmp_path: Path) -> Iterator[Bed]:
+    running = Bed(tmp_path)
+    yield running
+    running.server.stop()
+
+
+def test_the_serving_certificate_names_the_host_and_its_addresses(bed: Bed) -> None:
+    cert = load_certificate(bed.serving.cert)
+    assert subject_alt_names(cert) == {"localhost", "127.0.0.1"}
+    moved = bed.pki.ensure_kubelet_serving(hostname="node7", addresses=["192.0.2.7"])
+    assert subject_alt_names(load_certificate(moved.cert)) == {"node7", "192.0.2.7"}
+    assert os.stat(moved.key).st_mode & 0o077 == 0
+
+
+def test_a_client_without_a_certificate_is_refused_in_the_handshake(bed: Bed) -> None:
+    connection = bed.connect(None)
+    with pytest.raises((ssl.SSLError, ConnectionError, http.client.RemoteDisconnected)):
+        connection.request("GET", "/healthz")
+        connection.getresponse().read()
+    connection.close()
+
+
+def test_a_certificate_of_another_ca_is_refused_in_the_handshake(bed: Bed) -> None:
+    with pytest.raises((ssl.SSLError, ConnectionError, http.client.RemoteDisconnected)):
+        bed.get("/healthz", client=bed.pki.apiserver_etcd_client)  # signed by the etcd CA
+
+
+def test_identities_of_the_cluster_ca_other_than_the_api_server_are_forbidden(
+    bed: Bed,
+) -> None:
+    status, text = bed.get("/healthz", client=bed.pki.ensure_hpk_kubelet_client())
+    assert status == 403
+    assert b"user=hpk:kubelet" in text
+    # The API server's identity by its name alone, and a cluster admin by its group.
+    named = CertFiles(cert=bed.pods.parent / "named.crt", key=bed.pods.parent / "named.key")
+    ensure_client_cert(named, ca=bed.pki.load_ca(), user=ClusterPKI.APISERVER_KUBELET_CLIENT_USER)
+    assert bed.get("/healthz", client=named) == (200, b"ok")
+    assert bed.get("/healthz", client=bed.pki.admin) == (200, b"ok")
+
+
+def test_container_logs_with_options_and_errors(bed: Bed) -> None:
+    pod_folder(bed.pods, "p", {"init": f"{T1} stdout from init\n", "main": LOG, "later": None})
+    assert bed.get("/containerLogs/default/p/main") == (200, b"first\nsecond line\nthird\n")
+    assert bed.get("/containerLogs/default/p/init") == (200, b"from init\n")
+    status, text = bed.get("/containerLogs/default/p/main?tailLines=1&timestamps=true")
+    assert (status, text) == (200, f"{T3} third\n".encode())
+    assert bed.get("/containerLogs/default/p/main?limitBytes=3") == (200, b"fir")
+    assert bed.get("/containerLogs/default/p/main?sinceSeconds=60") == (200, b"")
+    status, text = bed.get("/containerLogs/default/p/main?previous=true")
+    assert status == 400
+    assert text == b'previous terminated container "main" in pod "p" not found'
+    status, text = bed.get("/containerLogs/default/p/later")
+    assert status == 400
+    assert b'container "later" in pod "p" is waiting to start' in text
+    status, text = bed.get("/containerLogs/default/nope/main")
+    assert (status, text) == (404, b"pod default/nope not found on this kubelet")
+    assert bed.get("/containerLogs/default/p/main?tailLines=-3")[0] == 400
+    assert bed.get("/containerLogs/default/%2e%2e/main")[0] == 404
+    assert bed.get("/elsewhere")[0] == 404
+
+
+def test_logs_ask_the_api_server_for_the_pod(tmp_path: Path) -> None:
+    pki = ClusterPKI(tmp_path / "pki")
+    pki.ensure_control_plane(
+        hostname="localhost", node_ips=["127.0.0.1"], service_cidr="10.96.0.0/16"
+    )
+    serving = pki.ensure_kubelet_serving(hostname="localhost", addresses=["127.0.0.1"])
+    pod_folder(tmp_path / "pods", "p", {"main": LOG})
+    known = {
+        "metadata": {"uid": "uid-1"},
+        "spec": {"containers": [{"name": "main"}]},
+    }
+    server = LogServer(
+        tls=ServerTLS(cert=serving.cert, key=serving.key, client_ca=pki.ca.cert),
+        pods_dir=tmp_path / "pods",
+        address="127.0.0.1",
+        port=0,
+        lookup=lambda namespace, name: known if name == "p" else None,
+    )
+    server.start()
+    try:
+        context = ssl.create_default_context(cafile=str(pki.ca.cert))
+        context.load_cert_chain(pki.apiserver_kubelet_client.cert, pki.apiserver_kubelet_client.key)
+        answers = []
+        for path in ("main", "other", "../q/main"):
+            connection = http.client.HTTPSConnection("127.0.0.1", server.port, context=context)
+            connection.request("GET", f"/containerLogs/default/p/{path}")
+            response = connection.getresponse()
+            answers.append((response.status, response.read()))
+            connection.close()
+    finally:
+        server.stop()
+    assert answers[0] == (200, b"first\nsecond line\nthird\n")
+    assert answers[1] == (404, b"container 'other' not found in pod default/p; it has main")
+    assert answers[2][0] == 404
+
+
+def test_follow_streams_appended_lines_and_ends_with_the_exit_marker(bed: Bed) -> None:
+    folder = pod_folder(bed.pods, "f", {"main": f"{T1} stdout line-1\n"})
+    container = folder / "containers" / "main"
+    connection = bed.connect(bed.pki.apiserver_kubelet_client)
+    connection.request("GET", "/containerLogs/default/f/main?follow=true")
+    response = connection.getresponse()
+    assert response.status == 200
+    assert response.readline() == b"line-1\n"
+    with (container / "log").open("a") as out:
+        out.write(f"{T2} stdout line-2\n")
+    assert response.readline() == b"line-2\n"
+    began = time.monotonic()
+    with (container / "log").open("a") as out:
+        out.write(f"{T3} stderr line-3\n")
+    (container / "exit").write_text(f"0 {T3}\n")
+    assert response.read() == b"line-3\n"
+    assert time.monotonic() - began < 3
+    connection.close()
+
+
+def _handlers() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if "process_request_thread" in t.name]
+
+
+def test_follow_ends_when_the_client_leaves(bed: Bed) -> None:
+    pod_folder(bed.pods, "f", {"main": f"{T1} stdout line-1\n"})
+    connection = bed.connect(bed.pki.apiserver_kubelet_client)
+    connection.request("GET", "/containerLogs/default/f/main?follow=1")
+    response = connection.getresponse()
+    assert response.readline() == b"line-1\n"
+    assert _handlers()
+    connection.close()
+    deadline = time.monotonic() + 5
+    while _handlers() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _handlers()
+
+
+def test_follow_ends_when_the_server_stops(bed: Bed) -> None:
+    pod_folder(bed.pods, "f", {"main": f"{T1} stdout line-1\n"})
+    connection = bed.connect(bed.pki.apiserver_kubelet_client)
+    connection.request("GET", "/containerLogs/default/f/main?follow=1")
+    response = connection.getresponse()
+    assert response.readline() == b"line-1\n"
+    began = time.monotonic()
+    bed.server.stop()
+    assert time.monotonic() - began < 3
+    assert response.read() == b""
+    connection.close()
