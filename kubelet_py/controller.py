@@ -183,12 +183,15 @@ class PodController:
         *,
         partition_of: Callable[[str], str | None],
         settings: ControllerSettings | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.api = api
         self.provider = provider
         self.partition_of = partition_of
         """Node name -> its Slurm partition; None for a node that is not the kubelet's."""
         self.settings = settings or ControllerSettings()
+        self.clock = clock
+        """Monotonic seconds, for grace periods (the unit tests pass a fake)."""
         self._pods: dict[str, JSON] = {}
         self._deletions: dict[str, _Deletion] = {}
         self._confirmed: OrderedDict[str, None] = OrderedDict()
@@ -432,7 +435,7 @@ class PodController:
             return
         pod = deletion.pod
         key = group_of(dkey)
-        now = time.monotonic()
+        now = self.clock()
         if (pod.get("status") or {}).get("phase") in TERMINAL:
             ended = True  # the job is over; nothing to signal
         else:

@@ -1,0 +1,403 @@
+"""SlurmProvider with a fake Slurm (the JobRunner seam) and a fake job watcher.
+
+What a user would see through these: one Slurm job per pod whatever happened before (an
+annotation, a job-id file in the pod folder, a job found by its comment), the folder of an
+older pod of the same name kept aside, a refused pod that reaches no sbatch, a deleted pod's
+job signalled TERM then KILL, and only this kubelet's orphaned jobs cancelled.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import pytest
+
+from hpk.images import image_path
+from kubelet_py.errors import InvalidPodSpec
+from kubelet_py.provider import JOB_ID_ANNOTATION, ProviderSettings, SlurmProvider
+from kubelet_py.slurm import (
+    CommandResult,
+    ListedJob,
+    SlurmClient,
+    SlurmError,
+    SlurmUnavailable,
+)
+from kubelet_py.watcher import JobView
+
+UID = "0b6c5c1e-0000-4000-8000-000000000001"
+
+
+class FakeSlurm:
+    """The JobRunner seam: records submissions and cancellations, lists what it was given."""
+
+    def __init__(self) -> None:
+        self.submitted: list[tuple[Path, list[str]]] = []
+        self.cancelled: list[tuple[str, str | None]] = []
+        self.listed: dict[str, ListedJob] = {}
+        self.list_calls = 0
+        self.refuse_signal: str | None = None
+        self.unavailable = False
+        self.next_id = 100
+
+    def submit(self, script: Path, argv_flags: Any, *, env: Mapping[str, str] | None = None) -> str:
+        if self.unavailable:
+            raise SlurmUnavailable("sbatch: Unable to contact slurm controller")
+        self.submitted.append((script, list(argv_flags)))
+        self.next_id += 1
+        return str(self.next_id)
+
+    def cancel(self, job_id: str, *, signal: str | None = None) -> None:
+        if self.unavailable:
+            raise SlurmUnavailable("scancel: Unable to contact slurm controller")
+        if signal is not None and self.refuse_signal is not None:
+            raise SlurmError(f"scancel: {self.refuse_signal}")
+        self.cancelled.append((job_id, signal))
+
+    def listed_jobs(self, comment_prefix: str) -> dict[str, ListedJob]:
+        self.list_calls += 1
+        return {
+            job_id: job
+            for job_id, job in self.listed.items()
+            if (job.comment or "").startswith(comment_prefix)
+        }
+
+
+class FakeWatcher:
+    """The JobTracker seam: views are set by the test."""
+
+    def __init__(self) -> None:
+        self.registered: dict[str, str] = {}
+        self.views: dict[str, JobView] = {}
+
+    def register(self, job_id: str, key: str) -> None:
+        self.registered[job_id] = key
+
+    def forget(self, job_id: str) -> None:
+        self.registered.pop(job_id, None)
+
+    def view(self, job_id: str) -> JobView | None:
+        return self.views.get(job_id) if job_id in self.registered else None
+
+
+def job_view(job_id: str, state: str, *, final: bool = False) -> JobView:
+    return JobView(
+        job_id=job_id,
+        state=state,
+        reason=None,
+        nodes="n1" if state != "PENDING" else "",
+        batch_host="n1" if state != "PENDING" else None,
+        start_time=None,
+        end_time=None,
+        exit_code=0 if final else None,
+        exit_signal=0,
+        restarts=0,
+        cancelled_by=None,
+        final=final,
+        source="squeue",
+    )
+
+
+def make_pod(
+    name: str = "web",
+    *,
+    uid: str = UID,
+    annotations: Mapping[str, str] | None = None,
+    namespace: str = "default",
+) -> dict[str, Any]:
+    return {
+        "metadata": {
+            "name": name,
+            "namespace": namespace,
+            "uid": uid,
+            "annotations": dict(annotations or {}),
+        },
+        "spec": {
+            "nodeName": "hpk-batch",
+            "restartPolicy": "Never",
+            "automountServiceAccountToken": False,
+            "containers": [{"name": "main", "image": "busybox", "command": ["true"]}],
+        },
+    }
+
+
+class Bed:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.slurm = FakeSlurm()
+        self.watcher = FakeWatcher()
+        images = root / "images"
+        sif = image_path("busybox", cache_dir=images)
+        sif.parent.mkdir(parents=True)
+        sif.write_bytes(b"not really a SIF file")
+        self.pods_dir = root / "pods"
+        self.provider = SlurmProvider(
+            slurm=self.slurm,
+            watcher=self.watcher,
+            settings=ProviderSettings(
+                pods_dir=self.pods_dir,
+                apptainer=PurePosixPath("/usr/bin/apptainer"),
+                image_cache=images,
+            ),
+        )
+
+    def folder(self, name: str = "web", namespace: str = "default") -> Path:
+        return self.pods_dir / namespace / name
+
+    def listed(self, job_id: str, uid: str, *, name: str = "web", state: str = "RUNNING") -> None:
+        self.slurm.listed[job_id] = ListedJob(
+            job_id=job_id,
+            state=state,
+            name=f"hpk/default/{name}",
+            work_dir=str(self.folder(name)),
+            comment=f"hpk-uid={uid}",
+        )
+
+
+@pytest.fixture
+def bed(tmp_path: Path) -> Bed:
+    return Bed(tmp_path)
+
+
+# -- one job per pod ----------------------------------------------------------------------
+
+
+def test_new_pod_is_submitted_once_with_its_identity(bed: Bed) -> None:
+    job_id = bed.provider.create_pod(make_pod(), partition="batch")
+    assert len(bed.slurm.submitted) == 1
+    script, flags = bed.slurm.submitted[0]
+    assert script == bed.folder() / "job.sh"
+    assert "--job-name=hpk/default/web" in flags
+    assert f"--comment=hpk-uid={UID}" in flags
+    assert f"--chdir={bed.folder()}" in flags
+    assert "--partition=batch" in flags
+    assert (bed.folder() / "job-id").read_text().strip() == job_id
+    assert (bed.folder() / "uid").read_text().strip() == UID
+    assert bed.watcher.registered == {job_id: "default/web"}
+    # A folder made just now cannot hold an earlier submission: Slurm is not asked.
+    assert bed.slurm.list_calls == 0
+    # Asked again (the controller retrying after a lost API answer): the same job.
+    assert bed.provider.create_pod(make_pod(), partition="batch") == job_id
+    assert len(bed.slurm.submitted) == 1
+
+
+def test_annotated_pod_is_adopted_not_submitted(bed: Bed) -> None:
+    pod = make_pod(annotations={JOB_ID_ANNOTATION: "77"})
+    assert bed.provider.create_pod(pod) == "77"
+    assert bed.slurm.submitted == []
+    assert bed.provider.job_id("default/web") == "77"
+    assert bed.watcher.registered == {"77": "default/web"}
+
+
+def test_job_id_in_the_pod_folder_is_adopted_after_a_restart(bed: Bed) -> None:
+    bed.provider.create_pod(make_pod())
+    slurm, watcher = FakeSlurm(), FakeWatcher()
+    restarted = SlurmProvider(slurm=slurm, watcher=watcher, settings=bed.provider.settings)
+    # The annotation patch was lost with the old kubelet: the pod carries no job ID.
+    assert restarted.create_pod(make_pod()) == "101"
+    assert slurm.submitted == []
+    assert slurm.list_calls == 0
+    assert watcher.registered == {"101": "default/web"}
+
+
+def test_lost_submission_is_found_by_its_comment(bed: Bed) -> None:
+    # An earlier attempt made the folder and ran sbatch, whose answer was lost.
+    bed.folder().mkdir(parents=True)
+    (bed.folder() / "uid").write_text(UID + "\n")
+    bed.listed("88", UID)
+    bed.listed("87", "another-uid")
+    assert bed.provider.create_pod(make_pod()) == "88"
+    assert bed.slurm.submitted == []
+    assert (bed.folder() / "job-id").read_text().strip() == "88"
+
+
+def test_a_job_of_the_same_uid_in_another_hpk_home_is_not_adopted(bed: Bed) -> None:
+    bed.folder().mkdir(parents=True)
+    (bed.folder() / "uid").write_text(UID + "\n")
+    bed.slurm.listed["88"] = ListedJob(
+        job_id="88",
+        state="RUNNING",
+        name="hpk/default/web",
+        work_dir="/elsewhere/.hpk/pods/default/web",
+        comment=f"hpk-uid={UID}",
+    )
+    assert bed.provider.create_pod(make_pod()) == "101"
+    assert len(bed.slurm.submitted) == 1
+
+
+def test_folder_of_an_older_pod_of_the_same_name_is_moved_aside(bed: Bed) -> None:
+    old = bed.provider.create_pod(make_pod(uid="old-uid"))
+    (bed.folder() / "containers").mkdir()
+    (bed.folder() / "containers" / "marker").write_text("old")
+    bed.provider.forget(make_pod(uid="old-uid"))
+    new = bed.provider.create_pod(make_pod(uid=UID))
+    assert new != old
+    assert len(bed.slurm.submitted) == 2
+    assert (bed.folder() / "uid").read_text().strip() == UID
+    assert (bed.folder() / "job-id").read_text().strip() == new
+    assert not (bed.folder() / "containers" / "marker").exists()
+    aside = [path for path in bed.folder().parent.iterdir() if path.name.startswith(".web.")]
+    assert len(aside) == 1
+    assert (aside[0] / "job-id").read_text().strip() == old
+    assert (aside[0] / "containers" / "marker").read_text() == "old"
+
+
+def test_refused_flags_submit_nothing(bed: Bed) -> None:
+    pod = make_pod(annotations={"slurm.hpk.io/flags": "--uid=0"})
+    with pytest.raises(InvalidPodSpec, match="--uid"):
+        bed.provider.create_pod(pod)
+    assert bed.slurm.submitted == []
+    assert not (bed.folder() / "job-id").exists()
+
+
+def test_unreachable_slurm_is_raised_and_the_retry_does_not_duplicate(bed: Bed) -> None:
+    bed.slurm.unavailable = True
+    with pytest.raises(SlurmUnavailable):
+        bed.provider.create_pod(make_pod())
+    # Slurm took the job all the same; the retry finds it by its comment.
+    bed.slurm.unavailable = False
+    bed.listed("90", UID)
+    assert bed.provider.create_pod(make_pod()) == "90"
+    assert bed.slurm.submitted == []
+
+
+# -- deletion -----------------------------------------------------------------------------
+
+
+def test_delete_sends_term_once_then_kill(bed: Bed) -> None:
+    job_id = bed.provider.create_pod(make_pod())
+    bed.watcher.views[job_id] = job_view(job_id, "RUNNING")
+    assert bed.provider.delete_pod(make_pod()) is False
+    assert bed.provider.delete_pod(make_pod()) is False
+    assert bed.slurm.cancelled == [(job_id, "TERM")]
+    assert bed.provider.delete_pod(make_pod(), kill=True) is False
+    assert bed.provider.delete_pod(make_pod(), kill=True) is False
+    assert bed.slurm.cancelled == [(job_id, "TERM"), (job_id, "KILL")]
+    bed.watcher.views[job_id] = job_view(job_id, "FAILED", final=True)
+    assert bed.provider.delete_pod(make_pod()) is True
+    bed.provider.forget(make_pod())
+    assert bed.watcher.registered == {}
+    assert bed.provider.job_id("default/web") is None
+
+
+def test_delete_of_an_ended_job_or_a_pod_without_job_sends_nothing(bed: Bed) -> None:
+    assert bed.provider.delete_pod(make_pod("never")) is True
+    job_id = bed.provider.create_pod(make_pod())
+    bed.watcher.views[job_id] = job_view(job_id, "COMPLETED", final=True)
+    assert bed.provider.delete_pod(make_pod()) is True
+    assert bed.slurm.cancelled == []
+
+
+def test_delete_after_a_restart_finds_the_job_on_the_pod(bed: Bed) -> None:
+    pod = make_pod(annotations={JOB_ID_ANNOTATION: "55"})
+    assert bed.provider.delete_pod(pod) is False
+    assert bed.slurm.cancelled == [("55", "TERM")]
+    assert bed.watcher.registered == {"55": "default/web"}
+
+
+def test_delete_cancels_a_pending_job_outright(bed: Bed) -> None:
+    job_id = bed.provider.create_pod(make_pod())
+    bed.watcher.views[job_id] = job_view(job_id, "PENDING")
+    assert bed.provider.delete_pod(make_pod()) is False
+    assert bed.slurm.cancelled == [(job_id, None)]
+
+
+def test_delete_cancels_when_slurm_refuses_the_signal(bed: Bed) -> None:
+    job_id = bed.provider.create_pod(make_pod())
+    bed.slurm.refuse_signal = "Job can not be altered now, try again later"
+    assert bed.provider.delete_pod(make_pod()) is False
+    assert bed.slurm.cancelled == [(job_id, None)]
+
+
+def test_delete_raises_when_slurm_is_unreachable(bed: Bed) -> None:
+    bed.provider.create_pod(make_pod())
+    bed.slurm.unavailable = True
+    with pytest.raises(SlurmUnavailable):
+        bed.provider.delete_pod(make_pod())
+    bed.slurm.unavailable = False
+    assert bed.provider.delete_pod(make_pod()) is False
+    assert [signal for _, signal in bed.slurm.cancelled] == ["TERM"]
+
+
+def test_delete_of_an_old_pod_leaves_the_new_pod_of_its_name_alone(bed: Bed) -> None:
+    new = bed.provider.create_pod(make_pod(uid=UID))
+    old = make_pod(uid="old-uid", annotations={JOB_ID_ANNOTATION: "12"})
+    assert bed.provider.delete_pod(old) is False
+    bed.provider.forget(old)
+    assert bed.slurm.cancelled == [("12", "TERM")]
+    assert bed.provider.job_id("default/web") == new
+    assert new in bed.watcher.registered
+
+
+# -- orphans ------------------------------------------------------------------------------
+
+
+def test_sweep_cancels_only_this_homes_live_jobs_whose_pod_is_gone(bed: Bed) -> None:
+    kept = bed.provider.create_pod(make_pod("kept", uid="kept-uid"))
+    bed.listed(kept, "kept-uid", name="kept")
+    bed.listed("201", "listed-uid", name="listed")  # its pod exists (in the list)
+    bed.listed("202", "gone-uid", name="gone")  # the orphan
+    bed.listed("203", "gone-uid-2", name="done", state="COMPLETED")  # over already
+    bed.listed("204", "late-uid", name="late")  # its pod came after Slurm was asked
+    bed.slurm.listed["205"] = ListedJob(  # another hpk home of the same user
+        job_id="205",
+        state="RUNNING",
+        name="hpk/default/other",
+        work_dir="/var/tmp/other-cluster/pods/default/other",
+        comment="hpk-uid=other-uid",
+    )
+    bed.slurm.listed["206"] = ListedJob(  # the right folder, but not an hpk name
+        job_id="206",
+        state="RUNNING",
+        name="my-own-job",
+        work_dir=str(bed.folder("own")),
+        comment="hpk-uid=own-uid",
+    )
+    bed.slurm.listed["207"] = ListedJob(  # not hpk's at all
+        job_id="207",
+        state="RUNNING",
+        name="hpk/default/x",
+        work_dir=str(bed.folder("x")),
+        comment="something else",
+    )
+    calls = []
+
+    def alive() -> set[str]:
+        calls.append(bed.slurm.list_calls)
+        return {"listed-uid", "late-uid"}
+
+    assert bed.provider.sweep_orphans(alive) == ["202"]
+    assert bed.slurm.cancelled == [("202", None)]
+    assert calls == [1], "the live pods are read after Slurm was asked"
+
+
+def test_listed_jobs_reads_names_folders_and_comments() -> None:
+    class Runner:
+        argv: Sequence[str] = ()
+
+        def run(
+            self, argv: Sequence[str], *, timeout: float, env: Mapping[str, str] | None = None
+        ) -> CommandResult:
+            self.argv = argv
+            # Printed by Slurm 22.05.8 on the test bed (a folder with a "|" added).
+            return CommandResult(
+                0,
+                "945|CANCELLED|hpk/e2e/sleeper|/var/tmp/h|x/pods/e2e/sleeper|hpk-uid=c98b\n"
+                "946|RUNNING|plain|/root|(null)\n"
+                "947|PENDING|hpk/ns/p|/var/tmp/pods/ns/p|hpk-uid=d1\n",
+                "",
+            )
+
+    runner = Runner()
+    found = SlurmClient(runner).listed_jobs("hpk-uid=")
+    assert "--me" in runner.argv
+    assert sorted(found) == ["945", "947"]
+    assert found["945"] == ListedJob(
+        job_id="945",
+        state="CANCELLED",
+        name="hpk/e2e/sleeper",
+        work_dir="/var/tmp/h|x/pods/e2e/sleeper",
+        comment="hpk-uid=c98b",
+    )
+    assert found["947"].work_dir == "/var/tmp/pods/ns/p"
