@@ -274,7 +274,8 @@ def find_log(
     if view is not None:
         reason = view.waiting.get(container) or "ContainerCreating"
         waiting = f"{waiting}: {reason}"
-        if not folder.is_dir() or _read(folder / "uid") != view.uid:
+        recorded = _read(folder / "uid")
+        if not folder.is_dir() or (recorded is not None and recorded != view.uid):
             raise BadRequest(waiting)
     else:
         waiting = f"{waiting} (or the pod has no such container)"
@@ -305,11 +306,9 @@ def container_ended(log_file: Path) -> Callable[[], bool]:
     container_dir = log_file.parent
 
     def ended() -> bool:
-        return (
-            log_file.name != "log"
-            or (container_dir / "exit").exists()
-            or not (container_dir.is_dir())
-        )
+        if log_file.name != "log":  # a previous run's log is complete
+            return True
+        return (container_dir / "exit").exists() or not container_dir.is_dir()
 
     return ended
 

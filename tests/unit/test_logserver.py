@@ -34,6 +34,7 @@ from kubelet_py.logserver import (
     parse_time,
     read_log,
 )
+from kubelet_py.main import parse_args
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -450,3 +451,25 @@ def test_follow_ends_when_the_server_stops(bed: Bed) -> None:
     assert time.monotonic() - began < 3
     assert response.read() == b""
     connection.close()
+
+
+# --- the kubelet's flags ---------------------------------------------------------------------
+
+
+def test_kubelet_flags_for_its_api() -> None:
+    settings = parse_args(
+        [
+            "--kubeconfig=k",
+            "--port=12345",
+            "--tls-cert-file=c.crt",
+            "--tls-private-key-file=c.key",
+            "--client-ca-file=ca.crt",
+        ]
+    )
+    assert settings.nodes.kubelet_port == 12345
+    assert settings.tls == ServerTLS(
+        cert=Path("c.crt"), key=Path("c.key"), client_ca=Path("ca.crt")
+    )
+    assert parse_args(["--kubeconfig=k"]).tls is None
+    with pytest.raises(SystemExit):
+        parse_args(["--kubeconfig=k", "--tls-cert-file=c.crt"])
