@@ -43,3 +43,16 @@ e2e: toolchain venv
 	@$(VENV)/bin/pytest tests/e2e
 
 test: toolchain lint unit e2e
+
+# make bench   the benchmark (bench/) on a private Slurm bed of its own, as root; writes
+#              bench/results/<date>.json and .png. BENCH_ARGS=--quick for small numbers.
+BENCH_ARGS ?=
+.PHONY: bench
+
+$(VENV)/.bench-installed: pyproject.toml $(VENV)/.installed
+	@$(VENV)/bin/pip install -q --disable-pip-version-check -e '.[dev,bench]'
+	@touch $@
+
+bench: toolchain venv $(VENV)/.bench-installed
+	@echo "[bench] hpk benchmark on a private Slurm bed (full run: about 10 minutes)"
+	@$(VENV)/bin/python -m bench.run $(BENCH_ARGS)
