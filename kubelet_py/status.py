@@ -118,7 +118,7 @@ _PENDING_REASONS = {
     "Resources": "it waits for the resources it asked for to become free",
     "JobHeldUser": "it is held; `scontrol release {job}` lets it run",
     "JobHeldAdmin": "an administrator holds it",
-    "BeginTime": "it may not start yet (Slurm delays a requeued job)",
+    "BeginTime": "its start time (--begin) has not come yet",
     "Dependency": "it waits for the jobs it depends on",
     "DependencyNeverSatisfied": "the jobs it depends on can never be satisfied",
     "PartitionDown": "its partition is down",
@@ -145,6 +145,9 @@ def pod_status(
     `markers` are keyed by container name; `node_addresses` maps Slurm node names to their
     addresses, for hostIP (pods share the network of the node they run on, so podIP is the
     same). The result depends on nothing else, so a final status never changes.
+
+    Every condition has `reason` and `message`, None when it has none: written as a strategic
+    merge patch, the None clears what an earlier status of the pod said there.
     """
     init_specs = list(spec.get("initContainers") or [])
     main_specs = list(spec.get("containers") or [])
@@ -349,6 +352,9 @@ def _pending_message(job: JobFacts | None) -> str:
     explained = _PENDING_REASONS.get(reason.split(",")[0].strip())
     if explained is None and reason.startswith(("QOS", "Assoc")):
         explained = "a limit of its account or QOS is reached"
+    if reason == "BeginTime" and job.restarts:
+        # A requeue, not the pod's flags, gave it a begin time.
+        explained = "Slurm delays a job it has requeued"
     text = f"{ident} is pending ({reason})"
     return f"{text}: {explained.format(job=job.job_id)}" if explained else text
 
@@ -519,11 +525,15 @@ def _condition(
     message: str | None = None,
     since: datetime | None = None,
 ) -> dict[str, Any]:
-    condition: dict[str, Any] = {"type": kind, "status": "True" if status else "False"}
-    if reason:
-        condition["reason"] = reason
-    if message:
-        condition["message"] = message
+    # reason and message are always there, None when the condition has none: the status is
+    # written as a strategic merge patch, which merges conditions by type, so a key left out
+    # would keep an earlier condition's value (a Succeeded pod still "pending (JobHeldUser)").
+    condition: dict[str, Any] = {
+        "type": kind,
+        "status": "True" if status else "False",
+        "reason": reason or None,
+        "message": message or None,
+    }
     if since is not None:
         condition["lastTransitionTime"] = _time(since)
     return condition

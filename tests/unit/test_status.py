@@ -108,7 +108,7 @@ def test_a_job_slurm_does_not_list_yet_leaves_the_pod_pending() -> None:
         ("Priority", "higher priority"),
         ("Resources", "resources"),
         ("JobHeldUser", "scontrol release 42"),
-        ("BeginTime", "requeued"),
+        ("BeginTime", "(--begin) has not come yet"),
         ("QOSMaxJobsPerUserLimit", "QOS"),
         ("ReqNodeNotAvail, UnavailableNodes:n[1-3]", "not available"),
     ],
@@ -205,6 +205,20 @@ def test_a_job_that_is_completing_is_still_running() -> None:
     assert status["phase"] == "Running"
     assert terminated(status, "main")["reason"] == "Completed"
     assert condition(status, "Ready")["status"] == "False"
+
+
+def test_every_condition_clears_the_reason_and_message_an_earlier_status_gave_it() -> None:
+    # The status is written as a strategic merge patch, which merges conditions by type: a
+    # key left out would keep the "pending (JobHeldUser)" of the pod's Pending status.
+    held = pod_status(SPEC, job("PENDING", reason="JobHeldUser"), {})
+    assert "JobHeldUser" in condition(held, "PodScheduled")["message"]
+    done = pod_status(SPEC, job("COMPLETED"), {"main": ran(1, 2, 0)})
+    for found in done["conditions"]:
+        assert "reason" in found and "message" in found, found
+    scheduled = condition(done, "PodScheduled")
+    assert (scheduled["status"], scheduled["reason"], scheduled["message"]) == ("True", None, None)
+    running = pod_status(SPEC, job("RUNNING"), {"main": ran(1)})
+    assert condition(running, "Ready")["reason"] is None
 
 
 def test_a_configuring_job_is_pending() -> None:
@@ -351,7 +365,9 @@ def test_a_requeued_job_is_pending_again_and_forgets_the_last_runs_markers() -> 
     pending = job("PENDING", reason="BeginTime", restarts=1)
     status = pod_status(SPEC, pending, old)
     assert status["phase"] == "Pending"
-    assert container(status, "main")["state"]["waiting"]["reason"] == "SlurmPending"
+    waiting = container(status, "main")["state"]["waiting"]
+    assert waiting["reason"] == "SlurmPending"
+    assert waiting["message"].endswith("(BeginTime): Slurm delays a job it has requeued")
     rerun = job("RUNNING", restarts=1, start_time=T0 + timedelta(minutes=3))
     status = pod_status(SPEC, rerun, old)
     assert status["phase"] == "Running"
