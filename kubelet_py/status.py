@@ -125,6 +125,14 @@ _PENDING_REASONS = {
     "PartitionInactive": "its partition is inactive",
     "PartitionNodeLimit": "it asks for more nodes than its partition allows",
     "PartitionTimeLimit": "it asks for more time than its partition allows",
+    "PartitionConfig": (
+        "it asks for more than its partition's nodes offer (CPUs, memory, GPUs or nodes); "
+        "it will not start unless the request or the partition changes"
+    ),
+    "BadConstraints": "no node can satisfy what it asks for",
+    "Licenses": "it waits for the licenses it asked for",
+    "InvalidAccount": "its account is not valid",
+    "InvalidQOS": "its QOS is not valid",
     "ReqNodeNotAvail": "a node it needs is not available",
     "NodeDown": "a node it needs is down",
     "Reservation": "it waits for its reservation to start",

@@ -253,6 +253,7 @@ def launched(cluster: Cluster) -> Cluster:
     cluster.create("nope-flags", ["true"], flags="-p nope")
     cluster.create("held", ["true"], flags="--hold")
     cluster.create("later", ["true"], flags="--begin=now+1hour")
+    cluster.create("too-big", ["true"], container={"resources": {"requests": {"cpu": "64"}}})
     cluster.create(
         "init-ok",
         ["sh", "-c", "cat /work/prepared"],
@@ -374,6 +375,20 @@ def test_a_pending_job_shows_slurms_reason_until_it_runs(launched: Cluster) -> N
     # Held by an administrator as well: the pod says so.
     slurm("scontrol", "hold", later_id)
     launched.scheduled_message("later", "(JobHeldAdmin)")
+
+    # More CPUs than any node has: Slurm queues the job (the bed does not enforce partition
+    # limits at submission) and never starts it; the pod says why.
+    big = launched.scheduled_message("too-big", "(PartitionConfig)")
+    big_id = job_of(big)
+    assert scontrol_job(big_id)["NumCPUs"] == "64"
+    assert "will not start" in condition(big, "PodScheduled")["message"]
+    launched.kubectl("delete", "pod", "-n", NAMESPACE, "too-big", "--wait=false")
+    eventually("pod too-big gone", lambda: launched.pod("too-big") is None, timeout=30)
+    eventually(
+        f"job {big_id} cancelled",
+        lambda: "PENDING" not in slurm("squeue", "-h", "-t", "all", "-j", big_id, "-o", "%T"),
+        timeout=30,
+    )
 
     slurm("scontrol", "release", job_id)
     slurm("scontrol", "release", later_id)

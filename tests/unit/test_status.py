@@ -110,6 +110,7 @@ def test_a_job_slurm_does_not_list_yet_leaves_the_pod_pending() -> None:
         ("JobHeldUser", "scontrol release 42"),
         ("BeginTime", "(--begin) has not come yet"),
         ("QOSMaxJobsPerUserLimit", "QOS"),
+        ("PartitionConfig", "will not start unless the request or the partition changes"),
         ("ReqNodeNotAvail, UnavailableNodes:n[1-3]", "not available"),
     ],
 )
@@ -353,6 +354,39 @@ def test_a_failed_node_is_node_lost() -> None:
     assert (status["phase"], status["reason"]) == ("Failed", "NodeLost")
     main = terminated(status, "main")
     assert (main["exitCode"], main["reason"]) == (137, "NodeLost")
+
+
+@pytest.mark.parametrize(
+    ("state", "pod_reason", "container_reason", "code"),
+    [
+        ("CANCELLED", "Cancelled", "Cancelled", 143),
+        ("TIMEOUT", "DeadlineExceeded", "DeadlineExceeded", 143),
+        ("DEADLINE", "DeadlineExceeded", "DeadlineExceeded", 143),
+        ("OUT_OF_MEMORY", "OOMKilled", "OOMKilled", 137),
+        ("NODE_FAIL", "NodeLost", "NodeLost", 137),
+        ("BOOT_FAIL", "NodeLost", "NodeLost", 137),
+        ("PREEMPTED", "Preempted", "Preempted", 143),
+        ("LOST", "SlurmJobLost", "ContainerStatusUnknown", 137),
+    ],
+)
+def test_each_final_state_stops_a_running_container_with_its_reason(
+    state: str, pod_reason: str, container_reason: str, code: int
+) -> None:
+    """The table in docs/kubelet.md: a container still running when the job ended."""
+    status = pod_status(SPEC, job(state), {"main": ran(1)})
+    assert (status["phase"], status["reason"]) == ("Failed", pod_reason)
+    main = terminated(status, "main")
+    assert (main["exitCode"], main["reason"]) == (code, container_reason)
+    assert main["message"].startswith("the container was running when"), main
+
+
+@pytest.mark.parametrize("state", ["PENDING", "REQUEUED", "REQUEUE_HOLD"])
+def test_a_job_waiting_again_after_a_run_is_pending(state: str) -> None:
+    # squeue still names the node of the run before; the job has not started again.
+    view = job(state, reason="BeginTime", batch_host="n1", nodes="n1", restarts=1)
+    status = pod_status(SPEC, view, {"main": ran(1, 9, 143)})
+    assert status["phase"] == "Pending"
+    assert container(status, "main")["state"]["waiting"]["reason"] == "SlurmPending"
 
 
 def test_a_preempted_job_slurm_will_not_requeue_fails_the_pod() -> None:
