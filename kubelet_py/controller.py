@@ -29,7 +29,7 @@ import datetime as dt
 import logging
 import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -88,6 +88,10 @@ class ControllerSettings:
 
     stop_timeout_s: float = 2.0
     """How long `work` waits for its other workers when it is stopped."""
+
+    event_backlog: int = 10_000
+    """Events waiting to be sent beyond which new ones are dropped (and logged). Events are
+    sent by a thread of their own, so that a slow API server delays them, not the pods."""
 
 
 def group_of(key: str) -> str:
@@ -201,6 +205,9 @@ class PodController:
         self._listed = _Listed()
         self._lock = threading.Lock()
         self._queue = _Queue()
+        self._events: deque[tuple[JSON, str, str, str, dt.datetime]] = deque()
+        self._events_changed = threading.Condition()
+        self._sending = False
         provider.notify_pods(self._job_changed)
 
     # -- feeding --------------------------------------------------------------------------
@@ -248,20 +255,30 @@ class PodController:
         self._queue.put(SWEEP)
 
     def work(self, stop: threading.Event) -> None:
-        """Handle queued keys on `settings.workers` threads (this one included) until `stop`."""
+        """Handle queued keys on `settings.workers` threads (this one included) until `stop`;
+        Events go out on one more thread."""
         helpers = [
             threading.Thread(target=self._work, args=(stop,), name=f"pods-{number}", daemon=True)
             for number in range(1, max(1, self.settings.workers))
         ]
+        helpers.append(
+            threading.Thread(target=self._send_events, args=(stop,), name="pod-events", daemon=True)
+        )
+        with self._events_changed:
+            self._sending = True
         for helper in helpers:
             helper.start()
         self._work(stop)
         deadline = time.monotonic() + self.settings.stop_timeout_s
         for helper in helpers:
             helper.join(max(0.0, deadline - time.monotonic()))
+        with self._events_changed:
+            self._sending = False
 
     def stop(self) -> None:
         self._queue.wake()
+        with self._events_changed:
+            self._events_changed.notify_all()
 
     @property
     def lists_seen(self) -> int:
@@ -507,11 +524,37 @@ class PodController:
         self._queue.put(key, delay_s=delay)
 
     def _event(self, pod: Mapping[str, Any], kind: str, reason: str, message: str) -> None:
+        """Record an Event: on the events thread while `work` runs, else at once."""
+        entry = (dict(pod), kind, reason, message, _utcnow())
+        with self._events_changed:
+            if self._sending:
+                if len(self._events) >= self.settings.event_backlog:
+                    log.warning("%s: event %s dropped: too many waiting", pod_key(pod), reason)
+                    return
+                self._events.append(entry)
+                self._events_changed.notify()
+                return
+        self._send_event(*entry)
+
+    def _send_events(self, stop: threading.Event) -> None:
+        while True:
+            with self._events_changed:
+                while not self._events and not stop.is_set():
+                    self._events_changed.wait(0.5)
+                if stop.is_set():
+                    if self._events:
+                        log.info("%d event(s) not sent: stopping", len(self._events))
+                    return
+                entry = self._events.popleft()
+            self._send_event(*entry)
+
+    def _send_event(
+        self, pod: JSON, kind: str, reason: str, message: str, now: dt.datetime
+    ) -> None:
         namespace = str((pod.get("metadata") or {}).get("namespace", "default"))
         try:
             self.api.create_event(
-                namespace,
-                pod_event(pod, kind=kind, reason=reason, message=message, now=_utcnow()),
+                namespace, pod_event(pod, kind=kind, reason=reason, message=message, now=now)
             )
         except (ApiError, ApiUnavailable) as error:
             log.warning("%s: event %s not recorded: %s", pod_key(pod), reason, error)
