@@ -255,6 +255,9 @@ def launched(cluster: Cluster) -> Cluster:
     cluster.create("later", ["true"], flags="--begin=now+1hour")
     cluster.create("too-big", ["true"], container={"resources": {"requests": {"cpu": "64"}}})
     cluster.create(
+        "too-much-memory", ["true"], container={"resources": {"requests": {"memory": "64Gi"}}}
+    )
+    cluster.create(
         "init-ok",
         ["sh", "-c", "cat /work/prepared"],
         init=[
@@ -341,6 +344,15 @@ def test_refused_flags_fail_the_pod_and_submit_nothing(launched: Cluster) -> Non
         assert jobs_named(name) == "", f"{name} ({flags}) was submitted"
     launched.create("after-bad-flags", ["true"])
     launched.phase("after-bad-flags", "Succeeded")
+
+
+def test_a_request_slurm_refuses_fails_the_pod_with_sbatchs_message(launched: Cluster) -> None:
+    pod = launched.phase("too-much-memory", "Failed", timeout=60)
+    status = pod["status"]
+    assert status["reason"] == "SubmissionFailed", status
+    assert "node configuration is not available" in status["message"], status
+    assert JOB_ID not in (pod["metadata"].get("annotations") or {})
+    assert "SubmissionFailed" in launched.events("too-much-memory")
 
 
 def test_a_partition_without_a_node_keeps_the_pod_pending(launched: Cluster) -> None:
