@@ -198,7 +198,7 @@ def test_docker_semantics_of_command_and_args() -> None:
     sif = str(IMAGES[BUSYBOX])
 
     def after_image(words: list[str]) -> tuple[str, list[str]]:
-        return words[1], words[words.index(sif) + 1 :]
+        return words[2], words[words.index(sif) + 1 :]
 
     assert after_image(argv["command-only"]) == ("exec", ["echo", "one", "two"])
     assert after_image(argv["command-and-args"]) == ("exec", ["echo", "one", "two"])
@@ -210,9 +210,10 @@ def test_docker_semantics_of_command_and_args() -> None:
 def test_apptainer_options_for_each_container() -> None:
     argv = launches(render_pod(COMMAND_ARGS, settings()))
     words = argv["command-and-args"]
-    assert words[:3] == ["$apptainer", "exec", "${run_options[@]}"]
-    assert words[3:7] == ["--cleanenv", "--no-eval", "--pwd", "/tmp"]
-    assert argv["neither"][5:7] == ["--pwd", "/"]
+    # --quiet: Apptainer's own INFO and WARNING lines stay out of the container's log.
+    assert words[:4] == ["$apptainer", "--quiet", "exec", "${run_options[@]}"]
+    assert words[4:8] == ["--cleanenv", "--no-eval", "--pwd", "/tmp"]
+    assert argv["neither"][6:8] == ["--pwd", "/"]
 
 
 def test_volumes_are_bound_from_the_pod_folder() -> None:
