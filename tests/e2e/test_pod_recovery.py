@@ -241,7 +241,7 @@ def test_orphaned_job_is_cancelled_at_start_and_other_homes_jobs_are_not(
         kubelet.stop()
         kubelet.kubectl("delete", "pod", "-n", NAMESPACE, "orphan", "--grace-period=0", "--force")
         assert kubelet.pod("orphan") is None
-        assert job_state(job_id) == "RUNNING"
+        assert job_state(job_id) in LIVE  # sacct may lag behind squeue's RUNNING
         kubelet.start()
 
         def ended() -> str:
@@ -312,7 +312,7 @@ def test_delete_kills_a_pod_that_ignores_term_after_its_grace_period(kubelet: St
     )
     # TERM is ignored: the job runs on through the grace period.
     time.sleep(3)
-    assert job_state(job_id) == "RUNNING"
+    assert job_state(job_id) in LIVE
     assert kubelet.pod("stubborn") is not None
 
     def ended() -> str:
