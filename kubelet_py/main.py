@@ -41,7 +41,13 @@ from kubelet_py.apiserver import ApiError, ApiUnavailable, KubeApi, ListWatch, p
 from kubelet_py.binder import Binder, BinderSettings, unbound_pods
 from kubelet_py.controller import BOUND_PODS, PodController
 from kubelet_py.logserver import LogServer, LookupUnavailable, PodLookup, ServerTLS
-from kubelet_py.nodes import HostInfo, NodeAgent, NodeSettings, partitions_from
+from kubelet_py.nodes import (
+    HostInfo,
+    NodeAgent,
+    NodeSettings,
+    SlurmNodeAddresses,
+    partitions_from,
+)
 from kubelet_py.provider import ProviderSettings, SlurmProvider
 from kubelet_py.slurm import SlurmClient, SubprocessRunner
 from kubelet_py.watcher import JobView, JobWatcher
@@ -297,6 +303,7 @@ def run(  # noqa: PLR0915 (every thread's wiring, start and stop in one place)
                 pods_dir=home.root / "pods",
                 apptainer=PurePosixPath(find_apptainer()),
                 image_cache=home.root / "images",
+                node_addresses=SlurmNodeAddresses(agent.current),
             ),
         )
 

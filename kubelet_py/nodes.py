@@ -27,12 +27,14 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import ipaddress
 import logging
 import platform
 import re
+import socket
 import threading
 from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
@@ -93,6 +95,9 @@ class Partition:
     up: bool = True
     """The partition accepts jobs (sinfo's availability is "up")."""
 
+    addresses: tuple[tuple[str, str], ...] = ()
+    """(Slurm node name, its NodeAddr) for each of its nodes."""
+
 
 PartitionSource = Callable[[], Sequence[Partition]]
 """Reads the partitions Slurm has now; raises PartitionsUnavailable when it cannot."""
@@ -118,11 +123,53 @@ def partitions_from(client: SlurmClient) -> PartitionSource:
                 gpus=info.gpus,
                 default=info.default,
                 up=info.available,
+                addresses=tuple((node.name, node.address) for node in info.nodes),
             )
             for info in infos
         ]
 
     return read
+
+
+class SlurmNodeAddresses(Mapping[str, str]):
+    """Slurm node name -> IP address, from the partitions as the node agent last read them.
+
+    A pod's hostIP (and podIP: containers share the node's network) is the address of the
+    Slurm node its job runs on. A NodeAddr that is a host name is resolved once and cached;
+    one that does not resolve is left out.
+    """
+
+    def __init__(self, current: Callable[[], NodeSet | None]) -> None:
+        self._current = current
+        self._resolved: dict[str, str | None] = {}
+
+    def _addresses(self) -> dict[str, str]:
+        nodes = self._current()
+        if nodes is None:
+            return {}
+        return {name: addr for node in nodes.nodes for name, addr in node.partition.addresses}
+
+    def __getitem__(self, name: str) -> str:
+        address = self._addresses()[name]
+        if address not in self._resolved:
+            try:
+                self._resolved[address] = str(ipaddress.ip_address(address))
+            except ValueError:
+                try:
+                    self._resolved[address] = socket.gethostbyname(address)
+                except OSError:
+                    log.warning("Slurm node %s: cannot resolve its address %s", name, address)
+                    self._resolved[address] = None
+        resolved = self._resolved[address]
+        if resolved is None:
+            raise KeyError(name)
+        return resolved
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._addresses())
+
+    def __len__(self) -> int:
+        return len(self._addresses())
 
 
 # ---------------------------------------------------------------------------------------------

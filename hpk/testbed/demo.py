@@ -70,51 +70,60 @@ def run_demo_pod(home: HpkHome, progress: Progress = print) -> int:
     """Create a pod with kubectl, wait for it to end, and show it, its log and its job."""
     kubectl = [str(Toolchain.load().binary("kubectl")), f"--kubeconfig={home.kubeconfig}"]
 
-    def show(*args: str, stdin: str | None = None, quiet: bool = False) -> int:
-        if not quiet:
-            progress(f"kubectl {' '.join(args)}")
-        shown = subprocess.run(
+    def run(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
             [*kubectl, *args], input=stdin, capture_output=True, text=True, timeout=300, check=False
         )
-        if not quiet or shown.returncode != 0:
-            for line in (shown.stdout + shown.stderr).splitlines():
-                progress(f"  | {line}")
+
+    def show(*args: str) -> int:
+        progress(f"kubectl {' '.join(args)}")
+        shown = run(*args)
+        for line in (shown.stdout + shown.stderr).splitlines():
+            progress(f"  | {line}")
         return shown.returncode
 
-    for args in (["get", "--raw=/readyz"], ["get", "nodes"]):
-        if status := show(*args):
-            return status
-    show("delete", "pod", DEMO_POD, "--ignore-not-found", "--wait=true", quiet=True)
-    # The namespace's default service account may still be on its way in a new cluster.
-    deadline = time.monotonic() + 60
-    while status := show("create", "-f", "-", stdin=json.dumps(DEMO_POD_MANIFEST), quiet=True):
-        if time.monotonic() > deadline:
-            return status
-        time.sleep(1)
+    def until_done(*args: str, stdin: str | None = None, timeout: float = 60) -> bool:
+        deadline = time.monotonic() + timeout
+        while (done := run(*args, stdin=stdin)).returncode != 0:
+            if time.monotonic() > deadline:
+                progress(f"kubectl {' '.join(args)}: {done.stderr.strip()}")
+                return False
+            time.sleep(1)
+        return True
+
+    # The kubelet registers its nodes, and the controller-manager the namespace's service
+    # account, a moment after the API server is ready.
+    if not until_done("wait", "node", "--all", "--for=condition=Ready", "--timeout=10s"):
+        return 1
+    run("delete", "pod", DEMO_POD, "--ignore-not-found", "--wait=true")
+    if show("get", "nodes") or not until_done(
+        "create", "-f", "-", stdin=json.dumps(DEMO_POD_MANIFEST)
+    ):
+        return 1
     progress(f"pod {DEMO_POD} created; waiting for it to succeed")
     wait = ["wait", f"pod/{DEMO_POD}", "--for=jsonpath={.status.phase}=Succeeded"]
-    if status := show(*wait, "--timeout=300s"):
+    if show(*wait, "--timeout=300s") or show("get", "pod", DEMO_POD, "-o", "wide"):
         show("describe", "pod", DEMO_POD)
-        return status
-    for args in (["get", "pod", DEMO_POD, "-o", "wide"], ["logs", DEMO_POD]):
-        if status := show(*args):
-            return status
-    found = subprocess.run(
-        [*kubectl, "get", "pod", DEMO_POD, "-o", "json"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=True,
-    )
+        return 1
+    if show("logs", DEMO_POD):
+        return 1
+    found = run("get", "pod", DEMO_POD, "-o", "json")
     job_id = json.loads(found.stdout)["metadata"]["annotations"][JOB_ID_ANNOTATION]
-    progress(f"sacct -j {job_id}")
-    accounted = subprocess.run(
-        ["sacct", "-X", "-j", job_id, "-o", "JobID,JobName%30,Partition,AllocCPUS,State,ExitCode"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    fields = "JobID,JobName%30,Partition,AllocCPUS,ReqMem,State,ExitCode"
+    progress(f"sacct -X -j {job_id} -o {fields}")
+    # slurmdbd completes a job's record (its name among others) a moment after the job ends.
+    deadline = time.monotonic() + 30
+    while True:
+        accounted = subprocess.run(
+            ["sacct", "-X", "-j", job_id, "-o", fields],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        if f"/{DEMO_POD}" in accounted.stdout or time.monotonic() > deadline:
+            break
+        time.sleep(1)
     for line in (accounted.stdout + accounted.stderr).splitlines():
         progress(f"  | {line}")
     return 0

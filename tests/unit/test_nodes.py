@@ -27,6 +27,7 @@ from kubelet_py.nodes import (
     NodeSettings,
     Partition,
     PartitionsUnavailable,
+    SlurmNodeAddresses,
     dns_label,
     lease_object,
     node_object,
@@ -84,7 +85,7 @@ def pod(
 
 def bed_node(name: str, *, state: str = "idle", gpus: int = 0) -> NodeInfo:
     return NodeInfo(
-        name=name, address="127.0.0.1", cpus=16, memory_mb=32768, gpus=gpus, state=state
+        name=name, address=f"10.0.0.{name[1:]}", cpus=16, memory_mb=32768, gpus=gpus, state=state
     )
 
 
@@ -105,11 +106,37 @@ def test_partitions_come_from_the_slurm_adapter_counting_usable_nodes() -> None:
     gpu = PartitionInfo("gpu", False, True, (bed_node("n4", gpus=2),))
     maint = PartitionInfo("maint", False, False, (bed_node("n9"),))
     read = partitions_from(FakeSlurm([batch, gpu, maint]))  # type: ignore[arg-type]
-    assert read() == [
+    found = read()
+    assert [replace(partition, addresses=()) for partition in found] == [
         Partition(name="batch", nodes=3, cpus=32, memory_mb=65536, gpus=0, default=True, up=True),
         Partition(name="gpu", nodes=1, cpus=16, memory_mb=32768, gpus=2, default=False, up=True),
         Partition(name="maint", nodes=1, cpus=16, memory_mb=32768, gpus=0, default=False, up=False),
     ]
+    assert [dict(partition.addresses) for partition in found] == [
+        {"n1": "10.0.0.1", "n2": "10.0.0.2", "n3": "10.0.0.3"},
+        {"n4": "10.0.0.4"},
+        {"n9": "10.0.0.9"},
+    ]
+
+
+def test_slurm_node_addresses_are_ip_addresses_from_the_current_partitions() -> None:
+    batch = Partition(
+        name="batch",
+        nodes=3,
+        cpus=3,
+        memory_mb=3,
+        default=True,
+        addresses=(("n1", "10.0.0.1"), ("n2", "localhost"), ("n3", "no-such-host.invalid")),
+    )
+    current: list[NodeSet | None] = [None]
+    addresses = SlurmNodeAddresses(lambda: current[0])
+    assert dict(addresses) == {}
+    current[0] = plan_nodes([batch], NodeSettings(), host=HOST)
+    assert addresses["n1"] == "10.0.0.1"
+    assert addresses["n2"] == "127.0.0.1"
+    assert addresses.get("n3") is None
+    assert addresses.get("n7") is None
+    assert set(addresses) == {"n1", "n2", "n3"}
 
 
 def test_slurm_failure_is_partitions_unavailable() -> None:
