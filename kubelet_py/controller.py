@@ -99,6 +99,12 @@ def group_of(key: str) -> str:
     return "/".join(key.split("/")[:2])
 
 
+def retry_delay(settings: ControllerSettings, failures: int) -> float:
+    """The wait before the next attempt after `failures` failures in a row: doubling from
+    retry_initial_s, capped at retry_max_s."""
+    return float(min(settings.retry_max_s, settings.retry_initial_s * 2 ** (failures - 1)))
+
+
 class _Queue:
     """Keys waiting to be handled, each with the time it is due.
 
@@ -519,7 +525,7 @@ class PodController:
         with self._lock:
             count = self._failures.get(key, 0) + 1
             self._failures[key] = count
-        delay = min(self.settings.retry_max_s, self.settings.retry_initial_s * 2 ** (count - 1))
+        delay = retry_delay(self.settings, count)
         log.warning("%s: %s; trying again in %.0f s", key, why, delay)
         self._queue.put(key, delay_s=delay)
 

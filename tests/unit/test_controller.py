@@ -18,7 +18,13 @@ from typing import Any
 import pytest
 
 from kubelet_py.apiserver import ApiUnavailable, ListWatch, WatchEvent
-from kubelet_py.controller import ControllerSettings, PodController, _Queue, grace_period_s
+from kubelet_py.controller import (
+    ControllerSettings,
+    PodController,
+    _Queue,
+    grace_period_s,
+    retry_delay,
+)
 from kubelet_py.provider import JOB_ID_ANNOTATION
 from tests.unit.test_provider import Bed, job_view, make_pod
 
@@ -228,10 +234,17 @@ def test_unreachable_api_and_slurm_are_retried_with_backoff(kit: Kit) -> None:
     assert len(kit.bed.slurm.submitted) == 1, "one job, however many attempts"
     attempts = kit.api.attempts["merge_patch"]
     gaps = [later - earlier for earlier, later in itertools.pairwise(attempts)]
+    # A loaded machine can only make the waits longer, never shorter.
+    wanted = [retry_delay(kit.controller.settings, failures) for failures in (1, 2, 3)]
+    assert wanted == [0.05, 0.1, 0.2]
     assert len(gaps) == 3
-    assert gaps[0] >= 0.04
-    assert gaps[-1] > gaps[0], f"the waits grow: {gaps}"
-    assert max(gaps) < 0.5, f"the waits are capped: {gaps}"
+    assert all(gap >= want - 0.01 for gap, want in zip(gaps, wanted, strict=True)), gaps
+
+
+def test_retry_waits_double_up_to_the_cap() -> None:
+    settings = ControllerSettings(retry_initial_s=1.0, retry_max_s=60.0)
+    waits = [retry_delay(settings, failures) for failures in range(1, 9)]
+    assert waits == [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 60.0, 60.0]
 
 
 def test_a_pod_whose_handling_breaks_does_not_stop_the_others(kit: Kit) -> None:
