@@ -137,6 +137,7 @@ def _start(ax: Axes, data: dict[str, Any] | None) -> None:
         ax.barh(["p50"], [value], left=left, label=f"{name} {value * 1000:.0f} ms")
         left += value
     ax.axvline(0.1, color="tab:red", linestyle="--", label="kubelet target 100 ms")
+    ax.set_ylim(-0.6, 1.6)  # room for the legend above the bar
     ax.set_xlabel("seconds from create to Running seen")
     ax.set_title(f"{title}: {data['pods']} pods, total p50 {parts['total']['p50']:.2f} s")
     ax.legend(loc="upper right", fontsize=8)

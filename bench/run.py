@@ -94,6 +94,13 @@ def machine() -> dict[str, Any]:
         check=False,
         cwd=Path(__file__).resolve().parent,
     ).stdout.strip()
+    changed = subprocess.run(
+        ["git", "status", "--porcelain", "--", "kubelet_py", "hpk", "templates"],
+        capture_output=True,
+        text=True,
+        check=False,
+        cwd=Path(__file__).resolve().parent,
+    ).stdout.split("\n")
     return {
         "host": platform.node(),
         "cpus": os.cpu_count(),
@@ -101,6 +108,7 @@ def machine() -> dict[str, Any]:
         "python": platform.python_version(),
         "load_average_at_start": [round(x, 2) for x in load],
         "commit": commit or None,
+        "uncommitted_changes": sorted(line[3:] for line in changed if line.strip()),
     }
 
 
