@@ -25,7 +25,7 @@ from typing import Any
 from urllib.parse import quote
 
 import urllib3
-from kubernetes import config
+from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 
 log = logging.getLogger(__name__)
@@ -129,8 +129,15 @@ class KubeApi:
         *,
         request_timeout_s: float = 15.0,
         field_manager: str = "hpk-kubelet",
+        connection_pool_size: int = 32,
     ) -> None:
-        self._client = config.new_client_from_config(config_file=str(kubeconfig))  # type: ignore[no-untyped-call]
+        configuration = client.Configuration()
+        # The binder's and the controller's workers share one pool, beside a watch stream:
+        # the default of 5 per CPU would make them queue for connections on a small node.
+        configuration.connection_pool_maxsize = connection_pool_size
+        self._client = config.new_client_from_config(  # type: ignore[no-untyped-call]
+            config_file=str(kubeconfig), client_configuration=configuration
+        )
         self._client.user_agent = "hpk-kubelet"
         self.request_timeout_s = request_timeout_s
         self.field_manager = field_manager
@@ -365,6 +372,11 @@ class WatchStream:
         except (urllib3.exceptions.HTTPError, OSError, ValueError) as error:
             if not self._closed:
                 raise ApiUnavailable(f"watch {self._path}: {error}") from error
+        except AttributeError:
+            # http.client drops its file object when another thread closes the response in
+            # the middle of a chunk; the read then fails on None. Only `close` does that.
+            if not self._closed:
+                raise
         if pending.strip() and not self._closed:
             yield _decode_event(pending, path=self._path)
 

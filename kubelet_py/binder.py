@@ -28,7 +28,6 @@ import datetime as dt
 import logging
 import shlex
 import threading
-import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -43,7 +42,9 @@ from kubelet_py.apiserver import (
     WatchEvent,
     pod_path,
 )
+from kubelet_py.events import EventRecorder
 from kubelet_py.nodes import HOSTNAME_LABEL, PARTITION_LABEL, NodeSet, PartitionNode
+from kubelet_py.workqueue import WorkQueue, run_workers
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +59,6 @@ SCHEDULER_NAMES = ("default-scheduler", "hpk")
 UNBOUND_PODS = "spec.nodeName=,status.phase!=Succeeded,status.phase!=Failed"
 """Field selector of the pods no node has yet."""
 
-COMPONENT = "hpk-kubelet"
 """The source of the Events the binder records."""
 
 
@@ -198,39 +198,6 @@ def already_reported(pod: Mapping[str, Any], message: str) -> bool:
     return False
 
 
-def pod_event(
-    pod: Mapping[str, Any], *, kind: str, reason: str, message: str, now: dt.datetime
-) -> JSON:
-    """A core/v1 Event about `pod`."""
-    metadata = pod.get("metadata") or {}
-    stamp = _rfc3339(now)
-    return {
-        "apiVersion": "v1",
-        "kind": "Event",
-        "metadata": {
-            "generateName": f"{metadata.get('name', 'pod')}.",
-            "namespace": metadata.get("namespace", "default"),
-        },
-        "involvedObject": {
-            "apiVersion": "v1",
-            "kind": "Pod",
-            "namespace": metadata.get("namespace", "default"),
-            "name": metadata.get("name", ""),
-            "uid": metadata.get("uid", ""),
-            "resourceVersion": metadata.get("resourceVersion", ""),
-        },
-        "type": kind,
-        "reason": reason,
-        "message": message,
-        "source": {"component": COMPONENT},
-        "reportingComponent": COMPONENT,
-        "reportingInstance": COMPONENT,
-        "firstTimestamp": stamp,
-        "lastTimestamp": stamp,
-        "count": 1,
-    }
-
-
 def pod_key(pod: Mapping[str, Any]) -> str:
     metadata = pod.get("metadata") or {}
     return f"{metadata.get('namespace', '')}/{metadata.get('name', '')}"
@@ -267,6 +234,10 @@ class BinderSettings:
     retry_max_s: float = 60.0
     """Longest wait between attempts."""
 
+    workers: int = 4
+    """Pods bound at once (threads): a binding waits on the API server, not on this
+    process, so a burst of new pods is bound several times faster than by one."""
+
 
 class BinderApi(Protocol):
     """What the binder needs from the API server (kubelet_py.apiserver.KubeApi)."""
@@ -292,46 +263,6 @@ def unbound_pods(api: KubeApi, settings: BinderSettings) -> ListWatch:
     )
 
 
-class _Pending:
-    """Pods waiting to be handled, keyed namespace/name; the newest version of a pod wins."""
-
-    def __init__(self) -> None:
-        self._items: dict[str, tuple[JSON, float]] = {}
-        self._changed = threading.Condition()
-
-    def put(self, key: str, pod: JSON, *, delay_s: float = 0.0) -> None:
-        with self._changed:
-            self._items[key] = (pod, time.monotonic() + delay_s)
-            self._changed.notify()
-
-    def discard(self, key: str) -> None:
-        with self._changed:
-            self._items.pop(key, None)
-
-    def wake(self) -> None:
-        with self._changed:
-            self._changed.notify_all()
-
-    def take(self, stop: threading.Event, *, poll_s: float = 0.5) -> tuple[str, JSON] | None:
-        """The pod due first, waiting for one until `stop`; None once stopped."""
-        with self._changed:
-            while not stop.is_set():
-                now = time.monotonic()
-                due = [(when, key) for key, (_pod, when) in self._items.items() if when <= now]
-                if due:
-                    _when, key = min(due)
-                    pod, _ = self._items.pop(key)
-                    return key, pod
-                upcoming = min((when for _pod, when in self._items.values()), default=None)
-                timeout = poll_s if upcoming is None else min(poll_s, max(0.0, upcoming - now))
-                self._changed.wait(timeout)
-        return None
-
-    def __len__(self) -> int:
-        with self._changed:
-            return len(self._items)
-
-
 class Binder:
     """Binds each unbound pod it hears of; `follow` and `work` run on two threads.
 
@@ -345,14 +276,20 @@ class Binder:
         *,
         nodes: Callable[[], NodeSet | None],
         settings: BinderSettings | None = None,
+        events: EventRecorder | None = None,
         clock: Callable[[], dt.datetime] = _utcnow,
     ) -> None:
         self.api = api
         self.nodes = nodes
         self.settings = settings or BinderSettings()
+        self.events = events if events is not None else EventRecorder(api, clock=clock)
+        """Where Scheduled and FailedScheduling go; without one given, a recorder that sends
+        at once."""
         self.clock = clock
-        self._pending = _Pending()
-        self._lock = threading.Lock()  # guards the two bookkeeping dicts below
+        self._queue = WorkQueue()
+        self._lock = threading.Lock()  # guards the bookkeeping dicts below
+        self._pods: dict[str, JSON] = {}
+        """The newest version of each pod waiting to be bound."""
         self._attempts: dict[str, int] = {}
         self._unschedulable: dict[str, JSON] = {}
         self._seen_partitions: tuple[str, ...] | None = None
@@ -368,9 +305,8 @@ class Binder:
         if event.type != "DELETED" and wants_binding(
             pod, scheduler_names=self.settings.scheduler_names
         ):
-            self._pending.put(key, pod)
+            self._put(key, pod)
         else:
-            self._pending.discard(key)
             self._forget(key)
 
     def follow(self, events: Iterable[WatchEvent]) -> None:
@@ -381,28 +317,39 @@ class Binder:
     # -- working --------------------------------------------------------------------------
 
     def work(self, stop: threading.Event) -> None:
-        """Handle queued pods until `stop`."""
+        """Handle queued pods on `settings.workers` threads (this one included) until `stop`."""
+        run_workers(lambda: self._work(stop), count=self.settings.workers, name="binder")
+
+    def _work(self, stop: threading.Event) -> None:
         while not stop.is_set():
             self._requeue_if_partitions_changed()
-            taken = self._pending.take(stop)
-            if taken is None:
+            key = self._queue.take(stop)
+            if key is None:
                 break
-            key, pod = taken
+            with self._lock:
+                pod = self._pods.get(key)
             try:
-                self.handle(key, pod)
-            except Exception:  # a bug in one pod's handling must not stop the binder
-                log.exception("%s: binding failed unexpectedly", key)
-                self._retry(key, pod)
+                if pod is not None:
+                    self._handle_safely(key, pod)
+            finally:
+                self._queue.done(key)
+
+    def _handle_safely(self, key: str, pod: JSON) -> None:
+        try:
+            self.handle(key, pod)
+        except Exception:  # a bug in one pod's handling must not stop the binder
+            log.exception("%s: binding failed unexpectedly", key)
+            self._retry(key, pod)
 
     def stop(self) -> None:
         """Wake `work` so that it notices its stop event at once."""
-        self._pending.wake()
+        self._queue.wake()
 
     def handle(self, key: str, pod: JSON) -> None:
         """Bind one pod, or report why it cannot be bound."""
         nodes = self.nodes()
         if nodes is None or not nodes.nodes:
-            self._pending.put(key, pod, delay_s=1.0)  # the nodes are not registered yet
+            self._put(key, pod, delay_s=1.0)  # the nodes are not registered yet
             return
         try:
             node = choose_node(pod, nodes)
@@ -430,8 +377,7 @@ class Binder:
         self._forget(key)
         self.bound += 1
         log.info("%s: bound to %s (partition %s)", key, node.name, node.partition.name)
-        self._record_event(
-            key,
+        self.events.record(
             pod,
             kind="Normal",
             reason="Scheduled",
@@ -456,15 +402,7 @@ class Binder:
             log.warning("%s: cannot write the PodScheduled condition: %s", key, error)
             self._retry(key, pod)
             return
-        self._record_event(key, pod, kind="Warning", reason="FailedScheduling", message=message)
-
-    def _record_event(self, key: str, pod: JSON, *, kind: str, reason: str, message: str) -> None:
-        namespace = str((pod.get("metadata") or {}).get("namespace", "default"))
-        event = pod_event(pod, kind=kind, reason=reason, message=message, now=self.clock())
-        try:
-            self.api.create_event(namespace, event)
-        except (ApiError, ApiUnavailable) as error:  # an Event is a courtesy, not a duty
-            log.warning("%s: event %s not recorded: %s", key, reason, error)
+        self.events.record(pod, kind="Warning", reason="FailedScheduling", message=message)
 
     def _retry(self, key: str, pod: JSON) -> None:
         with self._lock:
@@ -472,10 +410,17 @@ class Binder:
             self._attempts[key] = attempt
         settings = self.settings
         delay = min(settings.retry_initial_s * 2 ** (attempt - 1), settings.retry_max_s)
-        self._pending.put(key, pod, delay_s=delay)
+        self._put(key, pod, delay_s=delay)
+
+    def _put(self, key: str, pod: JSON, *, delay_s: float = 0.0) -> None:
+        with self._lock:
+            self._pods[key] = pod
+        self._queue.put(key, delay_s=delay_s)
 
     def _forget(self, key: str) -> None:
+        """The pod needs no binding (any more): bound, gone, or no longer ours."""
         with self._lock:
+            self._pods.pop(key, None)
             self._attempts.pop(key, None)
             self._unschedulable.pop(key, None)
 
@@ -488,4 +433,4 @@ class Binder:
         with self._lock:
             waiting = list(self._unschedulable.items())
         for key, pod in waiting:
-            self._pending.put(key, pod)
+            self._put(key, pod)

@@ -29,7 +29,7 @@ import datetime as dt
 import logging
 import threading
 import time
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -43,11 +43,12 @@ from kubelet_py.apiserver import (
     WatchEvent,
     pod_path,
 )
-from kubelet_py.binder import pod_event
 from kubelet_py.errors import InvalidPodSpec
+from kubelet_py.events import EventRecorder
 from kubelet_py.provider import JOB_ID_ANNOTATION, SlurmProvider, pod_key
 from kubelet_py.render import ImageNotResolved
 from kubelet_py.slurm import SlurmError, SubmissionFailed
+from kubelet_py.workqueue import WorkQueue, run_workers
 
 log = logging.getLogger(__name__)
 
@@ -89,10 +90,6 @@ class ControllerSettings:
     stop_timeout_s: float = 2.0
     """How long `work` waits for its other workers when it is stopped."""
 
-    event_backlog: int = 10_000
-    """Events waiting to be sent beyond which new ones are dropped (and logged). Events are
-    sent by a thread of their own, so that a slow API server delays them, not the pods."""
-
 
 def group_of(key: str) -> str:
     """The lock a key takes in the queue: `namespace/name` for pod and deletion keys."""
@@ -103,60 +100,6 @@ def retry_delay(settings: ControllerSettings, failures: int) -> float:
     """The wait before the next attempt after `failures` failures in a row: doubling from
     retry_initial_s, capped at retry_max_s."""
     return float(min(settings.retry_max_s, settings.retry_initial_s * 2 ** (failures - 1)))
-
-
-class _Queue:
-    """Keys waiting to be handled, each with the time it is due.
-
-    A key taken is busy until `done`, and so is every key of its group (`group_of`): a key
-    put meanwhile waits until then. So no two workers ever handle one pod at once.
-    """
-
-    def __init__(self) -> None:
-        self._due: dict[str, float] = {}
-        self._busy: set[str] = set()
-        self._changed = threading.Condition()
-
-    def put(self, key: str, *, delay_s: float = 0.0) -> None:
-        with self._changed:
-            when = time.monotonic() + delay_s
-            self._due[key] = min(when, self._due.get(key, when))
-            self._changed.notify()
-
-    def done(self, key: str) -> None:
-        with self._changed:
-            self._busy.discard(group_of(key))
-            self._changed.notify_all()
-
-    def wake(self) -> None:
-        with self._changed:
-            self._changed.notify_all()
-
-    def __len__(self) -> int:
-        with self._changed:
-            return len(self._due)
-
-    def take(self, stop: threading.Event, *, poll_s: float = 0.5) -> str | None:
-        with self._changed:
-            while not stop.is_set():
-                now = time.monotonic()
-                ready = [
-                    (when, key)
-                    for key, when in self._due.items()
-                    if when <= now and group_of(key) not in self._busy
-                ]
-                if ready:
-                    key = min(ready)[1]
-                    del self._due[key]
-                    self._busy.add(group_of(key))
-                    return key
-                upcoming = min(
-                    (when for key, when in self._due.items() if group_of(key) not in self._busy),
-                    default=None,
-                )
-                timeout = poll_s if upcoming is None else min(poll_s, max(0.0, upcoming - now))
-                self._changed.wait(timeout)
-        return None
 
 
 @dataclass
@@ -193,9 +136,13 @@ class PodController:
         *,
         partition_of: Callable[[str], str | None],
         settings: ControllerSettings | None = None,
+        events: EventRecorder | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.api = api
+        self.events = events if events is not None else EventRecorder(api)
+        """Where Submitted, Started, Finished and the warnings go; without one given, a
+        recorder that sends at once."""
         self.provider = provider
         self.partition_of = partition_of
         """Node name -> its Slurm partition; None for a node that is not the kubelet's."""
@@ -210,10 +157,7 @@ class PodController:
         self._failures: dict[str, int] = {}
         self._listed = _Listed()
         self._lock = threading.Lock()
-        self._queue = _Queue()
-        self._events: deque[tuple[JSON, str, str, str, dt.datetime]] = deque()
-        self._events_changed = threading.Condition()
-        self._sending = False
+        self._queue = WorkQueue(group_of=group_of)
         provider.notify_pods(self._job_changed)
 
     # -- feeding --------------------------------------------------------------------------
@@ -261,30 +205,16 @@ class PodController:
         self._queue.put(SWEEP)
 
     def work(self, stop: threading.Event) -> None:
-        """Handle queued keys on `settings.workers` threads (this one included) until `stop`;
-        Events go out on one more thread."""
-        helpers = [
-            threading.Thread(target=self._work, args=(stop,), name=f"pods-{number}", daemon=True)
-            for number in range(1, max(1, self.settings.workers))
-        ]
-        helpers.append(
-            threading.Thread(target=self._send_events, args=(stop,), name="pod-events", daemon=True)
+        """Handle queued keys on `settings.workers` threads (this one included) until `stop`."""
+        run_workers(
+            lambda: self._work(stop),
+            count=self.settings.workers,
+            name="pods",
+            join_timeout_s=self.settings.stop_timeout_s,
         )
-        with self._events_changed:
-            self._sending = True
-        for helper in helpers:
-            helper.start()
-        self._work(stop)
-        deadline = time.monotonic() + self.settings.stop_timeout_s
-        for helper in helpers:
-            helper.join(max(0.0, deadline - time.monotonic()))
-        with self._events_changed:
-            self._sending = False
 
     def stop(self) -> None:
         self._queue.wake()
-        with self._events_changed:
-            self._events_changed.notify_all()
 
     @property
     def lists_seen(self) -> int:
@@ -388,8 +318,9 @@ class PodController:
             self._written[key] = _Written(uid=uid, status=wanted)
         phase = wanted.get("phase")
         old_phase = (before or {}).get("phase") or (pod.get("status") or {}).get("phase")
-        log.info("%s: job %s: status %s", key, job_id, phase)
+        log.debug("%s: job %s: status written (%s)", key, job_id, phase)
         if phase != old_phase:
+            log.info("%s: job %s: %s", key, job_id, phase)
             if phase == "Running":
                 self._event(pod, "Normal", "Started", f"Slurm job {job_id} started")
             elif phase in TERMINAL:
@@ -530,40 +461,7 @@ class PodController:
         self._queue.put(key, delay_s=delay)
 
     def _event(self, pod: Mapping[str, Any], kind: str, reason: str, message: str) -> None:
-        """Record an Event: on the events thread while `work` runs, else at once."""
-        entry = (dict(pod), kind, reason, message, _utcnow())
-        with self._events_changed:
-            if self._sending:
-                if len(self._events) >= self.settings.event_backlog:
-                    log.warning("%s: event %s dropped: too many waiting", pod_key(pod), reason)
-                    return
-                self._events.append(entry)
-                self._events_changed.notify()
-                return
-        self._send_event(*entry)
-
-    def _send_events(self, stop: threading.Event) -> None:
-        while True:
-            with self._events_changed:
-                while not self._events and not stop.is_set():
-                    self._events_changed.wait(0.5)
-                if stop.is_set():
-                    if self._events:
-                        log.info("%d event(s) not sent: stopping", len(self._events))
-                    return
-                entry = self._events.popleft()
-            self._send_event(*entry)
-
-    def _send_event(
-        self, pod: JSON, kind: str, reason: str, message: str, now: dt.datetime
-    ) -> None:
-        namespace = str((pod.get("metadata") or {}).get("namespace", "default"))
-        try:
-            self.api.create_event(
-                namespace, pod_event(pod, kind=kind, reason=reason, message=message, now=now)
-            )
-        except (ApiError, ApiUnavailable) as error:
-            log.warning("%s: event %s not recorded: %s", pod_key(pod), reason, error)
+        self.events.record(pod, kind=kind, reason=reason, message=message)
 
 
 def grace_period_s(pod: Mapping[str, Any]) -> int:

@@ -7,9 +7,11 @@ Kubernetes client blocks:
 
 - `nodes`: registers one Node per Slurm partition and rewrites its status and capacity;
 - `leases`: renews each node's Lease in kube-node-lease, the heartbeat;
-- `binder-watch` and `binder`: bind every unscheduled pod to its partition's node;
-- `pods-watch` and `pods`: the pod controller, which runs every pod bound to the nodes as a
-  Slurm job (kubelet_py.controller and kubelet_py.provider), with the job watcher's thread;
+- `binder-watch` and `binder-*`: bind every unscheduled pod to its partition's node;
+- `pods-watch` and `pods-*`: the pod controller's workers, which run every pod bound to the
+  nodes as a Slurm job (kubelet_py.controller and kubelet_py.provider), with the job
+  watcher's thread;
+- `events`: sends the binder's and the controller's Events (kubelet_py.events);
 - `logserver`: the HTTPS kubelet API (`kubectl logs`, kubelet_py.logserver), when it has its
   certificate (`--tls-cert-file`); its port is bound before anything else, so a port that is
   taken ends the kubelet at once.
@@ -40,6 +42,7 @@ from kubelet_py import CONNECTED_MESSAGE
 from kubelet_py.apiserver import ApiError, ApiUnavailable, KubeApi, ListWatch, pod_path
 from kubelet_py.binder import Binder, BinderSettings, unbound_pods
 from kubelet_py.controller import BOUND_PODS, PodController
+from kubelet_py.events import EventRecorder
 from kubelet_py.logserver import LogServer, LookupUnavailable, PodLookup, ServerTLS
 from kubelet_py.nodes import (
     HostInfo,
@@ -263,6 +266,7 @@ def run(  # noqa: PLR0915 (every thread's wiring, start and stop in one place)
     binder_api = KubeApi(settings.kubeconfig)
     pod_api = KubeApi(settings.kubeconfig)
     log_api = KubeApi(settings.kubeconfig)
+    event_api = KubeApi(settings.kubeconfig)
     server: LogServer | None = None
     try:
         if settings.tls is not None:
@@ -286,7 +290,8 @@ def run(  # noqa: PLR0915 (every thread's wiring, start and stop in one place)
             settings=settings.nodes,
             host=host,
         )
-        binder = Binder(binder_api, nodes=agent.current, settings=settings.binder)
+        events = EventRecorder(event_api)
+        binder = Binder(binder_api, nodes=agent.current, settings=settings.binder, events=events)
         watch = unbound_pods(binder_api, settings.binder)
         slurm = SlurmClient(SubprocessRunner())
         changed: list[Callable[[str, JobView], None]] = []
@@ -316,7 +321,7 @@ def run(  # noqa: PLR0915 (every thread's wiring, start and stop in one place)
             return node_name[len(prefix) :] or None if node_name.startswith(prefix) else None
 
         changed.append(provider.job_changed)
-        controller = PodController(pod_api, provider, partition_of=partition_of)
+        controller = PodController(pod_api, provider, partition_of=partition_of, events=events)
         pods_watch = ListWatch(pod_api, pod_path(), field_selector=BOUND_PODS)
         stop = threading.Event()
         watcher.start()
@@ -327,6 +332,7 @@ def run(  # noqa: PLR0915 (every thread's wiring, start and stop in one place)
             _thread("binder", lambda: binder.work(stop)),
             _thread("pods-watch", lambda: controller.follow(pods_watch)),
             _thread("pods", lambda: controller.work(stop)),
+            _thread("events", lambda: events.run(stop)),
         ]
         if server is not None:
             threads.append(server.start())
@@ -337,6 +343,7 @@ def run(  # noqa: PLR0915 (every thread's wiring, start and stop in one place)
         binder.stop()
         pods_watch.stop()
         controller.stop()
+        events.wake()
         watcher.stop(timeout=settings.stop_timeout_s)
         if server is not None:
             server.stop()
@@ -356,6 +363,7 @@ def run(  # noqa: PLR0915 (every thread's wiring, start and stop in one place)
         binder_api.close()
         pod_api.close()
         log_api.close()
+        event_api.close()
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -245,22 +245,23 @@ class SlurmProvider:
         if sent in (signal, "KILL"):
             return False
         if view is not None and view.state in WAITING_STATES:
-            self.slurm.cancel(job_id)  # nothing runs yet, so nothing to stop gently
-            how = "cancelled before it started"
-        else:
-            try:
-                self.slurm.cancel(job_id, signal=signal)
-                how = f"sent {signal}"
-            except SlurmUnavailable:
-                raise
-            except SlurmError as error:
-                # Slurm refuses to signal a job that has not started; cancel it instead.
-                log.info("%s: job %s: %s; cancelling it", key, job_id, error)
-                self.slurm.cancel(job_id)
-                how = "cancelled"
+            # Nothing runs yet, so nothing to stop gently; and a job cancelled before it
+            # started has ended the moment scancel returns.
+            self.slurm.cancel(job_id)
+            log.info("%s: job %s cancelled before it started", key, job_id)
+            return True
+        try:
+            self.slurm.cancel(job_id, signal=signal)
+        except SlurmUnavailable:
+            raise
+        except SlurmError as error:
+            # Slurm refuses to signal a job that has not started; cancel it instead.
+            log.info("%s: job %s: %s; cancelling it", key, job_id, error)
+            self.slurm.cancel(job_id)
+            return True
         with self._lock:
             self._signalled[job_id] = signal
-        log.info("%s: job %s %s", key, job_id, how)
+        log.info("%s: job %s sent %s", key, job_id, signal)
         return False
 
     def get_pod(self, namespace: str, name: str) -> JSON | None:

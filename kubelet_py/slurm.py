@@ -380,7 +380,7 @@ class SlurmClient:
         if not JOB_ID.match(job_id):
             # Slurm took the job or not; a retry could duplicate it, so this is final.
             raise SubmissionFailed(f"sbatch printed no job ID: {result.stdout.strip()!r}")
-        log.info("job %s: submitted %s", job_id, script)
+        log.debug("job %s: submitted %s", job_id, script)
         return job_id
 
     def queue(self, job_ids: Iterable[str]) -> dict[str, QueueEntry]:
@@ -476,7 +476,7 @@ class SlurmClient:
         argv.append(job_id)
         result = self._run(argv)
         if result.returncode == 0:
-            log.info("job %s: scancel %s", job_id, " ".join(argv[1:-1]) or "sent")
+            log.debug("job %s: scancel %s", job_id, " ".join(argv[1:-1]) or "sent")
             return
         message = _message(result)
         if "Invalid job id specified" in message or "already completing or completed" in message:

@@ -21,7 +21,6 @@ from kubelet_py.apiserver import ApiUnavailable, ListWatch, WatchEvent
 from kubelet_py.controller import (
     ControllerSettings,
     PodController,
-    _Queue,
     grace_period_s,
     retry_delay,
 )
@@ -294,24 +293,6 @@ def test_workers_submit_side_by_side_but_never_one_pod_twice(tmp_path: Path) -> 
     assert len(kit.bed.slurm.submitted) == 16
     assert max(overlap) > 1
     assert elapsed < 16 * 0.05 / 2, f"{elapsed:.2f} s: not side by side"
-
-
-def test_queue_never_hands_out_two_keys_of_one_pod_at_once() -> None:
-    queue = _Queue()
-    stop = threading.Event()
-    queue.put("ns/a")
-    assert queue.take(stop) == "ns/a"
-    queue.put("ns/a/uid-1")  # its deletion
-    queue.put("ns/a")
-    queue.put("ns/b")
-    assert queue.take(stop) == "ns/b"
-    timer = threading.Timer(0.2, lambda: (stop.set(), queue.wake()))
-    timer.start()
-    assert queue.take(stop) is None, "ns/a is busy"
-    timer.join()
-    stop.clear()
-    queue.done("ns/a")
-    assert queue.take(stop) in ("ns/a", "ns/a/uid-1")
 
 
 # -- deletion -----------------------------------------------------------------------------

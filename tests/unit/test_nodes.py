@@ -493,10 +493,13 @@ class FakeBinderApi:
 def run_binder(binder: Binder, events: Sequence[WatchEvent]) -> None:
     binder.follow(events)
     stop = threading.Event()
-    while len(binder._pending):  # drain what is due, then stop
-        taken = binder._pending.take(stop, poll_s=0.01)
-        assert taken is not None
-        binder.handle(*taken)
+    while len(binder._queue):  # drain what is due, then stop
+        key = binder._queue.take(stop, poll_s=0.01)
+        assert key is not None
+        pod = binder._pods.get(key)
+        if pod is not None:
+            binder.handle(key, pod)
+        binder._queue.done(key)
 
 
 def test_the_binder_binds_and_reports_unschedulable_pods_once() -> None:

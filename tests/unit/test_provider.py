@@ -299,14 +299,14 @@ def test_delete_after_a_restart_finds_the_job_on_the_pod(bed: Bed) -> None:
 def test_delete_cancels_a_pending_job_outright(bed: Bed) -> None:
     job_id = bed.provider.create_pod(make_pod())
     bed.watcher.views[job_id] = job_view(job_id, "PENDING")
-    assert bed.provider.delete_pod(make_pod()) is False
+    assert bed.provider.delete_pod(make_pod()) is True, "a cancelled pending job has ended"
     assert bed.slurm.cancelled == [(job_id, None)]
 
 
 def test_delete_cancels_when_slurm_refuses_the_signal(bed: Bed) -> None:
     job_id = bed.provider.create_pod(make_pod())
     bed.slurm.refuse_signal = "Job can not be altered now, try again later"
-    assert bed.provider.delete_pod(make_pod()) is False
+    assert bed.provider.delete_pod(make_pod()) is True
     assert bed.slurm.cancelled == [(job_id, None)]
 
 
