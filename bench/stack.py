@@ -27,12 +27,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bench.slurmcalls import CallLog, install_wrappers
-from hpk.controlplane import ControlPlane, ControlPlaneSettings
+from hpk.controlplane import ControlPlane
 from hpk.controlplane.job import prepare_kubelet
 from hpk.pki import ClusterPKI
 from hpk.test_images import register_test_images
 from hpk.testbed.bed import Testbed
-from hpk.testbed.settings import Partition, TestbedSettings
+from hpk.testbed.settings import TESTBED_PLANE_SETTINGS, Partition, TestbedSettings
 from hpk.toolchain import Toolchain
 from kubelet_py import CONNECTED_MESSAGE
 from kubelet_py.apiserver import KubeApi, NotFound
@@ -150,13 +150,7 @@ class Stack:
         self.plane = ControlPlane(
             root / "plane",
             pki=ClusterPKI(root / "pki"),
-            settings=ControlPlaneSettings(
-                dns_bind_address="127.0.0.1",
-                etcd_ready_timeout_s=90.0,
-                apiserver_ready_timeout_s=150.0,
-                controller_manager_ready_timeout_s=120.0,
-                coredns_ready_timeout_s=90.0,
-            ),
+            settings=TESTBED_PLANE_SETTINGS,
         )
         self.plane.start()
         self.api = KubeApi(self.plane.layout.admin_kubeconfig, request_timeout_s=60.0)

@@ -6,6 +6,8 @@ import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
+from hpk.controlplane.settings import ControlPlaneSettings
+
 
 @dataclass(frozen=True)
 class Partition:
@@ -124,3 +126,15 @@ class TestbedSettings:
     @property
     def munge_socket(self) -> Path:
         return self.run / "munge" / "munge.socket"
+
+
+TESTBED_PLANE_SETTINGS = ControlPlaneSettings(
+    dns_bind_address="127.0.0.1",
+    etcd_ready_timeout_s=90.0,
+    apiserver_ready_timeout_s=150.0,
+    controller_manager_ready_timeout_s=120.0,
+    coredns_ready_timeout_s=90.0,
+)
+"""Control-plane settings for the planes the end-to-end tests and the benchmark start on the
+test bed's host: CoreDNS on loopback only, and generous start-up times, because the host has
+two cores and may be busy with something else."""

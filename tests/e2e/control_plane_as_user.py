@@ -19,9 +19,9 @@ from hpk.controlplane import Binaries, ControlPlane
 from hpk.controlplane.image import ApptainerRunner
 from hpk.files import write_atomic
 from hpk.pki import ClusterPKI
-from tests.e2e.planes import TEST_PLANE_SETTINGS
+from hpk.testbed.settings import TESTBED_PLANE_SETTINGS
 
-SETTINGS = TEST_PLANE_SETTINGS
+SETTINGS = TESTBED_PLANE_SETTINGS
 
 
 def main(root: Path, image: Path, apptainer: str) -> int:

@@ -17,13 +17,13 @@ from hpk.controlplane import ControlPlane
 from hpk.controlplane.ports import port_is_free
 from hpk.controlplane.probes import TLSClient, request
 from hpk.pki import ClusterPKI, load_certificate
+from hpk.testbed.settings import TESTBED_PLANE_SETTINGS
 from hpk.toolchain import Toolchain
 from tests.e2e.kube import eventually
-from tests.e2e.planes import TEST_PLANE_SETTINGS
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
 
-SETTINGS = TEST_PLANE_SETTINGS
+SETTINGS = TESTBED_PLANE_SETTINGS
 
 
 def new_control_plane(root: Path) -> ControlPlane:

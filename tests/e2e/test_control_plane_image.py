@@ -26,13 +26,13 @@ from hpk.controlplane.image import ApptainerRunner, find_apptainer
 from hpk.controlplane.probes import TLSClient, answers
 from hpk.pki import ClusterPKI
 from hpk.process import start_process
+from hpk.testbed.settings import TESTBED_PLANE_SETTINGS
 from hpk.toolchain import Toolchain
 from tests.e2e.conftest import UserInstall
-from tests.e2e.planes import TEST_PLANE_SETTINGS
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
 
-SETTINGS = TEST_PLANE_SETTINGS
+SETTINGS = TESTBED_PLANE_SETTINGS
 COMPONENTS = ("etcd", "kube-apiserver", "kube-controller-manager", "coredns")
 HOST_ONLY = "HPK_E2E_HOST_ONLY"
 """Set in the launcher's environment only; a clean container environment lacks it."""

@@ -25,14 +25,14 @@ from hpk.controlplane import ControlPlane
 from hpk.controlplane.job import prepare_kubelet
 from hpk.pki import ClusterPKI
 from hpk.testbed.bed import Testbed
+from hpk.testbed.settings import TESTBED_PLANE_SETTINGS
 from hpk.toolchain import Toolchain
 from kubelet_py import CONNECTED_MESSAGE
 from tests.e2e.kube import admin_kubectl, eventually, start_kubelet, stop_process
-from tests.e2e.planes import TEST_PLANE_SETTINGS
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
 
-SETTINGS = TEST_PLANE_SETTINGS
+SETTINGS = TESTBED_PLANE_SETTINGS
 NAMESPACE = "e2e-binding"
 NODE_MONITOR_GRACE_S = 40.0
 """The controller-manager's default --node-monitor-grace-period."""

@@ -11,25 +11,17 @@ later and the pod is gone.
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
-import tempfile
 import time
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from hpk.controlplane import ControlPlane
-from hpk.controlplane.job import prepare_kubelet
-from hpk.pki import ClusterPKI
-from hpk.test_images import register_test_images
 from hpk.testbed.bed import Testbed
-from tests.e2e.kube import admin_kubectl, eventually, start_kubelet, stop_process
-from tests.e2e.planes import TEST_PLANE_SETTINGS
+from tests.e2e.kube import PodCluster, eventually, pod_cluster
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(400)]
 
@@ -38,81 +30,11 @@ NAMESPACE = f"e2e-recovery-{uuid.uuid4().hex[:6]}"
 LIVE = ("PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "SUSPENDED", "REQUEUED")
 
 
-@dataclass
-class Stack:
-    plane: ControlPlane
-    root: Path
-    home: Path
-    kubeconfig: Path
-    slurm_conf: Path
-    process: subprocess.Popen[bytes] | None = None
-    starts: int = 0
-    logs: list[Path] = field(default_factory=list)
-
-    def kubectl(self, *args: str, check: bool = True, stdin: str | None = None) -> str:
-        return admin_kubectl(self.plane, *args, check=check, stdin=stdin)
-
-    def start(self) -> None:
-        self.starts += 1
-        log_file = self.root / f"kubelet-{self.starts}.log"
-        self.logs.append(log_file)
-        self.process = start_kubelet(
-            self.plane,
-            self.kubeconfig,
-            log_file=log_file,
-            env={"SLURM_CONF": str(self.slurm_conf), "HPK_HOME": str(self.home)},
-        )
-
-    def ensure_running(self) -> None:
-        if self.process is None or self.process.poll() is not None:
-            self.start()
-
-    def kill(self) -> None:
-        """kill -9: no clean-up of any kind."""
-        assert self.process is not None
-        self.process.kill()
-        self.process.wait(timeout=10)
-
-    def stop(self) -> None:
-        stop_process(self.process)
-
-    def log(self) -> str:
-        return "\n".join(path.read_text(errors="replace") for path in self.logs if path.exists())
-
-    def pod(self, name: str) -> dict[str, Any] | None:
-        out = self.kubectl("get", "pod", "-n", NAMESPACE, name, "-o", "json", check=False)
-        return dict(json.loads(out)) if out.strip() else None
-
-    def pods(self) -> dict[str, dict[str, Any]]:
-        out = self.kubectl("get", "pods", "-n", NAMESPACE, "-o", "json")
-        return {item["metadata"]["name"]: item for item in json.loads(out)["items"]}
-
-    def create(self, *manifests: dict[str, Any]) -> None:
-        body = {"apiVersion": "v1", "kind": "List", "items": list(manifests)}
-        self.kubectl("create", "-f", "-", stdin=json.dumps(body))
-
-    def running(self, name: str, timeout: float = 120) -> dict[str, Any]:
-        def probe() -> dict[str, Any] | None:
-            found = self.pod(name)
-            phase = (found or {}).get("status", {}).get("phase")
-            if phase in ("Succeeded", "Failed"):
-                pytest.fail(f"pod {name} ended {phase}: {found}\n{self.log()[-3000:]}")
-            return found if phase == "Running" else None
-
-        return dict(eventually(f"pod {name} Running", probe, timeout=timeout))
-
-
-def pod_manifest(name: str, command: list[str]) -> dict[str, Any]:
-    return {
-        "apiVersion": "v1",
-        "kind": "Pod",
-        "metadata": {"name": name, "namespace": NAMESPACE},
-        "spec": {
-            "restartPolicy": "Never",
-            "automountServiceAccountToken": False,
-            "containers": [{"name": "main", "image": "busybox", "command": command}],
-        },
-    }
+def kill_kubelet(cluster: PodCluster) -> None:
+    """kill -9: no clean-up of any kind."""
+    assert cluster.process is not None
+    cluster.process.kill()
+    cluster.process.wait(timeout=10)
 
 
 def slurm(*argv: str) -> str:
@@ -131,61 +53,25 @@ def job_state(job_id: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def stack(testbed: Testbed) -> Iterator[Stack]:
-    root = Path(tempfile.mkdtemp(prefix="hpk-recovery-e2e-", dir="/var/tmp"))
-    root.chmod(0o755)
-    home = root / "home"
-    register_test_images(cache_dir=home / "images")
-    plane = ControlPlane(root / "state", pki=ClusterPKI(root / "pki"), settings=TEST_PLANE_SETTINGS)
-    plane.start()
-    running: Stack | None = None
-    try:
-        running = Stack(
-            plane=plane,
-            root=root,
-            home=home,
-            kubeconfig=prepare_kubelet(plane),
-            slurm_conf=testbed.settings.slurm_conf,
-        )
-        running.start()
-        eventually(
-            "node hpk-batch",
-            lambda: "hpk-batch" in running.kubectl("get", "nodes", "-o", "name", check=False),
-        )
-        running.kubectl("create", "namespace", NAMESPACE)
-        eventually(
-            "the namespace's default service account",
-            lambda: running.kubectl(
-                "get", "serviceaccount", "default", "-n", NAMESPACE, "-o", "name", check=False
-            ),
-        )
+def stack(testbed: Testbed) -> Iterator[PodCluster]:
+    with pod_cluster(testbed, namespace=NAMESPACE) as running:
         yield running
-    finally:
-        if running is not None:
-            running.stop()
-        # Whatever a failed test left behind: this run's jobs only (their names).
-        out = subprocess.run(
-            ["squeue", "-h", "--me", "-o", "%i %j"], capture_output=True, text=True, check=False
-        ).stdout
-        mine = [line.split()[0] for line in out.splitlines() if f"/{NAMESPACE}/" in line]
-        if mine:
-            subprocess.run(["scancel", *mine], check=False)
-        plane.stop()
-        shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.fixture
-def kubelet(stack: Stack) -> Stack:
-    stack.ensure_running()
+def kubelet(stack: PodCluster) -> PodCluster:
+    """The module's stack, with its kubelet started again if a test left it stopped."""
+    if stack.process is None or stack.process.poll() is not None:
+        stack.start_kubelet()
     return stack
 
 
-def test_kill_during_a_burst_loses_no_pod_and_duplicates_no_job(kubelet: Stack) -> None:
+def test_kill_during_a_burst_loses_no_pod_and_duplicates_no_job(kubelet: PodCluster) -> None:
     names = [f"burst-{number:02d}" for number in range(20)]
     failing = {"burst-07", "burst-15"}
-    kubelet.create(
+    kubelet.apply(
         *(
-            pod_manifest(name, ["sh", "-c", "exit 3"] if name in failing else ["sleep", "3"])
+            kubelet.manifest(name, ["sh", "-c", "exit 3"] if name in failing else ["sleep", "3"])
             for name in names
         )
     )
@@ -195,10 +81,10 @@ def test_kill_during_a_burst_loses_no_pod_and_duplicates_no_job(kubelet: Stack) 
         return [line for line in out.split() if line.startswith(f"hpk/{NAMESPACE}/burst-")]
 
     eventually("a first job of the burst", some_submitted, timeout=60)
-    kubelet.kill()
+    kill_kubelet(kubelet)
     submitted_before_kill = len(some_submitted())
     print(f"{submitted_before_kill} of 20 pods had a job when the kubelet was killed")
-    kubelet.start()
+    kubelet.start_kubelet()
 
     def all_ended() -> dict[str, dict[str, Any]] | None:
         pods = kubelet.pods()
@@ -221,10 +107,10 @@ def test_kill_during_a_burst_loses_no_pod_and_duplicates_no_job(kubelet: Stack) 
 
 
 def test_orphaned_job_is_cancelled_at_start_and_other_homes_jobs_are_not(
-    kubelet: Stack, tmp_path: Path
+    kubelet: PodCluster, tmp_path: Path
 ) -> None:
-    kubelet.create(pod_manifest("orphan", ["sleep", "600"]))
-    job_id = kubelet.running("orphan")["metadata"]["annotations"]["slurm.hpk.io/job-id"]
+    kubelet.apply(kubelet.manifest("orphan", ["sleep", "600"]))
+    job_id = kubelet.phase("orphan", "Running")["metadata"]["annotations"]["slurm.hpk.io/job-id"]
     # A job that looks like hpk's but belongs to another hpk home of the same user.
     other = tmp_path / "other-home" / "pods" / NAMESPACE / "orphan"
     other.mkdir(parents=True)
@@ -238,11 +124,11 @@ def test_orphaned_job_is_cancelled_at_start_and_other_homes_jobs_are_not(
         "--wrap=sleep 600",
     ).strip()
     try:
-        kubelet.stop()
+        kubelet.stop_kubelet()
         kubelet.kubectl("delete", "pod", "-n", NAMESPACE, "orphan", "--grace-period=0", "--force")
         assert kubelet.pod("orphan") is None
         assert job_state(job_id) in LIVE  # sacct may lag behind squeue's RUNNING
-        kubelet.start()
+        kubelet.start_kubelet()
 
         def ended() -> str:
             state = job_state(job_id)
@@ -256,7 +142,7 @@ def test_orphaned_job_is_cancelled_at_start_and_other_homes_jobs_are_not(
         subprocess.run(["scancel", stranger], check=False)
 
 
-def test_job_with_three_completions_completes(kubelet: Stack) -> None:
+def test_job_with_three_completions_completes(kubelet: PodCluster) -> None:
     job = {
         "apiVersion": "batch/v1",
         "kind": "Job",
@@ -300,9 +186,9 @@ def test_job_with_three_completions_completes(kubelet: Stack) -> None:
     )
 
 
-def test_delete_kills_a_pod_that_ignores_term_after_its_grace_period(kubelet: Stack) -> None:
-    kubelet.create(pod_manifest("stubborn", ["sh", "-c", 'trap "" TERM; sleep 600']))
-    pod = kubelet.running("stubborn")
+def test_delete_kills_a_pod_that_ignores_term_after_its_grace_period(kubelet: PodCluster) -> None:
+    kubelet.apply(kubelet.manifest("stubborn", ["sh", "-c", 'trap "" TERM; sleep 600']))
+    pod = kubelet.phase("stubborn", "Running")
     job_id = pod["metadata"]["annotations"]["slurm.hpk.io/job-id"]
     started = kubelet.home / "pods" / NAMESPACE / "stubborn" / "containers" / "main" / "started"
     eventually("the container started", started.exists, timeout=60)

@@ -11,27 +11,17 @@ in squeue and sacct are this run's only.
 
 from __future__ import annotations
 
-import json
 import re
-import shutil
 import subprocess
-import tempfile
 import time
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import pytest
 
-from hpk.controlplane import ControlPlane
-from hpk.controlplane.job import prepare_kubelet
-from hpk.pki import ClusterPKI
-from hpk.test_images import register_test_images
 from hpk.testbed.bed import Testbed
-from tests.e2e.kube import admin_kubectl, eventually, start_kubelet, stop_process
-from tests.e2e.planes import TEST_PLANE_SETTINGS
+from tests.e2e.kube import PodCluster, eventually, pod_cluster
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
 
@@ -51,81 +41,38 @@ BAD_FLAGS = {
 """Pod name -> its flags annotation, and what the pod's failure message must name."""
 
 
-@dataclass
-class Cluster:
-    plane: ControlPlane
-    home: Path
-    log_file: Path
+def create(
+    cluster: PodCluster,
+    name: str,
+    command: list[str] | None = None,
+    *,
+    image: str = "busybox",
+    flags: str | None = None,
+    init: list[dict[str, Any]] | None = None,
+    container: dict[str, Any] | None = None,
+    **spec: Any,
+) -> None:
+    manifest = cluster.manifest(name, [], annotations={FLAGS: flags} if flags is not None else None)
+    manifest["spec"]["containers"] = [
+        {"name": "main", "image": image, "command": command, **(container or {})}
+    ]
+    manifest["spec"].update({"initContainers": init} if init else {}, **spec)
+    cluster.apply(manifest)
 
-    def kubectl(self, *args: str, check: bool = True, stdin: str | None = None) -> str:
-        return admin_kubectl(self.plane, *args, check=check, stdin=stdin)
 
-    def pod(self, name: str) -> dict[str, Any] | None:
-        out = self.kubectl("get", "pod", "-n", NAMESPACE, name, "-o", "json", check=False)
-        return dict(json.loads(out)) if out.strip() else None
+def scheduled_message(
+    cluster: PodCluster, name: str, words: str, timeout: float = 60
+) -> dict[str, Any]:
+    """The pod, once it is Pending with `words` in its PodScheduled condition's message."""
 
-    def create(
-        self,
-        name: str,
-        command: list[str] | None = None,
-        *,
-        image: str = "busybox",
-        flags: str | None = None,
-        init: list[dict[str, Any]] | None = None,
-        container: dict[str, Any] | None = None,
-        **spec: Any,
-    ) -> None:
-        main = {"name": "main", "image": image, "command": command, **(container or {})}
-        manifest: dict[str, Any] = {
-            "apiVersion": "v1",
-            "kind": "Pod",
-            "metadata": {
-                "name": name,
-                "namespace": NAMESPACE,
-                "annotations": {FLAGS: flags} if flags is not None else {},
-            },
-            "spec": {
-                "restartPolicy": "Never",
-                "automountServiceAccountToken": False,
-                "containers": [main],
-                **({"initContainers": init} if init else {}),
-                **spec,
-            },
-        }
-        self.kubectl("create", "-f", "-", stdin=json.dumps(manifest))
+    def probe() -> dict[str, Any] | None:
+        found = cluster.pod(name) or {}
+        status = found.get("status") or {}
+        if status.get("phase") != "Pending":
+            return None
+        return found if words in condition(found, "PodScheduled").get("message", "") else None
 
-    def phase(self, name: str, wanted: str, timeout: float = 180) -> dict[str, Any]:
-        def probe() -> dict[str, Any] | None:
-            found = self.pod(name)
-            phase = (found or {}).get("status", {}).get("phase")
-            if phase in ("Succeeded", "Failed") and phase != wanted:
-                pytest.fail(f"pod {name} ended {phase}: {found}\n{self.log()[-3000:]}")
-            return found if phase == wanted else None
-
-        return dict(eventually(f"pod {name} {wanted}", probe, timeout=timeout))
-
-    def scheduled_message(self, name: str, words: str, timeout: float = 60) -> dict[str, Any]:
-        """The pod, once it is Pending with `words` in its PodScheduled condition's message."""
-
-        def probe() -> dict[str, Any] | None:
-            found = self.pod(name) or {}
-            status = found.get("status") or {}
-            if status.get("phase") != "Pending":
-                return None
-            return found if words in condition(found, "PodScheduled").get("message", "") else None
-
-        return dict(eventually(f"pod {name} pending with {words!r}", probe, timeout=timeout))
-
-    def events(self, name: str) -> str:
-        return self.kubectl(
-            "get", "events", "-n", NAMESPACE, f"--field-selector=involvedObject.name={name}"
-        )
-
-    def folder(self, name: str) -> Path:
-        return self.home / "pods" / NAMESPACE / name
-
-    def log(self) -> str:
-        return self.log_file.read_text(errors="replace")
+    return dict(eventually(f"pod {name} pending with {words!r}", probe, timeout=timeout))
 
 
 def slurm(*argv: str, check: bool = True) -> str:
@@ -180,84 +127,40 @@ def job_of(pod: dict[str, Any]) -> str:
 
 
 @pytest.fixture(scope="module")
-def cluster(testbed: Testbed) -> Iterator[Cluster]:
-    root = Path(tempfile.mkdtemp(prefix="hpk-states-e2e-", dir="/var/tmp"))
-    root.chmod(0o755)
-    home = root / "home"
-    register_test_images(cache_dir=home / "images")
-    plane = ControlPlane(root / "state", pki=ClusterPKI(root / "pki"), settings=TEST_PLANE_SETTINGS)
-    plane.start()
-    process: subprocess.Popen[bytes] | None = None
-    try:
-        kubeconfig = prepare_kubelet(plane)
-        log_file = root / "kubelet.log"
-        process = start_kubelet(
-            plane,
-            kubeconfig,
-            log_file=log_file,
-            env={"SLURM_CONF": str(testbed.settings.slurm_conf), "HPK_HOME": str(home)},
-        )
-        running = Cluster(plane=plane, home=home, log_file=log_file)
-        eventually(
-            "nodes hpk-batch and hpk-gpu",
-            lambda: (
-                {"node/hpk-batch", "node/hpk-gpu"}
-                <= set(running.kubectl("get", "nodes", "-o", "name", check=False).split())
-            ),
-        )
-        running.kubectl("create", "namespace", NAMESPACE)
-        eventually(
-            "the namespace's default service account",
-            lambda: running.kubectl(
-                "get", "serviceaccount", "default", "-n", NAMESPACE, "-o", "name", check=False
-            ),
-        )
+def cluster(testbed: Testbed) -> Iterator[PodCluster]:
+    with pod_cluster(testbed, namespace=NAMESPACE, nodes=("hpk-batch", "hpk-gpu")) as running:
         yield running
-        running.kubectl("delete", "pods", "--all", "-n", NAMESPACE, "--wait=false", check=False)
-    finally:
-        stop_process(process)
-        _cancel_this_runs_jobs()
-        plane.stop()
-        shutil.rmtree(root, ignore_errors=True)
-
-
-def _cancel_this_runs_jobs() -> None:
-    """Cancel the jobs of this run's pods that are still queued or running (their namespace
-    is this run's own, so no one else's job is touched)."""
-    listed = slurm("squeue", "-h", "-o", "%i %j", check=False)
-    ours = [
-        line.split()[0]
-        for line in listed.splitlines()
-        if len(line.split()) == 2 and line.split()[1].startswith(f"hpk/{NAMESPACE}/")
-    ]
-    if ours:
-        slurm("scancel", *ours, check=False)
 
 
 @pytest.fixture(scope="module")
-def launched(cluster: Cluster) -> Cluster:
+def launched(cluster: PodCluster) -> PodCluster:
     """Every pod whose test only watches it, created up front so that their jobs overlap."""
-    cluster.create("deadline", ["sleep", "3600"], activeDeadlineSeconds=60)
-    cluster.create(
+    create(cluster, "deadline", ["sleep", "3600"], activeDeadlineSeconds=60)
+    create(
+        cluster,
         "oom",
         ["python3", "-c", OOM_SCRIPT],
         image="python:3.11",
         container={"resources": {"limits": {"memory": "96Mi"}}},
     )
-    cluster.create("sleeper", ["sleep", "600"])
-    cluster.create("on-gpu", ["true"], flags="-p gpu --gres=gpu:1")
-    cluster.create("two-nodes", ["true"], flags="--nodes=2")
+    create(cluster, "sleeper", ["sleep", "600"])
+    create(cluster, "on-gpu", ["true"], flags="-p gpu --gres=gpu:1")
+    create(cluster, "two-nodes", ["true"], flags="--nodes=2")
     for name, (flags, _) in BAD_FLAGS.items():
-        cluster.create(name, ["true"], flags=flags)
-    cluster.create("nope-selector", ["true"], nodeSelector={"hpk.io/partition": "nope"})
-    cluster.create("nope-flags", ["true"], flags="-p nope")
-    cluster.create("held", ["true"], flags="--hold")
-    cluster.create("later", ["true"], flags="--begin=now+1hour")
-    cluster.create("too-big", ["true"], container={"resources": {"requests": {"cpu": "64"}}})
-    cluster.create(
-        "too-much-memory", ["true"], container={"resources": {"requests": {"memory": "64Gi"}}}
+        create(cluster, name, ["true"], flags=flags)
+    create(cluster, "nope-selector", ["true"], nodeSelector={"hpk.io/partition": "nope"})
+    create(cluster, "nope-flags", ["true"], flags="-p nope")
+    create(cluster, "held", ["true"], flags="--hold")
+    create(cluster, "later", ["true"], flags="--begin=now+1hour")
+    create(cluster, "too-big", ["true"], container={"resources": {"requests": {"cpu": "64"}}})
+    create(
+        cluster,
+        "too-much-memory",
+        ["true"],
+        container={"resources": {"requests": {"memory": "64Gi"}}},
     )
-    cluster.create(
+    create(
+        cluster,
         "init-ok",
         ["sh", "-c", "cat /work/prepared"],
         init=[
@@ -271,7 +174,8 @@ def launched(cluster: Cluster) -> Cluster:
         container={"volumeMounts": [{"name": "work", "mountPath": "/work"}]},
         volumes=[{"name": "work", "emptyDir": {}}],
     )
-    cluster.create(
+    create(
+        cluster,
         "init-fails",
         ["echo", "main-ran"],
         init=[{"name": "prepare", "image": "busybox", "command": ["sh", "-c", "exit 7"]}],
@@ -279,7 +183,7 @@ def launched(cluster: Cluster) -> Cluster:
     return cluster
 
 
-def test_over_its_memory_the_pod_is_oom_killed(launched: Cluster) -> None:
+def test_over_its_memory_the_pod_is_oom_killed(launched: PodCluster) -> None:
     pod = launched.phase("oom", "Failed")
     job_id = job_of(pod)
     assert pod["status"]["reason"] == "OOMKilled", pod["status"]
@@ -294,7 +198,7 @@ def test_over_its_memory_the_pod_is_oom_killed(launched: Cluster) -> None:
     assert scontrol_job(job_id)["MinMemoryNode"] == "96M"
 
 
-def test_a_job_cancelled_outside_kubernetes_fails_the_pod(launched: Cluster) -> None:
+def test_a_job_cancelled_outside_kubernetes_fails_the_pod(launched: PodCluster) -> None:
     pod = launched.phase("sleeper", "Running")
     job_id = job_of(pod)
     # hpk submits with --no-requeue: Slurm refuses to requeue the job, which runs on.
@@ -316,7 +220,7 @@ def test_a_job_cancelled_outside_kubernetes_fails_the_pod(launched: Cluster) -> 
     assert state.startswith("CANCELLED"), state
 
 
-def test_flags_reach_slurm(launched: Cluster) -> None:
+def test_flags_reach_slurm(launched: PodCluster) -> None:
     pod = launched.phase("on-gpu", "Succeeded")
     assert pod["spec"]["nodeName"] == "hpk-gpu"
     shown = scontrol_job(job_of(pod))
@@ -332,7 +236,7 @@ def test_flags_reach_slurm(launched: Cluster) -> None:
     assert shown["Partition"] == "batch", shown
 
 
-def test_refused_flags_fail_the_pod_and_submit_nothing(launched: Cluster) -> None:
+def test_refused_flags_fail_the_pod_and_submit_nothing(launched: PodCluster) -> None:
     for name, (flags, named) in BAD_FLAGS.items():
         pod = launched.phase(name, "Failed", timeout=60)
         status = pod["status"]
@@ -342,11 +246,11 @@ def test_refused_flags_fail_the_pod_and_submit_nothing(launched: Cluster) -> Non
         assert not (launched.folder(name) / "job-id").exists()
         assert "InvalidSbatchFlags" in launched.events(name)
         assert jobs_named(name) == "", f"{name} ({flags}) was submitted"
-    launched.create("after-bad-flags", ["true"])
+    create(launched, "after-bad-flags", ["true"])
     launched.phase("after-bad-flags", "Succeeded")
 
 
-def test_a_request_slurm_refuses_fails_the_pod_with_sbatchs_message(launched: Cluster) -> None:
+def test_a_request_slurm_refuses_fails_the_pod_with_sbatchs_message(launched: PodCluster) -> None:
     pod = launched.phase("too-much-memory", "Failed", timeout=60)
     status = pod["status"]
     assert status["reason"] == "SubmissionFailed", status
@@ -355,9 +259,9 @@ def test_a_request_slurm_refuses_fails_the_pod_with_sbatchs_message(launched: Cl
     assert "SubmissionFailed" in launched.events("too-much-memory")
 
 
-def test_a_partition_without_a_node_keeps_the_pod_pending(launched: Cluster) -> None:
+def test_a_partition_without_a_node_keeps_the_pod_pending(launched: PodCluster) -> None:
     for name, source in (("nope-selector", "nodeSelector"), ("nope-flags", "-p in")):
-        pod = launched.scheduled_message(name, '"nope"')
+        pod = scheduled_message(launched, name, '"nope"')
         scheduled = condition(pod, "PodScheduled")
         assert scheduled["status"] == "False", scheduled
         assert scheduled["reason"] == "Unschedulable", scheduled
@@ -373,24 +277,24 @@ def test_a_partition_without_a_node_keeps_the_pod_pending(launched: Cluster) -> 
         assert jobs_named(name) == ""
 
 
-def test_a_pending_job_shows_slurms_reason_until_it_runs(launched: Cluster) -> None:
-    held = launched.scheduled_message("held", "(JobHeldUser)")
+def test_a_pending_job_shows_slurms_reason_until_it_runs(launched: PodCluster) -> None:
+    held = scheduled_message(launched, "held", "(JobHeldUser)")
     job_id = job_of(held)
     assert f"scontrol release {job_id}" in condition(held, "PodScheduled")["message"]
     waiting = container(held, "main")["state"]["waiting"]
     assert "JobHeldUser" in waiting["message"], waiting
 
-    later = launched.scheduled_message("later", "(BeginTime)")
+    later = scheduled_message(launched, "later", "(BeginTime)")
     later_id = job_of(later)
     message = condition(later, "PodScheduled")["message"]
     assert "requeue" not in message, message  # the user asked for --begin; nothing requeued
     # Held by an administrator as well: the pod says so.
     slurm("scontrol", "hold", later_id)
-    launched.scheduled_message("later", "(JobHeldAdmin)")
+    scheduled_message(launched, "later", "(JobHeldAdmin)")
 
     # More CPUs than any node has: Slurm queues the job (the bed does not enforce partition
     # limits at submission) and never starts it; the pod says why.
-    big = launched.scheduled_message("too-big", "(PartitionConfig)")
+    big = scheduled_message(launched, "too-big", "(PartitionConfig)")
     big_id = job_of(big)
     assert scontrol_job(big_id)["NumCPUs"] == "64"
     assert "will not start" in condition(big, "PodScheduled")["message"]
@@ -413,7 +317,7 @@ def test_a_pending_job_shows_slurms_reason_until_it_runs(launched: Cluster) -> N
         assert "reason" not in scheduled and "message" not in scheduled, scheduled
 
 
-def test_init_containers_run_first_and_a_failing_one_fails_the_pod(launched: Cluster) -> None:
+def test_init_containers_run_first_and_a_failing_one_fails_the_pod(launched: PodCluster) -> None:
     pod = launched.phase("init-ok", "Succeeded")
     prepare = container(pod, "prepare", "initContainerStatuses")["state"]["terminated"]
     assert prepare["exitCode"] == 0 and prepare["reason"] == "Completed", prepare
@@ -435,7 +339,7 @@ def test_init_containers_run_first_and_a_failing_one_fails_the_pod(launched: Clu
     assert (state, exit_code) == ("FAILED", "7:0")
 
 
-def test_past_its_deadline_the_pod_fails(launched: Cluster) -> None:
+def test_past_its_deadline_the_pod_fails(launched: PodCluster) -> None:
     """Slurm counts time limits in minutes and checks them every 30 s or so, then gives the
     job KillWait (10 s on the bed) between TERM and KILL: about 60 to 110 s after the start."""
     pod = launched.phase("deadline", "Running")

@@ -6,112 +6,36 @@ and kubectl as the cluster's admin.
 
 from __future__ import annotations
 
-import json
 import re
-import shutil
 import subprocess
-import tempfile
 from collections.abc import Iterator
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import pytest
 
-from hpk.controlplane import ControlPlane
-from hpk.controlplane.job import prepare_kubelet
-from hpk.pki import ClusterPKI
-from hpk.test_images import register_test_images
 from hpk.testbed.bed import Testbed
-from tests.e2e.kube import admin_kubectl, eventually, start_kubelet, stop_process
-from tests.e2e.planes import TEST_PLANE_SETTINGS
+from tests.e2e.kube import PodCluster, eventually, pod_cluster
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
 
 NAMESPACE = "e2e-pods"
 
 
-@dataclass
-class Cluster:
-    plane: ControlPlane
-    home: Path
-    log_file: Path
+@pytest.fixture(scope="module")
+def cluster(testbed: Testbed) -> Iterator[PodCluster]:
+    with pod_cluster(testbed, namespace=NAMESPACE) as running:
+        yield running
 
-    def kubectl(self, *args: str, check: bool = True, stdin: str | None = None) -> str:
-        return admin_kubectl(self.plane, *args, check=check, stdin=stdin)
 
-    def pod(self, name: str) -> dict[str, Any] | None:
-        out = self.kubectl("get", "pod", "-n", NAMESPACE, name, "-o", "json", check=False)
-        return dict(json.loads(out)) if out.strip() else None
-
-    def create(self, name: str, command: list[str], **extra: Any) -> None:
-        annotations = extra.pop("annotations", {})
-        manifest = {
-            "apiVersion": "v1",
-            "kind": "Pod",
-            "metadata": {"name": name, "namespace": NAMESPACE, "annotations": annotations},
-            "spec": {
-                "restartPolicy": "Never",
-                "automountServiceAccountToken": False,
-                "containers": [{"name": "main", "image": "busybox", "command": command, **extra}],
-            },
-        }
-        self.kubectl("create", "-f", "-", stdin=json.dumps(manifest))
-
-    def phase(self, name: str, wanted: str, timeout: float = 180) -> dict[str, Any]:
-        def probe() -> dict[str, Any] | None:
-            found = self.pod(name)
-            phase = (found or {}).get("status", {}).get("phase")
-            if phase in ("Succeeded", "Failed") and phase != wanted:
-                pytest.fail(f"pod {name} ended {phase}: {found}\n{self.log()[-3000:]}")
-            return found if phase == wanted else None
-
-        return dict(eventually(f"pod {name} {wanted}", probe, timeout=timeout))
-
-    def log(self) -> str:
-        return self.log_file.read_text(errors="replace")
+def create(cluster: PodCluster, name: str, command: list[str], **extra: Any) -> None:
+    """A busybox pod; `annotations` go to its metadata, the rest to its container."""
+    manifest = cluster.manifest(name, command, annotations=extra.pop("annotations", None))
+    manifest["spec"]["containers"][0].update(extra)
+    cluster.apply(manifest)
 
 
 def slurm(*argv: str) -> str:
     return subprocess.run(argv, capture_output=True, text=True, check=True, timeout=30).stdout
-
-
-@pytest.fixture(scope="module")
-def cluster(testbed: Testbed) -> Iterator[Cluster]:
-    root = Path(tempfile.mkdtemp(prefix="hpk-pods-e2e-", dir="/var/tmp"))
-    root.chmod(0o755)
-    home = root / "home"
-    register_test_images(cache_dir=home / "images")
-    plane = ControlPlane(root / "state", pki=ClusterPKI(root / "pki"), settings=TEST_PLANE_SETTINGS)
-    plane.start()
-    process: subprocess.Popen[bytes] | None = None
-    try:
-        kubeconfig = prepare_kubelet(plane)
-        log_file = root / "kubelet.log"
-        process = start_kubelet(
-            plane,
-            kubeconfig,
-            log_file=log_file,
-            env={"SLURM_CONF": str(testbed.settings.slurm_conf), "HPK_HOME": str(home)},
-        )
-        running = Cluster(plane=plane, home=home, log_file=log_file)
-        eventually(
-            "node hpk-batch",
-            lambda: "hpk-batch" in running.kubectl("get", "nodes", "-o", "name", check=False),
-        )
-        running.kubectl("create", "namespace", NAMESPACE)
-        eventually(
-            "the namespace's default service account",
-            lambda: running.kubectl(
-                "get", "serviceaccount", "default", "-n", NAMESPACE, "-o", "name", check=False
-            ),
-        )
-        yield running
-        running.kubectl("delete", "pods", "--all", "-n", NAMESPACE, "--wait=false", check=False)
-    finally:
-        stop_process(process)
-        plane.stop()
-        shutil.rmtree(root, ignore_errors=True)
 
 
 def job_of(pod: dict[str, Any]) -> str:
@@ -120,8 +44,9 @@ def job_of(pod: dict[str, Any]) -> str:
     return job_id
 
 
-def test_echo_pod_succeeds_with_its_resources(cluster: Cluster) -> None:
-    cluster.create(
+def test_echo_pod_succeeds_with_its_resources(cluster: PodCluster) -> None:
+    create(
+        cluster,
         "hello",
         ["echo", "hello-hpk"],
         resources={"requests": {"cpu": "2", "memory": "200Mi"}},
@@ -144,14 +69,14 @@ def test_echo_pod_succeeds_with_its_resources(cluster: Cluster) -> None:
     assert re.search(r" stdout hello-hpk$", log, re.MULTILINE), log
 
 
-def test_exit_code_fails_the_pod(cluster: Cluster) -> None:
-    cluster.create("exit3", ["sh", "-c", "exit 3"])
+def test_exit_code_fails_the_pod(cluster: PodCluster) -> None:
+    create(cluster, "exit3", ["sh", "-c", "exit 3"])
     pod = cluster.phase("exit3", "Failed")
     assert pod["status"]["containerStatuses"][0]["state"]["terminated"]["exitCode"] == 3
 
 
-def test_refused_flag_fails_the_pod_and_the_next_runs(cluster: Cluster) -> None:
-    cluster.create("refused", ["true"], annotations={"slurm.hpk.io/flags": "--uid=0"})
+def test_refused_flag_fails_the_pod_and_the_next_runs(cluster: PodCluster) -> None:
+    create(cluster, "refused", ["true"], annotations={"slurm.hpk.io/flags": "--uid=0"})
     pod = cluster.phase("refused", "Failed", timeout=60)
     assert "--uid" in pod["status"]["message"], pod["status"]
     assert "slurm.hpk.io/job-id" not in (pod["metadata"].get("annotations") or {})
@@ -160,12 +85,12 @@ def test_refused_flag_fails_the_pod_and_the_next_runs(cluster: Cluster) -> None:
         "get", "events", "-n", NAMESPACE, "--field-selector=involvedObject.name=refused"
     )
     assert "Warning" in events, events
-    cluster.create("after", ["true"])
+    create(cluster, "after", ["true"])
     cluster.phase("after", "Succeeded")
 
 
-def test_delete_cancels_the_job(cluster: Cluster) -> None:
-    cluster.create("sleeper", ["sleep", "600"])
+def test_delete_cancels_the_job(cluster: PodCluster) -> None:
+    create(cluster, "sleeper", ["sleep", "600"])
     pod = cluster.phase("sleeper", "Running")
     job_id = job_of(pod)
     cluster.kubectl("delete", "pod", "-n", NAMESPACE, "sleeper", "--wait=false")
