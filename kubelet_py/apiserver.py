@@ -283,16 +283,28 @@ class KubeApi:
     def server_version(self) -> str:
         return str(self.get("/version").get("gitVersion", ""))
 
-    def bind_pod(self, *, namespace: str, name: str, uid: str, node: str) -> None:
+    def bind_pod(
+        self,
+        *,
+        namespace: str,
+        name: str,
+        uid: str,
+        node: str,
+        annotations: Mapping[str, str] | None = None,
+    ) -> None:
         """Bind the pod to `node` through the pods/binding subresource.
 
         The UID makes the binding apply only to this very pod, not to a later one that
-        reuses its name. An already bound pod raises Conflict.
+        reuses its name. An already bound pod raises Conflict. The API server copies the
+        binding's `annotations` onto the pod in the same write.
         """
+        metadata: JSON = {"name": name, "namespace": namespace, "uid": uid}
+        if annotations:
+            metadata["annotations"] = dict(annotations)
         binding = {
             "apiVersion": "v1",
             "kind": "Binding",
-            "metadata": {"name": name, "namespace": namespace, "uid": uid},
+            "metadata": metadata,
             "target": {"apiVersion": "v1", "kind": "Node", "name": node},
         }
         self.create(f"{pod_path(namespace, name)}/binding", binding)

@@ -18,8 +18,13 @@ partitions, and a FailedScheduling Event. It is looked at again whenever it chan
 fixes the annotation) or the set of partitions changes.
 
 What it may touch: the API server through `BinderApi` and `ListWatch` (kubelet_py.apiserver),
-and the node set the node agent last registered. It runs no Slurm command; full validation of
-the flags annotation is `kubelet_py/flags.py`'s job when the pod is submitted.
+and the node set the node agent last registered. It runs no Slurm command itself; full
+validation of the flags annotation is `kubelet_py/flags.py`'s job when the pod is submitted.
+
+With a `PodStarter` (the pod controller), the pod's job is submitted just before the binding,
+and the binding carries the job-id annotation: the API server copies a binding's annotations
+onto the pod in the same write, which saves the pod a write and the job a watch round trip. A
+pod the starter cannot start is bound as it is and left to the controller.
 """
 
 from __future__ import annotations
@@ -44,6 +49,7 @@ from kubelet_py.apiserver import (
 )
 from kubelet_py.events import EventRecorder
 from kubelet_py.nodes import HOSTNAME_LABEL, PARTITION_LABEL, NodeSet, PartitionNode
+from kubelet_py.provider import JOB_ID_ANNOTATION
 from kubelet_py.workqueue import WorkQueue, run_workers
 
 log = logging.getLogger(__name__)
@@ -234,16 +240,26 @@ class BinderSettings:
     retry_max_s: float = 60.0
     """Longest wait between attempts."""
 
-    workers: int = 4
-    """Pods bound at once (threads): a binding waits on the API server, not on this
-    process, so a burst of new pods is bound several times faster than by one."""
+    workers: int = 8
+    """Pods bound at once (threads). A binding waits on sbatch (the pod's job is submitted
+    first) and on the API server, not on this process, so a burst of new pods is bound
+    several times faster than by one."""
 
 
 class BinderApi(Protocol):
     """What the binder needs from the API server (kubelet_py.apiserver.KubeApi)."""
 
-    def bind_pod(self, *, namespace: str, name: str, uid: str, node: str) -> None:
-        """Bind through pods/binding; Conflict if already bound, NotFound if gone."""
+    def bind_pod(
+        self,
+        *,
+        namespace: str,
+        name: str,
+        uid: str,
+        node: str,
+        annotations: Mapping[str, str] | None = None,
+    ) -> None:
+        """Bind through pods/binding, with `annotations` copied onto the pod; Conflict if
+        already bound, NotFound if gone."""
 
     def patch_pod_status(self, *, namespace: str, name: str, patch: Mapping[str, Any]) -> JSON:
         """Strategic-merge patch of the pod's status subresource."""
@@ -263,6 +279,19 @@ def unbound_pods(api: KubeApi, settings: BinderSettings) -> ListWatch:
     )
 
 
+class PodStarter(Protocol):
+    """Starts a pod's work before it is bound (kubelet_py.controller.PodController), so that
+    the binding carries the job ID and the pod needs no write of its own for it."""
+
+    def start_before_binding(self, pod: JSON, *, partition: str) -> Mapping[str, str]:
+        """Start the pod's job; returns the annotations to bind with. Never raises: a pod it
+        cannot start yet gets {} and is left to the controller once bound."""
+
+    def abandon(self, pod: JSON) -> None:
+        """The pod was started but not bound (deleted meanwhile, or bound by another):
+        stop what was started."""
+
+
 class Binder:
     """Binds each unbound pod it hears of; `follow` and `work` run on two threads.
 
@@ -277,10 +306,13 @@ class Binder:
         nodes: Callable[[], NodeSet | None],
         settings: BinderSettings | None = None,
         events: EventRecorder | None = None,
+        starter: PodStarter | None = None,
         clock: Callable[[], dt.datetime] = _utcnow,
     ) -> None:
         self.api = api
         self.nodes = nodes
+        self.starter = starter
+        """Starts each pod's job before its binding; None: binding only."""
         self.settings = settings or BinderSettings()
         self.events = events if events is not None else EventRecorder(api, clock=clock)
         """Where Scheduled and FailedScheduling go; without one given, a recorder that sends
@@ -359,16 +391,22 @@ class Binder:
             self._report_unschedulable(key, pod, unschedulable.message)
             return
         metadata = pod.get("metadata") or {}
+        annotations: Mapping[str, str] = {}
+        if self.starter is not None:
+            annotations = self.starter.start_before_binding(pod, partition=node.partition.name)
         try:
             self.api.bind_pod(
                 namespace=str(metadata.get("namespace", "")),
                 name=str(metadata.get("name", "")),
                 uid=str(metadata.get("uid", "")),
                 node=node.name,
+                annotations=annotations,
             )
         except (Conflict, NotFound) as settled:
             log.info("%s: not bound (%s): already bound, replaced or deleted", key, settled.status)
             self._forget(key)
+            if annotations and self.starter is not None:
+                self.starter.abandon(pod)
             return
         except (ApiError, ApiUnavailable) as error:
             log.warning("%s: binding to %s failed: %s", key, node.name, error)
@@ -383,6 +421,11 @@ class Binder:
             reason="Scheduled",
             message=f"Successfully assigned {key} to {node.name}",
         )
+        job_id = annotations.get(JOB_ID_ANNOTATION)
+        if job_id:
+            self.events.record(
+                pod, kind="Normal", reason="Submitted", message=f"Slurm job {job_id} submitted"
+            )
 
     def _report_unschedulable(self, key: str, pod: JSON, message: str) -> None:
         if already_reported(pod, message):

@@ -292,6 +292,38 @@ class PodController:
                 self._annotated.add(uid)
         self._sync_status(key, pod, job_id)
 
+    # -- for the binder (kubelet_py.binder.PodStarter) ------------------------------------
+
+    def start_before_binding(self, pod: JSON, *, partition: str) -> Mapping[str, str]:
+        """Submit the job of a pod about to be bound; returns the job-id annotation for the
+        binding, so that the pod gets its annotation in the binding's write.
+
+        A pod the provider refuses, or that Slurm cannot take now, gets {}: it is bound as it
+        is, and `handle` then fails it or tries again as for any bound pod. A pod with a job
+        already (a retried binding, a restart) gets that job: the provider never submits a
+        second one.
+        """
+        key = pod_key(pod)
+        try:
+            job_id = self.provider.create_pod(pod, partition=partition)
+        except (InvalidPodSpec, ImageNotResolved, SubmissionFailed, SlurmError) as error:
+            log.info("%s: not started before binding (%s); the controller takes it", key, error)
+            return {}
+        except Exception:  # the controller meets the same pod again once it is bound
+            log.exception("%s: starting before binding failed unexpectedly", key)
+            return {}
+        with self._lock:
+            self._annotated.add(str((pod.get("metadata") or {}).get("uid", "")))
+        return {JOB_ID_ANNOTATION: job_id}
+
+    def abandon(self, pod: JSON) -> None:
+        """A pod started before binding was not bound: cancel its job and forget it."""
+        try:
+            self.provider.delete_pod(pod, kill=True)
+        except SlurmError as error:  # the orphan sweep of the next full list catches it
+            log.warning("%s: cancelling the job of an unbound pod failed: %s", pod_key(pod), error)
+        self.provider.forget(pod)
+
     def _sync_status(self, key: str, pod: JSON, job_id: str) -> None:
         if self.provider.job_view(key) is None:
             return  # not listed by Slurm yet; the watcher brings the pod back when it is

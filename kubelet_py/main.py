@@ -291,7 +291,6 @@ def run(  # noqa: PLR0915 (every thread's wiring, start and stop in one place)
             host=host,
         )
         events = EventRecorder(event_api)
-        binder = Binder(binder_api, nodes=agent.current, settings=settings.binder, events=events)
         watch = unbound_pods(binder_api, settings.binder)
         slurm = SlurmClient(SubprocessRunner())
         changed: list[Callable[[str, JobView], None]] = []
@@ -322,6 +321,13 @@ def run(  # noqa: PLR0915 (every thread's wiring, start and stop in one place)
 
         changed.append(provider.job_changed)
         controller = PodController(pod_api, provider, partition_of=partition_of, events=events)
+        binder = Binder(
+            binder_api,
+            nodes=agent.current,
+            settings=settings.binder,
+            events=events,
+            starter=controller,
+        )
         pods_watch = ListWatch(pod_api, pod_path(), field_selector=BOUND_PODS)
         stop = threading.Event()
         watcher.start()

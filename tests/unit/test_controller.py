@@ -481,3 +481,39 @@ def test_adoption_uses_the_pod_folder_when_the_annotation_was_lost(kit: Kit) -> 
     assert [e for e in kit.api.of("event") if e[2] == "Submitted"] == [
         ("web", "Normal", "Submitted")
     ], "an adopted job is announced once, like a new one"
+
+
+# -- starting before the binding ----------------------------------------------------------
+
+
+def test_a_pod_started_before_its_binding_is_not_submitted_or_annotated_again(kit: Kit) -> None:
+    pod = make_pod()
+    annotations = kit.controller.start_before_binding(pod, partition="batch")
+    job_id = str(kit.bed.provider.job_id("default/web"))
+    assert annotations == {JOB_ID_ANNOTATION: job_id}
+    with kit.running():
+        # The binding's write: the pod comes back bound and annotated.
+        kit.controller.offer(WatchEvent("MODIFIED", annotated(pod, job_id)))
+        kit.notify("default/web", job_id, "RUNNING")
+        until("the Running status", lambda: kit.api.of("status"))
+    assert len(kit.bed.slurm.submitted) == 1
+    assert kit.api.of("merge_patch") == [], "the binding carried the annotation"
+
+
+def test_a_pod_that_cannot_start_before_its_binding_is_left_to_the_controller(kit: Kit) -> None:
+    kit.bed.slurm.unavailable = True
+    assert kit.controller.start_before_binding(make_pod(), partition="batch") == {}
+    kit.bed.slurm.unavailable = False
+    with kit.running():
+        kit.controller.offer(WatchEvent("ADDED", make_pod()))
+        until("the annotation", lambda: kit.api.of("merge_patch"))
+    assert len(kit.bed.slurm.submitted) == 1
+
+
+def test_an_abandoned_pod_has_its_job_cancelled(kit: Kit) -> None:
+    pod = make_pod()
+    kit.controller.start_before_binding(pod, partition="batch")
+    job_id = str(kit.bed.provider.job_id("default/web"))
+    kit.controller.abandon(pod)
+    assert [cancelled for cancelled, _signal in kit.bed.slurm.cancelled] == [job_id]
+    assert kit.bed.provider.job_id("default/web") is None

@@ -473,11 +473,21 @@ class FakeBinderApi:
         self.status_patches: list[tuple[str, Mapping[str, Any]]] = []
         self.events: list[Mapping[str, Any]] = []
         self.already_bound: set[str] = set()
+        self.annotations: dict[str, Mapping[str, str]] = {}
 
-    def bind_pod(self, *, namespace: str, name: str, uid: str, node: str) -> None:
+    def bind_pod(
+        self,
+        *,
+        namespace: str,
+        name: str,
+        uid: str,
+        node: str,
+        annotations: Mapping[str, str] | None = None,
+    ) -> None:
         if name in self.already_bound:
             raise Conflict(409, f"pod {name} is already assigned to node x")
         self.bindings.append((f"{namespace}/{name}", node))
+        self.annotations[f"{namespace}/{name}"] = dict(annotations or {})
 
     def patch_pod_status(
         self, *, namespace: str, name: str, patch: Mapping[str, Any]
@@ -546,3 +556,49 @@ def test_a_pod_bound_by_someone_else_is_left_alone() -> None:
     assert api.bindings == []
     assert api.events == []
     assert binder.bound == 0
+
+
+class FakeStarter:
+    def __init__(self) -> None:
+        self.started: list[tuple[str, str]] = []
+        self.abandoned: list[str] = []
+
+    def start_before_binding(self, pod: dict[str, Any], *, partition: str) -> dict[str, str]:
+        name = pod["metadata"]["name"]
+        self.started.append((name, partition))
+        return {} if name.startswith("refused") else {"slurm.hpk.io/job-id": "41"}
+
+    def abandon(self, pod: dict[str, Any]) -> None:
+        self.abandoned.append(pod["metadata"]["name"])
+
+
+def test_a_starter_submits_before_the_binding_which_carries_the_job_id() -> None:
+    api = FakeBinderApi()
+    starter = FakeStarter()
+    binder = Binder(api, nodes=bed_nodes, clock=lambda: NOW, starter=starter)
+    run_binder(
+        binder,
+        [
+            WatchEvent("ADDED", pod("a", flags="-p gpu")),
+            WatchEvent("ADDED", pod("refused")),
+        ],
+    )
+    assert starter.started == [("a", "gpu"), ("refused", "batch")]
+    assert api.annotations == {"default/a": {"slurm.hpk.io/job-id": "41"}, "default/refused": {}}
+    reasons = [(e["involvedObject"]["name"], e["reason"], e["message"]) for e in api.events]
+    assert reasons == [
+        ("a", "Scheduled", "Successfully assigned default/a to hpk-gpu"),
+        ("a", "Submitted", "Slurm job 41 submitted"),
+        ("refused", "Scheduled", "Successfully assigned default/refused to hpk-batch"),
+    ]
+    assert starter.abandoned == []
+
+
+def test_a_started_pod_that_cannot_be_bound_is_abandoned() -> None:
+    api = FakeBinderApi()
+    api.already_bound.add("raced")
+    starter = FakeStarter()
+    binder = Binder(api, nodes=bed_nodes, clock=lambda: NOW, starter=starter)
+    run_binder(binder, [WatchEvent("ADDED", pod("raced"))])
+    assert starter.abandoned == ["raced"]
+    assert api.events == []
