@@ -240,7 +240,7 @@ class BinderSettings:
     retry_max_s: float = 60.0
     """Longest wait between attempts."""
 
-    workers: int = 8
+    workers: int = 16
     """Pods bound at once (threads). A binding waits on sbatch (the pod's job is submitted
     first) and on the API server, not on this process, so a burst of new pods is bound
     several times faster than by one."""
