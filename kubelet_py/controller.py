@@ -481,7 +481,18 @@ class PodController:
                 uids.update(dkey.rsplit("/", 1)[1] for dkey in self._deletions)
             return uids
 
-        cancelled = self.provider.sweep_orphans(alive)
+        def gone(key: str, uid: str) -> bool:
+            namespace, _, name = key.partition("/")
+            try:
+                found = self.api.request("GET", pod_path(namespace, name))
+            except NotFound:
+                return True
+            except (ApiError, ApiUnavailable) as error:
+                log.warning("orphan sweep: cannot look up pod %s, its job stays: %s", key, error)
+                return False
+            return str((found.get("metadata") or {}).get("uid", "")) != uid
+
+        cancelled = self.provider.sweep_orphans(alive, gone=gone)
         log.info("orphan sweep: %d job(s) cancelled %s", len(cancelled), cancelled or "")
 
     def _retry(self, key: str, why: str) -> None:

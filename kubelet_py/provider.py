@@ -22,7 +22,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any, Protocol
 
 from hpk.images import cached_image
-from kubelet_py.render import RenderSettings, render_pod
+from kubelet_py.render import JOB_NAME_PREFIX, RenderSettings, render_pod
 from kubelet_py.slurm import FINAL_STATES, ListedJob, SlurmError, SlurmUnavailable
 from kubelet_py.status import pod_status, read_markers
 from kubelet_py.watcher import WAITING_STATES, JobView
@@ -322,12 +322,20 @@ class SlurmProvider:
         if job_id is not None:
             self.watcher.forget(job_id)
 
-    def sweep_orphans(self, live_uids: Callable[[], Collection[str]]) -> list[str]:
+    def sweep_orphans(
+        self,
+        live_uids: Callable[[], Collection[str]],
+        *,
+        gone: Callable[[str, str], bool] = lambda _key, _uid: True,
+    ) -> list[str]:
         """Cancel this kubelet's jobs that are not over and whose pod no longer exists.
 
-        `live_uids` gives the UIDs of every pod that exists; it is called after Slurm was
-        asked, so a pod created meanwhile is in it. Only jobs this kubelet submitted (see the
-        module docstring) are touched. Returns the IDs of the cancelled jobs.
+        `live_uids` gives the UIDs of the pods known to exist; it is called after Slurm was
+        asked, so a pod created meanwhile is in it. A job whose pod is not among them is
+        cancelled only if `gone(pod key, uid)` confirms it (the caller asks the API server:
+        a pod the kubelet has not heard of yet, say one still waiting for its binding after a
+        restart, must keep its job). Only jobs this kubelet submitted (see the module
+        docstring) are touched. Returns the IDs of the cancelled jobs.
         """
         listed = self.slurm.listed_jobs(UID_COMMENT)
         alive = set(live_uids())
@@ -338,7 +346,7 @@ class SlurmProvider:
             if job.state in FINAL_STATES or not self._owns(job):
                 continue
             uid = (job.comment or "")[len(UID_COMMENT) :].strip()
-            if uid in alive:
+            if uid in alive or not gone(job.name.removeprefix(JOB_NAME_PREFIX), uid):
                 continue
             self.slurm.cancel(job.job_id)
             cancelled.append(job.job_id)
@@ -380,7 +388,9 @@ class SlurmProvider:
     def _owns(self, job: ListedJob) -> bool:
         """Whether a job of the user's is one this kubelet submitted (module docstring)."""
         work_dir = PurePosixPath(job.work_dir.strip())
-        if len(work_dir.parts) < 3 or job.name != f"hpk/{work_dir.parent.name}/{work_dir.name}":
+        if len(work_dir.parts) < 3:
+            return False
+        if job.name != f"{JOB_NAME_PREFIX}{work_dir.parent.name}/{work_dir.name}":
             return False
         pods_dir = work_dir.parent.parent
         mine = PurePosixPath(self.settings.pods_dir)

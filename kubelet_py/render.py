@@ -32,6 +32,8 @@ from kubelet_py.flags import ANNOTATION, FIELD, SbatchOption, merge_options, par
 from kubelet_py.resources import container_resources, resource_options
 
 TEMPLATE = "pod.sbatch.j2"
+JOB_NAME_PREFIX = "hpk/"
+"""A pod's job is named <prefix><namespace>/<pod name>."""
 JOB_SCRIPT = "job.sh"
 SLURM_OUTPUT = "slurm.out"
 ENV_DIR = "env"
@@ -253,7 +255,7 @@ def render_pod(pod: Mapping[str, object], settings: RenderSettings) -> RenderedP
     derived += resource_options(spec)
     output = str(settings.pod_dir / SLURM_OUTPUT).replace("%", "%%")  # sbatch expands %j etc.
     args = (
-        f"--job-name=hpk/{namespace}/{name}",
+        f"--job-name={JOB_NAME_PREFIX}{namespace}/{name}",
         f"--comment=hpk-uid={uid}",
         f"--chdir={settings.pod_dir}",
         f"--output={output}",

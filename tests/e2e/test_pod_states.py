@@ -250,13 +250,23 @@ def test_refused_flags_fail_the_pod_and_submit_nothing(launched: PodCluster) -> 
     launched.phase("after-bad-flags", "Succeeded")
 
 
-def test_a_request_slurm_refuses_fails_the_pod_with_sbatchs_message(launched: PodCluster) -> None:
+def test_a_request_no_node_can_meet_fails_the_pod(launched: PodCluster) -> None:
+    """More memory than any node has: sbatch refuses the job, or, when slurmctld defers the
+    check (several submissions at once), takes it and fails it at its first scheduling
+    ("No nodes satisfy ... requirements"). Either way the pod fails with a message that says
+    so, and never runs."""
     pod = launched.phase("too-much-memory", "Failed", timeout=60)
     status = pod["status"]
-    assert status["reason"] == "SubmissionFailed", status
-    assert "node configuration is not available" in status["message"], status
-    assert JOB_ID not in (pod["metadata"].get("annotations") or {})
-    assert "SubmissionFailed" in launched.events("too-much-memory")
+    annotations = pod["metadata"].get("annotations") or {}
+    if JOB_ID in annotations:
+        job_id = annotations[JOB_ID]
+        assert accounted(job_id, fields="State,NodeList") == ["FAILED", "None assigned"]
+        assert f"Slurm job {job_id} failed" in str(status), status
+        assert not (launched.folder("too-much-memory") / "containers" / "main" / "started").exists()
+    else:
+        assert status.get("reason") == "SubmissionFailed", (status, launched.log()[-4000:])
+        assert "node configuration is not available" in status["message"], status
+        assert "SubmissionFailed" in launched.events("too-much-memory")
 
 
 def test_a_partition_without_a_node_keeps_the_pod_pending(launched: PodCluster) -> None:

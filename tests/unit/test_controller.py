@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from kubelet_py.apiserver import ApiUnavailable, ListWatch, WatchEvent
+from kubelet_py.apiserver import ApiUnavailable, ListWatch, NotFound, WatchEvent, pod_path
 from kubelet_py.controller import (
     ControllerSettings,
     PodController,
@@ -37,6 +37,8 @@ class FakeApi:
         self.calls: list[tuple[Any, ...]] = []
         self.failures: dict[str, int] = {}
         self.attempts: dict[str, list[float]] = {}
+        self.objects: dict[str, dict[str, Any]] = {}
+        """What GET finds, by path; anything else is NotFound."""
         self._lock = threading.Lock()
 
     def _call(self, name: str, *args: Any) -> dict[str, Any]:
@@ -49,7 +51,12 @@ class FakeApi:
         return {}
 
     def request(self, method: str, path: str, *, body: Mapping[str, Any] | None = None) -> Any:
-        return self._call("request", method, path, dict(body or {}))
+        self._call("request", method, path, dict(body or {}))
+        if method == "GET":
+            if path not in self.objects:
+                raise NotFound(404, f"{path} not found")
+            return self.objects[path]
+        return {}
 
     def merge_patch(self, path: str, patch: Mapping[str, Any]) -> Any:
         return self._call("merge_patch", path, dict(patch))
@@ -412,6 +419,20 @@ def test_orphans_are_cancelled_only_after_the_first_full_list(kit: Kit) -> None:
     assert kit.bed.slurm.cancelled == [("302", None)]
     assert kit.bed.slurm.submitted == []
     assert kit.controller.lists_seen == 1
+
+
+def test_the_sweep_keeps_the_job_of_a_pod_that_exists_but_is_not_bound_yet(kit: Kit) -> None:
+    """After a restart, a pod whose job was submitted just before its binding is not among
+    the bound pods the controller lists: the API server still has it, so its job stays."""
+    kit.bed.listed("401", "waiting-uid", name="waiting")
+    kit.bed.listed("402", "old-uid", name="renamed")
+    kit.api.objects[pod_path("default", "waiting")] = make_pod("waiting", uid="waiting-uid")
+    kit.api.objects[pod_path("default", "renamed")] = make_pod("renamed", uid="new-uid")
+    with kit.running():
+        kit.controller.listed([])
+        until("the sweep", lambda: kit.bed.slurm.cancelled)
+        settle()
+    assert kit.bed.slurm.cancelled == [("402", None)], "a new pod of the name is another pod"
 
 
 def test_a_list_again_forgets_pods_deleted_while_no_watch_was_open(kit: Kit) -> None:
