@@ -256,15 +256,20 @@ class JobWatcher:
             self._thread = None
 
     def _loop(self) -> None:
+        due = time.monotonic() + self.next_delay()
         while not self._stopping.is_set():
-            self._wake.wait(self.next_delay())
+            self._wake.wait(max(0.0, due - time.monotonic()))
             self._wake.clear()
             if self._stopping.is_set():
                 break
+            began = time.monotonic()
             try:
                 self.poll_once()
             except Exception:  # the watcher must outlive any surprise
                 log.exception("the job watcher's poll failed")
+            # At a fixed rate: the next poll is due an interval after this one began, so a
+            # slower poll (more jobs) does not make the polls fewer, nor the lag longer.
+            due = began + self.next_delay()
 
     def _poll(self) -> list[tuple[str, JobView]]:
         with self._lock:
