@@ -49,10 +49,6 @@ test: toolchain lint unit e2e
 BENCH_ARGS ?=
 .PHONY: bench
 
-$(VENV)/.bench-installed: pyproject.toml $(VENV)/.installed
-	@$(VENV)/bin/pip install -q --disable-pip-version-check -e '.[dev,bench]'
-	@touch $@
-
-bench: toolchain venv $(VENV)/.bench-installed
-	@echo "[bench] hpk benchmark on a private Slurm bed (full run: about 10 minutes)"
+bench: toolchain venv
+	@echo "[bench] hpk benchmark on a private Slurm bed (full run: about 5 minutes)"
 	@$(VENV)/bin/python -m bench.run $(BENCH_ARGS)

@@ -136,7 +136,6 @@ def test_proc_files_give_memory_and_cpu_time() -> None:
 
 
 def test_the_chart_is_drawn_from_a_small_results_file(tmp_path: Path) -> None:
-    pytest.importorskip("matplotlib")
     from bench.chart import draw  # noqa: PLC0415
 
     results = {
