@@ -108,6 +108,14 @@ def pod_path(namespace: str = "", name: str = "") -> str:
     return f"{base}/{quote(name, safe='')}" if name else base
 
 
+def configmap_path(namespace: str, name: str) -> str:
+    return f"/api/v1/namespaces/{quote(namespace, safe='')}/configmaps/{quote(name, safe='')}"
+
+
+def secret_path(namespace: str, name: str) -> str:
+    return f"/api/v1/namespaces/{quote(namespace, safe='')}/secrets/{quote(name, safe='')}"
+
+
 def events_path(namespace: str) -> str:
     return f"/api/v1/namespaces/{quote(namespace, safe='')}/events"
 
@@ -314,6 +322,23 @@ class KubeApi:
 
     def create_event(self, namespace: str, event: Mapping[str, Any]) -> JSON:
         return self.create(events_path(namespace), event)
+
+    def get_configmap(self, namespace: str, name: str) -> JSON | None:
+        """The ConfigMap, or None when it does not exist."""
+        return self.get_or_none(configmap_path(namespace, name))
+
+    def get_secret(self, namespace: str, name: str) -> JSON | None:
+        """The Secret (its `data` base64, as the API serves it), or None when it does not
+        exist."""
+        return self.get_or_none(secret_path(namespace, name))
+
+    def get_config_object(self, kind: str, namespace: str, name: str) -> JSON | None:
+        """A ConfigMap or Secret by kind (kubelet_py.inputs.ObjectLookup), None if absent."""
+        if kind == "ConfigMap":
+            return self.get_configmap(namespace, name)
+        if kind == "Secret":
+            return self.get_secret(namespace, name)
+        raise ValueError(f"not a ConfigMap or Secret: {kind}")
 
     def get_node(self, name: str) -> JSON | None:
         return self.get_or_none(node_path(name))

@@ -393,7 +393,9 @@ class Binder:
         metadata = pod.get("metadata") or {}
         annotations: Mapping[str, str] = {}
         if self.starter is not None:
-            annotations = self.starter.start_before_binding(pod, partition=node.partition.name)
+            # As it will be once bound: spec.nodeName is what a fieldRef to it reads.
+            bound = {**pod, "spec": {**(pod.get("spec") or {}), "nodeName": node.name}}
+            annotations = self.starter.start_before_binding(bound, partition=node.partition.name)
         try:
             self.api.bind_pod(
                 namespace=str(metadata.get("namespace", "")),

@@ -10,6 +10,9 @@ backoff, handled by several workers, never two at once for the same pod, and:
   pod, and not before Slurm has listed the job: a restart must not turn Running back into
   Pending);
 - fails pods the provider refuses, with a Warning Event;
+- keeps a pod whose ConfigMap, Secret or key does not exist yet Pending, its containers
+  waiting with CreateContainerConfigError and a Warning Event naming what is missing, and
+  tries it again with backoff until the object appears (nothing is submitted until then);
 - stops the job of a pod being deleted: TERM first, KILL once the pod's grace period is over
   if the job still runs, then confirms the deletion (the queue brings the pod back when the
   job ends or the grace period is over: no worker waits);
@@ -45,6 +48,7 @@ from kubelet_py.apiserver import (
 )
 from kubelet_py.errors import InvalidPodSpec
 from kubelet_py.events import EventRecorder
+from kubelet_py.inputs import MissingReference
 from kubelet_py.provider import JOB_ID_ANNOTATION, SlurmProvider, pod_key
 from kubelet_py.render import ImageNotResolved
 from kubelet_py.slurm import SlurmError, SubmissionFailed
@@ -233,6 +237,8 @@ class PodController:
                     self._failures.pop(key, None)
             except (ApiError, ApiUnavailable, SlurmError) as error:
                 self._retry(key, f"{type(error).__name__}: {error}")
+            except MissingReference as missing:
+                self._retry(key, str(missing))
             except Exception:  # one pod's bug must not stop the others
                 log.exception("%s: handling failed unexpectedly", key)
                 self._retry(key, "unexpected error")
@@ -281,6 +287,9 @@ class PodController:
             except (InvalidPodSpec, ImageNotResolved, SubmissionFailed) as error:
                 self._fail(key, pod, error)
                 return
+            except MissingReference as missing:
+                self._wait_for_config(key, pod, missing)
+                raise  # the worker tries the pod again, with backoff
             if not annotated:
                 self._event(pod, "Normal", "Submitted", f"Slurm job {job_id} submitted")
         if annotated != job_id and uid not in self._annotated:
@@ -306,7 +315,15 @@ class PodController:
         key = pod_key(pod)
         try:
             job_id = self.provider.create_pod(pod, partition=partition)
-        except (InvalidPodSpec, ImageNotResolved, SubmissionFailed, SlurmError) as error:
+        except (
+            InvalidPodSpec,
+            ImageNotResolved,
+            SubmissionFailed,
+            SlurmError,
+            MissingReference,
+            ApiError,  # looking up its ConfigMaps and Secrets
+            ApiUnavailable,
+        ) as error:
             log.info("%s: not started before binding (%s); the controller takes it", key, error)
             return {}
         except Exception:  # the controller meets the same pod again once it is bound
@@ -359,6 +376,42 @@ class PodController:
                 self._event(pod, "Normal", "Finished", f"Slurm job {job_id} ended: {phase}")
         if phase in TERMINAL:
             self.provider.forget(pod)
+
+    def _wait_for_config(self, key: str, pod: JSON, missing: MissingReference) -> None:
+        """Keep the pod Pending (CreateContainerConfigError); the status and the Event are
+        written once per missing reference. The caller tries the pod again with backoff."""
+        message = str(missing)
+        metadata = pod["metadata"]
+        uid = str(metadata.get("uid", ""))
+        spec = pod.get("spec") or {}
+
+        def waiting(group: str) -> list[JSON]:
+            return [
+                {
+                    "name": c.get("name", ""),
+                    "image": c.get("image", ""),
+                    "imageID": "",
+                    "ready": False,
+                    "restartCount": 0,
+                    "started": False,
+                    "state": {"waiting": {"reason": missing.reason, "message": message}},
+                }
+                for c in spec.get(group) or []
+            ]
+
+        status: JSON = {"phase": "Pending", "containerStatuses": waiting("containers")}
+        if spec.get("initContainers"):
+            status["initContainerStatuses"] = waiting("initContainers")
+        with self._lock:
+            written = self._written.get(key)
+        if written is None or written.uid != uid or written.status != status:
+            log.info("%s: waiting: %s", key, message)
+            self.api.patch_pod_status(
+                namespace=metadata["namespace"], name=metadata["name"], patch={"status": status}
+            )
+            with self._lock:
+                self._written[key] = _Written(uid=uid, status=status)
+            self._event(pod, "Warning", missing.reason, message)
 
     def _fail(self, key: str, pod: JSON, error: Exception) -> None:
         reason = getattr(error, "reason", None) or type(error).__name__

@@ -309,6 +309,7 @@ def run(  # noqa: PLR0915 (every thread's wiring, start and stop in one place)
                 image_cache=home.root / "images",
                 node_addresses=SlurmNodeAddresses(agent.current),
             ),
+            lookup=pod_api.get_config_object,
         )
 
         def partition_of(node_name: str) -> str | None:

@@ -2,8 +2,10 @@
 
 `PodLifecycleHandler` is the interface (modelled on virtual-kubelet's); `SlurmProvider` runs
 each pod as one Slurm job. It owns the pod folders (`<hpk home>/pods/<namespace>/<name>/`),
-renders with kubelet_py.render, submits and cancels through the Slurm adapter and reads job
-states from the shared JobWatcher. It never talks to the API server: the controller does.
+resolves what the pod reads from ConfigMaps and Secrets (kubelet_py.inputs, through an
+injected lookup), renders with kubelet_py.render, submits and cancels through the Slurm
+adapter and reads job states from the shared JobWatcher. It never talks to the API server
+itself: the controller does, and the entry point wires the lookup.
 
 Which Slurm jobs are this kubelet's: a job whose comment is `hpk-uid=<pod UID>` and whose
 working folder (`--chdir`, the pod folder) is `<pods_dir>/<namespace>/<name>`, with the job
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import threading
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
@@ -22,7 +25,8 @@ from pathlib import Path, PurePosixPath
 from typing import Any, Protocol
 
 from hpk.images import cached_image
-from kubelet_py.render import JOB_NAME_PREFIX, RenderSettings, render_pod
+from kubelet_py.inputs import ObjectLookup, PodInputs, needs_node_address, resolve
+from kubelet_py.render import JOB_NAME_PREFIX, VOLUMES_DIR, RenderSettings, render_pod
 from kubelet_py.slurm import FINAL_STATES, ListedJob, SlurmError, SlurmUnavailable
 from kubelet_py.status import pod_status, read_markers
 from kubelet_py.watcher import WAITING_STATES, JobView
@@ -54,8 +58,9 @@ class PodLifecycleHandler(Protocol):
         """Start the pod (or adopt the job it already has) and return its job's ID.
 
         Never starts a second job for a pod that has one. Raises InvalidPodSpec,
-        ImageNotResolved or SubmissionFailed for a pod that cannot run (final), and
-        SlurmUnavailable when it should be tried again later.
+        ImageNotResolved or SubmissionFailed for a pod that cannot run (final),
+        MissingReference while a ConfigMap, Secret or key it needs does not exist (nothing is
+        submitted), and SlurmUnavailable when it should be tried again later.
         """
 
     def update_pod(self, pod: Mapping[str, Any]) -> None:
@@ -146,9 +151,17 @@ class SlurmProvider:
     """Runs each pod as one Slurm job (see the module docstring)."""
 
     def __init__(
-        self, *, slurm: JobRunner, watcher: JobTracker, settings: ProviderSettings
+        self,
+        *,
+        slurm: JobRunner,
+        watcher: JobTracker,
+        settings: ProviderSettings,
+        lookup: ObjectLookup | None = None,
     ) -> None:
         self.slurm = slurm
+        self.lookup: ObjectLookup = lookup or _nothing
+        """(kind, namespace, name) -> a ConfigMap or Secret, None when it does not exist; the
+        entry point asks the API server. Without one, no object exists."""
         self.watcher = watcher
         self.settings = settings
         self._lock = threading.Lock()
@@ -207,9 +220,16 @@ class SlurmProvider:
             apptainer=self.settings.apptainer,
             images=images,
             partition=partition,
+            node_addresses=(
+                _addresses(self.settings.node_addresses) if needs_node_address(pod) else {}
+            ),
             **({"python": self.settings.python} if self.settings.python else {}),
         )
-        rendered = render_pod(pod, render_settings)
+        inputs = resolve(pod, self.lookup)
+        rendered = render_pod(pod, render_settings, inputs=inputs)
+        for warning in rendered.warnings:
+            log.warning("%s: %s", key, warning)
+        _write_volumes(folder, inputs)
         for relative, text in rendered.files.items():
             path = folder / relative
             path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -411,6 +431,39 @@ class SlurmProvider:
         if owner != uid:
             _write(folder / UID_FILE, uid + "\n", 0o600)
         return owner == uid
+
+
+def _nothing(_kind: str, _namespace: str, _name: str) -> None:
+    return None
+
+
+def _addresses(addresses: Mapping[str, str]) -> dict[str, str]:
+    """The node addresses known now (a name that does not resolve is left out)."""
+    known = {}
+    for node in list(addresses):
+        address = addresses.get(node)
+        if address:
+            known[node] = address
+    return known
+
+
+def _write_volumes(folder: Path, inputs: PodInputs) -> None:
+    """The files of the configMap and secret volumes, written afresh: folders 0700, files in
+    their modes (secret files 0400 or 0600)."""
+    for name, files in inputs.volumes.items():
+        root = folder / VOLUMES_DIR / name
+        if root.exists():
+            shutil.rmtree(root)  # an earlier attempt's files
+        root.mkdir(mode=0o700, parents=True)
+        for file in files:
+            path = root / file.path
+            for parent in reversed(path.relative_to(root).parents[:-1]):
+                (root / parent).mkdir(mode=0o700, exist_ok=True)
+            descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(descriptor, "wb") as handle:
+                handle.write(file.data)
+            os.chmod(path, file.mode)
+        (folder / VOLUMES_DIR).chmod(0o700)
 
 
 def _uid(pod: Mapping[str, Any]) -> str:

@@ -11,12 +11,16 @@ command line or in the script (unless `command` or `args` reference them as `$(V
 to `env/<container>` files that the caller writes 0600 into the pod folder, and Apptainer
 reads them with `--env-file`.
 
-Pure: the pod (a dict shaped like the API's JSON) and the settings in, text out. The only I/O
-is Jinja2 reading the template, through hpk.templating.
+Values from ConfigMaps and Secrets come resolved (kubelet_py.inputs): this module only places
+them, and binds the configMap and secret volumes whose files the caller writes.
+
+Pure: the pod (a dict shaped like the API's JSON), the settings and the resolved inputs in,
+text out. The only I/O is Jinja2 reading the template, through hpk.templating.
 """
 
 from __future__ import annotations
 
+import math
 import re
 import shlex
 import sys
@@ -29,7 +33,12 @@ from hpk.images import InvalidImageReference, normalize_reference
 from hpk.templating import render
 from kubelet_py.errors import InvalidPodSpec
 from kubelet_py.flags import ANNOTATION, FIELD, SbatchOption, merge_options, parse_flags
-from kubelet_py.resources import container_resources, resource_options
+from kubelet_py.inputs import PodInputs
+from kubelet_py.resources import (
+    container_resources,
+    parse_quantity,
+    resource_options,
+)
 
 TEMPLATE = "pod.sbatch.j2"
 JOB_NAME_PREFIX = "hpk/"
@@ -84,7 +93,17 @@ _ELSEWHERE: Mapping[str, str] = MappingProxyType(
     }
 )
 _CONTAINER_HONOURED = frozenset(
-    {"name", "image", "command", "args", "workingDir", "env", "resources", "volumeMounts"}
+    {
+        "name",
+        "image",
+        "command",
+        "args",
+        "workingDir",
+        "env",
+        "envFrom",
+        "resources",
+        "volumeMounts",
+    }
 )
 _CONTAINER_CHECKED = frozenset({"stdin", "stdinOnce", "tty", "securityContext"})
 _CONTAINER_ELSEWHERE: Mapping[str, str] = MappingProxyType(
@@ -98,6 +117,20 @@ _CONTAINER_ELSEWHERE: Mapping[str, str] = MappingProxyType(
 )
 _DNS_POLICIES = frozenset({"ClusterFirst", "ClusterFirstWithHostNet", "Default"})
 _MOUNT_HONOURED = frozenset({"name", "mountPath", "readOnly", "subPath"})
+_CONFIG_SOURCES = {"configMap": "name", "secret": "secretName"}
+_CONFIG_FIELDS = frozenset({"items", "defaultMode", "optional"})
+#: fieldRef paths and what they read; the node's address is only known where the job runs.
+_FIELD_PATHS: Mapping[str, tuple[str, str]] = MappingProxyType(
+    {
+        "metadata.name": ("metadata", "name"),
+        "metadata.namespace": ("metadata", "namespace"),
+        "metadata.uid": ("metadata", "uid"),
+        "spec.nodeName": ("spec", "nodeName"),
+        "spec.serviceAccountName": ("spec", "serviceAccountName"),
+    }
+)
+_NODE_IP_PATHS = frozenset({"status.podIP", "status.hostIP"})
+_RESOURCE_FIELDS = frozenset({"limits.cpu", "limits.memory", "requests.cpu", "requests.memory"})
 
 
 class ImageNotResolved(LookupError):
@@ -132,6 +165,10 @@ class RenderSettings:
     """The Slurm partition of the node the pod is bound to; None leaves it to Slurm's default.
     The pod's flags annotation may name another."""
 
+    node_addresses: Mapping[str, str] = field(default_factory=dict)
+    """Slurm node name -> its address (what the pod's status shows as hostIP and podIP): the
+    job script gives it to `status.podIP` and `status.hostIP` fieldRefs where the job runs."""
+
     def __post_init__(self) -> None:
         for name in ("pod_dir", "apptainer", "python"):
             path = PurePosixPath(getattr(self, name))
@@ -153,6 +190,10 @@ class RenderSettings:
         object.__setattr__(self, "images", MappingProxyType(resolved))
         if self.partition is not None and not re.fullmatch(r"[A-Za-z0-9_.-]+", self.partition):
             raise ValueError(f"setting partition {self.partition!r} is not a partition name")
+        for node, address in self.node_addresses.items():
+            if _has_control(f"{node}{address}"):
+                raise ValueError(f"setting node_addresses: {node!r} -> {address!r}")
+        object.__setattr__(self, "node_addresses", MappingProxyType(dict(self.node_addresses)))
 
     @classmethod
     def from_overrides(cls, **overrides: object) -> RenderSettings:
@@ -179,6 +220,10 @@ class RenderedPod:
     """Files the script reads, by path relative to the pod folder (`env/main`): write each
     0600 (in 0700 folders) before submitting. They hold the containers' environment."""
 
+    warnings: tuple[str, ...] = ()
+    """What was left out as Kubernetes leaves it out (envFrom keys that are no variable
+    names), for the caller to report."""
+
 
 @dataclass(frozen=True)
 class ContainerLaunch:
@@ -196,14 +241,21 @@ class ContainerLaunch:
     """`--bind` specifications, one per volume mount."""
     arguments: tuple[str, ...]
     """The words after the SIF file: `command` + `args`, or `args`."""
+    node_ip_env: tuple[str, ...] = ()
+    """Variables the script sets to the node's address (`status.podIP`, `status.hostIP`)."""
 
 
-def render_pod(pod: Mapping[str, object], settings: RenderSettings) -> RenderedPod:
+def render_pod(
+    pod: Mapping[str, object], settings: RenderSettings, *, inputs: PodInputs | None = None
+) -> RenderedPod:
     """The job script, sbatch arguments and env files of `pod`.
 
+    `inputs` holds what the pod reads from ConfigMaps and Secrets (kubelet_py.inputs.resolve).
     Raises InvalidPodSpec (naming the field) for a pod hpk cannot run as asked, and
-    ImageNotResolved when `settings.images` lacks one of its images.
+    ImageNotResolved when `settings.images` lacks one of its images; a reference `inputs` does
+    not hold is the caller's error (ValueError).
     """
+    inputs = inputs or PodInputs()
     metadata = _mapping(pod.get("metadata"), "metadata")
     namespace = _name(metadata.get("namespace"), "metadata.namespace", _DNS_LABEL)
     name = _name(metadata.get("name"), "metadata.name", _DNS_SUBDOMAIN, longest=253)
@@ -216,7 +268,10 @@ def render_pod(pod: Mapping[str, object], settings: RenderSettings) -> RenderedP
     if not isinstance(flags_text, str):
         raise InvalidPodSpec(FIELD, "must be a string")
     requested = parse_flags(flags_text)
-    volumes = _volumes(spec)
+    volumes, config_volumes = _volumes(spec)
+    unresolved = sorted(config_volumes - set(inputs.volumes))
+    if unresolved:
+        raise ValueError(f"volume {unresolved[0]}: its ConfigMap or Secret was not resolved")
     init = _containers(spec, "initContainers")
     main = _containers(spec, "containers")
     if not main:
@@ -225,15 +280,20 @@ def render_pod(pod: Mapping[str, object], settings: RenderSettings) -> RenderedP
     gpus_by_flags = any(_asks_for_gpus(option) for option in requested)
 
     files: dict[str, str] = {}
+    warnings: list[str] = []
     launches: dict[str, list[ContainerLaunch]] = {"initContainers": [], "containers": []}
     for key, containers in (("initContainers", init), ("containers", main)):
         for index, container in enumerate(containers):
             launch, environment = _launch(
                 container,
                 where=f"spec.{key}[{index}]",
+                pod=pod,
                 volumes=volumes,
+                config_volumes=config_volumes,
+                inputs=inputs,
                 settings=settings,
                 gpus_by_flags=gpus_by_flags,
+                warnings=warnings,
             )
             launches[key].append(launch)
             if environment is not None:
@@ -247,9 +307,10 @@ def render_pod(pod: Mapping[str, object], settings: RenderSettings) -> RenderedP
         pod_dir=str(settings.pod_dir),
         apptainer=str(settings.apptainer),
         python=str(settings.python),
-        volume_dirs=sorted(_volume_dirs(volumes, init + main)),
+        volume_dirs=sorted(_volume_dirs(volumes, config_volumes, init + main)),
         init=launches["initContainers"],
         main=launches["containers"],
+        node_ips=_node_ips(settings, launches["initContainers"] + launches["containers"]),
     )
     derived = [SbatchOption("partition", settings.partition)] if settings.partition else []
     derived += resource_options(spec)
@@ -265,7 +326,21 @@ def render_pod(pod: Mapping[str, object], settings: RenderSettings) -> RenderedP
         *(option.argv() for option in merge_options(derived, requested)),
         str(settings.pod_dir / JOB_SCRIPT),
     )
-    return RenderedPod(script=script, sbatch_args=args, files=MappingProxyType(files))
+    return RenderedPod(
+        script=script,
+        sbatch_args=args,
+        files=MappingProxyType(files),
+        warnings=tuple(warnings),
+    )
+
+
+def _node_ips(
+    settings: RenderSettings, launches: Sequence[ContainerLaunch]
+) -> list[tuple[str, str]] | None:
+    """The script's table of node addresses, when a container needs the node's address."""
+    if not any(launch.node_ip_env for launch in launches):
+        return None
+    return sorted(settings.node_addresses.items())
 
 
 def expand(text: str, variables: Mapping[str, str]) -> str:
@@ -310,9 +385,13 @@ def _launch(
     container: Mapping[str, object],
     *,
     where: str,
+    pod: Mapping[str, object],
     volumes: Mapping[str, str],
+    config_volumes: frozenset[str],
+    inputs: PodInputs,
     settings: RenderSettings,
     gpus_by_flags: bool,
+    warnings: list[str],
 ) -> tuple[ContainerLaunch, str | None]:
     _check_container_fields(container, where)
     name = _name(container.get("name"), f"{where}.name", _DNS_LABEL)
@@ -327,7 +406,9 @@ def _launch(
     if sif is None:
         raise ImageNotResolved(image, sorted(settings.images))
 
-    variables = _environment(container, where)
+    variables, node_ip_env = _environment(
+        container, where, pod=pod, inputs=inputs, warnings=warnings
+    )
     command = [expand(word, variables) for word in _words(container, "command", where)]
     arguments = [expand(word, variables) for word in _words(container, "args", where)]
     working_dir = container.get("workingDir") or DEFAULT_WORKING_DIR
@@ -348,19 +429,50 @@ def _launch(
         sif=str(sif),
         action="exec" if command else "run",
         options=tuple(options),
-        binds=tuple(_binds(container, where=where, volumes=volumes, pod_dir=settings.pod_dir)),
+        binds=tuple(
+            _binds(
+                container,
+                where=where,
+                volumes=volumes,
+                config_volumes=config_volumes,
+                inputs=inputs,
+                pod_dir=settings.pod_dir,
+            )
+        ),
         arguments=tuple(command + arguments),
+        node_ip_env=tuple(node_ip_env),
     )
     return launch, env_file(variables) if variables else None
 
 
-def _environment(container: Mapping[str, object], where: str) -> dict[str, str]:
-    if "envFrom" in container:
-        raise InvalidPodSpec(f"{where}.envFrom", "is not supported yet")
+def _environment(
+    container: Mapping[str, object],
+    where: str,
+    *,
+    pod: Mapping[str, object],
+    inputs: PodInputs,
+    warnings: list[str],
+) -> tuple[dict[str, str], list[str]]:
+    """The container's variables as Kubernetes sets them: `envFrom` first, then `env`, a later
+    entry replacing an earlier one; `$(VAR)` expanded in `value` entries only. Also returns the
+    variables the job sets to the node's address."""
     variables: dict[str, str] = {}
+    node_ip: list[str] = []
+
+    def assign(name: str, value: str | None) -> None:
+        variables.pop(name, None)
+        if name in node_ip:
+            node_ip.remove(name)
+        if value is None:
+            node_ip.append(name)
+        else:
+            variables[name] = value
+
+    for variable, value in _env_from(container, where, inputs=inputs, warnings=warnings):
+        assign(variable, value)
     for index, entry in enumerate(_objects(container.get("env"), f"{where}.env")):
         at = f"{where}.env[{index}]"
-        unknown = sorted(set(entry) - {"name", "value"})
+        unknown = sorted(set(entry) - {"name", "value", "valueFrom"})
         if unknown:
             raise InvalidPodSpec(f"{at}.{unknown[0]}", "is not supported yet")
         name = entry.get("name")
@@ -372,12 +484,145 @@ def _environment(container: Mapping[str, object], where: str) -> dict[str, str]:
             )
         if name in _ENV_RESERVED:
             raise InvalidPodSpec(f"{at}.name", f"Apptainer does not let a container set {name}")
-        value = entry.get("value", "")
-        if not isinstance(value, str):
+        if entry.get("valueFrom") is not None:
+            if entry.get("value"):
+                raise InvalidPodSpec(f"{at}.valueFrom", "may not be given with a value")
+            found = _value_from(entry["valueFrom"], at, container=container, pod=pod, inputs=inputs)
+            if found is not _UNSET:
+                assign(name, found)  # taken as it is: Kubernetes expands `value` only
+            continue
+        text = entry.get("value", "")
+        if not isinstance(text, str):
             raise InvalidPodSpec(f"{at}.value", "must be a string")
-        _check_text(value, f"{at}.value", controls=True)
-        variables[name] = expand(value, variables)
-    return variables
+        _check_text(text, f"{at}.value", controls=True)
+        assign(name, expand(text, variables))
+    return variables, node_ip
+
+
+def _env_from(
+    container: Mapping[str, object], where: str, *, inputs: PodInputs, warnings: list[str]
+) -> Iterator[tuple[str, str]]:
+    for index, entry in enumerate(_objects(container.get("envFrom"), f"{where}.envFrom")):
+        at = f"{where}.envFrom[{index}]"
+        unknown = sorted(set(entry) - {"configMapRef", "secretRef", "prefix"})
+        if unknown:
+            raise InvalidPodSpec(f"{at}.{unknown[0]}", "is not supported yet")
+        prefix = entry.get("prefix") or ""
+        if not isinstance(prefix, str):
+            raise InvalidPodSpec(f"{at}.prefix", "must be a string")
+        sources = [key for key in ("configMapRef", "secretRef") if entry.get(key) is not None]
+        if len(sources) != 1:
+            raise InvalidPodSpec(at, "must name exactly one of configMapRef and secretRef")
+        _reference(entry[sources[0]], f"{at}.{sources[0]}", ("name",))
+        if at not in inputs.env_from:
+            raise ValueError(f"{at}: its ConfigMap or Secret was not resolved")
+        for key, value in sorted(inputs.env_from[at].items()):
+            name = prefix + key
+            if not _ENV_NAME.fullmatch(name) or name in _ENV_RESERVED:
+                # As Kubernetes does: keys that are no variable names are skipped, and said.
+                warnings.append(f"{at}: {name!r} is not a variable a container can have, skipped")
+                continue
+            _check_text(value, at, controls=True)
+            yield name, value
+
+
+_UNSET = "\0unset"
+"""What an optional reference to a missing object or key gives: the variable is not set."""
+
+
+def _value_from(
+    value_from: object,
+    at: str,
+    *,
+    container: Mapping[str, object],
+    pod: Mapping[str, object],
+    inputs: PodInputs,
+) -> str | None:
+    """One `valueFrom`: its value, None for the node's address, or _UNSET."""
+    source = _mapping(value_from, f"{at}.valueFrom")
+    kinds = sorted(key for key, value in source.items() if value is not None)
+    if len(kinds) != 1:
+        raise InvalidPodSpec(f"{at}.valueFrom", "must name exactly one source")
+    kind = kinds[0]
+    where = f"{at}.valueFrom.{kind}"
+    ref = _mapping(source[kind], where)
+    if kind in ("configMapKeyRef", "secretKeyRef"):
+        _reference(ref, where, ("name", "key"))
+        if at not in inputs.env_values:
+            raise ValueError(f"{where}: its ConfigMap or Secret was not resolved")
+        resolved = inputs.env_values[at]
+        if resolved is None:
+            return _UNSET
+        _check_text(resolved, where, controls=True)
+        return resolved
+    if kind == "fieldRef":
+        path = ref.get("fieldPath")
+        if path in _NODE_IP_PATHS:
+            return None
+        if not isinstance(path, str) or path not in _FIELD_PATHS:
+            raise InvalidPodSpec(
+                f"{where}.fieldPath",
+                f"{path!r} is not supported; supported: "
+                f"{', '.join(sorted([*_FIELD_PATHS, *_NODE_IP_PATHS]))}",
+            )
+        part, key = _FIELD_PATHS[path]
+        found = _mapping(pod.get(part), part).get(key)
+        return str(found) if found is not None else ""
+    if kind == "resourceFieldRef":
+        return _resource_field(ref, where, container=container, pod=pod)
+    raise InvalidPodSpec(where, "is not supported yet")
+
+
+def _reference(ref: object, where: str, keys: Sequence[str]) -> None:
+    reference = _mapping(ref, where)
+    for key in keys:
+        value = reference.get(key)
+        if not isinstance(value, str) or not value:
+            raise InvalidPodSpec(f"{where}.{key}", "must be a non-empty string")
+    optional = reference.get("optional")
+    if optional is not None and not isinstance(optional, bool):
+        raise InvalidPodSpec(f"{where}.optional", "must be true or false")
+
+
+def _resource_field(
+    ref: Mapping[str, object],
+    where: str,
+    *,
+    container: Mapping[str, object],
+    pod: Mapping[str, object],
+) -> str:
+    """A resourceFieldRef's value, rounded up in units of its divisor. A limit that is not set
+    reads as the request (the job gets its request), a request as the limit, both as 0."""
+    resource = ref.get("resource")
+    if resource not in _RESOURCE_FIELDS:
+        raise InvalidPodSpec(
+            f"{where}.resource",
+            f"{resource!r} is not supported; supported: {', '.join(sorted(_RESOURCE_FIELDS))}",
+        )
+    target = container
+    wanted = ref.get("containerName")
+    if wanted not in (None, "", container.get("name")):
+        spec = _mapping(pod.get("spec"), "spec")
+        named = [
+            other
+            for key in ("initContainers", "containers")
+            for other in _containers(spec, key)
+            if other.get("name") == wanted
+        ]
+        if not named:
+            raise InvalidPodSpec(f"{where}.containerName", f"{wanted!r} is not a container")
+        target = named[0]
+    kind, _, name = str(resource).partition(".")
+    other = "requests" if kind == "limits" else "limits"
+    resources = _mapping(target.get("resources"), f"{where}.resources")
+    text = _mapping(resources.get(kind), kind).get(name)
+    if text is None:
+        text = _mapping(resources.get(other), other).get(name, "0")
+    quantity = parse_quantity(text, field=f"{where}.resource")
+    divisor = parse_quantity(ref.get("divisor") or "1", field=f"{where}.divisor")
+    if divisor <= 0:
+        raise InvalidPodSpec(f"{where}.divisor", "must be positive")
+    return str(math.ceil(quantity / divisor))
 
 
 def _words(container: Mapping[str, object], key: str, where: str) -> list[str]:
@@ -389,32 +634,45 @@ def _words(container: Mapping[str, object], key: str, where: str) -> list[str]:
     return [str(word) for word in words]
 
 
-def _volumes(spec: Mapping[str, object]) -> dict[str, str]:
-    """Volume name -> its folder relative to the pod folder."""
+def _volumes(spec: Mapping[str, object]) -> tuple[dict[str, str], frozenset[str]]:
+    """Volume name -> its folder relative to the pod folder; and the configMap and secret
+    volumes among them (the kubelet writes their files before submission)."""
     volumes: dict[str, str] = {}
+    config: set[str] = set()
     for index, volume in enumerate(_objects(spec.get("volumes"), "spec.volumes")):
         where = f"spec.volumes[{index}]"
         name = _name(volume.get("name"), f"{where}.name", _DNS_LABEL)
         sources = sorted(set(volume) - {"name"})
-        if sources != ["emptyDir"]:
-            kind = sources[0] if sources else "(none)"
+        if len(sources) != 1 or sources[0] not in {"emptyDir", *_CONFIG_SOURCES}:
+            kind = next((s for s in sources if s not in _CONFIG_SOURCES), "(none)")
             hint = ""
             if kind == "projected" and name.startswith("kube-api-access-"):
                 hint = "; set automountServiceAccountToken: false on the pod until it is"
             raise InvalidPodSpec(
                 f"{where}.{kind}",
-                f"volume {name}: only emptyDir volumes are supported yet{hint}",
+                f"volume {name}: only emptyDir, configMap and secret volumes are supported "
+                f"yet{hint}",
             )
-        empty_dir = _mapping(volume["emptyDir"], f"{where}.emptyDir")
-        if empty_dir.get("medium") not in (None, ""):
-            raise InvalidPodSpec(f"{where}.emptyDir.medium", "only the default medium is supported")
-        unknown = sorted(set(empty_dir) - {"medium"})
-        if unknown:
-            raise InvalidPodSpec(f"{where}.emptyDir.{unknown[0]}", "is not supported yet")
+        if sources[0] == "emptyDir":
+            empty_dir = _mapping(volume["emptyDir"], f"{where}.emptyDir")
+            if empty_dir.get("medium") not in (None, ""):
+                raise InvalidPodSpec(
+                    f"{where}.emptyDir.medium", "only the default medium is supported"
+                )
+            unknown = sorted(set(empty_dir) - {"medium"})
+            if unknown:
+                raise InvalidPodSpec(f"{where}.emptyDir.{unknown[0]}", "is not supported yet")
+        else:
+            kind = sources[0]
+            source = _mapping(volume[kind], f"{where}.{kind}")
+            unknown = sorted(set(source) - _CONFIG_FIELDS - {_CONFIG_SOURCES[kind]})
+            if unknown:
+                raise InvalidPodSpec(f"{where}.{kind}.{unknown[0]}", "is not supported yet")
+            config.add(name)
         if name in volumes:
             raise InvalidPodSpec(f"{where}.name", f"volume {name} is defined twice")
         volumes[name] = f"{VOLUMES_DIR}/{name}"
-    return volumes
+    return volumes, frozenset(config)
 
 
 def _binds(
@@ -422,6 +680,8 @@ def _binds(
     *,
     where: str,
     volumes: Mapping[str, str],
+    config_volumes: frozenset[str],
+    inputs: PodInputs,
     pod_dir: PurePosixPath,
 ) -> Iterator[str]:
     mounts = _objects(container.get("volumeMounts"), f"{where}.volumeMounts")
@@ -434,12 +694,29 @@ def _binds(
         if not isinstance(volume, str) or volume not in volumes:
             raise InvalidPodSpec(f"{at}.name", f"{volume!r} is not a volume of the pod")
         source = _mount_source(volumes[volume], mount.get("subPath"), at)
+        if volume in config_volumes and mount.get("subPath"):
+            # The kubelet wrote the volume's files; a subPath must name one of them.
+            written = {
+                path
+                for file in inputs.volumes.get(volume, ())
+                for path in _with_parents(PurePosixPath(file.path))
+            }
+            if PurePosixPath(str(mount["subPath"])) not in written:
+                raise InvalidPodSpec(
+                    f"{at}.subPath", f"{mount['subPath']!r} is not a file of volume {volume}"
+                )
         target = mount.get("mountPath")
         if not isinstance(target, str) or not target.startswith("/"):
             raise InvalidPodSpec(f"{at}.mountPath", "must be an absolute path")
         _check_bind_path(target, f"{at}.mountPath")
         spec = f"{pod_dir / source}:{target}"
-        yield f"{spec}:ro" if mount.get("readOnly") is True else spec
+        # configMap and secret volumes are read-only, as in Kubernetes.
+        read_only = mount.get("readOnly") is True or volume in config_volumes
+        yield f"{spec}:ro" if read_only else spec
+
+
+def _with_parents(path: PurePosixPath) -> list[PurePosixPath]:
+    return [path, *path.parents][:-1]
 
 
 def _mount_source(folder: str, sub_path: object, at: str) -> str:
@@ -455,14 +732,18 @@ def _mount_source(folder: str, sub_path: object, at: str) -> str:
 
 
 def _volume_dirs(
-    volumes: Mapping[str, str], containers: Sequence[Mapping[str, object]]
+    volumes: Mapping[str, str],
+    config_volumes: frozenset[str],
+    containers: Sequence[Mapping[str, object]],
 ) -> set[str]:
-    """Folders the script creates before any container starts: volumes and their subPaths."""
-    folders = set(volumes.values())
+    """Folders the script creates before any container starts: emptyDir volumes and their
+    subPaths (configMap and secret volumes are the kubelet's)."""
+    folders = {folder for name, folder in volumes.items() if name not in config_volumes}
     for container in containers:
         for mount in _objects(container.get("volumeMounts"), "volumeMounts"):
-            if mount.get("subPath"):
-                folders.add(_mount_source(volumes[str(mount["name"])], mount["subPath"], ""))
+            name = str(mount["name"])
+            if mount.get("subPath") and name not in config_volumes:
+                folders.add(_mount_source(volumes[name], mount["subPath"], ""))
     return folders
 
 
@@ -487,7 +768,7 @@ def _check_pod_fields(spec: Mapping[str, object]) -> None:
 
 
 def _check_container_fields(container: Mapping[str, object], where: str) -> None:
-    known = _CONTAINER_HONOURED | _CONTAINER_CHECKED | set(_CONTAINER_ELSEWHERE) | {"envFrom"}
+    known = _CONTAINER_HONOURED | _CONTAINER_CHECKED | set(_CONTAINER_ELSEWHERE)
     unknown = sorted(set(container) - known)
     if unknown:
         raise InvalidPodSpec(f"{where}.{unknown[0]}", "is not supported yet")

@@ -538,3 +538,35 @@ def test_an_abandoned_pod_has_its_job_cancelled(kit: Kit) -> None:
     kit.controller.abandon(pod)
     assert [cancelled for cancelled, _signal in kit.bed.slurm.cancelled] == [job_id]
     assert kit.bed.provider.job_id("default/web") is None
+
+
+def test_a_missing_config_map_keeps_the_pod_pending_until_it_appears(kit: Kit) -> None:
+    objects: dict[tuple[str, str, str], dict[str, Any]] = {}
+    kit.bed.provider.lookup = lambda kind, namespace, name: objects.get((kind, namespace, name))
+    waiting = make_pod("waits", uid="waits-uid")
+    waiting["spec"]["containers"][0]["env"] = [
+        {"name": "A", "valueFrom": {"configMapKeyRef": {"name": "app", "key": "a"}}}
+    ]
+    with kit.running():
+        kit.controller.offer(WatchEvent("ADDED", waiting))
+        until("the Pending status", lambda: kit.api.of("status"))
+        until("the Warning", lambda: kit.api.of("event"))
+        settle()  # retries meanwhile write nothing new
+        assert kit.bed.slurm.submitted == []
+        objects["ConfigMap", "default", "app"] = {"data": {"a": "1"}}
+        until("the submission", lambda: kit.bed.slurm.submitted, timeout=5)
+        until("the Submitted event", lambda: len(kit.api.of("event")) == 2)
+    ((key, status),) = kit.api.of("status")
+    assert key == "default/waits"
+    assert status["phase"] == "Pending"
+    (container,) = status["containerStatuses"]
+    assert container["state"]["waiting"] == {
+        "reason": "CreateContainerConfigError",
+        "message": "spec.containers[0].env[0].valueFrom.configMapKeyRef: "
+        'ConfigMap "default/app" not found',
+    }
+    assert kit.api.of("event") == [
+        ("waits", "Warning", "CreateContainerConfigError"),
+        ("waits", "Normal", "Submitted"),
+    ]
+    assert len(kit.bed.slurm.submitted) == 1

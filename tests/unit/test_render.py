@@ -19,6 +19,7 @@ import pytest
 
 from kubelet_py.errors import InvalidPodSpec
 from kubelet_py.flags import InvalidSbatchFlags
+from kubelet_py.inputs import PodInputs, VolumeFile
 from kubelet_py.render import (
     ImageNotResolved,
     RenderedPod,
@@ -151,6 +152,48 @@ FLAGS = pod(
     activeDeadlineSeconds=60,
 )
 
+CONFIG = pod(
+    "config",
+    busybox(
+        "main",
+        command=["sh", "/config/run.sh", "$(NODE)"],
+        envFrom=[{"configMapRef": {"name": "app"}, "prefix": "APP_"}],
+        env=[
+            {"name": "PASSWORD", "valueFrom": {"secretKeyRef": {"name": "creds", "key": "pw"}}},
+            {"name": "NODE", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}},
+            {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
+            {
+                "name": "MEMORY_MIB",
+                "valueFrom": {"resourceFieldRef": {"resource": "limits.memory", "divisor": "1Mi"}},
+            },
+        ],
+        resources={"limits": {"memory": "256Mi"}},
+        volumeMounts=[
+            {"name": "config", "mountPath": "/config"},
+            {"name": "creds", "mountPath": "/creds/pw", "subPath": "pw"},
+            {"name": "scratch", "mountPath": "/scratch"},
+        ],
+    ),
+    nodeName="hpk-batch",
+    volumes=[
+        {
+            "name": "config",
+            "configMap": {"name": "app", "items": [{"key": "run", "path": "run.sh"}]},
+        },
+        {"name": "creds", "secret": {"secretName": "creds", "defaultMode": 0o400}},
+        {"name": "scratch", "emptyDir": {}},
+    ],
+)
+CONFIG_INPUTS = PodInputs(
+    env_values={"spec.containers[0].env[0]": "s3cret"},
+    env_from={"spec.containers[0].envFrom[0]": {"color": "blue"}},
+    volumes={
+        "config": (VolumeFile(path="run.sh", data=b"echo hi", mode=0o644),),
+        "creds": (VolumeFile(path="pw", data=b"s3cret", mode=0o400),),
+    },
+    secret_volumes=frozenset({"creds"}),
+)
+
 GOLDEN_CASES: dict[str, tuple[Pod, RenderSettings]] = {
     "echo": (ECHO, settings("echo")),
     "init-and-two": (INIT_AND_TWO, settings("init-and-two")),
@@ -159,13 +202,15 @@ GOLDEN_CASES: dict[str, tuple[Pod, RenderSettings]] = {
     "resources": (RESOURCES, settings("resources")),
     "flags": (FLAGS, settings("flags")),
     "weird-path": (ECHO, settings(pod_dir=WEIRD_DIR)),
+    "config": (CONFIG, settings("config", node_addresses={"n1": "10.1.0.1", "n2": "10.1.0.2"})),
 }
+GOLDEN_INPUTS = {"config": CONFIG_INPUTS}
 
 
 @pytest.mark.parametrize("case", sorted(GOLDEN_CASES))
 def test_job_script_matches_golden_file(case: str) -> None:
     the_pod, the_settings = GOLDEN_CASES[case]
-    script = render_pod(the_pod, the_settings).script
+    script = render_pod(the_pod, the_settings, inputs=GOLDEN_INPUTS.get(case)).script
     golden = GOLDEN / f"pod-{case}.sh"
     if os.environ.get("HPK_UPDATE_GOLDEN"):
         golden.write_text(script)
@@ -175,7 +220,7 @@ def test_job_script_matches_golden_file(case: str) -> None:
 @pytest.mark.parametrize("case", sorted(GOLDEN_CASES))
 def test_job_script_is_valid_bash(case: str) -> None:
     the_pod, the_settings = GOLDEN_CASES[case]
-    script = render_pod(the_pod, the_settings).script
+    script = render_pod(the_pod, the_settings, inputs=GOLDEN_INPUTS.get(case)).script
     result = subprocess.run(
         ["bash", "-n"], input=script, capture_output=True, text=True, check=False
     )
@@ -266,6 +311,19 @@ def test_env_file_holds_literal_values_with_kubernetes_expansion() -> None:
         "",
     ]
     assert values == expected
+
+
+def test_config_values_stay_out_of_the_script() -> None:
+    rendered = render_pod(CONFIG, GOLDEN_CASES["config"][1], inputs=CONFIG_INPUTS)
+    assert "s3cret" not in rendered.script and "blue" not in rendered.script
+    assert rendered.files["env/main"].splitlines()[1:] == [
+        "APP_color=blue",
+        "PASSWORD=s3cret",
+        "NODE=hpk-batch",
+        "MEMORY_MIB=256",
+    ]
+    argv = launches(rendered)["main"]
+    assert argv[-3:] == ["sh", "/config/run.sh", "hpk-batch"]
 
 
 def test_env_file_golden_lines() -> None:
@@ -534,8 +592,44 @@ def test_pod_fields_hpk_cannot_honour_fail_the_pod(
 @pytest.mark.parametrize(
     ("key", "value", "field", "message"),
     [
-        ("envFrom", [{"configMapRef": {}}], "envFrom", "yet"),
-        ("env", [{"name": "A", "valueFrom": {}}], "env[0].valueFrom", "yet"),
+        ("envFrom", [{"configMapRef": {}}], "envFrom[0].configMapRef.name", "non-empty"),
+        ("envFrom", [{"prefix": "A_"}], "envFrom[0]", "exactly one"),
+        (
+            "envFrom",
+            [{"configMapRef": {"name": "c"}, "secretRef": {"name": "s"}}],
+            "envFrom[0]",
+            "one",
+        ),
+        ("env", [{"name": "A", "valueFrom": {}}], "env[0].valueFrom", "exactly one source"),
+        (
+            "env",
+            [{"name": "A", "valueFrom": {"secretKeyRef": {"name": "s"}}}],
+            "env[0].valueFrom.secretKeyRef.key",
+            "non-empty",
+        ),
+        (
+            "env",
+            [{"name": "A", "valueFrom": {"fieldRef": {"fieldPath": "metadata.labels"}}}],
+            "env[0].valueFrom.fieldRef.fieldPath",
+            "status.podIP",
+        ),
+        (
+            "env",
+            [{"name": "A", "valueFrom": {"resourceFieldRef": {"resource": "limits.gpu"}}}],
+            "env[0].valueFrom.resourceFieldRef.resource",
+            "requests.memory",
+        ),
+        (
+            "env",
+            [
+                {
+                    "name": "A",
+                    "valueFrom": {"resourceFieldRef": {"resource": "limits.cpu", "divisor": "0"}},
+                }
+            ],
+            "env[0].valueFrom.resourceFieldRef.divisor",
+            "positive",
+        ),
         ("env", [{"name": "my.var", "value": "x"}], "env[0].name", "letters"),
         ("env", [{"name": "HOME", "value": "/x"}], "env[0].name", "HOME"),
         ("env", [{"name": "A", "value": 3}], "env[0].value", "string"),
@@ -586,9 +680,16 @@ VOLUME_POD = pod(
 @pytest.mark.parametrize(
     ("volume", "field", "message"),
     [
-        ({"name": "data", "hostPath": {"path": "/"}}, "hostPath", "only emptyDir"),
-        ({"name": "data", "configMap": {"name": "c"}}, "configMap", "only emptyDir"),
+        ({"name": "data", "hostPath": {"path": "/"}}, "hostPath", "only emptyDir, configMap"),
+        ({"name": "data", "projected": {"sources": []}}, "projected", "and secret volumes"),
+        ({"name": "data", "persistentVolumeClaim": {}}, "persistentVolumeClaim", "only emptyDir"),
         ({"name": "data"}, "(none)", "only emptyDir"),
+        (
+            {"name": "data", "configMap": {"name": "c"}, "emptyDir": {}},
+            "emptyDir",
+            "only emptyDir",
+        ),
+        ({"name": "data", "secret": {"secretName": "s", "x": 1}}, "secret.x", "yet"),
         ({"name": "data", "emptyDir": {"medium": "Memory"}}, "emptyDir.medium", "default medium"),
         ({"name": "data", "emptyDir": {"sizeLimit": "1Gi"}}, "emptyDir.sizeLimit", "yet"),
         (
