@@ -292,6 +292,7 @@ class PodController:
                 raise  # the worker tries the pod again, with backoff
             if not annotated:
                 self._event(pod, "Normal", "Submitted", f"Slurm job {job_id} submitted")
+            self._warn(pod, key)
         if annotated != job_id and uid not in self._annotated:
             self.api.merge_patch(
                 pod_path(metadata["namespace"], metadata["name"]),
@@ -331,6 +332,7 @@ class PodController:
             return {}
         with self._lock:
             self._annotated.add(str((pod.get("metadata") or {}).get("uid", "")))
+        self._warn(pod, key)
         return {JOB_ID_ANNOTATION: job_id}
 
     def abandon(self, pod: JSON) -> None:
@@ -376,6 +378,11 @@ class PodController:
                 self._event(pod, "Normal", "Finished", f"Slurm job {job_id} ended: {phase}")
         if phase in TERMINAL:
             self.provider.forget(pod)
+
+    def _warn(self, pod: JSON, key: str) -> None:
+        """Warning Events for what the submission left out (envFrom keys that are no names)."""
+        for reason, message in self.provider.take_warnings(key):
+            self._event(pod, "Warning", reason, message)
 
     def _wait_for_config(self, key: str, pod: JSON, missing: MissingReference) -> None:
         """Keep the pod Pending (CreateContainerConfigError); the status and the Event are

@@ -168,6 +168,7 @@ class SlurmProvider:
         self._pods: dict[str, _Known] = {}
         self._signalled: dict[str, str] = {}
         self._callbacks: list[Callable[[str], None]] = []
+        self._warnings: dict[str, tuple[tuple[str, str], ...]] = {}
 
     def folder(self, namespace: str, name: str) -> Path:
         return self.settings.pods_dir / namespace / name
@@ -227,7 +228,7 @@ class SlurmProvider:
         )
         inputs = resolve(pod, self.lookup)
         rendered = render_pod(pod, render_settings, inputs=inputs)
-        for warning in rendered.warnings:
+        for _reason, warning in rendered.warnings:
             log.warning("%s: %s", key, warning)
         _write_volumes(folder, inputs)
         for relative, text in rendered.files.items():
@@ -240,6 +241,9 @@ class SlurmProvider:
         _write(folder / JOB_ID_FILE, job_id + "\n", 0o600)
         log.info("%s: job %s submitted", key, job_id)
         self._remember(key, pod, uid, job_id, folder)
+        if rendered.warnings:
+            with self._lock:
+                self._warnings[key] = rendered.warnings
         return job_id
 
     def update_pod(self, pod: Mapping[str, Any]) -> None:
@@ -316,6 +320,12 @@ class SlurmProvider:
             known = self._pods.get(key)
         return known.job_id if known else None
 
+    def take_warnings(self, key: str) -> tuple[tuple[str, str], ...]:
+        """(reason, message) of what the submission of the pod's job left out, as Kubernetes
+        leaves it out; each is handed out once."""
+        with self._lock:
+            return self._warnings.pop(key, ())
+
     def job_changed(self, key: str, view: JobView) -> None:
         """The watcher's callback: pass the change on to whoever asked through notify_pods."""
         with self._lock:
@@ -337,6 +347,7 @@ class SlurmProvider:
             known = self._pods.get(key)
             if known is not None and known.uid == uid:
                 del self._pods[key]
+                self._warnings.pop(key, None)
             if job_id is not None:
                 self._signalled.pop(job_id, None)
         if job_id is not None:

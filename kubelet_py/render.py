@@ -51,6 +51,9 @@ DEFAULT_WORKING_DIR = "/"
 """Where a container starts without `workingDir`: Docker's default for an image without
 WORKDIR. SIF images carry no WORKDIR, and the job's own folder is hpk's, not the pod's."""
 
+SKIPPED_ENV = "InvalidEnvironmentVariableNames"
+"""The Event reason for envFrom keys left out (Kubernetes' own)."""
+
 APPTAINER_OPTIONS = ("--cleanenv", "--no-eval")
 """For every container: only the image's and the pod's environment (not the kubelet's), and
 values and arguments passed as they are, never evaluated by a shell inside the container."""
@@ -220,9 +223,9 @@ class RenderedPod:
     """Files the script reads, by path relative to the pod folder (`env/main`): write each
     0600 (in 0700 folders) before submitting. They hold the containers' environment."""
 
-    warnings: tuple[str, ...] = ()
-    """What was left out as Kubernetes leaves it out (envFrom keys that are no variable
-    names), for the caller to report."""
+    warnings: tuple[tuple[str, str], ...] = ()
+    """(reason, message) of what was left out as Kubernetes leaves it out (envFrom keys that
+    are no variable names), for the caller to report as Warning Events."""
 
 
 @dataclass(frozen=True)
@@ -280,7 +283,7 @@ def render_pod(
     gpus_by_flags = any(_asks_for_gpus(option) for option in requested)
 
     files: dict[str, str] = {}
-    warnings: list[str] = []
+    warnings: list[tuple[str, str]] = []
     launches: dict[str, list[ContainerLaunch]] = {"initContainers": [], "containers": []}
     for key, containers in (("initContainers", init), ("containers", main)):
         for index, container in enumerate(containers):
@@ -391,7 +394,7 @@ def _launch(
     inputs: PodInputs,
     settings: RenderSettings,
     gpus_by_flags: bool,
-    warnings: list[str],
+    warnings: list[tuple[str, str]],
 ) -> tuple[ContainerLaunch, str | None]:
     _check_container_fields(container, where)
     name = _name(container.get("name"), f"{where}.name", _DNS_LABEL)
@@ -451,7 +454,7 @@ def _environment(
     *,
     pod: Mapping[str, object],
     inputs: PodInputs,
-    warnings: list[str],
+    warnings: list[tuple[str, str]],
 ) -> tuple[dict[str, str], list[str]]:
     """The container's variables as Kubernetes sets them: `envFrom` first, then `env`, a later
     entry replacing an earlier one; `$(VAR)` expanded in `value` entries only. Also returns the
@@ -500,7 +503,11 @@ def _environment(
 
 
 def _env_from(
-    container: Mapping[str, object], where: str, *, inputs: PodInputs, warnings: list[str]
+    container: Mapping[str, object],
+    where: str,
+    *,
+    inputs: PodInputs,
+    warnings: list[tuple[str, str]],
 ) -> Iterator[tuple[str, str]]:
     for index, entry in enumerate(_objects(container.get("envFrom"), f"{where}.envFrom")):
         at = f"{where}.envFrom[{index}]"
@@ -520,7 +527,12 @@ def _env_from(
             name = prefix + key
             if not _ENV_NAME.fullmatch(name) or name in _ENV_RESERVED:
                 # As Kubernetes does: keys that are no variable names are skipped, and said.
-                warnings.append(f"{at}: {name!r} is not a variable a container can have, skipped")
+                warnings.append(
+                    (
+                        SKIPPED_ENV,
+                        f"{at}: {name!r} is not a variable a container can have, skipped",
+                    )
+                )
                 continue
             _check_text(value, at, controls=True)
             yield name, value

@@ -157,8 +157,17 @@ def test_env_from_config_maps_and_secrets_byte_for_byte(cluster: PodCluster) -> 
         },
     ]
     manifest["spec"]["volumes"] = [{"name": "out", "emptyDir": {}}]
-    cluster.apply(config_map("tricky", TRICKY), secret("tricky", TRICKY), manifest)
+    cluster.apply(
+        config_map("tricky", {**TRICKY, "not.a.name": "x"}), secret("tricky", TRICKY), manifest
+    )
     pod = cluster.phase("env", "Succeeded")
+    # A key that is no variable name is left out, as Kubernetes does, with a Warning Event.
+    warning = eventually(
+        "the Warning event",
+        lambda: re.search(r"Warning\s+InvalidEnvironmentVariableNames.*", cluster.events("env")),
+        timeout=30,
+    )
+    assert "'ALL_not.a.name'" in warning.group(0), warning.group(0)
     out = cluster.folder("env") / "volumes" / "out"
 
     def value(name: str) -> bytes:

@@ -570,3 +570,19 @@ def test_a_missing_config_map_keeps_the_pod_pending_until_it_appears(kit: Kit) -
         ("waits", "Normal", "Submitted"),
     ]
     assert len(kit.bed.slurm.submitted) == 1
+
+
+def test_env_from_keys_that_are_no_names_are_left_out_with_a_warning(kit: Kit) -> None:
+    kit.bed.provider.lookup = lambda kind, namespace, name: {"data": {"ok": "1", "no.name": "2"}}
+    the_pod = make_pod("keys", uid="keys-uid")
+    the_pod["spec"]["containers"][0]["envFrom"] = [{"configMapRef": {"name": "app"}}]
+    with kit.running():
+        kit.controller.offer(WatchEvent("ADDED", the_pod))
+        until("the Warning", lambda: [e for e in kit.api.of("event") if e[1] == "Warning"])
+    assert [e for e in kit.api.of("event") if e[1] == "Warning"] == [
+        ("keys", "Warning", "InvalidEnvironmentVariableNames")
+    ]
+    env = (kit.bed.folder("keys") / "env" / "main").read_text()
+    assert "ok=1" in env.splitlines()
+    assert "no.name" not in env
+    assert len(kit.bed.slurm.submitted) == 1

@@ -110,7 +110,9 @@ def test_env_from_comes_first_with_its_prefix_and_env_wins() -> None:
     # A key that is no variable name is left out, as Kubernetes does, and said.
     assert "CM_bad.key" not in found and "CM_run.sh" not in found
     rendered = render_pod(the_pod, settings(), inputs=resolve(the_pod, Lookup()))
-    assert any("'CM_bad.key'" in warning for warning in rendered.warnings)
+    assert [reason for reason, message in rendered.warnings if "'CM_bad.key'" in message] == [
+        "InvalidEnvironmentVariableNames"
+    ]
 
 
 def test_optional_references_that_are_missing_leave_the_variable_unset() -> None:
