@@ -119,6 +119,7 @@ def test_env_from_config_maps_and_secrets_byte_for_byte(cluster: PodCluster) -> 
         *(f"ALL_{key}" for key in TRICKY),
         *(f"S_{key}" for key in TRICKY),
         "POD_NAME",
+        "NODE_NAME",
         "POD_IP",
         "MEMORY_MIB",
         "OVERRIDDEN",
@@ -144,6 +145,8 @@ def test_env_from_config_maps_and_secrets_byte_for_byte(cluster: PodCluster) -> 
         {"name": "CM_JSON", "valueFrom": {"configMapKeyRef": {"name": "tricky", "key": "JSON"}}},
         {"name": "SECRET_EMOJI", "valueFrom": {"secretKeyRef": {"name": "tricky", "key": "EMOJI"}}},
         {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+        # Submitted just before the binding: the node it is about to be bound to.
+        {"name": "NODE_NAME", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}},
         {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
         {
             "name": "MEMORY_MIB",
@@ -183,6 +186,7 @@ def test_env_from_config_maps_and_secrets_byte_for_byte(cluster: PodCluster) -> 
     assert value("ALL_QUOTES") == f"from env: {TRICKY['JSON']}".encode()
     assert value("OVERRIDDEN") == value("ALL_QUOTES")
     assert value("POD_NAME") == b"env"
+    assert value("NODE_NAME") == pod["spec"]["nodeName"].encode() == b"hpk-batch"
     assert value("POD_IP").decode() == pod["status"]["podIP"]
     assert value("MEMORY_MIB") == b"200"
     env_file = cluster.folder("env") / "env" / "main"
