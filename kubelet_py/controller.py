@@ -391,24 +391,14 @@ class PodController:
         metadata = pod["metadata"]
         uid = str(metadata.get("uid", ""))
         spec = pod.get("spec") or {}
-
-        def waiting(group: str) -> list[JSON]:
-            return [
-                {
-                    "name": c.get("name", ""),
-                    "image": c.get("image", ""),
-                    "imageID": "",
-                    "ready": False,
-                    "restartCount": 0,
-                    "started": False,
-                    "state": {"waiting": {"reason": missing.reason, "message": message}},
-                }
-                for c in spec.get(group) or []
-            ]
-
-        status: JSON = {"phase": "Pending", "containerStatuses": waiting("containers")}
+        status: JSON = {
+            "phase": "Pending",
+            "containerStatuses": _waiting(spec.get("containers"), missing.reason, message),
+        }
         if spec.get("initContainers"):
-            status["initContainerStatuses"] = waiting("initContainers")
+            status["initContainerStatuses"] = _waiting(
+                spec["initContainers"], missing.reason, message
+            )
         with self._lock:
             written = self._written.get(key)
         if written is None or written.uid != uid or written.status != status:
@@ -425,23 +415,13 @@ class PodController:
         message = str(error)
         log.warning("%s: failed: %s: %s", key, reason, message)
         metadata = pod["metadata"]
-        containers = (pod.get("spec") or {}).get("containers") or []
         status = {
             "phase": "Failed",
             "reason": reason,
             "message": message,
-            "containerStatuses": [
-                {
-                    "name": c.get("name", ""),
-                    "image": c.get("image", ""),
-                    "imageID": "",
-                    "ready": False,
-                    "restartCount": 0,
-                    "started": False,
-                    "state": {"waiting": {"reason": reason, "message": message}},
-                }
-                for c in containers
-            ],
+            "containerStatuses": _waiting(
+                (pod.get("spec") or {}).get("containers"), reason, message
+            ),
         }
         self.api.patch_pod_status(
             namespace=metadata["namespace"], name=metadata["name"], patch={"status": status}
@@ -565,6 +545,22 @@ class PodController:
 
     def _event(self, pod: Mapping[str, Any], kind: str, reason: str, message: str) -> None:
         self.events.record(pod, kind=kind, reason=reason, message=message)
+
+
+def _waiting(containers: Any, reason: str, message: str) -> list[JSON]:
+    """Statuses of containers that never started, waiting for `reason`."""
+    return [
+        {
+            "name": c.get("name", ""),
+            "image": c.get("image", ""),
+            "imageID": "",
+            "ready": False,
+            "restartCount": 0,
+            "started": False,
+            "state": {"waiting": {"reason": reason, "message": message}},
+        }
+        for c in containers or []
+    ]
 
 
 def grace_period_s(pod: Mapping[str, Any]) -> int:
