@@ -89,6 +89,14 @@ class InvalidImageFile(ImageError):
         self.problem = problem
 
 
+class ImageNotCached(ImageError):
+    """The cache holds no image for a reference."""
+
+    def __init__(self, reference: str) -> None:
+        super().__init__(f"no cached image for {reference}")
+        self.reference = reference
+
+
 @dataclass(frozen=True)
 class ImageReference:
     """A normalized image reference; str() gives its canonical text, the cache key."""
@@ -379,6 +387,26 @@ def import_image(reference: str, sif_file: Path, *, cache_dir: Path | None = Non
             raise
         _sync_folder(target.parent)
     log.info("imported %s from %s into %s", key, source, target)
+    return target
+
+
+def remove_image(reference: str, *, cache_dir: Path | None = None) -> Path:
+    """Remove the image for `reference` from the cache; returns the path it had.
+
+    Under the entry's lock, so a removal never meets an import or a pull of the same image
+    half-way. A job that already runs the image keeps its open file. Raises ImageNotCached
+    when the cache does not hold the image.
+    """
+    key = normalize_reference(reference)
+    if cached_image(key, cache_dir=cache_dir) is None:
+        raise ImageNotCached(key)
+    with image_lock(key, cache_dir=cache_dir) as target:
+        try:
+            target.unlink()
+        except FileNotFoundError:
+            raise ImageNotCached(key) from None
+        _sync_folder(target.parent)
+    log.info("removed %s (%s)", key, target)
     return target
 
 

@@ -11,7 +11,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from hpk.images import ImageError, image_cache_dir, import_image, list_images
+from hpk.images import ImageError, image_cache_dir, import_image, list_images, remove_image
 
 
 def run_import(args: argparse.Namespace) -> int:
@@ -23,6 +23,20 @@ def run_import(args: argparse.Namespace) -> int:
         return 1
     print(f"{args.reference} -> {path}")
     return 0
+
+
+def run_remove(args: argparse.Namespace) -> int:
+    """`hpk images rm REF...`: take images out of the cache; pods that use them then wait."""
+    status = 0
+    for reference in args.references:
+        try:
+            path = remove_image(reference)
+        except ImageError as error:
+            print(f"hpk: {error}", file=sys.stderr)
+            status = 1
+            continue
+        print(f"removed {reference} ({path})")
+    return status
 
 
 def run_list(args: argparse.Namespace) -> int:
@@ -48,7 +62,8 @@ def _human_size(size: int) -> str:
 
 
 def add_images_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Register `images import` and `images list` on the `hpk` command's subparsers.
+    """Register `images import`, `images list` and `images rm` on the `hpk` command's
+    subparsers.
 
     Each action sets `func`, which the caller runs with the parsed arguments.
     """
@@ -70,3 +85,7 @@ def add_images_commands(subparsers: argparse._SubParsersAction[argparse.Argument
 
     listing = actions.add_parser("list", help="show the cached images")
     listing.set_defaults(func=run_list)
+
+    removing = actions.add_parser("rm", help="remove images from the cache")
+    removing.add_argument("references", metavar="REF", nargs="+", help="image reference")
+    removing.set_defaults(func=run_remove)

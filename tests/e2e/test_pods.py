@@ -6,13 +6,16 @@ and kubectl as the cluster's admin.
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
+import sys
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
+from hpk.images import cached_image
 from hpk.testbed.bed import Testbed
 from tests.e2e.kube import PodCluster, eventually, pod_cluster
 
@@ -103,3 +106,19 @@ def test_delete_cancels_the_job(cluster: PodCluster) -> None:
     # TERM reaches the job script, whose trap ends it with 143 (sacct: FAILED, not CANCELLED).
     state = eventually(f"job {job_id} ended", ended, timeout=30)
     assert state.startswith(("CANCELLED", "FAILED")), state
+
+
+def test_a_removed_image_fails_the_next_pod_that_asks_for_it(cluster: PodCluster) -> None:
+    cache = cluster.home / "images"
+    busybox = cached_image("busybox", cache_dir=cache)
+    assert busybox is not None
+    reference = "docker.io/library/busybox:removed"
+    env = {**os.environ, "HPK_IMAGE_CACHE": str(cache)}
+    hpk = [sys.executable, "-m", "hpk.cli", "images"]
+    for argv in (["import", reference, str(busybox)], ["rm", reference]):
+        done = subprocess.run([*hpk, *argv], env=env, capture_output=True, text=True, check=False)
+        assert done.returncode == 0, done.stderr
+    assert cached_image(reference, cache_dir=cache) is None
+    create(cluster, "removed", ["true"], image=reference)
+    pod = cluster.phase("removed", "Failed", timeout=60)
+    assert reference in pod["status"]["message"], pod["status"]

@@ -344,6 +344,23 @@ def test_cli_import_and_list(
     assert str(tmp_path / "cache/docker.io/library/python/3.11.sif") in lines[1]
 
 
+def test_cli_rm_removes_named_images_and_reports_missing_ones(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("HPK_IMAGE_CACHE", str(tmp_path / "cache"))
+    source = write_sif(tmp_path / "image.sif")
+    for reference in ("busybox", "python:3.11"):
+        assert run_cli(["images", "import", reference, str(source)]) == 0
+    capsys.readouterr()
+    assert run_cli(["images", "rm", "docker.io/library/busybox:latest", "alpine"]) == 1
+    out, err = capsys.readouterr()
+    assert "removed docker.io/library/busybox:latest" in out
+    assert err.strip() == "hpk: no cached image for docker.io/library/alpine:latest"
+    assert cached_image("busybox") is None
+    assert cached_image("python:3.11") is not None, "only what was named is removed"
+    assert run_cli(["images", "rm", "busybox"]) == 1, "a second removal finds nothing"
+
+
 def test_cli_reports_errors_on_one_line(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
