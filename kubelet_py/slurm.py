@@ -83,8 +83,6 @@ _QUEUE_FIELDS = (
     "EndTime",
     "exit_code",
     "RestartCnt",
-    # Last, because a comment may itself contain the delimiter.
-    "Comment",
 )
 _QUEUE_FORMAT = ",".join(f"{name}:0|" for name in _QUEUE_FIELDS[:-1]) + f",{_QUEUE_FIELDS[-1]}:0"
 
@@ -226,8 +224,6 @@ class QueueEntry:
     """How the batch script ended; 0:0 while it runs."""
     restarts: int
     """How many times Slurm requeued the job."""
-    comment: str | None
-    """The job's --comment."""
 
 
 @dataclass(frozen=True)
@@ -402,21 +398,6 @@ class SlurmClient:
             raise _failure("squeue", message, result.returncode)
         return parse_queue(result.stdout)
 
-    def jobs_with_comment_prefix(self, prefix: str) -> dict[str, QueueEntry]:
-        """This user's jobs squeue lists (finished ones too) whose comment starts with prefix.
-
-        For recovery after a restart: the kubelet's jobs carry "hpk-uid=<pod UID>".
-        """
-        argv = [self._settings.squeue, "-h", "-t", "all", "--me", "-O", _QUEUE_FORMAT]
-        result = self._run(argv)
-        if result.returncode != 0:
-            raise _failure("squeue", _message(result), result.returncode)
-        return {
-            job_id: entry
-            for job_id, entry in parse_queue(result.stdout).items()
-            if entry.comment is not None and entry.comment.startswith(prefix)
-        }
-
     def listed_jobs(self, comment_prefix: str) -> dict[str, ListedJob]:
         """This user's jobs squeue lists (finished ones too) whose comment starts with the
         prefix, with their names and working folders, in one call.
@@ -502,14 +483,14 @@ def parse_queue(text: str) -> dict[str, QueueEntry]:
     for line in text.splitlines():
         if not line.strip():
             continue
-        parts = line.split("|", len(_QUEUE_FIELDS) - 1)
+        parts = line.split("|")
         if len(parts) != len(_QUEUE_FIELDS):
             log.warning("squeue printed a line this adapter cannot read: %r", line)
             continue
         (job_id, raw_id, state, reason, nodes, batch_host, partition) = (
             part.strip() for part in parts[:7]
         )
-        start, end, exit_code, restarts, comment = parts[7:]
+        start, end, exit_code, restarts = parts[7:]
         entries[job_id] = QueueEntry(
             job_id=job_id,
             raw_id=raw_id,
@@ -522,7 +503,6 @@ def parse_queue(text: str) -> dict[str, QueueEntry]:
             end_time=parse_time(end),
             exit=ExitStatus.from_wait_status(_int(exit_code)),
             restarts=_int(restarts),
-            comment=None if comment.strip() in ("", "(null)") else comment.rstrip("\n"),
         )
     return entries
 

@@ -376,8 +376,10 @@ def test_jobs_are_found_again_by_their_comment(
         [*output(job_dir), "--hold", f"--comment=hpk-uid={uid}"],
     )
     submitted.append(job_id)
-    found = client.jobs_with_comment_prefix(f"hpk-uid={uid}")
+    found = client.listed_jobs(f"hpk-uid={uid}")
     assert list(found) == [job_id]
     assert found[job_id].comment == f"hpk-uid={uid}"
     assert found[job_id].state == "PENDING"
-    assert client.jobs_with_comment_prefix(f"hpk-uid={uuid.uuid4()}") == {}
+    assert found[job_id].name == "sleep.sh"
+    assert Path(found[job_id].work_dir) == job_dir
+    assert client.listed_jobs(f"hpk-uid={uuid.uuid4()}") == {}

@@ -1,8 +1,8 @@
 """The kubelet's Slurm adapter against a fake command runner.
 
-The outputs below were printed by Slurm 22.05.8 on the local test bed (job IDs, times and the
-odd comment are real); the adapter must read them as a user would: states, reasons, exit codes
-and nodes.
+The squeue and sacct outputs below were printed by Slurm 22.05.8 on the local test bed (job IDs
+and times are real; the listed jobs' folders are made up to hold the delimiter); the adapter
+must read them as a user would: states, reasons, exit codes, nodes, names and folders.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from kubelet_py.slurm import (
     AccountingDisabled,
     CommandResult,
     ExitStatus,
+    ListedJob,
     SlurmClient,
     SlurmError,
     SlurmSettings,
@@ -25,24 +26,25 @@ from kubelet_py.slurm import (
     first_node,
     gpus_in_gres,
     parse_accounting,
+    parse_listed,
     parse_queue,
 )
 
 SQUEUE_OUTPUT = """\
-16|16|CANCELLED|None|n1|n1|batch|2026-11-24T10:03:07|2026-11-24T10:03:11|15|0|(null)
-13|13|COMPLETED|None|n1|n1|batch|2026-11-24T10:03:07|2026-11-24T10:03:07|0|0|(null)
-19_0|21|COMPLETED|None|n1|n1|batch|2026-11-24T10:03:07|2026-11-24T10:03:07|0|0|(null)
-19_2|19|COMPLETED|None|n1|n1|batch|2026-11-24T10:03:07|2026-11-24T10:03:07|0|0|(null)
-14|14|FAILED|NonZeroExitCode|n1|n1|batch|2026-11-24T10:03:07|2026-11-24T10:03:07|768|0|(null)
-15|15|OUT_OF_MEMORY|OutOfMemory|n1|n1|batch|2026-11-24T10:03:07|2026-11-24T10:03:08|253|0|(null)
-24|24|TIMEOUT|TimeLimit|n1|n1|batch|2026-11-24T10:08:27|2026-11-24T10:09:46|15|0|hpk-uid=timeout
-27|27|PENDING|Resources||n/a|batch|N/A|N/A|0|0|(null)
-28|28|PENDING|Priority||n/a|batch|N/A|N/A|0|0|(null)
-17|17|PENDING|JobHeldUser||n/a|batch|N/A|N/A|0|0|hpk-uid=abc
-20|20|PENDING|BeginTime||n/a|batch|2026-11-24T10:05:58|NONE|0|1|with space|pipe
-26|26|RUNNING|None|n[1-3]|n1|batch|2026-11-24T10:10:38|NONE|0|0|(null)
-25|25|RUNNING|None|n4|n4|gpu|2026-11-24T10:08:21|NONE|0|0|hpk-uid=0b6c
-29|29|CANCELLED|Priority||n/a|batch|2026-11-24T10:10:39|2026-11-24T10:10:39|0|0|(null)
+16|16|CANCELLED|None|n1|n1|batch|2026-11-24T10:03:07|2026-11-24T10:03:11|15|0
+13|13|COMPLETED|None|n1|n1|batch|2026-11-24T10:03:07|2026-11-24T10:03:07|0|0
+19_0|21|COMPLETED|None|n1|n1|batch|2026-11-24T10:03:07|2026-11-24T10:03:07|0|0
+19_2|19|COMPLETED|None|n1|n1|batch|2026-11-24T10:03:07|2026-11-24T10:03:07|0|0
+14|14|FAILED|NonZeroExitCode|n1|n1|batch|2026-11-24T10:03:07|2026-11-24T10:03:07|768|0
+15|15|OUT_OF_MEMORY|OutOfMemory|n1|n1|batch|2026-11-24T10:03:07|2026-11-24T10:03:08|253|0
+24|24|TIMEOUT|TimeLimit|n1|n1|batch|2026-11-24T10:08:27|2026-11-24T10:09:46|15|0
+27|27|PENDING|Resources||n/a|batch|N/A|N/A|0|0
+28|28|PENDING|Priority||n/a|batch|N/A|N/A|0|0
+17|17|PENDING|JobHeldUser||n/a|batch|N/A|N/A|0|0
+20|20|PENDING|BeginTime||n/a|batch|2026-11-24T10:05:58|NONE|0|1
+26|26|RUNNING|None|n[1-3]|n1|batch|2026-11-24T10:10:38|NONE|0|0
+25|25|RUNNING|None|n4|n4|gpu|2026-11-24T10:08:21|NONE|0|0
+29|29|CANCELLED|Priority||n/a|batch|2026-11-24T10:10:39|2026-11-24T10:10:39|0|0
 """
 
 SACCT_OUTPUT = """\
@@ -108,7 +110,7 @@ def test_queue_asks_squeue_once_for_all_jobs_with_full_width_fields() -> None:
     assert argv[:6] == ["squeue", "-h", "-t", "all", "-j", "13,14,15"]
     fields = argv[argv.index("-O") + 1].split(",")
     assert fields[0] == "JobArrayID:0|"
-    assert fields[-1] == "Comment:0", "the comment is last and has no delimiter after it"
+    assert fields[-1] == "RestartCnt:0", "the last field has no delimiter after it"
     assert all(field.endswith(":0|") for field in fields[:-1])
 
 
@@ -136,17 +138,15 @@ def test_queue_reads_pending_jobs_without_nodes_or_times() -> None:
         None,
     )
     assert held.start_time is None and held.end_time is None
-    assert held.comment == "hpk-uid=abc"
     assert entries["27"].reason == "Resources"
     assert entries["28"].reason == "Priority"
 
 
-def test_queue_reads_a_requeued_job_and_a_comment_holding_the_delimiter() -> None:
+def test_queue_reads_a_requeued_job() -> None:
     requeued = parse_queue(SQUEUE_OUTPUT)["20"]
     assert requeued.state == "PENDING"
     assert requeued.reason == "BeginTime"
     assert requeued.restarts == 1
-    assert requeued.comment == "with space|pipe"
 
 
 def test_queue_reads_running_jobs_with_node_lists() -> None:
@@ -202,12 +202,36 @@ def test_unreadable_squeue_lines_are_skipped() -> None:
     assert list(entries) == ["13"]
 
 
-def test_jobs_with_comment_prefix_lists_only_own_jobs_and_filters_by_comment() -> None:
-    runner = FakeRunner(ok(SQUEUE_OUTPUT))
-    found = SlurmClient(runner).jobs_with_comment_prefix("hpk-uid=")
+LISTED_OUTPUT = """\
+17|PENDING|hpk/default/held|/home/alice/.hpk/pods/default/held|hpk-uid=abc
+24|TIMEOUT|hpk/default/slow|/home/alice/.hpk/pods/default/slow|hpk-uid=timeout
+25|RUNNING|hpk/lab/gpu|/home/alice/.hpk/pods/lab/gpu|hpk-uid=0b6c
+13|COMPLETED|sbatch|/home/alice/a|b|(null)
+20|PENDING|other|/home/alice/with space|pipe|with space|pipe
+"""
+
+
+def test_listed_jobs_lists_only_own_jobs_and_filters_by_comment() -> None:
+    runner = FakeRunner(ok(LISTED_OUTPUT))
+    found = SlurmClient(runner).listed_jobs("hpk-uid=")
     assert sorted(found) == ["17", "24", "25"]
+    assert found["25"] == ListedJob(
+        job_id="25",
+        state="RUNNING",
+        name="hpk/lab/gpu",
+        work_dir="/home/alice/.hpk/pods/lab/gpu",
+        comment="hpk-uid=0b6c",
+    )
     (argv,) = runner.calls
     assert "--me" in argv and "-j" not in argv and argv[argv.index("-t") + 1] == "all"
+
+
+def test_listed_jobs_reads_a_folder_holding_the_delimiter() -> None:
+    by_id = {job.job_id: job for job in parse_listed(LISTED_OUTPUT)}
+    assert by_id["13"].work_dir == "/home/alice/a|b"
+    assert by_id["13"].comment is None
+    assert by_id["20"].work_dir == "/home/alice/with space|pipe|with space"
+    assert by_id["20"].comment == "pipe"
 
 
 # --- sacct ------------------------------------------------------------------------------

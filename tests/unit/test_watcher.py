@@ -70,7 +70,7 @@ class FakeSlurm:
         host = first_node(job.nodes) or "n/a"
         return (
             f"{job_id}|{job_id}|{job.state}|{job.reason}|{job.nodes}|{host}|batch|"
-            f"{job.start}|{job.end}|{job.wait_status}|{job.restarts}|hpk-uid={job_id}\n"
+            f"{job.start}|{job.end}|{job.wait_status}|{job.restarts}\n"
         )
 
     def _sacct_line(self, job_id: str) -> str:
