@@ -101,9 +101,22 @@ class HostRunner:
 class RunningProcess:
     """A started process; `stop` ends it and its process group."""
 
-    def __init__(self, spec: ProcessSpec, popen: subprocess.Popen[bytes]) -> None:
+    def __init__(
+        self, spec: ProcessSpec, popen: subprocess.Popen[bytes], *, log_offset: int = 0
+    ) -> None:
         self.spec = spec
         self._popen = popen
+        self.log_offset = log_offset
+        """Where this run's output begins in the log, which earlier runs appended to too."""
+
+    def log_text(self) -> str:
+        """What this run has written to its log so far (not what earlier runs wrote)."""
+        try:
+            with self.spec.log_file.open("rb") as log_file:
+                log_file.seek(self.log_offset)
+                return log_file.read().decode(errors="replace")
+        except FileNotFoundError:
+            return ""
 
     @property
     def name(self) -> str:
@@ -186,6 +199,7 @@ def start_process(spec: ProcessSpec, *, runner: Runner | None = None) -> Running
     private_dir(spec.log_file.parent)
     private_dir(spec.pid_file.parent)
     fd = open_private_append(spec.log_file)
+    log_offset = os.fstat(fd).st_size
     try:
         stamp = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         os.write(fd, f"==== {stamp} hpk starts: {shlex.join(argv)}\n".encode())
@@ -201,7 +215,7 @@ def start_process(spec: ProcessSpec, *, runner: Runner | None = None) -> Running
         os.close(fd)
     write_atomic(spec.pid_file, f"{popen.pid}\n")
     log.info("started %s (pid %d), log %s", spec.name, popen.pid, spec.log_file)
-    return RunningProcess(spec, popen)
+    return RunningProcess(spec, popen, log_offset=log_offset)
 
 
 def stop_all(processes: Sequence[RunningProcess], *, timeout: float) -> None:

@@ -39,6 +39,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
+from kubelet_py import NODES_MESSAGE
 from kubelet_py.slurm import SlurmClient, SlurmError
 
 log = logging.getLogger(__name__)
@@ -638,7 +639,7 @@ class NodeAgent:
             self._current = planned
         if previous is None or previous.node_names != planned.node_names:
             log.info(
-                "registered nodes %s (default partition: %s)",
+                f"{NODES_MESSAGE} %s (default partition: %s)",
                 ", ".join(planned.node_names),
                 planned.default or "none",
             )

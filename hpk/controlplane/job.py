@@ -33,7 +33,7 @@ from hpk.pki import ClusterPKI, PKIError, write_kubeconfig
 from hpk.process import ProcessFailed, ProcessSpec, Runner, RunningProcess, start_process
 from hpk.record import ClusterRecord, read_record
 from hpk.toolchain import ToolchainMissing
-from kubelet_py import CONNECTED_MESSAGE
+from kubelet_py import CONNECTED_MESSAGE, NODES_MESSAGE
 
 log = logging.getLogger(__name__)
 
@@ -133,16 +133,21 @@ def kubelet_api_args(plane: ControlPlane) -> tuple[str, ...]:
 
 
 def _wait_kubelet(process: RunningProcess, *, stop: StopRequested, timeout: float) -> None:
+    """Until the kubelet has reached the API server and registered its nodes."""
     waited = 0.0
+    log_text = ""
     while waited < timeout:
         if not process.alive():
             raise process.fail("exited during start-up")
-        log_text = process.spec.log_file.read_text(errors="replace")
-        if CONNECTED_MESSAGE in log_text:
+        # This run's lines only: the log keeps earlier runs', which said the same.
+        log_text = process.log_text()
+        if CONNECTED_MESSAGE in log_text and NODES_MESSAGE in log_text:
             return
         if stop.event.wait(0.25):
             return
         waited += 0.25
+    if CONNECTED_MESSAGE in log_text:
+        raise process.fail(f"registered no node within {timeout:.0f} s (can it run sinfo?)")
     raise process.fail(f"did not reach the API server within {timeout:.0f} s")
 
 

@@ -9,6 +9,7 @@ import signal
 import socket
 import stat
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import psutil
@@ -29,6 +30,7 @@ from hpk.process import (
     ProcessExited,
     ProcessNotReady,
     ProcessSpec,
+    RunningProcess,
     recorded_pid,
     start_detached,
     start_process,
@@ -267,6 +269,32 @@ def test_detached_daemon_is_found_by_its_pid_file_at_once(tmp_path: Path) -> Non
     assert recorded_pid(spec) is None
     assert not spec.pid_file.exists()
     assert not stop_recorded(spec, timeout=5)
+
+
+def ended(process: RunningProcess) -> None:
+    deadline = time.monotonic() + 10
+    while process.returncode() is None:
+        assert time.monotonic() < deadline, f"{process.name} still runs"
+        time.sleep(0.02)
+
+
+def test_a_process_reads_only_its_own_run_from_a_log_earlier_runs_appended_to(
+    tmp_path: Path,
+) -> None:
+    spec = ProcessSpec(
+        name="talker",
+        argv=("sh", "-c", 'echo "said by $0"', "run-1"),
+        log_file=tmp_path / "talker.log",
+        pid_file=tmp_path / "talker.pid",
+    )
+    first = start_process(spec)
+    ended(first)
+    second = start_process(replace(spec, argv=("sh", "-c", 'echo "said by $0"', "run-2")))
+    ended(second)
+    assert "said by run-1" in spec.log_file.read_text(), "the log keeps the first run"
+    assert "said by run-1" in first.log_text()
+    assert "said by run-2" in second.log_text()
+    assert "said by run-1" not in second.log_text()
 
 
 def test_pid_file_of_another_program_does_not_count(tmp_path: Path) -> None:
