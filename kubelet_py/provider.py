@@ -20,7 +20,7 @@ import os
 import shutil
 import threading
 from collections.abc import Callable, Collection, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path, PurePosixPath
 from typing import Any, Protocol
 
@@ -205,27 +205,17 @@ class SlurmProvider:
                 _write(folder / JOB_ID_FILE, job_id + "\n", 0o600)
                 return self._adopt(pod, job_id, folder, how="Slurm comment")
 
-        images: dict[str, PurePosixPath] = {}
-        spec = pod.get("spec") or {}
-        for container in [*(spec.get("initContainers") or []), *(spec.get("containers") or [])]:
-            reference = container.get("image") if isinstance(container, Mapping) else None
-            if isinstance(reference, str) and reference not in images:
-                try:
-                    sif = cached_image(reference, cache_dir=self.settings.image_cache)
-                except ValueError:
-                    sif = None  # an unreadable reference: render names the image it lacks
-                if sif is not None:
-                    images[reference] = PurePosixPath(sif)
         render_settings = RenderSettings(
             pod_dir=PurePosixPath(folder),
             apptainer=self.settings.apptainer,
-            images=images,
+            images=self._cached_images(pod),
             partition=partition,
             node_addresses=(
                 _addresses(self.settings.node_addresses) if needs_node_address(pod) else {}
             ),
-            **({"python": self.settings.python} if self.settings.python else {}),
         )
+        if self.settings.python:
+            render_settings = replace(render_settings, python=self.settings.python)
         inputs = resolve(pod, self.lookup)
         rendered = render_pod(pod, render_settings, inputs=inputs)
         for _reason, warning in rendered.warnings:
@@ -385,6 +375,21 @@ class SlurmProvider:
         return cancelled
 
     # -- helpers --------------------------------------------------------------------------
+
+    def _cached_images(self, pod: Mapping[str, Any]) -> dict[str, PurePosixPath]:
+        """The SIF file of each image of the pod that is in the cache."""
+        images: dict[str, PurePosixPath] = {}
+        spec = pod.get("spec") or {}
+        for container in [*(spec.get("initContainers") or []), *(spec.get("containers") or [])]:
+            reference = container.get("image") if isinstance(container, Mapping) else None
+            if isinstance(reference, str) and reference not in images:
+                try:
+                    sif = cached_image(reference, cache_dir=self.settings.image_cache)
+                except ValueError:
+                    sif = None  # an unreadable reference: render names the image it lacks
+                if sif is not None:
+                    images[reference] = PurePosixPath(sif)
+        return images
 
     def _adopt(self, pod: Mapping[str, Any], job_id: str, folder: Path, *, how: str) -> str:
         key = pod_key(pod)

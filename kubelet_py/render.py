@@ -21,11 +21,12 @@ text out. The only I/O is Jinja2 reading the template, through hpk.templating.
 from __future__ import annotations
 
 import math
+import os
 import re
 import shlex
 import sys
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import PurePosixPath
 from types import MappingProxyType
 
@@ -39,6 +40,7 @@ from kubelet_py.resources import (
     parse_quantity,
     resource_options,
 )
+from kubelet_py.security import NOT_HONOURED, JobUser, check_pod_context, container_identity
 
 TEMPLATE = "pod.sbatch.j2"
 JOB_NAME_PREFIX = "hpk/"
@@ -50,6 +52,10 @@ VOLUMES_DIR = "volumes"
 DEFAULT_WORKING_DIR = "/"
 """Where a container starts without `workingDir`: Docker's default for an image without
 WORKDIR. SIF images carry no WORKDIR, and the job's own folder is hpk's, not the pod's."""
+
+LAUNCHER_ANNOTATION = "slurm.hpk.io/launcher"
+"""`srun` (or `srun:<container>`): that main container starts once per Slurm task."""
+LAUNCHER_FIELD = f"metadata.annotations[{LAUNCHER_ANNOTATION}]"
 
 SKIPPED_ENV = "InvalidEnvironmentVariableNames"
 """The Event reason for envFrom keys left out (Kubernetes' own)."""
@@ -172,6 +178,10 @@ class RenderSettings:
     """Slurm node name -> its address (what the pod's status shows as hostIP and podIP): the
     job script gives it to `status.podIP` and `status.hostIP` fieldRefs where the job runs."""
 
+    job_user: JobUser = field(default_factory=lambda: JobUser(os.getuid(), os.getgid()))
+    """The user and group the job runs as (the kubelet's, who submits it): what decides
+    whether Apptainer can honour a securityContext's runAsUser and runAsGroup."""
+
     def __post_init__(self) -> None:
         for name in ("pod_dir", "apptainer", "python"):
             path = PurePosixPath(getattr(self, name))
@@ -246,6 +256,8 @@ class ContainerLaunch:
     """The words after the SIF file: `command` + `args`, or `args`."""
     node_ip_env: tuple[str, ...] = ()
     """Variables the script sets to the node's address (`status.podIP`, `status.hostIP`)."""
+    srun: bool = False
+    """Started once per Slurm task, through srun and kubelet_py.task."""
 
 
 def render_pod(
@@ -266,6 +278,8 @@ def render_pod(
     annotations = _mapping(metadata.get("annotations"), "metadata.annotations")
     spec = _mapping(pod.get("spec"), "spec")
     _check_pod_fields(spec)
+    pod_context = _mapping(spec.get("securityContext"), "spec.securityContext")
+    not_honoured = list(check_pod_context(pod_context, job_user=settings.job_user))
 
     flags_text = annotations.get(ANNOTATION, "")
     if not isinstance(flags_text, str):
@@ -280,6 +294,7 @@ def render_pod(
     if not main:
         raise InvalidPodSpec("spec.containers", "a pod needs at least one container")
     _check_unique_names(init, main)
+    srun_container = _srun_container(annotations.get(LAUNCHER_ANNOTATION), main)
     gpus_by_flags = any(_asks_for_gpus(option) for option in requested)
 
     files: dict[str, str] = {}
@@ -297,11 +312,16 @@ def render_pod(
                 settings=settings,
                 gpus_by_flags=gpus_by_flags,
                 warnings=warnings,
+                not_honoured=not_honoured,
             )
+            if key == "containers" and launch.name == srun_container:
+                launch = replace(launch, srun=True)
             launches[key].append(launch)
             if environment is not None:
                 files[f"{ENV_DIR}/{launch.name}"] = environment
 
+    if not_honoured:
+        warnings.append((NOT_HONOURED, "; ".join(not_honoured)))
     script = render(
         TEMPLATE,
         namespace=namespace,
@@ -311,6 +331,9 @@ def render_pod(
         apptainer=str(settings.apptainer),
         python=str(settings.python),
         volume_dirs=sorted(_volume_dirs(volumes, config_volumes, init + main)),
+        open_volume_dirs=any(
+            "--security" in launch.options for group in launches.values() for launch in group
+        ),
         init=launches["initContainers"],
         main=launches["containers"],
         node_ips=_node_ips(settings, launches["initContainers"] + launches["containers"]),
@@ -334,6 +357,32 @@ def render_pod(
         sbatch_args=args,
         files=MappingProxyType(files),
         warnings=tuple(warnings),
+    )
+
+
+def _srun_container(value: object, main: Sequence[Mapping[str, object]]) -> str | None:
+    """The main container the launcher annotation names, or None without the annotation.
+
+    `srun` names the only main container, or the one called `main` (as Argo names a step's);
+    `srun:<name>` names one outright."""
+    if value is None:
+        return None
+    if not isinstance(value, str) or value.partition(":")[0] != "srun":
+        raise InvalidPodSpec(
+            LAUNCHER_FIELD, f"{value!r}: the only launcher is srun (or srun:<container>)"
+        )
+    names = [str(container.get("name")) for container in main]
+    wanted = value.partition(":")[2]
+    if wanted:
+        if wanted not in names:
+            raise InvalidPodSpec(LAUNCHER_FIELD, f"{wanted!r} is not a main container")
+        return wanted
+    if len(names) == 1:
+        return names[0]
+    if "main" in names:
+        return "main"
+    raise InvalidPodSpec(
+        LAUNCHER_FIELD, f"the pod has {len(names)} containers: say which, as srun:<container>"
     )
 
 
@@ -395,6 +444,7 @@ def _launch(
     settings: RenderSettings,
     gpus_by_flags: bool,
     warnings: list[tuple[str, str]],
+    not_honoured: list[str],
 ) -> tuple[ContainerLaunch, str | None]:
     _check_container_fields(container, where)
     name = _name(container.get("name"), f"{where}.name", _DNS_LABEL)
@@ -419,7 +469,15 @@ def _launch(
         raise InvalidPodSpec(f"{where}.workingDir", "must be an absolute path")
     _check_text(working_dir, f"{where}.workingDir")
 
-    options = list(APPTAINER_OPTIONS)
+    spec = _mapping(pod.get("spec"), "spec")
+    identity = container_identity(
+        _mapping(spec.get("securityContext"), "spec.securityContext"),
+        _mapping(container.get("securityContext"), f"{where}.securityContext"),
+        where=where,
+        job_user=settings.job_user,
+    )
+    not_honoured += identity.warnings
+    options = [*APPTAINER_OPTIONS, *identity.options]
     if gpus_by_flags or container_resources(container, field=where).gpus:
         options.append("--nv")
     if variables:
@@ -769,8 +827,6 @@ def _check_pod_fields(spec: Mapping[str, object]) -> None:
             "spec.restartPolicy",
             f"{policy!r} is not supported yet: hpk runs each container once (use Never)",
         )
-    if spec.get("securityContext"):
-        raise InvalidPodSpec("spec.securityContext", "is not supported yet")
     dns_policy = spec.get("dnsPolicy", "ClusterFirst")
     if dns_policy not in _DNS_POLICIES:
         raise InvalidPodSpec("spec.dnsPolicy", f"{dns_policy!r} is not supported yet")
@@ -787,20 +843,6 @@ def _check_container_fields(container: Mapping[str, object], where: str) -> None
     for key in ("stdin", "stdinOnce", "tty"):
         if container.get(key):
             raise InvalidPodSpec(f"{where}.{key}", "containers in Slurm jobs have no input")
-    context = _mapping(container.get("securityContext"), f"{where}.securityContext")
-    for key, value in context.items():
-        at = f"{where}.securityContext.{key}"
-        if key == "capabilities":
-            # Apptainer gives an unprivileged container no capabilities: dropping is a no-op.
-            capabilities = _mapping(value, at)
-            if capabilities.get("add") or set(capabilities) - {"add", "drop"}:
-                raise InvalidPodSpec(at, "only dropping capabilities is supported")
-        elif (key, value) not in {
-            ("privileged", False),
-            ("allowPrivilegeEscalation", False),
-            ("readOnlyRootFilesystem", True),  # a SIF image is read-only
-        }:
-            raise InvalidPodSpec(at, f"{value!r} is not supported yet")
 
 
 def _check_unique_names(*groups: Sequence[Mapping[str, object]]) -> None:

@@ -28,6 +28,7 @@ from kubelet_py.render import (
     expand,
     render_pod,
 )
+from kubelet_py.security import JobUser
 
 GOLDEN = Path(__file__).parent / "golden"
 BUSYBOX = "docker.io/library/busybox:latest"
@@ -49,6 +50,7 @@ def settings(name: str = "demo", **overrides: object) -> RenderSettings:
         "python": PurePosixPath("/home/alice/hpk/.venv/bin/python"),
         "images": IMAGES,
         "partition": "batch",
+        "job_user": JobUser(1000, 1000),
     }
     values.update(overrides)
     return RenderSettings.from_overrides(**values)
@@ -571,7 +573,12 @@ BASE = pod("x", busybox("main", command=["true"]), initContainers=[busybox("firs
         ("spec/restartPolicy", "Always", "spec.restartPolicy", "use Never"),
         ("spec/restartPolicy", "OnFailure", "spec.restartPolicy", "not supported yet"),
         ("spec/hostAliases", [{"ip": "1.2.3.4"}], "spec.hostAliases", "not supported yet"),
-        ("spec/securityContext", {"runAsUser": 1}, "spec.securityContext", "not supported"),
+        (
+            "spec/securityContext",
+            {"sysctls": [{"name": "net.core.somaxconn", "value": "1024"}]},
+            "spec.securityContext.sysctls",
+            "cannot set sysctls",
+        ),
         ("spec/dnsPolicy", "None", "spec.dnsPolicy", "not supported yet"),
         ("spec/os", {"name": "windows"}, "spec.os.name", "Linux"),
         ("spec/containers", [], "spec.containers", "at least one container"),
@@ -643,14 +650,15 @@ def test_pod_fields_hpk_cannot_honour_fail_the_pod(
         ("restartPolicy", "Always", "restartPolicy", "yet"),
         ("stdin", True, "stdin", "no input"),
         ("tty", True, "tty", "no input"),
-        ("securityContext", {"runAsUser": 0}, "securityContext.runAsUser", "yet"),
-        ("securityContext", {"privileged": True}, "securityContext.privileged", "yet"),
+        ("securityContext", {"runAsUser": -1}, "securityContext.runAsUser", "user or group"),
+        ("securityContext", {"privileged": True}, "securityContext.privileged", "never"),
         (
             "securityContext",
-            {"capabilities": {"add": ["X"]}},
-            "securityContext.capabilities",
-            "drop",
+            {"runAsNonRoot": True, "runAsUser": 0},
+            "securityContext.runAsUser",
+            "runAsNonRoot",
         ),
+        ("securityContext", {"procMount": "Unmasked"}, "securityContext.procMount", "Default"),
         ("workingDir", "relative", "workingDir", "absolute"),
         ("image", "", "image", "must name an image"),
         ("image", "Bad/Image", "image", "lowercase"),
