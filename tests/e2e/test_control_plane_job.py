@@ -132,7 +132,23 @@ def test_a_pod_runs_as_the_users_slurm_job(cluster: Cluster) -> None:
         "spec": {
             "restartPolicy": "Never",
             "automountServiceAccountToken": False,
-            "containers": [{"name": "main", "image": "busybox", "command": ["id", "-u"]}],
+            "containers": [
+                {"name": "main", "image": "busybox", "command": ["id", "-u"]},
+                # An ordinary user becomes root in a user namespace (--fakeroot) ...
+                {
+                    "name": "root",
+                    "image": "busybox",
+                    "command": ["id", "-u"],
+                    "securityContext": {"runAsUser": 0},
+                },
+                # ... and cannot become another user: it runs as itself, with a Warning.
+                {
+                    "name": "other",
+                    "image": "busybox",
+                    "command": ["id", "-u"],
+                    "securityContext": {"runAsUser": 4321},
+                },
+            ],
         },
     }
     # The namespace's default service account appears shortly after the namespace.
@@ -170,8 +186,14 @@ def test_a_pod_runs_as_the_users_slurm_job(cluster: Cluster) -> None:
         return line == wanted
 
     eventually(f"sacct: job {job_id} {wanted}", accounted, timeout=30)
-    logs = cluster.kubectl("logs", "-n", "pods", "whoami")
-    assert logs.stdout.strip() == str(cluster.install.user.pw_uid), logs.stderr
+    uid = str(cluster.install.user.pw_uid)
+    for container, wanted_uid in (("main", uid), ("root", "0"), ("other", uid)):
+        logs = cluster.kubectl("logs", "-n", "pods", "whoami", "-c", container)
+        assert logs.stdout.strip() == wanted_uid, (container, logs.stderr)
+    events = cluster.kubectl(
+        "get", "events", "-n", "pods", "--field-selector=involvedObject.name=whoami"
+    ).stdout
+    assert "SecurityContextNotHonoured" in events and "runAsUser 4321" in events, events
 
 
 def test_coredns_resolves_the_kubernetes_service(cluster: Cluster) -> None:
