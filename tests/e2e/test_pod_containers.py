@@ -1,11 +1,12 @@
 """Pods of several containers and the container-level fields, end to end: containers that
-share an emptyDir (one mounting it read-only), securityContext identities, a GPU pod's flags
-and `--nv`, and an srun-launched pod whose ranks run over two nodes.
+share an emptyDir (one mounting it read-only) and localhost, securityContext identities, a GPU
+pod's flags and `--nv`, and an srun-launched pod whose ranks run over two nodes.
 """
 
 from __future__ import annotations
 
 import re
+import socket
 import subprocess
 from collections.abc import Iterator
 from typing import Any
@@ -87,7 +88,26 @@ def launched(cluster: PodCluster) -> PodCluster:
             "slurm.hpk.io/launcher": "srun",
         },
     )
-    cluster.apply(shared, identity, gpu, ranks)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    local = cluster.manifest("localhost", ["true"])
+    local["spec"]["containers"] = [
+        container(
+            "server",
+            f"echo served-over-localhost > /www/hello; httpd -f -p 127.0.0.1:{port} -h /www & "
+            "server=$!; while [ ! -e /www/done ]; do sleep 0.2; done; kill $server",
+            volumeMounts=[{"name": "www", "mountPath": "/www"}],
+        ),
+        container(
+            "client",
+            f"until wget -q -O - http://127.0.0.1:{port}/hello; do sleep 0.2; done; "
+            "touch /www/done",
+            volumeMounts=[{"name": "www", "mountPath": "/www"}],
+        ),
+    ]
+    local["spec"]["volumes"] = [{"name": "www", "emptyDir": {}}]
+    cluster.apply(shared, identity, gpu, ranks, local)
     return cluster
 
 
@@ -103,6 +123,11 @@ def test_containers_share_an_empty_dir_and_a_read_only_mount_refuses_writes(
         assert status["state"]["terminated"]["exitCode"] == 0, status
     logs = launched.kubectl("logs", "-n", NAMESPACE, "shared", "-c", "reader", check=False)
     assert logs == "" or "from-writer" in logs  # served only when the kubelet API is on
+
+
+def test_containers_of_a_pod_reach_each_other_on_localhost(launched: PodCluster) -> None:
+    launched.phase("localhost", "Succeeded")
+    assert log_lines(launched, "localhost", "client") == ["served-over-localhost"]
 
 
 def test_run_as_user_and_group_are_honoured_and_the_rest_is_reported(
