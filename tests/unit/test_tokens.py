@@ -18,6 +18,7 @@ from kubelet_py.apiserver import ApiUnavailable, NotFound
 from kubelet_py.inputs import MissingReference
 from kubelet_py.main import parse_args, service_endpoint
 from kubelet_py.projected import TokenSource
+from kubelet_py.provider import JOB_ID_ANNOTATION
 from kubelet_py.tokens import TokenManager, TokenSettings, token_request, write_atomically
 from tests.unit.test_projected import ACCESS_MOUNT, ACCESS_VOLUME, OBJECTS
 from tests.unit.test_provider import Bed
@@ -296,6 +297,30 @@ def test_the_provider_writes_the_token_before_submitting_and_keeps_it_fresh(
     assert (volume / "token").read_bytes() == b"token-2"
     bed.provider.forget(pod)
     assert manager.tracked() == []
+
+
+def test_a_restarted_kubelet_keeps_an_adopted_pods_tokens_fresh(tmp_path: Path) -> None:
+    bed = Bed(tmp_path)
+    clock = FakeClock()
+    api = FakeTokenApi(clock)
+    manager = TokenManager(api, clock=clock)
+    bed.provider.tokens = manager
+    pod: dict[str, Any] = {
+        "metadata": {
+            "name": "web",
+            "namespace": "default",
+            "uid": UID,
+            "annotations": {JOB_ID_ANNOTATION: "41"},
+        },
+        "spec": {"volumes": [ACCESS_VOLUME]},
+    }
+    assert bed.provider.create_pod(pod) == "41"
+    assert bed.slurm.submitted == []
+    assert manager.tracked() == ["default/web"]
+    assert api.requests == []  # the file is missing here: issued on the thread's next round
+    (bed.folder() / "volumes" / "kube-api-access-x1y2z").mkdir(parents=True)
+    manager.refresh_due()
+    assert len(api.requests) == 1
 
 
 # -- the kubelet's flags --------------------------------------------------------------------
