@@ -3,9 +3,11 @@
 `PodLifecycleHandler` is the interface (modelled on virtual-kubelet's); `SlurmProvider` runs
 each pod as one Slurm job. It owns the pod folders (`<hpk home>/pods/<namespace>/<name>/`),
 resolves what the pod reads from ConfigMaps and Secrets (kubelet_py.inputs, through an
-injected lookup), renders with kubelet_py.render, submits and cancels through the Slurm
-adapter and reads job states from the shared JobWatcher. It never talks to the API server
-itself: the controller does, and the entry point wires the lookup.
+injected lookup) and its projected and downwardAPI volumes (kubelet_py.projected), has their
+service-account tokens issued and kept fresh by an injected TokenManager, renders with
+kubelet_py.render, submits and cancels through the Slurm adapter and reads job states from
+the shared JobWatcher. It never talks to the API server itself: the controller does, and the
+entry point wires the lookup and the token manager.
 
 Which Slurm jobs are this kubelet's: a job whose comment is `hpk-uid=<pod UID>` and whose
 working folder (`--chdir`, the pod folder) is `<pods_dir>/<namespace>/<name>`, with the job
@@ -31,10 +33,10 @@ from kubelet_py.inputs import ObjectLookup, PodInputs, needs_node_address, resol
 from kubelet_py.render import JOB_NAME_PREFIX, VOLUMES_DIR, RenderSettings, render_pod
 from kubelet_py.slurm import FINAL_STATES, ListedJob, SlurmError, SlurmUnavailable
 from kubelet_py.status import pod_status, read_markers
-
-if TYPE_CHECKING:
-    from kubelet_py.tokens import IssuedToken, TokenManager
 from kubelet_py.watcher import WAITING_STATES, JobView
+
+if TYPE_CHECKING:  # the manager is given; importing it would pull in the API client
+    from kubelet_py.tokens import IssuedToken, TokenManager
 
 log = logging.getLogger(__name__)
 
