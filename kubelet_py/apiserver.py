@@ -120,6 +120,14 @@ def events_path(namespace: str) -> str:
     return f"/api/v1/namespaces/{quote(namespace, safe='')}/events"
 
 
+def token_path(namespace: str, service_account: str) -> str:
+    """The TokenRequest subresource of a service account."""
+    return (
+        f"/api/v1/namespaces/{quote(namespace, safe='')}/serviceaccounts/"
+        f"{quote(service_account, safe='')}/token"
+    )
+
+
 # ---------------------------------------------------------------------------------------------
 # The client
 
@@ -149,6 +157,11 @@ class KubeApi:
         self._client.user_agent = "hpk-kubelet"
         self.request_timeout_s = request_timeout_s
         self.field_manager = field_manager
+
+    @property
+    def server(self) -> str:
+        """The API server's URL, as the kubeconfig gives it."""
+        return str(self._client.configuration.host)
 
     def close(self) -> None:
         self._client.close()
@@ -339,6 +352,12 @@ class KubeApi:
         if kind == "Secret":
             return self.get_secret(namespace, name)
         raise ValueError(f"not a ConfigMap or Secret: {kind}")
+
+    def request_token(
+        self, *, namespace: str, service_account: str, body: Mapping[str, Any]
+    ) -> JSON:
+        """A TokenRequest for the service account (kubelet_py.tokens.TokenApi)."""
+        return self.create(token_path(namespace, service_account), body)
 
     def get_node(self, name: str) -> JSON | None:
         return self.get_or_none(node_path(name))

@@ -12,6 +12,8 @@ Kubernetes client blocks:
   nodes as a Slurm job (kubelet_py.controller and kubelet_py.provider), with the job
   watcher's thread;
 - `events`: sends the binder's and the controller's Events (kubelet_py.events);
+- `tokens`: issues the service-account tokens of running pods' projected volumes again
+  before they expire (kubelet_py.tokens);
 - `logserver`: the HTTPS kubelet API (`kubectl logs`, kubelet_py.logserver), when it has its
   certificate (`--tls-cert-file`); its port is bound before anything else, so a port that is
   taken ends the kubelet at once.
@@ -23,6 +25,7 @@ kubelet_py.nodes for why) and the pods' jobs running (a restart adopts them).
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import logging
 import signal
 import sys
@@ -33,6 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from types import FrameType
 from typing import Any
+from urllib.parse import urlsplit
 
 from hpk import __version__
 from hpk.controlplane.host import hostname, primary_address
@@ -53,6 +57,7 @@ from kubelet_py.nodes import (
 )
 from kubelet_py.provider import ProviderSettings, SlurmProvider
 from kubelet_py.slurm import SlurmClient, SubprocessRunner
+from kubelet_py.tokens import TokenManager, TokenSettings
 from kubelet_py.watcher import JobView, JobWatcher
 
 log = logging.getLogger("kubelet_py")
@@ -92,6 +97,13 @@ class KubeletSettings:
 
     address: str = "0.0.0.0"  # noqa: S104 (the API server connects to the node's address)
     """Where the kubelet API listens; its port is `nodes.kubelet_port`."""
+
+    pod_api_server: str | None = None
+    """The API server's URL as pods on the compute nodes reach it (KUBERNETES_SERVICE_HOST
+    and _PORT); None: the kubeconfig's, with a loopback host replaced by the node IP."""
+
+    tokens: TokenSettings = field(default_factory=TokenSettings)
+    """When the pods' service-account tokens are issued again."""
 
 
 def _csv(text: str) -> tuple[str, ...]:
@@ -166,7 +178,26 @@ def parse_args(argv: Sequence[str] | None = None) -> KubeletSettings:
     parser.add_argument(
         "--connect-timeout", type=float, default=60.0, help="seconds to wait for the API server"
     )
+    parser.add_argument(
+        "--pod-api-server",
+        default=None,
+        help="the API server's https URL as pods reach it (default: the kubeconfig's, with a "
+        "loopback host replaced by --node-ip)",
+    )
+    parser.add_argument(
+        "--token-refresh-fraction",
+        type=float,
+        default=TokenSettings().refresh_fraction,
+        help="share of a service-account token's lifetime after which it is issued again "
+        "(default: %(default)s)",
+    )
     args = parser.parse_args(argv)
+    try:
+        tokens = TokenSettings(refresh_fraction=args.token_refresh_fraction)
+        if args.pod_api_server is not None:
+            service_endpoint(args.pod_api_server)
+    except ValueError as error:
+        parser.error(str(error))
     try:
         nodes = NodeSettings(
             prefix=args.node_name_prefix,
@@ -195,7 +226,25 @@ def parse_args(argv: Sequence[str] | None = None) -> KubeletSettings:
         node_ip=args.node_ip,
         hostname=args.hostname,
         connect_timeout_s=args.connect_timeout,
+        pod_api_server=args.pod_api_server,
+        tokens=tokens,
     )
+
+
+def service_endpoint(url: str, *, node_ip: str | None = None) -> tuple[str, int]:
+    """(host, port) of the API server's `url` for pods: a loopback host, which means nothing
+    on a compute node, becomes `node_ip` (the address the API server advertises)."""
+    parts = urlsplit(url)
+    if parts.scheme != "https" or not parts.hostname:
+        raise ValueError(f"the API server's URL must be https://HOST[:PORT], not {url!r}")
+    host = parts.hostname
+    try:
+        loopback = ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = host == "localhost"
+    if loopback and node_ip:
+        host = node_ip
+    return host, parts.port or 443
 
 
 def _connect(api: KubeApi, *, stopping: threading.Event, timeout_s: float) -> str | None:
@@ -267,6 +316,7 @@ def run(  # noqa: PLR0915 (every thread's wiring, start and stop in one place)
     pod_api = KubeApi(settings.kubeconfig)
     log_api = KubeApi(settings.kubeconfig)
     event_api = KubeApi(settings.kubeconfig)
+    token_api = KubeApi(settings.kubeconfig)
     server: LogServer | None = None
     try:
         if settings.tls is not None:
@@ -300,6 +350,7 @@ def run(  # noqa: PLR0915 (every thread's wiring, start and stop in one place)
                 callback(key, view)
 
         watcher = JobWatcher(slurm, on_change)
+        tokens = TokenManager(token_api, settings=settings.tokens)
         provider = SlurmProvider(
             slurm=slurm,
             watcher=watcher,
@@ -308,9 +359,16 @@ def run(  # noqa: PLR0915 (every thread's wiring, start and stop in one place)
                 apptainer=PurePosixPath(find_apptainer()),
                 image_cache=home.root / "images",
                 node_addresses=SlurmNodeAddresses(agent.current),
+                kubernetes_service=(
+                    service_endpoint(settings.pod_api_server)
+                    if settings.pod_api_server
+                    else service_endpoint(pod_api.server, node_ip=host.address)
+                ),
             ),
             lookup=pod_api.get_config_object,
+            tokens=tokens,
         )
+        tokens.alive = provider.runs
 
         def partition_of(node_name: str) -> str | None:
             nodes = agent.current()
@@ -340,6 +398,7 @@ def run(  # noqa: PLR0915 (every thread's wiring, start and stop in one place)
             _thread("pods-watch", lambda: controller.follow(pods_watch)),
             _thread("pods", lambda: controller.work(stop)),
             _thread("events", lambda: events.run(stop)),
+            _thread("tokens", lambda: tokens.run(stop)),
         ]
         if server is not None:
             threads.append(server.start())
@@ -351,6 +410,7 @@ def run(  # noqa: PLR0915 (every thread's wiring, start and stop in one place)
         pods_watch.stop()
         controller.stop()
         events.wake()
+        tokens.wake()
         watcher.stop(timeout=settings.stop_timeout_s)
         if server is not None:
             server.stop()
@@ -371,6 +431,7 @@ def run(  # noqa: PLR0915 (every thread's wiring, start and stop in one place)
         pod_api.close()
         log_api.close()
         event_api.close()
+        token_api.close()
 
 
 def main(argv: Sequence[str] | None = None) -> int:

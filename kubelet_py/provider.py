@@ -3,9 +3,11 @@
 `PodLifecycleHandler` is the interface (modelled on virtual-kubelet's); `SlurmProvider` runs
 each pod as one Slurm job. It owns the pod folders (`<hpk home>/pods/<namespace>/<name>/`),
 resolves what the pod reads from ConfigMaps and Secrets (kubelet_py.inputs, through an
-injected lookup), renders with kubelet_py.render, submits and cancels through the Slurm
-adapter and reads job states from the shared JobWatcher. It never talks to the API server
-itself: the controller does, and the entry point wires the lookup.
+injected lookup) and its projected and downwardAPI volumes (kubelet_py.projected), has their
+service-account tokens issued and kept fresh by an injected TokenManager, renders with
+kubelet_py.render, submits and cancels through the Slurm adapter and reads job states from
+the shared JobWatcher. It never talks to the API server itself: the controller does, and the
+entry point wires the lookup and the token manager.
 
 Which Slurm jobs are this kubelet's: a job whose comment is `hpk-uid=<pod UID>` and whose
 working folder (`--chdir`, the pod folder) is `<pods_dir>/<namespace>/<name>`, with the job
@@ -22,14 +24,19 @@ import threading
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path, PurePosixPath
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from hpk.images import cached_image
+from kubelet_py import projected
+from kubelet_py.errors import InvalidPodSpec
 from kubelet_py.inputs import ObjectLookup, PodInputs, needs_node_address, resolve
 from kubelet_py.render import JOB_NAME_PREFIX, VOLUMES_DIR, RenderSettings, render_pod
 from kubelet_py.slurm import FINAL_STATES, ListedJob, SlurmError, SlurmUnavailable
 from kubelet_py.status import pod_status, read_markers
 from kubelet_py.watcher import WAITING_STATES, JobView
+
+if TYPE_CHECKING:  # the manager is given; importing it would pull in the API client
+    from kubelet_py.tokens import IssuedToken, TokenManager
 
 log = logging.getLogger(__name__)
 
@@ -138,6 +145,10 @@ class ProviderSettings:
     node_addresses: Mapping[str, str] = field(default_factory=dict)
     """Slurm node name -> address, for hostIP and podIP."""
 
+    kubernetes_service: tuple[str, int] | None = None
+    """The API server as pods reach it (host, port), for their KUBERNETES_SERVICE_* variables;
+    None: the containers get none."""
+
 
 @dataclass
 class _Known:
@@ -157,8 +168,12 @@ class SlurmProvider:
         watcher: JobTracker,
         settings: ProviderSettings,
         lookup: ObjectLookup | None = None,
+        tokens: TokenManager | None = None,
     ) -> None:
         self.slurm = slurm
+        self.tokens = tokens
+        """Issues and refreshes the service-account tokens of projected volumes; without one,
+        a pod that needs a token is refused."""
         self.lookup: ObjectLookup = lookup or _nothing
         """(kind, namespace, name) -> a ConfigMap or Secret, None when it does not exist; the
         entry point asks the API server. Without one, no object exists."""
@@ -213,10 +228,16 @@ class SlurmProvider:
             node_addresses=(
                 _addresses(self.settings.node_addresses) if needs_node_address(pod) else {}
             ),
+            kubernetes_service=self.settings.kubernetes_service,
         )
         if self.settings.python:
             render_settings = replace(render_settings, python=self.settings.python)
         inputs = resolve(pod, self.lookup)
+        made = projected.resolve(pod, self.lookup)
+        tokens = self._issue(pod, made.tokens)
+        inputs = projected.with_tokens(
+            inputs, made, {source: token.token for source, token in tokens.items()}
+        )
         rendered = render_pod(pod, render_settings, inputs=inputs)
         for _reason, warning in rendered.warnings:
             log.warning("%s: %s", key, warning)
@@ -231,6 +252,7 @@ class SlurmProvider:
         _write(folder / JOB_ID_FILE, job_id + "\n", 0o600)
         log.info("%s: job %s submitted", key, job_id)
         self._remember(key, pod, uid, job_id, folder)
+        self._keep_fresh(pod, folder, tokens)
         if rendered.warnings:
             with self._lock:
                 self._warnings[key] = rendered.warnings
@@ -342,6 +364,18 @@ class SlurmProvider:
                 self._signalled.pop(job_id, None)
         if job_id is not None:
             self.watcher.forget(job_id)
+        if self.tokens is not None:
+            self.tokens.forget(key, uid)
+
+    def runs(self, key: str, uid: str) -> bool:
+        """Whether the pod `key` with `uid` is known and its job has not ended (its tokens
+        are then kept fresh)."""
+        with self._lock:
+            known = self._pods.get(key)
+        if known is None or known.uid != uid:
+            return False
+        view = self.watcher.view(known.job_id)
+        return view is None or not view.final
 
     def sweep_orphans(
         self,
@@ -395,7 +429,29 @@ class SlurmProvider:
         key = pod_key(pod)
         log.info("%s: job %s adopted (from its %s)", key, job_id, how)
         self._remember(key, pod, _uid(pod), job_id, folder)
+        if self.tokens is not None:
+            try:
+                self.tokens.adopt(pod, folder, projected.token_sources(pod))
+            except InvalidPodSpec as error:  # its job runs anyway; nothing to keep fresh
+                log.warning("%s: job %s: tokens not refreshed: %s", key, job_id, error)
         return job_id
+
+    def _issue(
+        self, pod: Mapping[str, Any], sources: tuple[projected.TokenSource, ...]
+    ) -> dict[projected.TokenSource, IssuedToken]:
+        if not sources:
+            return {}
+        if self.tokens is None:
+            raise InvalidPodSpec(
+                f"volume {sources[0].volume}", "this kubelet issues no service-account tokens"
+            )
+        return self.tokens.issue(pod, sources)
+
+    def _keep_fresh(
+        self, pod: Mapping[str, Any], folder: Path, tokens: Mapping[Any, IssuedToken]
+    ) -> None:
+        if tokens and self.tokens is not None:
+            self.tokens.track(pod, folder, tokens)
 
     def _remember(
         self, key: str, pod: Mapping[str, Any], uid: str, job_id: str, folder: Path

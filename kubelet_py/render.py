@@ -128,6 +128,14 @@ _DNS_POLICIES = frozenset({"ClusterFirst", "ClusterFirstWithHostNet", "Default"}
 _MOUNT_HONOURED = frozenset({"name", "mountPath", "readOnly", "subPath"})
 _CONFIG_SOURCES = {"configMap": "name", "secret": "secretName"}
 _CONFIG_FIELDS = frozenset({"items", "defaultMode", "optional"})
+#: Volumes whose files kubelet_py.projected makes (tokens, downward API items, keys), with
+#: the fields it reads; written by the kubelet before submission, like configMap volumes.
+_PROJECTED_SOURCES: Mapping[str, frozenset[str]] = MappingProxyType(
+    {
+        "projected": frozenset({"sources", "defaultMode"}),
+        "downwardAPI": frozenset({"items", "defaultMode"}),
+    }
+)
 #: fieldRef paths and what they read; the node's address is only known where the job runs.
 _FIELD_PATHS: Mapping[str, tuple[str, str]] = MappingProxyType(
     {
@@ -182,6 +190,11 @@ class RenderSettings:
     """The user and group the job runs as (the kubelet's, who submits it): what decides
     whether Apptainer can honour a securityContext's runAsUser and runAsGroup."""
 
+    kubernetes_service: tuple[str, int] | None = None
+    """The API server as the compute nodes reach it (host, port): every container gets it as
+    KUBERNETES_SERVICE_HOST, KUBERNETES_SERVICE_PORT and the other KUBERNETES_* variables of
+    the `kubernetes` service; None sets none."""
+
     def __post_init__(self) -> None:
         for name in ("pod_dir", "apptainer", "python"):
             path = PurePosixPath(getattr(self, name))
@@ -207,6 +220,10 @@ class RenderSettings:
             if _has_control(f"{node}{address}"):
                 raise ValueError(f"setting node_addresses: {node!r} -> {address!r}")
         object.__setattr__(self, "node_addresses", MappingProxyType(dict(self.node_addresses)))
+        if self.kubernetes_service is not None:
+            host, port = self.kubernetes_service
+            if not host or _has_control(host) or not 0 < port < 65536:
+                raise ValueError(f"setting kubernetes_service: {self.kubernetes_service!r}")
 
     @classmethod
     def from_overrides(cls, **overrides: object) -> RenderSettings:
@@ -460,7 +477,12 @@ def _launch(
         raise ImageNotResolved(image, sorted(settings.images))
 
     variables, node_ip_env = _environment(
-        container, where, pod=pod, inputs=inputs, warnings=warnings
+        container,
+        where,
+        pod=pod,
+        inputs=inputs,
+        warnings=warnings,
+        base=service_variables(settings.kubernetes_service),
     )
     command = [expand(word, variables) for word in _words(container, "command", where)]
     arguments = [expand(word, variables) for word in _words(container, "args", where)]
@@ -513,11 +535,13 @@ def _environment(
     pod: Mapping[str, object],
     inputs: PodInputs,
     warnings: list[tuple[str, str]],
+    base: Mapping[str, str] = MappingProxyType({}),
 ) -> tuple[dict[str, str], list[str]]:
-    """The container's variables as Kubernetes sets them: `envFrom` first, then `env`, a later
-    entry replacing an earlier one; `$(VAR)` expanded in `value` entries only. Also returns the
-    variables the job sets to the node's address."""
-    variables: dict[str, str] = {}
+    """The container's variables as Kubernetes sets them: `base` (the `kubernetes` service's)
+    first, then `envFrom`, then `env`, a later entry replacing an earlier one; `$(VAR)`
+    expanded in `value` entries only. Also returns the variables the job sets to the node's
+    address."""
+    variables: dict[str, str] = dict(base)
     node_ip: list[str] = []
 
     def assign(name: str, value: str | None) -> None:
@@ -558,6 +582,26 @@ def _environment(
         _check_text(text, f"{at}.value", controls=True)
         assign(name, expand(text, variables))
     return variables, node_ip
+
+
+def service_variables(service: tuple[str, int] | None) -> dict[str, str]:
+    """The variables Kubernetes gives every container for the `kubernetes` service, pointing
+    at `service` (host, port); none without one."""
+    if service is None:
+        return {}
+    host, port = service
+    url = f"tcp://[{host}]:{port}" if ":" in host else f"tcp://{host}:{port}"
+    prefix = f"KUBERNETES_PORT_{port}_TCP"
+    return {
+        "KUBERNETES_SERVICE_HOST": host,
+        "KUBERNETES_SERVICE_PORT": str(port),
+        "KUBERNETES_SERVICE_PORT_HTTPS": str(port),
+        "KUBERNETES_PORT": url,
+        prefix: url,
+        f"{prefix}_PROTO": "tcp",
+        f"{prefix}_PORT": str(port),
+        f"{prefix}_ADDR": host,
+    }
 
 
 def _env_from(
@@ -713,17 +757,25 @@ def _volumes(spec: Mapping[str, object]) -> tuple[dict[str, str], frozenset[str]
         where = f"spec.volumes[{index}]"
         name = _name(volume.get("name"), f"{where}.name", _DNS_LABEL)
         sources = sorted(set(volume) - {"name"})
-        if len(sources) != 1 or sources[0] not in {"emptyDir", *_CONFIG_SOURCES}:
+        if len(sources) != 1 or sources[0] not in {
+            "emptyDir",
+            *_CONFIG_SOURCES,
+            *_PROJECTED_SOURCES,
+        }:
             kind = next((s for s in sources if s not in _CONFIG_SOURCES), "(none)")
-            hint = ""
-            if kind == "projected" and name.startswith("kube-api-access-"):
-                hint = "; set automountServiceAccountToken: false on the pod until it is"
             raise InvalidPodSpec(
                 f"{where}.{kind}",
-                f"volume {name}: only emptyDir, configMap and secret volumes are supported "
-                f"yet{hint}",
+                f"volume {name}: only emptyDir, configMap, secret, projected and downwardAPI "
+                "volumes are supported yet",
             )
-        if sources[0] == "emptyDir":
+        if sources[0] in _PROJECTED_SOURCES:
+            kind = sources[0]
+            source = _mapping(volume[kind], f"{where}.{kind}")
+            unknown = sorted(set(source) - _PROJECTED_SOURCES[kind])
+            if unknown:
+                raise InvalidPodSpec(f"{where}.{kind}.{unknown[0]}", "is not supported yet")
+            config.add(name)  # kubelet_py.projected made its files
+        elif sources[0] == "emptyDir":
             empty_dir = _mapping(volume["emptyDir"], f"{where}.emptyDir")
             if empty_dir.get("medium") not in (None, ""):
                 raise InvalidPodSpec(

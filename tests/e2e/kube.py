@@ -65,11 +65,13 @@ def start_kubelet(
     log_file: Path,
     env: Mapping[str, str],
     serve_api: bool = False,
+    extra_args: Sequence[str] = (),
 ) -> subprocess.Popen[bytes]:
     """hpk-kubelet against `plane`, as the control-plane job starts it, logging to `log_file`.
 
     With `serve_api` it serves its HTTPS API (`kubectl logs`) on the plane's kubelet port,
-    with a serving certificate from the plane's CA; without, it serves none.
+    with a serving certificate from the plane's CA; without, it serves none. `extra_args` go
+    on its command line last.
     """
     api_args = kubelet_api_args(plane) if serve_api else ()
     with log_file.open("wb") as out:
@@ -81,6 +83,7 @@ def start_kubelet(
                 f"--kubeconfig={kubeconfig}",
                 f"--node-ip={plane.context.advertise_address}",
                 *api_args,
+                *extra_args,
             ],
             stdout=out,
             stderr=subprocess.STDOUT,
@@ -105,9 +108,16 @@ class PodCluster:
     namespace for one test module's pods; everything lives in a folder under /var/tmp."""
 
     def __init__(
-        self, testbed: Testbed, *, namespace: str, serve_api: bool = False, prefix: str = "pods"
+        self,
+        testbed: Testbed,
+        *,
+        namespace: str,
+        serve_api: bool = False,
+        prefix: str = "pods",
+        kubelet_args: Sequence[str] = (),
     ) -> None:
         self.testbed = testbed
+        self.kubelet_args = tuple(kubelet_args)
         self.namespace = namespace
         self.serve_api = serve_api
         self.root = Path(tempfile.mkdtemp(prefix=f"hpk-{prefix}-e2e-", dir="/var/tmp"))
@@ -152,6 +162,7 @@ class PodCluster:
             log_file=log_file,
             env={"SLURM_CONF": str(self.testbed.settings.slurm_conf), "HPK_HOME": str(self.home)},
             serve_api=self.serve_api,
+            extra_args=self.kubelet_args,
         )
 
     def stop_kubelet(self) -> None:
@@ -237,9 +248,16 @@ def pod_cluster(
     namespace: str,
     nodes: Sequence[str] = ("hpk-batch",),
     serve_api: bool = False,
+    kubelet_args: Sequence[str] = (),
 ) -> Iterator[PodCluster]:
     """A PodCluster that is up inside the block and down after it, whatever happened."""
-    cluster = PodCluster(testbed, namespace=namespace, serve_api=serve_api, prefix=namespace)
+    cluster = PodCluster(
+        testbed,
+        namespace=namespace,
+        serve_api=serve_api,
+        prefix=namespace,
+        kubelet_args=kubelet_args,
+    )
     try:
         cluster.up(nodes)
         yield cluster

@@ -689,7 +689,8 @@ VOLUME_POD = pod(
     ("volume", "field", "message"),
     [
         ({"name": "data", "hostPath": {"path": "/"}}, "hostPath", "only emptyDir, configMap"),
-        ({"name": "data", "projected": {"sources": []}}, "projected", "and secret volumes"),
+        ({"name": "data", "projected": {"sources": [], "x": 1}}, "projected.x", "yet"),
+        ({"name": "data", "downwardAPI": {"items": [], "x": 1}}, "downwardAPI.x", "yet"),
         ({"name": "data", "persistentVolumeClaim": {}}, "persistentVolumeClaim", "only emptyDir"),
         ({"name": "data"}, "(none)", "only emptyDir"),
         (
@@ -700,11 +701,6 @@ VOLUME_POD = pod(
         ({"name": "data", "secret": {"secretName": "s", "x": 1}}, "secret.x", "yet"),
         ({"name": "data", "emptyDir": {"medium": "Memory"}}, "emptyDir.medium", "default medium"),
         ({"name": "data", "emptyDir": {"sizeLimit": "1Gi"}}, "emptyDir.sizeLimit", "yet"),
-        (
-            {"name": "kube-api-access-x1y2z", "projected": {}},
-            "projected",
-            "set automountServiceAccountToken: false",
-        ),
     ],
 )
 def test_volumes_hpk_cannot_honour_fail_the_pod(
