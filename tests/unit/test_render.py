@@ -680,9 +680,9 @@ VOLUME_POD = pod(
 @pytest.mark.parametrize(
     ("volume", "field", "message"),
     [
-        ({"name": "data", "hostPath": {"path": "/"}}, "hostPath", "only emptyDir, configMap"),
-        ({"name": "data", "projected": {"sources": []}}, "projected", "and secret volumes"),
-        ({"name": "data", "persistentVolumeClaim": {}}, "persistentVolumeClaim", "only emptyDir"),
+        ({"name": "data", "hostPath": {"path": "rel"}}, "hostPath.path", "absolute"),
+        ({"name": "data", "projected": {"sources": []}}, "projected", "only emptyDir"),
+        ({"name": "data", "persistentVolumeClaim": {}}, "persistentVolumeClaim.claimName", "empty"),
         ({"name": "data"}, "(none)", "only emptyDir"),
         (
             {"name": "data", "configMap": {"name": "c"}, "emptyDir": {}},
@@ -690,8 +690,8 @@ VOLUME_POD = pod(
             "only emptyDir",
         ),
         ({"name": "data", "secret": {"secretName": "s", "x": 1}}, "secret.x", "yet"),
-        ({"name": "data", "emptyDir": {"medium": "Memory"}}, "emptyDir.medium", "default medium"),
-        ({"name": "data", "emptyDir": {"sizeLimit": "1Gi"}}, "emptyDir.sizeLimit", "yet"),
+        ({"name": "data", "emptyDir": {"medium": "HugePages"}}, "emptyDir.medium", "supported"),
+        ({"name": "data", "emptyDir": {"sizeLimit": "lots"}}, "emptyDir.sizeLimit", "quantity"),
         (
             {"name": "kube-api-access-x1y2z", "projected": {}},
             "projected",
