@@ -12,6 +12,8 @@ Kubernetes client blocks:
   nodes as a Slurm job (kubelet_py.controller and kubelet_py.provider), with the job
   watcher's thread;
 - `events`: sends the binder's and the controller's Events (kubelet_py.events);
+- `storage`, `claims-watch` and `volumes-watch`: the provisioner of the `hpk-local`
+  StorageClass (kubelet_py.provisioner), one folder per PersistentVolumeClaim;
 - `logserver`: the HTTPS kubelet API (`kubectl logs`, kubelet_py.logserver), when it has its
   certificate (`--tls-cert-file`); its port is bound before anything else, so a port that is
   taken ends the kubelet at once.
@@ -52,7 +54,15 @@ from kubelet_py.nodes import (
     partitions_from,
 )
 from kubelet_py.provider import ProviderSettings, SlurmProvider
+from kubelet_py.provisioner import (
+    CLAIMS_PATH,
+    VOLUMES_PATH,
+    KubeStorageApi,
+    Provisioner,
+    ProvisionerSettings,
+)
 from kubelet_py.slurm import SlurmClient, SubprocessRunner
+from kubelet_py.storage import with_claims
 from kubelet_py.watcher import JobView, JobWatcher
 
 log = logging.getLogger("kubelet_py")
@@ -92,6 +102,10 @@ class KubeletSettings:
 
     address: str = "0.0.0.0"  # noqa: S104 (the API server connects to the node's address)
     """Where the kubelet API listens; its port is `nodes.kubelet_port`."""
+
+    volumes_dir: Path | None = None
+    """Where the provisioner of the `hpk-local` StorageClass keeps the claims' folders (on
+    the filesystem the compute nodes share); None: `<hpk home>/volumes`."""
 
 
 def _csv(text: str) -> tuple[str, ...]:
@@ -142,6 +156,13 @@ def parse_args(argv: Sequence[str] | None = None) -> KubeletSettings:
         type=Path,
         default=None,
         help="CA of the client certificates the kubelet API accepts (the cluster CA)",
+    )
+    parser.add_argument(
+        "--volumes-dir",
+        type=Path,
+        default=None,
+        help="folder of the hpk-local StorageClass's volumes, on the filesystem the compute "
+        "nodes share (default: <hpk home>/volumes)",
     )
     parser.add_argument("--node-ip", default=None, help="InternalIP of the nodes")
     parser.add_argument("--hostname", default=None, help="Hostname address of the nodes")
@@ -195,6 +216,7 @@ def parse_args(argv: Sequence[str] | None = None) -> KubeletSettings:
         node_ip=args.node_ip,
         hostname=args.hostname,
         connect_timeout_s=args.connect_timeout,
+        volumes_dir=args.volumes_dir,
     )
 
 
@@ -267,6 +289,7 @@ def run(  # noqa: PLR0915 (every thread's wiring, start and stop in one place)
     pod_api = KubeApi(settings.kubeconfig)
     log_api = KubeApi(settings.kubeconfig)
     event_api = KubeApi(settings.kubeconfig)
+    storage_api = KubeApi(settings.kubeconfig)
     server: LogServer | None = None
     try:
         if settings.tls is not None:
@@ -309,8 +332,14 @@ def run(  # noqa: PLR0915 (every thread's wiring, start and stop in one place)
                 image_cache=home.root / "images",
                 node_addresses=SlurmNodeAddresses(agent.current),
             ),
-            lookup=pod_api.get_config_object,
+            lookup=with_claims(pod_api.get_config_object, pod_api.get_or_none),
         )
+        provisioner = Provisioner(
+            api=KubeStorageApi(storage_api),
+            settings=ProvisionerSettings(root=settings.volumes_dir or home.root / "volumes"),
+        )
+        claims_watch = ListWatch(storage_api, CLAIMS_PATH)
+        volumes_watch = ListWatch(storage_api, VOLUMES_PATH)
 
         def partition_of(node_name: str) -> str | None:
             nodes = agent.current()
@@ -340,6 +369,9 @@ def run(  # noqa: PLR0915 (every thread's wiring, start and stop in one place)
             _thread("pods-watch", lambda: controller.follow(pods_watch)),
             _thread("pods", lambda: controller.work(stop)),
             _thread("events", lambda: events.run(stop)),
+            _thread("storage", lambda: provisioner.run(storage_api, stop)),
+            _thread("claims-watch", lambda: provisioner.follow(claims_watch, claims=True)),
+            _thread("volumes-watch", lambda: provisioner.follow(volumes_watch, claims=False)),
         ]
         if server is not None:
             threads.append(server.start())
@@ -349,6 +381,8 @@ def run(  # noqa: PLR0915 (every thread's wiring, start and stop in one place)
         watch.stop()
         binder.stop()
         pods_watch.stop()
+        claims_watch.stop()
+        volumes_watch.stop()
         controller.stop()
         events.wake()
         watcher.stop(timeout=settings.stop_timeout_s)
@@ -371,6 +405,7 @@ def run(  # noqa: PLR0915 (every thread's wiring, start and stop in one place)
         pod_api.close()
         log_api.close()
         event_api.close()
+        storage_api.close()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
