@@ -120,6 +120,14 @@ def test_claim_not_bound_keeps_the_pod_pending(cluster: PodCluster) -> None:
     state = eventually("the pod waiting for its claim", waiting, timeout=60)
     assert f'PersistentVolumeClaim "{NAMESPACE}/nowhere" not found' in state["message"]
     assert not (cluster.folder("unbound") / "job-id").exists()
+    events = eventually(
+        "the Warning event",
+        lambda: (
+            (text := cluster.events("unbound")) and "PersistentVolumeClaimNotBound" in text and text
+        ),
+        timeout=30,
+    )
+    assert "nowhere" in events, events
     cluster.kubectl("delete", "pod", "-n", NAMESPACE, "unbound", "--wait=true")
 
 
@@ -170,3 +178,21 @@ def test_memory_empty_dir_is_tmpfs_and_gone_after_the_job(cluster: PodCluster) -
     assert target.startswith("/dev/shm/hpk-job-"), target
     assert not Path(target).exists()
     assert not Path(target).parent.exists()
+
+
+def test_empty_dir_over_its_size_limit_evicts_the_pod(cluster: PodCluster) -> None:
+    cluster.apply(
+        with_volume(
+            cluster,
+            "too-big",
+            "head -c 3145728 /dev/zero >/scratch/big; echo written; sleep 120",
+            {"emptyDir": {"sizeLimit": "1Mi"}},
+            "/scratch",
+        )
+    )
+    failed = cluster.phase("too-big", "Failed", timeout=90)
+    assert failed["status"]["reason"] == "Evicted"
+    assert failed["status"]["message"] == ('Usage of EmptyDir volume "v" exceeds the limit "1Mi".')
+    assert log_lines(cluster, "too-big") == ["written"]
+    main = failed["status"]["containerStatuses"][0]["state"]["terminated"]
+    assert main["exitCode"] == 143, main
