@@ -30,8 +30,10 @@ from kubelet_py.storage import (
     with_claims,
     with_failure,
 )
+from tests.unit.test_provider import Bed, job_view, make_pod
 
 BUSYBOX = "docker.io/library/busybox:latest"
+GOLDEN = Path(__file__).parent / "golden"
 
 Pod = dict[str, Any]
 
@@ -448,3 +450,78 @@ def test_failure_marker_names_the_pods_reason_once_it_failed(tmp_path: Path) -> 
     assert failed == {"phase": "Failed", "reason": "FailedMount", "message": failure[1]}
     running = {"phase": "Running"}
     assert with_failure(running, failure) == running
+
+
+# -- through the provider ---------------------------------------------------------------------
+
+
+def claim_pod() -> Pod:
+    the_pod = make_pod("with-claim")
+    the_pod["spec"]["volumes"] = [{"name": "v", "persistentVolumeClaim": {"claimName": "data"}}]
+    the_pod["spec"]["containers"][0]["volumeMounts"] = [{"name": "v", "mountPath": "/v"}]
+    return the_pod
+
+
+def test_provider_waits_for_the_claim_then_binds_its_volume(tmp_path: Path) -> None:
+    bed = Bed(tmp_path)
+    objects: dict[tuple[str, str, str], Pod] = {CLAIM_KEY: claim("Pending", None)}
+    bed.provider.lookup = lookup_of(objects)
+    with pytest.raises(ClaimNotBound):
+        bed.provider.create_pod(claim_pod(), partition="batch")
+    assert bed.slurm.submitted == []
+    objects[CLAIM_KEY] = claim()
+    objects[VOLUME_KEY] = persistent_volume(hostPath={"path": "/vol/pv-1", "type": "Directory"})
+    bed.provider.create_pod(claim_pod(), partition="batch")
+    script = (bed.folder("with-claim") / "job.sh").read_text()
+    assert binds(script) == ["/vol/pv-1:/v"]
+    assert "host_path v Directory /vol/pv-1\n" in script
+
+
+def test_provider_reports_the_jobs_storage_failure(tmp_path: Path) -> None:
+    bed = Bed(tmp_path)
+    job_id = bed.provider.create_pod(make_pod(), partition="batch")
+    (bed.folder() / FAILURE_FILE).write_text('FailedMount\nvolume "v": hostPath "/x" ...\n')
+    bed.watcher.views[job_id] = job_view(job_id, "RUNNING")
+    status = bed.provider.get_pod_status("default", "web") or {}
+    assert status["phase"] == "Running" and "reason" not in status
+    bed.watcher.views[job_id] = job_view(job_id, "FAILED", final=True)
+    status = bed.provider.get_pod_status("default", "web") or {}
+    assert (status["phase"], status["reason"]) == ("Failed", "FailedMount")
+    assert status["message"] == 'volume "v": hostPath "/x" ...'
+
+
+def test_weird_host_path_reaches_the_check_as_one_word(tmp_path: Path) -> None:
+    weird = tmp_path / 'it\'s a "dir"; $(touch pwned) `x`'
+    the_pod = pod(
+        [{"name": "w", "hostPath": {"path": str(weird), "type": "DirectoryOrCreate"}}],
+        [{"name": "w", "mountPath": "/w"}],
+    )
+    result, _ = run_job(tmp_path, the_pod)
+    assert result.returncode == 0, result.stderr
+    assert weird.is_dir()
+    assert not (tmp_path / "pod" / "pwned").exists()
+    assert (tmp_path / "binds").read_text() == f"{weird}\n"
+
+
+def test_golden_storage_block() -> None:
+    the_pod = pod(
+        [
+            {"name": "h", "hostPath": {"path": "/scratch/in", "type": "FileOrCreate"}},
+            {"name": "m", "emptyDir": {"medium": "Memory", "sizeLimit": "64Mi"}},
+            {"name": "c", "persistentVolumeClaim": {"claimName": "data", "readOnly": True}},
+        ],
+        [
+            {"name": "h", "mountPath": "/in"},
+            {"name": "m", "mountPath": "/m"},
+            {"name": "c", "mountPath": "/c"},
+        ],
+        name="storage",
+    )
+    claims = {"c": ClaimSource(volume="pv-1", path="/home/alice/.hpk/volumes/pvc-1", type="")}
+    script = render_pod(
+        the_pod, settings(PurePosixPath("/home/alice/.hpk/pods/default/storage")), claims=claims
+    ).script
+    golden = GOLDEN / "pod-storage.sh"
+    if os.environ.get("HPK_UPDATE_GOLDEN"):
+        golden.write_text(script)
+    assert script == golden.read_text()
