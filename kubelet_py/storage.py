@@ -18,7 +18,7 @@ folder.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -316,7 +316,9 @@ def with_failure(status: dict[str, Any], failure: tuple[str, str] | None) -> dic
     return {**status, "reason": reason, "message": message}
 
 
-def with_claims(lookup: ObjectLookup, get_or_none: Any) -> ObjectLookup:
+def with_claims(
+    lookup: ObjectLookup, get_or_none: Callable[[str], Mapping[str, Any] | None]
+) -> ObjectLookup:
     """`lookup` that also finds PersistentVolumeClaims and PersistentVolumes, through
     `get_or_none(API path)` (the API server's answer, None when the object does not exist)."""
 
@@ -330,7 +332,7 @@ def with_claims(lookup: ObjectLookup, get_or_none: Any) -> ObjectLookup:
             found = get_or_none(f"/api/v1/persistentvolumes/{quote(name, safe='')}")
         else:
             return lookup(kind, namespace, name)
-        return found if isinstance(found, Mapping) else None
+        return found
 
     return find
 

@@ -41,7 +41,7 @@ cd -- "$pod_dir" || exit 125
 
 # --- storage volumes (templates/pod-storage.sh.j2) ---
 # Storage: a failure is written to storage-failure (reason, then message) for
-# the pod's status, and ends the job before any container starts.
+# the pod's status, and ends the job.
 storage_failed() {
     printf '%s\n%s\n' "$1" "$2" >storage-failure.tmp &&
         mv -f -- storage-failure.tmp storage-failure
