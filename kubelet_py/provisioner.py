@@ -113,7 +113,7 @@ class Provisioner:
 
     api: StorageApi
     settings: ProvisionerSettings
-    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
 
     def ensure_class(self) -> None:
         """Create the StorageClass, the cluster's default, unless it exists (then the user's
