@@ -14,6 +14,8 @@ Kubernetes client blocks:
 - `events`: sends the binder's and the controller's Events (kubelet_py.events);
 - `tokens`: issues the service-account tokens of running pods' projected volumes again
   before they expire (kubelet_py.tokens);
+- `storage`, `claims-watch` and `volumes-watch`: the provisioner of the `hpk-local`
+  StorageClass (kubelet_py.provisioner), one folder per PersistentVolumeClaim;
 - `logserver`: the HTTPS kubelet API (`kubectl logs`, kubelet_py.logserver), when it has its
   certificate (`--tls-cert-file`); its port is bound before anything else, so a port that is
   taken ends the kubelet at once.
@@ -56,7 +58,15 @@ from kubelet_py.nodes import (
     partitions_from,
 )
 from kubelet_py.provider import ProviderSettings, SlurmProvider
+from kubelet_py.provisioner import (
+    CLAIMS_PATH,
+    VOLUMES_PATH,
+    KubeStorageApi,
+    Provisioner,
+    ProvisionerSettings,
+)
 from kubelet_py.slurm import SlurmClient, SubprocessRunner
+from kubelet_py.storage import with_claims
 from kubelet_py.tokens import TokenManager, TokenSettings
 from kubelet_py.watcher import JobView, JobWatcher
 
@@ -104,6 +114,9 @@ class KubeletSettings:
 
     tokens: TokenSettings = field(default_factory=TokenSettings)
     """When the pods' service-account tokens are issued again."""
+    volumes_dir: Path | None = None
+    """Where the provisioner of the `hpk-local` StorageClass keeps the claims' folders (on
+    the filesystem the compute nodes share); None: `<hpk home>/volumes`."""
 
 
 def _csv(text: str) -> tuple[str, ...]:
@@ -154,6 +167,13 @@ def parse_args(argv: Sequence[str] | None = None) -> KubeletSettings:
         type=Path,
         default=None,
         help="CA of the client certificates the kubelet API accepts (the cluster CA)",
+    )
+    parser.add_argument(
+        "--volumes-dir",
+        type=Path,
+        default=None,
+        help="folder of the hpk-local StorageClass's volumes, on the filesystem the compute "
+        "nodes share (default: <hpk home>/volumes)",
     )
     parser.add_argument("--node-ip", default=None, help="InternalIP of the nodes")
     parser.add_argument("--hostname", default=None, help="Hostname address of the nodes")
@@ -228,6 +248,7 @@ def parse_args(argv: Sequence[str] | None = None) -> KubeletSettings:
         connect_timeout_s=args.connect_timeout,
         pod_api_server=args.pod_api_server,
         tokens=tokens,
+        volumes_dir=args.volumes_dir,
     )
 
 
@@ -317,6 +338,7 @@ def run(  # noqa: PLR0915 (every thread's wiring, start and stop in one place)
     log_api = KubeApi(settings.kubeconfig)
     event_api = KubeApi(settings.kubeconfig)
     token_api = KubeApi(settings.kubeconfig)
+    storage_api = KubeApi(settings.kubeconfig)
     server: LogServer | None = None
     try:
         if settings.tls is not None:
@@ -365,10 +387,16 @@ def run(  # noqa: PLR0915 (every thread's wiring, start and stop in one place)
                     else service_endpoint(pod_api.server, node_ip=host.address)
                 ),
             ),
-            lookup=pod_api.get_config_object,
+            lookup=with_claims(pod_api.get_config_object, pod_api.get_or_none),
             tokens=tokens,
         )
         tokens.alive = provider.runs
+        provisioner = Provisioner(
+            api=KubeStorageApi(storage_api),
+            settings=ProvisionerSettings(root=settings.volumes_dir or home.root / "volumes"),
+        )
+        claims_watch = ListWatch(storage_api, CLAIMS_PATH)
+        volumes_watch = ListWatch(storage_api, VOLUMES_PATH)
 
         def partition_of(node_name: str) -> str | None:
             nodes = agent.current()
@@ -399,6 +427,9 @@ def run(  # noqa: PLR0915 (every thread's wiring, start and stop in one place)
             _thread("pods", lambda: controller.work(stop)),
             _thread("events", lambda: events.run(stop)),
             _thread("tokens", lambda: tokens.run(stop)),
+            _thread("storage", lambda: provisioner.run(storage_api, stop)),
+            _thread("claims-watch", lambda: provisioner.follow(claims_watch, claims=True)),
+            _thread("volumes-watch", lambda: provisioner.follow(volumes_watch, claims=False)),
         ]
         if server is not None:
             threads.append(server.start())
@@ -408,6 +439,8 @@ def run(  # noqa: PLR0915 (every thread's wiring, start and stop in one place)
         watch.stop()
         binder.stop()
         pods_watch.stop()
+        claims_watch.stop()
+        volumes_watch.stop()
         controller.stop()
         events.wake()
         tokens.wake()
@@ -432,6 +465,7 @@ def run(  # noqa: PLR0915 (every thread's wiring, start and stop in one place)
         log_api.close()
         event_api.close()
         token_api.close()
+        storage_api.close()
 
 
 def main(argv: Sequence[str] | None = None) -> int:

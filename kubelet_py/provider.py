@@ -33,6 +33,7 @@ from kubelet_py.inputs import ObjectLookup, PodInputs, needs_node_address, resol
 from kubelet_py.render import JOB_NAME_PREFIX, VOLUMES_DIR, RenderSettings, render_pod
 from kubelet_py.slurm import FINAL_STATES, ListedJob, SlurmError, SlurmUnavailable
 from kubelet_py.status import pod_status, read_markers
+from kubelet_py.storage import read_failure, resolve_claims, with_failure
 from kubelet_py.watcher import WAITING_STATES, JobView
 
 if TYPE_CHECKING:  # the manager is given; importing it would pull in the API client
@@ -238,7 +239,8 @@ class SlurmProvider:
         inputs = projected.with_tokens(
             inputs, made, {source: token.token for source, token in tokens.items()}
         )
-        rendered = render_pod(pod, render_settings, inputs=inputs)
+        claims = resolve_claims(pod, self.lookup)
+        rendered = render_pod(pod, render_settings, inputs=inputs, claims=claims)
         for _reason, warning in rendered.warnings:
             log.warning("%s: %s", key, warning)
         _write_volumes(folder, inputs)
@@ -310,12 +312,14 @@ class SlurmProvider:
             known = self._pods.get(f"{namespace}/{name}")
         if known is None:
             return None
-        return pod_status(
+        status = pod_status(
             known.pod.get("spec") or {},
             self.watcher.view(known.job_id),
             read_markers(known.folder),
             node_addresses=self.settings.node_addresses,
         )
+        # A job its storage ended (a hostPath check, an emptyDir over its sizeLimit) says why.
+        return with_failure(status, read_failure(known.folder))
 
     def get_pods(self) -> list[JSON]:
         with self._lock:

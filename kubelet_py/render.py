@@ -25,7 +25,7 @@ import os
 import re
 import shlex
 import sys
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
 from pathlib import PurePosixPath
 from types import MappingProxyType
@@ -41,6 +41,7 @@ from kubelet_py.resources import (
     resource_options,
 )
 from kubelet_py.security import NOT_HONOURED, JobUser, check_pod_context, container_identity
+from kubelet_py.storage import ClaimSource, StorageVolumes
 
 TEMPLATE = "pod.sbatch.j2"
 JOB_NAME_PREFIX = "hpk/"
@@ -278,14 +279,19 @@ class ContainerLaunch:
 
 
 def render_pod(
-    pod: Mapping[str, object], settings: RenderSettings, *, inputs: PodInputs | None = None
+    pod: Mapping[str, object],
+    settings: RenderSettings,
+    *,
+    inputs: PodInputs | None = None,
+    claims: Mapping[str, ClaimSource] | None = None,
 ) -> RenderedPod:
     """The job script, sbatch arguments and env files of `pod`.
 
     `inputs` holds what the pod reads from ConfigMaps and Secrets (kubelet_py.inputs.resolve).
     Raises InvalidPodSpec (naming the field) for a pod hpk cannot run as asked, and
     ImageNotResolved when `settings.images` lacks one of its images; a reference `inputs` does
-    not hold is the caller's error (ValueError).
+    not hold is the caller's error (ValueError). `claims` holds the volumes of the pod's
+    persistentVolumeClaim volumes (kubelet_py.storage.resolve_claims).
     """
     inputs = inputs or PodInputs()
     metadata = _mapping(pod.get("metadata"), "metadata")
@@ -302,7 +308,8 @@ def render_pod(
     if not isinstance(flags_text, str):
         raise InvalidPodSpec(FIELD, "must be a string")
     requested = parse_flags(flags_text)
-    volumes, config_volumes = _volumes(spec)
+    storage = StorageVolumes(claims=claims or {})
+    volumes, config_volumes = _volumes(spec, storage=storage)
     unresolved = sorted(config_volumes - set(inputs.volumes))
     if unresolved:
         raise ValueError(f"volume {unresolved[0]}: its ConfigMap or Secret was not resolved")
@@ -328,6 +335,7 @@ def render_pod(
                 inputs=inputs,
                 settings=settings,
                 gpus_by_flags=gpus_by_flags,
+                storage=storage,
                 warnings=warnings,
                 not_honoured=not_honoured,
             )
@@ -347,7 +355,10 @@ def render_pod(
         pod_dir=str(settings.pod_dir),
         apptainer=str(settings.apptainer),
         python=str(settings.python),
-        volume_dirs=sorted(_volume_dirs(volumes, config_volumes, init + main)),
+        volume_dirs=sorted(
+            _volume_dirs(volumes, config_volumes, init + main, managed=storage.managed)
+        ),
+        storage=storage.plan(),
         open_volume_dirs=any(
             "--security" in launch.options for group in launches.values() for launch in group
         ),
@@ -462,6 +473,7 @@ def _launch(
     gpus_by_flags: bool,
     warnings: list[tuple[str, str]],
     not_honoured: list[str],
+    storage: StorageVolumes,
 ) -> tuple[ContainerLaunch, str | None]:
     _check_container_fields(container, where)
     name = _name(container.get("name"), f"{where}.name", _DNS_LABEL)
@@ -520,6 +532,7 @@ def _launch(
                 config_volumes=config_volumes,
                 inputs=inputs,
                 pod_dir=settings.pod_dir,
+                read_only=storage.read_only,
             )
         ),
         arguments=tuple(command + arguments),
@@ -748,15 +761,24 @@ def _words(container: Mapping[str, object], key: str, where: str) -> list[str]:
     return [str(word) for word in words]
 
 
-def _volumes(spec: Mapping[str, object]) -> tuple[dict[str, str], frozenset[str]]:
-    """Volume name -> its folder relative to the pod folder; and the configMap and secret
-    volumes among them (the kubelet writes their files before submission)."""
+def _volumes(
+    spec: Mapping[str, object], *, storage: StorageVolumes
+) -> tuple[dict[str, str], frozenset[str]]:
+    """Volume name -> its folder relative to the pod folder (absolute for a hostPath or a
+    claim's volume); and the configMap and secret volumes among them (the kubelet writes their
+    files before submission). `storage` takes note of the storage volumes (hostPath, claims,
+    emptyDir medium and sizeLimit)."""
     volumes: dict[str, str] = {}
     config: set[str] = set()
     for index, volume in enumerate(_objects(spec.get("volumes"), "spec.volumes")):
         where = f"spec.volumes[{index}]"
         name = _name(volume.get("name"), f"{where}.name", _DNS_LABEL)
         sources = sorted(set(volume) - {"name"})
+        if len(sources) == 1 and sources[0] in _STORAGE_SOURCES:
+            if name in volumes:
+                raise InvalidPodSpec(f"{where}.name", f"volume {name} is defined twice")
+            volumes[name] = _storage_volume(storage, name, sources[0], volume, where)
+            continue
         if len(sources) != 1 or sources[0] not in {
             "emptyDir",
             *_CONFIG_SOURCES,
@@ -765,8 +787,8 @@ def _volumes(spec: Mapping[str, object]) -> tuple[dict[str, str], frozenset[str]
             kind = next((s for s in sources if s not in _CONFIG_SOURCES), "(none)")
             raise InvalidPodSpec(
                 f"{where}.{kind}",
-                f"volume {name}: only emptyDir, configMap, secret, projected and downwardAPI "
-                "volumes are supported yet",
+                f"volume {name}: only emptyDir, configMap, secret, projected, downwardAPI, "
+                "hostPath and persistentVolumeClaim volumes are supported",
             )
         if sources[0] in _PROJECTED_SOURCES:
             kind = sources[0]
@@ -776,14 +798,9 @@ def _volumes(spec: Mapping[str, object]) -> tuple[dict[str, str], frozenset[str]
                 raise InvalidPodSpec(f"{where}.{kind}.{unknown[0]}", "is not supported yet")
             config.add(name)  # kubelet_py.projected made its files
         elif sources[0] == "emptyDir":
-            empty_dir = _mapping(volume["emptyDir"], f"{where}.emptyDir")
-            if empty_dir.get("medium") not in (None, ""):
-                raise InvalidPodSpec(
-                    f"{where}.emptyDir.medium", "only the default medium is supported"
-                )
-            unknown = sorted(set(empty_dir) - {"medium"})
-            if unknown:
-                raise InvalidPodSpec(f"{where}.emptyDir.{unknown[0]}", "is not supported yet")
+            storage.empty_dir(
+                name, volume["emptyDir"], where=f"{where}.emptyDir", folder=f"{VOLUMES_DIR}/{name}"
+            )
         else:
             kind = sources[0]
             source = _mapping(volume[kind], f"{where}.{kind}")
@@ -797,6 +814,18 @@ def _volumes(spec: Mapping[str, object]) -> tuple[dict[str, str], frozenset[str]
     return volumes, frozenset(config)
 
 
+_STORAGE_SOURCES = frozenset({"hostPath", "persistentVolumeClaim"})
+
+
+def _storage_volume(
+    storage: StorageVolumes, name: str, kind: str, volume: Mapping[str, object], where: str
+) -> str:
+    """A hostPath or persistentVolumeClaim volume: the node's folder to bind."""
+    if kind == "hostPath":
+        return storage.host_path(name, volume[kind], where=f"{where}.hostPath")
+    return storage.claim(name, volume[kind], where=f"{where}.persistentVolumeClaim")
+
+
 def _binds(
     container: Mapping[str, object],
     *,
@@ -805,6 +834,7 @@ def _binds(
     config_volumes: frozenset[str],
     inputs: PodInputs,
     pod_dir: PurePosixPath,
+    read_only: Collection[str] = frozenset(),
 ) -> Iterator[str]:
     mounts = _objects(container.get("volumeMounts"), f"{where}.volumeMounts")
     for index, mount in enumerate(mounts):
@@ -833,8 +863,10 @@ def _binds(
         _check_bind_path(target, f"{at}.mountPath")
         spec = f"{pod_dir / source}:{target}"
         # configMap and secret volumes are read-only, as in Kubernetes.
-        read_only = mount.get("readOnly") is True or volume in config_volumes
-        yield f"{spec}:ro" if read_only else spec
+        bound_read_only = (
+            mount.get("readOnly") is True or volume in config_volumes or volume in read_only
+        )
+        yield f"{spec}:ro" if bound_read_only else spec
 
 
 def _with_parents(path: PurePosixPath) -> list[PurePosixPath]:
@@ -857,10 +889,17 @@ def _volume_dirs(
     volumes: Mapping[str, str],
     config_volumes: frozenset[str],
     containers: Sequence[Mapping[str, object]],
+    *,
+    managed: Collection[str] = frozenset(),
 ) -> set[str]:
     """Folders the script creates before any container starts: emptyDir volumes and their
-    subPaths (configMap and secret volumes are the kubelet's)."""
-    folders = {folder for name, folder in volumes.items() if name not in config_volumes}
+    subPaths (configMap and secret volumes are the kubelet's; the `managed` storage volumes'
+    own folders are the node's or the storage block's, their subPaths are made here)."""
+    folders = {
+        folder
+        for name, folder in volumes.items()
+        if name not in config_volumes and name not in managed
+    }
     for container in containers:
         for mount in _objects(container.get("volumeMounts"), "volumeMounts"):
             name = str(mount["name"])

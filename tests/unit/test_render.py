@@ -688,10 +688,10 @@ VOLUME_POD = pod(
 @pytest.mark.parametrize(
     ("volume", "field", "message"),
     [
-        ({"name": "data", "hostPath": {"path": "/"}}, "hostPath", "only emptyDir, configMap"),
+        ({"name": "data", "hostPath": {"path": "rel"}}, "hostPath.path", "absolute"),
         ({"name": "data", "projected": {"sources": [], "x": 1}}, "projected.x", "yet"),
         ({"name": "data", "downwardAPI": {"items": [], "x": 1}}, "downwardAPI.x", "yet"),
-        ({"name": "data", "persistentVolumeClaim": {}}, "persistentVolumeClaim", "only emptyDir"),
+        ({"name": "data", "persistentVolumeClaim": {}}, "persistentVolumeClaim.claimName", "empty"),
         ({"name": "data"}, "(none)", "only emptyDir"),
         (
             {"name": "data", "configMap": {"name": "c"}, "emptyDir": {}},
@@ -699,8 +699,8 @@ VOLUME_POD = pod(
             "only emptyDir",
         ),
         ({"name": "data", "secret": {"secretName": "s", "x": 1}}, "secret.x", "yet"),
-        ({"name": "data", "emptyDir": {"medium": "Memory"}}, "emptyDir.medium", "default medium"),
-        ({"name": "data", "emptyDir": {"sizeLimit": "1Gi"}}, "emptyDir.sizeLimit", "yet"),
+        ({"name": "data", "emptyDir": {"medium": "HugePages"}}, "emptyDir.medium", "supported"),
+        ({"name": "data", "emptyDir": {"sizeLimit": "lots"}}, "emptyDir.sizeLimit", "quantity"),
     ],
 )
 def test_volumes_hpk_cannot_honour_fail_the_pod(

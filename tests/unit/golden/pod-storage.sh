@@ -1,0 +1,128 @@
+#!/bin/bash
+# Slurm job of pod default/storage (uid u-1), rendered by hpk.
+# What it writes into the pod folder, and when: the job script contract in docs/kubelet.md.
+
+pod_dir=/home/alice/.hpk/pods/default/storage
+apptainer=/opt/apptainer/bin/apptainer
+python=/home/alice/hpk/.venv/bin/python
+containers="$pod_dir/containers"
+
+now() { date -u +%Y-%m-%dT%H:%M:%S.%NZ; }
+
+# A container that started and has no exit marker when the job is stopped is marked killed
+# (137). If its launcher outlives Slurm's KILL, it replaces the mark with the real code;
+# ln never replaces a marker the launcher wrote first.
+mark_killed() {
+    local marker="$containers/$1/exit"
+    [[ -e $containers/$1/started && ! -e $marker ]] || return 0
+    printf '137 %s\n' "$2" >"$marker.trap" && ln -- "$marker.trap" "$marker" 2>/dev/null
+    rm -f -- "$marker.trap"
+}
+
+# Mark the containers, pass TERM to their launchers, and wait for them.
+stopped=0
+stop() {
+    ((stopped)) && return 0
+    stopped=1
+    local running at name
+    running=$(jobs -pr)
+    at=$(now)
+    for name in main; do
+        mark_killed "$name" "$at"
+    done
+    [[ -z $running ]] || kill -TERM $running 2>/dev/null
+    wait
+}
+trap 'trap "" TERM INT; stop; exit 143' TERM
+trap 'trap "" TERM INT; stop; exit 130' INT
+trap stop EXIT
+
+cd -- "$pod_dir" || exit 125
+
+# --- storage volumes (templates/pod-storage.sh.j2) ---
+# Storage: a failure is written to storage-failure (reason, then message) for
+# the pod's status, and ends the job.
+storage_failed() {
+    printf '%s\n%s\n' "$1" "$2" >storage-failure.tmp &&
+        mv -f -- storage-failure.tmp storage-failure
+    printf 'hpk: %s\n' "$2" >&2
+}
+
+# hostPath volumes (and the folders of claims): the node's path, checked as its type says.
+host_path() {
+    local problem=""
+    case $2 in
+    DirectoryOrCreate)
+        [[ -d $3 ]] || mkdir -p -m 0755 -- "$3" 2>/dev/null ||
+            problem="is not a directory and cannot be created" ;;
+    Directory) [[ -d $3 ]] || problem="is not a directory" ;;
+    FileOrCreate)
+        [[ -f $3 ]] || { [[ ! -e $3 ]] && mkdir -p -- "$(dirname -- "$3")" 2>/dev/null &&
+            (umask 022 && : >>"$3") 2>/dev/null; } || problem="is not a file and cannot be created" ;;
+    File) [[ -f $3 ]] || problem="is not a file" ;;
+    Socket) [[ -S $3 ]] || problem="is not a socket" ;;
+    CharDevice) [[ -c $3 ]] || problem="is not a character device" ;;
+    BlockDevice) [[ -b $3 ]] || problem="is not a block device" ;;
+    esac
+    [[ -z $problem ]] && return 0
+    storage_failed FailedMount \
+        "volume \"$1\": hostPath \"$3\" (type $2) $problem on node ${SLURMD_NODENAME:-$(hostname)}"
+    exit 125
+}
+host_path h FileOrCreate /scratch/in
+host_path c '' /home/alice/.hpk/volumes/pvc-1
+
+# Memory emptyDirs: a folder of this job under /dev/shm (node-local
+# memory), reached through a link in the pod folder, removed when the job ends.
+shm_dir=$(mktemp -d -- /dev/shm/hpk-job-"${SLURM_JOB_ID:-$$}".XXXXXX) || {
+    storage_failed FailedMount "cannot create a folder under "/dev/shm" for the memory emptyDirs"
+    exit 125
+}
+trap 'stop; rm -rf -- "$shm_dir"' EXIT
+mkdir -p -- volumes || exit 125
+mkdir -- "$shm_dir"/m && rm -rf -- volumes/m &&
+    ln -s -- "$shm_dir"/m volumes/m || exit 125
+
+# emptyDir size limits, measured every 5 s: a volume over its limit
+# evicts the pod (its containers get TERM), as Kubernetes does.
+over_limit() {
+    local used
+    used=$(du -sk -- "$2/" 2>/dev/null | cut -f 1) && [[ -n $used ]] || return 1
+    ((used * 1024 > $3)) || return 1
+    storage_failed Evicted "Usage of EmptyDir volume \"$1\" exceeds the limit \"$4\"."
+}
+(
+    while sleep 5; do
+        if over_limit m volumes/m 67108864 64Mi; then
+            kill -TERM $$
+            exit 0
+        fi
+    done
+) &
+
+# --- end of storage volumes ---
+mkdir -p -- "$containers" || exit 125
+
+# Apptainer's options for this user on this node: --no-privs as root, --unsquash without FUSE.
+options=$("$python" -I -m hpk.apptainer) || exit 125
+read -r -a run_options <<<"$options"
+
+# Containers, side by side. The job's code is the first non-zero one, in the pod's order.
+main_pids=()
+
+# main: docker.io/library/busybox:latest
+"$python" -I -m kubelet_py.launch --image /images/busybox.sif "$containers"/main -- \
+    "$apptainer" --quiet exec "${run_options[@]}" --cleanenv --no-eval --pwd / \
+    --bind /scratch/in:/in \
+    --bind /home/alice/.hpk/pods/default/storage/volumes/m:/m \
+    --bind /home/alice/.hpk/volumes/pvc-1:/c:ro \
+    /images/busybox.sif true &
+main_pids+=("$!")
+
+code=0
+for pid in "${main_pids[@]}"; do
+    wait "$pid"
+    status=$?
+    ((code != 0)) || code=$status
+done
+exit "$code"
