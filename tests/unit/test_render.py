@@ -11,6 +11,7 @@ import os
 import re
 import shlex
 import subprocess
+import sys
 from collections.abc import Mapping
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -817,3 +818,82 @@ def test_a_sidecar_restarts_always_and_gets_the_grace_period() -> None:
 def test_a_sidecar_needs_a_grace_period_in_seconds(grace: object) -> None:
     error = refused(with_changes(RESTARTS, "spec/terminationGracePeriodSeconds", grace))
     assert error.field == "spec.terminationGracePeriodSeconds"
+
+
+# The job script run for real by bash, with the real launcher, and an "apptainer" that runs
+# the words after the SIF file: the order in which sidecars and containers start and stop.
+FAKE_APPTAINER = """#!/bin/bash
+while [[ $# -gt 0 && $1 != *.sif ]]; do shift; done
+shift
+exec "$@"
+"""
+
+
+def run_job(tmp_path: Path, the_pod: Pod) -> tuple[subprocess.CompletedProcess[str], Path]:
+    apptainer = tmp_path / "apptainer"
+    apptainer.write_text(FAKE_APPTAINER)
+    apptainer.chmod(0o755)
+    sif = tmp_path / "busybox.sif"
+    sif.write_bytes(b"")
+    pod_dir = tmp_path / "pod"
+    pod_dir.mkdir()
+    rendered = render_pod(
+        the_pod,
+        settings(
+            pod_dir=PurePosixPath(pod_dir),
+            apptainer=PurePosixPath(apptainer),
+            python=PurePosixPath(sys.executable),
+            images={"busybox": PurePosixPath(sif)},
+        ),
+    )
+    (pod_dir / "job.sh").write_text(rendered.script)
+    result = subprocess.run(
+        ["bash", str(pod_dir / "job.sh")], capture_output=True, text=True, timeout=60, check=False
+    )
+    return result, pod_dir / "containers"
+
+
+def marker_time(containers: Path, name: str, marker: str) -> str:
+    return (containers / name / marker).read_text().split()[-1]
+
+
+def shell(name: str, script: str, **fields: Any) -> Pod:
+    return {"name": name, "image": "busybox", "command": ["sh", "-c", script], **fields}
+
+
+def test_a_sidecar_starts_before_the_next_container_and_stops_after_the_last(
+    tmp_path: Path,
+) -> None:
+    the_pod = pod(
+        "sidecar",
+        shell("main", "sleep 0.5; echo main"),
+        initContainers=[
+            shell(
+                "proxy",
+                "trap 'echo bye; exit 0' TERM; echo up; while :; do sleep 0.05; done",
+                restartPolicy="Always",
+            ),
+            shell("after", "true"),
+        ],
+    )
+    result, containers = run_job(tmp_path, the_pod)
+    assert result.returncode == 0, result.stderr
+    assert marker_time(containers, "proxy", "started") < marker_time(containers, "after", "started")
+    assert marker_time(containers, "main", "exit") < marker_time(containers, "proxy", "exit")
+    assert (containers / "proxy" / "exit").read_text().startswith("0 ")
+    log = (containers / "proxy" / "log").read_text().splitlines()
+    assert [line.split(" ", 2)[2] for line in log] == ["up", "bye"]
+
+
+def test_a_sidecar_that_ignores_term_is_killed_after_the_grace_period(tmp_path: Path) -> None:
+    the_pod = pod(
+        "stubborn",
+        shell("main", "exit 3"),
+        initContainers=[
+            shell("proxy", "trap '' TERM; while :; do sleep 0.05; done", restartPolicy="Always")
+        ],
+        terminationGracePeriodSeconds=1,
+    )
+    result, containers = run_job(tmp_path, the_pod)
+    assert result.returncode == 3, result.stderr  # main's code, not the sidecar's
+    assert (containers / "proxy" / "exit").read_text().startswith("137 ")
