@@ -189,3 +189,50 @@ def test_a_sidecar_runs_beside_the_container_and_is_stopped_after_it(
     # Well before the 5 s grace period ran out: TERM ended the sidecar's shell.
     gap = marker_time("proxy", "exit") - marker_time("main", "exit")
     assert gap.total_seconds() < 5, gap
+
+
+def test_a_deployment_replaces_a_pod_whose_job_was_cancelled(cluster: PodCluster) -> None:
+    labels = {"app": "web"}
+    cluster.apply(
+        {
+            "apiVersion": "apps/v1",
+            "kind": "Deployment",
+            "metadata": {"name": "web", "namespace": NAMESPACE},
+            "spec": {
+                "replicas": 1,
+                "selector": {"matchLabels": labels},
+                "template": {
+                    "metadata": {"labels": labels},
+                    "spec": {
+                        "automountServiceAccountToken": False,
+                        "containers": [busybox("main", "echo serving; sleep 3600")],
+                    },
+                },
+            },
+        }
+    )
+
+    def web_pods() -> dict[str, dict[str, Any]]:
+        return {
+            name: found
+            for name, found in cluster.pods().items()
+            if found["metadata"].get("labels", {}).get("app") == "web"
+        }
+
+    def one_running() -> dict[str, Any] | None:
+        running = [p for p in web_pods().values() if p["status"].get("phase") == "Running"]
+        return running[0] if running else None
+
+    first = eventually("the Deployment's pod Running", one_running, timeout=120)
+    assert first["spec"]["restartPolicy"] == "Always"
+    subprocess.run(["scancel", first["metadata"]["annotations"][JOB_ID]], check=True, timeout=30)
+    failed = cluster.phase(first["metadata"]["name"], "Failed", timeout=90)
+    assert failed["status"]["reason"] == "Cancelled", failed["status"]
+
+    def replaced() -> dict[str, Any] | None:
+        found = one_running()
+        return found if found and found["metadata"]["name"] != first["metadata"]["name"] else None
+
+    second = eventually("a new pod of the Deployment Running", replaced, timeout=120)
+    assert second["metadata"]["annotations"][JOB_ID] != first["metadata"]["annotations"][JOB_ID]
+    cluster.kubectl("delete", "deployment", "-n", NAMESPACE, "web", "--wait=false")
