@@ -16,7 +16,15 @@ stdout and stderr in the order they arrived as closely as two pipes allow.
 
 TERM, INT and HUP are passed on to COMMAND; this process keeps reading until COMMAND has ended,
 so the exit marker holds the container's real code (143 after TERM) unless Slurm's KILL ends
-everything first, in which case the job script's trap has already written 137.
+everything first, in which case the job script's trap has already written 137. With
+`--grace SECONDS`, COMMAND (its whole process group) gets KILL that long after the first
+signal, so a container that ignores TERM still ends (sidecars stopped by the job script).
+
+`--restart OnFailure|Always` runs COMMAND again when it ends (OnFailure: with a non-zero
+code), after Kubernetes' back-off (`Backoff`), until a signal comes: that is how a pod's
+restartPolicy and a native sidecar's are honoured inside one Slurm job. Before each new run
+the previous run's end goes to CONTAINER_DIR/last, its log to CONTAINER_DIR/log.previous, and
+the count to CONTAINER_DIR/restarts; CONTAINER_DIR/backoff exists while it waits.
 
 It runs on compute nodes and must start fast: stdlib only, nothing else of kubelet_py.
 """
@@ -25,13 +33,15 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import math
 import os
 import selectors
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
 
@@ -45,6 +55,11 @@ bounded when a program writes without newlines."""
 DRAIN_SECONDS = 2.0
 """How long to keep reading after COMMAND ended, for output still in the pipes. A background
 process that keeps the pipes open longer loses what it writes after that."""
+
+NEVER = "Never"
+ON_FAILURE = "OnFailure"
+ALWAYS = "Always"
+RESTART_POLICIES = (NEVER, ON_FAILURE, ALWAYS)
 
 _READ_SIZE = 1 << 16
 _POLL_SECONDS = 0.2
@@ -112,29 +127,147 @@ def exit_code(returncode: int) -> int:
     return 128 - returncode if returncode < 0 else returncode
 
 
-def launch(container_dir: Path, command: Sequence[str], *, image: Path | None = None) -> int:
-    """Run one container as the module docstring says; returns its exit code."""
-    received: list[int] = []
+@dataclass
+class Backoff:
+    """Kubernetes' restart back-off: 10 s before the first restart, doubling up to 5 min, and
+    back to 10 s once a run has lasted 10 min."""
+
+    initial: float = 10.0
+    """Seconds before the first restart."""
+    cap: float = 300.0
+    """The longest wait."""
+    reset_after: float = 600.0
+    """A run at least this long (seconds) starts the doubling again."""
+    _streak: int = field(default=0, init=False)
+
+    def delay(self, *, ran: float) -> float:
+        """Seconds to wait before the next run, after a run of `ran` seconds."""
+        if ran >= self.reset_after:
+            self._streak = 0
+        wait = min(math.ldexp(self.initial, min(self._streak, 32)), self.cap)
+        self._streak += 1
+        return wait
+
+
+@dataclass(frozen=True)
+class Clock:
+    """Where the restart loop reads time and waits (real by default; tests pass a fake)."""
+
+    monotonic: Callable[[], float] = time.monotonic
+    """Seconds from an arbitrary start, never going back."""
+    sleep: Callable[[float], None] = time.sleep
+    """Wait this many seconds (a signal may cut it short)."""
+
+
+@dataclass
+class _Signals:
+    """The signals received so far, and the container's process they go to."""
+
+    received: list[int] = field(default_factory=list)
+    first_at: float | None = None
+    """time.monotonic() when the first signal came."""
     child: subprocess.Popen[bytes] | None = None
 
+
+def restarts(policy: str, code: int) -> bool:
+    """Whether a container under `policy` runs again after ending with `code`."""
+    return policy == ALWAYS or (policy == ON_FAILURE and code != 0)
+
+
+def launch(
+    container_dir: Path,
+    command: Sequence[str],
+    *,
+    image: Path | None = None,
+    restart: str = NEVER,
+    grace: float | None = None,
+    backoff: Backoff | None = None,
+    clock: Clock | None = None,
+) -> int:
+    """Run one container as the module docstring says; returns its (last run's) exit code."""
+    if restart not in RESTART_POLICIES:
+        raise ValueError(f"restart policy {restart!r} is none of {RESTART_POLICIES}")
+    backoff = backoff or Backoff()
+    clock = clock or Clock()
+    signals = _Signals()
+
     def forward(signum: int, _frame: FrameType | None) -> None:
-        received.append(signum)
+        signals.received.append(signum)
+        if signals.first_at is None:
+            signals.first_at = time.monotonic()
+        child = signals.child
         if child is not None and child.returncode is None:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(child.pid, signum)
 
     for signum in _FORWARDED:
         signal.signal(signum, forward)
-    if received:  # stopped before it started: the container never ran, so no markers
-        return 128 + received[0]
+    if signals.received:  # stopped before it started: the container never ran, so no markers
+        return 128 + signals.received[0]
 
     container_dir.mkdir(parents=True, exist_ok=True)
+    count = 0
+    while True:
+        began = clock.monotonic()
+        code = _run(container_dir, command, image=image, signals=signals, grace=grace)
+        if signals.received or not restarts(restart, code):
+            return code
+        delay = backoff.delay(ran=clock.monotonic() - began)
+        until = rfc3339(time.time_ns() + int(delay * 1e9))
+        write_marker(container_dir / "backoff", f"{delay:g} {until}")
+        if not _pause(delay, signals=signals, clock=clock):
+            (container_dir / "backoff").unlink(missing_ok=True)
+            return code
+        count += 1
+        _keep_previous(container_dir, count)
+
+
+def _pause(seconds: float, *, signals: _Signals, clock: Clock) -> bool:
+    """Wait `seconds`, in short steps; False when a signal came meanwhile."""
+    end = clock.monotonic() + seconds
+    while not signals.received:
+        left = end - clock.monotonic()
+        if left <= 0:
+            return True
+        clock.sleep(min(left, _POLL_SECONDS))
+    return False
+
+
+def _keep_previous(container_dir: Path, count: int) -> None:
+    """Before run `count` + 1: the ended run's markers to `last`, its log to `log.previous`."""
+    started = _read(container_dir / "started")
+    code, _, finished = _read(container_dir / "exit").partition(" ")
+    write_marker(container_dir / "last", f"{code} {started} {finished}")
+    with contextlib.suppress(FileNotFoundError):
+        os.replace(container_dir / "log", container_dir / "log.previous")
+    write_marker(container_dir / "restarts", str(count))
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text().strip()
+    except OSError:
+        return ""
+
+
+def _run(
+    container_dir: Path,
+    command: Sequence[str],
+    *,
+    image: Path | None,
+    signals: _Signals,
+    grace: float | None,
+) -> int:
+    """One run of the container: `started`, the log, `exit`."""
     fd = os.open(
         container_dir / "log", os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600
     )
     log = LogWriter(fd)
     try:
         write_marker(container_dir / "started", rfc3339(time.time_ns()))
+        # A new run: the markers of the one before go, so readers see it running.
+        for stale in ("exit", "backoff"):
+            (container_dir / stale).unlink(missing_ok=True)
         if image is not None and not os.access(image, os.R_OK):
             log.line("stderr", f"hpk: cannot read the image file {image}", now=time.time_ns())
             code = IMAGE_CANNOT_RUN
@@ -145,14 +278,19 @@ def launch(container_dir: Path, command: Sequence[str], *, image: Path | None = 
                     stdin=subprocess.DEVNULL,
                     stdout=subprocess.PIPE,
                     stderr=subprocess.PIPE,
+                    # Its own process group, so that KILL after the grace period reaches
+                    # every process of the container.
+                    start_new_session=grace is not None,
                 )
             except OSError as error:
                 log.line("stderr", f"hpk: cannot start {command[0]}: {error}", now=time.time_ns())
                 code = IMAGE_CANNOT_RUN
             else:
-                if received:  # a signal came between the check above and the start
-                    os.kill(child.pid, received[-1])
-                code = _pump(child, log)
+                signals.child = child
+                if signals.received:  # a signal came between the check above and the start
+                    os.kill(child.pid, signals.received[-1])
+                code = _pump(child, log, kill=_killer(child, signals=signals, grace=grace))
+                signals.child = None
         log.close(now=time.time_ns())
     finally:
         os.close(fd)
@@ -160,7 +298,27 @@ def launch(container_dir: Path, command: Sequence[str], *, image: Path | None = 
     return code
 
 
-def _pump(child: subprocess.Popen[bytes], log: LogWriter) -> int:
+def _killer(
+    child: subprocess.Popen[bytes], *, signals: _Signals, grace: float | None
+) -> Callable[[], None]:
+    """Called while the container runs: KILL its process group once the grace is over."""
+    killed = False
+
+    def check() -> None:
+        nonlocal killed
+        if killed or grace is None or signals.first_at is None:
+            return
+        if time.monotonic() - signals.first_at >= grace and child.poll() is None:
+            killed = True
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(child.pid, signal.SIGKILL)
+
+    return check
+
+
+def _pump(
+    child: subprocess.Popen[bytes], log: LogWriter, *, kill: Callable[[], None] = lambda: None
+) -> int:
     assert child.stdout is not None and child.stderr is not None
     with selectors.DefaultSelector() as selector:
         selector.register(child.stdout, selectors.EVENT_READ, "stdout")
@@ -176,6 +334,7 @@ def _pump(child: subprocess.Popen[bytes], log: LogWriter) -> int:
                     log.feed(key.data, data, now=time.time_ns())
                 else:
                     selector.unregister(key.fileobj)
+            kill()
             if drain_until is None and child.poll() is not None:
                 drain_until = time.monotonic() + DRAIN_SECONDS
             elif drain_until is not None and time.monotonic() >= drain_until:
@@ -188,17 +347,34 @@ def _pump(child: subprocess.Popen[bytes], log: LogWriter) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     words = list(sys.argv[1:] if argv is None else argv)
     if "--" not in words:
-        print("usage: python -m kubelet_py.launch [--image SIF] DIR -- COMMAND...", file=sys.stderr)
+        print(
+            "usage: python -m kubelet_py.launch [--image SIF] [--restart POLICY] "
+            "[--grace SECONDS] DIR -- COMMAND...",
+            file=sys.stderr,
+        )
         return 2
     split = words.index("--")
     parser = argparse.ArgumentParser(prog="python -m kubelet_py.launch")
     parser.add_argument("--image", type=Path, help="the SIF file COMMAND runs; 125 if unreadable")
+    parser.add_argument(
+        "--restart",
+        choices=RESTART_POLICIES,
+        default=NEVER,
+        help="run COMMAND again when it ends (OnFailure: with a non-zero code), with back-off",
+    )
+    parser.add_argument(
+        "--grace",
+        type=float,
+        help="KILL COMMAND's process group this many seconds after the first signal",
+    )
     parser.add_argument("container_dir", type=Path, help="the container's folder in the pod")
     args = parser.parse_args(words[:split])
     command = words[split + 1 :]
     if not command:
         parser.error("no COMMAND after --")
-    return launch(args.container_dir, command, image=args.image)
+    return launch(
+        args.container_dir, command, image=args.image, restart=args.restart, grace=args.grace
+    )
 
 
 if __name__ == "__main__":

@@ -53,8 +53,8 @@ IDLE_TIMEOUT_S = 60.0
 """A connection with no request (or a client that stops reading) for this long is closed."""
 
 PREVIOUS_LOG = "log.previous"
-"""Reserved in a container's folder for the log of its previous run. Containers never restart
-today, so nothing writes it; a later restart feature renames `log` to it before a new run."""
+"""The log of a container's previous run, in its folder: the launcher renames `log` to it
+before it runs a restarted container again."""
 
 ALLOWED_USERS = frozenset({"kube-apiserver-kubelet-client"})
 """Client certificate CNs that may use the API (the API server's kubelet-client identity)."""

@@ -50,6 +50,7 @@ from kubelet_py.binder import Binder, BinderSettings, unbound_pods
 from kubelet_py.controller import BOUND_PODS, PodController
 from kubelet_py.events import EventRecorder
 from kubelet_py.logserver import LogServer, LookupUnavailable, PodLookup, ServerTLS
+from kubelet_py.markerwatch import MarkerWatch
 from kubelet_py.nodes import (
     HostInfo,
     NodeAgent,
@@ -408,6 +409,7 @@ def run(  # noqa: PLR0915 (every thread's wiring, start and stop in one place)
 
         changed.append(provider.job_changed)
         controller = PodController(pod_api, provider, partition_of=partition_of, events=events)
+        markers = MarkerWatch(provider.running_folders, provider.markers_changed)
         binder = Binder(
             binder_api,
             nodes=agent.current,
@@ -430,6 +432,7 @@ def run(  # noqa: PLR0915 (every thread's wiring, start and stop in one place)
             _thread("storage", lambda: provisioner.run(storage_api, stop)),
             _thread("claims-watch", lambda: provisioner.follow(claims_watch, claims=True)),
             _thread("volumes-watch", lambda: provisioner.follow(volumes_watch, claims=False)),
+            _thread("markers", lambda: markers.run(stop)),
         ]
         if server is not None:
             threads.append(server.start())

@@ -349,6 +349,25 @@ class SlurmProvider:
         for callback in callbacks:
             callback(key)
 
+    def running_folders(self) -> list[tuple[str, Path]]:
+        """(key, pod folder) of the pods whose job runs now: where containers may restart
+        while Slurm's state stays the same (kubelet_py.markerwatch looks at them)."""
+        with self._lock:
+            known = [(key, pod.job_id, pod.folder) for key, pod in self._pods.items()]
+        running = []
+        for key, job_id, folder in known:
+            view = self.watcher.view(job_id)
+            if view is not None and not view.final and view.state not in WAITING_STATES:
+                running.append((key, folder))
+        return running
+
+    def markers_changed(self, key: str) -> None:
+        """The marker watch's callback: the pod's containers wrote markers; like job_changed."""
+        with self._lock:
+            callbacks = list(self._callbacks)
+        for callback in callbacks:
+            callback(key)
+
     def job_view(self, key: str) -> JobView | None:
         """What the watcher last learnt of the pod's job; None before Slurm listed it."""
         job_id = self.job_id(key)

@@ -115,7 +115,11 @@ _CONTAINER_HONOURED = frozenset(
         "volumeMounts",
     }
 )
-_CONTAINER_CHECKED = frozenset({"stdin", "stdinOnce", "tty", "securityContext"})
+_CONTAINER_CHECKED = frozenset({"stdin", "stdinOnce", "tty", "securityContext", "restartPolicy"})
+_RESTART_POLICIES = ("Always", "OnFailure", "Never")
+DEFAULT_GRACE_SECONDS = 30
+"""Kubernetes' default terminationGracePeriodSeconds: how long a sidecar has between TERM and
+KILL once the main containers have ended."""
 _CONTAINER_ELSEWHERE: Mapping[str, str] = MappingProxyType(
     {
         "imagePullPolicy": "images are pulled into the SIF cache before rendering",
@@ -276,6 +280,13 @@ class ContainerLaunch:
     """Variables the script sets to the node's address (`status.podIP`, `status.hostIP`)."""
     srun: bool = False
     """Started once per Slurm task, through srun and kubelet_py.task."""
+    restart: str = "Never"
+    """When the launcher runs the container again: `Never`, `OnFailure` or `Always`."""
+    sidecar: bool = False
+    """An init container with `restartPolicy: Always` (a native sidecar): the next container
+    starts once it has started, and it runs until the main containers have ended."""
+    grace: int | None = None
+    """Seconds between the TERM that stops a sidecar and the KILL; None for other containers."""
 
 
 def render_pod(
@@ -326,9 +337,10 @@ def render_pod(
     launches: dict[str, list[ContainerLaunch]] = {"initContainers": [], "containers": []}
     for key, containers in (("initContainers", init), ("containers", main)):
         for index, container in enumerate(containers):
+            where = f"spec.{key}[{index}]"
             launch, environment = _launch(
                 container,
-                where=f"spec.{key}[{index}]",
+                where=where,
                 pod=pod,
                 volumes=volumes,
                 config_volumes=config_volumes,
@@ -339,6 +351,8 @@ def render_pod(
                 warnings=warnings,
                 not_honoured=not_honoured,
             )
+            restart, grace = _restart(container, where, init=key == "initContainers", spec=spec)
+            launch = replace(launch, restart=restart, sidecar=grace is not None, grace=grace)
             if key == "containers" and launch.name == srun_container:
                 launch = replace(launch, srun=True)
             launches[key].append(launch)
@@ -913,11 +927,8 @@ def _check_pod_fields(spec: Mapping[str, object]) -> None:
     if unknown:
         raise InvalidPodSpec(f"spec.{unknown[0]}", "is not supported yet")
     policy = spec.get("restartPolicy", "Always")
-    if policy != "Never":
-        raise InvalidPodSpec(
-            "spec.restartPolicy",
-            f"{policy!r} is not supported yet: hpk runs each container once (use Never)",
-        )
+    if policy not in _RESTART_POLICIES:
+        raise InvalidPodSpec("spec.restartPolicy", f"{policy!r} is none of {_RESTART_POLICIES}")
     dns_policy = spec.get("dnsPolicy", "ClusterFirst")
     if dns_policy not in _DNS_POLICIES:
         raise InvalidPodSpec("spec.dnsPolicy", f"{dns_policy!r} is not supported yet")
@@ -934,6 +945,34 @@ def _check_container_fields(container: Mapping[str, object], where: str) -> None
     for key in ("stdin", "stdinOnce", "tty"):
         if container.get(key):
             raise InvalidPodSpec(f"{where}.{key}", "containers in Slurm jobs have no input")
+
+
+def _restart(
+    container: Mapping[str, object], where: str, *, init: bool, spec: Mapping[str, object]
+) -> tuple[str, int | None]:
+    """How the launcher restarts the container: the pod's restartPolicy (init containers are
+    retried until they succeed unless it is Never), or a native sidecar's own `Always`; and
+    a sidecar's grace period (None: not a sidecar)."""
+    pod_policy = str(spec.get("restartPolicy", "Always"))
+    own = container.get("restartPolicy")
+    if own is None:
+        if init:
+            return ("Never" if pod_policy == "Never" else "OnFailure"), None
+        return pod_policy, None
+    if not init:
+        raise InvalidPodSpec(
+            f"{where}.restartPolicy", "only init containers may set it (to Always: a sidecar)"
+        )
+    if own != "Always":
+        raise InvalidPodSpec(
+            f"{where}.restartPolicy", f"{own!r}: an init container may only set Always (a sidecar)"
+        )
+    grace = spec.get("terminationGracePeriodSeconds", DEFAULT_GRACE_SECONDS)
+    if isinstance(grace, bool) or not isinstance(grace, int) or grace < 0:
+        raise InvalidPodSpec(
+            "spec.terminationGracePeriodSeconds", f"{grace!r} is no number of seconds"
+        )
+    return "Always", grace
 
 
 def _check_unique_names(*groups: Sequence[Mapping[str, object]]) -> None:

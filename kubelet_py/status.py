@@ -4,7 +4,8 @@ This module exists so that the mapping from Slurm's world (job states, reasons, 
 Kubernetes' (phases, conditions, container states) is one pure function that unit tests can
 check case by case. It touches nothing: `pod_status` takes plain data and returns the status
 as the API's JSON shape, and `read_markers` is its only reader, of the pod folder's
-`containers/<name>/started` and `exit` files.
+`containers/<name>/` markers (`started`, `exit`, and for restarted containers `restarts`,
+`last` and `backoff`).
 
 The job's view is whatever has the attributes of `JobFacts` (the watcher's `JobView` has), so
 this module needs neither the watcher nor the Slurm adapter.
@@ -85,6 +86,12 @@ class ContainerMarkers:
     """How it ended (the `exit` file): its code, or 128 + the signal that killed it."""
     finished_at: datetime | None = None
     """When it ended (the `exit` file)."""
+    restarts: int = 0
+    """How many times it was started again (the `restarts` file)."""
+    last: ContainerMarkers | None = None
+    """The run before the current one (the `last` file), once it has restarted."""
+    backoff_seconds: float | None = None
+    """While it waits to be started again (the `backoff` file): how long the wait is."""
 
 
 @dataclass(frozen=True)
@@ -171,11 +178,24 @@ def pod_status(
         _container_status(c, fresh.get(c["name"]), job=job, outcome=outcome, init=True)
         for c in init_specs
     ]
+    # A sidecar has done its part for the next container once it has started; its exit
+    # (TERM once the containers have ended) is no failure.
+    sidecars = {c["name"] for c in init_specs if is_sidecar(c)}
     init_exits = {
-        c["name"]: fresh[c["name"]].exit_code if c["name"] in fresh else None for c in init_specs
+        c["name"]: fresh[c["name"]].exit_code if c["name"] in fresh else None
+        for c in init_specs
+        if c["name"] not in sidecars
     }
     failed_init = next((name for name, code in init_exits.items() if code not in (None, 0)), None)
-    incomplete = [name for name, code in init_exits.items() if code != 0]
+    incomplete = [
+        c["name"]
+        for c in init_specs
+        if (
+            fresh.get(c["name"], ContainerMarkers()).started_at is None
+            if c["name"] in sidecars
+            else init_exits[c["name"]] != 0
+        )
+    ]
     initialized = not incomplete
     main_statuses = [
         _container_status(
@@ -202,6 +222,7 @@ def pod_status(
         init_statuses=init_statuses,
         main_statuses=main_statuses,
         incomplete=incomplete,
+        sidecars=sidecars,
     )
     status["conditions"] = conditions
     host_ip = _host_ip(job, node_addresses or {}) if started else None
@@ -236,9 +257,62 @@ def read_markers(pod_dir: Path) -> dict[str, ContainerMarkers]:
         started_at = _read_time(entry / "started")
         exit_code, finished_at = _read_exit(entry / "exit")
         found[entry.name] = ContainerMarkers(
-            started_at=started_at, exit_code=exit_code, finished_at=finished_at
+            started_at=started_at,
+            exit_code=exit_code,
+            finished_at=finished_at,
+            restarts=_read_restarts(entry / "restarts"),
+            last=_read_last(entry / "last"),
+            backoff_seconds=_read_backoff(entry / "backoff"),
         )
     return found
+
+
+def _read_restarts(path: Path) -> int:
+    text = _read_text(path)
+    if text is None:
+        return 0
+    try:
+        return max(0, int(text))
+    except ValueError:
+        log.warning("%s holds no count: %r", path, text[:80])
+        return 0
+
+
+def _read_last(path: Path) -> ContainerMarkers | None:
+    """The `last` file: "<exit code> <started> <finished>" of the run before the current."""
+    text = _read_text(path)
+    if text is None:
+        return None
+    words = text.split()
+    try:
+        code = int(words[0])
+    except (IndexError, ValueError):
+        log.warning("%s holds no exit code: %r", path, text[:80])
+        return None
+    times = [parse_marker_time(word) for word in words[1:3]] + [None, None]
+    return ContainerMarkers(started_at=times[0], exit_code=code, finished_at=times[1])
+
+
+def _read_backoff(path: Path) -> float | None:
+    """The `backoff` file: "<seconds> <until>"; present while the container waits."""
+    text = _read_text(path)
+    if text is None:
+        return None
+    try:
+        return float(text.split()[0])
+    except (IndexError, ValueError):
+        log.warning("%s holds no back-off: %r", path, text[:80])
+        return None
+
+
+def _read_text(path: Path) -> str | None:
+    try:
+        return path.read_text().strip()
+    except FileNotFoundError:
+        return None
+    except OSError as error:
+        log.warning("cannot read %s: %s", path, error)
+        return None
 
 
 def parse_marker_time(text: str) -> datetime | None:
@@ -282,6 +356,11 @@ def _read_exit(path: Path) -> tuple[int | None, datetime | None]:
         log.warning("%s holds no exit code: %r", path, text[:80])
         return None, None
     return code, parse_marker_time(time_text)
+
+
+def is_sidecar(container: Mapping[str, Any]) -> bool:
+    """An init container that runs beside the containers (Kubernetes' native sidecar)."""
+    return container.get("restartPolicy") == "Always"
 
 
 def _has_started(job: JobFacts) -> bool:
@@ -404,29 +483,58 @@ def _container_status(
     failed_init: str | None = None,
 ) -> dict[str, Any]:
     marker = marker or ContainerMarkers()
-    if marker.exit_code is not None:
-        terminated: dict[str, Any] = {
-            "exitCode": marker.exit_code,
-            "reason": _exit_reason(marker.exit_code, outcome),
+    status = _current_state(
+        container,
+        marker,
+        job=job,
+        outcome=outcome,
+        init=init,
+        initialized=initialized,
+        failed_init=failed_init,
+    )
+    status["restartCount"] = marker.restarts
+    if "waiting" in status["state"] and marker.exit_code is not None:
+        # Between two runs: the run that just ended is the last state.
+        status["lastState"] = {"terminated": _terminated(marker, outcome)}
+    elif marker.last is not None and marker.last.exit_code is not None:
+        status["lastState"] = {"terminated": _terminated(marker.last, outcome)}
+    return status
+
+
+def _current_state(
+    container: Mapping[str, Any],
+    marker: ContainerMarkers,
+    *,
+    job: JobFacts,
+    outcome: _Outcome | None,
+    init: bool,
+    initialized: bool,
+    failed_init: str | None,
+) -> dict[str, Any]:
+    if marker.exit_code is not None and outcome is None and marker.backoff_seconds is not None:
+        waiting = {
+            "reason": "CrashLoopBackOff",
+            "message": (
+                f"back-off {marker.backoff_seconds:g}s restarting failed "
+                f"container={container['name']}"
+            ),
         }
-        if marker.started_at or marker.finished_at:
-            terminated["startedAt"] = _time(marker.started_at or marker.finished_at)
-        if marker.finished_at:
-            terminated["finishedAt"] = _time(marker.finished_at)
-        if marker.exit_code == EXIT_CANNOT_RUN:
-            terminated["message"] = "the container's image could not run"
-        return _base(container, state={"terminated": terminated})
+        return _base(container, state={"waiting": waiting})
+    if marker.exit_code is not None:
+        return _base(container, state={"terminated": _terminated(marker, outcome)})
 
     if outcome is None:  # the job runs
         if marker.started_at is not None:
             running = {"startedAt": _time(marker.started_at)}
-            return _base(container, state={"running": running}, ready=not init, started=True)
+            # An init container is not ready while it runs, a sidecar is (no probes here).
+            ready = not init or is_sidecar(container)
+            return _base(container, state={"running": running}, ready=ready, started=True)
         reason = "PodInitializing" if init or not initialized else "ContainerCreating"
         return _base(container, state={"waiting": {"reason": reason}})
 
     # The job is over and the container recorded no end.
     code = outcome.exit_code if outcome.exit_code is not None else _job_exit_code(job)
-    terminated = {"exitCode": code}
+    terminated: dict[str, Any] = {"exitCode": code}
     if marker.started_at is not None:
         terminated["reason"] = outcome.container_reason
         terminated["message"] = f"the container was running when {_final_message(job)}"
@@ -442,6 +550,22 @@ def _container_status(
     if job.end_time is not None:
         terminated["finishedAt"] = _time(job.end_time)
     return _base(container, state={"terminated": terminated})
+
+
+def _terminated(marker: ContainerMarkers, outcome: _Outcome | None) -> dict[str, Any]:
+    """A run that recorded its end, as a container state's `terminated`."""
+    assert marker.exit_code is not None
+    terminated: dict[str, Any] = {
+        "exitCode": marker.exit_code,
+        "reason": _exit_reason(marker.exit_code, outcome),
+    }
+    if marker.started_at or marker.finished_at:
+        terminated["startedAt"] = _time(marker.started_at or marker.finished_at)
+    if marker.finished_at:
+        terminated["finishedAt"] = _time(marker.finished_at)
+    if marker.exit_code == EXIT_CANNOT_RUN:
+        terminated["message"] = "the container's image could not run"
+    return terminated
 
 
 def _exit_reason(code: int, outcome: _Outcome | None) -> str:
@@ -485,6 +609,7 @@ def _conditions(
     init_statuses: Sequence[Mapping[str, Any]],
     main_statuses: Sequence[Mapping[str, Any]],
     incomplete: Sequence[str],
+    sidecars: frozenset[str] | set[str] = frozenset(),
 ) -> list[dict[str, Any]]:
     if started:
         scheduled = _condition("PodScheduled", True, since=job.start_time)
@@ -493,15 +618,21 @@ def _conditions(
         scheduled = _condition("PodScheduled", False, reason=SLURM_PENDING, message=message)
 
     if not incomplete:
-        finished = [_parse(s["state"]["terminated"].get("finishedAt")) for s in init_statuses]
+        # Initialized when the last init container ended, or the last sidecar started.
+        finished = [
+            _parse(_state_time(s, "startedAt" if s["name"] in sidecars else "finishedAt"))
+            for s in init_statuses
+        ]
         since = max((f for f in finished if f), default=job.start_time if started else None)
         init_condition = _condition("Initialized", True, since=since)
     else:
         init_condition = _initialized_condition(incomplete)
 
-    unready = [s["name"] for s in main_statuses if not s["ready"]]
+    # Sidecars count, as in Kubernetes: a pod whose sidecar waits to restart is not ready.
+    running = [*(s for s in init_statuses if s["name"] in sidecars), *main_statuses]
+    unready = [s["name"] for s in running if not s["ready"]]
     if phase == RUNNING and not unready:
-        starts = [_parse(s["state"]["running"].get("startedAt")) for s in main_statuses]
+        starts = [_parse(s["state"]["running"].get("startedAt")) for s in running]
         since = max((s for s in starts if s), default=None)
         ready = [_condition(kind, True, since=since) for kind in ("ContainersReady", "Ready")]
     else:
@@ -512,6 +643,14 @@ def _conditions(
             for kind in ("ContainersReady", "Ready")
         ]
     return [scheduled, init_condition, *ready]
+
+
+def _state_time(status: Mapping[str, Any], key: str) -> str | None:
+    """A time of a container status's current state, whichever state it is."""
+    for state in status["state"].values():
+        if isinstance(state, Mapping) and state.get(key):
+            return str(state[key])
+    return None
 
 
 def _initialized_condition(init_names: Sequence[str]) -> dict[str, Any]:

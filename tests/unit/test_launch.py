@@ -3,17 +3,19 @@
 
 from __future__ import annotations
 
+import os
 import re
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
 
 import pytest
 
-from kubelet_py.launch import LONGEST_LINE, exit_code, launch, rfc3339
+from kubelet_py.launch import LONGEST_LINE, Backoff, Clock, exit_code, launch, restarts, rfc3339
 
 STAMP = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{9}Z"
 
@@ -135,3 +137,150 @@ def test_usage_errors() -> None:
         check=False,
     )
     assert result.returncode == 2 and "usage" in result.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# Restarts (restartPolicy OnFailure and Always, native sidecars)
+
+
+class FakeClock:
+    """Time that moves only when the launcher waits, so back-offs cost no real time."""
+
+    def __init__(self, *, stop_after: float | None = None) -> None:
+        self.now = 0.0
+        self.slept = 0.0
+        self.stop_after = stop_after
+        """Send this process TERM once this many seconds were slept (ends a restart loop)."""
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.now += seconds
+        self.slept += seconds
+        if self.stop_after is not None and self.slept >= self.stop_after:
+            self.stop_after = None
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    def clock(self) -> Clock:
+        return Clock(monotonic=self.monotonic, sleep=self.sleep)
+
+
+@pytest.fixture(autouse=True)
+def keep_signal_handlers() -> Iterator[None]:
+    """launch() takes over TERM, INT and HUP; give them back after each test."""
+    saved = {
+        signum: signal.getsignal(signum)
+        for signum in (signal.SIGINT, signal.SIGHUP, signal.SIGTERM)
+    }
+    yield
+    for signum, handler in saved.items():
+        signal.signal(signum, handler)
+
+
+def lines(path: Path) -> list[str]:
+    return [raw.split(" ", 2)[2] for raw in path.read_text().splitlines()]
+
+
+# Fails (exit 1) until it has run `runs` times, counting its runs in a file next to it.
+def failing_until(folder: Path, runs: int) -> list[str]:
+    counter = folder.parent / "runs"
+    script = (
+        f'n=$(cat "{counter}" 2>/dev/null || echo 0); n=$((n + 1)); echo "$n" >"{counter}"; '
+        f'echo "run $n"; [ "$n" -ge {runs} ] || exit 1'
+    )
+    return ["sh", "-c", script]
+
+
+def test_backoff_is_kubernetes_own() -> None:
+    backoff = Backoff()
+    assert [backoff.delay(ran=1) for _ in range(7)] == [10, 20, 40, 80, 160, 300, 300]
+    assert backoff.delay(ran=600) == 10  # ten minutes of running start it again
+    assert backoff.delay(ran=599) == 20
+
+
+@pytest.mark.parametrize(
+    ("policy", "code", "again"),
+    [("Never", 1, False), ("OnFailure", 0, False), ("OnFailure", 2, True), ("Always", 0, True)],
+)
+def test_which_ends_restart(policy: str, code: int, again: bool) -> None:
+    assert restarts(policy, code) is again
+
+
+def test_on_failure_restarts_until_success_and_keeps_the_previous_run(tmp_path: Path) -> None:
+    folder = tmp_path / "containers" / "main"
+    fake = FakeClock()
+    code = launch(folder, failing_until(folder, 4), restart="OnFailure", clock=fake.clock())
+    assert code == 0
+    assert fake.slept == pytest.approx(10 + 20 + 40)
+    assert marker(folder, "restarts") == "3\n"
+    last_code, last_started, last_finished = marker(folder, "last").split()
+    assert last_code == "1" and re.fullmatch(STAMP, last_started)
+    assert parse(last_started) <= parse(last_finished) <= parse(marker(folder, "started"))
+    assert marker(folder, "exit").startswith("0 ")
+    assert lines(folder / "log") == ["run 4"]
+    assert lines(folder / "log.previous") == ["run 3"]
+    assert not (folder / "backoff").exists()
+
+
+def test_never_runs_once(tmp_path: Path) -> None:
+    folder = tmp_path / "main"
+    fake = FakeClock()
+    assert launch(folder, failing_until(folder, 2), clock=fake.clock()) == 1
+    assert fake.slept == 0
+    assert sorted(path.name for path in folder.iterdir()) == ["exit", "log", "started"]
+
+
+def test_always_restarts_a_container_that_succeeds_until_a_signal(tmp_path: Path) -> None:
+    folder = tmp_path / "main"
+    fake = FakeClock(stop_after=25)  # TERM during the second back-off (10 s, then 20 s)
+    code = launch(folder, ["echo", "done"], restart="Always", clock=fake.clock())
+    assert code == 0
+    assert marker(folder, "restarts") == "1\n"
+    assert marker(folder, "last").startswith("0 ")
+    assert marker(folder, "exit").startswith("0 ")
+    assert not (folder / "backoff").exists()  # the wait was cut short: no more restarts
+
+
+def test_the_backoff_marker_says_how_long_and_until_when(tmp_path: Path) -> None:
+    folder = tmp_path / "main"
+    seen: list[str] = []
+
+    def sleep(seconds: float) -> None:
+        seen.append(marker(folder, "backoff"))
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    before = time.time()
+    code = launch(folder, ["sh", "-c", "exit 3"], restart="OnFailure", clock=Clock(sleep=sleep))
+    assert code == 3
+    delay, until = seen[0].split()
+    assert delay == "10"
+    assert before + 9 < parse(until).timestamp() < time.time() + 11
+    assert marker(folder, "exit").startswith("3 ")
+    assert not (folder / "restarts").exists()
+
+
+def test_grace_then_kill_for_a_container_that_ignores_term(tmp_path: Path) -> None:
+    process = subprocess.Popen(
+        [
+            *(sys.executable, "-m", "kubelet_py.launch", "--restart", "Always", "--grace", "1"),
+            str(tmp_path),
+            "--",
+            *("sh", "-c", "trap '' TERM; echo up; while :; do sleep 0.05; done"),
+        ]
+    )
+    deadline = time.monotonic() + 10
+    while not (tmp_path / "log").exists() or b"up" not in (tmp_path / "log").read_bytes():
+        assert time.monotonic() < deadline, "the container did not start"
+        time.sleep(0.02)
+    sent = time.monotonic()
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=10) == 137
+    assert 0.9 < time.monotonic() - sent < 5
+    assert marker(tmp_path, "exit").startswith("137 ")
+    assert not (tmp_path / "restarts").exists()  # stopped, not restarted
+
+
+def test_unknown_policy_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="restart policy 'Sometimes'"):
+        launch(tmp_path, ["true"], restart="Sometimes")

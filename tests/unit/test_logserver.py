@@ -22,6 +22,7 @@ from hpk.pki import (
     load_certificate,
     subject_alt_names,
 )
+from kubelet_py.launch import Clock, launch
 from kubelet_py.logserver import (
     BadRequest,
     LogOptions,
@@ -473,3 +474,19 @@ def test_kubelet_flags_for_its_api() -> None:
     assert parse_args(["--kubeconfig=k"]).tls is None
     with pytest.raises(SystemExit):
         parse_args(["--kubeconfig=k", "--tls-cert-file=c.crt"])
+
+
+def test_previous_serves_the_run_before_a_restart(tmp_path: Path) -> None:
+    # The launcher itself restarts the container (OnFailure), as a pod's job does.
+    folder = pod_folder(tmp_path, "p", {})
+    flag = tmp_path / "failed-once"
+    script = f'if [ -e "{flag}" ]; then echo second; else touch "{flag}"; echo first; exit 1; fi'
+    instant = Clock(sleep=lambda _seconds: None, monotonic=iter(range(0, 10**6, 5)).__next__)
+    code = launch(
+        folder / "containers" / "main", ["sh", "-c", script], restart="OnFailure", clock=instant
+    )
+    assert code == 0
+    previous = find_log(tmp_path, namespace="default", pod="p", container="main", previous=True)
+    assert body(previous) == b"first\n"
+    current = find_log(tmp_path, namespace="default", pod="p", container="main")
+    assert body(current) == b"second\n"

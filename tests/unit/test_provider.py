@@ -401,3 +401,18 @@ def test_listed_jobs_reads_names_folders_and_comments() -> None:
         comment="hpk-uid=c98b",
     )
     assert found["947"].work_dir == "/var/tmp/pods/ns/p"
+
+
+def test_running_folders_are_those_of_running_jobs(bed: Bed) -> None:
+    running = bed.provider.create_pod(make_pod("a", uid="uid-a"))
+    pending = bed.provider.create_pod(make_pod("b", uid="uid-b"))
+    ended = bed.provider.create_pod(make_pod("c", uid="uid-c"))
+    bed.provider.create_pod(make_pod("d", uid="uid-d"))  # not listed by Slurm yet
+    bed.watcher.views[running] = job_view(running, "RUNNING")
+    bed.watcher.views[pending] = job_view(pending, "PENDING")
+    bed.watcher.views[ended] = job_view(ended, "COMPLETED", final=True)
+    assert bed.provider.running_folders() == [("default/a", bed.folder("a"))]
+    reported: list[str] = []
+    bed.provider.notify_pods(reported.append)
+    bed.provider.markers_changed("default/a")
+    assert reported == ["default/a"]

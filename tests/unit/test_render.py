@@ -11,6 +11,7 @@ import os
 import re
 import shlex
 import subprocess
+import sys
 from collections.abc import Mapping
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -196,6 +197,18 @@ CONFIG_INPUTS = PodInputs(
     secret_volumes=frozenset({"creds"}),
 )
 
+RESTARTS = pod(
+    "restarts",
+    busybox("main", command=["sh", "-c", "echo work"]),
+    initContainers=[
+        busybox("setup", command=["true"]),
+        busybox("proxy", command=["sleep", "3600"], restartPolicy="Always"),
+        busybox("after-proxy", command=["true"]),
+    ],
+    restartPolicy="OnFailure",
+    terminationGracePeriodSeconds=5,
+)
+
 GOLDEN_CASES: dict[str, tuple[Pod, RenderSettings]] = {
     "echo": (ECHO, settings("echo")),
     "init-and-two": (INIT_AND_TWO, settings("init-and-two")),
@@ -204,6 +217,7 @@ GOLDEN_CASES: dict[str, tuple[Pod, RenderSettings]] = {
     "resources": (RESOURCES, settings("resources")),
     "flags": (FLAGS, settings("flags")),
     "weird-path": (ECHO, settings(pod_dir=WEIRD_DIR)),
+    "restarts": (RESTARTS, settings("restarts")),
     "config": (CONFIG, settings("config", node_addresses={"n1": "10.1.0.1", "n2": "10.1.0.2"})),
 }
 GOLDEN_INPUTS = {"config": CONFIG_INPUTS}
@@ -570,8 +584,19 @@ BASE = pod("x", busybox("main", command=["true"]), initContainers=[busybox("firs
 @pytest.mark.parametrize(
     ("path", "value", "field", "message"),
     [
-        ("spec/restartPolicy", "Always", "spec.restartPolicy", "use Never"),
-        ("spec/restartPolicy", "OnFailure", "spec.restartPolicy", "not supported yet"),
+        ("spec/restartPolicy", "Sometimes", "spec.restartPolicy", "none of"),
+        (
+            "spec/initContainers/0/restartPolicy",
+            "Never",
+            "spec.initContainers[0].restartPolicy",
+            "only set Always",
+        ),
+        (
+            "spec/initContainers/0/restartPolicy",
+            "OnFailure",
+            "spec.initContainers[0].restartPolicy",
+            "only set Always",
+        ),
         ("spec/hostAliases", [{"ip": "1.2.3.4"}], "spec.hostAliases", "not supported yet"),
         (
             "spec/securityContext",
@@ -647,7 +672,8 @@ def test_pod_fields_hpk_cannot_honour_fail_the_pod(
         ("livenessProbe", {"exec": {}}, "livenessProbe", "yet"),
         ("readinessProbe", {}, "readinessProbe", "yet"),
         ("lifecycle", {}, "lifecycle", "yet"),
-        ("restartPolicy", "Always", "restartPolicy", "yet"),
+        ("restartPolicy", "Always", "restartPolicy", "only init containers"),
+        ("restartPolicy", "Never", "restartPolicy", "only init containers"),
         ("stdin", True, "stdin", "no input"),
         ("tty", True, "tty", "no input"),
         ("securityContext", {"runAsUser": -1}, "securityContext.runAsUser", "user or group"),
@@ -746,3 +772,132 @@ def test_files_are_a_read_only_view() -> None:
     files: Mapping[str, str] = render_pod(ENV, settings()).files
     with pytest.raises(TypeError):
         files["env/other"] = "x"  # type: ignore[index]
+
+
+def launch_words(rendered: RenderedPod) -> dict[str, list[str]]:
+    """Each container's launcher options (the words between `kubelet_py.launch` and its
+    folder), from the job script."""
+    found = {}
+    for line in rendered.script.splitlines():
+        if "-m kubelet_py.launch" in line:
+            words = shlex.split(line.replace('"$containers"/', "").rstrip(" \\"))
+            *options, folder, _dash = words[words.index("kubelet_py.launch") + 1 :]
+            found[folder] = options[2:]  # after --image SIF
+    return found
+
+
+@pytest.mark.parametrize(
+    ("policy", "init", "main"),
+    [
+        ("Never", [], []),
+        ("OnFailure", ["--restart", "OnFailure"], ["--restart", "OnFailure"]),
+        ("Always", ["--restart", "OnFailure"], ["--restart", "Always"]),
+        (None, ["--restart", "OnFailure"], ["--restart", "Always"]),  # Always is the default
+    ],
+)
+def test_the_pod_restart_policy_reaches_every_launcher(
+    policy: str | None, init: list[str], main: list[str]
+) -> None:
+    the_pod = copy.deepcopy(BASE)
+    if policy is None:
+        del the_pod["spec"]["restartPolicy"]
+    else:
+        the_pod["spec"]["restartPolicy"] = policy
+    # An init container is retried until it succeeds, unless the pod says Never.
+    assert launch_words(render_pod(the_pod, settings())) == {"first": init, "main": main}
+
+
+def test_a_sidecar_restarts_always_and_gets_the_grace_period() -> None:
+    found = launch_words(render_pod(RESTARTS, settings()))
+    assert found["proxy"] == ["--restart", "Always", "--grace", "5"]
+    assert found["setup"] == ["--restart", "OnFailure"]
+    without_grace = with_changes(RESTARTS, "spec/restartPolicy", "Never")
+    del without_grace["spec"]["terminationGracePeriodSeconds"]
+    found = launch_words(render_pod(without_grace, settings()))
+    assert found["proxy"] == ["--restart", "Always", "--grace", "30"]
+    assert found["setup"] == [] and found["main"] == []
+
+
+@pytest.mark.parametrize("grace", [-1, "30", True, 1.5])
+def test_a_sidecar_needs_a_grace_period_in_seconds(grace: object) -> None:
+    error = refused(with_changes(RESTARTS, "spec/terminationGracePeriodSeconds", grace))
+    assert error.field == "spec.terminationGracePeriodSeconds"
+
+
+# The job script run for real by bash, with the real launcher, and an "apptainer" that runs
+# the words after the SIF file: the order in which sidecars and containers start and stop.
+FAKE_APPTAINER = """#!/bin/bash
+while [[ $# -gt 0 && $1 != *.sif ]]; do shift; done
+shift
+exec "$@"
+"""
+
+
+def run_job(tmp_path: Path, the_pod: Pod) -> tuple[subprocess.CompletedProcess[str], Path]:
+    apptainer = tmp_path / "apptainer"
+    apptainer.write_text(FAKE_APPTAINER)
+    apptainer.chmod(0o755)
+    sif = tmp_path / "busybox.sif"
+    sif.write_bytes(b"")
+    pod_dir = tmp_path / "pod"
+    pod_dir.mkdir()
+    rendered = render_pod(
+        the_pod,
+        settings(
+            pod_dir=PurePosixPath(pod_dir),
+            apptainer=PurePosixPath(apptainer),
+            python=PurePosixPath(sys.executable),
+            images={"busybox": PurePosixPath(sif)},
+        ),
+    )
+    (pod_dir / "job.sh").write_text(rendered.script)
+    result = subprocess.run(
+        ["bash", str(pod_dir / "job.sh")], capture_output=True, text=True, timeout=60, check=False
+    )
+    return result, pod_dir / "containers"
+
+
+def marker_time(containers: Path, name: str, marker: str) -> str:
+    return (containers / name / marker).read_text().split()[-1]
+
+
+def shell(name: str, script: str, **fields: Any) -> Pod:
+    return {"name": name, "image": "busybox", "command": ["sh", "-c", script], **fields}
+
+
+def test_a_sidecar_starts_before_the_next_container_and_stops_after_the_last(
+    tmp_path: Path,
+) -> None:
+    the_pod = pod(
+        "sidecar",
+        shell("main", "sleep 0.5; echo main"),
+        initContainers=[
+            shell(
+                "proxy",
+                "trap 'echo bye; exit 0' TERM; echo up; while :; do sleep 0.05; done",
+                restartPolicy="Always",
+            ),
+            shell("after", "true"),
+        ],
+    )
+    result, containers = run_job(tmp_path, the_pod)
+    assert result.returncode == 0, result.stderr
+    assert marker_time(containers, "proxy", "started") < marker_time(containers, "after", "started")
+    assert marker_time(containers, "main", "exit") < marker_time(containers, "proxy", "exit")
+    assert (containers / "proxy" / "exit").read_text().startswith("0 ")
+    log = (containers / "proxy" / "log").read_text().splitlines()
+    assert [line.split(" ", 2)[2] for line in log] == ["up", "bye"]
+
+
+def test_a_sidecar_that_ignores_term_is_killed_after_the_grace_period(tmp_path: Path) -> None:
+    the_pod = pod(
+        "stubborn",
+        shell("main", "exit 3"),
+        initContainers=[
+            shell("proxy", "trap '' TERM; while :; do sleep 0.05; done", restartPolicy="Always")
+        ],
+        terminationGracePeriodSeconds=1,
+    )
+    result, containers = run_job(tmp_path, the_pod)
+    assert result.returncode == 3, result.stderr  # main's code, not the sidecar's
+    assert (containers / "proxy" / "exit").read_text().startswith("137 ")

@@ -487,3 +487,160 @@ def test_markers_a_little_older_than_slurms_start_time_still_count() -> None:
     early = ContainerMarkers(started_at=T0 - timedelta(seconds=30))
     status = pod_status(SPEC, job("RUNNING"), {"main": early})
     assert container(status, "main")["state"]["running"]["startedAt"] == "2026-11-24T09:59:30Z"
+
+
+# --- restarts (restartPolicy OnFailure and Always) and native sidecars --------------------
+
+
+def again(
+    start: int, *, restarts: int, last: ContainerMarkers, end: int | None = None, **more: Any
+) -> ContainerMarkers:
+    """Markers of a container on its (restarts + 1)th run, `last` being the run before."""
+    return ContainerMarkers(
+        started_at=T0 + timedelta(seconds=start),
+        finished_at=None if end is None else T0 + timedelta(seconds=end),
+        restarts=restarts,
+        last=last,
+        **more,
+    )
+
+
+def test_a_restarted_container_counts_its_restarts_and_shows_the_run_before() -> None:
+    markers = {"main": again(40, restarts=2, last=ran(12, 20, code=1))}
+    status = pod_status(SPEC, job("RUNNING"), markers)
+    main = container(status, "main")
+    assert main["restartCount"] == 2
+    assert main["state"] == {"running": {"startedAt": "2026-11-24T10:00:40Z"}}
+    assert main["lastState"]["terminated"] == {
+        "exitCode": 1,
+        "reason": "Error",
+        "startedAt": "2026-11-24T10:00:12Z",
+        "finishedAt": "2026-11-24T10:00:20Z",
+    }
+    assert main["ready"] is True
+    assert condition(status, "Ready")["status"] == "True"
+
+
+def test_a_container_waiting_to_restart_is_in_crash_loop_back_off() -> None:
+    markers = {
+        "main": again(
+            30,
+            end=35,
+            exit_code=2,
+            restarts=1,
+            last=ran(1, 10, code=2),
+            backoff_seconds=20,
+        )
+    }
+    status = pod_status(SPEC, job("RUNNING"), markers)
+    assert status["phase"] == "Running"
+    main = container(status, "main")
+    assert main["state"]["waiting"] == {
+        "reason": "CrashLoopBackOff",
+        "message": "back-off 20s restarting failed container=main",
+    }
+    # The run that just ended is the last state, as kubectl describe shows it.
+    assert main["lastState"]["terminated"]["exitCode"] == 2
+    assert main["lastState"]["terminated"]["startedAt"] == "2026-11-24T10:00:30Z"
+    assert (main["restartCount"], main["ready"]) == (1, False)
+    ready = condition(status, "Ready")
+    assert (ready["status"], ready["reason"]) == ("False", "ContainersNotReady")
+    assert ready["message"] == "containers with unready status: [main]"
+
+
+def test_a_container_that_ended_after_restarts_keeps_its_count() -> None:
+    markers = {"main": again(30, end=31, exit_code=0, restarts=1, last=ran(1, 2, code=1))}
+    status = pod_status(SPEC, job("COMPLETED"), markers)
+    assert status["phase"] == "Succeeded"
+    main = container(status, "main")
+    assert (main["restartCount"], terminated(status, "main")["reason"]) == (1, "Completed")
+    assert main["lastState"]["terminated"]["exitCode"] == 1
+
+
+def test_a_job_cancelled_during_a_back_off_shows_the_last_run() -> None:
+    markers = {
+        "main": again(30, end=31, exit_code=0, restarts=3, last=ran(1, 2), backoff_seconds=80)
+    }
+    status = pod_status(SPEC, job("CANCELLED"), markers)
+    assert status["phase"] == "Failed"
+    assert terminated(status, "main")["exitCode"] == 0
+    assert container(status, "main")["restartCount"] == 3
+
+
+SIDECAR_SPEC: dict[str, Any] = {
+    "initContainers": [
+        {"name": "setup", "image": "busybox"},
+        {"name": "proxy", "image": "busybox", "restartPolicy": "Always"},
+    ],
+    "containers": [{"name": "main", "image": "busybox"}],
+    "restartPolicy": "Never",
+}
+
+
+def test_a_sidecar_that_has_started_lets_the_containers_start_and_is_ready() -> None:
+    markers = {"setup": ran(1, 2, code=0), "proxy": ran(3), "main": ran(4)}
+    status = pod_status(SIDECAR_SPEC, job("RUNNING"), markers)
+    proxy = container(status, "proxy", "initContainerStatuses")
+    assert (proxy["started"], proxy["ready"]) == (True, True)
+    assert proxy["state"] == {"running": {"startedAt": "2026-11-24T10:00:03Z"}}
+    initialized = condition(status, "Initialized")
+    assert (initialized["status"], initialized["lastTransitionTime"]) == (
+        "True",
+        "2026-11-24T10:00:03Z",
+    )
+    assert condition(status, "Ready")["status"] == "True"
+
+
+def test_a_sidecar_that_has_not_started_keeps_the_pod_initializing() -> None:
+    status = pod_status(SIDECAR_SPEC, job("RUNNING"), {"setup": ran(1, 2, code=0)})
+    initialized = condition(status, "Initialized")
+    assert (initialized["status"], initialized["message"]) == (
+        "False",
+        "containers with incomplete status: [proxy]",
+    )
+    assert container(status, "main")["state"]["waiting"]["reason"] == "PodInitializing"
+
+
+def test_a_sidecar_waiting_to_restart_makes_the_pod_unready() -> None:
+    proxy = again(9, end=10, exit_code=1, restarts=0, last=None, backoff_seconds=10)
+    markers = {"setup": ran(1, 2, code=0), "proxy": proxy, "main": ran(4)}
+    status = pod_status(SIDECAR_SPEC, job("RUNNING"), markers)
+    assert condition(status, "Initialized")["status"] == "True"
+    ready = condition(status, "ContainersReady")
+    assert (ready["status"], ready["message"]) == (
+        "False",
+        "containers with unready status: [proxy]",
+    )
+    assert container(status, "main")["ready"] is True
+
+
+def test_a_sidecar_stopped_after_the_containers_does_not_fail_the_pod() -> None:
+    markers = {"setup": ran(1, 2, code=0), "proxy": ran(3, 21, code=143), "main": ran(4, 20, 0)}
+    status = pod_status(SIDECAR_SPEC, job("COMPLETED"), markers)
+    assert status["phase"] == "Succeeded"
+    assert condition(status, "Initialized")["status"] == "True"
+    assert terminated(status, "main")["reason"] == "Completed"
+    assert terminated(status, "proxy", "initContainerStatuses")["exitCode"] == 143
+
+
+def test_read_markers_reads_the_restart_files(tmp_path: Path) -> None:
+    folder = tmp_path / "containers" / "main"
+    folder.mkdir(parents=True)
+    (folder / "started").write_text("2026-11-24T10:00:30.000000001Z\n")
+    (folder / "exit").write_text("1 2026-11-24T10:00:31.000000000Z\n")
+    (folder / "restarts").write_text("2\n")
+    (folder / "last").write_text(
+        "1 2026-11-24T10:00:10.500000000Z 2026-11-24T10:00:11.000000000Z\n"
+    )
+    (folder / "backoff").write_text("40 2026-11-24T10:01:11.000000000Z\n")
+    marker = read_markers(tmp_path)["main"]
+    assert (marker.restarts, marker.backoff_seconds) == (2, 40.0)
+    assert marker.last == ContainerMarkers(
+        started_at=datetime(2026, 11, 24, 10, 0, 10, 500000, tzinfo=UTC),
+        exit_code=1,
+        finished_at=T0 + timedelta(seconds=11),
+    )
+    for name in ("restarts", "last", "backoff"):
+        (folder / name).write_text("garbage\n")
+    damaged = read_markers(tmp_path)["main"]
+    assert (damaged.restarts, damaged.last, damaged.backoff_seconds) == (0, None, None)

@@ -1,0 +1,98 @@
+#!/bin/bash
+# Slurm job of pod default/restarts (uid 5f0c8a9e-1d2b-4c3d-8e4f-123456789abc), rendered by hpk.
+# What it writes into the pod folder, and when: the job script contract in docs/kubelet.md.
+
+pod_dir=/home/alice/.hpk/pods/default/restarts
+apptainer=/opt/hpk/tools/apptainer-1.4.3/bin/apptainer
+python=/home/alice/hpk/.venv/bin/python
+containers="$pod_dir/containers"
+
+now() { date -u +%Y-%m-%dT%H:%M:%S.%NZ; }
+
+# A container that started and has no exit marker when the job is stopped is marked killed
+# (137). If its launcher outlives Slurm's KILL, it replaces the mark with the real code;
+# ln never replaces a marker the launcher wrote first.
+mark_killed() {
+    local marker="$containers/$1/exit"
+    [[ -e $containers/$1/started && ! -e $marker ]] || return 0
+    printf '137 %s\n' "$2" >"$marker.trap" && ln -- "$marker.trap" "$marker" 2>/dev/null
+    rm -f -- "$marker.trap"
+}
+
+# Mark the containers, pass TERM to their launchers, and wait for them.
+stopped=0
+stop() {
+    ((stopped)) && return 0
+    stopped=1
+    local running at name
+    running=$(jobs -pr)
+    at=$(now)
+    for name in setup proxy after-proxy main; do
+        mark_killed "$name" "$at"
+    done
+    [[ -z $running ]] || kill -TERM $running 2>/dev/null
+    wait
+}
+trap 'trap "" TERM INT; stop; exit 143' TERM
+trap 'trap "" TERM INT; stop; exit 130' INT
+trap stop EXIT
+
+cd -- "$pod_dir" || exit 125
+mkdir -p -- "$containers" || exit 125
+
+# Apptainer's options for this user on this node: --no-privs as root, --unsquash without FUSE.
+options=$("$python" -I -m hpk.apptainer) || exit 125
+read -r -a run_options <<<"$options"
+
+# Sidecars (init containers with restartPolicy Always) run on beside the containers; the next
+# container starts once the sidecar has started.
+sidecar_pids=()
+await_started() {
+    until [[ -e $containers/$1/started ]]; do
+        kill -0 "$2" 2>/dev/null || return 0
+        sleep 0.1
+    done
+}
+
+# Init containers, one after another: the first that fails ends the job with its code.
+
+# setup: docker.io/library/busybox:latest
+"$python" -I -m kubelet_py.launch --image /home/alice/.hpk/images/docker.io/library/busybox/latest.sif --restart OnFailure "$containers"/setup -- \
+    "$apptainer" --quiet exec "${run_options[@]}" --cleanenv --no-eval --pwd / \
+    /home/alice/.hpk/images/docker.io/library/busybox/latest.sif true &
+wait "$!" || exit "$?"
+
+# proxy: docker.io/library/busybox:latest (sidecar)
+"$python" -I -m kubelet_py.launch --image /home/alice/.hpk/images/docker.io/library/busybox/latest.sif --restart Always --grace 5 "$containers"/proxy -- \
+    "$apptainer" --quiet exec "${run_options[@]}" --cleanenv --no-eval --pwd / \
+    /home/alice/.hpk/images/docker.io/library/busybox/latest.sif sleep 3600 &
+sidecar_pids+=("$!")
+await_started proxy "$!"
+
+# after-proxy: docker.io/library/busybox:latest
+"$python" -I -m kubelet_py.launch --image /home/alice/.hpk/images/docker.io/library/busybox/latest.sif --restart OnFailure "$containers"/after-proxy -- \
+    "$apptainer" --quiet exec "${run_options[@]}" --cleanenv --no-eval --pwd / \
+    /home/alice/.hpk/images/docker.io/library/busybox/latest.sif true &
+wait "$!" || exit "$?"
+
+# Containers, side by side. The job's code is the first non-zero one, in the pod's order.
+main_pids=()
+
+# main: docker.io/library/busybox:latest
+"$python" -I -m kubelet_py.launch --image /home/alice/.hpk/images/docker.io/library/busybox/latest.sif --restart OnFailure "$containers"/main -- \
+    "$apptainer" --quiet exec "${run_options[@]}" --cleanenv --no-eval --pwd / \
+    /home/alice/.hpk/images/docker.io/library/busybox/latest.sif sh -c 'echo work' &
+main_pids+=("$!")
+
+code=0
+for pid in "${main_pids[@]}"; do
+    wait "$pid"
+    status=$?
+    ((code != 0)) || code=$status
+done
+
+# The containers have ended: the sidecars get TERM, and KILL from their launchers after the
+# grace period. Their codes do not count.
+kill -TERM "${sidecar_pids[@]}" 2>/dev/null
+wait "${sidecar_pids[@]}"
+exit "$code"
