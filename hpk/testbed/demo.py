@@ -52,8 +52,6 @@ DEMO_POD_MANIFEST = {
     "metadata": {"name": DEMO_POD, "namespace": "default"},
     "spec": {
         "restartPolicy": "Never",
-        # Service-account token volumes are not supported yet.
-        "automountServiceAccountToken": False,
         "containers": [
             {
                 "name": "hello",
