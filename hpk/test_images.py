@@ -244,10 +244,15 @@ def write_docker_archive(
             info = tarfile.TarInfo(applet)
             info.type, info.linkname = tarfile.SYMTYPE, "/bin/busybox"
             tar.addfile(info)
-        passwd = b"root:x:0:0:root:/root:/bin/sh\n"
-        info = tarfile.TarInfo("etc/passwd")
-        info.size, info.mode = len(passwd), 0o644
-        tar.addfile(info, io.BytesIO(passwd))
+        for name, text in (
+            ("etc/group", b"root:x:0:\n"),
+            ("etc/hosts", b""),
+            ("etc/passwd", b"root:x:0:0:root:/root:/bin/sh\n"),
+            ("etc/resolv.conf", b""),
+        ):
+            info = tarfile.TarInfo(name)
+            info.size, info.mode = len(text), 0o644
+            tar.addfile(info, io.BytesIO(text))
     layer_bytes = layer.getvalue()
     diff_id = hashlib.sha256(layer_bytes).hexdigest()
     image_config = json.dumps(

@@ -145,6 +145,7 @@ class ImagePuller:
         runner: CommandRunner = run_command,
         settings: PullSettings | None = None,
         start: Callable[[Callable[[], None]], None] | None = None,
+        later: Callable[[float, Callable[[], None]], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.cache_dir = cache_dir
@@ -153,6 +154,9 @@ class ImagePuller:
         self.runner = runner
         self.settings = settings or PullSettings()
         self._start = start or _thread
+        self._later = later or _timer
+        """Runs a callable after a delay: the pods of a failed pull are handed back to
+        `notify` when its back-off ends, to be tried again on time."""
         self._clock = clock
         self._lock = threading.Lock()
         self._images: dict[str, _State] = {}
@@ -252,6 +256,12 @@ class ImagePuller:
                 state.served.update(waiters)
         for key in waiters:
             self.notify(key)
+        if error:
+            self._later(delay, lambda: self._notify_all(waiters))
+
+    def _notify_all(self, keys: list[str]) -> None:
+        for key in keys:
+            self.notify(key)
 
     def forget(self, key: str) -> None:
         """Drop what is kept for pod `key` (it is gone or running)."""
@@ -264,3 +274,10 @@ class ImagePuller:
 
 def _thread(target: Callable[[], None]) -> None:
     threading.Thread(target=target, name="image-pull", daemon=True).start()
+
+
+def _timer(delay_s: float, target: Callable[[], None]) -> None:
+    timer = threading.Timer(delay_s, target)
+    timer.name = "image-pull-backoff"
+    timer.daemon = True
+    timer.start()

@@ -145,6 +145,7 @@ class Bed:
         self.clock = Clock()
         self.notified: list[str] = []
         self.pending: list[Callable[[], None]] = []
+        self.later: list[tuple[float, Callable[[], None]]] = []
         self.puller = ImagePuller(
             cache_dir=self.cache,
             apptainer="/a",
@@ -152,6 +153,7 @@ class Bed:
             runner=self.registry,
             settings=PullSettings(backoff_initial_s=10, backoff_max_s=300),
             start=(lambda pull: pull()) if inline else self.pending.append,
+            later=lambda delay, call: self.later.append((delay, call)),
             clock=self.clock,
         )
 
@@ -192,6 +194,10 @@ def test_failed_pull_then_back_off_then_a_new_try(tmp_path: Path) -> None:
     bed.waiting("ns/a", "nosuch:1", IF_NOT_PRESENT)
     bed.pending.pop()()
     assert bed.notified == ["ns/a"]
+    [(delay, call)] = bed.later  # the pod is handed back when the back-off ends
+    assert delay == 10
+    call()
+    assert bed.notified == ["ns/a", "ns/a"]
     failed = bed.waiting("ns/a", "nosuch:1", IF_NOT_PRESENT)
     assert failed.reason == "ErrImagePull"
     assert failed.event_reason == "Failed"
