@@ -349,12 +349,13 @@ def test_cli_import_and_list(
     capsys.readouterr()
     assert run_cli(["images", "list"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0].split() == ["REFERENCE", "SIZE", "PATH"]
+    assert lines[0].split() == ["REFERENCE", "SIZE", "PATH", "RUNS"]
     assert [line.split()[0] for line in lines[1:]] == [
         "docker.io/library/python:3.11",
         "localhost:5000/x:latest",
     ]
     assert str(tmp_path / "cache/docker.io/library/python/3.11.sif") in lines[1]
+    assert lines[1].endswith("  runscript"), "a SIF without OCI metadata runs its runscript"
 
 
 def test_cli_rm_removes_named_images_and_reports_missing_ones(
