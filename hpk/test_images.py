@@ -2,7 +2,7 @@
 
 Each image is an Apptainer definition file in container/test-images/ and is cached as a SIF
 file next to the pinned toolchain, in <tools>/test-images-<hash>/, where the hash covers the
-recipe files, the Apptainer pin and this module's own image configs: a changed recipe builds
+recipe files, the Apptainer pin and this module's docker-archive writer: a changed recipe builds
 afresh, an unchanged one costs nothing. A recipe's `io.hpk.test-image.oci-config` label holds
 the Docker Hub config of the image it stands in for (its CMD); the build stores it in the SIF
 as the `oci-config.json` descriptor Apptainer writes for images built from Docker sources, so
@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import filecmp
 import hashlib
+import inspect
 import io
 import json
 import logging
@@ -97,6 +98,7 @@ def recipe_hash(toolchain: Toolchain | None = None) -> str:
     pins = (toolchain or Toolchain.load()).pins
     digest = hashlib.sha256(f"apptainer={pins['APPTAINER_VERSION']}\n".encode())
     digest.update(json.dumps(ENTRYPOINT_CONFIG, sort_keys=True).encode())
+    digest.update(inspect.getsource(write_docker_archive).encode())
     for path in sorted(recipes_dir().iterdir()):
         if path.is_file():
             digest.update(f"{path.name}\n{path.stat().st_size}\n".encode())

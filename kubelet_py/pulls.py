@@ -4,15 +4,17 @@ Before a pod's job is submitted, every image it names must be in the SIF cache (
 on the shared filesystem, so that compute nodes need no network. `ImagePuller.resolve` gives
 the cached SIF and its config, or raises ImageWaiting: the pod then stays Pending, its
 containers waiting with the reason Kubernetes shows (ContainerCreating while the image is
-pulled, ErrImagePull after a failed pull, ImagePullBackOff until the next try,
-ErrImageNeverPull), and the controller tries it again as for a missing ConfigMap.
+pulled, ErrImagePull for the first half of the back-off after a failed pull, then
+ImagePullBackOff until the next try, ErrImageNeverPull), and the controller tries it again
+as for a missing ConfigMap.
 
 A pull runs on its own thread, one per image at a time, so a long pull holds no worker of the
 controller: only the pods that wait for that image wait. When it ends, the pods that asked
 for it are handed to `notify` (the provider's pod callbacks), which queues them again.
 A failed pull is not tried again for a back-off time, per image: 10 s, doubling up to 300 s,
-as the kubelet does. An image put into the cache meanwhile (`hpk images import`) is used at
-once.
+as the kubelet does; the waiting pods are handed back half-way (to show ImagePullBackOff) and
+when it ends. An image put into the cache meanwhile (`hpk images import`) is used at the
+pod's next try.
 
 Policies, with Kubernetes' defaults (Always for `:latest` or no tag, else IfNotPresent):
 - IfNotPresent: pull only when the cache lacks the image;
@@ -115,9 +117,9 @@ class _State:
     """Pods (keys) that wait for the running pull."""
     served: set[str] = field(default_factory=set)
     """Pods for which a pull succeeded since they asked (Always: their pull is done)."""
-    failed: dict[str, str] = field(default_factory=dict)
-    """Pods whose pull failed and who have not been told yet -> the error."""
     failures: int = 0
+    failed_at: float = 0.0
+    """Monotonic time the last pull failed."""
     retry_at: float = 0.0
     """Monotonic time before which no new pull starts."""
     error: str = ""
@@ -183,23 +185,22 @@ class ImagePuller:
                 state.served.discard(key)
                 if cached is not None:
                     return ResolvedImage(cached, image_config(cached))
-            error = state.failed.pop(key, None)
-            if error is None and not state.running and self._clock() < state.retry_at:
+            now = self._clock()
+            if not state.running and now < state.retry_at:
                 error = state.error
-                if cached is None:
-                    raise ImageWaiting(
-                        reason=IMAGE_PULL_BACKOFF,
-                        message=f'Back-off pulling image "{reference}": {error}',
-                        event_reason="BackOff",
-                    )
-            if error is not None:
                 if cached is not None:  # Always: the cached copy runs (module docstring)
                     warning = f'Failed to pull image "{reference}": {error}; using the cached image'
                     return ResolvedImage(cached, image_config(cached), warning=warning)
+                if now < (state.failed_at + state.retry_at) / 2:
+                    raise ImageWaiting(
+                        reason=ERR_IMAGE_PULL,
+                        message=f'Failed to pull image "{reference}": {error}',
+                        event_reason="Failed",
+                    )
                 raise ImageWaiting(
-                    reason=ERR_IMAGE_PULL,
-                    message=f'Failed to pull image "{reference}": {error}',
-                    event_reason="Failed",
+                    reason=IMAGE_PULL_BACKOFF,
+                    message=f'Back-off pulling image "{reference}": {error}',
+                    event_reason="BackOff",
                 )
             state.waiters.add(key)
             start = not state.running
@@ -245,9 +246,9 @@ class ImagePuller:
                     self.settings.backoff_max_s,
                     self.settings.backoff_initial_s * 2 ** (state.failures - 1),
                 )
-                state.retry_at = self._clock() + delay
+                state.failed_at = self._clock()
+                state.retry_at = state.failed_at + delay
                 state.error = error
-                state.failed.update(dict.fromkeys(waiters, error))
                 log.warning("pulling %s failed (next try in %.0f s): %s", image, delay, error)
             else:
                 state.failures = 0
@@ -256,7 +257,8 @@ class ImagePuller:
                 state.served.update(waiters)
         for key in waiters:
             self.notify(key)
-        if error:
+        if error:  # ErrImagePull turns to ImagePullBackOff half-way, then the next try
+            self._later(delay / 2, lambda: self._notify_all(waiters))
             self._later(delay, lambda: self._notify_all(waiters))
 
     def _notify_all(self, keys: list[str]) -> None:
@@ -268,7 +270,6 @@ class ImagePuller:
         with self._lock:
             for state in self._images.values():
                 state.served.discard(key)
-                state.failed.pop(key, None)
                 state.waiters.discard(key)
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,7 @@ import pytest
 from hpk.test_images import ensure_test_images
 from hpk.testbed.bed import Testbed
 from hpk.toolchain import Toolchain
-from tests.e2e.kube import PodCluster, eventually, pod_cluster
+from tests.e2e.kube import PodCluster, pod_cluster
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
 
@@ -75,11 +76,16 @@ def waiting_reason(cluster: PodCluster, name: str) -> tuple[str, str]:
 
 
 def wait_for_reason(cluster: PodCluster, name: str, reason: str, timeout: float = 60) -> str:
-    def probe() -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
         found, message = waiting_reason(cluster, name)
-        return message if found == reason else ""
-
-    return str(eventually(f"pod {name} waiting with {reason}", probe, timeout=timeout))
+        if found == reason:
+            return message
+        time.sleep(0.5)
+    pytest.fail(
+        f"pod {name} did not wait with {reason} within {timeout:.0f} s: "
+        f"{(cluster.pod(name) or {}).get('status')}\n{cluster.log()[-3000:]}"
+    )
 
 
 def test_entrypoint_and_cmd_follow_docker(cluster: PodCluster) -> None:

@@ -194,24 +194,28 @@ def test_failed_pull_then_back_off_then_a_new_try(tmp_path: Path) -> None:
     bed.waiting("ns/a", "nosuch:1", IF_NOT_PRESENT)
     bed.pending.pop()()
     assert bed.notified == ["ns/a"]
-    [(delay, call)] = bed.later  # the pod is handed back when the back-off ends
-    assert delay == 10
-    call()
+    # The pod is handed back half-way through the back-off and when it ends.
+    assert [delay for delay, _call in bed.later] == [5, 10]
+    bed.later[0][1]()
     assert bed.notified == ["ns/a", "ns/a"]
     failed = bed.waiting("ns/a", "nosuch:1", IF_NOT_PRESENT)
     assert failed.reason == "ErrImagePull"
     assert failed.event_reason == "Failed"
     assert 'Failed to pull image "nosuch:1"' in str(failed)
     assert "FATAL: While making image from oci registry" in str(failed)
+    bed.clock.now += 5
     backing_off = bed.waiting("ns/a", "nosuch:1", IF_NOT_PRESENT)
     assert backing_off.reason == "ImagePullBackOff"
+    assert backing_off.event_reason == "BackOff"
     assert 'Back-off pulling image "nosuch:1"' in str(backing_off)
     assert bed.pending == [], "no pull during the back-off"
-    bed.clock.now += 10
+    bed.clock.now += 5
     assert bed.waiting("ns/a", "nosuch:1", IF_NOT_PRESENT).reason == "ContainerCreating"
     bed.pending.pop()()
     assert bed.waiting("ns/a", "nosuch:1", IF_NOT_PRESENT).reason == "ErrImagePull"
-    bed.clock.now += 19  # the second back-off is 20 s
+    bed.clock.now += 10  # the second back-off is 20 s
+    assert bed.waiting("ns/a", "nosuch:1", IF_NOT_PRESENT).reason == "ImagePullBackOff"
+    bed.clock.now += 9
     assert bed.waiting("ns/a", "nosuch:1", IF_NOT_PRESENT).reason == "ImagePullBackOff"
     bed.clock.now += 1
     bed.waiting("ns/a", "nosuch:1", IF_NOT_PRESENT)
@@ -223,19 +227,19 @@ def test_back_off_doubles_up_to_its_cap(tmp_path: Path) -> None:
     bed = Bed(tmp_path, {})
     assert bed.waiting("ns/a", "nosuch:1", IF_NOT_PRESENT).reason == "ErrImagePull"
     waits = []
-    for _ in range(7):
+    for attempt in range(2, 9):
         failed_at = bed.clock.now
-        # Each try (inline here) fails at once: the first answer after it is ErrImagePull.
-        while bed.waiting("ns/a", "nosuch:1", IF_NOT_PRESENT).reason == "ImagePullBackOff":
+        while len(bed.registry.pulls) < attempt:  # each try runs (inline) and fails at once
             bed.clock.now += 1
+            bed.waiting("ns/a", "nosuch:1", IF_NOT_PRESENT)
         waits.append(bed.clock.now - failed_at)
     assert waits == [10, 20, 40, 80, 160, 300, 300]
-    assert len(bed.registry.pulls) == 8
 
 
 def test_image_imported_during_the_back_off_runs_at_once(tmp_path: Path) -> None:
     bed = Bed(tmp_path, {})
     assert bed.waiting("ns/a", "nosuch:1", IF_NOT_PRESENT).reason == "ErrImagePull"
+    bed.clock.now += 6
     assert bed.waiting("ns/a", "nosuch:1", IF_NOT_PRESENT).reason == "ImagePullBackOff"
     pull_image(
         "nosuch:1", cache_dir=bed.cache, apptainer="/a",
