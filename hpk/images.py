@@ -505,7 +505,7 @@ def sandbox_config(folder: Path) -> ImageConfig:
         if equals and name in ("OCI_ENTRYPOINT", "OCI_CMD") and name not in found:
             try:
                 (text,) = shlex.split(value) or [""]
-                found[name] = tuple(shlex.split(text))
+                found[name] = _double_quoted_words(text)
             except ValueError:
                 return NATIVE_IMAGE  # not the form Apptainer writes
     if not found:
@@ -513,6 +513,36 @@ def sandbox_config(folder: Path) -> ImageConfig:
     return ImageConfig(
         oci=True, entrypoint=found.get("OCI_ENTRYPOINT", ()), cmd=found.get("OCI_CMD", ())
     )
+
+
+def _double_quoted_words(text: str) -> tuple[str, ...]:
+    """Words each in shell double quotes, where a backslash escapes `$`, a backquote, `"`,
+    a backslash and a newline (the form Apptainer writes OCI_ENTRYPOINT and OCI_CMD in)."""
+    words: list[str] = []
+    index = 0
+    while index < len(text):
+        if text[index].isspace():
+            index += 1
+            continue
+        if text[index] != '"':
+            raise ValueError(f"a word does not start with a double quote at {index}")
+        index += 1
+        word: list[str] = []
+        while True:
+            if index >= len(text):
+                raise ValueError("a double-quoted word does not end")
+            char = text[index]
+            if char == "\\" and index + 1 < len(text) and text[index + 1] in '$`"\\\n':
+                word.append(text[index + 1])
+                index += 2
+            elif char == '"':
+                index += 1
+                break
+            else:
+                word.append(char)
+                index += 1
+        words.append("".join(word))
+    return tuple(words)
 
 
 def config_file(sif: Path) -> Path:

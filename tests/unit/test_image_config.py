@@ -155,14 +155,20 @@ def test_unreadable_oci_config_is_an_invalid_image(tmp_path: Path) -> None:
 def test_sandbox_config_from_apptainers_runscript(tmp_path: Path) -> None:
     runscript = tmp_path / ".singularity.d" / "runscript"
     runscript.parent.mkdir()
+    # Written by Apptainer 1.4.3 for Entrypoint ["/bin/sh", "-c", <ENTRYPOINT[2] below>] and
+    # Cmd ["default", "a b", "it's"].
     runscript.write_text(
         "#!/bin/sh\n"
-        'OCI_ENTRYPOINT=\'"/bin/sh" "-c" "echo \\"$*\\""\'\n'
-        'OCI_CMD=\'"default" "a b"\'\n'
-        'if [ -z "$OCI_CMD" ]; then\n'
+        + r"""OCI_ENTRYPOINT='"/bin/sh" "-c" "echo \"\$* \`x\` \\\\\""'"""
+        + "\n"
+        + r"""OCI_CMD='"default" "a b" "it'"'"'s"'"""
+        + "\n"
+        + 'if [ -z "$OCI_CMD" ]; then\n'
     )
     assert sandbox_config(tmp_path) == ImageConfig(
-        oci=True, entrypoint=("/bin/sh", "-c", 'echo "$*"'), cmd=("default", "a b")
+        oci=True,
+        entrypoint=("/bin/sh", "-c", r'echo "$* `x` \\"'),
+        cmd=("default", "a b", "it's"),
     )
 
 
