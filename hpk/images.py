@@ -3,13 +3,18 @@
 Pods name their images the way Docker does (`busybox`, `quay.io/argoproj/argoexec:v3.6.5`).
 The kubelet runs them from SIF files in one cache on the shared filesystem, keyed by the full
 normalized reference. This module owns that mapping and the only ways into the cache: an
-import of a SIF file (air-gapped sites, the test images) and, for pulls, `image_lock`, which
-serialises everyone who fills the same entry. It touches nothing outside the cache folder.
+import (a SIF file, a sandbox folder or a docker-archive tarball: air-gapped sites, the test
+images) and a pull (`apptainer pull docker://`), each under `image_lock`, which serialises
+everyone who fills the same entry. Beside each SIF it records what the image runs by default
+(ImageConfig: Docker's ENTRYPOINT, CMD and WORKDIR), read from the image as it enters the
+cache. It writes nothing outside the cache folder; Apptainer, run through an injected
+CommandRunner, does the conversions and pulls.
 
 Layout, below the cache folder (`$HPK_IMAGE_CACHE`, else `<hpk home>/images`):
 
     <registry>/<repository path>/<tag>.sif
     <registry>/<repository path>/[<tag>]@<algorithm>-<hex>.sif      (references with a digest)
+    <registry>/<repository path>/.<file name>.config.json            (its ImageConfig)
 
 The mapping is injective and never leaves the cache folder, by the reference grammar:
 - a registry's `:port` becomes `_port`; registry names cannot contain `_`;
