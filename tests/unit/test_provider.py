@@ -136,7 +136,7 @@ class Bed:
         self.root = root
         self.slurm = FakeSlurm()
         self.watcher = FakeWatcher()
-        images = root / "images"
+        self.images = images = root / "images"
         sif = image_path("busybox", cache_dir=images)
         sif.parent.mkdir(parents=True)
         sif.write_bytes(sif_bytes())
