@@ -426,6 +426,8 @@ def _launch(
         raise InvalidPodSpec(
             f"{where}.command", f"image {image} has no ENTRYPOINT or CMD, so the pod must give one"
         )
+    for word in argv:  # the pod's words are checked already; these may be the image's
+        _check_text(word, f"{where}.image", controls=True)
     working_dir = container.get("workingDir") or config.working_dir or DEFAULT_WORKING_DIR
     if not isinstance(working_dir, str) or not working_dir.startswith("/"):
         raise InvalidPodSpec(f"{where}.workingDir", "must be an absolute path")

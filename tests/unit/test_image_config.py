@@ -262,3 +262,9 @@ def test_entry_without_a_record_reads_the_sif(tmp_path: Path) -> None:
     assert image_config(sif) == CMD_ONLY
     sif.write_bytes(b"garbage")
     assert image_config(sif) == NATIVE_IMAGE
+
+
+def test_an_image_word_no_process_can_receive_is_refused() -> None:
+    with pytest.raises(InvalidPodSpec) as caught:
+        render({}, ImageConfig(oci=True, cmd=("echo", "a\0b")))
+    assert caught.value.field == "spec.containers[0].image"
