@@ -3,13 +3,18 @@
 Pods name their images the way Docker does (`busybox`, `quay.io/argoproj/argoexec:v3.6.5`).
 The kubelet runs them from SIF files in one cache on the shared filesystem, keyed by the full
 normalized reference. This module owns that mapping and the only ways into the cache: an
-import of a SIF file (air-gapped sites, the test images) and, for pulls, `image_lock`, which
-serialises everyone who fills the same entry. It touches nothing outside the cache folder.
+import (a SIF file, a sandbox folder or a docker-archive tarball: air-gapped sites, the test
+images) and a pull (`apptainer pull docker://`), each under `image_lock`, which serialises
+everyone who fills the same entry. Beside each SIF it records what the image runs by default
+(ImageConfig: Docker's ENTRYPOINT, CMD and WORKDIR), read from the image as it enters the
+cache. It writes nothing outside the cache folder; Apptainer, run through an injected
+CommandRunner, does the conversions and pulls.
 
 Layout, below the cache folder (`$HPK_IMAGE_CACHE`, else `<hpk home>/images`):
 
     <registry>/<repository path>/<tag>.sif
     <registry>/<repository path>/[<tag>]@<algorithm>-<hex>.sif      (references with a digest)
+    <registry>/<repository path>/.<file name>.config.json            (its ImageConfig)
 
 The mapping is injective and never leaves the cache folder, by the reference grammar:
 - a registry's `:port` becomes `_port`; registry names cannot contain `_`;
@@ -25,16 +30,22 @@ Locks are `fcntl.flock` locks, which hold across nodes on NFS; Lustre needs `-o 
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
+import shlex
 import shutil
 import struct
+import subprocess
+import tarfile
 import tempfile
-from collections.abc import Iterator
+import time
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+from typing import Any, Protocol
 
 from hpk.files import held_lock
 from hpk.paths import hpk_home
@@ -65,6 +76,16 @@ _COPY_CHUNK = 1 << 20
 _SIF_HEADER = struct.Struct("<32s10s3s3s16s8q")
 _SIF_MAGIC = b"SIF_MAGIC\x00"
 _SIF_VERSION = b"01\x00"
+# One SIF descriptor (pkg/sif/descriptor.go, rawDescriptor): data type, used flag, ID, group,
+# link, then offset, size, size with padding, created, modified, uid, gid (int64), a 128-byte
+# name and 384 bytes of type-specific data.
+_SIF_DESCRIPTOR = struct.Struct("<iBIII7q128s384s")
+_SIF_GENERIC_JSON = 0x4006
+_OCI_CONFIG_NAME = b"oci-config.json"
+"""The descriptor Apptainer writes, when it builds from a Docker or OCI source, with the
+image's config (Entrypoint, Cmd, Env, WorkingDir...)."""
+_CONFIG_SUFFIX = ".config.json"
+_LARGEST_CONFIG = 1 << 20
 
 
 class ImageError(Exception):
@@ -86,6 +107,24 @@ class InvalidImageFile(ImageError):
     def __init__(self, path: Path, problem: str) -> None:
         super().__init__(f"{path} is not a usable SIF image: {problem}")
         self.path = path
+        self.problem = problem
+
+
+class ImageBuildFailed(ImageError):
+    """Apptainer could not turn a sandbox folder or a docker-archive into a SIF file."""
+
+    def __init__(self, source: str, problem: str) -> None:
+        super().__init__(f"cannot build a SIF image from {source}: {problem}")
+        self.source = source
+        self.problem = problem
+
+
+class ImagePullFailed(ImageError):
+    """`apptainer pull` failed; the message carries Apptainer's own words."""
+
+    def __init__(self, reference: str, problem: str) -> None:
+        super().__init__(f"pulling {reference} failed: {problem}")
+        self.reference = reference
         self.problem = problem
 
 
@@ -129,6 +168,72 @@ class CachedImage:
     """The SIF file."""
     size: int
     """Size of the SIF file in bytes."""
+
+
+@dataclass(frozen=True)
+class ImageConfig:
+    """What an image runs when the pod does not say: Docker's ENTRYPOINT, CMD and WORKDIR.
+
+    Recorded beside each cached SIF when it enters the cache. A SIF built from a Docker or OCI
+    source carries them; a SIF built from an Apptainer definition file has none (`oci` False)
+    and its runscript decides what runs.
+    """
+
+    oci: bool
+    """Whether the image has OCI metadata; False for a native SIF (run its runscript)."""
+    entrypoint: tuple[str, ...] = ()
+    """ENTRYPOINT; empty when the image has none."""
+    cmd: tuple[str, ...] = ()
+    """CMD: the default arguments; empty when the image has none."""
+    working_dir: str = ""
+    """WORKDIR; empty: Docker's default, `/`."""
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "oci": self.oci,
+            "entrypoint": list(self.entrypoint),
+            "cmd": list(self.cmd),
+            "workingDir": self.working_dir,
+        }
+
+    @classmethod
+    def from_json(cls, data: object) -> ImageConfig:
+        """From `to_json`'s form; raises ValueError for anything else."""
+        if not isinstance(data, dict) or not isinstance(data.get("oci"), bool):
+            raise ValueError("not an image config record")
+        return cls(
+            oci=data["oci"],
+            entrypoint=_words(data.get("entrypoint"), "entrypoint"),
+            cmd=_words(data.get("cmd"), "cmd"),
+            working_dir=str(data.get("workingDir") or ""),
+        )
+
+    @classmethod
+    def from_oci(cls, config: object) -> ImageConfig:
+        """From the `config` object of an OCI image configuration (Docker's field names)."""
+        if not isinstance(config, dict):
+            raise ValueError("the OCI config is not an object")
+        working_dir = config.get("WorkingDir") or ""
+        if not isinstance(working_dir, str):
+            raise ValueError("WorkingDir is not a string")
+        return cls(
+            oci=True,
+            entrypoint=_words(config.get("Entrypoint"), "Entrypoint"),
+            cmd=_words(config.get("Cmd"), "Cmd"),
+            working_dir=working_dir,
+        )
+
+
+NATIVE_IMAGE = ImageConfig(oci=False)
+"""The config of an image without OCI metadata."""
+
+
+def _words(value: object, name: str) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    if not isinstance(value, list) or not all(isinstance(word, str) for word in value):
+        raise ValueError(f"{name} is not a list of strings")
+    return tuple(value)
 
 
 def parse_reference(text: str) -> ImageReference:
@@ -360,34 +465,289 @@ def check_sif(path: Path) -> None:
     log.debug("%s: SIF, launch line %r, %d bytes", path, launch.rstrip(b"\0"), size)
 
 
-def import_image(reference: str, sif_file: Path, *, cache_dir: Path | None = None) -> Path:
-    """Copy a SIF file into the cache as the image for `reference`; returns its cache path.
+def sif_config(path: Path) -> ImageConfig:
+    """The image config a SIF file carries: its `oci-config.json` descriptor, which Apptainer
+    writes when it builds from a Docker or OCI source; NATIVE_IMAGE when it has none.
 
-    The file is checked first, then copied to a hidden temporary file and renamed into place
-    under the entry's lock, so readers see the old image or the new one, never a partial one.
-    An existing entry is replaced: an import is an explicit instruction.
+    Raises InvalidImageFile for a file that is no SIF, or whose OCI config is unreadable.
+    """
+    check_sif(path)
+    with path.open("rb") as stream:
+        header = _SIF_HEADER.unpack(stream.read(_SIF_HEADER.size))
+        count, offset = header[8], header[9]
+        stream.seek(offset)
+        table = stream.read(count * _SIF_DESCRIPTOR.size)
+        for index in range(count):
+            kind, used, _id, _group, _link, start, size, *_rest, name, _extra = (
+                _SIF_DESCRIPTOR.unpack_from(table, index * _SIF_DESCRIPTOR.size)
+            )
+            if not used or kind != _SIF_GENERIC_JSON or name.rstrip(b"\0") != _OCI_CONFIG_NAME:
+                continue
+            if size > _LARGEST_CONFIG:
+                raise InvalidImageFile(path, f"its OCI config has {size} bytes")
+            stream.seek(start)
+            try:
+                return ImageConfig.from_oci(json.loads(stream.read(size)))
+            except ValueError as error:
+                raise InvalidImageFile(path, f"its OCI config is unreadable: {error}") from error
+    return NATIVE_IMAGE
+
+
+def sandbox_config(folder: Path) -> ImageConfig:
+    """The image config of a sandbox folder that Apptainer made from a Docker or OCI source.
+
+    Such a folder keeps no OCI config, only the runscript Apptainer wrote, whose
+    `OCI_ENTRYPOINT='...'` and `OCI_CMD='...'` lines hold the words, each double-quoted.
+    A folder without them is a native image.
+    """
+    try:
+        runscript = (folder / ".singularity.d" / "runscript").read_text(errors="replace")
+    except OSError:
+        return NATIVE_IMAGE
+    found: dict[str, tuple[str, ...]] = {}
+    for line in runscript.splitlines():
+        name, equals, value = line.partition("=")
+        if equals and name in ("OCI_ENTRYPOINT", "OCI_CMD") and name not in found:
+            try:
+                (text,) = shlex.split(value) or [""]
+                found[name] = _double_quoted_words(text)
+            except ValueError:
+                return NATIVE_IMAGE  # not the form Apptainer writes
+    if not found:
+        return NATIVE_IMAGE
+    return ImageConfig(
+        oci=True, entrypoint=found.get("OCI_ENTRYPOINT", ()), cmd=found.get("OCI_CMD", ())
+    )
+
+
+def _double_quoted_words(text: str) -> tuple[str, ...]:
+    """Words each in shell double quotes, where a backslash escapes `$`, a backquote, `"`,
+    a backslash and a newline (the form Apptainer writes OCI_ENTRYPOINT and OCI_CMD in)."""
+    words: list[str] = []
+    index = 0
+    while index < len(text):
+        if text[index].isspace():
+            index += 1
+            continue
+        if text[index] != '"':
+            raise ValueError(f"a word does not start with a double quote at {index}")
+        index += 1
+        word: list[str] = []
+        while True:
+            if index >= len(text):
+                raise ValueError("a double-quoted word does not end")
+            char = text[index]
+            if char == "\\" and index + 1 < len(text) and text[index + 1] in '$`"\\\n':
+                word.append(text[index + 1])
+                index += 2
+            elif char == '"':
+                index += 1
+                break
+            else:
+                word.append(char)
+                index += 1
+        words.append("".join(word))
+    return tuple(words)
+
+
+def config_file(sif: Path) -> Path:
+    """Where the config of a cached SIF is recorded: a hidden file beside it."""
+    return sif.with_name(f".{sif.name}{_CONFIG_SUFFIX}")
+
+
+def image_config(sif: Path) -> ImageConfig:
+    """The recorded config of a cached SIF file; read from the SIF itself when none was
+    recorded (an entry older than the record), and NATIVE_IMAGE when that fails too."""
+    try:
+        return ImageConfig.from_json(json.loads(config_file(sif).read_text()))
+    except (OSError, ValueError) as error:
+        log.debug("%s: no recorded config (%s); reading the SIF", sif, error)
+    try:
+        return sif_config(sif)
+    except InvalidImageFile as error:
+        log.warning("%s: %s; running it as a native image", sif, error)
+        return NATIVE_IMAGE
+
+
+class CommandRunner(Protocol):
+    """Runs a command; returns its exit status and its output (stdout and stderr)."""
+
+    def __call__(self, argv: Sequence[str]) -> tuple[int, str]: ...
+
+
+def run_command(argv: Sequence[str]) -> tuple[int, str]:
+    """The real CommandRunner."""
+    try:
+        result = subprocess.run(
+            list(argv),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            errors="replace",
+            check=False,
+        )
+    except OSError as error:
+        return 127, f"cannot run {argv[0]}: {error.strerror or error}"
+    return result.returncode, result.stdout
+
+
+def _apptainer_error(output: str) -> str:
+    """Apptainer's own words: its FATAL/ERROR lines, else the last line it wrote."""
+    lines = [line.strip() for line in output.splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith(("FATAL:", "ERROR:"))]
+    chosen = errors or lines[-1:] or ["no output"]
+    return " ".join(" ".join(line.split()) for line in chosen)[:1000]
+
+
+def _default_apptainer() -> str:
+    from hpk.controlplane.image import find_apptainer  # noqa: PLC0415 (a heavier import)
+
+    return find_apptainer()
+
+
+def source_kind(source: Path) -> str:
+    """`sif`, `sandbox` or `docker-archive`: what an import source is.
+
+    Raises InvalidImageFile for anything else, naming the accepted kinds.
+    """
+    if source.is_dir():
+        return "sandbox"
+    try:
+        with source.open("rb") as stream:
+            start = stream.read(_SIF_HEADER.size)
+    except OSError as error:
+        raise InvalidImageFile(source, f"cannot read it ({error.strerror})") from error
+    if start[32:42] == _SIF_MAGIC:
+        return "sif"
+    try:
+        with tarfile.open(source) as archive:
+            names = {name.removeprefix("./") for name in archive.getnames()}
+    except (tarfile.TarError, OSError):
+        names = set()
+    if "manifest.json" in names:
+        return "docker-archive"
+    try:
+        check_sif(source)
+    except InvalidImageFile as error:
+        raise InvalidImageFile(
+            source,
+            f"{error.problem}; nor is it a sandbox folder or a docker-archive tarball"
+            " (`docker save` output, with a manifest.json)",
+        ) from error
+    return "sif"
+
+
+def import_image(
+    reference: str,
+    source: Path,
+    *,
+    cache_dir: Path | None = None,
+    apptainer: str | None = None,
+    runner: CommandRunner = run_command,
+) -> Path:
+    """Put an image into the cache for `reference`; returns its cache path.
+
+    `source` is a SIF file (copied), a sandbox folder or a docker-archive tarball (`docker
+    save` output); Apptainer builds a SIF file from the last two, without a network. The
+    image's ENTRYPOINT, CMD and WORKDIR are recorded beside it. Under the entry's lock the
+    new SIF file is written to a hidden temporary file and renamed into place, so readers
+    see the old image or the new one, never a partial one. An existing entry is replaced:
+    an import is an explicit instruction.
     """
     key = normalize_reference(reference)
-    source = Path(sif_file)
-    check_sif(source)
+    source = Path(source)
+    kind = source_kind(source)
+    if kind == "sif":
+        check_sif(source)
     with image_lock(key, cache_dir=cache_dir) as target:
-        fd, temporary = tempfile.mkstemp(
-            prefix=f".{target.name}.", suffix=".part", dir=target.parent
-        )
+        fd, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=target.parent)
+        temporary = Path(name)
         try:
-            with os.fdopen(fd, "wb") as out, source.open("rb") as src:
-                shutil.copyfileobj(src, out, _COPY_CHUNK)
-                out.flush()
-                os.fsync(out.fileno())
-            os.chmod(temporary, _FILE_MODE)
-            check_sif(Path(temporary))  # the source may have changed while it was copied
-            os.replace(temporary, target)
-        except BaseException:
-            Path(temporary).unlink(missing_ok=True)
-            raise
-        _sync_folder(target.parent)
-    log.info("imported %s from %s into %s", key, source, target)
+            if kind == "sif":
+                with os.fdopen(fd, "wb") as out, source.open("rb") as src:
+                    shutil.copyfileobj(src, out, _COPY_CHUNK)
+                    out.flush()
+                    os.fsync(out.fileno())
+                config = sif_config(temporary)  # the source may have changed while copied
+            else:
+                os.close(fd)
+                argument = str(source.resolve())
+                if kind == "docker-archive":
+                    argument = f"docker-archive:{argument}"
+                binary = apptainer or _default_apptainer()
+                status, output = runner(
+                    [binary, "--quiet", "build", "--force", str(temporary), argument]
+                )
+                if status != 0:
+                    raise ImageBuildFailed(f"{kind} {source}", _apptainer_error(output))
+                config = sif_config(temporary)
+                if kind == "sandbox" and not config.oci:
+                    config = sandbox_config(source)
+            _install(temporary, target, config)
+        finally:
+            temporary.unlink(missing_ok=True)
+    log.info("imported %s from %s %s into %s", key, kind, source, target)
     return target
+
+
+def pull_image(
+    reference: str,
+    *,
+    cache_dir: Path | None = None,
+    apptainer: str | None = None,
+    runner: CommandRunner = run_command,
+    fresh_since: float | None = None,
+) -> Path:
+    """Pull `docker://reference` into the cache; returns its cache path.
+
+    Pulls of the same entry are serialised by its lock (two kubelets share it too), and the
+    ones that waited do not pull again: with `fresh_since` None, an entry present once the lock
+    is held is kept (IfNotPresent); with a wall-clock time, an entry written at or after it
+    counts as fresh (Always: someone pulled it since this caller asked). Raises ImagePullFailed
+    with Apptainer's error.
+    """
+    key = normalize_reference(reference)
+    with image_lock(key, cache_dir=cache_dir) as target:
+        if target.is_file():
+            if fresh_since is None:
+                return target
+            if target.stat().st_mtime >= fresh_since:
+                log.info("%s: pulled meanwhile by another", key)
+                return target
+        fd, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=target.parent)
+        os.close(fd)
+        temporary = Path(name)
+        try:
+            binary = apptainer or _default_apptainer()
+            started = time.monotonic()
+            status, output = runner(
+                [binary, "--quiet", "pull", "--force", str(temporary), f"docker://{key}"]
+            )
+            if status != 0:
+                raise ImagePullFailed(key, _apptainer_error(output))
+            try:
+                config = sif_config(temporary)
+            except InvalidImageFile as error:
+                raise ImagePullFailed(key, f"Apptainer wrote no usable SIF: {error}") from error
+            _install(temporary, target, config)
+        finally:
+            temporary.unlink(missing_ok=True)
+    log.info("pulled %s into %s in %.1f s", key, target, time.monotonic() - started)
+    return target
+
+
+def _install(temporary: Path, target: Path, config: ImageConfig) -> None:
+    """Move a complete SIF file into its entry, its config recorded first (under the lock)."""
+    os.chmod(temporary, _FILE_MODE)
+    record = config_file(target)
+    fd, name = tempfile.mkstemp(prefix=record.name, suffix=".part", dir=target.parent)
+    with os.fdopen(fd, "w") as out:
+        json.dump(config.to_json(), out)
+    os.chmod(name, _FILE_MODE)
+    os.replace(name, record)
+    os.replace(temporary, target)
+    _sync_folder(target.parent)
 
 
 def remove_image(reference: str, *, cache_dir: Path | None = None) -> Path:
@@ -405,6 +765,7 @@ def remove_image(reference: str, *, cache_dir: Path | None = None) -> Path:
             target.unlink()
         except FileNotFoundError:
             raise ImageNotCached(key) from None
+        config_file(target).unlink(missing_ok=True)
         _sync_folder(target.parent)
     log.info("removed %s (%s)", key, target)
     return target

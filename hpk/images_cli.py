@@ -8,14 +8,24 @@ and reports the cache's typed errors itself, as one line on stderr.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
-from hpk.images import ImageError, image_cache_dir, import_image, list_images, remove_image
+from hpk.images import (
+    ImageConfig,
+    ImageError,
+    image_cache_dir,
+    image_config,
+    import_image,
+    list_images,
+    remove_image,
+)
 
 
 def run_import(args: argparse.Namespace) -> int:
-    """`hpk images import REF FILE`: seed the cache with a SIF file, for air-gapped sites."""
+    """`hpk images import REF FILE`: seed the cache with a SIF file, a sandbox folder or a
+    docker-archive tarball, for air-gapped sites."""
     try:
         path = import_image(args.reference, args.file)
     except ImageError as error:
@@ -46,10 +56,25 @@ def run_list(args: argparse.Namespace) -> int:
         print(f"no images in {image_cache_dir()}")
         return 0
     width = max(len(image.reference) for image in images)
-    print(f"{'REFERENCE':<{width}}  {'SIZE':>9}  PATH")
+    print(f"{'REFERENCE':<{width}}  {'SIZE':>9}  PATH  RUNS")
     for image in images:
-        print(f"{image.reference:<{width}}  {_human_size(image.size):>9}  {image.path}")
+        runs = _runs(image_config(image.path))
+        print(f"{image.reference:<{width}}  {_human_size(image.size):>9}  {image.path}  {runs}")
     return 0
+
+
+def _runs(config: ImageConfig) -> str:
+    """What the image runs by default, as `docker inspect` would name it."""
+    if not config.oci:
+        return "runscript"
+    parts = []
+    if config.entrypoint:
+        parts.append(f"ENTRYPOINT {json.dumps(list(config.entrypoint))}")
+    if config.cmd:
+        parts.append(f"CMD {json.dumps(list(config.cmd))}")
+    if config.working_dir:
+        parts.append(f"WORKDIR {config.working_dir}")
+    return " ".join(parts) or "nothing (pods must give a command)"
 
 
 def _human_size(size: int) -> str:
@@ -76,11 +101,15 @@ def add_images_commands(subparsers: argparse._SubParsersAction[argparse.Argument
 
     importing = actions.add_parser(
         "import",
-        help="put a SIF file into the cache under an image reference",
-        description="Seed the cache without a registry: later pods that use REF run FILE.",
+        help="put an image into the cache under an image reference",
+        description="Seed the cache without a registry: later pods that use REF run FILE."
+        " FILE is a SIF file, an Apptainer sandbox folder, or a docker-archive tarball"
+        " (`docker save REF -o FILE`); Apptainer converts the last two, with no network.",
     )
     importing.add_argument("reference", metavar="REF", help="image reference, e.g. busybox:1.36")
-    importing.add_argument("file", metavar="FILE", type=Path, help="the SIF file to import")
+    importing.add_argument(
+        "file", metavar="FILE", type=Path, help="a SIF file, sandbox folder or docker-archive"
+    )
     importing.set_defaults(func=run_import)
 
     listing = actions.add_parser("list", help="show the cached images")

@@ -2,9 +2,18 @@
 
 Each image is an Apptainer definition file in container/test-images/ and is cached as a SIF
 file next to the pinned toolchain, in <tools>/test-images-<hash>/, where the hash covers the
-recipe files and the Apptainer pin: a changed recipe builds afresh, an unchanged one costs
-nothing. `register_test_images` then imports them into hpk's image cache under the names
-Docker would give them, so pods can say `image: busybox`.
+recipe files, the Apptainer pin and this module's docker-archive writer: a changed recipe builds
+afresh, an unchanged one costs nothing. A recipe's `io.hpk.test-image.oci-config` label holds
+the Docker Hub config of the image it stands in for (its CMD); the build stores it in the SIF
+as the `oci-config.json` descriptor Apptainer writes for images built from Docker sources, so
+hpk runs it the way Docker runs the real image.
+
+One image is no recipe: `hpk.test/entrypoint:1`, an image with an ENTRYPOINT, is written as a
+`docker save` tarball (a docker-archive) from the host's busybox, and goes into the cache
+through the very import users run (`hpk images import`), which has Apptainer convert it.
+
+`register_test_images` imports them all into hpk's image cache under the names Docker would
+give them, so pods can say `image: busybox`.
 
 Building needs root (debootstrap) and the Debian mirror; it starts no container, since the
 recipes do all their work on the host (see the recipes' %setup sections).
@@ -17,10 +26,14 @@ from __future__ import annotations
 import argparse
 import filecmp
 import hashlib
+import inspect
+import io
+import json
 import logging
 import os
 import subprocess
 import sys
+import tarfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -46,14 +59,28 @@ class TestImage:
     reference: str
     """The normalized Docker reference it is cached under."""
     recipe: str
-    """Its Apptainer definition file, in container/test-images/."""
+    """Its Apptainer definition file, in container/test-images/; empty for an image written
+    as a docker-archive (`<name>.tar`, see `archive_config`)."""
 
 
 #: Every test image; the one place that names them.
 TEST_IMAGES: tuple[TestImage, ...] = (
     TestImage("busybox", "docker.io/library/busybox:latest", "busybox.def"),
     TestImage("python-3.11", "docker.io/library/python:3.11", "python-3.11.def"),
+    TestImage("entrypoint", "hpk.test/entrypoint:1", ""),
 )
+
+ENTRYPOINT_CONFIG: dict[str, object] = {
+    "Entrypoint": ["/bin/sh", "-c", 'echo "entrypoint: $* (in $PWD)"', "entrypoint"],
+    "Cmd": ["default-cmd"],
+    "WorkingDir": "/srv",
+    "Env": ["PATH=/usr/sbin:/usr/bin:/sbin:/bin"],
+}
+"""The docker-archive image's config: its output names the words the ENTRYPOINT got and the
+folder it ran in, so a test can tell CMD, args and command apart, and see WORKDIR."""
+
+OCI_CONFIG_LABEL = "io.hpk.test-image.oci-config"
+_SIF_GENERIC_JSON = "6"  # `apptainer sif add --datatype`: 6-GenericJSON
 
 
 class TestImageBuildFailed(RuntimeError):
@@ -70,6 +97,8 @@ def recipe_hash(toolchain: Toolchain | None = None) -> str:
     """A short hash of every recipe file and the Apptainer pin: the cache folder's key."""
     pins = (toolchain or Toolchain.load()).pins
     digest = hashlib.sha256(f"apptainer={pins['APPTAINER_VERSION']}\n".encode())
+    digest.update(json.dumps(ENTRYPOINT_CONFIG, sort_keys=True).encode())
+    digest.update(inspect.getsource(write_docker_archive).encode())
     for path in sorted(recipes_dir().iterdir()):
         if path.is_file():
             digest.update(f"{path.name}\n{path.stat().st_size}\n".encode())
@@ -91,7 +120,7 @@ def ensure_test_images(progress: Callable[[str], None] = _say) -> dict[str, Path
     toolchain = Toolchain.load()
     apptainer = toolchain.binary("apptainer")
     folder = built_images_dir(toolchain)
-    wanted = {image.reference: folder / f"{image.name}.sif" for image in TEST_IMAGES}
+    wanted = {image.reference: folder / _built_name(image) for image in TEST_IMAGES}
     if all(path.is_file() for path in wanted.values()):
         progress(f"all {len(wanted)} images cached in {folder}")
         return wanted
@@ -106,6 +135,10 @@ def ensure_test_images(progress: Callable[[str], None] = _say) -> dict[str, Path
             target = wanted[image.reference]
             if target.is_file():
                 progress(f"{image.name}: cached ({target})")
+                continue
+            if not image.recipe:
+                write_docker_archive(target, config=ENTRYPOINT_CONFIG, tags=[image.reference])
+                progress(f"{image.name}: docker-archive written ({target})")
                 continue
             if os.geteuid() != 0:
                 raise TestImageBuildFailed(
@@ -141,8 +174,114 @@ def _build(image: TestImage, *, target: Path, apptainer: Path, log_file: Path) -
             f"with {result.returncode}; full log: {log_file}; its last lines:\n{tail}"
         )
     check_sif(partial)
+    config = recipe_oci_config(recipes_dir() / image.recipe)
+    if config is not None:
+        # The config Apptainer would have written had the image come from Docker Hub.
+        config_json = partial.with_name(f".{image.name}.oci-config.json")
+        config_json.write_text(json.dumps(config))
+        adding = subprocess.run(
+            [
+                *(str(apptainer), "sif", "add", "--datatype", _SIF_GENERIC_JSON, "--groupid", "1"),
+                *("--filename", "oci-config.json", str(partial), str(config_json)),
+            ],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        config_json.unlink()
+        if adding.returncode != 0:
+            partial.unlink(missing_ok=True)
+            raise TestImageBuildFailed(
+                f"test image {image.name}: adding its OCI config failed: {adding.stderr.strip()}"
+            )
     partial.chmod(0o644)
     partial.replace(target)
+
+
+def _built_name(image: TestImage) -> str:
+    return f"{image.name}.sif" if image.recipe else f"{image.name}.tar"
+
+
+def recipe_oci_config(recipe: Path) -> dict[str, object] | None:
+    """The OCI config in a recipe's `io.hpk.test-image.oci-config` label, if it has one."""
+    in_labels = False
+    for line in recipe.read_text().splitlines():
+        stripped = line.strip()
+        if stripped.startswith("%"):
+            in_labels = stripped == "%labels"
+        elif in_labels and stripped.startswith(OCI_CONFIG_LABEL + " "):
+            config = json.loads(stripped[len(OCI_CONFIG_LABEL) :])
+            if not isinstance(config, dict):
+                raise ValueError(f"{recipe}: label {OCI_CONFIG_LABEL} is not a JSON object")
+            return config
+    return None
+
+
+def write_docker_archive(
+    path: Path,
+    *,
+    config: dict[str, object],
+    tags: Sequence[str],
+    busybox: Path = Path("/bin/busybox"),
+) -> None:
+    """Write a `docker save` tarball of a one-layer image: the host's static busybox and its
+    applets (as busybox.def has them), with the OCI image `config` (Entrypoint, Cmd...).
+
+    Deterministic: the same busybox and config give the same bytes.
+    """
+    layer = io.BytesIO()
+    with tarfile.open(fileobj=layer, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for folder in ("bin", "etc", "root", "sbin", "srv", "tmp", "usr", "usr/bin", "usr/sbin"):
+            info = tarfile.TarInfo(folder)
+            info.type, info.mode = tarfile.DIRTYPE, 0o1777 if folder == "tmp" else 0o755
+            tar.addfile(info)
+        data = busybox.read_bytes()
+        info = tarfile.TarInfo("bin/busybox")
+        info.size, info.mode = len(data), 0o755
+        tar.addfile(info, io.BytesIO(data))
+        applets = subprocess.run(
+            [str(busybox), "--list-full"], capture_output=True, text=True, check=True
+        ).stdout.split()
+        for applet in sorted(set(applets) - {"bin/busybox"}):
+            info = tarfile.TarInfo(applet)
+            info.type, info.linkname = tarfile.SYMTYPE, "/bin/busybox"
+            tar.addfile(info)
+        for name, text in (
+            ("etc/group", b"root:x:0:\n"),
+            ("etc/hosts", b""),
+            ("etc/passwd", b"root:x:0:0:root:/root:/bin/sh\n"),
+            ("etc/resolv.conf", b""),
+        ):
+            info = tarfile.TarInfo(name)
+            info.size, info.mode = len(text), 0o644
+            tar.addfile(info, io.BytesIO(text))
+    layer_bytes = layer.getvalue()
+    diff_id = hashlib.sha256(layer_bytes).hexdigest()
+    image_config = json.dumps(
+        {
+            "architecture": "amd64",
+            "os": "linux",
+            "config": config,
+            "rootfs": {"type": "layers", "diff_ids": [f"sha256:{diff_id}"]},
+        },
+        sort_keys=True,
+    ).encode()
+    config_name = f"{hashlib.sha256(image_config).hexdigest()}.json"
+    manifest = json.dumps(
+        [{"Config": config_name, "RepoTags": list(tags), "Layers": [f"{diff_id}/layer.tar"]}]
+    ).encode()
+    partial = path.with_name(f".{path.name}.part")
+    with tarfile.open(partial, mode="w", format=tarfile.PAX_FORMAT) as archive:
+        for name, payload in (
+            (config_name, image_config),
+            (f"{diff_id}/layer.tar", layer_bytes),
+            ("manifest.json", manifest),
+        ):
+            info = tarfile.TarInfo(name)
+            info.size, info.mode = len(payload), 0o644
+            archive.addfile(info, io.BytesIO(payload))
+    partial.chmod(0o644)
+    partial.replace(path)
 
 
 def register_test_images(cache_dir: Path | None = None) -> dict[str, Path]:
@@ -153,6 +292,9 @@ def register_test_images(cache_dir: Path | None = None) -> dict[str, Path]:
     """
     registered: dict[str, Path] = {}
     for reference, built in ensure_test_images().items():
+        if built.suffix == ".tar":  # through the import users run: Apptainer converts it
+            registered[reference] = import_image(reference, built, cache_dir=cache_dir)
+            continue
         present = cached_image(reference, cache_dir=cache_dir)
         if present is not None and filecmp.cmp(present, built, shallow=False):
             registered[reference] = present

@@ -408,7 +408,8 @@ class PodController:
             )
             with self._lock:
                 self._written[key] = _Written(uid=uid, status=status)
-            self._event(pod, "Warning", missing.reason, message)
+            kind = getattr(missing, "event_type", "Warning")  # Normal while an image is pulled
+            self._event(pod, kind, getattr(missing, "event_reason", missing.reason), message)
 
     def _fail(self, key: str, pod: JSON, error: Exception) -> None:
         reason = getattr(error, "reason", None) or type(error).__name__

@@ -26,10 +26,11 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any, Protocol
 
-from hpk.images import cached_image
+from hpk.images import ImageConfig, InvalidImageReference
 from kubelet_py import projected
 from kubelet_py.errors import InvalidPodSpec
 from kubelet_py.inputs import ObjectLookup, PodInputs, needs_node_address, resolve
+from kubelet_py.pulls import ImagePuller, ImageWaiting, pull_policy
 from kubelet_py.render import JOB_NAME_PREFIX, VOLUMES_DIR, RenderSettings, render_pod
 from kubelet_py.slurm import FINAL_STATES, ListedJob, SlurmError, SlurmUnavailable
 from kubelet_py.status import pod_status, read_markers
@@ -67,8 +68,9 @@ class PodLifecycleHandler(Protocol):
 
         Never starts a second job for a pod that has one. Raises InvalidPodSpec,
         ImageNotResolved or SubmissionFailed for a pod that cannot run (final),
-        MissingReference while a ConfigMap, Secret or key it needs does not exist (nothing is
-        submitted), and SlurmUnavailable when it should be tried again later.
+        MissingReference while a ConfigMap, Secret or key it needs does not exist, or while
+        one of its images is pulled or cannot be (ImageWaiting; nothing is submitted), and
+        SlurmUnavailable when it should be tried again later.
         """
 
     def update_pod(self, pod: Mapping[str, Any]) -> None:
@@ -170,6 +172,7 @@ class SlurmProvider:
         settings: ProviderSettings,
         lookup: ObjectLookup | None = None,
         tokens: TokenManager | None = None,
+        images: ImagePuller | None = None,
     ) -> None:
         self.slurm = slurm
         self.tokens = tokens
@@ -185,6 +188,11 @@ class SlurmProvider:
         self._signalled: dict[str, str] = {}
         self._callbacks: list[Callable[[str], None]] = []
         self._warnings: dict[str, tuple[tuple[str, str], ...]] = {}
+        self.images = images or ImagePuller(
+            cache_dir=settings.image_cache, apptainer=str(settings.apptainer), notify=self._ready
+        )
+        """Resolves the pods' images, pulling in the background; a finished pull hands its
+        pods to the `notify_pods` callbacks."""
 
     def folder(self, namespace: str, name: str) -> Path:
         return self.settings.pods_dir / namespace / name
@@ -221,10 +229,12 @@ class SlurmProvider:
                 _write(folder / JOB_ID_FILE, job_id + "\n", 0o600)
                 return self._adopt(pod, job_id, folder, how="Slurm comment")
 
+        images, configs, image_warnings = self._resolve_images(key, pod)
         render_settings = RenderSettings(
             pod_dir=PurePosixPath(folder),
             apptainer=self.settings.apptainer,
-            images=self._cached_images(pod),
+            images=images,
+            image_configs=configs,
             partition=partition,
             node_addresses=(
                 _addresses(self.settings.node_addresses) if needs_node_address(pod) else {}
@@ -241,7 +251,8 @@ class SlurmProvider:
         )
         claims = resolve_claims(pod, self.lookup)
         rendered = render_pod(pod, render_settings, inputs=inputs, claims=claims)
-        for _reason, warning in rendered.warnings:
+        warnings = (*image_warnings, *rendered.warnings)
+        for _reason, warning in warnings:
             log.warning("%s: %s", key, warning)
         _write_volumes(folder, inputs)
         for relative, text in rendered.files.items():
@@ -255,9 +266,10 @@ class SlurmProvider:
         log.info("%s: job %s submitted", key, job_id)
         self._remember(key, pod, uid, job_id, folder)
         self._keep_fresh(pod, folder, tokens)
-        if rendered.warnings:
+        self.images.forget(key)
+        if warnings:
             with self._lock:
-                self._warnings[key] = rendered.warnings
+                self._warnings[key] = warnings
         return job_id
 
     def update_pod(self, pod: Mapping[str, Any]) -> None:
@@ -363,6 +375,13 @@ class SlurmProvider:
 
     def markers_changed(self, key: str) -> None:
         """The marker watch's callback: the pod's containers wrote markers; like job_changed."""
+        self._notify(key)
+
+    def _ready(self, key: str) -> None:
+        """A pull the pod waited for has ended: have it handled again."""
+        self._notify(key)
+
+    def _notify(self, key: str) -> None:
         with self._lock:
             callbacks = list(self._callbacks)
         for callback in callbacks:
@@ -385,6 +404,7 @@ class SlurmProvider:
                 self._warnings.pop(key, None)
             if job_id is not None:
                 self._signalled.pop(job_id, None)
+        self.images.forget(key)
         if job_id is not None:
             self.watcher.forget(job_id)
         if self.tokens is not None:
@@ -433,20 +453,40 @@ class SlurmProvider:
 
     # -- helpers --------------------------------------------------------------------------
 
-    def _cached_images(self, pod: Mapping[str, Any]) -> dict[str, PurePosixPath]:
-        """The SIF file of each image of the pod that is in the cache."""
+    def _resolve_images(
+        self, key: str, pod: Mapping[str, Any]
+    ) -> tuple[dict[str, PurePosixPath], dict[str, ImageConfig], tuple[tuple[str, str], ...]]:
+        """The SIF file and config of every image the pod names, each after its pull policy.
+
+        Raises ImageWaiting (the pod waits) for the first image not ready; a pull started for
+        one image does not hold back the pulls of the others. A reference Docker would not
+        accept is left out: rendering names the field.
+        """
         images: dict[str, PurePosixPath] = {}
+        configs: dict[str, ImageConfig] = {}
+        warnings: list[tuple[str, str]] = []
+        waiting: ImageWaiting | None = None
         spec = pod.get("spec") or {}
-        for container in [*(spec.get("initContainers") or []), *(spec.get("containers") or [])]:
-            reference = container.get("image") if isinstance(container, Mapping) else None
-            if isinstance(reference, str) and reference not in images:
+        for group in ("initContainers", "containers"):
+            for index, container in enumerate(spec.get(group) or []):
+                reference = container.get("image") if isinstance(container, Mapping) else None
+                if not isinstance(reference, str) or reference in images:
+                    continue
                 try:
-                    sif = cached_image(reference, cache_dir=self.settings.image_cache)
-                except ValueError:
-                    sif = None  # an unreadable reference: render names the image it lacks
-                if sif is not None:
-                    images[reference] = PurePosixPath(sif)
-        return images
+                    policy = pull_policy(container, reference, where=f"spec.{group}[{index}]")
+                    resolved = self.images.resolve(key, reference, policy)
+                except InvalidImageReference:
+                    continue
+                except ImageWaiting as wait:
+                    waiting = waiting or wait
+                    continue
+                images[reference] = PurePosixPath(resolved.sif)
+                configs[reference] = resolved.config
+                if resolved.warning:
+                    warnings.append(("Failed", resolved.warning))
+        if waiting is not None:
+            raise waiting
+        return images, configs, tuple(warnings)
 
     def _adopt(self, pod: Mapping[str, Any], job_id: str, folder: Path, *, how: str) -> str:
         key = pod_key(pod)

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import PurePosixPath
 from types import MappingProxyType
 
-from hpk.images import InvalidImageReference, normalize_reference
+from hpk.images import NATIVE_IMAGE, ImageConfig, InvalidImageReference, normalize_reference
 from hpk.templating import render
 from kubelet_py.errors import InvalidPodSpec
 from kubelet_py.flags import ANNOTATION, FIELD, SbatchOption, merge_options, parse_flags
@@ -51,8 +51,8 @@ SLURM_OUTPUT = "slurm.out"
 ENV_DIR = "env"
 VOLUMES_DIR = "volumes"
 DEFAULT_WORKING_DIR = "/"
-"""Where a container starts without `workingDir`: Docker's default for an image without
-WORKDIR. SIF images carry no WORKDIR, and the job's own folder is hpk's, not the pod's."""
+"""Where a container starts without `workingDir`, when its image names no WORKDIR: Docker's
+default (the job's own folder is hpk's, not the pod's)."""
 
 LAUNCHER_ANNOTATION = "slurm.hpk.io/launcher"
 """`srun` (or `srun:<container>`): that main container starts once per Slurm task."""
@@ -179,6 +179,10 @@ class RenderSettings:
     """The SIF file of every image the pod's containers name, by image reference (any form
     Docker accepts; `busybox` and `docker.io/library/busybox:latest` are the same key)."""
 
+    image_configs: Mapping[str, ImageConfig] = field(default_factory=dict)
+    """ENTRYPOINT, CMD and WORKDIR of the images, by image reference (as `images`); an image
+    without one is a native SIF, whose runscript runs when the pod gives no `command`."""
+
     python: PurePosixPath = field(default_factory=lambda: PurePosixPath(sys.executable))
     """A Python interpreter on the compute nodes that can import hpk and kubelet_py: the job
     runs each container through `kubelet_py.launch` and asks `hpk.apptainer` for the options."""
@@ -219,6 +223,8 @@ class RenderSettings:
                 raise ValueError(f"setting images: {reference} must map to an absolute path")
             resolved[normalize_reference(reference)] = path
         object.__setattr__(self, "images", MappingProxyType(resolved))
+        configs = {normalize_reference(ref): config for ref, config in self.image_configs.items()}
+        object.__setattr__(self, "image_configs", MappingProxyType(configs))
         if self.partition is not None and not re.fullmatch(r"[A-Za-z0-9_.-]+", self.partition):
             raise ValueError(f"setting partition {self.partition!r} is not a partition name")
         for node, address in self.node_addresses.items():
@@ -269,13 +275,13 @@ class ContainerLaunch:
     """The normalized image reference, for the script's comments."""
     sif: str
     action: str
-    """`exec` when the pod gives `command`, else `run` (the image's runscript)."""
+    """`exec`, or `run` (the image's runscript) for a native image without `command`."""
     options: tuple[str, ...]
     """Apptainer options after hpk's run options, other than the binds."""
     binds: tuple[str, ...]
     """`--bind` specifications, one per volume mount."""
     arguments: tuple[str, ...]
-    """The words after the SIF file: `command` + `args`, or `args`."""
+    """The words after the SIF file (see `container_argv`)."""
     node_ip_env: tuple[str, ...] = ()
     """Variables the script sets to the node's address (`status.podIP`, `status.hostIP`)."""
     srun: bool = False
@@ -512,7 +518,15 @@ def _launch(
     )
     command = [expand(word, variables) for word in _words(container, "command", where)]
     arguments = [expand(word, variables) for word in _words(container, "args", where)]
-    working_dir = container.get("workingDir") or DEFAULT_WORKING_DIR
+    config = settings.image_configs.get(image, NATIVE_IMAGE)
+    action, argv = container_argv(command=command, args=arguments, config=config)
+    if action == "exec" and not argv:
+        raise InvalidPodSpec(
+            f"{where}.command", f"image {image} has no ENTRYPOINT or CMD, so the pod must give one"
+        )
+    for word in argv:  # the pod's words are checked already; these may be the image's
+        _check_text(word, f"{where}.image", controls=True)
+    working_dir = container.get("workingDir") or config.working_dir or DEFAULT_WORKING_DIR
     if not isinstance(working_dir, str) or not working_dir.startswith("/"):
         raise InvalidPodSpec(f"{where}.workingDir", "must be an absolute path")
     _check_text(working_dir, f"{where}.workingDir")
@@ -536,7 +550,7 @@ def _launch(
         name=name,
         image=image,
         sif=str(sif),
-        action="exec" if command else "run",
+        action=action,
         options=tuple(options),
         binds=tuple(
             _binds(
@@ -549,10 +563,33 @@ def _launch(
                 read_only=storage.read_only,
             )
         ),
-        arguments=tuple(command + arguments),
+        arguments=tuple(argv),
         node_ip_env=tuple(node_ip_env),
     )
     return launch, env_file(variables) if variables else None
+
+
+def container_argv(
+    *, command: Sequence[str], args: Sequence[str], config: ImageConfig
+) -> tuple[str, list[str]]:
+    """The Apptainer action and the words after the SIF file, as Docker and Kubernetes run a
+    container: `command` replaces the image's ENTRYPOINT and `args` its CMD.
+
+    - `command` (with or without `args`): exec command + args (the image's CMD is dropped);
+    - only `args`: exec ENTRYPOINT + args;
+    - neither: exec ENTRYPOINT + CMD.
+
+    A native SIF (no OCI metadata) has no ENTRYPOINT to hand `args` to: without `command`,
+    its runscript runs with `args` as its arguments. An empty exec word list (an OCI image
+    with neither, and no command) is the caller's to refuse.
+    """
+    if command:
+        return "exec", [*command, *args]
+    if not config.oci:
+        return "run", list(args)
+    if args:
+        return "exec", [*config.entrypoint, *args]
+    return "exec", [*config.entrypoint, *config.cmd]
 
 
 def _environment(

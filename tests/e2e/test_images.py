@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from hpk.apptainer import run_options
-from hpk.images import cached_image, list_images
+from hpk.images import ImageConfig, cached_image, image_config, list_images, sif_config
 from hpk.test_images import TEST_IMAGES, TestImage, ensure_test_images, register_test_images
 from hpk.toolchain import Toolchain
 
@@ -27,6 +27,7 @@ pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]  # a cold build runs de
 
 BUSYBOX = "docker.io/library/busybox:latest"
 PYTHON = "docker.io/library/python:3.11"
+ENTRYPOINT = "hpk.test/entrypoint:1"
 
 
 @pytest.fixture(scope="module")
@@ -103,7 +104,14 @@ def test_python_image_has_bash_and_no_docs(apptainer: Path, built: dict[str, Pat
     assert entries == "0"
 
 
-@pytest.mark.parametrize("image", TEST_IMAGES, ids=lambda image: image.name)
+def test_images_carry_docker_hubs_cmd(built: dict[str, Path]) -> None:
+    assert sif_config(built[BUSYBOX]) == ImageConfig(oci=True, cmd=("sh",))
+    assert sif_config(built[PYTHON]) == ImageConfig(oci=True, cmd=("python3",))
+
+
+@pytest.mark.parametrize(
+    "image", [image for image in TEST_IMAGES if image.recipe], ids=lambda image: image.name
+)
 def test_recipe_self_checks_pass(apptainer: Path, built: dict[str, Path], image: TestImage) -> None:
     result = run_image(apptainer, "test", built[image.reference])
     assert result.returncode == 0, result.stdout + result.stderr
@@ -122,15 +130,22 @@ def shared_cache() -> Iterator[Path]:
 
 def test_registered_under_docker_names(built: dict[str, Path], shared_cache: Path) -> None:
     registered = register_test_images(cache_dir=shared_cache)
-    assert set(registered) == {BUSYBOX, PYTHON}
+    assert set(registered) == {BUSYBOX, PYTHON, ENTRYPOINT}
     assert cached_image("busybox", cache_dir=shared_cache) == registered[BUSYBOX]
     assert cached_image("python:3.11", cache_dir=shared_cache) == registered[PYTHON]
     assert registered[BUSYBOX] == shared_cache / "docker.io/library/busybox/latest.sif"
     assert registered[PYTHON] == shared_cache / "docker.io/library/python/3.11.sif"
     for reference, path in registered.items():
-        assert path.read_bytes() == built[reference].read_bytes()
+        if reference != ENTRYPOINT:  # a SIF copied as it is
+            assert path.read_bytes() == built[reference].read_bytes()
         assert stat.S_IMODE(path.stat().st_mode) == 0o644
-    assert [image.reference for image in list_images(shared_cache)] == [BUSYBOX, PYTHON]
+    # The docker-archive went through the import users run; Apptainer kept its config.
+    assert registered[ENTRYPOINT] == shared_cache / "hpk.test/entrypoint/1.sif"
+    config = image_config(registered[ENTRYPOINT])
+    assert config.entrypoint[0] == "/bin/sh"
+    assert (config.cmd, config.working_dir) == (("default-cmd",), "/srv")
+    listed = [image.reference for image in list_images(shared_cache)]
+    assert listed == [BUSYBOX, PYTHON, ENTRYPOINT]
 
     started = time.monotonic()
     assert register_test_images(cache_dir=shared_cache) == registered

@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 
+from hpk.images import import_image
 from kubelet_py.apiserver import ApiUnavailable, ListWatch, NotFound, WatchEvent, pod_path
 from kubelet_py.controller import (
     ControllerSettings,
@@ -25,6 +26,7 @@ from kubelet_py.controller import (
     retry_delay,
 )
 from kubelet_py.provider import JOB_ID_ANNOTATION
+from tests.unit.image_fakes import sif_bytes
 from tests.unit.test_provider import Bed, job_view, make_pod
 
 pytestmark = pytest.mark.timeout(30)
@@ -586,3 +588,48 @@ def test_env_from_keys_that_are_no_names_are_left_out_with_a_warning(kit: Kit) -
     assert "ok=1" in env.splitlines()
     assert "no.name" not in env
     assert len(kit.bed.slurm.submitted) == 1
+
+
+def test_an_image_that_cannot_be_pulled_keeps_the_pod_pending_until_it_is_cached(
+    kit: Kit,
+) -> None:
+    waiting = make_pod("pulls", uid="pulls-uid")
+    waiting["spec"]["containers"][0]["image"] = "hpk.test/absent:1"
+    with kit.running():
+        kit.controller.offer(WatchEvent("ADDED", waiting))
+        until("the Warning", lambda: ("pulls", "Warning", "Failed") in kit.api.of("event"))
+        assert kit.bed.slurm.submitted == []
+        sif = kit.bed.root / "absent.sif"
+        sif.write_bytes(sif_bytes())
+        import_image("hpk.test/absent:1", sif, cache_dir=kit.bed.images)
+        until("the submission", lambda: kit.bed.slurm.submitted)
+    reasons = [
+        status["containerStatuses"][0]["state"]["waiting"]["reason"]
+        for _key, status in kit.api.of("status")
+    ]
+    assert reasons[0] == "ErrImagePull"  # the pull ran at once here (no thread)
+    (status,) = [status for _key, status in kit.api.of("status")][:1]
+    message = status["containerStatuses"][0]["state"]["waiting"]["message"]
+    assert 'Failed to pull image "hpk.test/absent:1"' in message
+    assert "connection refused" in message
+    assert status["phase"] == "Pending"
+    assert kit.bed.registry.pulls == ["hpk.test/absent:1"]
+    assert len(kit.bed.slurm.submitted) == 1
+
+
+def test_a_pod_whose_image_is_being_pulled_gets_a_normal_pulling_event(tmp_path: Path) -> None:
+    kit = Kit(tmp_path)
+    pending: list[Callable[[], None]] = []
+    kit.bed.provider.images._start = pending.append  # the pull waits until the test runs it
+    kit.bed.registry.images["docker.io/library/python:3.11"] = sif_bytes({"Cmd": ["python3"]})
+    the_pod = make_pod("slow", uid="slow-uid")
+    the_pod["spec"]["containers"][0]["image"] = "python:3.11"
+    with kit.running():
+        kit.controller.offer(WatchEvent("ADDED", the_pod))
+        until("the Pulling event", lambda: ("slow", "Normal", "Pulling") in kit.api.of("event"))
+        ((_key, status),) = kit.api.of("status")
+        assert status["containerStatuses"][0]["state"]["waiting"]["reason"] == "ContainerCreating"
+        settle()
+        assert kit.bed.slurm.submitted == []
+        pending.pop()()
+        until("the submission", lambda: kit.bed.slurm.submitted)

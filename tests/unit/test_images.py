@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
+import io
+import json
 import os
 import shutil
 import stat
 import struct
+import tarfile
 import threading
 from pathlib import Path
 
@@ -25,7 +29,13 @@ from hpk.images import (
 )
 from hpk.images_cli import add_images_commands
 from hpk.paths import container_dir
-from hpk.test_images import TEST_IMAGES, built_images_dir, recipes_dir
+from hpk.test_images import (
+    TEST_IMAGES,
+    built_images_dir,
+    recipe_oci_config,
+    recipes_dir,
+    write_docker_archive,
+)
 
 DIGEST = "sha256:" + "0123456789abcdef" * 4
 
@@ -292,7 +302,10 @@ def test_concurrent_imports_of_one_reference_leave_one_valid_file(tmp_path: Path
     target = results[0]
     check_sif(target)
     assert target.read_bytes() in [source.read_bytes() for source in sources]
-    assert leftovers(cache) == ["docker.io/library/busybox/1.36.sif"]
+    assert leftovers(cache) == [
+        "docker.io/library/busybox/.1.36.sif.config.json",  # its ENTRYPOINT and CMD: none
+        "docker.io/library/busybox/1.36.sif",
+    ]
 
 
 def test_import_waits_for_the_entry_lock(tmp_path: Path) -> None:
@@ -336,12 +349,13 @@ def test_cli_import_and_list(
     capsys.readouterr()
     assert run_cli(["images", "list"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0].split() == ["REFERENCE", "SIZE", "PATH"]
+    assert lines[0].split() == ["REFERENCE", "SIZE", "PATH", "RUNS"]
     assert [line.split()[0] for line in lines[1:]] == [
         "docker.io/library/python:3.11",
         "localhost:5000/x:latest",
     ]
     assert str(tmp_path / "cache/docker.io/library/python/3.11.sif") in lines[1]
+    assert lines[1].endswith("  runscript"), "a SIF without OCI metadata runs its runscript"
 
 
 def test_cli_rm_removes_named_images_and_reports_missing_ones(
@@ -383,9 +397,34 @@ def test_test_image_folder_is_keyed_by_the_recipes(
     before = built_images_dir()
     assert before.parent == tmp_path / "tools"
     assert built_images_dir() == before
-    recipes = {image.recipe for image in TEST_IMAGES}
+    recipes = {image.recipe for image in TEST_IMAGES if image.recipe}
     assert recipes <= {path.name for path in recipes_dir().iterdir()}
 
     recipe = recipes_dir() / TEST_IMAGES[0].recipe
     recipe.write_text(recipe.read_text() + "\n# changed\n")
     assert built_images_dir() != before
+
+
+def test_recipes_carry_docker_hubs_cmd() -> None:
+    assert recipe_oci_config(recipes_dir() / "busybox.def") == {"Cmd": ["sh"]}
+    assert recipe_oci_config(recipes_dir() / "python-3.11.def") == {"Cmd": ["python3"]}
+
+
+def test_docker_archive_is_a_docker_save_tarball(tmp_path: Path) -> None:
+    config = {"Entrypoint": ["/bin/echo"], "Cmd": ["hi"]}
+    first, second = tmp_path / "a.tar", tmp_path / "b.tar"
+    write_docker_archive(first, config=config, tags=["hpk.test/x:1"])
+    write_docker_archive(second, config=config, tags=["hpk.test/x:1"])
+    assert first.read_bytes() == second.read_bytes(), "deterministic"
+    with tarfile.open(first) as archive:
+        (manifest,) = json.loads(archive.extractfile("manifest.json").read())  # type: ignore[union-attr]
+        image = json.loads(archive.extractfile(manifest["Config"]).read())  # type: ignore[union-attr]
+        (layer_name,) = manifest["Layers"]
+        layer = archive.extractfile(layer_name).read()  # type: ignore[union-attr]
+    assert manifest["RepoTags"] == ["hpk.test/x:1"]
+    assert image["config"] == config
+    assert image["rootfs"]["diff_ids"] == ["sha256:" + hashlib.sha256(layer).hexdigest()]
+    with tarfile.open(fileobj=io.BytesIO(layer)) as files:
+        names = files.getnames()
+    assert "bin/busybox" in names
+    assert "bin/sh" in names

@@ -17,6 +17,7 @@ import pytest
 from hpk.images import image_path
 from kubelet_py.errors import InvalidPodSpec
 from kubelet_py.provider import JOB_ID_ANNOTATION, ProviderSettings, SlurmProvider
+from kubelet_py.pulls import ImagePuller
 from kubelet_py.slurm import (
     CommandResult,
     ListedJob,
@@ -25,6 +26,7 @@ from kubelet_py.slurm import (
     SlurmUnavailable,
 )
 from kubelet_py.watcher import JobView
+from tests.unit.image_fakes import FakeRegistry, sif_bytes
 
 UID = "0b6c5c1e-0000-4000-8000-000000000001"
 
@@ -117,7 +119,14 @@ def make_pod(
             "nodeName": "hpk-batch",
             "restartPolicy": "Never",
             "automountServiceAccountToken": False,
-            "containers": [{"name": "main", "image": "busybox", "command": ["true"]}],
+            "containers": [
+                {
+                    "name": "main",
+                    "image": "busybox",
+                    "imagePullPolicy": "IfNotPresent",  # pulls: tests/unit/test_pulls.py
+                    "command": ["true"],
+                }
+            ],
         },
     }
 
@@ -127,18 +136,28 @@ class Bed:
         self.root = root
         self.slurm = FakeSlurm()
         self.watcher = FakeWatcher()
-        images = root / "images"
+        self.images = images = root / "images"
         sif = image_path("busybox", cache_dir=images)
         sif.parent.mkdir(parents=True)
-        sif.write_bytes(b"not really a SIF file")
+        sif.write_bytes(sif_bytes())
         self.pods_dir = root / "pods"
+        settings = ProviderSettings(
+            pods_dir=self.pods_dir,
+            apptainer=PurePosixPath("/usr/bin/apptainer"),
+            image_cache=images,
+        )
+        # Pulls, if any, done at once (no thread) from a fake registry.
+        self.registry = FakeRegistry({"docker.io/library/busybox:latest": sif_bytes()})
         self.provider = SlurmProvider(
             slurm=self.slurm,
             watcher=self.watcher,
-            settings=ProviderSettings(
-                pods_dir=self.pods_dir,
-                apptainer=PurePosixPath("/usr/bin/apptainer"),
-                image_cache=images,
+            settings=settings,
+            images=ImagePuller(
+                cache_dir=images,
+                apptainer=str(settings.apptainer),
+                notify=lambda key: self.provider._ready(key),  # noqa: PLW0108 (made below)
+                runner=self.registry,
+                start=lambda pull: pull(),
             ),
         )
 

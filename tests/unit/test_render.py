@@ -469,7 +469,8 @@ def test_unknown_settings_are_refused_with_the_valid_ones() -> None:
     with pytest.raises(TypeError) as caught:
         settings(pod_folder="/x")
     assert "unknown render settings ['pod_folder']" in str(caught.value)
-    assert "'pod_dir', 'apptainer', 'images', 'python', 'partition'" in str(caught.value)
+    valid = "'pod_dir', 'apptainer', 'images', 'image_configs', 'python', 'partition'"
+    assert valid in str(caught.value)
 
 
 @pytest.mark.parametrize(

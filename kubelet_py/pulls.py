@@ -1,0 +1,284 @@
+"""Images for pods: pull policies, pulls in the background, and the back-off after a failure.
+
+Before a pod's job is submitted, every image it names must be in the SIF cache (hpk.images)
+on the shared filesystem, so that compute nodes need no network. `ImagePuller.resolve` gives
+the cached SIF and its config, or raises ImageWaiting: the pod then stays Pending, its
+containers waiting with the reason Kubernetes shows (ContainerCreating while the image is
+pulled, ErrImagePull for the first half of the back-off after a failed pull, then
+ImagePullBackOff until the next try, ErrImageNeverPull), and the controller tries it again
+as for a missing ConfigMap.
+
+A pull runs on its own thread, one per image at a time, so a long pull holds no worker of the
+controller: only the pods that wait for that image wait. When it ends, the pods that asked
+for it are handed to `notify` (the provider's pod callbacks), which queues them again.
+A failed pull is not tried again for a back-off time, per image: 10 s, doubling up to 300 s,
+as the kubelet does; the waiting pods are handed back half-way (to show ImagePullBackOff) and
+when it ends. An image put into the cache meanwhile (`hpk images import`) is used at the
+pod's next try.
+
+Policies, with Kubernetes' defaults (Always for `:latest` or no tag, else IfNotPresent):
+- IfNotPresent: pull only when the cache lacks the image;
+- Never: never pull; a missing image is ErrImageNeverPull until it is imported;
+- Always: pull for every pod, once per pod (pods that ask while a pull of their image runs
+  share it). When the pull fails and the cache holds the image, the cached copy runs and the
+  pod gets a Warning Event: the choice of a site without a registry, where `busybox` means
+  Always and the image was imported by hand.
+It touches only the image cache, through hpk.images.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from hpk.images import (
+    CommandRunner,
+    ImageConfig,
+    ImageError,
+    cached_image,
+    image_config,
+    normalize_reference,
+    parse_reference,
+    pull_image,
+    run_command,
+)
+from kubelet_py.errors import InvalidPodSpec
+from kubelet_py.inputs import MissingReference
+
+log = logging.getLogger(__name__)
+
+ALWAYS = "Always"
+IF_NOT_PRESENT = "IfNotPresent"
+NEVER = "Never"
+POLICIES = (ALWAYS, IF_NOT_PRESENT, NEVER)
+
+PULLING = "ContainerCreating"
+ERR_IMAGE_PULL = "ErrImagePull"
+IMAGE_PULL_BACKOFF = "ImagePullBackOff"
+ERR_IMAGE_NEVER_PULL = "ErrImageNeverPull"
+
+
+class ImageWaiting(MissingReference):
+    """The pod waits for an image: the controller keeps it Pending with `reason` and tries it
+    again, as for a missing ConfigMap (hence the base class)."""
+
+    def __init__(
+        self, *, reason: str, message: str, event_type: str = "Warning", event_reason: str = ""
+    ) -> None:
+        Exception.__init__(self, message)
+        self.reason = reason
+        self.event_type = event_type
+        """The type of the Event the pod gets (Normal while pulling)."""
+        self.event_reason = event_reason or reason
+        self.field = "image"
+        self.kind = "image"
+        self.name = ""
+        self.key = ""
+
+
+def default_policy(reference: str) -> str:
+    """Kubernetes' default imagePullPolicy: Always for `:latest` or no tag (and no digest),
+    else IfNotPresent."""
+    parsed = parse_reference(reference)
+    return ALWAYS if parsed.tag == "latest" else IF_NOT_PRESENT
+
+
+def pull_policy(container: Mapping[str, object], reference: str, *, where: str) -> str:
+    """The container's imagePullPolicy, or the default for its image; InvalidPodSpec for a
+    value Kubernetes does not know."""
+    policy = container.get("imagePullPolicy")
+    if policy is None or policy == "":
+        return default_policy(reference)
+    if policy not in POLICIES:
+        raise InvalidPodSpec(f"{where}.imagePullPolicy", f"must be one of {', '.join(POLICIES)}")
+    return str(policy)
+
+
+@dataclass(frozen=True)
+class ResolvedImage:
+    """An image ready in the cache."""
+
+    sif: Path
+    config: ImageConfig
+    warning: str = ""
+    """Set when a pull failed and the cached copy is used instead (an Event for the pod)."""
+
+
+@dataclass
+class _State:
+    """What the puller knows of one image."""
+
+    running: bool = False
+    waiters: set[str] = field(default_factory=set)
+    """Pods (keys) that wait for the running pull."""
+    served: set[str] = field(default_factory=set)
+    """Pods for which a pull succeeded since they asked (Always: their pull is done)."""
+    failures: int = 0
+    failed_at: float = 0.0
+    """Monotonic time the last pull failed."""
+    retry_at: float = 0.0
+    """Monotonic time before which no new pull starts."""
+    error: str = ""
+
+
+@dataclass(frozen=True)
+class PullSettings:
+    """How pulls are done and retried."""
+
+    backoff_initial_s: float = 10.0
+    """Wait after the first failed pull of an image."""
+    backoff_max_s: float = 300.0
+    """Longest wait between pulls of an image (the wait doubles after each failure)."""
+
+
+class ImagePuller:
+    """Resolves pods' images to cached SIF files, pulling them in the background."""
+
+    def __init__(
+        self,
+        *,
+        cache_dir: Path | None,
+        apptainer: str,
+        notify: Callable[[str], None],
+        runner: CommandRunner = run_command,
+        settings: PullSettings | None = None,
+        start: Callable[[Callable[[], None]], None] | None = None,
+        later: Callable[[float, Callable[[], None]], None] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.cache_dir = cache_dir
+        self.apptainer = apptainer
+        self.notify = notify
+        self.runner = runner
+        self.settings = settings or PullSettings()
+        self._start = start or _thread
+        self._later = later or _timer
+        """Runs a callable after a delay: the pods of a failed pull are handed back to
+        `notify` when its back-off ends, to be tried again on time."""
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._images: dict[str, _State] = {}
+
+    def resolve(self, key: str, reference: str, policy: str) -> ResolvedImage:
+        """The cached image for pod `key`, or ImageWaiting (see the module docstring).
+
+        Never blocks on a pull. Raises InvalidImageReference for a reference Docker would
+        not accept.
+        """
+        image = normalize_reference(reference)
+        cached = cached_image(image, cache_dir=self.cache_dir)
+        if policy == NEVER or (policy == IF_NOT_PRESENT and cached is not None):
+            if cached is None:
+                raise ImageWaiting(
+                    reason=ERR_IMAGE_NEVER_PULL,
+                    message=f'Container image "{reference}" is not present with pull policy'
+                    f" of Never (import it with: hpk images import {image} FILE)",
+                )
+            return ResolvedImage(cached, image_config(cached))
+        with self._lock:
+            state = self._images.setdefault(image, _State())
+            if key in state.served:
+                state.served.discard(key)
+                if cached is not None:
+                    return ResolvedImage(cached, image_config(cached))
+            now = self._clock()
+            if not state.running and now < state.retry_at:
+                error = state.error
+                if cached is not None:  # Always: the cached copy runs (module docstring)
+                    warning = f'Failed to pull image "{reference}": {error}; using the cached image'
+                    return ResolvedImage(cached, image_config(cached), warning=warning)
+                if now < (state.failed_at + state.retry_at) / 2:
+                    raise ImageWaiting(
+                        reason=ERR_IMAGE_PULL,
+                        message=f'Failed to pull image "{reference}": {error}',
+                        event_reason="Failed",
+                    )
+                raise ImageWaiting(
+                    reason=IMAGE_PULL_BACKOFF,
+                    message=f'Back-off pulling image "{reference}": {error}',
+                    event_reason="BackOff",
+                )
+            state.waiters.add(key)
+            start = not state.running
+            state.running = True
+        if start:
+            asked = time.time()
+            log.info("%s: pulling image %s", key, image)
+            self._start(lambda: self._pull(image, asked=asked, fresh=policy == ALWAYS))
+            with self._lock:  # a pull that ended at once (a fake starter) is answered now
+                done = not state.running
+            if done:
+                return self.resolve(key, reference, policy)
+        raise ImageWaiting(
+            reason=PULLING,
+            message=f'Pulling image "{reference}"',
+            event_type="Normal",
+            event_reason="Pulling",
+        )
+
+    def _pull(self, image: str, *, asked: float, fresh: bool) -> None:
+        error = ""
+        try:
+            pull_image(
+                image,
+                cache_dir=self.cache_dir,
+                apptainer=self.apptainer,
+                runner=self.runner,
+                fresh_since=asked if fresh else None,
+            )
+        except ImageError as failure:
+            error = str(getattr(failure, "problem", failure))
+        except Exception as failure:  # a pull thread must always report back
+            log.exception("pulling %s failed unexpectedly", image)
+            error = f"{type(failure).__name__}: {failure}"
+        with self._lock:
+            state = self._images[image]
+            waiters = sorted(state.waiters)
+            state.waiters.clear()
+            state.running = False
+            if error:
+                state.failures += 1
+                delay = min(
+                    self.settings.backoff_max_s,
+                    self.settings.backoff_initial_s * 2 ** (state.failures - 1),
+                )
+                state.failed_at = self._clock()
+                state.retry_at = state.failed_at + delay
+                state.error = error
+                log.warning("pulling %s failed (next try in %.0f s): %s", image, delay, error)
+            else:
+                state.failures = 0
+                state.retry_at = 0.0
+                state.error = ""
+                state.served.update(waiters)
+        for key in waiters:
+            self.notify(key)
+        if error:  # ErrImagePull turns to ImagePullBackOff half-way, then the next try
+            self._later(delay / 2, lambda: self._notify_all(waiters))
+            self._later(delay, lambda: self._notify_all(waiters))
+
+    def _notify_all(self, keys: list[str]) -> None:
+        for key in keys:
+            self.notify(key)
+
+    def forget(self, key: str) -> None:
+        """Drop what is kept for pod `key` (it is gone or running)."""
+        with self._lock:
+            for state in self._images.values():
+                state.served.discard(key)
+                state.waiters.discard(key)
+
+
+def _thread(target: Callable[[], None]) -> None:
+    threading.Thread(target=target, name="image-pull", daemon=True).start()
+
+
+def _timer(delay_s: float, target: Callable[[], None]) -> None:
+    timer = threading.Timer(delay_s, target)
+    timer.name = "image-pull-backoff"
+    timer.daemon = True
+    timer.start()

@@ -1,0 +1,282 @@
+"""Pulls into the image cache: pull policies and their defaults, one pull for many askers
+(threads and the cache's file lock), and what a pod waits with while an image is pulled or
+cannot be, with the back-off between tries.
+
+`apptainer pull` is faked at the command-runner seam (tests.unit.image_fakes.FakeRegistry);
+the real pull of an unreachable registry runs in tests/e2e/test_pod_images.py.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from hpk.images import ImagePullFailed, cached_image, image_config, pull_image
+from kubelet_py.errors import InvalidPodSpec
+from kubelet_py.pulls import (
+    ALWAYS,
+    IF_NOT_PRESENT,
+    NEVER,
+    ImagePuller,
+    ImageWaiting,
+    PullSettings,
+    default_policy,
+    pull_policy,
+)
+from tests.unit.image_fakes import FakeRegistry, sif_bytes
+
+BUSYBOX = "docker.io/library/busybox:latest"
+PY = "docker.io/library/python:3.11"
+DIGEST = "sha256:" + "a" * 64
+
+
+@pytest.mark.parametrize(
+    ("reference", "policy"),
+    [
+        ("busybox", ALWAYS),
+        ("busybox:latest", ALWAYS),
+        ("quay.io/x/y", ALWAYS),
+        ("localhost:5000/x", ALWAYS),
+        ("busybox:1.36", IF_NOT_PRESENT),
+        (f"busybox@{DIGEST}", IF_NOT_PRESENT),
+        (f"busybox:latest@{DIGEST}", ALWAYS),
+    ],
+)
+def test_default_pull_policy_is_kubernetes(reference: str, policy: str) -> None:
+    assert default_policy(reference) == policy
+
+
+def test_pull_policy_of_a_container() -> None:
+    assert pull_policy({"imagePullPolicy": "Never"}, "busybox", where="w") == NEVER
+    assert pull_policy({"imagePullPolicy": ""}, "python:3.11", where="w") == IF_NOT_PRESENT
+    with pytest.raises(InvalidPodSpec) as caught:
+        pull_policy({"imagePullPolicy": "Sometimes"}, "busybox", where="spec.containers[0]")
+    assert caught.value.field == "spec.containers[0].imagePullPolicy"
+
+
+# --- pull_image: the cache side ---------------------------------------------------------
+
+
+def test_pull_writes_the_entry_and_its_config(tmp_path: Path) -> None:
+    registry = FakeRegistry({PY: sif_bytes({"Cmd": ["python3"]})})
+    target = pull_image("python:3.11", cache_dir=tmp_path, apptainer="/a", runner=registry)
+    assert registry.pulls == [PY]
+    assert target == cached_image(PY, cache_dir=tmp_path)
+    assert image_config(target).cmd == ("python3",)
+
+
+def test_pull_by_digest_is_keyed_by_the_digest(tmp_path: Path) -> None:
+    reference = f"docker.io/library/busybox@{DIGEST}"
+    registry = FakeRegistry({reference: sif_bytes()})
+    target = pull_image(f"busybox@{DIGEST}", cache_dir=tmp_path, apptainer="/a", runner=registry)
+    assert (
+        target.relative_to(tmp_path).as_posix()
+        == f"docker.io/library/busybox/@{DIGEST.replace(':', '-')}.sif"
+    )
+
+
+def test_failed_pull_carries_apptainers_error_and_leaves_nothing(tmp_path: Path) -> None:
+    with pytest.raises(ImagePullFailed) as caught:
+        pull_image("nosuch:1", cache_dir=tmp_path, apptainer="/a", runner=FakeRegistry())
+    assert "FATAL: While making image from oci registry" in str(caught.value)
+    assert "docker.io/library/nosuch:1" in str(caught.value)
+    assert [p for p in tmp_path.rglob("*") if p.is_file() and p.suffix != ".lock"] == []
+
+
+def concurrently(count: int, action: Callable[[], object]) -> None:
+    barrier = threading.Barrier(count)
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        barrier.wait()
+        try:
+            action()
+        except BaseException as error:  # reported below
+            errors.append(error)
+
+    threads = [threading.Thread(target=run) for _ in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    assert errors == []
+
+
+def test_concurrent_pulls_of_one_image_pull_once(tmp_path: Path) -> None:
+    registry = FakeRegistry({PY: sif_bytes()}, delay_s=0.2)
+    concurrently(4, lambda: pull_image(PY, cache_dir=tmp_path, apptainer="/a", runner=registry))
+    assert registry.pulls == [PY]
+
+
+def test_concurrent_always_pulls_that_waited_use_the_fresh_pull(tmp_path: Path) -> None:
+    registry = FakeRegistry({PY: sif_bytes()}, delay_s=0.2)
+    asked = time.time() - 1  # each asked before any pull ended
+    concurrently(
+        4,
+        lambda: pull_image(
+            PY, cache_dir=tmp_path, apptainer="/a", runner=registry, fresh_since=asked
+        ),
+    )
+    assert registry.pulls == [PY]
+    # A later Always pull pulls again.
+    pull_image(PY, cache_dir=tmp_path, apptainer="/a", runner=registry, fresh_since=2e9)
+    assert registry.pulls == [PY, PY]
+
+
+# --- ImagePuller: the kubelet side ----------------------------------------------------------
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class Bed:
+    def __init__(self, root: Path, images: dict[str, bytes], *, inline: bool = True) -> None:
+        self.cache = root / "cache"
+        self.registry = FakeRegistry(images)
+        self.clock = Clock()
+        self.notified: list[str] = []
+        self.pending: list[Callable[[], None]] = []
+        self.later: list[tuple[float, Callable[[], None]]] = []
+        self.puller = ImagePuller(
+            cache_dir=self.cache,
+            apptainer="/a",
+            notify=self.notified.append,
+            runner=self.registry,
+            settings=PullSettings(backoff_initial_s=10, backoff_max_s=300),
+            start=(lambda pull: pull()) if inline else self.pending.append,
+            later=lambda delay, call: self.later.append((delay, call)),
+            clock=self.clock,
+        )
+
+    def waiting(self, key: str, reference: str, policy: str) -> ImageWaiting:
+        with pytest.raises(ImageWaiting) as caught:
+            self.puller.resolve(key, reference, policy)
+        return caught.value
+
+
+def test_missing_image_is_pulled_and_run(tmp_path: Path) -> None:
+    bed = Bed(tmp_path, {PY: sif_bytes({"Cmd": ["python3"]})})
+    resolved = bed.puller.resolve("ns/a", "python:3.11", IF_NOT_PRESENT)
+    assert resolved.sif == cached_image(PY, cache_dir=bed.cache)
+    assert resolved.config.cmd == ("python3",)
+    assert bed.registry.pulls == [PY]
+    bed.puller.resolve("ns/b", "python:3.11", IF_NOT_PRESENT)
+    assert bed.registry.pulls == [PY], "IfNotPresent: cached, not pulled again"
+
+
+def test_pull_in_the_background_holds_only_its_pods(tmp_path: Path) -> None:
+    bed = Bed(tmp_path, {PY: sif_bytes(), BUSYBOX: sif_bytes()}, inline=False)
+    first = bed.waiting("ns/a", "python:3.11", IF_NOT_PRESENT)
+    assert (first.reason, first.event_type, first.event_reason) == (
+        "ContainerCreating", "Normal", "Pulling",
+    )  # fmt: skip
+    assert 'Pulling image "python:3.11"' in str(first)
+    bed.waiting("ns/b", "python:3.11", IF_NOT_PRESENT)
+    bed.waiting("ns/c", "busybox", ALWAYS)
+    assert len(bed.pending) == 2, "one pull per image, not per pod"
+    bed.pending.pop(0)()
+    assert bed.notified == ["ns/a", "ns/b"]
+    assert bed.puller.resolve("ns/a", "python:3.11", IF_NOT_PRESENT).sif.is_file()
+    assert bed.registry.pulls == [PY]
+
+
+def test_failed_pull_then_back_off_then_a_new_try(tmp_path: Path) -> None:
+    bed = Bed(tmp_path, {}, inline=False)
+    bed.waiting("ns/a", "nosuch:1", IF_NOT_PRESENT)
+    bed.pending.pop()()
+    assert bed.notified == ["ns/a"]
+    # The pod is handed back half-way through the back-off and when it ends.
+    assert [delay for delay, _call in bed.later] == [5, 10]
+    bed.later[0][1]()
+    assert bed.notified == ["ns/a", "ns/a"]
+    failed = bed.waiting("ns/a", "nosuch:1", IF_NOT_PRESENT)
+    assert failed.reason == "ErrImagePull"
+    assert failed.event_reason == "Failed"
+    assert 'Failed to pull image "nosuch:1"' in str(failed)
+    assert "FATAL: While making image from oci registry" in str(failed)
+    bed.clock.now += 5
+    backing_off = bed.waiting("ns/a", "nosuch:1", IF_NOT_PRESENT)
+    assert backing_off.reason == "ImagePullBackOff"
+    assert backing_off.event_reason == "BackOff"
+    assert 'Back-off pulling image "nosuch:1"' in str(backing_off)
+    assert bed.pending == [], "no pull during the back-off"
+    bed.clock.now += 5
+    assert bed.waiting("ns/a", "nosuch:1", IF_NOT_PRESENT).reason == "ContainerCreating"
+    bed.pending.pop()()
+    assert bed.waiting("ns/a", "nosuch:1", IF_NOT_PRESENT).reason == "ErrImagePull"
+    bed.clock.now += 10  # the second back-off is 20 s
+    assert bed.waiting("ns/a", "nosuch:1", IF_NOT_PRESENT).reason == "ImagePullBackOff"
+    bed.clock.now += 9
+    assert bed.waiting("ns/a", "nosuch:1", IF_NOT_PRESENT).reason == "ImagePullBackOff"
+    bed.clock.now += 1
+    bed.waiting("ns/a", "nosuch:1", IF_NOT_PRESENT)
+    assert len(bed.pending) == 1
+    assert len(bed.registry.pulls) == 2
+
+
+def test_back_off_doubles_up_to_its_cap(tmp_path: Path) -> None:
+    bed = Bed(tmp_path, {})
+    assert bed.waiting("ns/a", "nosuch:1", IF_NOT_PRESENT).reason == "ErrImagePull"
+    waits = []
+    for attempt in range(2, 9):
+        failed_at = bed.clock.now
+        while len(bed.registry.pulls) < attempt:  # each try runs (inline) and fails at once
+            bed.clock.now += 1
+            bed.waiting("ns/a", "nosuch:1", IF_NOT_PRESENT)
+        waits.append(bed.clock.now - failed_at)
+    assert waits == [10, 20, 40, 80, 160, 300, 300]
+
+
+def test_image_imported_during_the_back_off_runs_at_once(tmp_path: Path) -> None:
+    bed = Bed(tmp_path, {})
+    assert bed.waiting("ns/a", "nosuch:1", IF_NOT_PRESENT).reason == "ErrImagePull"
+    bed.clock.now += 6
+    assert bed.waiting("ns/a", "nosuch:1", IF_NOT_PRESENT).reason == "ImagePullBackOff"
+    pull_image(
+        "nosuch:1", cache_dir=bed.cache, apptainer="/a",
+        runner=FakeRegistry({"docker.io/library/nosuch:1": sif_bytes()}),
+    )  # fmt: skip
+    assert bed.puller.resolve("ns/a", "nosuch:1", IF_NOT_PRESENT).sif.is_file()
+
+
+def test_never_uses_the_cache_or_waits_with_err_image_never_pull(tmp_path: Path) -> None:
+    bed = Bed(tmp_path, {PY: sif_bytes()})
+    waiting = bed.waiting("ns/a", "python:3.11", NEVER)
+    assert waiting.reason == "ErrImageNeverPull"
+    assert 'Container image "python:3.11" is not present with pull policy of Never' in str(waiting)
+    assert bed.registry.pulls == []
+    pull_image(PY, cache_dir=bed.cache, apptainer="/a", runner=bed.registry)
+    assert bed.puller.resolve("ns/a", "python:3.11", NEVER).sif.is_file()
+    assert bed.registry.pulls == [PY]
+
+
+def test_always_pulls_for_each_pod_once(tmp_path: Path) -> None:
+    bed = Bed(tmp_path, {BUSYBOX: sif_bytes({"Cmd": ["sh"]})})
+    bed.puller.resolve("ns/a", "busybox", ALWAYS)
+    bed.puller.resolve("ns/b", "busybox", ALWAYS)
+    assert bed.registry.pulls == [BUSYBOX, BUSYBOX]
+    assert bed.puller.resolve("ns/a", "busybox", ALWAYS).warning == ""
+
+
+def test_always_with_a_failed_pull_runs_the_cached_copy_with_a_warning(tmp_path: Path) -> None:
+    bed = Bed(tmp_path, {})
+    pull_image(
+        "busybox", cache_dir=bed.cache, apptainer="/a",
+        runner=FakeRegistry({BUSYBOX: sif_bytes({"Cmd": ["sh"]})}),
+    )  # fmt: skip
+    resolved = bed.puller.resolve("ns/a", "busybox", ALWAYS)
+    assert resolved.config.cmd == ("sh",)
+    assert 'Failed to pull image "busybox"' in resolved.warning
+    assert "using the cached image" in resolved.warning
+    # During the back-off the next pod runs the cached copy without a new pull.
+    assert bed.puller.resolve("ns/b", "busybox", ALWAYS).warning
+    assert len(bed.registry.pulls) == 1
