@@ -7,6 +7,8 @@ apptainer.conf:
 - As root, Apptainer asks for every capability by default, which fails where the bounding set
   lacks one (CAP_SYS_RESOURCE on the test machines); `--no-privs` asks for none.
 
+It also says which paths `--bind` can take.
+
 `python -m hpk.apptainer` prints the options for the user and host it runs on; pod job scripts
 call it on the compute node.
 """
@@ -18,6 +20,19 @@ import stat
 from pathlib import Path
 
 FUSE_DEVICE = Path("/dev/fuse")
+
+BIND_SPECIAL = frozenset(":,^\\")
+"""Characters Apptainer's --bind reads as separators or escapes, in either path."""
+
+
+def bind_path_problem(path: str) -> str | None:
+    """Why Apptainer's --bind cannot take `path` as it is, or None when it can."""
+    special = "".join(sorted(BIND_SPECIAL & set(path)))
+    if special:
+        return f"{path!r}: Apptainer's --bind reads {special!r} as separators or escapes"
+    if path != path.strip():
+        return f"{path!r}: Apptainer's --bind strips spaces at either end"
+    return None
 
 
 def fuse_usable(uid: int, *, device: Path = FUSE_DEVICE) -> bool:

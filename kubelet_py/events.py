@@ -37,18 +37,31 @@ def pod_event(
     pod: Mapping[str, Any], *, kind: str, reason: str, message: str, now: dt.datetime
 ) -> JSON:
     """A core/v1 Event about `pod`."""
-    metadata = pod.get("metadata") or {}
+    return event_about(pod, "Pod", kind=kind, reason=reason, message=message, now=now)
+
+
+def event_about(
+    obj: Mapping[str, Any],
+    object_kind: str,
+    *,
+    kind: str,
+    reason: str,
+    message: str,
+    now: dt.datetime,
+) -> JSON:
+    """A core/v1 Event of type `kind` (Normal, Warning) about the core/v1 object `obj`."""
+    metadata = obj.get("metadata") or {}
     stamp = now.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
     return {
         "apiVersion": "v1",
         "kind": "Event",
         "metadata": {
-            "generateName": f"{metadata.get('name', 'pod')}.",
+            "generateName": f"{metadata.get('name', object_kind.lower())}.",
             "namespace": metadata.get("namespace", "default"),
         },
         "involvedObject": {
             "apiVersion": "v1",
-            "kind": "Pod",
+            "kind": object_kind,
             "namespace": metadata.get("namespace", "default"),
             "name": metadata.get("name", ""),
             "uid": metadata.get("uid", ""),

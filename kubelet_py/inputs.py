@@ -89,13 +89,7 @@ def resolve(pod: Mapping[str, Any], lookup: ObjectLookup) -> PodInputs:
     metadata = pod.get("metadata") or {}
     namespace = str(metadata.get("namespace", ""))
     spec = pod.get("spec") or {}
-    cache: dict[tuple[str, str], Mapping[str, Any] | None] = {}
-
-    def data_of(kind: str, name: str, where: str, *, env: bool = False) -> dict[str, bytes] | None:
-        if (kind, name) not in cache:
-            cache[kind, name] = lookup(kind, namespace, name)
-        found = cache[kind, name]
-        return None if found is None else _data(found, kind, where, binary=not env)
+    data_of = object_data(lookup, namespace)
 
     env_values: dict[str, str | None] = {}
     env_from: dict[str, Mapping[str, str]] = {}
@@ -109,16 +103,32 @@ def resolve(pod: Mapping[str, Any], lookup: ObjectLookup) -> PodInputs:
     )
 
 
-class _DataOf(Protocol):
+class DataOf(Protocol):
+    """(kind, name, field) -> a ConfigMap's or Secret's data as bytes (as text for the
+    environment: `env=True`), or None when the object does not exist."""
+
     def __call__(
         self, kind: str, name: str, where: str, *, env: bool = False
     ) -> dict[str, bytes] | None: ...
 
 
+def object_data(lookup: ObjectLookup, namespace: str) -> DataOf:
+    """A DataOf over `lookup` in `namespace` that looks each object up once."""
+    cache: dict[tuple[str, str], Mapping[str, Any] | None] = {}
+
+    def data_of(kind: str, name: str, where: str, *, env: bool = False) -> dict[str, bytes] | None:
+        if (kind, name) not in cache:
+            cache[kind, name] = lookup(kind, namespace, name)
+        found = cache[kind, name]
+        return None if found is None else _data(found, kind, where, binary=not env)
+
+    return data_of
+
+
 def _resolve_env(
     spec: Mapping[str, Any],
     namespace: str,
-    data_of: _DataOf,
+    data_of: DataOf,
     *,
     env_values: dict[str, str | None],
     env_from: dict[str, Mapping[str, str]],
@@ -172,7 +182,7 @@ def _resolve_env(
 
 
 def _resolve_volumes(
-    spec: Mapping[str, Any], namespace: str, data_of: _DataOf
+    spec: Mapping[str, Any], namespace: str, data_of: DataOf
 ) -> tuple[dict[str, tuple[VolumeFile, ...]], set[str]]:
     volumes: dict[str, tuple[VolumeFile, ...]] = {}
     secrets: set[str] = set()
@@ -225,7 +235,7 @@ def _volume_files(
     kind: str,
     name: str,
     namespace: str,
-    data_of: _DataOf,
+    data_of: DataOf,
 ) -> tuple[VolumeFile, ...]:
     default_mode = _mode(source.get("defaultMode", DEFAULT_MODE), f"{at}.defaultMode")
     data = data_of(kind, name, at)

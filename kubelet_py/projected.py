@@ -34,10 +34,10 @@ from kubelet_py.inputs import (
     ObjectLookup,
     PodInputs,
     VolumeFile,
-    _data,
     _mode,
     _relative,
     _volume_files,
+    object_data,
 )
 from kubelet_py.render import _resource_field
 
@@ -112,13 +112,7 @@ def resolve(pod: Mapping[str, Any], lookup: ObjectLookup) -> ProjectedInputs:
     """
     metadata = pod.get("metadata") or {}
     namespace = str(metadata.get("namespace", ""))
-    cache: dict[tuple[str, str], Mapping[str, Any] | None] = {}
-
-    def data_of(kind: str, name: str, where: str, *, env: bool = False) -> dict[str, bytes] | None:
-        if (kind, name) not in cache:
-            cache[kind, name] = lookup(kind, namespace, name)
-        found = cache[kind, name]
-        return None if found is None else _data(found, kind, where, binary=not env)
+    data_of = object_data(lookup, namespace)
 
     files: dict[str, tuple[VolumeFile, ...]] = {}
     tokens: list[TokenSource] = []

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import quote
 
+from hpk.apptainer import bind_path_problem
 from kubelet_py.apiserver import (
     ApiError,
     ApiUnavailable,
@@ -43,7 +44,7 @@ from kubelet_py.apiserver import (
     WatchEvent,
     events_path,
 )
-from kubelet_py.events import COMPONENT
+from kubelet_py.events import event_about
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +57,6 @@ PROVISIONED_BY = "pv.kubernetes.io/provisioned-by"
 CLAIMS_PATH = "/api/v1/persistentvolumeclaims"
 VOLUMES_PATH = "/api/v1/persistentvolumes"
 CLASSES_PATH = "/apis/storage.k8s.io/v1/storageclasses"
-_BIND_SPECIAL = frozenset(":,^\\")
 
 
 class StorageApi(Protocol):
@@ -98,12 +98,9 @@ class ProvisionerSettings:
 
     def __post_init__(self) -> None:
         root = Path(os.path.abspath(os.path.expanduser(self.root)))
-        special = sorted(_BIND_SPECIAL & set(str(root)))
-        if special or str(root) != str(root).strip():
-            raise ValueError(
-                f"volumes folder {str(root)!r}: Apptainer's --bind cannot take "
-                f"{''.join(special) or 'spaces at either end'}"
-            )
+        problem = bind_path_problem(str(root))
+        if problem:
+            raise ValueError(f"volumes folder {problem}")
         object.__setattr__(self, "root", root)
 
 
@@ -335,32 +332,14 @@ class KubeStorageApi:
     ) -> None:
         metadata = claim.get("metadata") or {}
         namespace = str(metadata.get("namespace", "default"))
-        stamp = dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-        event = {
-            "apiVersion": "v1",
-            "kind": "Event",
-            "metadata": {
-                "generateName": f"{metadata.get('name', 'claim')}.",
-                "namespace": namespace,
-            },
-            "involvedObject": {
-                "apiVersion": "v1",
-                "kind": "PersistentVolumeClaim",
-                "namespace": namespace,
-                "name": metadata.get("name", ""),
-                "uid": metadata.get("uid", ""),
-                "resourceVersion": metadata.get("resourceVersion", ""),
-            },
-            "type": kind,
-            "reason": reason,
-            "message": message,
-            "source": {"component": COMPONENT},
-            "reportingComponent": COMPONENT,
-            "reportingInstance": COMPONENT,
-            "firstTimestamp": stamp,
-            "lastTimestamp": stamp,
-            "count": 1,
-        }
+        event = event_about(
+            claim,
+            "PersistentVolumeClaim",
+            kind=kind,
+            reason=reason,
+            message=message,
+            now=dt.datetime.now(dt.UTC),
+        )
         try:
             self.api.request("POST", events_path(namespace), body=event)
         except (ApiError, ApiUnavailable) as error:  # an Event is worth no retry

@@ -30,9 +30,11 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import PurePosixPath
 from types import MappingProxyType
 
+from hpk.apptainer import bind_path_problem
 from hpk.images import NATIVE_IMAGE, ImageConfig, InvalidImageReference, normalize_reference
 from hpk.templating import render
 from kubelet_py.errors import InvalidPodSpec
+from kubelet_py.errors import expect_object as _mapping
 from kubelet_py.flags import ANNOTATION, FIELD, SbatchOption, merge_options, parse_flags
 from kubelet_py.inputs import PodInputs
 from kubelet_py.resources import (
@@ -71,8 +73,6 @@ _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _UID = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]{0,127}")
 #: Apptainer's --env-file ignores these names (or sets them itself), so a pod cannot set them.
 _ENV_RESERVED = frozenset({"HOME", "PWD", "UID", "GID", "EUID", "IFS", "OPTIND"})
-#: Characters Apptainer's --bind reads as separators or escapes.
-_BIND_SPECIAL = frozenset(":,^\\")
 
 # What the pod spec may hold: fields read here (honoured or checked), and fields whose values
 # need no check here, with the reason.
@@ -210,12 +210,9 @@ class RenderSettings:
             if not path.is_absolute() or _has_control(str(path)):
                 raise ValueError(f"setting {name} must be an absolute path, not {str(path)!r}")
             object.__setattr__(self, name, path)
-        special = sorted(_BIND_SPECIAL & set(str(self.pod_dir)))
-        if special:
-            raise ValueError(
-                f"setting pod_dir may not contain {''.join(special)!r}: Apptainer's --bind "
-                f"reads them as separators ({str(self.pod_dir)!r})"
-            )
+        problem = bind_path_problem(str(self.pod_dir))
+        if problem:
+            raise ValueError(f"setting pod_dir {problem}")
         resolved: dict[str, PurePosixPath] = {}
         for reference, sif in self.images.items():
             path = PurePosixPath(sif)
@@ -1036,14 +1033,6 @@ def _objects(value: object, where: str) -> list[Mapping[str, object]]:
     return [_mapping(item, f"{where}[{index}]") for index, item in enumerate(_list(value, where))]
 
 
-def _mapping(value: object, where: str) -> Mapping[str, object]:
-    if value is None:
-        return {}
-    if not isinstance(value, Mapping):
-        raise InvalidPodSpec(where, "must be an object")
-    return value
-
-
 def _list(value: object, where: str) -> list[object]:
     if value is None:
         return []
@@ -1077,10 +1066,6 @@ def _check_text(text: str, where: str, *, controls: bool = False) -> None:
 
 def _check_bind_path(path: str, where: str) -> None:
     _check_text(path, where)
-    special = "".join(sorted(_BIND_SPECIAL & set(path)))
-    if special:
-        raise InvalidPodSpec(
-            where, f"{path!r}: Apptainer's --bind reads {special!r} as separators or escapes"
-        )
-    if path != path.strip():
-        raise InvalidPodSpec(where, f"{path!r}: Apptainer's --bind strips spaces at either end")
+    problem = bind_path_problem(path)
+    if problem:
+        raise InvalidPodSpec(where, problem)

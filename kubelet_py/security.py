@@ -20,6 +20,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from kubelet_py.errors import InvalidPodSpec
+from kubelet_py.errors import expect_object as _mapping
 
 NOT_HONOURED = "SecurityContextNotHonoured"
 """The Event reason for what a securityContext asks and Apptainer cannot do."""
@@ -218,11 +219,3 @@ def _profile_warnings(context: Mapping[str, object], at: str, keys: tuple[str, .
 def _id(value: object, where: str) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**31:
         raise InvalidPodSpec(where, f"{value!r} is not a user or group ID")
-
-
-def _mapping(value: object, where: str) -> Mapping[str, object]:
-    if value is None:
-        return {}
-    if not isinstance(value, Mapping):
-        raise InvalidPodSpec(where, "must be an object")
-    return value

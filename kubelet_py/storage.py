@@ -24,7 +24,9 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 from urllib.parse import quote
 
+from hpk.apptainer import bind_path_problem
 from kubelet_py.errors import InvalidPodSpec
+from kubelet_py.errors import expect_object as _mapping
 from kubelet_py.inputs import MissingReference, ObjectLookup
 from kubelet_py.resources import parse_quantity
 
@@ -63,8 +65,6 @@ EVICTED = "Evicted"
 _EMPTY_DIR_FIELDS = frozenset({"medium", "sizeLimit"})
 _HOST_PATH_FIELDS = frozenset({"path", "type"})
 _CLAIM_FIELDS = frozenset({"claimName", "readOnly"})
-#: Characters Apptainer's --bind reads as separators or escapes (as render's check).
-_BIND_SPECIAL = frozenset(":,^\\")
 
 
 class ClaimNotBound(MissingReference):
@@ -223,13 +223,9 @@ def check_node_path(path: str, where: str) -> None:
     """A node path that Apptainer's --bind can take, and that stays where it says."""
     if any(ord(character) < 32 or ord(character) == 127 for character in path):
         raise InvalidPodSpec(where, "holds a control character")
-    special = "".join(sorted(_BIND_SPECIAL & set(path)))
-    if special:
-        raise InvalidPodSpec(
-            where, f"{path!r}: Apptainer's --bind reads {special!r} as separators or escapes"
-        )
-    if path != path.strip():
-        raise InvalidPodSpec(where, f"{path!r}: Apptainer's --bind strips spaces at either end")
+    problem = bind_path_problem(path)
+    if problem:
+        raise InvalidPodSpec(where, problem)
     if ".." in PurePosixPath(path).parts:
         raise InvalidPodSpec(where, f"{path!r} may not contain '..'")
 
@@ -335,11 +331,3 @@ def with_claims(
         return found
 
     return find
-
-
-def _mapping(value: object, where: str) -> Mapping[str, Any]:
-    if value is None:
-        return {}
-    if not isinstance(value, Mapping):
-        raise InvalidPodSpec(where, "must be an object")
-    return value
