@@ -24,7 +24,7 @@ import psutil
 import pytest
 
 from hpk.controlplane.image import ensure_image
-from hpk.test_images import built_images_dir
+from hpk.test_images import ensure_test_images
 from hpk.toolchain import Toolchain
 from tests.e2e.conftest import UserInstall
 from tests.e2e.kube import eventually
@@ -121,7 +121,7 @@ def test_namespace_and_configmap_round_trip(cluster: Cluster) -> None:
 
 
 def test_a_pod_runs_as_the_users_slurm_job(cluster: Cluster) -> None:
-    busybox = built_images_dir() / "busybox.sif"
+    busybox = ensure_test_images()["docker.io/library/busybox:latest"]
     imported = cluster.hpk("images", "import", "docker.io/library/busybox:latest", str(busybox))
     assert imported.returncode == 0, imported.stderr
     cluster.kubectl("create", "namespace", "pods")
