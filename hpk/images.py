@@ -30,6 +30,7 @@ Locks are `fcntl.flock` locks, which hold across nodes on NFS; Lustre needs `-o 
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import logging
 import os
@@ -41,7 +42,7 @@ import subprocess
 import tarfile
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -691,6 +692,23 @@ def import_image(
     return target
 
 
+def plain_http(registry: str, insecure: Collection[str] = ()) -> bool:
+    """Whether `registry` (host[:port]) is reached over plain HTTP: one on the loopback, as
+    Docker treats localhost and 127.0.0.0/8, or one the site names in `insecure`."""
+    if registry in insecure:
+        return True
+    if registry.startswith("["):  # [IPv6]:port
+        host = registry[1 : registry.find("]")]
+    else:
+        host = registry.rsplit(":", 1)[0] if registry.count(":") == 1 else registry
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def pull_image(
     reference: str,
     *,
@@ -698,13 +716,15 @@ def pull_image(
     apptainer: str | None = None,
     runner: CommandRunner = run_command,
     fresh_since: float | None = None,
+    insecure_registries: Collection[str] = (),
 ) -> Path:
     """Pull `docker://reference` into the cache; returns its cache path.
 
     Pulls of the same entry are serialised by its lock (two kubelets share it too), and the
     ones that waited do not pull again: with `fresh_since` None, an entry present once the lock
     is held is kept (IfNotPresent); with a wall-clock time, an entry written at or after it
-    counts as fresh (Always: someone pulled it since this caller asked). Raises ImagePullFailed
+    counts as fresh (Always: someone pulled it since this caller asked). A registry on the
+    loopback or in `insecure_registries` is reached over plain HTTP. Raises ImagePullFailed
     with Apptainer's error.
     """
     key = normalize_reference(reference)
@@ -721,8 +741,19 @@ def pull_image(
         try:
             binary = apptainer or _default_apptainer()
             started = time.monotonic()
+            http = plain_http(parse_reference(key).registry, insecure_registries)
             status, output = runner(
-                [binary, "--quiet", "pull", "--force", str(temporary), f"docker://{key}"]
+                [
+                    binary,
+                    "--quiet",
+                    "pull",
+                    "--force",
+                    # hpk's cache is the SIF; Apptainer's own layer cache would hold it twice.
+                    "--disable-cache",
+                    *(["--no-https"] if http else []),
+                    str(temporary),
+                    f"docker://{key}",
+                ]
             )
             if status != 0:
                 raise ImagePullFailed(key, _apptainer_error(output))

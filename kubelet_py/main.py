@@ -118,6 +118,8 @@ class KubeletSettings:
     volumes_dir: Path | None = None
     """Where the provisioner of the `hpk-local` StorageClass keeps the claims' folders (on
     the filesystem the compute nodes share); None: `<hpk home>/volumes`."""
+    insecure_registries: tuple[str, ...] = ()
+    """Registries pulled from over plain HTTP, besides those on the loopback."""
 
 
 def _csv(text: str) -> tuple[str, ...]:
@@ -175,6 +177,14 @@ def parse_args(argv: Sequence[str] | None = None) -> KubeletSettings:
         default=None,
         help="folder of the hpk-local StorageClass's volumes, on the filesystem the compute "
         "nodes share (default: <hpk home>/volumes)",
+    )
+    parser.add_argument(
+        "--insecure-registry",
+        action="append",
+        default=[],
+        metavar="HOST[:PORT]",
+        help="a registry to pull images from over plain HTTP (repeatable); registries on the "
+        "loopback always are",
     )
     parser.add_argument("--node-ip", default=None, help="InternalIP of the nodes")
     parser.add_argument("--hostname", default=None, help="Hostname address of the nodes")
@@ -250,6 +260,7 @@ def parse_args(argv: Sequence[str] | None = None) -> KubeletSettings:
         pod_api_server=args.pod_api_server,
         tokens=tokens,
         volumes_dir=args.volumes_dir,
+        insecure_registries=tuple(args.insecure_registry),
     )
 
 
@@ -387,6 +398,7 @@ def run(  # noqa: PLR0915 (every thread's wiring, start and stop in one place)
                     if settings.pod_api_server
                     else service_endpoint(pod_api.server, node_ip=host.address)
                 ),
+                insecure_registries=settings.insecure_registries,
             ),
             lookup=with_claims(pod_api.get_config_object, pod_api.get_or_none),
             tokens=tokens,

@@ -30,7 +30,7 @@ from hpk.images import ImageConfig, InvalidImageReference
 from kubelet_py import projected
 from kubelet_py.errors import InvalidPodSpec
 from kubelet_py.inputs import ObjectLookup, PodInputs, needs_node_address, resolve
-from kubelet_py.pulls import ImagePuller, ImageWaiting, pull_policy
+from kubelet_py.pulls import ImagePuller, ImageWaiting, PullSettings, pull_policy
 from kubelet_py.render import JOB_NAME_PREFIX, VOLUMES_DIR, RenderSettings, render_pod
 from kubelet_py.slurm import FINAL_STATES, ListedJob, SlurmError, SlurmUnavailable
 from kubelet_py.status import pod_status, read_markers
@@ -152,6 +152,9 @@ class ProviderSettings:
     """The API server as pods reach it (host, port), for their KUBERNETES_SERVICE_* variables;
     None: the containers get none."""
 
+    insecure_registries: tuple[str, ...] = ()
+    """Registries pulled from over plain HTTP, besides those on the loopback."""
+
 
 @dataclass
 class _Known:
@@ -189,7 +192,10 @@ class SlurmProvider:
         self._callbacks: list[Callable[[str], None]] = []
         self._warnings: dict[str, tuple[tuple[str, str], ...]] = {}
         self.images = images or ImagePuller(
-            cache_dir=settings.image_cache, apptainer=str(settings.apptainer), notify=self._ready
+            cache_dir=settings.image_cache,
+            apptainer=str(settings.apptainer),
+            notify=self._ready,
+            settings=PullSettings(insecure_registries=settings.insecure_registries),
         )
         """Resolves the pods' images, pulling in the background; a finished pull hands its
         pods to the `notify_pods` callbacks."""

@@ -133,6 +133,8 @@ class PullSettings:
     """Wait after the first failed pull of an image."""
     backoff_max_s: float = 300.0
     """Longest wait between pulls of an image (the wait doubles after each failure)."""
+    insecure_registries: tuple[str, ...] = ()
+    """Registries (host[:port]) pulled from over plain HTTP, besides those on the loopback."""
 
 
 class ImagePuller:
@@ -229,6 +231,7 @@ class ImagePuller:
                 apptainer=self.apptainer,
                 runner=self.runner,
                 fresh_since=asked if fresh else None,
+                insecure_registries=self.settings.insecure_registries,
             )
         except ImageError as failure:
             error = str(getattr(failure, "problem", failure))

@@ -4,7 +4,9 @@ ErrImagePull and ImagePullBackOff until the image is imported by hand, imagePull
 and `hpk images import` of a sandbox folder and of a docker-archive (`docker save` output).
 
 No registry is reachable here: pulls of `127.0.0.1:1/...` fail at once with Apptainer's
-"connection refused", which is what a user behind a firewall sees too.
+"connection refused", which is what a user behind a firewall sees too. A real pull is proven
+against a registry the test serves on the loopback (tests/e2e/registry.py): two pods share
+one pull of a tag, and a third pulls the same image by its digest.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from hpk.test_images import ensure_test_images
 from hpk.testbed.bed import Testbed
 from hpk.toolchain import Toolchain
 from tests.e2e.kube import PodCluster, pod_cluster
+from tests.e2e.registry import Registry, serving
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
 
@@ -124,6 +127,41 @@ def test_unpullable_image_waits_until_it_is_imported(cluster: PodCluster) -> Non
     assert imported.returncode == 0, imported.stderr
     cluster.phase("late-image", "Succeeded", timeout=120)
     assert stdout_lines(cluster, "late-image") == ["imported by hand"]
+
+
+def test_images_are_pulled_from_a_registry_once_by_tag_and_by_digest(
+    cluster: PodCluster,
+) -> None:
+    archive = ensure_test_images()[ENTRYPOINT]
+    registry = Registry()
+    digest = registry.add_archive(archive, "e2e/pulled", "1")
+    with serving(registry) as address:
+        by_tag = f"{address}/e2e/pulled:1"
+        by_digest = f"{address}/e2e/pulled@{digest}"
+        cluster.apply(
+            manifest("pulled-a", by_tag),
+            manifest("pulled-b", by_tag, args=["second"]),
+            manifest("pulled-digest", by_digest, args=["by-digest"]),
+        )
+        for name in ("pulled-a", "pulled-b", "pulled-digest"):
+            cluster.phase(name, "Succeeded")
+    assert stdout_lines(cluster, "pulled-a") == ["entrypoint: default-cmd (in /srv)"]
+    assert stdout_lines(cluster, "pulled-b") == ["entrypoint: second (in /srv)"]
+    assert stdout_lines(cluster, "pulled-digest") == ["entrypoint: by-digest (in /srv)"]
+    # Each blob (config, layer) was fetched once per cache entry, the tag's and the digest's:
+    # the tag's two pods shared one pull.
+    fetched = [
+        line.rsplit("/blobs/", 1)[1]
+        for line in registry.requests
+        if line.startswith("GET ") and "/blobs/" in line
+    ]
+    assert sorted(fetched) == sorted([*registry.blobs] * 2), registry.requests
+    listed = hpk_images(cluster, "list")
+    assert listed.returncode == 0, listed.stderr
+    assert f"{address}/e2e/pulled:1" in listed.stdout, listed.stdout
+    assert by_digest in listed.stdout, listed.stdout
+    events = cluster.events("pulled-a")
+    assert "Pulling" in events, events
 
 
 def test_never_pull_of_a_missing_image(cluster: PodCluster) -> None:

@@ -14,6 +14,8 @@ import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from hpk.images import plain_http
+
 _HEADER = struct.Struct("<32s10s3s3s16s8q")
 _DESCRIPTOR = struct.Struct("<iBIII7q128s384s")
 
@@ -60,9 +62,11 @@ class FakeRegistry:
         self._lock = threading.Lock()
 
     def __call__(self, argv: Sequence[str]) -> tuple[int, str]:
-        assert argv[1:4] == ["--quiet", "pull", "--force"], argv
-        target, source = argv[4], argv[5]
+        assert argv[1:5] == ["--quiet", "pull", "--force", "--disable-cache"], argv
+        *options, target, source = argv[5:]
         reference = source.removeprefix("docker://")
+        # Plain HTTP for a registry on the loopback, as Docker does; HTTPS elsewhere.
+        assert options == (["--no-https"] if plain_http(reference.split("/", 1)[0]) else []), argv
         with self._lock:
             self.pulls.append(reference)
         time.sleep(self.delay_s)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from hpk.images import ImagePullFailed, cached_image, image_config, pull_image
+from hpk.images import ImagePullFailed, cached_image, image_config, plain_http, pull_image
 from kubelet_py.errors import InvalidPodSpec
 from kubelet_py.pulls import (
     ALWAYS,
@@ -280,3 +280,23 @@ def test_always_with_a_failed_pull_runs_the_cached_copy_with_a_warning(tmp_path:
     # During the back-off the next pod runs the cached copy without a new pull.
     assert bed.puller.resolve("ns/b", "busybox", ALWAYS).warning
     assert len(bed.registry.pulls) == 1
+
+
+@pytest.mark.parametrize(
+    ("registry", "insecure", "http"),
+    [
+        ("127.0.0.1:5000", (), True),
+        ("localhost:5000", (), True),
+        ("localhost", (), True),
+        ("[::1]:5000", (), True),
+        ("127.8.9.10", (), True),
+        ("docker.io", (), False),
+        ("registry.example.org:5000", (), False),
+        ("registry.example.org:5000", ("registry.example.org:5000",), True),
+        ("10.0.0.1:5000", (), False),
+    ],
+)
+def test_plain_http_for_loopback_and_named_registries(
+    registry: str, insecure: tuple[str, ...], http: bool
+) -> None:
+    assert plain_http(registry, insecure) is http
