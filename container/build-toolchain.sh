@@ -180,24 +180,33 @@ build_coredns() {
     "$dest/bin/coredns" -version
 }
 
-build_apptainer() {
-    local dest=$1 version=$2
-    local mod=github.com/apptainer/apptainer
+# A module the checksum database does not list: fetched with GONOSUMDB, checked against the
+# pinned hash, and copied out of the read-only module cache into <tools>/src/<name>-<version>;
+# prints that folder.
+pinned_module_copy() {
+    local mod=$1 version=$2 want=$3 name=$4
     local info sum dir
     info=$(GONOSUMDB=$mod go mod download -json "$mod@v$version")
     sum=$(sed -n 's/^\s*"Sum": "\(.*\)",$/\1/p' <<<"$info")
     dir=$(sed -n 's/^\s*"Dir": "\(.*\)",$/\1/p' <<<"$info")
-    if [[ $sum != "$APPTAINER_MODULE_SUM" ]]; then
-        echo "apptainer module hash $sum does not match the pinned $APPTAINER_MODULE_SUM"
+    if [[ $sum != "$want" ]]; then
+        echo "$mod module hash $sum does not match the pinned $want" >&2
         return 1
     fi
-    # The module cache is read-only and has no git metadata: build in a copy that carries
-    # the VERSION file apptainer's configure step reads.
-    local src=$tools/src/apptainer-$version
+    local src=$tools/src/$name-$version
     rm -rf "$src"
     cp -r "$dir" "$src"
-    # Module zips carry no exec bits; the configure and build scripts need them.
+    # Module zips carry no exec bits; configure and build scripts need them.
     chmod -R u+wx "$src"
+    echo "$src"
+}
+
+build_apptainer() {
+    local dest=$1 version=$2
+    local src
+    src=$(pinned_module_copy github.com/apptainer/apptainer "$version" "$APPTAINER_MODULE_SUM" \
+        apptainer)
+    # The copy has no git metadata: it carries the VERSION file apptainer's configure reads.
     echo "$version" >"$src/VERSION"
     cd "$src"
     # Its makefile runs `go clean -cache`: give it a build cache of its own.
@@ -209,13 +218,37 @@ build_apptainer() {
     "$dest/bin/apptainer" version
 }
 
+build_argo() {
+    local dest=$1 version=$2
+    local src
+    src=$(pinned_module_copy github.com/argoproj/argo-workflows/v3 "$version" "$ARGO_MODULE_SUM" argo)
+    cd "$src"
+    # Module zips leave symbolic links out: upstream's signal_linux.go is a link to
+    # signal_darwin.go.
+    local os_dir=workflow/executor/osspecific
+    [[ -e $os_dir/signal_linux.go ]] || cp "$os_dir/signal_darwin.go" "$os_dir/signal_linux.go"
+    # The argo CLI embeds the web UI's build output (ui/dist/app), which the module does not
+    # carry and hpk does not serve: a placeholder page stands in for it.
+    mkdir -p ui/dist/app
+    echo '<!doctype html><title>Argo</title><p>The web UI is not part of this build.</p>' \
+        >ui/dist/app/index.html
+    local pkg=github.com/argoproj/argo-workflows/v3
+    local ld="-s -w -X $pkg.version=v$version -X $pkg.gitTreeState=clean"
+    local cmd
+    for cmd in workflow-controller argoexec argo; do
+        echo "--- $cmd"
+        go build -trimpath -ldflags "$ld" -o "$dest/bin/$cmd" "./cmd/$cmd"
+    done
+    "$dest/bin/argo" version --short
+}
+
 # Whether the Go module proxy answers. A build may still succeed from the local module cache,
 # so an unreachable proxy is not fatal by itself; if a part then fails, the message names it.
 proxy_problem=""
 check_module_proxy() {
     local name answer
     for name in etcd-$ETCD_VERSION kubernetes-$KUBERNETES_VERSION coredns-$COREDNS_VERSION \
-        apptainer-$APPTAINER_VERSION; do
+        apptainer-$APPTAINER_VERSION argo-$ARGO_VERSION; do
         [[ -f $tools/$name/.complete ]] && continue
         # -versions always asks the proxy; a plain lookup may be answered from the local cache.
         if ! answer=$(timeout 120 go list -m -versions k8s.io/kubernetes 2>&1); then
@@ -234,5 +267,6 @@ part etcd "$ETCD_VERSION" build_etcd
 part kubernetes "$KUBERNETES_VERSION" build_kubernetes
 part coredns "$COREDNS_VERSION" build_coredns
 part apptainer "$APPTAINER_VERSION" build_apptainer
+part argo "$ARGO_VERSION" build_argo
 trap - ERR
 say "ready: $tools"

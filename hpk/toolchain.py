@@ -22,6 +22,7 @@ COMPONENTS = {
     "kubernetes": "KUBERNETES_VERSION",
     "coredns": "COREDNS_VERSION",
     "apptainer": "APPTAINER_VERSION",
+    "argo": "ARGO_VERSION",
 }
 
 

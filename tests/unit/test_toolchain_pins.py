@@ -31,6 +31,8 @@ def test_pins_meet_the_projects_constraints() -> None:
     # Kubernetes >= 1.31 relies on etcd health endpoints that arrived in 3.5.11.
     assert version(pins["ETCD_VERSION"]) >= (3, 5, 11)
     assert pins["APPTAINER_MODULE_SUM"].startswith("h1:")
+    assert version(pins["ARGO_VERSION"])[:2] in {(3, 6), (3, 7)}
+    assert pins["ARGO_MODULE_SUM"].startswith("h1:")
 
 
 def test_malformed_pin_file_is_rejected_with_its_line(tmp_path: Path) -> None:
