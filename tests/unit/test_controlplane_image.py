@@ -41,6 +41,7 @@ PINS = {
     "ETCD_VERSION": "3.5.24",
     "COREDNS_VERSION": "1.12.4",
     "APPTAINER_VERSION": "1.4.3",
+    "ARGO_VERSION": "3.7.18",
 }
 IMAGE = Path("/opt/hpk tools/control-plane.sif")
 
