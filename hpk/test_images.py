@@ -27,19 +27,18 @@ import argparse
 import filecmp
 import hashlib
 import inspect
-import io
 import json
 import logging
 import os
 import subprocess
 import sys
-import tarfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
+from hpk.docker_archive import Entry, folder, regular_file, symlink, write_docker_archive
 from hpk.files import held_lock
 from hpk.images import cached_image, check_sif, import_image
 from hpk.paths import container_dir
@@ -98,7 +97,8 @@ def recipe_hash(toolchain: Toolchain | None = None) -> str:
     pins = (toolchain or Toolchain.load()).pins
     digest = hashlib.sha256(f"apptainer={pins['APPTAINER_VERSION']}\n".encode())
     digest.update(json.dumps(ENTRYPOINT_CONFIG, sort_keys=True).encode())
-    digest.update(inspect.getsource(write_docker_archive).encode())
+    for function in (write_docker_archive, busybox_entries):
+        digest.update(inspect.getsource(function).encode())
     for path in sorted(recipes_dir().iterdir()):
         if path.is_file():
             digest.update(f"{path.name}\n{path.stat().st_size}\n".encode())
@@ -137,7 +137,12 @@ def ensure_test_images(progress: Callable[[str], None] = _say) -> dict[str, Path
                 progress(f"{image.name}: cached ({target})")
                 continue
             if not image.recipe:
-                write_docker_archive(target, config=ENTRYPOINT_CONFIG, tags=[image.reference])
+                write_docker_archive(
+                    target,
+                    entries=busybox_entries(),
+                    config=ENTRYPOINT_CONFIG,
+                    tags=[image.reference],
+                )
                 progress(f"{image.name}: docker-archive written ({target})")
                 continue
             if os.geteuid() != 0:
@@ -217,71 +222,30 @@ def recipe_oci_config(recipe: Path) -> dict[str, object] | None:
     return None
 
 
-def write_docker_archive(
-    path: Path,
-    *,
-    config: dict[str, object],
-    tags: Sequence[str],
-    busybox: Path = Path("/bin/busybox"),
-) -> None:
-    """Write a `docker save` tarball of a one-layer image: the host's static busybox and its
-    applets (as busybox.def has them), with the OCI image `config` (Entrypoint, Cmd...).
-
-    Deterministic: the same busybox and config give the same bytes.
-    """
-    layer = io.BytesIO()
-    with tarfile.open(fileobj=layer, mode="w", format=tarfile.PAX_FORMAT) as tar:
-        for folder in ("bin", "etc", "root", "sbin", "srv", "tmp", "usr", "usr/bin", "usr/sbin"):
-            info = tarfile.TarInfo(folder)
-            info.type, info.mode = tarfile.DIRTYPE, 0o1777 if folder == "tmp" else 0o755
-            tar.addfile(info)
-        data = busybox.read_bytes()
-        info = tarfile.TarInfo("bin/busybox")
-        info.size, info.mode = len(data), 0o755
-        tar.addfile(info, io.BytesIO(data))
-        applets = subprocess.run(
-            [str(busybox), "--list-full"], capture_output=True, text=True, check=True
-        ).stdout.split()
-        for applet in sorted(set(applets) - {"bin/busybox"}):
-            info = tarfile.TarInfo(applet)
-            info.type, info.linkname = tarfile.SYMTYPE, "/bin/busybox"
-            tar.addfile(info)
+def busybox_entries(busybox: Path = Path("/bin/busybox")) -> list[Entry]:
+    """The layer of a busybox image: the host's static busybox and its applets (as busybox.def
+    has them), and the few files a shell expects."""
+    entries = [
+        folder(name, 0o1777 if name == "tmp" else 0o755)
+        for name in ("bin", "etc", "root", "sbin", "srv", "tmp", "usr", "usr/bin", "usr/sbin")
+    ]
+    entries.append(regular_file("bin/busybox", busybox.read_bytes(), 0o755))
+    applets = subprocess.run(
+        [str(busybox), "--list-full"], capture_output=True, text=True, check=True
+    ).stdout.split()
+    entries += [
+        symlink(applet, "/bin/busybox") for applet in sorted(set(applets) - {"bin/busybox"})
+    ]
+    entries += [
+        regular_file(name, text)
         for name, text in (
             ("etc/group", b"root:x:0:\n"),
             ("etc/hosts", b""),
             ("etc/passwd", b"root:x:0:0:root:/root:/bin/sh\n"),
             ("etc/resolv.conf", b""),
-        ):
-            info = tarfile.TarInfo(name)
-            info.size, info.mode = len(text), 0o644
-            tar.addfile(info, io.BytesIO(text))
-    layer_bytes = layer.getvalue()
-    diff_id = hashlib.sha256(layer_bytes).hexdigest()
-    image_config = json.dumps(
-        {
-            "architecture": "amd64",
-            "os": "linux",
-            "config": config,
-            "rootfs": {"type": "layers", "diff_ids": [f"sha256:{diff_id}"]},
-        },
-        sort_keys=True,
-    ).encode()
-    config_name = f"{hashlib.sha256(image_config).hexdigest()}.json"
-    manifest = json.dumps(
-        [{"Config": config_name, "RepoTags": list(tags), "Layers": [f"{diff_id}/layer.tar"]}]
-    ).encode()
-    partial = path.with_name(f".{path.name}.part")
-    with tarfile.open(partial, mode="w", format=tarfile.PAX_FORMAT) as archive:
-        for name, payload in (
-            (config_name, image_config),
-            (f"{diff_id}/layer.tar", layer_bytes),
-            ("manifest.json", manifest),
-        ):
-            info = tarfile.TarInfo(name)
-            info.size, info.mode = len(payload), 0o644
-            archive.addfile(info, io.BytesIO(payload))
-    partial.chmod(0o644)
-    partial.replace(path)
+        )
+    ]
+    return entries
 
 
 def register_test_images(cache_dir: Path | None = None) -> dict[str, Path]:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from hpk.docker_archive import write_docker_archive
 from hpk.images import (
     InvalidImageFile,
     InvalidImageReference,
@@ -32,9 +33,9 @@ from hpk.paths import container_dir
 from hpk.test_images import (
     TEST_IMAGES,
     built_images_dir,
+    busybox_entries,
     recipe_oci_config,
     recipes_dir,
-    write_docker_archive,
 )
 
 DIGEST = "sha256:" + "0123456789abcdef" * 4
@@ -413,8 +414,8 @@ def test_recipes_carry_docker_hubs_cmd() -> None:
 def test_docker_archive_is_a_docker_save_tarball(tmp_path: Path) -> None:
     config = {"Entrypoint": ["/bin/echo"], "Cmd": ["hi"]}
     first, second = tmp_path / "a.tar", tmp_path / "b.tar"
-    write_docker_archive(first, config=config, tags=["hpk.test/x:1"])
-    write_docker_archive(second, config=config, tags=["hpk.test/x:1"])
+    for path in (first, second):
+        write_docker_archive(path, entries=busybox_entries(), config=config, tags=["hpk.test/x:1"])
     assert first.read_bytes() == second.read_bytes(), "deterministic"
     with tarfile.open(first) as archive:
         (manifest,) = json.loads(archive.extractfile("manifest.json").read())  # type: ignore[union-attr]
