@@ -41,14 +41,21 @@ _HTTP_FIELDS = frozenset({"host", "port", "path", "scheme", "httpHeaders"})
 _TCP_FIELDS = frozenset({"host", "port"})
 
 
-def probes_file(container: Mapping[str, object], where: str, *, grace: int) -> str | None:
+def probes_file(
+    container: Mapping[str, object], where: str, *, grace: int, init: bool = False
+) -> str | None:
     """The probes file (JSON) of `container` at `where` (`spec.containers[0]`), or None when it
-    has no probes. `grace` is the pod's terminationGracePeriodSeconds."""
+    has no probes. `grace` is the pod's terminationGracePeriodSeconds; `init` says that the
+    container is an init container that is no sidecar, which may have no probes."""
     found: dict[str, object] = {}
     for key, name in PROBE_FIELDS.items():
         if container.get(key) is None:
             continue
         at = f"{where}.{key}"
+        if init:
+            raise InvalidPodSpec(at, "an init container may only have probes as a sidecar")
+        if key != "readinessProbe" and _mapping(container[key], at).get("successThreshold", 1) != 1:
+            raise InvalidPodSpec(f"{at}.successThreshold", "must be 1 for this probe")
         if key == "readinessProbe" and "terminationGracePeriodSeconds" in _mapping(
             container[key], at
         ):

@@ -428,7 +428,8 @@ def _with_probes(
         raise InvalidPodSpec(
             "spec.terminationGracePeriodSeconds", f"{grace!r} is no number of seconds"
         )
-    text = probes_file(container, where, grace=grace)
+    init = where.startswith("spec.initContainers") and not launch.sidecar
+    text = probes_file(container, where, grace=grace, init=init)
     if text is None:
         return launch
     files[f"{PROBES_DIR}/{launch.name}"] = text

@@ -674,6 +674,12 @@ def test_pod_fields_hpk_cannot_honour_fail_the_pod(
         ("livenessProbe", {"exec": {"command": ["true"]}}, "livenessProbe.exec", "yet"),
         ("startupProbe", {"grpc": {"port": 1}}, "startupProbe.grpc", "grpc probes"),
         ("readinessProbe", {}, "readinessProbe", "exactly one"),
+        (
+            "livenessProbe",
+            {"tcpSocket": {"port": 80}, "successThreshold": 2},
+            "livenessProbe.successThreshold",
+            "must be 1",
+        ),
         ("readinessProbe", {"httpGet": {"port": "web"}}, "readinessProbe.httpGet.port", "names"),
         ("readinessProbe", {"tcpSocket": {"port": 0}}, "readinessProbe.tcpSocket.port", "1-65535"),
         (
@@ -973,3 +979,14 @@ def test_probes_go_to_a_probes_file_with_defaults_and_named_ports_resolved() -> 
     assert "--probes /home/alice/.hpk/pods/default/probed/probes/main " in rendered.script
     plain = render_pod(pod("plain", busybox("main", command=["true"])), settings("plain"))
     assert "--probes" not in plain.script and not any(f.startswith("probes/") for f in plain.files)
+
+
+def test_probes_on_an_init_container_are_refused_unless_it_is_a_sidecar() -> None:
+    probe = {"tcpSocket": {"port": 80}}
+    error = refused(with_changes(BASE, "spec/initContainers/0/readinessProbe", probe))
+    assert error.field == "spec.initContainers[0].readinessProbe", error
+    sidecar = with_changes(BASE, "spec/initContainers/0/restartPolicy", "Always")
+    rendered = render_pod(
+        with_changes(sidecar, "spec/initContainers/0/startupProbe", probe), settings()
+    )
+    assert "probes/first" in rendered.files
