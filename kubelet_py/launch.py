@@ -52,7 +52,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
 
-from kubelet_py.probes import Probe, Probes, Runner
+from kubelet_py.probes import Probe, Probes, Runner, check
 
 IMAGE_CANNOT_RUN = 125
 """The exit code when the container cannot be started at all (as `docker run` uses it)."""
@@ -302,7 +302,9 @@ def _run(
                 signals.child = child
                 if signals.received:  # a signal came between the check above and the start
                     os.kill(child.pid, signals.received[-1])
-                probing = _start_probes(container_dir, child, log, probes)
+                probing = _start_probes(
+                    container_dir, child, log, probes, command=command, image=image
+                )
                 kill = _killer(child, signals=signals, grace=grace, probing=probing)
                 code = _pump(child, log, kill=kill)
                 signals.child = None
@@ -333,8 +335,28 @@ class _Probing:
         self.runner.finish()
 
 
+def exec_prefix(command: Sequence[str], image: Path | None) -> list[str]:
+    """`apptainer ... exec ... SIF` of COMMAND, for exec probes: the same options, binds and
+    environment as the container, its `run` turned into `exec`; [] when COMMAND is no plain
+    `apptainer exec|run` of the image (an srun container)."""
+    if image is None or str(image) not in command:
+        return []
+    words = list(command[: list(command).index(str(image)) + 1])
+    actions = [i for i, word in enumerate(words) if word in ("exec", "run")]
+    if not actions or "apptainer" not in Path(words[0]).name:
+        return []
+    words[actions[0]] = "exec"
+    return words
+
+
 def _start_probes(
-    container_dir: Path, child: subprocess.Popen[bytes], log: LogWriter, probes: Probes | None
+    container_dir: Path,
+    child: subprocess.Popen[bytes],
+    log: LogWriter,
+    probes: Probes | None,
+    *,
+    command: Sequence[str] = (),
+    image: Path | None = None,
 ) -> _Probing | None:
     """Start probing a run that has just started; None without probes."""
     if probes is None:
@@ -353,8 +375,13 @@ def _start_probes(
         with contextlib.suppress(ProcessLookupError):
             os.killpg(child.pid, signal.SIGTERM)
 
+    prefix = exec_prefix(command, image)
+
+    def check_one(probe: Probe) -> bool:
+        return check(probe, exec_prefix=prefix)
+
     done = threading.Event()
-    runner = Runner(probes=probes, container_dir=container_dir, on_failure=failed)
+    runner = Runner(probes=probes, container_dir=container_dir, on_failure=failed, check=check_one)
     thread = threading.Thread(target=runner.run, args=(done,), daemon=True)
     probing = _Probing(runner=runner, thread=thread, done=done)
     thread.start()

@@ -33,10 +33,9 @@ _TIMING = {
 }
 """Timing fields: (Kubernetes' default, the least value allowed)."""
 _REFUSED = {
-    "exec": "exec probes are not supported yet: use httpGet or tcpSocket",
     "grpc": "grpc probes are not supported yet: use httpGet or tcpSocket",
 }
-_HANDLERS = ("httpGet", "tcpSocket")
+_HANDLERS = ("httpGet", "tcpSocket", "exec")
 _HTTP_FIELDS = frozenset({"host", "port", "path", "scheme", "httpHeaders"})
 _TCP_FIELDS = frozenset({"host", "port"})
 
@@ -77,7 +76,7 @@ def _probe(
         if key in _REFUSED:
             raise InvalidPodSpec(f"{at}.{key}", _REFUSED[key])
     if len(handlers) != 1:
-        raise InvalidPodSpec(at, "needs exactly one of httpGet and tcpSocket")
+        raise InvalidPodSpec(at, "needs exactly one of httpGet, tcpSocket and exec")
     known = {*_HANDLERS, *_TIMING, "terminationGracePeriodSeconds"}
     unknown = sorted(set(probe) - known)
     if unknown:
@@ -90,6 +89,9 @@ def _probe(
     if grace is not None:
         out["grace"] = _count(grace, f"{at}.terminationGracePeriodSeconds", least=1)
     handler = _mapping(probe[kind], f"{at}.{kind}")
+    if kind == "exec":
+        out["command"] = _exec_command(handler, f"{at}.exec")
+        return out
     allowed = _HTTP_FIELDS if kind == "httpGet" else _TCP_FIELDS
     unknown = sorted(set(handler) - allowed)
     if unknown:
@@ -110,6 +112,19 @@ def _probe(
         out["scheme"] = scheme
         out["headers"] = _headers(handler.get("httpHeaders"), f"{at}.httpGet.httpHeaders")
     return out
+
+
+def _exec_command(handler: Mapping[str, object], at: str) -> list[str]:
+    unknown = sorted(set(handler) - {"command"})
+    if unknown:
+        raise InvalidPodSpec(f"{at}.{unknown[0]}", "is not supported yet")
+    words = handler.get("command")
+    if not isinstance(words, list) or not words:
+        raise InvalidPodSpec(f"{at}.command", "must be a non-empty list of strings")
+    for index, word in enumerate(words):
+        if not isinstance(word, str) or "\0" in word:
+            raise InvalidPodSpec(f"{at}.command[{index}]", "must be a string")
+    return list(words)
 
 
 def _count(value: object, at: str, *, least: int) -> int:

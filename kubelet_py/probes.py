@@ -26,15 +26,19 @@ import json
 import os
 import socket
 import ssl
+import subprocess
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 HTTP_GET = "httpGet"
 TCP_SOCKET = "tcpSocket"
-KINDS = (HTTP_GET, TCP_SOCKET)
+EXEC = "exec"
+KINDS = (HTTP_GET, TCP_SOCKET, EXEC)
+EXEC_START_SECONDS = 10.0
+"""Added to an exec probe's timeout: starting `apptainer exec` takes time of its own."""
 STARTUP = "startup"
 LIVENESS = "liveness"
 READINESS = "readiness"
@@ -47,9 +51,11 @@ class Probe:
     """One probe with Kubernetes' defaults applied."""
 
     kind: str
-    """`httpGet` or `tcpSocket`."""
-    port: int
+    """`httpGet`, `tcpSocket` or `exec`."""
+    port: int = 0
     """The port it connects to (named ports are resolved by render)."""
+    command: tuple[str, ...] = ()
+    """What an exec probe runs in the container (passes when it exits 0)."""
     host: str = "127.0.0.1"
     """Where it connects: the node itself unless the pod says otherwise."""
     path: str = "/"
@@ -79,7 +85,8 @@ class Probe:
         grace = data.get("grace")
         return cls(
             kind=str(data["kind"]),
-            port=int(str(data["port"])),
+            port=int(str(data.get("port", 0))),
+            command=tuple(str(word) for word in data.get("command") or []),  # type: ignore[attr-defined]
             host=str(data.get("host") or "127.0.0.1"),
             path=str(data.get("path") or "/"),
             scheme=str(data.get("scheme") or "HTTP"),
@@ -124,9 +131,22 @@ class Probes:
         return self.grace if probe.grace is None else probe.grace
 
 
-def check(probe: Probe) -> bool:
-    """Whether one check of `probe` passes: HTTP 200-399, or a TCP connection accepted."""
+def check(probe: Probe, *, exec_prefix: Sequence[str] = ()) -> bool:
+    """Whether one check of `probe` passes: HTTP 200-399, a TCP connection accepted, or the
+    exec probe's command exiting 0 when run after `exec_prefix` (`apptainer exec ... SIF`)."""
     try:
+        if probe.kind == EXEC:
+            if not exec_prefix:
+                return False
+            result = subprocess.run(
+                [*exec_prefix, *probe.command],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                timeout=probe.timeout + EXEC_START_SECONDS,
+                check=False,
+            )
+            return result.returncode == 0
         if probe.kind == TCP_SOCKET:
             with socket.create_connection((probe.host, probe.port), timeout=probe.timeout):
                 return True
@@ -148,7 +168,7 @@ def check(probe: Probe) -> bool:
         finally:
             connection.close()
         return 200 <= status < 400
-    except (OSError, http.client.HTTPException, ValueError):
+    except (OSError, http.client.HTTPException, ValueError, subprocess.TimeoutExpired):
         return False
 
 

@@ -432,6 +432,9 @@ def _with_probes(
     text = probes_file(container, where, grace=grace, init=init)
     if text is None:
         return launch
+    for key in PROBE_FIELDS:
+        if launch.srun and "exec" in _mapping(container.get(key), f"{where}.{key}"):
+            raise InvalidPodSpec(f"{where}.{key}.exec", "srun containers have no exec probes")
     files[f"{PROBES_DIR}/{launch.name}"] = text
     return replace(launch, probes=str(settings.pod_dir / PROBES_DIR / launch.name))
 

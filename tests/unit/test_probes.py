@@ -15,7 +15,8 @@ from typing import ClassVar
 
 import pytest
 
-from kubelet_py.probes import HTTP_GET, TCP_SOCKET, Probe, Probes, Runner, check
+from kubelet_py.launch import exec_prefix
+from kubelet_py.probes import EXEC, HTTP_GET, TCP_SOCKET, Probe, Probes, Runner, check
 
 
 class _Handler(http.server.BaseHTTPRequestHandler):
@@ -177,3 +178,20 @@ def test_the_launcher_stops_a_container_whose_liveness_probe_fails(tmp_path: Pat
     assert time.monotonic() - began < 10
     assert (folder / "exit").read_text().startswith("137 ")
     assert b"Liveness probe failed" in (folder / "log").read_bytes()
+
+
+def test_an_exec_probe_passes_when_its_command_exits_zero() -> None:
+    # The prefix stands for `apptainer exec ... SIF`: here a shell runs the probe's words.
+    prefix = ["sh", "-c", '"$@"', "probe"]
+    assert check(Probe(kind=EXEC, command=("true",)), exec_prefix=prefix)
+    assert not check(Probe(kind=EXEC, command=("false",)), exec_prefix=prefix)
+    assert not check(Probe(kind=EXEC, command=("true",)))  # no prefix: it cannot run
+
+
+def test_the_exec_prefix_is_the_containers_apptainer_line_up_to_the_image() -> None:
+    sif = Path("/cache/busybox.sif")
+    command = ["/opt/apptainer", "--quiet", "run", "--cleanenv", "--bind", "a:b", str(sif), "x"]
+    assert exec_prefix(command, sif) == [*command[:2], "exec", *command[3:7]]
+    srun = ["srun", "python", "-m", "kubelet_py.task", "--", *command]
+    assert exec_prefix(srun, sif) == []
+    assert exec_prefix(command, None) == []

@@ -671,7 +671,7 @@ def test_pod_fields_hpk_cannot_honour_fail_the_pod(
         ("env", [{"name": "A", "value": "\ud800"}], "env[0].value", "Unicode"),
         ("args", ["ok", 5], "args[1]", "string"),
         ("command", "echo hi", "command", "must be a list"),
-        ("livenessProbe", {"exec": {"command": ["true"]}}, "livenessProbe.exec", "yet"),
+        ("livenessProbe", {"exec": {"command": []}}, "livenessProbe.exec.command", "non-empty"),
         ("startupProbe", {"grpc": {"port": 1}}, "startupProbe.grpc", "grpc probes"),
         ("readinessProbe", {}, "readinessProbe", "exactly one"),
         (
@@ -990,3 +990,10 @@ def test_probes_on_an_init_container_are_refused_unless_it_is_a_sidecar() -> Non
         with_changes(sidecar, "spec/initContainers/0/startupProbe", probe), settings()
     )
     assert "probes/first" in rendered.files
+
+
+def test_an_exec_probe_keeps_its_command() -> None:
+    main = busybox("main", command=["true"], readinessProbe={"exec": {"command": ["cat", "/ok"]}})
+    rendered = render_pod(pod("x", main), settings())
+    probe = json.loads(rendered.files["probes/main"])["readiness"]
+    assert (probe["kind"], probe["command"]) == ("exec", ["cat", "/ok"])
