@@ -1,5 +1,6 @@
-"""Container probes run by the launcher inside the pod's Slurm job, end to end: a readiness
-probe (httpGet) that makes a pod Ready once its HTTP server answers, a liveness probe
+"""Container probes run by the launcher inside the pod's Slurm job, end to end: readiness
+probes (httpGet, and exec in the container's image) that make a pod Ready once its HTTP
+server answers or its file exists, a liveness probe
 (tcpSocket) on a port nothing listens on that gets its container restarted in the same job,
 and a readiness probe that never passes, which keeps a running pod not ready.
 
@@ -80,6 +81,20 @@ def cluster(testbed: Testbed) -> Iterator[PodCluster]:
                 terminationGracePeriodSeconds=2,
             ),
             pod(
+                "exec-ready",
+                busybox(
+                    "sleep 3; touch /work/ok; exec sleep 600",
+                    readinessProbe={
+                        "exec": {"command": ["test", "-e", "/work/ok"]},
+                        "periodSeconds": 1,
+                    },
+                    volumeMounts=[{"name": "work", "mountPath": "/work"}],
+                ),
+                restartPolicy="Never",
+                terminationGracePeriodSeconds=2,
+                volumes=[{"name": "work", "emptyDir": {}}],
+            ),
+            pod(
                 "never-ready",
                 busybox(
                     "exec sleep 600",
@@ -100,24 +115,25 @@ def conditions(found: dict[str, Any]) -> dict[str, str]:
     return {c["type"]: c["status"] for c in found["status"].get("conditions", [])}
 
 
-def test_a_readiness_probe_makes_the_pod_ready_once_the_server_answers(
-    cluster: PodCluster,
+@pytest.mark.parametrize("name", ["serves-http", "exec-ready"])
+def test_a_readiness_probe_makes_the_pod_ready_once_it_passes(
+    cluster: PodCluster, name: str
 ) -> None:
     def ready() -> dict[str, Any] | None:
-        found = cluster.pod("serves-http") or {}
+        found = cluster.pod(name) or {}
         status = found.get("status", {})
         assert status.get("phase") not in ("Succeeded", "Failed"), status
         if status.get("phase") != "Running":
             return None
         return found if conditions(found).get("Ready") == "True" else None
 
-    found = eventually("serves-http Ready", ready, timeout=150)
+    found = eventually(f"{name} Ready", ready, timeout=150)
     main = main_status(found)
     assert (main["started"], main["ready"]) == (True, True), main
     assert conditions(found)["ContainersReady"] == "True", found["status"]
-    folder = cluster.folder("serves-http") / "containers" / "main"
-    # Ready only once the server answered, 3 s after the start: the probe, not the start,
-    # made it ready.
+    folder = cluster.folder(name) / "containers" / "main"
+    # Ready only once the server answered (the file existed), 3 s after the start: the probe,
+    # not the start, made it ready.
     started = parse_marker_time((folder / "started").read_text().strip())
     assert started is not None
     became_ready = (folder / "ready").stat().st_mtime
