@@ -302,14 +302,14 @@ def _run(
                 signals.child = child
                 if signals.received:  # a signal came between the check above and the start
                     os.kill(child.pid, signals.received[-1])
-                probing = _start_probes(
-                    container_dir, child, log, probes, command=command, image=image
-                )
+                probing = _start_probes(container_dir, child, probes, command=command, image=image)
                 kill = _killer(child, signals=signals, grace=grace, probing=probing)
                 code = _pump(child, log, kill=kill)
                 signals.child = None
                 if probing is not None:
                     probing.stop()
+                    if probing.note is not None:
+                        log.line("stderr", probing.note, now=time.time_ns())
         log.close(now=time.time_ns())
     finally:
         os.close(fd)
@@ -328,10 +328,13 @@ class _Probing:
     """time.monotonic() when a failed liveness or startup probe sent TERM."""
     grace: float = 0.0
     """Seconds from that TERM to KILL."""
+    note: str | None = None
+    """Why a probe stopped the run, for the container's log."""
 
     def stop(self) -> None:
         self.done.set()
-        self.thread.join()
+        # An exec probe may still run (up to its timeout): the exit marker does not wait.
+        self.thread.join(timeout=1.0)
         self.runner.finish()
 
 
@@ -352,7 +355,6 @@ def exec_prefix(command: Sequence[str], image: Path | None) -> list[str]:
 def _start_probes(
     container_dir: Path,
     child: subprocess.Popen[bytes],
-    log: LogWriter,
     probes: Probes | None,
     *,
     command: Sequence[str] = (),
@@ -365,10 +367,9 @@ def _start_probes(
     def failed(probe: Probe) -> None:
         # The probe thread only records and signals; the pump's kill check sends KILL later.
         kind = "Startup" if probe is probes.startup else "Liveness"
-        log.line(
-            "stderr",
-            f"hpk: {kind} probe failed {probe.failure_threshold} times; stopping the container",
-            now=time.time_ns(),
+        # Logged by the run's own thread once the container ended: LogWriter has one writer.
+        probing.note = (
+            f"hpk: {kind} probe failed {probe.failure_threshold} times; stopping the container"
         )
         probing.grace = probes.kill_grace(probe)
         probing.failed_at = time.monotonic()

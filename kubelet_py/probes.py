@@ -208,7 +208,10 @@ class Runner:
     """Whether the startup probe has passed (at once without one)."""
     failed: bool = field(default=False, init=False)
     """Whether a liveness or startup probe has failed: probing has ended."""
+    closed: bool = field(default=False, init=False)
+    """Whether the run has ended (`finish`): no more markers."""
     _states: dict[str, _State] = field(default_factory=dict, init=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, init=False)
 
     def __post_init__(self) -> None:
         for key, passing in ((STARTUP, False), (LIVENESS, True), (READINESS, False)):
@@ -243,6 +246,12 @@ class Runner:
         return min((self._states[k].due for k in keys if k in self._states), default=now + 1.0)
 
     def _update(self, key: str, state: _State, ok: bool, now: float) -> None:
+        with self._lock:
+            if self.closed:  # the run ended while this check ran: its markers stay gone
+                return
+            self._change(key, state, ok, now)
+
+    def _change(self, key: str, state: _State, ok: bool, now: float) -> None:
         threshold = state.probe.success_threshold if ok else state.probe.failure_threshold
         if state.streak < threshold:
             return
@@ -267,6 +276,8 @@ class Runner:
 
     def finish(self) -> None:
         """The run ended: it is neither ready nor started any more."""
-        for name in (READY_MARKER, STARTUP_MARKER):
-            with contextlib.suppress(OSError):
-                (self.container_dir / name).unlink(missing_ok=True)
+        with self._lock:
+            self.closed = True
+            for name in (READY_MARKER, STARTUP_MARKER):
+                with contextlib.suppress(OSError):
+                    (self.container_dir / name).unlink(missing_ok=True)

@@ -195,3 +195,13 @@ def test_the_exec_prefix_is_the_containers_apptainer_line_up_to_the_image() -> N
     srun = ["srun", "python", "-m", "kubelet_py.task", "--", *command]
     assert exec_prefix(srun, sif) == []
     assert exec_prefix(command, None) == []
+
+
+def test_no_marker_after_the_run_ended(tmp_path: Path) -> None:
+    probe = Probe(kind=TCP_SOCKET, port=1, period=1)
+    runner = Runner(
+        Probes(readiness=probe), tmp_path, on_failure=lambda p: None, check=Results([True])
+    )
+    runner.finish()
+    runner.step(0)  # a check that was under way when the run ended
+    assert not (tmp_path / "ready").exists()
