@@ -2,18 +2,21 @@
 
 Kubernetes' kubelet probes containers from the node; in hpk the node is the Slurm job, so
 kubelet_py.launch runs the probes of the container it started. Containers share the node's
-network, so an `httpGet` or `tcpSocket` probe without a host goes to 127.0.0.1.
+network, so an `httpGet` or `tcpSocket` probe without a host goes to 127.0.0.1; an `exec`
+probe runs `apptainer exec` of the container's own image and options (kubelet_py.launch
+hands over that prefix).
 
-The probes come as a JSON file that kubelet_py.render writes (`probes/<container>`):
+The probes come as a JSON file that kubelet_py.probe_spec makes at render time
+(`probes/<container>` in the pod folder):
 
     {"grace": 30, "startup": PROBE, "liveness": PROBE, "readiness": PROBE}
 
-each PROBE being {"kind": "httpGet"|"tcpSocket", "host", "port", "path", "scheme",
-"headers": [[name, value]...], "initialDelaySeconds", "periodSeconds", "timeoutSeconds",
-"successThreshold", "failureThreshold", "grace"} with every value filled in (render applies
-Kubernetes' defaults and resolves named ports). What the runner writes into the container's
-folder: `startup` once the startup probe has passed (at once without one) and `ready` while
-the readiness probe passes (removed when it fails, or when the run ends).
+each PROBE being {"kind": "httpGet"|"tcpSocket"|"exec", "host", "port", "path", "scheme",
+"headers": [[name, value]...], "command" (exec), "initialDelaySeconds", "periodSeconds",
+"timeoutSeconds", "successThreshold", "failureThreshold", "grace"}, with Kubernetes' defaults
+applied and named ports resolved. What the runner writes into the container's folder:
+`startup` once the startup probe has passed (at once without one) and `ready` while the
+readiness probe passes (removed when it fails, or when the run ends).
 
 It runs on compute nodes with `python -I`: stdlib only, nothing else of kubelet_py.
 """

@@ -5,7 +5,7 @@ Kubernetes' (phases, conditions, container states) is one pure function that uni
 check case by case. It touches nothing: `pod_status` takes plain data and returns the status
 as the API's JSON shape, and `read_markers` is its only reader, of the pod folder's
 `containers/<name>/` markers (`started`, `exit`, and for restarted containers `restarts`,
-`last` and `backoff`).
+`last` and `backoff`; for probed containers `startup` and `ready`).
 
 The job's view is whatever has the attributes of `JobFacts` (the watcher's `JobView` has), so
 this module needs neither the watcher nor the Slurm adapter.
