@@ -26,7 +26,13 @@ restartPolicy and a native sidecar's are honoured inside one Slurm job. Before e
 the previous run's end goes to CONTAINER_DIR/last, its log to CONTAINER_DIR/log.previous, and
 the count to CONTAINER_DIR/restarts; CONTAINER_DIR/backoff exists while it waits.
 
-It runs on compute nodes and must start fast: stdlib only, nothing else of kubelet_py.
+`--probes FILE` runs the container's startup, liveness and readiness probes beside each run
+(kubelet_py.probes): they write CONTAINER_DIR/startup and CONTAINER_DIR/ready, and a failed
+liveness or startup probe stops the run (TERM to its process group, KILL after the probe's
+grace period); the restart policy then decides as for any other end.
+
+It runs on compute nodes and must start fast: stdlib only, nothing else of kubelet_py
+but kubelet_py.probes (stdlib only too).
 """
 
 from __future__ import annotations
@@ -39,11 +45,14 @@ import selectors
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
+
+from kubelet_py.probes import Probe, Probes, Runner, check
 
 IMAGE_CANNOT_RUN = 125
 """The exit code when the container cannot be started at all (as `docker run` uses it)."""
@@ -183,6 +192,7 @@ def launch(
     grace: float | None = None,
     backoff: Backoff | None = None,
     clock: Clock | None = None,
+    probes: Probes | None = None,
 ) -> int:
     """Run one container as the module docstring says; returns its (last run's) exit code."""
     if restart not in RESTART_POLICIES:
@@ -209,7 +219,9 @@ def launch(
     count = 0
     while True:
         began = clock.monotonic()
-        code = _run(container_dir, command, image=image, signals=signals, grace=grace)
+        code = _run(
+            container_dir, command, image=image, signals=signals, grace=grace, probes=probes
+        )
         if signals.received or not restarts(restart, code):
             return code
         delay = backoff.delay(ran=clock.monotonic() - began)
@@ -257,6 +269,7 @@ def _run(
     image: Path | None,
     signals: _Signals,
     grace: float | None,
+    probes: Probes | None = None,
 ) -> int:
     """One run of the container: `started`, the log, `exit`."""
     fd = os.open(
@@ -280,7 +293,7 @@ def _run(
                     stderr=subprocess.PIPE,
                     # Its own process group, so that KILL after the grace period reaches
                     # every process of the container.
-                    start_new_session=grace is not None,
+                    start_new_session=grace is not None or probes is not None,
                 )
             except OSError as error:
                 log.line("stderr", f"hpk: cannot start {command[0]}: {error}", now=time.time_ns())
@@ -289,8 +302,14 @@ def _run(
                 signals.child = child
                 if signals.received:  # a signal came between the check above and the start
                     os.kill(child.pid, signals.received[-1])
-                code = _pump(child, log, kill=_killer(child, signals=signals, grace=grace))
+                probing = _start_probes(container_dir, child, probes, command=command, image=image)
+                kill = _killer(child, signals=signals, grace=grace, probing=probing)
+                code = _pump(child, log, kill=kill)
                 signals.child = None
+                if probing is not None:
+                    probing.stop()
+                    if probing.note is not None:
+                        log.line("stderr", probing.note, now=time.time_ns())
         log.close(now=time.time_ns())
     finally:
         os.close(fd)
@@ -298,15 +317,104 @@ def _run(
     return code
 
 
+@dataclass
+class _Probing:
+    """The probes of one run, in their thread, and when a failed probe stopped the run."""
+
+    runner: Runner
+    thread: threading.Thread
+    done: threading.Event
+    failed_at: float | None = None
+    """time.monotonic() when a failed liveness or startup probe sent TERM."""
+    grace: float = 0.0
+    """Seconds from that TERM to KILL."""
+    note: str | None = None
+    """Why a probe stopped the run, for the container's log."""
+
+    def stop(self) -> None:
+        self.done.set()
+        # An exec probe may still run (up to its timeout): the exit marker does not wait.
+        self.thread.join(timeout=1.0)
+        self.runner.finish()
+
+
+def exec_prefix(command: Sequence[str], image: Path | None) -> list[str]:
+    """`apptainer ... exec ... SIF` of COMMAND, for exec probes: the same options, binds and
+    environment as the container, its `run` turned into `exec`; [] when COMMAND is no plain
+    `apptainer exec|run` of the image (an srun container)."""
+    if image is None or str(image) not in command:
+        return []
+    words = list(command[: list(command).index(str(image)) + 1])
+    actions = [i for i, word in enumerate(words) if word in ("exec", "run")]
+    if not actions or "apptainer" not in Path(words[0]).name:
+        return []
+    words[actions[0]] = "exec"
+    return words
+
+
+def _start_probes(
+    container_dir: Path,
+    child: subprocess.Popen[bytes],
+    probes: Probes | None,
+    *,
+    command: Sequence[str] = (),
+    image: Path | None = None,
+) -> _Probing | None:
+    """Start probing a run that has just started; None without probes."""
+    if probes is None:
+        return None
+
+    def failed(probe: Probe) -> None:
+        # The probe thread only records and signals; the pump's kill check sends KILL later.
+        kind = "Startup" if probe is probes.startup else "Liveness"
+        # Logged by the run's own thread once the container ended: LogWriter has one writer.
+        probing.note = (
+            f"hpk: {kind} probe failed {probe.failure_threshold} times; stopping the container"
+        )
+        probing.grace = probes.kill_grace(probe)
+        probing.failed_at = time.monotonic()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(child.pid, signal.SIGTERM)
+
+    prefix = exec_prefix(command, image)
+
+    def check_one(probe: Probe) -> bool:
+        return check(probe, exec_prefix=prefix)
+
+    done = threading.Event()
+    runner = Runner(probes=probes, container_dir=container_dir, on_failure=failed, check=check_one)
+    thread = threading.Thread(target=runner.run, args=(done,), daemon=True)
+    probing = _Probing(runner=runner, thread=thread, done=done)
+    thread.start()
+    return probing
+
+
 def _killer(
-    child: subprocess.Popen[bytes], *, signals: _Signals, grace: float | None
+    child: subprocess.Popen[bytes],
+    *,
+    signals: _Signals,
+    grace: float | None,
+    probing: _Probing | None = None,
 ) -> Callable[[], None]:
     """Called while the container runs: KILL its process group once the grace is over."""
     killed = False
 
     def check() -> None:
         nonlocal killed
-        if killed or grace is None or signals.first_at is None:
+        if killed:
+            return
+        failed_at = None if probing is None else probing.failed_at
+        if (
+            probing is not None
+            and failed_at is not None
+            and time.monotonic() - failed_at >= probing.grace
+            and child.poll() is None
+        ):
+            killed = True
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(child.pid, signal.SIGKILL)
+            return
+        if grace is None or signals.first_at is None:
             return
         if time.monotonic() - signals.first_at >= grace and child.poll() is None:
             killed = True
@@ -349,7 +457,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if "--" not in words:
         print(
             "usage: python -m kubelet_py.launch [--image SIF] [--restart POLICY] "
-            "[--grace SECONDS] DIR -- COMMAND...",
+            "[--grace SECONDS] [--probes FILE] DIR -- COMMAND...",
             file=sys.stderr,
         )
         return 2
@@ -367,13 +475,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         type=float,
         help="KILL COMMAND's process group this many seconds after the first signal",
     )
+    parser.add_argument(
+        "--probes", type=Path, help="a JSON file of the container's probes (kubelet_py.probes)"
+    )
     parser.add_argument("container_dir", type=Path, help="the container's folder in the pod")
     args = parser.parse_args(words[:split])
     command = words[split + 1 :]
     if not command:
         parser.error("no COMMAND after --")
     return launch(
-        args.container_dir, command, image=args.image, restart=args.restart, grace=args.grace
+        args.container_dir,
+        command,
+        image=args.image,
+        restart=args.restart,
+        grace=args.grace,
+        probes=None if args.probes is None else Probes.load(args.probes),
     )
 
 

@@ -37,6 +37,7 @@ from kubelet_py.errors import InvalidPodSpec
 from kubelet_py.errors import expect_object as _mapping
 from kubelet_py.flags import ANNOTATION, FIELD, SbatchOption, merge_options, parse_flags
 from kubelet_py.inputs import PodInputs
+from kubelet_py.probe_spec import PROBE_FIELDS, PROBES_DIR, probes_file
 from kubelet_py.resources import (
     container_resources,
     parse_quantity,
@@ -113,6 +114,7 @@ _CONTAINER_HONOURED = frozenset(
         "envFrom",
         "resources",
         "volumeMounts",
+        *PROBE_FIELDS,
     }
 )
 _CONTAINER_CHECKED = frozenset({"stdin", "stdinOnce", "tty", "securityContext", "restartPolicy"})
@@ -290,6 +292,8 @@ class ContainerLaunch:
     starts once it has started, and it runs until the main containers have ended."""
     grace: int | None = None
     """Seconds between the TERM that stops a sidecar and the KILL; None for other containers."""
+    probes: str | None = None
+    """The container's probes file (kubelet_py.probe_spec), None when it has no probes."""
 
 
 def render_pod(
@@ -361,6 +365,10 @@ def render_pod(
             launches[key].append(launch)
             if environment is not None:
                 files[f"{ENV_DIR}/{launch.name}"] = environment
+            launch = _with_probes(
+                launch, container, where, spec=spec, settings=settings, files=files
+            )
+            launches[key][-1] = launch
 
     if not_honoured:
         warnings.append((NOT_HONOURED, "; ".join(not_honoured)))
@@ -403,6 +411,32 @@ def render_pod(
         files=MappingProxyType(files),
         warnings=tuple(warnings),
     )
+
+
+def _with_probes(
+    launch: ContainerLaunch,
+    container: Mapping[str, object],
+    where: str,
+    *,
+    spec: Mapping[str, object],
+    settings: RenderSettings,
+    files: dict[str, str],
+) -> ContainerLaunch:
+    """`launch` with its probes file, which goes into `files`; as it is without probes."""
+    grace = spec.get("terminationGracePeriodSeconds", DEFAULT_GRACE_SECONDS)
+    if isinstance(grace, bool) or not isinstance(grace, int) or grace < 0:
+        raise InvalidPodSpec(
+            "spec.terminationGracePeriodSeconds", f"{grace!r} is no number of seconds"
+        )
+    init = where.startswith("spec.initContainers") and not launch.sidecar
+    text = probes_file(container, where, grace=grace, init=init)
+    if text is None:
+        return launch
+    for key in PROBE_FIELDS:
+        if launch.srun and "exec" in _mapping(container.get(key), f"{where}.{key}"):
+            raise InvalidPodSpec(f"{where}.{key}.exec", "srun containers have no exec probes")
+    files[f"{PROBES_DIR}/{launch.name}"] = text
+    return replace(launch, probes=str(settings.pod_dir / PROBES_DIR / launch.name))
 
 
 def _srun_container(value: object, main: Sequence[Mapping[str, object]]) -> str | None:

@@ -5,7 +5,7 @@ Kubernetes' (phases, conditions, container states) is one pure function that uni
 check case by case. It touches nothing: `pod_status` takes plain data and returns the status
 as the API's JSON shape, and `read_markers` is its only reader, of the pod folder's
 `containers/<name>/` markers (`started`, `exit`, and for restarted containers `restarts`,
-`last` and `backoff`).
+`last` and `backoff`; for probed containers `startup` and `ready`).
 
 The job's view is whatever has the attributes of `JobFacts` (the watcher's `JobView` has), so
 this module needs neither the watcher nor the Slurm adapter.
@@ -92,6 +92,10 @@ class ContainerMarkers:
     """The run before the current one (the `last` file), once it has restarted."""
     backoff_seconds: float | None = None
     """While it waits to be started again (the `backoff` file): how long the wait is."""
+    startup_passed: bool = False
+    """The startup probe has passed in this run (the `startup` file)."""
+    probe_ready: bool = False
+    """The readiness probe passes (the `ready` file)."""
 
 
 @dataclass(frozen=True)
@@ -263,6 +267,8 @@ def read_markers(pod_dir: Path) -> dict[str, ContainerMarkers]:
             restarts=_read_restarts(entry / "restarts"),
             last=_read_last(entry / "last"),
             backoff_seconds=_read_backoff(entry / "backoff"),
+            startup_passed=(entry / "startup").exists(),
+            probe_ready=(entry / "ready").exists(),
         )
     return found
 
@@ -356,6 +362,15 @@ def _read_exit(path: Path) -> tuple[int | None, datetime | None]:
         log.warning("%s holds no exit code: %r", path, text[:80])
         return None, None
     return code, parse_marker_time(time_text)
+
+
+def probed_readiness(container: Mapping[str, Any], marker: ContainerMarkers) -> tuple[bool, bool]:
+    """(started, ready) of a running container: with a startupProbe it has started once the
+    probe passed; with a readinessProbe it is ready while that passes, else once started."""
+    started = "startupProbe" not in container or marker.startup_passed
+    if "readinessProbe" in container:
+        return started, started and marker.probe_ready
+    return started, started
 
 
 def is_sidecar(container: Mapping[str, Any]) -> bool:
@@ -526,9 +541,10 @@ def _current_state(
     if outcome is None:  # the job runs
         if marker.started_at is not None:
             running = {"startedAt": _time(marker.started_at)}
-            # An init container is not ready while it runs, a sidecar is (no probes here).
-            ready = not init or is_sidecar(container)
-            return _base(container, state={"running": running}, ready=ready, started=True)
+            # An init container is not ready while it runs, a sidecar is; probes may say later.
+            started, ready = probed_readiness(container, marker)
+            ready = ready and (not init or is_sidecar(container))
+            return _base(container, state={"running": running}, ready=ready, started=started)
         reason = "PodInitializing" if init or not initialized else "ContainerCreating"
         return _base(container, state={"waiting": {"reason": reason}})
 

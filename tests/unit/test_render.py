@@ -7,6 +7,7 @@ Regenerate the golden scripts with HPK_UPDATE_GOLDEN=1 and read the diff before 
 from __future__ import annotations
 
 import copy
+import json
 import os
 import re
 import shlex
@@ -670,8 +671,35 @@ def test_pod_fields_hpk_cannot_honour_fail_the_pod(
         ("env", [{"name": "A", "value": "\ud800"}], "env[0].value", "Unicode"),
         ("args", ["ok", 5], "args[1]", "string"),
         ("command", "echo hi", "command", "must be a list"),
-        ("livenessProbe", {"exec": {}}, "livenessProbe", "yet"),
-        ("readinessProbe", {}, "readinessProbe", "yet"),
+        ("livenessProbe", {"exec": {"command": []}}, "livenessProbe.exec.command", "non-empty"),
+        ("startupProbe", {"grpc": {"port": 1}}, "startupProbe.grpc", "grpc probes"),
+        ("readinessProbe", {}, "readinessProbe", "exactly one"),
+        (
+            "livenessProbe",
+            {"tcpSocket": {"port": 80}, "successThreshold": 2},
+            "livenessProbe.successThreshold",
+            "must be 1",
+        ),
+        ("readinessProbe", {"httpGet": {"port": "web"}}, "readinessProbe.httpGet.port", "names"),
+        ("readinessProbe", {"tcpSocket": {"port": 0}}, "readinessProbe.tcpSocket.port", "1-65535"),
+        (
+            "livenessProbe",
+            {"httpGet": {"port": 80, "scheme": "FTP"}},
+            "livenessProbe.httpGet.scheme",
+            "neither",
+        ),
+        (
+            "livenessProbe",
+            {"tcpSocket": {"port": 80}, "periodSeconds": 0},
+            "livenessProbe.periodSeconds",
+            "at least 1",
+        ),
+        (
+            "readinessProbe",
+            {"tcpSocket": {"port": 80}, "terminationGracePeriodSeconds": 5},
+            "readinessProbe.terminationGracePeriodSeconds",
+            "only liveness",
+        ),
         ("lifecycle", {}, "lifecycle", "yet"),
         ("restartPolicy", "Always", "restartPolicy", "only init containers"),
         ("restartPolicy", "Never", "restartPolicy", "only init containers"),
@@ -902,3 +930,70 @@ def test_a_sidecar_that_ignores_term_is_killed_after_the_grace_period(tmp_path: 
     result, containers = run_job(tmp_path, the_pod)
     assert result.returncode == 3, result.stderr  # main's code, not the sidecar's
     assert (containers / "proxy" / "exit").read_text().startswith("137 ")
+
+
+def test_probes_go_to_a_probes_file_with_defaults_and_named_ports_resolved() -> None:
+    main = busybox(
+        "main",
+        command=["httpd"],
+        ports=[{"name": "metrics", "containerPort": 6060}],
+        livenessProbe={
+            "httpGet": {
+                "port": "metrics",
+                "path": "/healthz",
+                "httpHeaders": [{"name": "A", "value": "b"}],
+            },
+            "terminationGracePeriodSeconds": 5,
+        },
+        readinessProbe={"tcpSocket": {"port": 8080}, "periodSeconds": 2},
+    )
+    rendered = render_pod(pod("probed", main, terminationGracePeriodSeconds=12), settings("probed"))
+    probes = json.loads(rendered.files["probes/main"])
+    assert probes == {
+        "grace": 12,
+        "liveness": {
+            "kind": "httpGet",
+            "host": "127.0.0.1",
+            "port": 6060,
+            "path": "/healthz",
+            "scheme": "HTTP",
+            "headers": [["A", "b"]],
+            "initialDelaySeconds": 0,
+            "periodSeconds": 10,
+            "timeoutSeconds": 1,
+            "successThreshold": 1,
+            "failureThreshold": 3,
+            "grace": 5,
+        },
+        "readiness": {
+            "kind": "tcpSocket",
+            "host": "127.0.0.1",
+            "port": 8080,
+            "initialDelaySeconds": 0,
+            "periodSeconds": 2,
+            "timeoutSeconds": 1,
+            "successThreshold": 1,
+            "failureThreshold": 3,
+        },
+    }
+    assert "--probes /home/alice/.hpk/pods/default/probed/probes/main " in rendered.script
+    plain = render_pod(pod("plain", busybox("main", command=["true"])), settings("plain"))
+    assert "--probes" not in plain.script and not any(f.startswith("probes/") for f in plain.files)
+
+
+def test_probes_on_an_init_container_are_refused_unless_it_is_a_sidecar() -> None:
+    probe = {"tcpSocket": {"port": 80}}
+    error = refused(with_changes(BASE, "spec/initContainers/0/readinessProbe", probe))
+    assert error.field == "spec.initContainers[0].readinessProbe", error
+    sidecar = with_changes(BASE, "spec/initContainers/0/restartPolicy", "Always")
+    rendered = render_pod(
+        with_changes(sidecar, "spec/initContainers/0/startupProbe", probe), settings()
+    )
+    assert "probes/first" in rendered.files
+
+
+def test_an_exec_probe_keeps_its_command() -> None:
+    main = busybox("main", command=["true"], readinessProbe={"exec": {"command": ["cat", "/ok"]}})
+    rendered = render_pod(pod("x", main), settings())
+    probe = json.loads(rendered.files["probes/main"])["readiness"]
+    assert (probe["kind"], probe["command"]) == ("exec", ["cat", "/ok"])

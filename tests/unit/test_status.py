@@ -8,6 +8,7 @@ container's state and exit code.
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -644,3 +645,46 @@ def test_read_markers_reads_the_restart_files(tmp_path: Path) -> None:
         (folder / name).write_text("garbage\n")
     damaged = read_markers(tmp_path)["main"]
     assert (damaged.restarts, damaged.last, damaged.backoff_seconds) == (0, None, None)
+
+
+# --- probes -------------------------------------------------------------------------------
+
+PROBED: dict[str, Any] = {
+    "containers": [
+        {
+            "name": "main",
+            "image": "docker://busybox:1.36",
+            "startupProbe": {"tcpSocket": {"port": 80}},
+            "readinessProbe": {"httpGet": {"port": 80}},
+        }
+    ]
+}
+
+
+def test_a_probed_container_is_started_and_ready_only_by_its_markers() -> None:
+    status = pod_status(PROBED, job("RUNNING"), {"main": ran(2)})
+    main = container(status, "main")
+    assert main["started"] is False and main["ready"] is False
+    assert condition(status, "Ready")["status"] == "False"
+    assert condition(status, "ContainersReady")["reason"] == "ContainersNotReady"
+
+    started = replace(ran(2), startup_passed=True)
+    main = container(pod_status(PROBED, job("RUNNING"), {"main": started}), "main")
+    assert main["started"] is True and main["ready"] is False
+
+    ready = replace(started, probe_ready=True)
+    status = pod_status(PROBED, job("RUNNING"), {"main": ready})
+    assert container(status, "main")["ready"] is True
+    assert condition(status, "Ready")["status"] == "True"
+    assert condition(status, "ContainersReady")["status"] == "True"
+
+
+def test_read_markers_reads_the_probe_markers(tmp_path: Path) -> None:
+    folder = tmp_path / "containers" / "main"
+    folder.mkdir(parents=True)
+    (folder / "started").write_text("2026-11-24T10:00:01.123456789Z\n")
+    assert read_markers(tmp_path)["main"].probe_ready is False
+    (folder / "startup").write_text("\n")
+    (folder / "ready").write_text("\n")
+    markers = read_markers(tmp_path)["main"]
+    assert markers.probe_ready is True and markers.startup_passed is True
