@@ -251,11 +251,13 @@ class SlurmProvider:
             render_settings = replace(render_settings, python=self.settings.python)
         inputs = resolve(pod, self.lookup)
         made = projected.resolve(pod, self.lookup)
+        # Every wait (a missing object, an unbound claim) comes before the tokens, so a pod
+        # that waits asks for no token on each try.
+        claims = resolve_claims(pod, self.lookup)
         tokens = self._issue(pod, made.tokens)
         inputs = projected.with_tokens(
             inputs, made, {source: token.token for source, token in tokens.items()}
         )
-        claims = resolve_claims(pod, self.lookup)
         rendered = render_pod(pod, render_settings, inputs=inputs, claims=claims)
         warnings = (*image_warnings, *rendered.warnings)
         for _reason, warning in warnings:

@@ -31,13 +31,12 @@ from typing import Any, Protocol
 from kubelet_py.apiserver import ApiError, ApiUnavailable, NotFound
 from kubelet_py.inputs import MissingReference
 from kubelet_py.projected import TokenSource
+from kubelet_py.render import VOLUMES_DIR
 
 log = logging.getLogger(__name__)
 
 SERVICE_ACCOUNT = "ServiceAccount"
 DEFAULT_SERVICE_ACCOUNT = "default"
-VOLUMES_DIR = "volumes"
-"""Where the pod folder keeps its volumes (kubelet_py.render.VOLUMES_DIR)."""
 
 
 class TokenApi(Protocol):
