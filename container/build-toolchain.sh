@@ -5,7 +5,8 @@
 #   bash container/build-toolchain.sh --print-dir   print the tool folder and exit
 #
 # Parts: Debian packages, etcd, kube-apiserver + kube-controller-manager + kubectl,
-# CoreDNS, Apptainer (unprivileged, without setuid). Each Go part installs into
+# CoreDNS, Apptainer (unprivileged, without setuid), Argo Workflows (binaries and install
+# manifests). Each Go part installs into
 # <tools>/<name>-<version>/bin and is marked complete only when its build succeeded,
 # so a second run finds everything in place and takes seconds.
 #
@@ -240,6 +241,18 @@ build_argo() {
         go build -trimpath -ldflags "$ld" -o "$dest/bin/$cmd" "./cmd/$cmd"
     done
     "$dest/bin/argo" version --short
+    # The install manifests, made as upstream's release makes them: kustomize's build of the
+    # cluster-wide and the namespaced install, with the images' :latest tag set to the release.
+    # Named as upstream's release names them: install.yaml and namespace-install.yaml.
+    local kubectl=$tools/kubernetes-$KUBERNETES_VERSION/bin/kubectl kustomization out
+    mkdir -p "$dest/manifests"
+    for kustomization in cluster-install namespace-install; do
+        out=$dest/manifests/${kustomization/cluster-/}.yaml
+        "$kubectl" kustomize --load-restrictor=LoadRestrictionsNone "manifests/$kustomization" |
+            sed "s/:latest/:v$version/" >"$out"
+        grep -q "workflow-controller:v$version" "$out"
+        echo "--- $out: $(grep -c '^kind:' "$out") objects"
+    done
 }
 
 # Whether the Go module proxy answers. A build may still succeed from the local module cache,

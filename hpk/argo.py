@@ -1,28 +1,24 @@
 """Argo Workflows' images, made from the pinned binaries the toolchain built, for sites (and
 test machines) that reach no registry.
 
-Argo's install manifests name `quay.io/argoproj/workflow-controller:v<version>`, and its
-controller starts every step's pod with `quay.io/argoproj/argoexec:v<version>`. Upstream builds
-both on a distroless static base: the static binary in /bin, the binary's name as ENTRYPOINT,
-`/etc/nsswitch.conf`, an empty `/etc/ssh/ssh_known_hosts`, CA certificates, and user 8737 for
-the controller. `argo_image_archives` writes the same as `docker save` tarballs, and
+Argo's install manifests name `quay.io/argoproj/workflow-controller:v<version>` and
+`quay.io/argoproj/argocli:v<version>` (the argo-server), and its controller starts every step's
+pod with `quay.io/argoproj/argoexec:v<version>`. Upstream builds each on a distroless static
+base: the static binary in /bin, the binary's name as ENTRYPOINT, `/etc/nsswitch.conf`, an
+empty `/etc/ssh/ssh_known_hosts`, CA certificates, and user 8737 for the controller and the
+server. `argo_image_archives` writes the same as `docker save` tarballs, and
 `import_argo_images` puts them into hpk's image cache under exactly those names, as an
-air-gapped site would.
-
-    python -m hpk.argo import-images
+air-gapped site would. `hpk addons install argo` (hpk.addons) imports them before it installs Argo.
 """
 
 from __future__ import annotations
 
-import argparse
-import sys
 import tempfile
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from hpk.docker_archive import Entry, folder, regular_file, write_docker_archive
-from hpk.images import import_image
+from hpk.images import cached_image, import_image
 from hpk.toolchain import Toolchain
 
 REGISTRY = "quay.io/argoproj"
@@ -37,7 +33,9 @@ class ArgoImage:
     """One of Argo's images and how upstream builds it."""
 
     name: str
-    """The binary, also the image's name and ENTRYPOINT."""
+    """The image's name in quay.io/argoproj."""
+    binary: str
+    """The binary in /bin, also the image's ENTRYPOINT."""
     user: int | None
     """The USER of the image; None: root (argoexec, whose emissary runs as the step's user)."""
 
@@ -45,7 +43,11 @@ class ArgoImage:
         return f"{REGISTRY}/{self.name}:v{version}"
 
 
-ARGO_IMAGES = (ArgoImage("workflow-controller", ARGO_USER), ArgoImage("argoexec", None))
+ARGO_IMAGES = (
+    ArgoImage("workflow-controller", "workflow-controller", ARGO_USER),
+    ArgoImage("argoexec", "argoexec", None),
+    ArgoImage("argocli", "argo", ARGO_USER),
+)
 
 
 def image_entries(image: ArgoImage, binary: Path, *, ca_bundle: Path = CA_BUNDLE) -> list[Entry]:
@@ -61,7 +63,7 @@ def image_entries(image: ArgoImage, binary: Path, *, ca_bundle: Path = CA_BUNDLE
         folder("etc/ssl/certs"),
         folder("root", 0o700),
         folder("tmp", 0o1777),
-        regular_file(f"bin/{image.name}", binary.read_bytes(), 0o755),
+        regular_file(f"bin/{image.binary}", binary.read_bytes(), 0o755),
         regular_file("etc/passwd", passwd.encode()),
         regular_file("etc/group", f"root:x:0:\nargo:x:{ARGO_USER}:\n".encode()),
         regular_file("etc/nsswitch.conf", b"hosts: files dns\n"),
@@ -74,7 +76,7 @@ def image_entries(image: ArgoImage, binary: Path, *, ca_bundle: Path = CA_BUNDLE
 
 def image_config(image: ArgoImage) -> dict[str, object]:
     """The OCI config upstream's image has: ENTRYPOINT the binary, PATH, and the user."""
-    config: dict[str, object] = {"Entrypoint": [image.name], "Env": [f"PATH={PATH}"]}
+    config: dict[str, object] = {"Entrypoint": [image.binary], "Env": [f"PATH={PATH}"]}
     if image.user is not None:
         config["User"] = str(image.user)
     return config
@@ -90,7 +92,7 @@ def argo_image_archives(folder_out: Path, toolchain: Toolchain | None = None) ->
         target = folder_out / f"{image.name}.tar"
         write_docker_archive(
             target,
-            entries=image_entries(image, tools.binary(image.name)),
+            entries=image_entries(image, tools.binary(image.binary)),
             config=image_config(image),
             tags=[reference],
         )
@@ -99,30 +101,34 @@ def argo_image_archives(folder_out: Path, toolchain: Toolchain | None = None) ->
 
 
 def import_argo_images(
-    *, cache_dir: Path | None = None, toolchain: Toolchain | None = None
+    *,
+    cache_dir: Path | None = None,
+    toolchain: Toolchain | None = None,
+    skip_cached: bool = False,
 ) -> dict[str, Path]:
-    """Make Argo's images and import them into hpk's image cache; reference -> cache path."""
+    """Make Argo's images and import them into hpk's image cache; reference -> cache path.
+
+    With `skip_cached`, an image the cache already holds under its reference is left as it is
+    (the reference names the pinned release, so it holds the same binary).
+    """
     tools = toolchain or Toolchain.load()
+    version = tools.pins["ARGO_VERSION"]
+    done = {}
+    if skip_cached:
+        for image in ARGO_IMAGES:
+            found = cached_image(image.reference(version), cache_dir=cache_dir)
+            if found is not None:
+                done[image.reference(version)] = found
+    if len(done) == len(ARGO_IMAGES):
+        return done
     with tempfile.TemporaryDirectory(prefix="hpk-argo-images-") as scratch:
         archives = argo_image_archives(Path(scratch), tools)
-        return {
-            reference: import_image(
-                reference, archive, cache_dir=cache_dir, apptainer=str(tools.binary("apptainer"))
-            )
-            for reference, archive in archives.items()
-        }
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m hpk.argo", description="Argo Workflows' images for hpk's image cache."
-    )
-    parser.add_argument("command", choices=["import-images"])
-    parser.parse_args(argv)
-    for reference, path in import_argo_images().items():
-        print(f"{reference} {path}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+        for reference, archive in archives.items():
+            if reference not in done:
+                done[reference] = import_image(
+                    reference,
+                    archive,
+                    cache_dir=cache_dir,
+                    apptainer=str(tools.binary("apptainer")),
+                )
+    return done

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from hpk import cluster
+from hpk.addons import add_addons_commands
 from hpk.controlplane import job
 from hpk.controlplane.image import ControlPlaneImageError, ensure_image
 from hpk.home import HpkHome
@@ -110,6 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     dev.set_defaults(func=_dev)
 
     add_images_commands(commands)
+    add_addons_commands(commands)
     return parser
 
 

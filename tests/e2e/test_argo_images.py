@@ -39,4 +39,4 @@ def test_argo_images_run_their_binaries_as_pods(cluster: PodCluster) -> None:
     for image in ARGO_IMAGES:
         cluster.phase(image.name, "Succeeded")
         log = (cluster.folder(image.name) / "containers" / "main" / "log").read_text()
-        assert f"{image.name}: v{version}" in log, log
+        assert f"{image.binary}: v{version}" in log, log

@@ -18,15 +18,18 @@ def test_images_are_named_as_the_install_manifests_name_them() -> None:
     assert [image.reference(version) for image in ARGO_IMAGES] == [
         f"quay.io/argoproj/workflow-controller:v{version}",
         f"quay.io/argoproj/argoexec:v{version}",
+        f"quay.io/argoproj/argocli:v{version}",
     ]
 
 
 def test_configs_are_upstreams() -> None:
-    controller, executor = ARGO_IMAGES
+    controller, executor, server = ARGO_IMAGES
     assert image_config(controller)["Entrypoint"] == ["workflow-controller"]
     assert image_config(controller)["User"] == str(ARGO_USER)
     assert image_config(executor)["Entrypoint"] == ["argoexec"]
     assert "User" not in image_config(executor)  # root: the emissary runs as the step's user
+    assert image_config(server)["Entrypoint"] == ["argo"]  # argocli runs `argo server`
+    assert image_config(server)["User"] == str(ARGO_USER)
 
 
 def test_the_layer_holds_the_binary_and_the_base_files(tmp_path: Path) -> None:
@@ -51,7 +54,7 @@ def test_archives_carry_the_reference_and_config(tmp_path: Path) -> None:
     bin_dir.mkdir(parents=True)
     (bin_dir.parent / ".complete").write_text("now\n")
     for image in ARGO_IMAGES:
-        (bin_dir / image.name).write_bytes(image.name.encode())
+        (bin_dir / image.binary).write_bytes(image.binary.encode())
     archives = argo_image_archives(tmp_path, Toolchain(root=tools, pins=PINS))
     for image in ARGO_IMAGES:
         reference = image.reference(PINS["ARGO_VERSION"])

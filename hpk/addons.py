@@ -1,0 +1,310 @@
+"""Add-ons a user installs into a running hpk cluster: `hpk addons install argo`.
+
+Argo Workflows goes in as a site without a registry would install it: its images, made from
+the pinned binaries (hpk.argo), are imported into the user's image cache, and its standard
+install manifest, which the toolchain generated from the pinned module as upstream's release
+does, is applied with `kubectl apply`. hpk changes the manifest only where it must; each
+change is listed in `HPK_CHANGES` and made by `hpk_changes`. Beside the manifest hpk adds
+the executor's RBAC in the namespaces workflows run in, which upstream leaves to the user.
+
+This module may run kubectl (through the `Kubectl` it is given) and touch the image cache;
+it does not import the Kubernetes client.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import yaml
+
+from hpk.argo import import_argo_images
+from hpk.home import HpkHome
+from hpk.images import ImageError
+from hpk.toolchain import Toolchain, ToolchainMissing
+
+Progress = Callable[[str], None]
+Manifest = dict[str, Any]
+
+EXECUTOR_ROLE = "hpk-argo-executor"
+"""The Role (and RoleBinding) hpk adds so that each step's wait container may report its
+outputs: upstream's minimum for the executor since 3.4."""
+
+HPK_CHANGES: tuple[str, ...] = ()
+"""What hpk changes in upstream's install manifest, and why; empty: applied as upstream ships
+it."""
+
+
+class AddonError(RuntimeError):
+    """An add-on could not be installed; the message says what failed and what to do."""
+
+
+class Kubectl(Protocol):
+    """Runs kubectl against the user's cluster."""
+
+    def __call__(self, *args: str, stdin: str | None = None) -> str:
+        """kubectl's stdout; raises AddonError with its stderr when it fails."""
+        ...
+
+
+def default_kubectl() -> str:
+    """The tool folder's kubectl, else the one on PATH."""
+    try:
+        return str(Toolchain.load().binary("kubectl"))
+    except ToolchainMissing:
+        found = shutil.which("kubectl")
+        if found is None:
+            raise AddonError("no kubectl: build the toolchain or put kubectl on PATH") from None
+        return found
+
+
+@dataclass(frozen=True)
+class KubectlCommand:
+    """The pinned kubectl of the tool folder (else the one on PATH) with a kubeconfig."""
+
+    kubeconfig: Path
+    binary: str = field(default_factory=default_kubectl)
+    timeout: float = 120
+
+    def __call__(self, *args: str, stdin: str | None = None) -> str:
+        argv = [self.binary, f"--kubeconfig={self.kubeconfig}", *args]
+        try:
+            result = subprocess.run(
+                argv, input=stdin, capture_output=True, text=True, timeout=self.timeout, check=False
+            )
+        except subprocess.TimeoutExpired as error:
+            raise AddonError(
+                f"kubectl {' '.join(args)}: no answer in {self.timeout:.0f} s"
+            ) from error
+        if result.returncode != 0:
+            raise AddonError(f"kubectl {' '.join(args)} failed: {result.stderr.strip()}")
+        return result.stdout
+
+
+@dataclass(frozen=True)
+class ArgoSettings:
+    """How `hpk addons install argo` installs Argo Workflows."""
+
+    namespace: str = "argo"
+    """Where the workflow-controller and the argo-server run."""
+    namespaced: bool = False
+    """Upstream's namespace install (the controller sees only its own namespace) instead of
+    its cluster install."""
+    workflow_namespaces: tuple[str, ...] = ()
+    """Namespaces whose `default` service account gets the executor's Role; the install
+    namespace is always one."""
+    timeout: float = 300
+    """Seconds to wait for the controller and the server to be available."""
+
+    def executor_namespaces(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys((self.namespace, *self.workflow_namespaces)))
+
+
+def manifest_path(toolchain: Toolchain, *, namespaced: bool) -> Path:
+    """The install manifest the toolchain generated for the pinned release."""
+    name = "namespace-install.yaml" if namespaced else "install.yaml"
+    path = toolchain.component_dir("argo") / "manifests" / name
+    if not path.is_file():
+        raise AddonError(
+            f"{path} is missing: Argo's install manifests are made by the toolchain build; "
+            f"run: rm {toolchain.component_dir('argo')}/.complete && "
+            "bash container/build-toolchain.sh"
+        )
+    return path
+
+
+def load_manifest(path: Path) -> list[Manifest]:
+    """The objects of a multi-document YAML file, in order."""
+    return [document for document in yaml.safe_load_all(path.read_text()) if document]
+
+
+def hpk_changes(objects: Iterable[Manifest]) -> list[Manifest]:
+    """Upstream's objects with the changes of `HPK_CHANGES` made (copies; input unchanged)."""
+    return [copy.deepcopy(item) for item in objects]
+
+
+def executor_rbac(namespace: str) -> list[Manifest]:
+    """The executor's Role in `namespace`, bound to the namespace's default service account."""
+    labels = {"app.kubernetes.io/managed-by": "hpk", "app.kubernetes.io/part-of": "argo"}
+    meta = {"name": EXECUTOR_ROLE, "namespace": namespace, "labels": labels}
+    return [
+        {
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "Role",
+            "metadata": meta,
+            "rules": [
+                {
+                    "apiGroups": ["argoproj.io"],
+                    "resources": ["workflowtaskresults"],
+                    "verbs": ["create", "patch"],
+                }
+            ],
+        },
+        {
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "RoleBinding",
+            "metadata": meta,
+            "roleRef": {
+                "apiGroup": "rbac.authorization.k8s.io",
+                "kind": "Role",
+                "name": EXECUTOR_ROLE,
+            },
+            "subjects": [{"kind": "ServiceAccount", "name": "default", "namespace": namespace}],
+        },
+    ]
+
+
+def namespace_object(name: str) -> Manifest:
+    return {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}}
+
+
+def _as_list(objects: Sequence[Mapping[str, Any]]) -> str:
+    return json.dumps({"apiVersion": "v1", "kind": "List", "items": list(objects)})
+
+
+def deployments(objects: Iterable[Manifest]) -> list[str]:
+    return [item["metadata"]["name"] for item in objects if item.get("kind") == "Deployment"]
+
+
+def install_argo(
+    settings: ArgoSettings,
+    *,
+    kubectl: Kubectl,
+    progress: Progress,
+    toolchain: Toolchain | None = None,
+    import_images: Callable[[], Mapping[str, Path]] | None = None,
+) -> int:
+    """Import Argo's images, apply its install manifest and the executor's RBAC, and wait for
+    its Deployments; safe to repeat. Raises AddonError."""
+    tools = toolchain or Toolchain.load()
+    version = tools.pins["ARGO_VERSION"]
+    path = manifest_path(tools, namespaced=settings.namespaced)
+    objects = hpk_changes(load_manifest(path))
+
+    progress(f"Argo Workflows v{version}: images into the image cache")
+    imported = (import_images or (lambda: import_argo_images(toolchain=tools, skip_cached=True)))()
+    for reference, image in sorted(imported.items()):
+        progress(f"  {reference} -> {image}")
+
+    progress(f"namespace {settings.namespace}: {path.name}, {len(objects)} objects")
+    kubectl("apply", "-f", "-", stdin=_as_list([namespace_object(settings.namespace)]))
+    for line in kubectl(
+        "apply", "-n", settings.namespace, "-f", "-", stdin=_as_list(objects)
+    ).splitlines():
+        progress(f"  {line}")
+    for namespace in settings.executor_namespaces():
+        progress(f"namespace {namespace}: the executor's Role for the default service account")
+        rbac = [namespace_object(namespace), *executor_rbac(namespace)]
+        kubectl("apply", "-f", "-", stdin=_as_list(rbac))
+
+    deadline = time.monotonic() + settings.timeout
+    for name in deployments(objects):
+        left = max(1, int(deadline - time.monotonic()))
+        progress(f"waiting for deployment/{name} (each pod is a Slurm job)")
+        kubectl(
+            "rollout",
+            "status",
+            "-n",
+            settings.namespace,
+            f"deployment/{name}",
+            f"--timeout={left}s",
+        )
+        for pod, job in _pod_jobs(kubectl, settings.namespace, app=name):
+            progress(f"  pod {pod}: Slurm job {job}")
+    argo = tools.component_dir("argo") / "bin" / "argo"
+    progress(f"ready: submit workflows with {argo} submit -n {settings.namespace} --watch FILE")
+    return 0
+
+
+def uninstall_argo(
+    settings: ArgoSettings,
+    *,
+    kubectl: Kubectl,
+    progress: Progress,
+    toolchain: Toolchain | None = None,
+) -> int:
+    """Delete what `install_argo` applied (the images stay in the cache)."""
+    tools = toolchain or Toolchain.load()
+    objects = hpk_changes(load_manifest(manifest_path(tools, namespaced=settings.namespaced)))
+    for namespace in settings.executor_namespaces():
+        kubectl("delete", "--ignore-not-found", "-f", "-", stdin=_as_list(executor_rbac(namespace)))
+    progress(f"deleting {len(objects)} objects from namespace {settings.namespace}")
+    kubectl(
+        "delete", "--ignore-not-found", "-n", settings.namespace, "-f", "-", stdin=_as_list(objects)
+    )
+    return 0
+
+
+def _pod_jobs(kubectl: Kubectl, namespace: str, *, app: str) -> list[tuple[str, str]]:
+    out = kubectl("get", "pods", "-n", namespace, "-l", f"app={app}", "-o", "json")
+    found = []
+    for pod in json.loads(out).get("items", []):
+        annotations = pod["metadata"].get("annotations") or {}
+        found.append((pod["metadata"]["name"], annotations.get("slurm.hpk.io/job-id", "?")))
+    return found
+
+
+def default_kubeconfig() -> Path:
+    """$KUBECONFIG when set (its first file), else the cluster's ~/.hpk/kubeconfig."""
+    named = os.environ.get("KUBECONFIG", "").split(os.pathsep)[0]
+    return Path(named) if named else HpkHome.default().kubeconfig
+
+
+def _say(message: str) -> None:
+    print(f"[hpk addons] {message}", flush=True)
+
+
+def _run(args: argparse.Namespace) -> int:
+    settings = ArgoSettings(
+        namespace=args.namespace,
+        namespaced=args.namespaced,
+        workflow_namespaces=tuple(args.workflow_namespace),
+        timeout=args.timeout,
+    )
+    try:
+        kubectl = KubectlCommand(kubeconfig=default_kubeconfig())
+        if args.action == "install":
+            return install_argo(settings, kubectl=kubectl, progress=_say)
+        return uninstall_argo(settings, kubectl=kubectl, progress=_say)
+    except (AddonError, ToolchainMissing, ImageError) as error:
+        print(f"hpk: {error}", file=sys.stderr)
+        return 1
+
+
+def add_addons_commands(commands: Any) -> None:
+    """Register `hpk addons install|uninstall argo` on the CLI's subcommands."""
+    addons = commands.add_parser(
+        "addons",
+        help="install add-ons into the running cluster (argo: Argo Workflows)",
+        description="install: import Argo's images into the image cache, apply its install "
+        "manifest for the pinned release, add the executor's Role, and wait until its "
+        "controller runs; safe to repeat. uninstall: delete those objects again.",
+    )
+    addons.add_argument("action", choices=["install", "uninstall"])
+    addons.add_argument("addon", choices=["argo"])
+    addons.add_argument("--namespace", default="argo", help="where Argo runs (default: argo)")
+    addons.add_argument(
+        "--namespaced",
+        action="store_true",
+        help="upstream's namespace install: the controller sees only its own namespace",
+    )
+    addons.add_argument(
+        "--workflow-namespace",
+        action="append",
+        default=[],
+        metavar="NS",
+        help="also let workflows run in NS (its default service account gets the executor's "
+        "Role); may be repeated",
+    )
+    addons.add_argument("--timeout", type=float, default=300, help="seconds to wait for Argo")
+    addons.set_defaults(func=_run)
