@@ -52,8 +52,9 @@ class AddonError(RuntimeError):
 class Kubectl(Protocol):
     """Runs kubectl against the user's cluster."""
 
-    def __call__(self, *args: str, stdin: str | None = None) -> str:
-        """kubectl's stdout; raises AddonError with its stderr when it fails."""
+    def __call__(self, *args: str, stdin: str | None = None, timeout: float | None = None) -> str:
+        """kubectl's stdout; raises AddonError with its stderr when it fails, or when it has
+        not ended after `timeout` seconds (None: the runner's default)."""
         ...
 
 
@@ -76,16 +77,15 @@ class KubectlCommand:
     binary: str = field(default_factory=default_kubectl)
     timeout: float = 120
 
-    def __call__(self, *args: str, stdin: str | None = None) -> str:
+    def __call__(self, *args: str, stdin: str | None = None, timeout: float | None = None) -> str:
         argv = [self.binary, f"--kubeconfig={self.kubeconfig}", *args]
+        limit = self.timeout if timeout is None else timeout
         try:
             result = subprocess.run(
-                argv, input=stdin, capture_output=True, text=True, timeout=self.timeout, check=False
+                argv, input=stdin, capture_output=True, text=True, timeout=limit, check=False
             )
         except subprocess.TimeoutExpired as error:
-            raise AddonError(
-                f"kubectl {' '.join(args)}: no answer in {self.timeout:.0f} s"
-            ) from error
+            raise AddonError(f"kubectl {' '.join(args)}: no answer in {limit:.0f} s") from error
         if result.returncode != 0:
             raise AddonError(f"kubectl {' '.join(args)} failed: {result.stderr.strip()}")
         return result.stdout

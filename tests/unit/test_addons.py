@@ -53,7 +53,7 @@ class FakeKubectl:
         self.calls: list[tuple[tuple[str, ...], Any]] = []
         self.fail_on = fail_on
 
-    def __call__(self, *args: str, stdin: str | None = None) -> str:
+    def __call__(self, *args: str, stdin: str | None = None, timeout: float | None = None) -> str:
         self.calls.append((args, json.loads(stdin) if stdin else None))
         if self.fail_on and self.fail_on in args:
             raise AddonError(f"kubectl {' '.join(args)} failed: refused")
