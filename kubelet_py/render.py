@@ -67,6 +67,12 @@ SKIPPED_ENV = "InvalidEnvironmentVariableNames"
 APPTAINER_OPTIONS = ("--cleanenv", "--no-eval")
 """For every container: only the image's and the pod's environment (not the kubelet's), and
 values and arguments passed as they are, never evaluated by a shell inside the container."""
+PID_NAMESPACE = "--pid"
+"""A container's own PID namespace, as Kubernetes gives each container: a process in it can
+signal only its own container's processes. Without it every pod of the user shares the node's
+PIDs, and a `kill(-1)` in one container (Argo's emissary sends one when it forwards a signal
+after its child ended) stops every process the user has on the node, the control plane's
+too."""
 
 _DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
 _DNS_SUBDOMAIN = re.compile(rf"{_DNS_LABEL.pattern}(\.{_DNS_LABEL.pattern})*")
@@ -82,9 +88,10 @@ _POD_CHECKED = frozenset({"restartPolicy", "securityContext", "dnsPolicy", "os"}
 _ELSEWHERE: Mapping[str, str] = MappingProxyType(
     {
         "hostNetwork": "containers always use the node's network",
-        "hostPID": "containers always share the node's PID namespace",
+        "hostPID": "true: the containers share the node's PID namespace (no --pid)",
         "hostIPC": "containers always share the node's IPC namespace",
-        "shareProcessNamespace": "containers always share the node's PID namespace",
+        "shareProcessNamespace": "true: the containers share the node's PID namespace, which "
+        "holds the pod's (no --pid)",
         "enableServiceLinks": "service variables are not injected yet (docs/kubelet.md)",
         "nodeName": "the kubelet binds every pod to its node",
         "nodeSelector": "the kubelet's nodes stand for Slurm partitions",
@@ -337,6 +344,9 @@ def render_pod(
         raise InvalidPodSpec("spec.containers", "a pod needs at least one container")
     _check_unique_names(init, main)
     srun_container = _srun_container(annotations.get(LAUNCHER_ANNOTATION), main)
+    # srun's tasks keep the node's PIDs, as MPI launched by srun expects (Apptainer's hybrid
+    # model); so do the containers of a pod that asks to share them.
+    node_pids = any(spec.get(key) is True for key in ("hostPID", "shareProcessNamespace"))
     gpus_by_flags = any(_asks_for_gpus(option) for option in requested)
 
     files: dict[str, str] = {}
@@ -354,6 +364,8 @@ def render_pod(
                 inputs=inputs,
                 settings=settings,
                 gpus_by_flags=gpus_by_flags,
+                pid_namespace=not node_pids
+                and not (key == "containers" and container.get("name") == srun_container),
                 storage=storage,
                 warnings=warnings,
                 not_honoured=not_honoured,
@@ -522,6 +534,7 @@ def _launch(
     inputs: PodInputs,
     settings: RenderSettings,
     gpus_by_flags: bool,
+    pid_namespace: bool,
     warnings: list[tuple[str, str]],
     not_honoured: list[str],
     storage: StorageVolumes,
@@ -571,6 +584,8 @@ def _launch(
     )
     not_honoured += identity.warnings
     options = [*APPTAINER_OPTIONS, *identity.options]
+    if pid_namespace:
+        options.append(PID_NAMESPACE)
     if gpus_by_flags or container_resources(container, field=where).gpus:
         options.append("--nv")
     if variables:

@@ -274,8 +274,17 @@ def test_apptainer_options_for_each_container() -> None:
     words = argv["command-and-args"]
     # --quiet: Apptainer's own INFO and WARNING lines stay out of the container's log.
     assert words[:4] == ["$apptainer", "--quiet", "exec", "${run_options[@]}"]
-    assert words[4:8] == ["--cleanenv", "--no-eval", "--pwd", "/tmp"]
-    assert argv["neither"][6:8] == ["--pwd", "/"]
+    # --pid: each container has its own PIDs, as in Kubernetes.
+    assert words[4:9] == ["--cleanenv", "--no-eval", "--pid", "--pwd", "/tmp"]
+    assert argv["neither"][7:9] == ["--pwd", "/"]
+
+
+@pytest.mark.parametrize("key", ["hostPID", "shareProcessNamespace"])
+def test_a_pod_that_shares_pids_keeps_the_nodes(key: str) -> None:
+    pod = copy.deepcopy(COMMAND_ARGS)
+    pod["spec"][key] = True
+    argv = launches(render_pod(pod, settings()))
+    assert all("--pid" not in words for words in argv.values())
 
 
 def test_volumes_are_bound_from_the_pod_folder() -> None:

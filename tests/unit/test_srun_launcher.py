@@ -140,3 +140,13 @@ def test_the_task_becomes_its_command() -> None:
         [sys.executable, "-I", "-m", "kubelet_py.task", "sh"], capture_output=True, check=False
     )
     assert usage.returncode == 2
+
+
+def test_srun_tasks_keep_the_nodes_pids_and_the_others_get_their_own() -> None:
+    text = script(pod("srun:main", "main", "helper"))
+    blocks = {
+        block.split('"$containers"/', 1)[1].split()[0]: block.split(" &\n", 1)[0]
+        for block in text.split("kubelet_py.launch ")[1:]
+    }
+    assert "--pid" not in blocks["main"].split()  # MPI ranks under srun share the node's
+    assert "--pid" in blocks["helper"].split()

@@ -49,31 +49,31 @@ main_pids=()
 
 # command-only: docker.io/library/busybox:latest
 "$python" -I -m kubelet_py.launch --image /home/alice/.hpk/images/docker.io/library/busybox/latest.sif "$containers"/command-only -- \
-    "$apptainer" --quiet exec "${run_options[@]}" --cleanenv --no-eval --pwd / \
+    "$apptainer" --quiet exec "${run_options[@]}" --cleanenv --no-eval --pid --pwd / \
     /home/alice/.hpk/images/docker.io/library/busybox/latest.sif echo one two &
 main_pids+=("$!")
 
 # command-and-args: docker.io/library/busybox:latest
 "$python" -I -m kubelet_py.launch --image /home/alice/.hpk/images/docker.io/library/busybox/latest.sif "$containers"/command-and-args -- \
-    "$apptainer" --quiet exec "${run_options[@]}" --cleanenv --no-eval --pwd /tmp \
+    "$apptainer" --quiet exec "${run_options[@]}" --cleanenv --no-eval --pid --pwd /tmp \
     /home/alice/.hpk/images/docker.io/library/busybox/latest.sif echo one two &
 main_pids+=("$!")
 
 # args-only: docker.io/library/busybox:latest
 "$python" -I -m kubelet_py.launch --image /home/alice/.hpk/images/docker.io/library/busybox/latest.sif "$containers"/args-only -- \
-    "$apptainer" --quiet run "${run_options[@]}" --cleanenv --no-eval --pwd / \
+    "$apptainer" --quiet run "${run_options[@]}" --cleanenv --no-eval --pid --pwd / \
     /home/alice/.hpk/images/docker.io/library/busybox/latest.sif -c 'echo from the runscript' &
 main_pids+=("$!")
 
 # neither: docker.io/library/busybox:latest
 "$python" -I -m kubelet_py.launch --image /home/alice/.hpk/images/docker.io/library/busybox/latest.sif "$containers"/neither -- \
-    "$apptainer" --quiet run "${run_options[@]}" --cleanenv --no-eval --pwd / \
+    "$apptainer" --quiet run "${run_options[@]}" --cleanenv --no-eval --pid --pwd / \
     /home/alice/.hpk/images/docker.io/library/busybox/latest.sif &
 main_pids+=("$!")
 
 # empty-lists: docker.io/library/busybox:latest
 "$python" -I -m kubelet_py.launch --image /home/alice/.hpk/images/docker.io/library/busybox/latest.sif "$containers"/empty-lists -- \
-    "$apptainer" --quiet run "${run_options[@]}" --cleanenv --no-eval --pwd / \
+    "$apptainer" --quiet run "${run_options[@]}" --cleanenv --no-eval --pid --pwd / \
     /home/alice/.hpk/images/docker.io/library/busybox/latest.sif &
 main_pids+=("$!")
 

@@ -57,7 +57,7 @@ main_pids=()
 
 # main: docker.io/library/busybox:latest
 "$python" -I -m kubelet_py.launch --image /home/alice/.hpk/images/docker.io/library/busybox/latest.sif "$containers"/main -- \
-    "$apptainer" --quiet exec "${run_options[@]}" --cleanenv --no-eval --env-file env/main --pwd / \
+    "$apptainer" --quiet exec "${run_options[@]}" --cleanenv --no-eval --pid --env-file env/main --pwd / \
     --env POD_IP="$node_ip" \
     --bind /home/alice/.hpk/pods/default/config/volumes/config:/config:ro \
     --bind /home/alice/.hpk/pods/default/config/volumes/creds/pw:/creds/pw:ro \

@@ -49,7 +49,7 @@ main_pids=()
 
 # main: docker.io/library/python:3.11
 "$python" -I -m kubelet_py.launch --image /home/alice/.hpk/images/docker.io/library/python/3.11.sif "$containers"/main -- \
-    "$apptainer" --quiet exec "${run_options[@]}" --cleanenv --no-eval --env-file env/main --pwd / \
+    "$apptainer" --quiet exec "${run_options[@]}" --cleanenv --no-eval --pid --env-file env/main --pwd / \
     /home/alice/.hpk/images/docker.io/library/python/3.11.sif python3 -c 'import os; print(os.environ['"'"'JSON'"'"'])' &
 main_pids+=("$!")
 

@@ -48,14 +48,14 @@ read -r -a run_options <<<"$options"
 
 # first: docker.io/library/busybox:latest
 "$python" -I -m kubelet_py.launch --image /home/alice/.hpk/images/docker.io/library/busybox/latest.sif "$containers"/first -- \
-    "$apptainer" --quiet exec "${run_options[@]}" --cleanenv --no-eval --pwd / \
+    "$apptainer" --quiet exec "${run_options[@]}" --cleanenv --no-eval --pid --pwd / \
     --bind /home/alice/.hpk/pods/default/init-and-two/volumes/work:/work \
     /home/alice/.hpk/images/docker.io/library/busybox/latest.sif sh -c 'echo first > /work/order' &
 wait "$!" || exit "$?"
 
 # second: docker.io/library/busybox:latest
 "$python" -I -m kubelet_py.launch --image /home/alice/.hpk/images/docker.io/library/busybox/latest.sif "$containers"/second -- \
-    "$apptainer" --quiet exec "${run_options[@]}" --cleanenv --no-eval --pwd / \
+    "$apptainer" --quiet exec "${run_options[@]}" --cleanenv --no-eval --pid --pwd / \
     --bind /home/alice/.hpk/pods/default/init-and-two/volumes/work:/work \
     /home/alice/.hpk/images/docker.io/library/busybox/latest.sif sh -c 'echo second >> /work/order' &
 wait "$!" || exit "$?"
@@ -65,14 +65,14 @@ main_pids=()
 
 # writer: docker.io/library/busybox:latest
 "$python" -I -m kubelet_py.launch --image /home/alice/.hpk/images/docker.io/library/busybox/latest.sif "$containers"/writer -- \
-    "$apptainer" --quiet exec "${run_options[@]}" --cleanenv --no-eval --pwd / \
+    "$apptainer" --quiet exec "${run_options[@]}" --cleanenv --no-eval --pid --pwd / \
     --bind /home/alice/.hpk/pods/default/init-and-two/volumes/work:/work \
     /home/alice/.hpk/images/docker.io/library/busybox/latest.sif sh -c 'cat /work/order; echo ready > /work/ready' &
 main_pids+=("$!")
 
 # reader: docker.io/library/busybox:latest
 "$python" -I -m kubelet_py.launch --image /home/alice/.hpk/images/docker.io/library/busybox/latest.sif "$containers"/reader -- \
-    "$apptainer" --quiet exec "${run_options[@]}" --cleanenv --no-eval --pwd / \
+    "$apptainer" --quiet exec "${run_options[@]}" --cleanenv --no-eval --pid --pwd / \
     --bind /home/alice/.hpk/pods/default/init-and-two/volumes/work:/work:ro \
     /home/alice/.hpk/images/docker.io/library/busybox/latest.sif sh -c 'while [ ! -e /work/ready ]; do sleep 0.1; done' &
 main_pids+=("$!")

@@ -48,7 +48,7 @@ read -r -a run_options <<<"$options"
 
 # init: docker.io/library/busybox:latest
 "$python" -I -m kubelet_py.launch --image /home/alice/.hpk/images/docker.io/library/busybox/latest.sif "$containers"/init -- \
-    "$apptainer" --quiet exec "${run_options[@]}" --cleanenv --no-eval --pwd / \
+    "$apptainer" --quiet exec "${run_options[@]}" --cleanenv --no-eval --pid --pwd / \
     /home/alice/.hpk/images/docker.io/library/busybox/latest.sif true &
 wait "$!" || exit "$?"
 
@@ -57,13 +57,13 @@ main_pids=()
 
 # a: docker.io/library/busybox:latest
 "$python" -I -m kubelet_py.launch --image /home/alice/.hpk/images/docker.io/library/busybox/latest.sif "$containers"/a -- \
-    "$apptainer" --quiet exec "${run_options[@]}" --cleanenv --no-eval --pwd / \
+    "$apptainer" --quiet exec "${run_options[@]}" --cleanenv --no-eval --pid --pwd / \
     /home/alice/.hpk/images/docker.io/library/busybox/latest.sif true &
 main_pids+=("$!")
 
 # b: docker.io/library/busybox:latest
 "$python" -I -m kubelet_py.launch --image /home/alice/.hpk/images/docker.io/library/busybox/latest.sif "$containers"/b -- \
-    "$apptainer" --quiet exec "${run_options[@]}" --cleanenv --no-eval --nv --pwd / \
+    "$apptainer" --quiet exec "${run_options[@]}" --cleanenv --no-eval --pid --nv --pwd / \
     /home/alice/.hpk/images/docker.io/library/busybox/latest.sif true &
 main_pids+=("$!")
 

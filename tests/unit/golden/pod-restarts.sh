@@ -58,20 +58,20 @@ await_started() {
 
 # setup: docker.io/library/busybox:latest
 "$python" -I -m kubelet_py.launch --image /home/alice/.hpk/images/docker.io/library/busybox/latest.sif --restart OnFailure "$containers"/setup -- \
-    "$apptainer" --quiet exec "${run_options[@]}" --cleanenv --no-eval --pwd / \
+    "$apptainer" --quiet exec "${run_options[@]}" --cleanenv --no-eval --pid --pwd / \
     /home/alice/.hpk/images/docker.io/library/busybox/latest.sif true &
 wait "$!" || exit "$?"
 
 # proxy: docker.io/library/busybox:latest (sidecar)
 "$python" -I -m kubelet_py.launch --image /home/alice/.hpk/images/docker.io/library/busybox/latest.sif --restart Always --grace 5 "$containers"/proxy -- \
-    "$apptainer" --quiet exec "${run_options[@]}" --cleanenv --no-eval --pwd / \
+    "$apptainer" --quiet exec "${run_options[@]}" --cleanenv --no-eval --pid --pwd / \
     /home/alice/.hpk/images/docker.io/library/busybox/latest.sif sleep 3600 &
 sidecar_pids+=("$!")
 await_started proxy "$!"
 
 # after-proxy: docker.io/library/busybox:latest
 "$python" -I -m kubelet_py.launch --image /home/alice/.hpk/images/docker.io/library/busybox/latest.sif --restart OnFailure "$containers"/after-proxy -- \
-    "$apptainer" --quiet exec "${run_options[@]}" --cleanenv --no-eval --pwd / \
+    "$apptainer" --quiet exec "${run_options[@]}" --cleanenv --no-eval --pid --pwd / \
     /home/alice/.hpk/images/docker.io/library/busybox/latest.sif true &
 wait "$!" || exit "$?"
 
@@ -80,7 +80,7 @@ main_pids=()
 
 # main: docker.io/library/busybox:latest
 "$python" -I -m kubelet_py.launch --image /home/alice/.hpk/images/docker.io/library/busybox/latest.sif --restart OnFailure "$containers"/main -- \
-    "$apptainer" --quiet exec "${run_options[@]}" --cleanenv --no-eval --pwd / \
+    "$apptainer" --quiet exec "${run_options[@]}" --cleanenv --no-eval --pid --pwd / \
     /home/alice/.hpk/images/docker.io/library/busybox/latest.sif sh -c 'echo work' &
 main_pids+=("$!")
 

@@ -112,7 +112,7 @@ main_pids=()
 
 # main: docker.io/library/busybox:latest
 "$python" -I -m kubelet_py.launch --image /images/busybox.sif "$containers"/main -- \
-    "$apptainer" --quiet exec "${run_options[@]}" --cleanenv --no-eval --pwd / \
+    "$apptainer" --quiet exec "${run_options[@]}" --cleanenv --no-eval --pid --pwd / \
     --bind /scratch/in:/in \
     --bind /home/alice/.hpk/pods/default/storage/volumes/m:/m \
     --bind /home/alice/.hpk/volumes/pvc-1:/c:ro \

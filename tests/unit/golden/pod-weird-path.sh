@@ -49,7 +49,7 @@ main_pids=()
 
 # main: docker.io/library/busybox:latest
 "$python" -I -m kubelet_py.launch --image /home/alice/.hpk/images/docker.io/library/busybox/latest.sif "$containers"/main -- \
-    "$apptainer" --quiet exec "${run_options[@]}" --cleanenv --no-eval --pwd / \
+    "$apptainer" --quiet exec "${run_options[@]}" --cleanenv --no-eval --pid --pwd / \
     /home/alice/.hpk/images/docker.io/library/busybox/latest.sif echo hello &
 main_pids+=("$!")
 
