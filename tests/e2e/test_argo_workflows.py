@@ -297,6 +297,11 @@ def test_a_step_deadline_is_enforced_by_slurm(cluster: ArgoCluster) -> None:
     assert eventually("sacct TIMEOUT", lambda: job_state(job_of(pod)) == "TIMEOUT", timeout=60)
     (step,) = (n for n in workflow["status"]["nodes"].values() if n["type"] == "Pod")
     assert step["phase"] == "Failed", step
+    # Slurm's TERM reached the step's emissary, which passes it on with kill(-1): in the
+    # step's own PID namespace that reaches no other job's processes.
+    for app in ("workflow-controller", "argo-server"):
+        (other,) = cluster.app_pods(app)
+        assert job_state(job_of(other)) == "RUNNING", app
 
 
 def test_argo_delete_cancels_the_running_steps_jobs(cluster: ArgoCluster) -> None:

@@ -196,6 +196,45 @@ def test_a_pod_runs_as_the_users_slurm_job(cluster: Cluster) -> None:
     assert "SecurityContextNotHonoured" in events and "runAsUser 4321" in events, events
 
 
+def test_a_container_signalling_everything_reaches_only_its_own_processes(
+    cluster: Cluster,
+) -> None:
+    # kill -1 signals every process the sender may signal: in the node's PID namespace that
+    # is all of the user's processes there, the control plane's included. Each container
+    # has PIDs of its own, so only its own processes are hit.
+    pod = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": "kill-all", "namespace": "pods"},
+        "spec": {
+            "restartPolicy": "Never",
+            "automountServiceAccountToken": False,
+            "containers": [
+                {
+                    "name": "main",
+                    "image": "busybox",
+                    "command": ["sh", "-c", "sleep 60 & kill -TERM -1; wait; echo survived"],
+                }
+            ],
+        },
+    }
+    created = cluster.kubectl("create", "-f", "-", stdin=json.dumps(pod))
+    assert created.returncode == 0, created.stderr
+    waited = cluster.kubectl(
+        "wait",
+        "-n",
+        "pods",
+        "pod/kill-all",
+        "--for=jsonpath={.status.phase}=Succeeded",
+        "--timeout=180s",
+    )
+    assert waited.returncode == 0, waited.stderr
+    logs = cluster.kubectl("logs", "-n", "pods", "kill-all")
+    assert "survived" in logs.stdout, logs.stdout + logs.stderr
+    assert cluster.kubectl("get", "--raw=/readyz").stdout.strip() == "ok"
+    assert cluster.record()["state"] == "ready"
+
+
 def test_coredns_resolves_the_kubernetes_service(cluster: Cluster) -> None:
     ports = json.loads((cluster.home / "control-plane" / "ports.json").read_text())
     endpoint = str(cluster.record()["apiserver"])
