@@ -3,9 +3,9 @@
 Argo Workflows goes in as a site without a registry would install it: its images, made from
 the pinned binaries (hpk.argo), are imported into the user's image cache, and its standard
 install manifest, which the toolchain generated from the pinned module as upstream's release
-does, is applied with `kubectl apply`. hpk changes the manifest only where it must; each
-change is listed in `HPK_CHANGES` and made by `hpk_changes`. Beside the manifest hpk adds
-the executor's RBAC in the namespaces workflows run in, which upstream leaves to the user.
+does, is applied with `kubectl apply` as upstream ships it: nothing in it needs changing for
+hpk. Beside it hpk adds the executor's RBAC in the namespaces workflows run in, which
+upstream leaves to the user.
 
 This module may run kubectl (through the `Kubectl` it is given) and touch the image cache;
 it does not import the Kubernetes client.
@@ -14,7 +14,6 @@ it does not import the Kubernetes client.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import shutil
@@ -36,13 +35,11 @@ from hpk.toolchain import Toolchain, ToolchainMissing
 Progress = Callable[[str], None]
 Manifest = dict[str, Any]
 
+CLUSTER_INSTALL_NAMESPACE = "argo"
+"""The namespace upstream's install.yaml puts its objects in (and names in its bindings)."""
 EXECUTOR_ROLE = "hpk-argo-executor"
 """The Role (and RoleBinding) hpk adds so that each step's wait container may report its
 outputs: upstream's minimum for the executor since 3.4."""
-
-HPK_CHANGES: tuple[str, ...] = ()
-"""What hpk changes in upstream's install manifest, and why; empty: applied as upstream ships
-it."""
 
 
 class AddonError(RuntimeError):
@@ -96,7 +93,8 @@ class ArgoSettings:
     """How `hpk addons install argo` installs Argo Workflows."""
 
     namespace: str = "argo"
-    """Where the workflow-controller and the argo-server run."""
+    """Where the workflow-controller and the argo-server run. Upstream's cluster install names
+    the namespace argo in its objects, so another one needs `namespaced`."""
     namespaced: bool = False
     """Upstream's namespace install (the controller sees only its own namespace) instead of
     its cluster install."""
@@ -110,9 +108,14 @@ class ArgoSettings:
         return tuple(dict.fromkeys((self.namespace, *self.workflow_namespaces)))
 
 
-def manifest_path(toolchain: Toolchain, *, namespaced: bool) -> Path:
+def manifest_path(toolchain: Toolchain, settings: ArgoSettings) -> Path:
     """The install manifest the toolchain generated for the pinned release."""
-    name = "namespace-install.yaml" if namespaced else "install.yaml"
+    if not settings.namespaced and settings.namespace != CLUSTER_INSTALL_NAMESPACE:
+        raise AddonError(
+            f"upstream's cluster install lives in the namespace {CLUSTER_INSTALL_NAMESPACE}; "
+            f"to install into {settings.namespace}, add --namespaced (the namespace install)"
+        )
+    name = "namespace-install.yaml" if settings.namespaced else "install.yaml"
     path = toolchain.component_dir("argo") / "manifests" / name
     if not path.is_file():
         raise AddonError(
@@ -126,11 +129,6 @@ def manifest_path(toolchain: Toolchain, *, namespaced: bool) -> Path:
 def load_manifest(path: Path) -> list[Manifest]:
     """The objects of a multi-document YAML file, in order."""
     return [document for document in yaml.safe_load_all(path.read_text()) if document]
-
-
-def hpk_changes(objects: Iterable[Manifest]) -> list[Manifest]:
-    """Upstream's objects with the changes of `HPK_CHANGES` made (copies; input unchanged)."""
-    return [copy.deepcopy(item) for item in objects]
 
 
 def executor_rbac(namespace: str) -> list[Manifest]:
@@ -188,8 +186,8 @@ def install_argo(
     its Deployments; safe to repeat. Raises AddonError."""
     tools = toolchain or Toolchain.load()
     version = tools.pins["ARGO_VERSION"]
-    path = manifest_path(tools, namespaced=settings.namespaced)
-    objects = hpk_changes(load_manifest(path))
+    path = manifest_path(tools, settings)
+    objects = load_manifest(path)
 
     progress(f"Argo Workflows v{version}: images into the image cache")
     imported = (import_images or (lambda: import_argo_images(toolchain=tools, skip_cached=True)))()
@@ -235,7 +233,7 @@ def uninstall_argo(
 ) -> int:
     """Delete what `install_argo` applied (the images stay in the cache)."""
     tools = toolchain or Toolchain.load()
-    objects = hpk_changes(load_manifest(manifest_path(tools, namespaced=settings.namespaced)))
+    objects = load_manifest(manifest_path(tools, settings))
     for namespace in settings.executor_namespaces():
         kubectl("delete", "--ignore-not-found", "-f", "-", stdin=_as_list(executor_rbac(namespace)))
     progress(f"deleting {len(objects)} objects from namespace {settings.namespace}")

@@ -255,7 +255,7 @@ def test_an_output_parameter_reaches_the_next_step(cluster: ArgoCluster) -> None
     nodes = workflow["status"]["nodes"].values()
     (produced,) = (node for node in nodes if node.get("displayName") == "produce")
     value = produced["outputs"]["parameters"][0]["value"]
-    assert value.startswith("computed on "), produced
+    assert json.loads(value)["note"] == "it's $5, `quoted` & done", produced
     log = cluster.kubectl("logs", "-n", NAMESPACE, consume["metadata"]["name"], "-c", "main")
     # The emissary's own log lines follow the step's output, as on any Kubernetes.
     assert log.splitlines()[0] == f"received: {value}", log

@@ -149,14 +149,20 @@ def test_the_install_namespace_is_named_once() -> None:
 
 def test_namespaced_picks_the_namespace_install(tmp_path: Path) -> None:
     tools = toolchain(tmp_path)
-    assert manifest_path(tools, namespaced=True).name == "namespace-install.yaml"
-    assert manifest_path(tools, namespaced=False).name == "install.yaml"
+    namespaced = ArgoSettings(namespace="science", namespaced=True)
+    assert manifest_path(tools, namespaced).name == "namespace-install.yaml"
+    assert manifest_path(tools, ArgoSettings()).name == "install.yaml"
+
+
+def test_the_cluster_install_stays_in_its_namespace(tmp_path: Path) -> None:
+    with pytest.raises(AddonError, match="--namespaced"):
+        manifest_path(toolchain(tmp_path), ArgoSettings(namespace="science"))
 
 
 def test_a_missing_manifest_says_how_to_make_it(tmp_path: Path) -> None:
     tools = toolchain(tmp_path, manifests=False)
     with pytest.raises(AddonError, match=r"build-toolchain\.sh"):
-        manifest_path(tools, namespaced=False)
+        manifest_path(tools, ArgoSettings())
 
 
 def test_a_refused_apply_stops_before_waiting(tmp_path: Path) -> None:
