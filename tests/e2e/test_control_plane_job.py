@@ -19,6 +19,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
@@ -50,11 +51,47 @@ class Cluster:
         env = self.install.env(KUBECONFIG=str(self.kubeconfig))
         return self.install.run(str(kubectl), "--request-timeout=20s", *args, env=env, stdin=stdin)
 
+    def run_pod(self, pod: dict[str, Any]) -> None:
+        """Create `pod` and wait until it has Succeeded; fails the test otherwise."""
+        name, namespace = pod["metadata"]["name"], pod["metadata"]["namespace"]
+        # The namespace's default service account appears shortly after the namespace.
+        deadline = time.monotonic() + 60
+        while True:
+            created = self.kubectl("create", "-f", "-", stdin=json.dumps(pod))
+            if created.returncode == 0 or time.monotonic() > deadline:
+                break
+            time.sleep(1)
+        assert created.returncode == 0, created.stderr
+        waited = self.kubectl(
+            "wait",
+            "-n",
+            namespace,
+            f"pod/{name}",
+            "--for=jsonpath={.status.phase}=Succeeded",
+            "--timeout=180s",
+        )
+        shown = self.kubectl("get", "pod", "-n", namespace, name, "-o", "yaml").stdout
+        assert waited.returncode == 0, waited.stderr + shown
+
     def record(self) -> dict[str, object]:
         return dict(json.loads((self.home / "control-plane.json").read_text()))
 
     def job_id(self) -> str:
         return str(self.record()["job_id"])
+
+
+def pod_manifest(name: str, containers: list[dict[str, Any]]) -> dict[str, Any]:
+    """A pod in the namespace `pods` that runs once, without a service-account token."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": name, "namespace": "pods"},
+        "spec": {
+            "restartPolicy": "Never",
+            "automountServiceAccountToken": False,
+            "containers": containers,
+        },
+    }
 
 
 def user_processes(uid: int) -> list[str]:
@@ -125,51 +162,27 @@ def test_a_pod_runs_as_the_users_slurm_job(cluster: Cluster) -> None:
     imported = cluster.hpk("images", "import", "docker.io/library/busybox:latest", str(busybox))
     assert imported.returncode == 0, imported.stderr
     cluster.kubectl("create", "namespace", "pods")
-    pod = {
-        "apiVersion": "v1",
-        "kind": "Pod",
-        "metadata": {"name": "whoami", "namespace": "pods"},
-        "spec": {
-            "restartPolicy": "Never",
-            "automountServiceAccountToken": False,
-            "containers": [
-                {"name": "main", "image": "busybox", "command": ["id", "-u"]},
-                # An ordinary user becomes root in a user namespace (--fakeroot) ...
-                {
-                    "name": "root",
-                    "image": "busybox",
-                    "command": ["id", "-u"],
-                    "securityContext": {"runAsUser": 0},
-                },
-                # ... and cannot become another user: it runs as itself, with a Warning.
-                {
-                    "name": "other",
-                    "image": "busybox",
-                    "command": ["id", "-u"],
-                    "securityContext": {"runAsUser": 4321},
-                },
-            ],
-        },
-    }
-    # The namespace's default service account appears shortly after the namespace.
-    deadline = time.monotonic() + 60
-    while True:
-        created = cluster.kubectl("create", "-f", "-", stdin=json.dumps(pod))
-        if created.returncode == 0 or time.monotonic() > deadline:
-            break
-        time.sleep(1)
-    assert created.returncode == 0, created.stderr
-    waited = cluster.kubectl(
-        "wait",
-        "-n",
-        "pods",
-        "pod/whoami",
-        "--for=jsonpath={.status.phase}=Succeeded",
-        "--timeout=180s",
+    pod = pod_manifest(
+        "whoami",
+        [
+            {"name": "main", "image": "busybox", "command": ["id", "-u"]},
+            # An ordinary user becomes root in a user namespace (--fakeroot) ...
+            {
+                "name": "root",
+                "image": "busybox",
+                "command": ["id", "-u"],
+                "securityContext": {"runAsUser": 0},
+            },
+            # ... and cannot become another user: it runs as itself, with a Warning.
+            {
+                "name": "other",
+                "image": "busybox",
+                "command": ["id", "-u"],
+                "securityContext": {"runAsUser": 4321},
+            },
+        ],
     )
-    assert waited.returncode == 0, (
-        waited.stderr + cluster.kubectl("get", "pod", "-n", "pods", "whoami", "-o", "yaml").stdout
-    )
+    cluster.run_pod(pod)
     annotations = cluster.kubectl(
         "get", "pod", "-n", "pods", "whoami", "-o", "jsonpath={.metadata.annotations}"
     )
@@ -202,33 +215,10 @@ def test_a_container_signalling_everything_reaches_only_its_own_processes(
     # kill -1 signals every process the sender may signal: in the node's PID namespace that
     # is all of the user's processes there, the control plane's included. Each container
     # has PIDs of its own, so only its own processes are hit.
-    pod = {
-        "apiVersion": "v1",
-        "kind": "Pod",
-        "metadata": {"name": "kill-all", "namespace": "pods"},
-        "spec": {
-            "restartPolicy": "Never",
-            "automountServiceAccountToken": False,
-            "containers": [
-                {
-                    "name": "main",
-                    "image": "busybox",
-                    "command": ["sh", "-c", "sleep 60 & kill -TERM -1; wait; echo survived"],
-                }
-            ],
-        },
-    }
-    created = cluster.kubectl("create", "-f", "-", stdin=json.dumps(pod))
-    assert created.returncode == 0, created.stderr
-    waited = cluster.kubectl(
-        "wait",
-        "-n",
-        "pods",
-        "pod/kill-all",
-        "--for=jsonpath={.status.phase}=Succeeded",
-        "--timeout=180s",
+    command = ["sh", "-c", "sleep 60 & kill -TERM -1; wait; echo survived"]
+    cluster.run_pod(
+        pod_manifest("kill-all", [{"name": "main", "image": "busybox", "command": command}])
     )
-    assert waited.returncode == 0, waited.stderr
     logs = cluster.kubectl("logs", "-n", "pods", "kill-all")
     assert "survived" in logs.stdout, logs.stdout + logs.stderr
     assert cluster.kubectl("get", "--raw=/readyz").stdout.strip() == "ok"
