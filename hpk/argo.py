@@ -8,7 +8,7 @@ base: the static binary in /bin, the binary's name as ENTRYPOINT, `/etc/nsswitch
 empty `/etc/ssh/ssh_known_hosts`, CA certificates, and user 8737 for the controller and the
 server. `argo_image_archives` writes the same as `docker save` tarballs, and
 `import_argo_images` puts them into hpk's image cache under exactly those names, as an
-air-gapped site would. `hpk addons install argo` (hpk.addons) imports them before it installs Argo.
+air-gapped site would; `hpk addons install argo` (hpk.addons) does so before it installs Argo.
 """
 
 from __future__ import annotations
