@@ -216,6 +216,7 @@ def install_argo(
             settings.namespace,
             f"deployment/{name}",
             f"--timeout={left}s",
+            timeout=left + 30,  # kubectl's own --timeout ends it first
         )
         for pod, job in _pod_jobs(kubectl, settings.namespace, app=name):
             progress(f"  pod {pod}: Slurm job {job}")

@@ -51,10 +51,12 @@ class FakeKubectl:
 
     def __init__(self, fail_on: str | None = None) -> None:
         self.calls: list[tuple[tuple[str, ...], Any]] = []
+        self.timeouts: list[float | None] = []
         self.fail_on = fail_on
 
     def __call__(self, *args: str, stdin: str | None = None, timeout: float | None = None) -> str:
         self.calls.append((args, json.loads(stdin) if stdin else None))
+        self.timeouts.append(timeout)
         if self.fail_on and self.fail_on in args:
             raise AddonError(f"kubectl {' '.join(args)} failed: refused")
         if args[0] == "get":
@@ -116,6 +118,11 @@ def test_install_applies_the_manifest_then_the_rbac_then_waits(tmp_path: Path) -
     ]
     rollouts = [args[4] for args, _ in kubectl.calls if args[0] == "rollout"]
     assert rollouts == ["deployment/workflow-controller", "deployment/argo-server"]
+    # The wait may take the whole timeout: the call is not cut short before kubectl's own.
+    for (args, _), timeout in zip(kubectl.calls, kubectl.timeouts, strict=True):
+        if args[0] == "rollout":
+            waits = int(args[5].removeprefix("--timeout=").removesuffix("s"))
+            assert timeout is not None and timeout > waits
     science = kubectl.calls[3][1]["items"]
     assert [(item["kind"], item["metadata"]["name"]) for item in science] == [
         ("Namespace", "science"),
