@@ -9,11 +9,22 @@ refused with a message that names the flag. Words that look like an attempt to r
 commands are refused too, even though they would be harmless here, because the user who wrote
 them expects something that will not happen.
 
+The annotation comes from whoever wrote the pod (a chart, a workflow), not from the user who
+runs hpk, and sbatch runs on the kubelet's host as that user. So no option may make sbatch
+read a file there: `--nodelist` and `--exclude` take a value holding `/` as the name of a
+host file, and accept only Slurm host lists here (`n1`, `n[1-4,7]`, `rack1-n[01-10]`);
+`--nodefile`, `--chdir`, `--output`, `--error`, `--input`, `--export-file`, `--bbf` and the
+options naming another user (`--uid`, `--gid`, `--get-user-env`) are refused outright. Mail
+(`--mail-type`, `--mail-user`) reaches people outside the cluster, or floods the user's own
+mailbox from every pod of a chart, so both are refused unless the kubelet is started with
+`--allow-mail-flags`.
+
 Pure: stdlib only, no I/O.
 """
 
 from __future__ import annotations
 
+import re
 import shlex
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -39,6 +50,9 @@ class _Spec:
     short: str | None = None
     operators: bool = False
     """Whether the value may hold `|` and `&`, which are Slurm syntax here (`--constraint`)."""
+    hostlist: bool = False
+    """Whether the value must be a Slurm host list: sbatch reads a value holding `/` as the
+    name of a file of host names, on the kubelet's host."""
 
 
 #: sbatch options a pod may pass: they shape the allocation and nothing else.
@@ -55,7 +69,7 @@ ALLOWED: dict[str, _Spec] = {
     "cpus-per-task": _Spec(Arg.REQUIRED, "c"),
     "deadline": _Spec(Arg.REQUIRED),
     "distribution": _Spec(Arg.REQUIRED, "m"),
-    "exclude": _Spec(Arg.REQUIRED, "x"),
+    "exclude": _Spec(Arg.REQUIRED, "x", hostlist=True),
     "exclusive": _Spec(Arg.OPTIONAL),
     "extra-node-info": _Spec(Arg.REQUIRED, "B"),
     "gpu-bind": _Spec(Arg.REQUIRED),
@@ -79,7 +93,7 @@ ALLOWED: dict[str, _Spec] = {
     "nice": _Spec(Arg.OPTIONAL),
     "no-kill": _Spec(Arg.OPTIONAL, "k"),
     "no-requeue": _Spec(Arg.NONE),
-    "nodelist": _Spec(Arg.REQUIRED, "w"),
+    "nodelist": _Spec(Arg.REQUIRED, "w", hostlist=True),
     "nodes": _Spec(Arg.REQUIRED, "N"),
     "ntasks": _Spec(Arg.REQUIRED, "n"),
     "ntasks-per-core": _Spec(Arg.REQUIRED),
@@ -130,6 +144,8 @@ REFUSED: dict[str, str] = {
     "input": "the pod's containers read no input",
     "job-name": "hpk names the job hpk/<namespace>/<pod name>",
     "kill-on-invalid-dep": "pods are not ordered through Slurm job dependencies",
+    "nodefile": "sbatch would read the node list from a file on the kubelet's host; "
+    "write the nodes with --nodelist",
     "open-mode": _OUTPUT,
     "output": _OUTPUT,
     "parsable": "hpk reads sbatch's answer itself",
@@ -149,6 +165,7 @@ _SHORT_REFUSED: dict[str, str] = {
     "D": "chdir",
     "d": "dependency",
     "e": "error",
+    "F": "nodefile",
     "h": "help",
     "I": "immediate",
     "i": "input",
@@ -158,6 +175,18 @@ _SHORT_REFUSED: dict[str, str] = {
     "V": "version",
     "W": "wait",
 }
+
+#: Options that make Slurm send mail: allowed only when the kubelet's settings allow them.
+MAIL_OPTIONS = frozenset({"mail-type", "mail-user"})
+MAIL_SETTING = "--allow-mail-flags"
+"""The kubelet's command-line flag that lets pods ask for mail."""
+
+# A Slurm host list: host names, each with bracketed numeric ranges anywhere (`n[1-4,7]`,
+# `rack[1-2]-n[01-10]`), separated by commas. No `/`, so sbatch never reads it as a file.
+_RANGE = r"[0-9]+(?:-[0-9]+)?"
+_BRACKET = rf"\[{_RANGE}(?:,{_RANGE})*\]"
+_HOST = rf"(?:[A-Za-z0-9]|{_BRACKET})(?:[A-Za-z0-9_.-]|{_BRACKET})*"
+_HOSTLIST = re.compile(rf"{_HOST}(?:,{_HOST})*")
 
 #: Substrings that mean the author expected a shell; none is ever needed in an sbatch option.
 _SHELL_SYNTAX = (";", "`", "$", "&&", "||", ">", "<", "\\")
@@ -189,10 +218,11 @@ class SbatchOption:
         return f"--{self.name}" if self.value is None else f"--{self.name}={self.value}"
 
 
-def parse_flags(text: str) -> list[SbatchOption]:
+def parse_flags(text: str, *, allow_mail: bool = False) -> list[SbatchOption]:
     """Split and validate the annotation's text; the options in the order written.
 
-    Raises InvalidSbatchFlags naming the first flag or word that is refused.
+    `allow_mail` is the kubelet's setting that lets pods pass MAIL_OPTIONS. Raises
+    InvalidSbatchFlags naming the first flag or word that is refused.
     """
     try:
         words = shlex.split(text, comments=False, posix=True)
@@ -203,7 +233,7 @@ def parse_flags(text: str) -> list[SbatchOption]:
     options: list[SbatchOption] = []
     position = 0
     while position < len(words):
-        option, position = _next_option(words, position)
+        option, position = _next_option(words, position, allow_mail=allow_mail)
         options.append(option)
     return options
 
@@ -237,17 +267,19 @@ def merge_options(
     return [*kept, *requested]
 
 
-def _next_option(words: list[str], position: int) -> tuple[SbatchOption, int]:
+def _next_option(words: list[str], position: int, *, allow_mail: bool) -> tuple[SbatchOption, int]:
     word = words[position]
     _check_characters(word, flag=_flag_of(word))
     if word.startswith("--") and len(word) > 2:
         name, has_value, value = word[2:].partition("=")
         spec = _allowed(name, flag=f"--{name}")
+        _check_mail(name, allow_mail, flag=f"--{name}")
         given = value if has_value else None
         return _with_value(name, spec, given, words, position, flag=f"--{name}")
     if word.startswith("-") and len(word) > 1 and word != "--":
         letter, rest = word[1], word[2:]
         name = _short_name(letter)
+        _check_mail(name, allow_mail, flag=f"-{letter}")
         spec = ALLOWED[name]
         if spec.arg is not Arg.REQUIRED:
             if rest:
@@ -305,7 +337,26 @@ def _with_value(
                     " the flags are passed to sbatch as words, never through a shell",
                     flag=flag,
                 )
+    if spec.hostlist and not _HOSTLIST.fullmatch(given):
+        why = (
+            "; sbatch would read a value holding '/' as a file on the kubelet's host"
+            if "/" in given
+            else ""
+        )
+        raise InvalidSbatchFlags(
+            f"{flag} value {given!r} is not a Slurm host list (such as n1,n[2-4,7]){why}",
+            flag=flag,
+        )
     return SbatchOption(name, given), position + consumed
+
+
+def _check_mail(name: str, allow_mail: bool, *, flag: str) -> None:
+    if name in MAIL_OPTIONS and not allow_mail:
+        raise InvalidSbatchFlags(
+            f"{flag} is not allowed: this kubelet sends no mail for pods (it was started "
+            f"without {MAIL_SETTING})",
+            flag=flag,
+        )
 
 
 def _allowed(name: str, *, flag: str) -> _Spec:

@@ -120,6 +120,9 @@ class KubeletSettings:
     the filesystem the compute nodes share); None: `<hpk home>/volumes`."""
     insecure_registries: tuple[str, ...] = ()
     """Registries pulled from over plain HTTP, besides those on the loopback."""
+    allow_mail_flags: bool = False
+    """Whether pods' flags annotations may pass --mail-type and --mail-user: mail leaves the
+    cluster, and a chart's pods could flood the user's mailbox, so it is off unless asked."""
 
 
 def _csv(text: str) -> tuple[str, ...]:
@@ -222,6 +225,11 @@ def parse_args(argv: Sequence[str] | None = None) -> KubeletSettings:
         help="share of a service-account token's lifetime after which it is issued again "
         "(default: %(default)s)",
     )
+    parser.add_argument(
+        "--allow-mail-flags",
+        action="store_true",
+        help="let pods ask Slurm for mail (--mail-type, --mail-user in slurm.hpk.io/flags)",
+    )
     args = parser.parse_args(argv)
     try:
         tokens = TokenSettings(refresh_fraction=args.token_refresh_fraction)
@@ -261,6 +269,7 @@ def parse_args(argv: Sequence[str] | None = None) -> KubeletSettings:
         tokens=tokens,
         volumes_dir=args.volumes_dir,
         insecure_registries=tuple(args.insecure_registry),
+        allow_mail_flags=args.allow_mail_flags,
     )
 
 
@@ -399,6 +408,7 @@ def run(  # noqa: PLR0915 (every thread's wiring, start and stop in one place)
                     else service_endpoint(pod_api.server, node_ip=host.address)
                 ),
                 insecure_registries=settings.insecure_registries,
+                allow_mail_flags=settings.allow_mail_flags,
             ),
             lookup=with_claims(pod_api.get_config_object, pod_api.get_or_none),
             tokens=tokens,

@@ -13,15 +13,28 @@ Which Slurm jobs are this kubelet's: a job whose comment is `hpk-uid=<pod UID>` 
 working folder (`--chdir`, the pod folder) is `<pods_dir>/<namespace>/<name>`, with the job
 name `hpk/<namespace>/<name>` to match. The comment alone is not enough: one user may run
 two hpk clusters (two hpk homes) on the same Slurm, and each must leave the other's jobs be.
+
+A job ID the kubelet did not get from sbatch itself is only a hint: the `slurm.hpk.io/job-id`
+annotation is written by whoever wrote the pod (a chart, a workflow), and the pod folder's
+`job-id` file is in reach of the pod's containers. Before such a job is adopted, watched,
+signalled or cancelled, Slurm is asked for its name, comment and folder, and all three must
+be this pod's (`_disproof`); otherwise the pod gets a Warning Event (`JobNotOwned`, or
+`InvalidJobId` for a value that is no job ID) and is submitted as usual. A job that has left
+squeue is looked up in sacct, which keeps the comment only with
+`AccountingStoreFlags=job_comment`; without it, a finished job whose name and folder match is
+taken as the pod's: it can no longer be signalled or cancelled, and the folder is this pod's
+name in this hpk home, so at worst the pod reads the end of an earlier pod of its name.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import shutil
 import threading
-from collections.abc import Callable, Collection, Mapping
+import time
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any, Protocol
@@ -32,7 +45,7 @@ from kubelet_py.errors import InvalidPodSpec
 from kubelet_py.inputs import ObjectLookup, PodInputs, needs_node_address, resolve
 from kubelet_py.pulls import ImagePuller, ImageWaiting, PullSettings, pull_policy
 from kubelet_py.render import JOB_NAME_PREFIX, VOLUMES_DIR, RenderSettings, render_pod
-from kubelet_py.slurm import FINAL_STATES, ListedJob, SlurmError, SlurmUnavailable
+from kubelet_py.slurm import FINAL_STATES, JOB_ID, ListedJob, SlurmError, SlurmUnavailable
 from kubelet_py.status import pod_status, read_markers
 from kubelet_py.storage import read_failure, resolve_claims, with_failure
 from kubelet_py.watcher import WAITING_STATES, JobView
@@ -47,6 +60,13 @@ JOB_ID_ANNOTATION = "slurm.hpk.io/job-id"
 
 UID_COMMENT = "hpk-uid="
 """The start of the --comment of every job the kubelet submits (followed by the pod's UID)."""
+
+NOT_OWNED = "JobNotOwned"
+"""The reason of the Warning Event for a job ID, on the pod or in its folder, of a job that
+is not the pod's own."""
+
+INVALID_JOB_ID = "InvalidJobId"
+"""The reason of the Warning Event for a job-id annotation that is no Slurm job ID."""
 
 JOB_ID_FILE = "job-id"
 UID_FILE = "uid"
@@ -113,6 +133,8 @@ class JobRunner(Protocol):
 
     def listed_jobs(self, comment_prefix: str) -> dict[str, ListedJob]: ...
 
+    def identify(self, job_ids: Iterable[str]) -> dict[str, ListedJob]: ...
+
 
 class JobTracker(Protocol):
     """What the provider needs from the shared watcher (kubelet_py.watcher.JobWatcher)."""
@@ -155,6 +177,9 @@ class ProviderSettings:
     insecure_registries: tuple[str, ...] = ()
     """Registries pulled from over plain HTTP, besides those on the loopback."""
 
+    allow_mail_flags: bool = False
+    """Whether pods may ask Slurm for mail through their flags annotation."""
+
 
 @dataclass
 class _Known:
@@ -162,6 +187,9 @@ class _Known:
     uid: str
     job_id: str
     folder: Path
+    adopted: str | None = None
+    """Where the job was found ("annotation", "pod folder", "Slurm comment"); None: this
+    kubelet submitted it."""
 
 
 class SlurmProvider:
@@ -191,6 +219,11 @@ class SlurmProvider:
         self._signalled: dict[str, str] = {}
         self._callbacks: list[Callable[[str], None]] = []
         self._warnings: dict[str, tuple[tuple[str, str], ...]] = {}
+        self._owned: dict[str, str] = {}
+        """Pod UID -> the job proven its own by Slurm (for pods deleted before they were
+        known), so that each step of a deletion does not ask again."""
+        self._refused: dict[str, set[str]] = {}
+        """Pod UID -> the job IDs found on it that were refused, each warned about once."""
         self.images = images or ImagePuller(
             cache_dir=settings.image_cache,
             apptainer=str(settings.apptainer),
@@ -216,11 +249,11 @@ class SlurmProvider:
         folder = self.folder(namespace, name)
 
         annotated = (metadata.get("annotations") or {}).get(JOB_ID_ANNOTATION)
-        if annotated:
+        if annotated is not None and self._proven(pod, annotated, where="annotation"):
             return self._adopt(pod, str(annotated), folder, how="annotation")
         if self._claim_folder(folder, uid, key):
             recorded = _read(folder / JOB_ID_FILE)
-            if recorded:
+            if recorded and self._proven(pod, recorded, where="pod folder"):
                 return self._adopt(pod, recorded, folder, how="pod folder")
             # Our folder from an earlier attempt, without a job ID: the answer of a
             # submission may have been lost (sbatch timed out, or the kubelet was killed).
@@ -228,7 +261,7 @@ class SlurmProvider:
             queued = [
                 job
                 for job in self.slurm.listed_jobs(f"{UID_COMMENT}{uid}").values()
-                if self._owns(job)
+                if self._disproof(pod, job) is None
             ]
             if queued:
                 job_id = max((job.job_id for job in queued), key=_job_number)
@@ -246,6 +279,7 @@ class SlurmProvider:
                 _addresses(self.settings.node_addresses) if needs_node_address(pod) else {}
             ),
             kubernetes_service=self.settings.kubernetes_service,
+            allow_mail_flags=self.settings.allow_mail_flags,
         )
         if self.settings.python:
             render_settings = replace(render_settings, python=self.settings.python)
@@ -277,7 +311,7 @@ class SlurmProvider:
         self.images.forget(key)
         if warnings:
             with self._lock:
-                self._warnings[key] = warnings
+                self._warnings[key] = (*self._warnings.get(key, ()), *warnings)
         return job_id
 
     def update_pod(self, pod: Mapping[str, Any]) -> None:
@@ -356,6 +390,13 @@ class SlurmProvider:
             known = self._pods.get(key)
         return known.job_id if known else None
 
+    def adopted(self, key: str) -> str | None:
+        """Where the pod's job was found when it was adopted ("annotation", "pod folder",
+        "Slurm comment"); None for a job this kubelet submitted, or an unknown pod."""
+        with self._lock:
+            known = self._pods.get(key)
+        return known.adopted if known else None
+
     def take_warnings(self, key: str) -> tuple[tuple[str, str], ...]:
         """(reason, message) of what the submission of the pod's job left out, as Kubernetes
         leaves it out; each is handed out once."""
@@ -404,8 +445,10 @@ class SlurmProvider:
         """Stop tracking the pod and its job (over, or its pod deleted). Idempotent."""
         key = pod_key(pod)
         uid = _uid(pod)
-        job_id = self._job_of(pod)
+        job_id = self._job_of(pod, ask=False)
         with self._lock:
+            self._owned.pop(uid, None)
+            self._refused.pop(uid, None)
             known = self._pods.get(key)
             if known is not None and known.uid == uid:
                 del self._pods[key]
@@ -499,7 +542,7 @@ class SlurmProvider:
     def _adopt(self, pod: Mapping[str, Any], job_id: str, folder: Path, *, how: str) -> str:
         key = pod_key(pod)
         log.info("%s: job %s adopted (from its %s)", key, job_id, how)
-        self._remember(key, pod, _uid(pod), job_id, folder)
+        self._remember(key, pod, _uid(pod), job_id, folder, adopted=how)
         if self.tokens is not None:
             try:
                 self.tokens.adopt(pod, folder, projected.token_sources(pod))
@@ -525,28 +568,102 @@ class SlurmProvider:
             self.tokens.track(pod, folder, tokens)
 
     def _remember(
-        self, key: str, pod: Mapping[str, Any], uid: str, job_id: str, folder: Path
+        self,
+        key: str,
+        pod: Mapping[str, Any],
+        uid: str,
+        job_id: str,
+        folder: Path,
+        *,
+        adopted: str | None = None,
     ) -> None:
         with self._lock:
-            self._pods[key] = _Known(pod=pod, uid=uid, job_id=job_id, folder=folder)
+            self._pods[key] = _Known(
+                pod=pod, uid=uid, job_id=job_id, folder=folder, adopted=adopted
+            )
         self.watcher.register(job_id, key)
 
-    def _job_of(self, pod: Mapping[str, Any]) -> str | None:
-        """The job of this very pod (not of another of its name): known, annotated or in its
-        folder."""
+    def _job_of(self, pod: Mapping[str, Any], *, ask: bool = True) -> str | None:
+        """The job of this very pod (not of another of its name): known, or annotated or in
+        its folder and proven its own by Slurm (only when `ask`)."""
         metadata = pod.get("metadata") or {}
         uid = _uid(pod)
         with self._lock:
             known = self._pods.get(pod_key(pod))
+            owned = self._owned.get(uid)
         if known is not None and known.uid == uid:
             return known.job_id
-        annotated = (metadata.get("annotations") or {}).get(JOB_ID_ANNOTATION)
-        if annotated:
-            return str(annotated)
+        if owned is not None or not ask or not uid:
+            return owned
+        hints = [((metadata.get("annotations") or {}).get(JOB_ID_ANNOTATION), "annotation")]
         folder = self.folder(str(metadata.get("namespace", "")), str(metadata.get("name", "")))
-        if uid and _read(folder / UID_FILE) == uid:
-            return _read(folder / JOB_ID_FILE)
+        if _read(folder / UID_FILE) == uid:
+            hints.append((_read(folder / JOB_ID_FILE), "pod folder"))
+        for hint, where in hints:
+            if hint is not None and self._proven(pod, hint, where=where):
+                with self._lock:
+                    self._owned[uid] = str(hint)
+                return str(hint)
         return None
+
+    def _proven(self, pod: Mapping[str, Any], hint: object, *, where: str) -> bool:
+        """Whether the job ID `hint` (found on the pod or in its folder) is a job of this
+        pod's own, as Slurm tells. A refusal is a Warning for the pod, given once per ID.
+
+        Raises SlurmUnavailable when Slurm cannot be asked.
+        """
+        key = pod_key(pod)
+        uid = _uid(pod)
+        text = str(hint)
+        with self._lock:
+            if text in self._refused.get(uid, set()):
+                return False
+        refusal: tuple[str, str] | None = None
+        if not JOB_ID.fullmatch(text):
+            shown = text if len(text) <= 40 else f"{text[:40]}..."
+            refusal = (
+                INVALID_JOB_ID,
+                f"the {where}'s job ID {shown!r} is not a Slurm job ID; it is ignored",
+            )
+        else:
+            job = self.slurm.identify([text]).get(text)
+            why = "Slurm knows no job of this user by that ID" if job is None else None
+            why = why or self._disproof(pod, job) if job is not None else why
+            if why is not None:
+                refusal = (
+                    NOT_OWNED,
+                    f"Slurm job {text} (from the {where}) is not this pod's: {why}; "
+                    "it is left alone and the pod gets a job of its own",
+                )
+        if refusal is None:
+            return True
+        log.warning("%s: job %s: %s", key, text if JOB_ID.fullmatch(text) else "-", refusal[1])
+        with self._lock:
+            self._refused.setdefault(uid, set()).add(text)
+            self._warnings[key] = (*self._warnings.get(key, ()), refusal)
+        return False
+
+    def _disproof(self, pod: Mapping[str, Any], job: ListedJob) -> str | None:
+        """What tells that `job` is not this pod's (its name, comment or folder); None when
+        all three are the pod's (see the module docstring for a job sacct shows without its
+        comment)."""
+        metadata = pod.get("metadata") or {}
+        namespace = str(metadata.get("namespace", ""))
+        name = str(metadata.get("name", ""))
+        wrong = []
+        if job.name != f"{JOB_NAME_PREFIX}{namespace}/{name}":
+            wrong.append(f"its name is {_shown(job.name)}")
+        comment = (job.comment or "").strip()
+        if comment != f"{UID_COMMENT}{_uid(pod)}" and not (
+            job.comment is None and job.source == "sacct" and job.state in FINAL_STATES
+        ):
+            wrong.append(f"its comment is {_shown(comment)}" if comment else "it has no comment")
+        if not self._owns(job) or PurePosixPath(job.work_dir.strip()).parts[-2:] != (
+            namespace,
+            name,
+        ):
+            wrong.append(f"its folder is {_shown(job.work_dir.strip())}")
+        return "; ".join(wrong) or None
 
     def _owns(self, job: ListedJob) -> bool:
         """Whether a job of the user's is one this kubelet submitted (module docstring)."""
@@ -566,9 +683,11 @@ class SlurmProvider:
         """
         owner = _read(folder / UID_FILE)
         if folder.exists() and owner != uid:
-            aside = folder.with_name(f".{folder.name}.{owner or 'unknown'}.{os.getpid()}")
+            # Named from a hash: the uid file is the containers' to write, and a pod name may
+            # take 253 of the 255 characters a file name has.
+            aside = folder.with_name(_aside_name(folder.name, owner))
             folder.rename(aside)
-            log.info("%s: folder of an earlier pod (uid %s) moved to %s", key, owner, aside)
+            log.info("%s: folder of an earlier pod moved to %s", key, aside)
         folder.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         folder.mkdir(mode=0o700, exist_ok=True)
         if owner != uid:
@@ -607,6 +726,22 @@ def _write_volumes(folder: Path, inputs: PodInputs) -> None:
                 handle.write(file.data)
             os.chmod(path, file.mode)
         (folder / VOLUMES_DIR).chmod(0o700)
+
+
+ASIDE_PREFIX = ".aside-"
+"""The start of the name of an earlier pod's folder moved aside (no pod name starts with a
+dot)."""
+
+
+def _aside_name(name: str, owner: str | None) -> str:
+    """The name of a pod folder set aside: 23 characters, whatever its pod's name."""
+    seed = "\0".join((name, owner or "", repr(time.time()), str(os.getpid())))
+    return ASIDE_PREFIX + hashlib.sha256(seed.encode(errors="surrogateescape")).hexdigest()[:16]
+
+
+def _shown(text: str) -> str:
+    """Slurm's text for a message: quoted, and cut when long."""
+    return repr(text if len(text) <= 80 else f"{text[:80]}...")
 
 
 def _uid(pod: Mapping[str, Any]) -> str:

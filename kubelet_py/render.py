@@ -213,6 +213,9 @@ class RenderSettings:
     KUBERNETES_SERVICE_HOST, KUBERNETES_SERVICE_PORT and the other KUBERNETES_* variables of
     the `kubernetes` service; None sets none."""
 
+    allow_mail_flags: bool = False
+    """Whether the pod's flags annotation may ask Slurm for mail (kubelet_py.flags)."""
+
     def __post_init__(self) -> None:
         for name in ("pod_dir", "apptainer", "python"):
             path = PurePosixPath(getattr(self, name))
@@ -332,7 +335,7 @@ def render_pod(
     flags_text = annotations.get(ANNOTATION, "")
     if not isinstance(flags_text, str):
         raise InvalidPodSpec(FIELD, "must be a string")
-    requested = parse_flags(flags_text)
+    requested = parse_flags(flags_text, allow_mail=settings.allow_mail_flags)
     storage = StorageVolumes(claims=claims or {})
     volumes, config_volumes = _volumes(spec, storage=storage)
     unresolved = sorted(config_volumes - set(inputs.volumes))

@@ -8,6 +8,7 @@ import pytest
 from kubelet_py.errors import InvalidPodSpec
 from kubelet_py.flags import (
     ALLOWED,
+    MAIL_OPTIONS,
     REFUSED,
     InvalidSbatchFlags,
     SbatchOption,
@@ -15,6 +16,7 @@ from kubelet_py.flags import (
     merge_options,
     parse_flags,
 )
+from kubelet_py.main import parse_args
 
 
 @pytest.mark.parametrize(
@@ -36,10 +38,6 @@ from kubelet_py.flags import (
         (
             "-w n[1-2] -x n3 --reservation=maint",
             ["--nodelist=n[1-2]", "--exclude=n3", "--reservation=maint"],
-        ),
-        (
-            "--mail-type=END,FAIL --mail-user=a@b.org",
-            ["--mail-type=END,FAIL", "--mail-user=a@b.org"],
         ),
         ("--begin=now+1hour --deadline=2030-01-01", ["--begin=now+1hour", "--deadline=2030-01-01"]),
         (
@@ -110,6 +108,10 @@ def test_allowed_flags_become_long_argv_words(text: str, argv: list[str]) -> Non
         ("--partition=gpu|cpu", "--partition", "holds '|'"),
         ("--account='a&b'", "--account", "holds '&'"),
         ("--partition='gpu\nx'", "--partition", "control character"),
+        ("--nodefile=/etc/hosts", "--nodefile", "file on the kubelet's host"),
+        ("-F hosts.txt", "-F", "--nodefile"),
+        ("--export-file=/etc/passwd", "--export-file", "not allowed"),
+        ("--bbf=/etc/passwd", "--bbf", "read files on the submitting host"),
     ],
 )
 def test_refused_flags_name_the_flag(text: str, flag: str | None, message: str) -> None:
@@ -155,3 +157,82 @@ def test_the_pods_own_flags_replace_derived_ones(
 
     merged = merge_options(options(derived), options(requested))
     assert [f"{o.name}={o.value}" for o in merged] == kept
+
+
+# Every spelling sbatch accepts for a value, short and long.
+_SPELLINGS = ("-{short} {value}", "-{short}{value}", "--{long}={value}", "--{long} {value}")
+
+
+@pytest.mark.parametrize(("short", "long"), [("w", "nodelist"), ("x", "exclude")])
+@pytest.mark.parametrize("spelling", _SPELLINGS)
+@pytest.mark.parametrize(
+    "value", ["n1", "n[1-4,7]", "gpu-01,gpu-02", "rack1-n[01-10]", "rack[1-2]-n[1-3],login.x_1"]
+)
+def test_node_lists_pass_as_host_lists(short: str, long: str, spelling: str, value: str) -> None:
+    text = spelling.format(short=short, long=long, value=value)
+    assert flags_argv(parse_flags(text)) == [f"--{long}={value}"]
+
+
+@pytest.mark.parametrize(("short", "long"), [("w", "nodelist"), ("x", "exclude")])
+@pytest.mark.parametrize("spelling", _SPELLINGS)
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("/etc/passwd", "sbatch would read a value holding '/' as a file on the kubelet's host"),
+        ("./hosts", "as a file"),
+        ("hosts/n1", "as a file"),
+        ("~/.hpk/pki/ca.key", "as a file"),
+        ("n1,,n2", "is not a Slurm host list"),
+        ("n1,", "is not a Slurm host list"),
+        ("n[1-", "is not a Slurm host list"),
+        ("n[a-b]", "is not a Slurm host list"),
+        ("n1:n2", "is not a Slurm host list"),
+        ("n1=n2", "is not a Slurm host list"),
+        (".n1", "is not a Slurm host list"),
+    ],
+)
+def test_node_lists_that_are_no_host_lists_are_refused(
+    short: str, long: str, spelling: str, value: str, message: str
+) -> None:
+    text = spelling.format(short=short, long=long, value=value)
+    with pytest.raises(InvalidSbatchFlags) as caught:
+        parse_flags(text)
+    flag = f"-{short}" if spelling.startswith("-{short}") else f"--{long}"
+    assert caught.value.flag == flag
+    assert message in str(caught.value)
+    assert str(caught.value).startswith(f"metadata.annotations[slurm.hpk.io/flags]: {flag} value")
+
+
+@pytest.mark.parametrize(
+    ("text", "flag"),
+    [
+        ("--mail-user=a@b.org", "--mail-user"),
+        ("--mail-user a@b.org", "--mail-user"),
+        ("--mail-type=END,FAIL", "--mail-type"),
+        ("-p gpu --mail-type ALL", "--mail-type"),
+    ],
+)
+def test_mail_is_refused_unless_the_kubelet_allows_it(text: str, flag: str) -> None:
+    with pytest.raises(InvalidSbatchFlags) as caught:
+        parse_flags(text)
+    assert caught.value.flag == flag
+    assert f"{flag} is not allowed" in str(caught.value)
+    assert "--allow-mail-flags" in str(caught.value)
+
+
+def test_mail_passes_when_the_kubelet_allows_it() -> None:
+    text = "--mail-type=END,FAIL --mail-user a@b.org"
+    assert flags_argv(parse_flags(text, allow_mail=True)) == [
+        "--mail-type=END,FAIL",
+        "--mail-user=a@b.org",
+    ]
+
+
+def test_mail_options_are_allowed_options() -> None:
+    # The setting lifts the refusal of these names only: they must be known sbatch options.
+    assert set(ALLOWED) >= MAIL_OPTIONS
+
+
+def test_the_kubelet_flag_allows_mail() -> None:
+    assert parse_args(["--kubeconfig=k", "--allow-mail-flags"]).allow_mail_flags is True
+    assert parse_args(["--kubeconfig=k"]).allow_mail_flags is False

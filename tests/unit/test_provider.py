@@ -8,6 +8,7 @@ job signalled TERM then KILL, and only this kubelet's orphaned jobs cancelled.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping, Sequence
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -268,6 +269,15 @@ def test_refused_flags_submit_nothing(bed: Bed) -> None:
         bed.provider.create_pod(pod)
     assert bed.slurm.submitted == []
     assert not (bed.folder() / "job-id").exists()
+
+
+def test_mail_flags_reach_sbatch_only_with_the_setting(bed: Bed) -> None:
+    pod = make_pod(annotations={"slurm.hpk.io/flags": "--mail-type=END"})
+    with pytest.raises(InvalidPodSpec, match="--allow-mail-flags"):
+        bed.provider.create_pod(pod)
+    bed.provider.settings = dataclasses.replace(bed.provider.settings, allow_mail_flags=True)
+    bed.provider.create_pod(pod)
+    assert "--mail-type=END" in bed.slurm.submitted[0][1]
 
 
 def test_unreachable_slurm_is_raised_and_the_retry_does_not_duplicate(bed: Bed) -> None:

@@ -800,6 +800,22 @@ def test_bad_flags_annotation_fails_the_pod() -> None:
         render_pod(bad, settings())
 
 
+def test_a_node_list_naming_a_host_file_fails_the_pod() -> None:
+    bad = pod("x", busybox("main"), annotations={"slurm.hpk.io/flags": "--nodelist=/etc/passwd"})
+    with pytest.raises(InvalidSbatchFlags, match="as a file on the kubelet's host") as caught:
+        render_pod(bad, settings())
+    assert caught.value.field == FLAGS_FIELD
+    assert caught.value.reason == "InvalidSbatchFlags"
+
+
+def test_mail_flags_pass_only_with_the_setting() -> None:
+    mail = pod("x", busybox("main"), annotations={"slurm.hpk.io/flags": "--mail-user=a@b.org"})
+    with pytest.raises(InvalidSbatchFlags, match="--mail-user is not allowed"):
+        render_pod(mail, settings())
+    args = render_pod(mail, settings(allow_mail_flags=True)).sbatch_args
+    assert "--mail-user=a@b.org" in args
+
+
 def test_rendering_does_not_change_the_pod() -> None:
     before = copy.deepcopy(INIT_AND_TWO)
     render_pod(INIT_AND_TWO, settings())
