@@ -42,13 +42,14 @@ import subprocess
 import tarfile
 import tempfile
 import time
-from collections.abc import Collection, Iterator, Sequence
+from collections.abc import Collection, Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path, PurePosixPath
 from typing import Any, Protocol
 
 from hpk.files import held_lock
+from hpk.image_users import home_of, sandbox_homes, sif_homes
 from hpk.paths import hpk_home
 
 log = logging.getLogger(__name__)
@@ -188,25 +189,42 @@ class ImageConfig:
     """CMD: the default arguments; empty when the image has none."""
     working_dir: str = ""
     """WORKDIR; empty: Docker's default, `/`."""
+    homes: tuple[tuple[int, str], ...] | None = None
+    """(uid, home) of each user the image's /etc/passwd lists (hpk.image_users): what HOME is
+    in a container of that user. None: not read (a record older than this field)."""
+
+    def home(self, uid: int) -> str:
+        """HOME in a container of this image that runs as `uid`, as Kubernetes sets it."""
+        return home_of(self.homes, uid)
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        record: dict[str, Any] = {
             "oci": self.oci,
             "entrypoint": list(self.entrypoint),
             "cmd": list(self.cmd),
             "workingDir": self.working_dir,
         }
+        if self.homes is not None:
+            record["homes"] = {str(uid): home for uid, home in self.homes}
+        return record
 
     @classmethod
     def from_json(cls, data: object) -> ImageConfig:
         """From `to_json`'s form; raises ValueError for anything else."""
         if not isinstance(data, dict) or not isinstance(data.get("oci"), bool):
             raise ValueError("not an image config record")
+        homes = data.get("homes")
+        if homes is not None and not (
+            isinstance(homes, dict)
+            and all(uid.isdigit() and isinstance(home, str) for uid, home in homes.items())
+        ):
+            raise ValueError("homes is not an object of uid -> home")
         return cls(
             oci=data["oci"],
             entrypoint=_words(data.get("entrypoint"), "entrypoint"),
             cmd=_words(data.get("cmd"), "cmd"),
             working_dir=str(data.get("workingDir") or ""),
+            homes=None if homes is None else _homes(homes.items()),
         )
 
     @classmethod
@@ -225,8 +243,12 @@ class ImageConfig:
         )
 
 
-NATIVE_IMAGE = ImageConfig(oci=False)
+NATIVE_IMAGE = ImageConfig(oci=False, homes=())
 """The config of an image without OCI metadata."""
+
+
+def _homes(homes: Iterable[tuple[str | int, str]]) -> tuple[tuple[int, str], ...]:
+    return tuple(sorted((int(uid), home) for uid, home in homes))
 
 
 def _words(value: object, name: str) -> tuple[str, ...]:
@@ -468,6 +490,17 @@ def check_sif(path: Path) -> None:
 
 def sif_config(path: Path) -> ImageConfig:
     """The image config a SIF file carries: its `oci-config.json` descriptor, which Apptainer
+    writes when it builds from a Docker or OCI source (NATIVE_IMAGE's fields when it has
+    none), and the homes of the users its /etc/passwd lists.
+
+    Raises InvalidImageFile for a file that is no SIF, or whose OCI config is unreadable.
+    """
+    config = _sif_oci_config(path)
+    return replace(config, homes=_homes(sif_homes(path).items()))
+
+
+def _sif_oci_config(path: Path) -> ImageConfig:
+    """The image config a SIF file carries: its `oci-config.json` descriptor, which Apptainer
     writes when it builds from a Docker or OCI source; NATIVE_IMAGE when it has none.
 
     Raises InvalidImageFile for a file that is no SIF, or whose OCI config is unreadable.
@@ -495,6 +528,12 @@ def sif_config(path: Path) -> ImageConfig:
 
 
 def sandbox_config(folder: Path) -> ImageConfig:
+    """The image config of a sandbox folder that Apptainer made from a Docker or OCI source,
+    with the homes of the users its /etc/passwd lists (see `_sandbox_oci_config`)."""
+    return replace(_sandbox_oci_config(folder), homes=_homes(sandbox_homes(folder).items()))
+
+
+def _sandbox_oci_config(folder: Path) -> ImageConfig:
     """The image config of a sandbox folder that Apptainer made from a Docker or OCI source.
 
     Such a folder keeps no OCI config, only the runscript Apptainer wrote, whose
@@ -560,9 +599,13 @@ def image_config(sif: Path) -> ImageConfig:
     """The recorded config of a cached SIF file; read from the SIF itself when none was
     recorded (an entry older than the record), and NATIVE_IMAGE when that fails too."""
     try:
-        return ImageConfig.from_json(json.loads(config_file(sif).read_text()))
+        recorded = ImageConfig.from_json(json.loads(config_file(sif).read_text()))
     except (OSError, ValueError) as error:
         log.debug("%s: no recorded config (%s); reading the SIF", sif, error)
+    else:
+        if recorded.homes is None:  # recorded before hpk read the image's users
+            recorded = replace(recorded, homes=_homes(sif_homes(sif).items()))
+        return recorded
     try:
         return sif_config(sif)
     except InvalidImageFile as error:

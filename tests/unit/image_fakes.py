@@ -20,13 +20,19 @@ _HEADER = struct.Struct("<32s10s3s3s16s8q")
 _DESCRIPTOR = struct.Struct("<iBIII7q128s384s")
 
 
-def sif_bytes(oci_config: Mapping[str, object] | None = None) -> bytes:
-    """A well-formed SIF file with no file system; with `oci_config`, it carries the
-    `oci-config.json` descriptor Apptainer writes for images built from Docker sources."""
-    payload = json.dumps(oci_config).encode() if oci_config is not None else b""
-    count = 1 if oci_config is not None else 0
+def sif_bytes(oci_config: Mapping[str, object] | None = None, *, rootfs: bytes = b"") -> bytes:
+    """A well-formed SIF file; with `oci_config`, it carries the `oci-config.json` descriptor
+    Apptainer writes for images built from Docker sources, and with `rootfs` (a SquashFS
+    image) its primary system partition."""
+    payloads: list[tuple[int, bytes, bytes, bytes]] = []
+    if oci_config is not None:
+        payloads.append((0x4006, json.dumps(oci_config).encode(), b"oci-config.json", b""))
+    if rootfs:
+        payloads.append((0x4004, rootfs, b"rootfs", struct.pack("<ii", 1, 2)))
+    count = len(payloads)
     table_offset = _HEADER.size
     data_offset = table_offset + count * _DESCRIPTOR.size
+    data_size = sum(len(payload) for _, payload, _, _ in payloads)
     header = _HEADER.pack(
         b"#!/usr/bin/env run-singularity\n",
         b"SIF_MAGIC\x00",
@@ -40,15 +46,16 @@ def sif_bytes(oci_config: Mapping[str, object] | None = None) -> bytes:
         table_offset,
         count * _DESCRIPTOR.size,
         data_offset,
-        len(payload),
+        data_size,
     )
     table = b""
-    if oci_config is not None:
-        table = _DESCRIPTOR.pack(
-            0x4006, 1, 1, 1, 0, data_offset, len(payload), len(payload), 0, 0, 0, 0,
-            b"oci-config.json", b"",
+    offset = data_offset
+    for index, (kind, payload, name, extra) in enumerate(payloads):
+        table += _DESCRIPTOR.pack(
+            kind, 1, index + 1, 1, 0, offset, len(payload), len(payload), 0, 0, 0, 0, name, extra,
         )  # fmt: skip
-    return header + table + payload
+        offset += len(payload)
+    return header + table + b"".join(payload for _, payload, _, _ in payloads)
 
 
 class FakeRegistry:

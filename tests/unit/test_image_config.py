@@ -34,10 +34,12 @@ from kubelet_py.errors import InvalidPodSpec
 from kubelet_py.render import RenderSettings, container_argv, render_pod
 from tests.unit.image_fakes import sif_bytes
 
-ENTRYPOINT = ImageConfig(oci=True, entrypoint=("/ep", "-x"), cmd=("c1", "c2"), working_dir="/w")
-CMD_ONLY = ImageConfig(oci=True, cmd=("sh",))
-ENTRYPOINT_ONLY = ImageConfig(oci=True, entrypoint=("/ep",))
-NEITHER = ImageConfig(oci=True)
+ENTRYPOINT = ImageConfig(
+    oci=True, entrypoint=("/ep", "-x"), cmd=("c1", "c2"), working_dir="/w", homes=()
+)
+CMD_ONLY = ImageConfig(oci=True, cmd=("sh",), homes=())
+ENTRYPOINT_ONLY = ImageConfig(oci=True, entrypoint=("/ep",), homes=())
+NEITHER = ImageConfig(oci=True, homes=())
 
 
 @pytest.mark.parametrize(
@@ -129,7 +131,7 @@ def test_sif_config_reads_the_oci_config_descriptor(tmp_path: Path) -> None:
         sif_bytes({"Entrypoint": ["/ep"], "Cmd": ["c"], "WorkingDir": "/w", "Env": ["A=1"]})
     )
     assert sif_config(sif) == ImageConfig(
-        oci=True, entrypoint=("/ep",), cmd=("c",), working_dir="/w"
+        oci=True, entrypoint=("/ep",), cmd=("c",), working_dir="/w", homes=()
     )
 
 
@@ -169,6 +171,7 @@ def test_sandbox_config_from_apptainers_runscript(tmp_path: Path) -> None:
         oci=True,
         entrypoint=("/bin/sh", "-c", r'echo "$* `x` \\"'),
         cmd=("default", "a b", "it's"),
+        homes=(),
     )
 
 
@@ -227,7 +230,9 @@ def test_import_of_a_docker_archive_builds_and_records_its_config(tmp_path: Path
     assert call[-1] == f"docker-archive:{archive}"
     assert target == cache / "hpk.test/ep/1.sif"
     recorded = json.loads(config_file(target).read_text())
-    assert recorded == {"oci": True, "entrypoint": ["/ep"], "cmd": ["c"], "workingDir": ""}
+    assert recorded == {
+        "oci": True, "entrypoint": ["/ep"], "cmd": ["c"], "workingDir": "", "homes": {}
+    }  # fmt: skip
     assert image_config(target).entrypoint == ("/ep",)
     assert [image.reference for image in list_images(cache)] == ["hpk.test/ep:1"]
     assert [p.name for p in target.parent.iterdir() if p.name.endswith(".part")] == []
@@ -243,7 +248,7 @@ def test_import_of_an_apptainer_sandbox_takes_its_runscripts_words(tmp_path: Pat
     cache = tmp_path / "cache"
     target = import_image("py:3", sandbox, cache_dir=cache, apptainer="/a", runner=build)
     assert build.calls[0][-1] == str(sandbox)
-    assert image_config(target) == ImageConfig(oci=True, cmd=("python3",))
+    assert image_config(target) == ImageConfig(oci=True, cmd=("python3",), homes=())
 
 
 def test_failed_build_names_apptainers_error_and_leaves_nothing(tmp_path: Path) -> None:
