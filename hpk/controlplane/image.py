@@ -21,9 +21,11 @@ import argparse
 import csv
 import hashlib
 import io
+import json
 import logging
 import os
 import shutil
+import socket
 import struct
 import subprocess
 import sys
@@ -36,10 +38,19 @@ from pathlib import Path, PurePosixPath
 from hpk.apptainer import FUSE_DEVICE, fuse_usable, run_options
 from hpk.controlplane.errors import ControlPlaneError
 from hpk.controlplane.settings import IMAGE_BIN_DIR
-from hpk.files import held_lock
+from hpk.files import PRIVATE_FILE_MODE, held_lock, private_dir, write_atomic
+from hpk.home import HpkHome
 from hpk.images import InvalidImageFile, check_sif
 from hpk.paths import container_dir
 from hpk.process import ProcessSpec, tail
+from hpk.scratch import (
+    UnsafeScratch,
+    check_private_folder,
+    make_private_folder,
+    own_folder_problem,
+    private_folder_problem,
+    tree_digest,
+)
 from hpk.toolchain import Toolchain, ToolchainMissing
 
 log = logging.getLogger(__name__)
@@ -420,53 +431,163 @@ class ApptainerRunner:
 # --- a node-local copy for users without FUSE ----------------------------------------------
 
 
+class UnsafeScratchFolder(ControlPlaneImageError):
+    """Node-local scratch offers no folder that only this user could change."""
+
+
+@dataclass(frozen=True)
+class UnpackedImage:
+    """What hpk recorded when it unpacked an image on a node: where, and the tree's digest."""
+
+    path: Path
+    digest: str
+
+    @classmethod
+    def load(cls, record: Path) -> UnpackedImage | None:
+        """The record in `record`, or None when there is none or it is unreadable."""
+        try:
+            data = json.loads(record.read_text())
+            return cls(path=Path(data["path"]), digest=str(data["digest"]))
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            log.warning("ignoring the unreadable record %s: %s", record, error)
+            return None
+
+    def save(self, record: Path) -> None:
+        write_atomic(record, json.dumps({"path": str(self.path), "digest": self.digest}) + "\n")
+
+
+def scratch_base() -> Path:
+    """Node-local scratch: $TMPDIR (a site may give each job its own), else /tmp."""
+    return Path(os.environ.get("TMPDIR") or "/tmp")  # noqa: S108
+
+
+def unpacked_record(records: Path, image: Path, *, node: str | None = None) -> Path:
+    """The file in `records` that says where `image` is unpacked on `node` (default: here)."""
+    node = node or socket.gethostname()
+    return records / f"{node.replace('/', '_')}--{image.stem}.json"
+
+
+def reuse_problem(unpacked: UnpackedImage, *, owner: int) -> str | None:
+    """Why the recorded copy must not be run again, or None when it may.
+
+    Its folder (made by mkdtemp) must still be a real folder of `owner`'s with mode 0700 in
+    a safe base, which no one else can change, and its tree must match the recorded digest,
+    which catches a copy left half-removed by /tmp cleaning or changed by the user.
+    """
+    try:
+        check_private_folder(unpacked.path.parent, owner=owner)
+    except UnsafeScratch as error:
+        return str(error)
+    # Apptainer gives the image's root its own mode; the folder around it keeps others out.
+    problem = own_folder_problem(unpacked.path, owner=owner)
+    if problem is not None:
+        return f"{unpacked.path}: {problem}"
+    try:
+        digest = tree_digest(unpacked.path)
+    except OSError as error:
+        return f"{unpacked.path}: cannot be read ({error})"
+    if digest != unpacked.digest:
+        return f"{unpacked.path}: its content differs from what hpk unpacked there"
+    return None
+
+
 def runnable_image(
     image: Path,
     *,
     apptainer: str,
+    records: Path | None = None,
     uid: int | None = None,
+    owner: int | None = None,
     scratch: Path | None = None,
     fuse_device: Path = FUSE_DEVICE,
 ) -> Path:
     """The image as this node should run it: the SIF itself where the user can use FUSE.
 
     Without FUSE, Apptainer unpacks a SIF for every container it starts: about 300 MB and
-    1.5 s for each component at each start. Instead the SIF is unpacked once into a sandbox
-    folder in node-local scratch (`scratch`, default `$TMPDIR/hpk-<uid>`, else /tmp), which
-    every component of this and later jobs on the node then runs from. The folder is named
-    after the SIF, whose name carries the versions and the definition's hash.
+    1.5 s for each component at each start. Instead the SIF is unpacked once per node into a
+    sandbox folder in node-local scratch, which every component of this and later jobs on the
+    node then runs from.
+
+    Another user of the node can write to scratch too, so the copy is never found by a name:
+    it goes into a fresh folder made by mkdtemp (0700) in `scratch` (default: scratch_base()),
+    and its place and digest are recorded in `records` (the user's own 0700 state; default
+    <hpk home>/scratch), one file per node and image. A later run reuses the recorded copy
+    only if reuse_problem finds nothing wrong; otherwise it says why and unpacks afresh, so
+    the real image always starts. It refuses (UnsafeScratchFolder) only when `scratch` itself
+    is unsafe: then no folder in it could be trusted. Callers hold the hpk folder's lock, as
+    the control-plane job does; a lock in `records` keeps two callers apart anyway.
+
+    `uid` is the user the components run as (for FUSE); `owner` the uid that must own the
+    folders, default this process's user.
     """
     uid = os.geteuid() if uid is None else uid
     if fuse_usable(uid, device=fuse_device):
         return image
-    root = scratch or Path(os.environ.get("TMPDIR") or "/tmp") / f"hpk-{uid}"  # noqa: S108
-    target = root / image.stem
-    done = root / f"{image.stem}.complete"
-    if done.exists() and target.is_dir():
-        return target
-    root.mkdir(mode=0o700, parents=True, exist_ok=True)
-    with held_lock(root / ".control-plane-image.lock"):
-        if done.exists() and target.is_dir():
-            return target
-        partial = root / f".{image.stem}.{os.getpid()}.part"
-        shutil.rmtree(partial, ignore_errors=True)
-        result = subprocess.run(
-            [apptainer, "build", "--force", "--sandbox", str(partial), str(image)],
-            capture_output=True,
-            text=True,
-            timeout=600,
-            check=False,
-        )
-        if result.returncode != 0:
-            shutil.rmtree(partial, ignore_errors=True)
-            raise ImageBuildFailed(
-                f"unpacking {image} into {partial} failed: {result.stderr.strip()[-500:]}"
+    owner = os.geteuid() if owner is None else owner
+    records = records or HpkHome.default().root / "scratch"
+    record = unpacked_record(records, image)
+    private_dir(records)
+    with held_lock(records / ".lock", mode=PRIVATE_FILE_MODE):
+        unpacked = UnpackedImage.load(record)
+        if unpacked is not None:
+            problem = reuse_problem(unpacked, owner=owner)
+            if problem is None:
+                log.info("running %s from its verified copy %s", image.name, unpacked.path)
+                return unpacked.path
+            log.warning("not running the copy of %s recorded in %s: %s", image, record, problem)
+        try:
+            folder = make_private_folder(
+                scratch or scratch_base(), prefix=f"hpk-{uid}-", owner=owner
             )
-        shutil.rmtree(target, ignore_errors=True)
-        partial.rename(target)
-        done.write_text(f"{image}\n")
+        except UnsafeScratch as error:
+            raise UnsafeScratchFolder(
+                f"cannot unpack the control-plane image on this node: {error}; point TMPDIR "
+                "at a folder only you can write to"
+            ) from None
+        target = folder / image.stem
+        _unpack(image, target, apptainer=apptainer)
+        try:
+            fresh = UnpackedImage(path=target, digest=tree_digest(target))
+        except OSError as error:
+            shutil.rmtree(folder, ignore_errors=True)
+            raise ImageBuildFailed(f"cannot read back the unpacked {target}: {error}") from None
+        fresh.save(record)
+        if unpacked is not None and unpacked.path.parent != folder:
+            _remove_own_copy(unpacked.path.parent, owner=owner, uid=uid)
     log.info("unpacked %s into %s for runs without FUSE", image, target)
     return target
+
+
+def _unpack(image: Path, target: Path, *, apptainer: str) -> None:
+    """`apptainer build --sandbox`; on failure the folder made for it goes, and the error
+    says why."""
+    result = subprocess.run(
+        [apptainer, "build", "--force", "--sandbox", str(target), str(image)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    if result.returncode != 0:
+        shutil.rmtree(target.parent, ignore_errors=True)
+        raise ImageBuildFailed(
+            f"unpacking {image} into {target} failed: {result.stderr.strip()[-500:]}"
+        )
+
+
+def _remove_own_copy(folder: Path, *, owner: int, uid: int) -> None:
+    """Remove a copy this user replaced, if it is still a folder of theirs made by hpk.
+
+    Anything else in scratch is someone else's business, and is left alone.
+    """
+    if not folder.name.startswith(f"hpk-{uid}-"):
+        return
+    if private_folder_problem(folder, owner=owner) is not None:
+        return
+    shutil.rmtree(folder, ignore_errors=True)  # it does not follow symlinks
+    log.info("removed the replaced copy %s", folder)
 
 
 # --- entry point ---------------------------------------------------------------------------

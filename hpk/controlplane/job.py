@@ -151,14 +151,14 @@ def _wait_kubelet(process: RunningProcess, *, stop: StopRequested, timeout: floa
     raise process.fail(f"did not reach the API server within {timeout:.0f} s")
 
 
-def _runtime(image: Path | None) -> tuple[Binaries | None, Runner | None]:
+def _runtime(image: Path | None, home: HpkHome) -> tuple[Binaries | None, Runner | None]:
     """The binaries and runner: the control-plane image's, or the tool folder's."""
     if image is None:
         return None, None
     if not image.is_file():
         raise ControlPlaneError(f"the control-plane image {image} does not exist")
     apptainer = find_apptainer()
-    runnable = runnable_image(image, apptainer=apptainer)
+    runnable = runnable_image(image, apptainer=apptainer, records=home.root / "scratch")
     return Binaries.in_image(), ApptainerRunner(runnable, apptainer=apptainer)
 
 
@@ -177,7 +177,7 @@ def run(
         )
         record.save(home.record)
         try:
-            binaries, runner = _runtime(image)
+            binaries, runner = _runtime(image, home)
         except ControlPlaneError as error:
             log.error("%s", error)
             record.state, record.message = "failed", str(error)

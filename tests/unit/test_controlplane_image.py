@@ -3,7 +3,10 @@ runs a component inside it. Nothing here starts Apptainer."""
 
 from __future__ import annotations
 
+import json
+import os
 import re
+import stat
 import struct
 from pathlib import Path
 
@@ -18,6 +21,7 @@ from hpk.controlplane.image import (
     CannotBind,
     ImageBuildFailed,
     NotInImage,
+    UnsafeScratchFolder,
     bind_option,
     build_arguments,
     definition_digest,
@@ -32,6 +36,7 @@ from hpk.controlplane.image import (
 from hpk.controlplane.settings import IMAGE_BIN_DIR
 from hpk.pki import ClusterPKI
 from hpk.process import ProcessSpec
+from hpk.scratch import private_folder_problem, tree_digest
 from hpk.toolchain import Toolchain, read_pins
 
 pytestmark = pytest.mark.timeout(60)
@@ -344,12 +349,46 @@ def test_every_file_a_component_names_is_bound(tmp_path: Path, name: str) -> Non
 
 
 def fake_apptainer(tmp_path: Path) -> tuple[Path, Path]:
-    """A stand-in for `apptainer build --sandbox DIR SIF` that counts its calls."""
+    """A stand-in for `apptainer build --force --sandbox DIR SIF` that counts its calls."""
     calls = tmp_path / "calls"
     program = tmp_path / "apptainer"
-    program.write_text(f'#!/bin/sh\necho "$@" >> {calls}\nmkdir -p "$4/usr/local/bin"\n')
+    program.write_text(
+        f'#!/bin/sh\necho "$@" >> {calls}\nmkdir -p "$4/usr/local/bin"\n'
+        'echo real > "$4/usr/local/bin/kube-apiserver"\n'
+    )
     program.chmod(0o755)
     return program, calls
+
+
+class Node:
+    """One node without FUSE: its scratch base, the user's record folder and an Apptainer."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        self.apptainer, self.calls = fake_apptainer(tmp_path)
+        self.sif = tmp_path / "control-plane-1.33.13-abc.sif"
+        self.scratch = tmp_path / "scratch"
+        self.scratch.mkdir()
+        self.scratch.chmod(0o1777)
+        self.records = tmp_path / "home" / "scratch"
+        self.no_fuse = tmp_path / "no-fuse"
+
+    def runnable(self) -> Path:
+        return runnable_image(
+            self.sif,
+            apptainer=str(self.apptainer),
+            records=self.records,
+            uid=4242,
+            scratch=self.scratch,
+            fuse_device=self.no_fuse,
+        )
+
+    def unpacks(self) -> int:
+        return len(self.calls.read_text().splitlines()) if self.calls.exists() else 0
+
+
+@pytest.fixture
+def node(tmp_path: Path) -> Node:
+    return Node(tmp_path)
 
 
 def test_runnable_image_is_the_sif_where_fuse_works(tmp_path: Path) -> None:
@@ -360,35 +399,123 @@ def test_runnable_image_is_the_sif_where_fuse_works(tmp_path: Path) -> None:
     assert runnable_image(sif, apptainer="false", uid=4242, fuse_device=device) == sif
 
 
-def test_runnable_image_unpacks_once_without_fuse(tmp_path: Path) -> None:
-    program, calls = fake_apptainer(tmp_path)
-    sif = tmp_path / "control-plane-1.33.13-abc.sif"
-    scratch = tmp_path / "scratch"
-    for _ in range(3):
-        folder = runnable_image(
-            sif,
-            apptainer=str(program),
-            uid=4242,
-            scratch=scratch,
-            fuse_device=tmp_path / "no-fuse",
-        )
-        assert folder == scratch / "control-plane-1.33.13-abc"
-        assert (folder / "usr/local/bin").is_dir()
-    assert len(calls.read_text().splitlines()) == 1
-    assert not list(scratch.glob(".*.part"))
+def test_image_is_unpacked_once_into_a_fresh_private_folder(node: Node) -> None:
+    folders = {node.runnable() for _ in range(3)}
+    assert node.unpacks() == 1
+    assert len(folders) == 1
+    (folder,) = folders
+    assert folder.name == "control-plane-1.33.13-abc"
+    assert folder.parent.parent == node.scratch
+    assert re.fullmatch(r"hpk-4242-\w{8,}", folder.parent.name), folder.parent.name
+    assert private_folder_problem(folder.parent, owner=os.geteuid()) is None
+    assert (folder / "usr/local/bin/kube-apiserver").read_text() == "real\n"
 
 
-def test_failed_unpack_leaves_nothing_and_says_why(tmp_path: Path) -> None:
-    program = tmp_path / "apptainer"
-    program.write_text('#!/bin/sh\necho "FATAL: no space left" >&2\nexit 255\n')
-    program.chmod(0o755)
-    scratch = tmp_path / "scratch"
-    with pytest.raises(ImageBuildFailed, match="no space left"):
+def test_record_of_the_copy_is_private_and_holds_its_digest(node: Node) -> None:
+    folder = node.runnable()
+    (record,) = node.records.glob("*.json")
+    assert record.name.endswith(f"--{node.sif.stem}.json")
+    assert stat.S_IMODE(node.records.stat().st_mode) == 0o700
+    assert stat.S_IMODE(record.stat().st_mode) == 0o600
+    data = json.loads(record.read_text())
+    assert data == {"path": str(folder), "digest": tree_digest(folder)}
+
+
+def test_folder_planted_under_the_old_predictable_name_is_never_used(node: Node) -> None:
+    planted_root = node.scratch / "hpk-4242"
+    planted = planted_root / node.sif.stem
+    (planted / "usr/local/bin").mkdir(parents=True)
+    (planted / "usr/local/bin/kube-apiserver").write_text("#!/bin/sh\necho planted\n")
+    (planted_root / f"{node.sif.stem}.complete").write_text("")
+    planted_root.chmod(0o777)
+    folder = node.runnable()
+    assert not folder.is_relative_to(planted_root)
+    assert node.unpacks() == 1
+    assert (folder / "usr/local/bin/kube-apiserver").read_text() == "real\n"
+
+
+def plant_record(node: Node, path: Path) -> None:
+    """Point the user's record at `path`, with the digest of what is there now."""
+    (record,) = node.records.glob("*.json")
+    record.write_text(json.dumps({"path": str(path), "digest": tree_digest(path)}))
+
+
+def test_changed_copy_is_unpacked_afresh_and_the_old_one_removed(
+    node: Node, caplog: pytest.LogCaptureFixture
+) -> None:
+    first = node.runnable()
+    (first / "usr/local/bin/kube-apiserver").write_text("#!/bin/sh\necho planted\n")
+    second = node.runnable()
+    assert second != first
+    assert node.unpacks() == 2
+    assert (second / "usr/local/bin/kube-apiserver").read_text() == "real\n"
+    assert not first.parent.exists()
+    assert f"{first}: its content differs from what hpk unpacked there" in caplog.text
+
+
+def test_copy_whose_folder_others_can_enter_is_not_used(
+    node: Node, caplog: pytest.LogCaptureFixture
+) -> None:
+    first = node.runnable()
+    first.parent.chmod(0o755)
+    second = node.runnable()
+    assert second != first
+    assert node.unpacks() == 2
+    assert f"{first.parent}: has mode 0755" in caplog.text
+    assert first.parent.exists()  # not hpk's to remove any more: its mode is not hpk's
+
+
+def test_copy_behind_a_symlink_is_not_used(node: Node, caplog: pytest.LogCaptureFixture) -> None:
+    first = node.runnable()
+    link = node.scratch / "hpk-4242-link"
+    link.symlink_to(first.parent)
+    plant_record(node, link / first.name)
+    second = node.runnable()
+    assert not second.is_relative_to(link)
+    assert second != first
+    assert f"{link}: is a symbolic link, not a folder" in caplog.text
+
+
+def test_copy_in_a_base_others_can_rename_in_is_not_used(
+    node: Node, caplog: pytest.LogCaptureFixture
+) -> None:
+    first = node.runnable()
+    node.scratch.chmod(0o777)
+    with pytest.raises(UnsafeScratchFolder, match=f"{node.scratch}: has mode 0777"):
+        node.runnable()
+    assert "without the sticky bit" in caplog.text
+    assert node.unpacks() == 1
+    assert first.is_dir()
+
+
+def test_copy_of_another_owner_is_not_used(node: Node, caplog: pytest.LogCaptureFixture) -> None:
+    node.runnable()
+    someone_else = os.geteuid() + 4242
+    with pytest.raises(UnsafeScratchFolder, match="owned by uid"):
         runnable_image(
-            tmp_path / "cp.sif",
-            apptainer=str(program),
+            node.sif,
+            apptainer=str(node.apptainer),
+            records=node.records,
             uid=4242,
-            scratch=scratch,
-            fuse_device=tmp_path / "no-fuse",
+            owner=someone_else,
+            scratch=node.scratch,
+            fuse_device=node.no_fuse,
         )
-    assert sorted(p.name for p in scratch.iterdir()) == [".control-plane-image.lock"]
+    assert "owned by uid" in caplog.text
+    assert node.unpacks() == 1
+
+
+def test_unreadable_record_means_a_fresh_copy(node: Node) -> None:
+    first = node.runnable()
+    (record,) = node.records.glob("*.json")
+    record.write_text("{not json")
+    assert node.runnable() != first
+    assert node.unpacks() == 2
+
+
+def test_failed_unpack_leaves_nothing_and_says_why(node: Node) -> None:
+    node.apptainer.write_text('#!/bin/sh\necho "FATAL: no space left" >&2\nexit 255\n')
+    with pytest.raises(ImageBuildFailed, match="no space left"):
+        node.runnable()
+    assert list(node.scratch.iterdir()) == []
+    assert list(node.records.glob("*.json")) == []
