@@ -6,6 +6,11 @@ controller hand theirs to one `EventRecorder`, whose thread sends them, so that 
 server delays Events rather than bindings and submissions. Before `run` starts (as in unit
 tests) and after it stops, `record` sends at once. A send that fails is logged and dropped;
 beyond `backlog` waiting Events new ones are dropped too, with a log line.
+
+The kubelet's background threads (tokens, marker watch, log server, pulls) serve every pod at
+once, and a step that fails for one pod must neither stop them nor flood the pod with Events
+each time it is tried again: `PodWarnings` reports a failure once per distinct message, again
+only when the message changes or after the step has succeeded meanwhile.
 """
 
 from __future__ import annotations
@@ -149,6 +154,61 @@ class EventRecorder:
                 event["involvedObject"].get("name"),
                 error,
             )
+
+
+class EventSink(Protocol):
+    """Where Events about pods go (EventRecorder)."""
+
+    def record(self, pod: Mapping[str, Any], *, kind: str, reason: str, message: str) -> None: ...
+
+
+class PodWarnings:
+    """Warning Events of one kind (`reason`) about pods, each repeated failure reported once
+    (see the module docstring). Thread-safe."""
+
+    def __init__(
+        self,
+        sink: EventSink | None,
+        *,
+        reason: str,
+        lookup: Callable[[str], Mapping[str, Any] | None] | None = None,
+    ) -> None:
+        self.sink = sink
+        """None: failures are only logged (unit tests, a kubelet without Events)."""
+        self.reason = reason
+        self.lookup = lookup
+        """pod key -> the pod, for callers that know only the key; None: they pass the pod."""
+        self._lock = threading.Lock()
+        self._last: dict[str, str] = {}
+
+    def failed(self, key: str, message: str, *, pod: Mapping[str, Any] | None = None) -> bool:
+        """Report that a step failed for pod `key`; returns whether an Event was recorded
+        (False when this message was the last one reported for the pod)."""
+        with self._lock:
+            if self._last.get(key) == message:
+                return False
+            self._last[key] = message
+        if self.sink is None:
+            return False
+        if pod is None and self.lookup is not None:
+            try:
+                pod = self.lookup(key)
+            except Exception:  # a report must never fail the step that reports
+                log.exception("%s: cannot find the pod for its %s event", key, self.reason)
+                pod = None
+        if pod is None:
+            log.info("%s: no pod to record %s about: %s", key, self.reason, message)
+            return False
+        self.sink.record(pod, kind="Warning", reason=self.reason, message=message)
+        return True
+
+    def succeeded(self, key: str) -> None:
+        """The step worked for pod `key`: its next failure is reported again."""
+        with self._lock:
+            self._last.pop(key, None)
+
+    forget = succeeded
+    """The pod is gone: what was reported about it is forgotten."""
 
 
 def _name(pod: Mapping[str, Any]) -> str:

@@ -12,6 +12,13 @@ container has bound, so the container sees the new file at once.
 the provider forgets the pod (its job is over, or the pod is deleted), when `alive` says the
 pod no longer runs, or when the API server no longer knows the pod.
 
+The thread serves every pod, and a pod's folder is the pod's to spoil: a container can replace
+its token file with a folder or a link. A refresh that fails for one pod (any OSError, or an
+error nobody expected) is logged with the pod's key, reported once as a Warning Event
+(`TokenRefreshFailed`, again only when the error changes or after a refresh worked) and tried
+again after `retry_s`; the other pods' refreshes go on. Token files are written through
+kubelet_py.podfiles, so no link in the pod folder is ever followed.
+
 Talks to the API server only through the `TokenApi` it is given (kubelet_py.apiserver.KubeApi
 in the kubelet); writes only token files below the pod folders it is handed.
 """
@@ -28,7 +35,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from kubelet_py import podfiles
 from kubelet_py.apiserver import ApiError, ApiUnavailable, NotFound
+from kubelet_py.events import EventSink, PodWarnings
 from kubelet_py.inputs import MissingReference
 from kubelet_py.projected import TokenSource
 from kubelet_py.render import VOLUMES_DIR
@@ -37,6 +46,8 @@ log = logging.getLogger(__name__)
 
 SERVICE_ACCOUNT = "ServiceAccount"
 DEFAULT_SERVICE_ACCOUNT = "default"
+REFRESH_FAILED = "TokenRefreshFailed"
+"""The reason of the Warning Event a pod gets when its token cannot be written again."""
 
 
 class TokenApi(Protocol):
@@ -107,8 +118,11 @@ class TokenManager:
         settings: TokenSettings | None = None,
         clock: Callable[[], float] = time.time,
         alive: Callable[[str, str], bool] = lambda _key, _uid: True,
+        events: EventSink | None = None,
     ) -> None:
         self.api = api
+        self.warnings = PodWarnings(events, reason=REFRESH_FAILED)
+        """A failed refresh's Warning Event, once per distinct error (module docstring)."""
         self.settings = settings or TokenSettings()
         self.clock = clock
         """The wall clock; a test gives a fake one."""
@@ -156,7 +170,7 @@ class TokenManager:
         for source in sources:
             path = folder / VOLUMES_DIR / source.volume / source.path
             try:
-                written = path.stat().st_mtime
+                written = os.lstat(path).st_mtime
             except OSError:
                 due[source] = self.clock()
                 continue
@@ -170,6 +184,7 @@ class TokenManager:
             tracked = self._pods.get(key)
             if tracked is not None and tracked.uid == uid:
                 del self._pods[key]
+        self.warnings.forget(key)
 
     def tracked(self) -> list[str]:
         """The keys of the pods whose tokens are kept fresh."""
@@ -181,7 +196,11 @@ class TokenManager:
     def run(self, stop: threading.Event) -> None:
         """Refresh the tokens that are due until `stop` is set."""
         while not stop.is_set():
-            wait = self.refresh_due()
+            try:
+                wait = self.refresh_due()
+            except Exception:  # the thread serves every pod: it must outlive any surprise
+                log.exception("refreshing the tokens failed; trying again")
+                wait = self.settings.retry_s
             self._wake.wait(wait)
             self._wake.clear()
 
@@ -200,7 +219,11 @@ class TokenManager:
                 if when <= now
             ]
         for tracked, source in due:
-            self._refresh(tracked, source)
+            try:
+                self._refresh(tracked, source)
+            except Exception as error:  # one pod's surprise never stops the others' refreshes
+                log.exception("%s: token refresh failed unexpectedly", tracked.key)
+                self._failed(tracked, source, f"{type(error).__name__}: {error}")
         with self._lock:
             times = [when for tracked in self._pods.values() for when in tracked.due.values()]
         if not times:
@@ -242,14 +265,31 @@ class TokenManager:
                 tracked.due[source] = self.clock() + self.settings.retry_s
             return
         try:
-            write_atomically(path, token.token, source.mode)
-        except FileNotFoundError:
-            log.info("%s: folder of %s is gone; its tokens are not refreshed", tracked.key, path)
-            self.forget(tracked.key, tracked.uid)
+            write_atomically(path, token.token, source.mode, root=tracked.folder)
+        except OSError as error:
+            if isinstance(error, FileNotFoundError):  # its folder is gone: so is the pod
+                log.info(
+                    "%s: folder of %s is gone; its tokens are not refreshed", tracked.key, path
+                )
+                self.forget(tracked.key, tracked.uid)
+                return
+            log.warning("%s: token %s not written: %s; trying again", tracked.key, path, error)
+            self._failed(
+                tracked,
+                source,
+                f"cannot write token {source.volume}/{source.path}: {_reason(error)}",
+            )
             return
         with self._lock:
             tracked.due[source] = self._due(source, token)
+        self.warnings.succeeded(tracked.key)
         log.info("%s: token %s refreshed", tracked.key, path)
+
+    def _failed(self, tracked: _Tracked, source: TokenSource, message: str) -> None:
+        """A refresh failed for this pod alone: an Event once, and another try later."""
+        with self._lock:
+            tracked.due[source] = self.clock() + self.settings.retry_s
+        self.warnings.failed(tracked.key, message, pod=tracked.pod)
 
     def _request(self, pod: Mapping[str, Any], source: TokenSource) -> IssuedToken:
         metadata = pod.get("metadata") or {}
@@ -298,19 +338,19 @@ def token_request(*, name: str, uid: str, audience: str, expiration_s: int) -> d
     }
 
 
-def write_atomically(path: Path, data: bytes, mode: int) -> None:
+def write_atomically(path: Path, data: bytes, mode: int, *, root: Path | None = None) -> None:
     """Replace `path` at once: a reader sees the old file or the new one, never a part. The
-    file is never readable by others while it is written."""
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        with os.fdopen(descriptor, "wb") as handle:
-            handle.write(data)
-        os.chmod(temporary, mode)
-        os.replace(temporary, path)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
+    file is never readable by others while it is written, and no link is followed (below
+    `root`, the pod folder, none at all; see kubelet_py.podfiles)."""
+    podfiles.write_file(path, data, mode, root=root)
+
+
+def _reason(error: OSError) -> str:
+    """An OSError in words that stay the same from one try to the next (no temporary names),
+    so that a repeated failure is reported once."""
+    if isinstance(error, podfiles.PodFileRefused):
+        return error.problem
+    return error.strerror or type(error).__name__
 
 
 def _expiry(text: object, issued_at: float, expiration_s: int) -> float:

@@ -251,6 +251,97 @@ def test_the_thread_wakes_for_a_new_pod_and_stops(tokens: Tokens) -> None:
     assert tokens.file().read_bytes() == b"token-1"
 
 
+class FakeEvents:
+    """The EventSink seam: the Events recorded, as (pod name, reason, message)."""
+
+    def __init__(self) -> None:
+        self.recorded: list[tuple[str, str, str]] = []
+
+    def record(self, pod: Mapping[str, Any], *, kind: str, reason: str, message: str) -> None:
+        assert kind == "Warning"
+        self.recorded.append((pod["metadata"]["name"], reason, message))
+
+
+def two_pods(tmp_path: Path, events: FakeEvents) -> tuple[TokenManager, FakeClock, Path, Path]:
+    """A manager keeping the tokens of pods `bad` and `good` fresh; their token files."""
+    clock = FakeClock()
+    manager = TokenManager(FakeTokenApi(clock), clock=clock, events=events)
+    files = []
+    for name in ("bad", "good"):
+        folder = tmp_path / name
+        (folder / "volumes" / "tok").mkdir(parents=True)
+        pod = make_pod(name, uid=f"uid-{name}")
+        issued = manager.issue(pod, [source()])
+        write_atomically(folder / "volumes" / "tok" / "token", b"first", 0o600)
+        manager.track(pod, folder, issued)
+        files.append(folder / "volumes" / "tok" / "token")
+    return manager, clock, files[0], files[1]
+
+
+def test_a_token_file_replaced_by_a_folder_spoils_only_its_own_pods_refresh(
+    tmp_path: Path,
+) -> None:
+    events = FakeEvents()
+    manager, clock, bad, good = two_pods(tmp_path, events)
+    bad.unlink()
+    bad.mkdir()
+    clock.now = START + 500
+    manager.refresh_due()
+    assert good.read_bytes().startswith(b"token-"), "the other pod's token was not refreshed"
+    assert bad.is_dir()
+    assert manager.tracked() == ["team/bad", "team/good"]
+    assert events.recorded == [
+        ("bad", "TokenRefreshFailed", "cannot write token tok/token: Is a directory")
+    ]
+    refreshed = good.read_bytes()
+    clock.now = START + 1000  # tried again after retry_s, and the good pod's second refresh
+    manager.refresh_due()
+    assert good.read_bytes() not in (b"first", refreshed)
+    assert len(events.recorded) == 1, "a repeated failure is reported once"
+    bad.rmdir()  # the pod mended its folder: the refresh works, a new failure is reported
+    clock.now = START + 1020
+    manager.refresh_due()
+    assert bad.read_bytes().startswith(b"token-")
+    bad.unlink()
+    bad.mkdir()
+    clock.now = START + 2000
+    manager.refresh_due()
+    assert len(events.recorded) == 2
+
+
+def test_a_token_is_never_written_through_a_link(tmp_path: Path) -> None:
+    events = FakeEvents()
+    manager, clock, bad, good = two_pods(tmp_path, events)
+    key = tmp_path / "ca.key"
+    key.write_text("KEY")
+    (bad.parent.parent / "elsewhere").mkdir()
+    bad.parent.rename(bad.parent.parent / "elsewhere" / "tok")
+    bad.parent.symlink_to(key.parent)  # volumes/tok -> the folder of the key
+    clock.now = START + 500
+    manager.refresh_due()
+    assert key.read_text() == "KEY"
+    assert not (key.parent / "token").exists()
+    assert good.read_bytes().startswith(b"token-")
+    assert [reason for _, reason, _ in events.recorded] == ["TokenRefreshFailed"]
+    assert "symbolic link" in events.recorded[0][2]
+
+
+def test_an_unexpected_error_for_one_pod_spares_the_others(tmp_path: Path) -> None:
+    events = FakeEvents()
+    manager, clock, _bad, good = two_pods(tmp_path, events)
+
+    def alive(key: str, _uid: str) -> bool:
+        if key == "team/bad":
+            raise RuntimeError("surprise")
+        return True
+
+    manager.alive = alive
+    clock.now = START + 500
+    manager.refresh_due()
+    assert good.read_bytes().startswith(b"token-")
+    assert events.recorded == [("bad", "TokenRefreshFailed", "RuntimeError: surprise")]
+
+
 # -- the provider -------------------------------------------------------------------------
 
 
