@@ -5,7 +5,9 @@ Kubernetes' (phases, conditions, container states) is one pure function that uni
 check case by case. It touches nothing: `pod_status` takes plain data and returns the status
 as the API's JSON shape, and `read_markers` is its only reader, of the pod folder's
 `containers/<name>/` markers (`started`, `exit`, and for restarted containers `restarts`,
-`last` and `backoff`; for probed containers `startup` and `ready`).
+`last` and `backoff`; for probed containers `startup` and `ready`). Containers can write
+there, so markers are read through kubelet_py.podfiles: no link is followed, only regular
+files are read, and only their first bytes.
 
 The job's view is whatever has the attributes of `JobFacts` (the watcher's `JobView` has), so
 this module needs neither the watcher nor the Slurm adapter.
@@ -15,11 +17,14 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Protocol
+
+from kubelet_py import podfiles
 
 log = logging.getLogger(__name__)
 
@@ -251,30 +256,34 @@ def read_markers(pod_dir: Path) -> dict[str, ContainerMarkers]:
     """
     folder = pod_dir / "containers"
     try:
-        entries = sorted(folder.iterdir())
+        with podfiles.folder(folder, root=pod_dir) as fd, os.scandir(fd) as listing:
+            # Links are no containers' folders: a container may have planted them.
+            names = sorted(entry.name for entry in listing if entry.is_dir(follow_symlinks=False))
     except (FileNotFoundError, NotADirectoryError):
         return {}
+    except OSError as error:
+        log.warning("cannot list %s: %s", folder, error)
+        return {}
     found: dict[str, ContainerMarkers] = {}
-    for entry in entries:
-        if not entry.is_dir():
-            continue
-        started_at = _read_time(entry / "started")
-        exit_code, finished_at = _read_exit(entry / "exit")
-        found[entry.name] = ContainerMarkers(
+    for name in names:
+        entry = folder / name
+        started_at = _read_time(entry / "started", pod_dir)
+        exit_code, finished_at = _read_exit(entry / "exit", pod_dir)
+        found[name] = ContainerMarkers(
             started_at=started_at,
             exit_code=exit_code,
             finished_at=finished_at,
-            restarts=_read_restarts(entry / "restarts"),
-            last=_read_last(entry / "last"),
-            backoff_seconds=_read_backoff(entry / "backoff"),
-            startup_passed=(entry / "startup").exists(),
-            probe_ready=(entry / "ready").exists(),
+            restarts=_read_restarts(entry / "restarts", pod_dir),
+            last=_read_last(entry / "last", pod_dir),
+            backoff_seconds=_read_backoff(entry / "backoff", pod_dir),
+            startup_passed=podfiles.is_file(entry / "startup"),
+            probe_ready=podfiles.is_file(entry / "ready"),
         )
     return found
 
 
-def _read_restarts(path: Path) -> int:
-    text = _read_text(path)
+def _read_restarts(path: Path, root: Path) -> int:
+    text = _read_text(path, root)
     if text is None:
         return 0
     try:
@@ -284,9 +293,9 @@ def _read_restarts(path: Path) -> int:
         return 0
 
 
-def _read_last(path: Path) -> ContainerMarkers | None:
+def _read_last(path: Path, root: Path) -> ContainerMarkers | None:
     """The `last` file: "<exit code> <started> <finished>" of the run before the current."""
-    text = _read_text(path)
+    text = _read_text(path, root)
     if text is None:
         return None
     words = text.split()
@@ -299,9 +308,9 @@ def _read_last(path: Path) -> ContainerMarkers | None:
     return ContainerMarkers(started_at=times[0], exit_code=code, finished_at=times[1])
 
 
-def _read_backoff(path: Path) -> float | None:
+def _read_backoff(path: Path, root: Path) -> float | None:
     """The `backoff` file: "<seconds> <until>"; present while the container waits."""
-    text = _read_text(path)
+    text = _read_text(path, root)
     if text is None:
         return None
     try:
@@ -311,9 +320,11 @@ def _read_backoff(path: Path) -> float | None:
         return None
 
 
-def _read_text(path: Path) -> str | None:
+def _read_text(path: Path, root: Path) -> str | None:
+    """A marker's text; None when it is missing, refused (a link, not a regular file) or
+    unreadable."""
     try:
-        return path.read_text().strip()
+        return podfiles.read_text(path, root=root).strip()
     except FileNotFoundError:
         return None
     except OSError as error:
@@ -333,9 +344,9 @@ def parse_marker_time(text: str) -> datetime | None:
     return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
 
 
-def _read_time(path: Path) -> datetime | None:
+def _read_time(path: Path, root: Path) -> datetime | None:
     try:
-        text = path.read_text()
+        text = podfiles.read_text(path, root=root)
     except FileNotFoundError:
         return None
     except OSError as error:
@@ -347,9 +358,9 @@ def _read_time(path: Path) -> datetime | None:
     return moment
 
 
-def _read_exit(path: Path) -> tuple[int | None, datetime | None]:
+def _read_exit(path: Path, root: Path) -> tuple[int | None, datetime | None]:
     try:
-        text = path.read_text()
+        text = podfiles.read_text(path, root=root)
     except FileNotFoundError:
         return None, None
     except OSError as error:

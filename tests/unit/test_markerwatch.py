@@ -6,12 +6,15 @@ from __future__ import annotations
 
 import os
 import threading
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from kubelet_py.events import PodWarnings
 from kubelet_py.launch import write_marker
-from kubelet_py.markerwatch import MarkerWatch, MarkerWatchSettings, signature
+from kubelet_py.markerwatch import WATCH_FAILED, MarkerWatch, MarkerWatchSettings, signature
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -95,3 +98,48 @@ def test_run_polls_until_stopped(tmp_path: Path) -> None:
     thread.start()
     thread.join(timeout=10)
     assert not thread.is_alive() and reported == ["a/one"]
+
+
+class FakeEvents:
+    """The EventSink seam: the Warning Events recorded, as (pod name, reason, message)."""
+
+    def __init__(self) -> None:
+        self.recorded: list[tuple[str, str, str]] = []
+
+    def record(self, pod: Mapping[str, Any], *, kind: str, reason: str, message: str) -> None:
+        self.recorded.append((pod["metadata"]["name"], reason, message))
+
+
+def test_a_pod_whose_folder_cannot_be_read_is_reported_once_and_spares_the_others(
+    tmp_path: Path,
+) -> None:
+    bad = tmp_path / "pods" / "default" / "bad"
+    good = tmp_path / "pods" / "default" / "good"
+    (good / "containers" / "main").mkdir(parents=True)
+    (tmp_path / "elsewhere").mkdir()
+    bad.mkdir(parents=True)
+    (bad / "containers").symlink_to(tmp_path / "elsewhere")
+    running = [("default/bad", bad), ("default/good", good)]
+    reported: list[str] = []
+    events = FakeEvents()
+    warnings = PodWarnings(
+        events, reason=WATCH_FAILED, lookup=lambda key: {"metadata": {"name": key.split("/")[1]}}
+    )
+    watch = MarkerWatch(lambda: running, reported.append, warnings=warnings)
+
+    assert watch.poll_once() == ["default/good"]
+    write_marker(good / "containers" / "main" / "started", "now")
+    touch_later(good / "containers" / "main")
+    assert watch.poll_once() == ["default/good"]
+    assert len(events.recorded) == 1, "a repeated failure is reported once"
+    name, reason, message = events.recorded[0]
+    assert (name, reason) == ("bad", "MarkerWatchFailed")
+    assert "symbolic link" in message
+
+
+def test_signature_follows_no_link(tmp_path: Path) -> None:
+    pod = tmp_path / "pod"
+    (pod / "containers").mkdir(parents=True)
+    (tmp_path / "other").mkdir()
+    (pod / "containers" / "linked").symlink_to(tmp_path / "other")
+    assert signature(pod) == ()

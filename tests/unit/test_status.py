@@ -8,6 +8,7 @@ container's state and exit code.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -470,6 +471,29 @@ def test_read_markers_reads_started_and_exit_files(tmp_path: Path) -> None:
     )
     assert markers["broken"] == ContainerMarkers()
     assert set(markers) == {"main", "sidecar", "broken"}
+
+
+def test_read_markers_follows_no_link_a_container_planted(tmp_path: Path) -> None:
+    pod = tmp_path / "pod"
+    main = pod / "containers" / "main"
+    main.mkdir(parents=True)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "exit").write_text("0 2026-11-24T10:00:09Z\n")
+    (elsewhere / "ready").write_text("")
+    (main / "started").write_text("2026-11-24T10:00:01Z\n")
+    (main / "exit").symlink_to(elsewhere / "exit")
+    (main / "ready").symlink_to(elsewhere / "ready")
+    os.mkfifo(main / "restarts")  # would hang a reader that waited for a writer
+    (pod / "containers" / "linked").symlink_to(elsewhere)
+    markers = read_markers(pod)
+    assert set(markers) == {"main"}
+    assert markers["main"] == ContainerMarkers(
+        started_at=datetime(2026, 11, 24, 10, 0, 1, tzinfo=UTC)
+    )
+    (pod / "containers").rename(tmp_path / "real")
+    (pod / "containers").symlink_to(tmp_path / "real")
+    assert read_markers(pod) == {}
 
 
 def test_read_markers_of_a_pod_folder_without_containers(tmp_path: Path) -> None:
