@@ -7,6 +7,17 @@ reference that cannot be met (an object or key that does not exist, and is not `
 raises MissingReference: the pod waits for it, as Kubernetes leaves such a pod in
 CreateContainerConfigError, and is never run without it.
 
+Keys and `items[].path` become file names under the pod folder, written by the kubelet, so
+each is checked before it becomes a path, by Kubernetes' rules. A key (`key_problem`) is
+letters, digits, `-`, `_` and `.`, at most 253 characters, neither `.` nor starting with `..`
+(Kubernetes keeps such names for its own files). A path
+(`path_problem`) is relative, holds no `..` element, does not start with `..`, and no name
+in it is longer than 255 bytes. A bad
+`items[].path` fails the pod with InvalidPodSpec naming it. Kubernetes' API server never
+stores a ConfigMap or Secret with a bad key, and its kubelet refuses to write a volume any of
+whose files is misnamed; so a key that reaches a whole-object volume (no `items`) misnamed
+fails the pod too, naming the volume and the key, and no file of that volume is written.
+
 Pure apart from the lookup it is given: stdlib only, no I/O of its own.
 """
 
@@ -14,6 +25,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import re
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
@@ -33,6 +45,63 @@ DEFAULT_MODE = 0o644
 """Kubernetes' defaultMode for configMap and secret volumes."""
 SECRET_MODE_MASK = 0o600
 """Secret files are never readable by others than the user: wider modes are narrowed."""
+
+
+KEY_LONGEST = 253
+"""The longest ConfigMap or Secret key Kubernetes accepts."""
+NAME_LONGEST = 255
+"""The longest file name (one element of a path), in bytes: Linux's NAME_MAX."""
+PATH_LONGEST = 4096
+"""The longest volume file path Kubernetes' kubelet writes: Linux's PATH_MAX."""
+_KEY = re.compile(r"[-._a-zA-Z0-9]+")
+
+
+def key_problem(key: str) -> str | None:
+    """Why `key` is not a ConfigMap or Secret key Kubernetes would store, or None."""
+    if not _KEY.fullmatch(key):
+        return "must be letters, digits, '-', '_' and '.' only"
+    if key == ".":
+        return "may not be '.'"
+    if key.startswith(".."):
+        return "may not start with '..'"
+    if len(key) > KEY_LONGEST:
+        return f"is longer than {KEY_LONGEST} characters"
+    return None
+
+
+def path_problem(path: str) -> str | None:
+    """Why `path` cannot be a file's path inside a volume, or None."""
+    elements = path.split("/")
+    checks = (  # the first that fails is the answer
+        (
+            not path or "\0" in path,
+            "must be a relative path inside the volume, not empty and without NUL",
+        ),
+        (path.startswith("/"), "must be a relative path inside the volume, not absolute"),
+        (".." in elements, "must be a relative path inside the volume, without '..'"),
+        (path.startswith(".."), "must not start with '..', which Kubernetes keeps for its files"),
+        (
+            all(element in ("", ".") for element in elements),
+            "must name a file inside the volume, not the volume itself",
+        ),
+        (len(path.encode()) > PATH_LONGEST, f"is longer than {PATH_LONGEST} bytes"),
+        (
+            any(len(element.encode()) > NAME_LONGEST for element in elements),
+            f"holds a name longer than {NAME_LONGEST} bytes",
+        ),
+    )
+    return next((problem for failed, problem in checks if failed), None)
+
+
+def file_path(path: object, at: str) -> str:
+    """`path` (the field `at`) as a volume file's path, normalized (`a/./b` is `a/b`);
+    InvalidPodSpec naming `at` when it is none."""
+    if not isinstance(path, str):
+        raise InvalidPodSpec(at, "must be a relative path inside the volume")
+    problem = path_problem(path)
+    if problem is not None:
+        raise InvalidPodSpec(at, f"{path!r} {problem}")
+    return str(PurePosixPath(path))
 
 
 class MissingReference(Exception):
@@ -245,6 +314,14 @@ def _volume_files(
         return ()
     items = source.get("items")
     if items is None:
+        for key in sorted(data):
+            problem = key_problem(key)
+            if problem is not None:
+                raise InvalidPodSpec(
+                    at,
+                    f'{kind} "{namespace}/{name}" key {key!r} {problem}, so it cannot be a '
+                    "file name; the volume is not written",
+                )
         wanted = [(key, key, default_mode) for key in sorted(data)]
     else:
         wanted = []
@@ -253,9 +330,7 @@ def _volume_files(
             if not isinstance(item, Mapping):
                 raise InvalidPodSpec(item_at, "must be an object")
             key = _ref_name(item, "key", item_at)
-            path = item.get("path")
-            if not isinstance(path, str) or not _relative(path):
-                raise InvalidPodSpec(f"{item_at}.path", "must be a relative path inside the volume")
+            path = file_path(item.get("path"), f"{item_at}.path")
             mode = _mode(item["mode"], f"{item_at}.mode") if "mode" in item else default_mode
             if key not in data:
                 if source.get("optional") is True:
@@ -337,11 +412,6 @@ def _mode(value: object, at: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 0o777:
         raise InvalidPodSpec(at, f"{value!r} is not a file mode (0 to 0777)")
     return value
-
-
-def _relative(path: str) -> bool:
-    parts = PurePosixPath(path).parts
-    return bool(parts) and not path.startswith("/") and ".." not in parts and "\0" not in path
 
 
 def _containers(spec: Mapping[str, Any]) -> Iterator[tuple[str, Mapping[str, Any]]]:

@@ -35,8 +35,8 @@ from kubelet_py.inputs import (
     PodInputs,
     VolumeFile,
     _mode,
-    _relative,
     _volume_files,
+    file_path,
     object_data,
 )
 from kubelet_py.render import _resource_field
@@ -257,9 +257,7 @@ def _sources(source: Mapping[str, Any], where: str) -> Iterator[tuple[str, str, 
 def _token_source(
     projection: Mapping[str, Any], at: str, *, volume: str, default_mode: int
 ) -> TokenSource:
-    path = projection.get("path")
-    if not isinstance(path, str) or not _relative(path):
-        raise InvalidPodSpec(f"{at}.path", "must be a relative path inside the volume")
+    path = file_path(projection.get("path"), f"{at}.path")
     audience = projection.get("audience") or ""
     if not isinstance(audience, str):
         raise InvalidPodSpec(f"{at}.audience", "must be a string")
@@ -290,9 +288,7 @@ def _downward_files(
         unknown = sorted(set(entry) - _ITEM_FIELDS)
         if unknown:
             raise InvalidPodSpec(f"{at}.{unknown[0]}", "is not supported yet")
-        path = entry.get("path")
-        if not isinstance(path, str) or not _relative(path):
-            raise InvalidPodSpec(f"{at}.path", "must be a relative path inside the volume")
+        path = file_path(entry.get("path"), f"{at}.path")
         mode = _mode(entry["mode"], f"{at}.mode") if "mode" in entry else default_mode
         kinds = [key for key in ("fieldRef", "resourceFieldRef") if entry.get(key) is not None]
         if len(kinds) != 1:

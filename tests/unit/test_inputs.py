@@ -14,7 +14,14 @@ from typing import Any
 import pytest
 
 from kubelet_py.errors import InvalidPodSpec
-from kubelet_py.inputs import MissingReference, PodInputs, VolumeFile, resolve
+from kubelet_py.inputs import (
+    MissingReference,
+    PodInputs,
+    VolumeFile,
+    key_problem,
+    path_problem,
+    resolve,
+)
 from kubelet_py.render import render_pod
 from tests.unit.test_provider import Bed, make_pod
 from tests.unit.test_render import READ_BACK, busybox, launches, pod, settings
@@ -322,6 +329,17 @@ def test_missing_volume_sources(source: dict[str, Any], field: str) -> None:
         ({"key": "greeting", "path": "/abs"}, "items[0].path", "inside the volume"),
         ({"key": "greeting", "path": "."}, "items[0].path", "inside the volume"),
         ({"key": "greeting", "path": "p", "mode": 0o1777}, "items[0].mode", "file mode"),
+        ({"key": "greeting", "path": ""}, "items[0].path", "not empty"),
+        ({"key": "greeting", "path": 7}, "items[0].path", "inside the volume"),
+        ({"key": "greeting", "path": "a/../../b"}, "items[0].path", "without '..'"),
+        ({"key": "greeting", "path": "a/.."}, "items[0].path", "without '..'"),
+        ({"key": "greeting", "path": "..data"}, "items[0].path", "must not start with '..'"),
+        ({"key": "greeting", "path": "..."}, "items[0].path", "must not start with '..'"),
+        ({"key": "greeting", "path": "./"}, "items[0].path", "not the volume itself"),
+        ({"key": "greeting", "path": "a\0b"}, "items[0].path", "without NUL"),
+        ({"key": "greeting", "path": "x" * 256}, "items[0].path", "longer than 255 bytes"),
+        ({"key": "greeting", "path": "é" * 128}, "items[0].path", "longer than 255 bytes"),
+        ({"key": "greeting", "path": "a/" * 2049}, "items[0].path", "longer than 4096"),
     ],
 )
 def test_bad_items_are_refused(item: dict[str, Any], field: str, problem: str) -> None:
@@ -329,6 +347,76 @@ def test_bad_items_are_refused(item: dict[str, Any], field: str, problem: str) -
     with pytest.raises(InvalidPodSpec, match=problem) as caught:
         resolve(the_pod, Lookup())
     assert caught.value.field == f"spec.volumes[0].configMap.{field}"
+
+
+@pytest.mark.parametrize(
+    ("path", "written"),
+    [
+        ("a..b", "a..b"),
+        ("dir/..hidden", "dir/..hidden"),
+        ("./a/./b", "a/b"),
+        ("a//b/", "a/b"),
+        (".env", ".env"),
+        ("x" * 255, "x" * 255),
+    ],
+)
+def test_item_paths_kubernetes_accepts_are_written_clean(path: str, written: str) -> None:
+    source = {"configMap": {"name": "app", "items": [{"key": "greeting", "path": path}]}}
+    inputs = resolve(volume_pod({"name": "x", **source}, mounts=[]), Lookup())
+    assert [file.path for file in inputs.volumes["x"]] == [written]
+
+
+@pytest.mark.parametrize(
+    ("key", "problem"),
+    [
+        ("../../.bashrc", "must be letters, digits"),
+        ("a/b", "must be letters, digits"),
+        ("/etc/passwd", "must be letters, digits"),
+        ("..", "may not start with '..'"),
+        ("..data", "may not start with '..'"),
+        (".", "may not be '.'"),
+        ("with space", "must be letters, digits"),
+        ("k" * 254, "is longer than 253"),
+    ],
+)
+@pytest.mark.parametrize(
+    ("source", "field"),
+    [
+        ({"configMap": {"name": "odd"}}, "spec.volumes[0].configMap"),
+        ({"secret": {"secretName": "odd"}}, "spec.volumes[0].secret"),
+    ],
+)
+def test_a_misnamed_key_of_a_whole_object_volume_fails_the_pod(
+    key: str, problem: str, source: dict[str, Any], field: str
+) -> None:
+    # The API server never stores such a key; were one to arrive, no file is made of it.
+    data = {"fine": b64("ok"), key: b64("x")}
+    objects = {("ConfigMap", "odd"): {"data": data}, ("Secret", "odd"): {"data": data}}
+    the_pod = volume_pod({"name": "x", **source}, mounts=[])
+    with pytest.raises(InvalidPodSpec) as caught:
+        resolve(the_pod, Lookup(objects))
+    assert caught.value.field == field
+    assert f"key {key!r} {problem}" in caught.value.problem
+    assert "the volume is not written" in caught.value.problem
+
+
+def test_a_misnamed_key_left_out_by_items_is_no_file_and_no_error() -> None:
+    objects = {("ConfigMap", "odd"): {"data": {"fine": "ok", "../x": "no"}}}
+    source = {"configMap": {"name": "odd", "items": [{"key": "fine", "path": "f"}]}}
+    inputs = resolve(volume_pod({"name": "x", **source}, mounts=[]), Lookup(objects))
+    assert inputs.volumes["x"] == (VolumeFile(path="f", data=b"ok", mode=0o644),)
+
+
+@pytest.mark.parametrize(
+    "key", ["a", "run.sh", "-x", "_y", ".env", "a..b", "A-Z_0.9", "k" * 253, "a.."]
+)
+def test_keys_kubernetes_stores_are_file_names(key: str) -> None:
+    assert key_problem(key) is None
+
+
+@pytest.mark.parametrize("path", ["a", "a/b/c", "a..b", "x/..y", ".a", "a/./b"])
+def test_paths_kubernetes_accepts(path: str) -> None:
+    assert path_problem(path) is None
 
 
 def test_config_volumes_are_bound_read_only_and_not_created_by_the_script() -> None:

@@ -23,6 +23,7 @@ OBJECTS: dict[tuple[str, str], dict[str, Any]] = {
     ("ConfigMap", "kube-root-ca.crt"): {"data": {"ca.crt": CA}},
     ("ConfigMap", "settings"): {"data": {"app": "demo", "other": "x"}},
     ("Secret", "db"): {"data": {"password": "czNjcjN0"}},  # s3cr3t
+    ("ConfigMap", "odd"): {"data": {"fine": "x", "../escape": "y"}},  # no API server stores it
 }
 
 # What the API server's ServiceAccount admission adds to a pod, unchanged.
@@ -206,6 +207,40 @@ def test_format_map_quotes_as_go_does() -> None:
             "inside the volume",
         ),
         (
+            {"serviceAccountToken": {"path": "/var/run/t"}},
+            "sources[0].serviceAccountToken.path",
+            "not absolute",
+        ),
+        (
+            {"serviceAccountToken": {"path": "..token"}},
+            "sources[0].serviceAccountToken.path",
+            "must not start with '..'",
+        ),
+        (
+            {"configMap": {"name": "settings", "items": [{"key": "app", "path": "a/../../x"}]}},
+            "sources[0].configMap.items[0].path",
+            "without '..'",
+        ),
+        (
+            {"secret": {"name": "db", "items": [{"key": "password", "path": "/root/pw"}]}},
+            "sources[0].secret.items[0].path",
+            "not absolute",
+        ),
+        (
+            {
+                "downwardAPI": {
+                    "items": [{"path": "../../name", "fieldRef": {"fieldPath": "metadata.name"}}]
+                }
+            },
+            "sources[0].downwardAPI.items[0].path",
+            "without '..'",
+        ),
+        (
+            {"configMap": {"name": "odd"}},
+            "sources[0].configMap",
+            "key '../escape' must be letters, digits",
+        ),
+        (
             {"serviceAccountToken": {"path": "t", "expirationSeconds": "1h"}},
             "sources[0].serviceAccountToken.expirationSeconds",
             "whole number",
@@ -260,6 +295,39 @@ def test_projected_sources_hpk_cannot_make_fail_the_pod(
         projected.resolve(make_pod(volume), lookup)
     assert raised.value.field == f"spec.volumes[0].projected.{field}"
     assert message in raised.value.problem
+
+
+@pytest.mark.parametrize(
+    ("path", "problem"),
+    [
+        ("/etc/name", "not absolute"),
+        ("../name", "without '..'"),
+        ("..data/name", "must not start with '..'"),
+        (".", "not the volume itself"),
+        ("", "not empty"),
+    ],
+)
+def test_downward_api_volume_paths_stay_inside_the_volume(path: str, problem: str) -> None:
+    item = {"path": path, "fieldRef": {"fieldPath": "metadata.name"}}
+    volume = {"name": "info", "downwardAPI": {"items": [item]}}
+    with pytest.raises(InvalidPodSpec) as raised:
+        projected.resolve(make_pod(volume), lookup)
+    assert raised.value.field == "spec.volumes[0].downwardAPI.items[0].path"
+    assert problem in raised.value.problem
+
+
+def test_paths_are_compared_clean_so_a_clash_is_seen() -> None:
+    volume = {
+        "name": "info",
+        "downwardAPI": {
+            "items": [
+                {"path": "id/name", "fieldRef": {"fieldPath": "metadata.name"}},
+                {"path": "./id//name", "fieldRef": {"fieldPath": "metadata.uid"}},
+            ]
+        },
+    }
+    with pytest.raises(InvalidPodSpec, match="clashes with another file"):
+        projected.resolve(make_pod(volume), lookup)
 
 
 def test_two_sources_writing_one_file_fail_the_pod() -> None:
