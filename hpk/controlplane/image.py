@@ -10,7 +10,10 @@ component runs in the image; give it neither and they run straight from the tool
 The image is cached in the tool folder as
 `control-plane-<kubernetes>-<etcd>-<coredns>-<hash of the .def>.sif`: a new pin or an edited
 recipe builds afresh, anything else costs nothing. Building writes only there and to the tool
-folder's logs/; running writes nothing of its own.
+folder's logs/. Running writes nothing of its own, except for users without FUSE: a copy of the
+image unpacked once per node into a private folder in node-local scratch, and a record of it
+(place and digest) in the user's hpk folder; see runnable_image for why it is never found by
+its name alone.
 
     python -m hpk.controlplane.image        build if needed, print the image's path
 """
