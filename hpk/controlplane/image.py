@@ -539,7 +539,10 @@ def runnable_image(
             if problem is None:
                 log.info("running %s from its verified copy %s", image.name, unpacked.path)
                 return unpacked.path
-            log.warning("not running the copy of %s recorded in %s: %s", image, record, problem)
+            if not os.path.lexists(unpacked.path.parent):  # scratch was cleaned: no news
+                log.info("the copy %s of %s is gone; unpacking afresh", unpacked.path, image.name)
+            else:
+                log.warning("not running the copy %s of %s: %s", unpacked.path, image, problem)
         try:
             folder = make_private_folder(
                 scratch or scratch_base(), prefix=f"hpk-{uid}-", owner=owner

@@ -4,8 +4,10 @@ runs a component inside it. Nothing here starts Apptainer."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
+import shutil
 import stat
 import struct
 from pathlib import Path
@@ -503,6 +505,17 @@ def test_copy_of_another_owner_is_not_used(node: Node, caplog: pytest.LogCapture
         )
     assert "owned by uid" in caplog.text
     assert node.unpacks() == 1
+
+
+def test_copy_removed_by_scratch_cleaning_is_unpacked_again_quietly(
+    node: Node, caplog: pytest.LogCaptureFixture
+) -> None:
+    first = node.runnable()
+    shutil.rmtree(first.parent)
+    second = node.runnable()
+    assert second != first and second.is_dir()
+    assert node.unpacks() == 2
+    assert [r.levelname for r in caplog.records if r.levelno >= logging.WARNING] == []
 
 
 def test_unreadable_record_means_a_fresh_copy(node: Node) -> None:
