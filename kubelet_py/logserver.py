@@ -17,6 +17,13 @@ Two layers, so that the first can be tested on literal files:
   file every `POLL_SECONDS` and stops when the container has ended and the file is drained,
   when the client goes away, or when the server stops.
 
+The pod folders are the containers' to spoil, so names are matched whole (`re.fullmatch`)
+before they become paths, every file is opened through kubelet_py.podfiles (no link below the
+pod folder is followed, and only regular files are read: a container cannot make its log a
+link to the cluster CA key), and a request that fails for a pod's files (any OSError, or a
+surprise) is answered with an error, logged with the pod's key and reported once as a Warning
+Event on the pod (`LogServeFailed`); the server goes on serving every other pod.
+
 What it may touch: the pod folders, read only; the pod as the API server has it, only through
 an injected `PodLookup` (so this module never imports the Kubernetes client).
 """
@@ -24,6 +31,7 @@ an injected `PodLookup` (so this module never imports the Kubernetes client).
 from __future__ import annotations
 
 import calendar
+import contextlib
 import logging
 import os
 import re
@@ -33,13 +41,16 @@ import socketserver
 import ssl
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, BinaryIO
 from urllib.parse import parse_qs, unquote, urlsplit
+
+from kubelet_py import podfiles
+from kubelet_py.events import PodWarnings
 
 log = logging.getLogger(__name__)
 
@@ -62,11 +73,15 @@ ALLOWED_USERS = frozenset({"kube-apiserver-kubelet-client"})
 ALLOWED_GROUPS = frozenset({"system:masters"})
 """Client certificate Os whose members may use the API."""
 
+SERVE_FAILED = "LogServeFailed"
+"""The reason of the Warning Event a pod gets when its log files cannot be served."""
+
 _READ_SIZE = 1 << 16
 _STREAMS = (b"stdout", b"stderr")
-_NAME = re.compile(r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
+# Both are used with fullmatch only: `$` would also match before a trailing newline.
+_NAME = re.compile(r"[a-z0-9]([-a-z0-9.]*[a-z0-9])?")
 _TIME = re.compile(
-    r"^(\d{4})-(\d\d)-(\d\d)[Tt](\d\d):(\d\d):(\d\d)(?:\.(\d{1,9}))?([Zz]|[+-]\d\d:\d\d)$"
+    r"(\d{4})-(\d\d)-(\d\d)[Tt](\d\d):(\d\d):(\d\d)(?:\.(\d{1,9}))?([Zz]|[+-]\d\d:\d\d)"
 )
 _TRUE = frozenset({"1", "t", "T", "true", "TRUE", "True"})
 _FALSE = frozenset({"", "0", "f", "F", "false", "FALSE", "False"})
@@ -107,7 +122,7 @@ LookupUnavailable when it cannot tell."""
 
 def parse_time(text: str) -> int | None:
     """An RFC 3339 time as nanoseconds since the epoch; None if `text` is not one."""
-    match = _TIME.match(text)
+    match = _TIME.fullmatch(text)
     if match is None:
         return None
     year, month, day, hour, minute, second, fraction, zone = match.groups()
@@ -241,7 +256,7 @@ class PodView:
 
 
 def _check_name(kind: str, name: str) -> None:
-    if len(name) > 253 or not _NAME.match(name) or ".." in name:
+    if len(name) > 253 or not _NAME.fullmatch(name) or ".." in name:
         raise NotFound(f"{kind} {name!r} is not a valid name")
 
 
@@ -268,33 +283,28 @@ def find_log(
             f"it has {', '.join(view.containers) or 'none'}"
         )
     folder = pods_dir / namespace / pod
-    if view is None and not folder.is_dir():
+    if view is None and not podfiles.is_folder(folder):
         raise NotFound(f"pod {namespace}/{pod} not found on this kubelet")
     waiting = f'container "{container}" in pod "{pod}" is waiting to start'
     if view is not None:
         reason = view.waiting.get(container) or "ContainerCreating"
         waiting = f"{waiting}: {reason}"
-        recorded = _read(folder / "uid")
-        if not folder.is_dir() or (recorded is not None and recorded != view.uid):
+        recorded = podfiles.read_marker(folder / "uid", root=folder)
+        if not podfiles.is_folder(folder) or (recorded is not None and recorded != view.uid):
             raise BadRequest(waiting)
     else:
         waiting = f"{waiting} (or the pod has no such container)"
     container_dir = folder / "containers" / container
     if previous:
         older = container_dir / PREVIOUS_LOG
-        if older.is_file():
+        if os.path.lexists(older):
             return older
         raise BadRequest(f'previous terminated container "{container}" in pod "{pod}" not found')
-    if not (container_dir / "started").exists() and not (container_dir / "log").exists():
+    if not os.path.lexists(container_dir / "started") and not os.path.lexists(
+        container_dir / "log"
+    ):
         raise BadRequest(waiting)
     return container_dir / "log"
-
-
-def _read(path: Path) -> str | None:
-    try:
-        return path.read_text().strip()
-    except OSError:
-        return None
 
 
 def container_ended(log_file: Path) -> Callable[[], bool]:
@@ -308,7 +318,7 @@ def container_ended(log_file: Path) -> Callable[[], bool]:
     def ended() -> bool:
         if log_file.name != "log":  # a previous run's log is complete
             return True
-        return (container_dir / "exit").exists() or not container_dir.is_dir()
+        return os.path.lexists(container_dir / "exit") or not podfiles.is_folder(container_dir)
 
     return ended
 
@@ -366,7 +376,8 @@ def read_log(
     *,
     ended: Callable[[], bool] = lambda: True,
     wait: Callable[[float], bool] = _never_stop,
-) -> Iterator[bytes]:
+    root: Path | None = None,
+) -> Generator[bytes, None, None]:
     """The log at `path` as the body of a `/containerLogs` answer, in non-empty pieces.
 
     Without `follow`: what the file holds now. With it: then what is appended, until `ended()`
@@ -374,9 +385,12 @@ def read_log(
     left, or the server stops). A file that does not exist yet is empty, and followed until
     it appears. A last piece without a newline is a line still being written: it is left out
     until it is complete, unless the container has ended.
+
+    The file is opened through kubelet_py.podfiles: no link is followed (none below `root`,
+    the pod folder), and anything but a regular file is PodFileRefused.
     """
     remaining = options.limit_bytes
-    for piece in _formatted(path, options, ended=ended, wait=wait):
+    for piece in _formatted(path, options, ended=ended, wait=wait, root=root):
         if remaining is not None and len(piece) >= remaining:
             yield piece[:remaining]
             return
@@ -385,9 +399,9 @@ def read_log(
         yield piece
 
 
-def _open(path: Path, *, tail_lines: int | None) -> BinaryIO | None:
+def _open(path: Path, *, tail_lines: int | None, root: Path | None = None) -> BinaryIO | None:
     try:
-        handle = path.open("rb")
+        handle = podfiles.open_file(path, root=root)
     except FileNotFoundError:
         return None
     if tail_lines is not None:
@@ -401,16 +415,17 @@ def _formatted(
     *,
     ended: Callable[[], bool],
     wait: Callable[[float], bool],
+    root: Path | None,
 ) -> Iterator[bytes]:
     """read_log without the byte limit."""
-    handle = _open(path, tail_lines=options.tail_lines)
+    handle = _open(path, tail_lines=options.tail_lines, root=root)
     pending = b""
     try:
         while True:
             # Asked before reading: whatever was written before the end is then in the file.
             finished = ended()
             if handle is None:  # the tail is of what was there at first; this is all new
-                handle = _open(path, tail_lines=None)
+                handle = _open(path, tail_lines=None, root=root)
             while handle is not None and (chunk := handle.read(_READ_SIZE)):
                 *lines, pending = (pending + chunk).split(b"\n")
                 out = b"".join(piece for raw in lines if (piece := _format(raw, options)))
@@ -483,6 +498,7 @@ class _Server(ThreadingHTTPServer):
         tls: ssl.SSLContext,
         pods_dir: Path,
         lookup: PodLookup | None,
+        warnings: PodWarnings,
     ) -> None:
         super().__init__(address, _Handler)
         # The handshake happens in the connection's own thread (finish_request), so a slow
@@ -490,6 +506,7 @@ class _Server(ThreadingHTTPServer):
         self.socket = tls.wrap_socket(self.socket, server_side=True, do_handshake_on_connect=False)
         self.pods_dir = pods_dir
         self.lookup = lookup
+        self.warnings = warnings
         self.stopping = threading.Event()
 
     def server_bind(self) -> None:
@@ -549,35 +566,81 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _logs(self, namespace: str, pod: str, container: str, *, query: dict[str, Any]) -> None:
         key = f"{namespace}/{pod}"
+        found: Mapping[str, Any] | None = None
         try:
             options = parse_options(query, now_ns=time.time_ns())
+            found = self._lookup(namespace, pod)
             path = find_log(
                 self.server.pods_dir,
                 namespace=namespace,
                 pod=pod,
                 container=container,
                 previous=options.previous,
-                view=self._view(namespace, pod),
+                view=None if found is None else PodView.of(found),
             )
+            root = self.server.pods_dir / namespace / pod
+            # Opened once before the answer starts, so that a link or a FIFO in its place is
+            # an error the client reads, not a stream cut short.
+            with contextlib.suppress(FileNotFoundError):
+                podfiles.open_file(path, root=root).close()
         except LogError as error:
             log.info("pod %s: logs of %s refused: %s", key, container, error.message)
             self._answer(error.status, error.message)
+            return
+        except Exception as error:  # this pod's files alone: the server serves the others
+            self._failed(key, container, error, found)
             return
         self.send_response(HTTPStatus.OK)
         self.send_header("Content-Type", "text/plain; charset=utf-8")
         self.send_header("Transfer-Encoding", "chunked")
         self.end_headers()
+        pieces = read_log(path, options, ended=container_ended(path), wait=self._wait, root=root)
         try:
-            for piece in read_log(path, options, ended=container_ended(path), wait=self._wait):
+            while True:
+                try:
+                    piece = next(pieces, None)
+                except Exception as error:  # the pod's file, not the client
+                    self._failed(key, container, error, found, answered=True)
+                    return
+                if piece is None:
+                    break
                 self.wfile.write(b"%x\r\n%s\r\n" % (len(piece), piece))
             self.wfile.write(b"0\r\n\r\n")
         except (OSError, ssl.SSLError) as error:  # the client went away mid-stream
             log.debug("pod %s: log stream of %s ended: %s", key, container, error)
             self.close_connection = True
+        finally:
+            pieces.close()
         if self.server.stopping.is_set():
             self.close_connection = True
 
-    def _view(self, namespace: str, pod: str) -> PodView | None:
+    def _failed(
+        self,
+        key: str,
+        container: str,
+        error: Exception,
+        pod: Mapping[str, Any] | None,
+        *,
+        answered: bool = False,
+    ) -> None:
+        """A pod's files could not be served: logged, a Warning Event once, an error answer
+        (or, once the stream has begun, the stream cut)."""
+        if isinstance(error, OSError):
+            reason = str(error) if isinstance(error, podfiles.PodFileRefused) else error.strerror
+            log.warning("pod %s: logs of %s not served: %s", key, container, error)
+        else:
+            reason = f"{type(error).__name__}: {error}"
+            log.exception("pod %s: logs of %s failed unexpectedly", key, container)
+        relative = str(reason or type(error).__name__).replace(str(self.server.pods_dir), "")
+        message = f'cannot read the log of container "{container}": {relative}'
+        self.server.warnings.failed(key, message, pod=pod)
+        self.close_connection = True
+        if not answered:
+            self._answer(HTTPStatus.INTERNAL_SERVER_ERROR, message)
+
+    def _lookup(self, namespace: str, pod: str) -> Mapping[str, Any] | None:
+        """The pod as the API server has it; None when it cannot be asked (NotFound when it
+        has no such pod)."""
         if self.server.lookup is None:
             return None
         try:
@@ -587,7 +650,7 @@ class _Handler(BaseHTTPRequestHandler):
             return None
         if found is None:
             raise NotFound(f"pod {namespace}/{pod} not found")
-        return PodView.of(found)
+        return found
 
     def _wait(self, seconds: float) -> bool:
         """For a follow: wait, then say whether to stop (server stopping, client gone)."""
@@ -626,10 +689,18 @@ class LogServer:
         address: str = "0.0.0.0",  # noqa: S104 (the API server connects to the node's address)
         port: int,
         lookup: PodLookup | None = None,
+        warnings: PodWarnings | None = None,
     ) -> None:
         """Binds the port (OSError when it is taken) and loads the certificates (OSError,
-        ssl.SSLError when they cannot be read); serves nothing before `start`."""
-        self._server = _Server((address, port), tls=tls.context(), pods_dir=pods_dir, lookup=lookup)
+        ssl.SSLError when they cannot be read); serves nothing before `start`. `warnings`
+        reports a pod whose files cannot be served (module docstring)."""
+        self._server = _Server(
+            (address, port),
+            tls=tls.context(),
+            pods_dir=pods_dir,
+            lookup=lookup,
+            warnings=warnings or PodWarnings(None, reason=SERVE_FAILED),
+        )
         self._thread: threading.Thread | None = None
 
     @property

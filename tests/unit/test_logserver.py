@@ -22,8 +22,10 @@ from hpk.pki import (
     load_certificate,
     subject_alt_names,
 )
+from kubelet_py.events import PodWarnings
 from kubelet_py.launch import Clock, launch
 from kubelet_py.logserver import (
+    SERVE_FAILED,
     BadRequest,
     LogOptions,
     LogServer,
@@ -231,6 +233,17 @@ def test_find_log_errors(tmp_path: Path) -> None:
             find_log(tmp_path, namespace="default", pod=pod, container=container)
 
 
+def test_names_are_matched_whole(tmp_path: Path) -> None:
+    pod_folder(tmp_path, "p", {"main": LOG})
+    for pod, container in (("p\n", "main"), ("p", "main\n"), ("p", "main/x")):
+        with pytest.raises(NotFound, match="not a valid name"):
+            find_log(tmp_path, namespace="default", pod=pod, container=container)
+    with pytest.raises(NotFound, match="not a valid name"):
+        find_log(tmp_path, namespace="default\n", pod="p", container="main")
+    assert parse_time(f"{T1}\n") is None
+    assert parse_time(f" {T1}") is None
+
+
 def test_previous_log_is_served_where_a_restart_would_keep_it(tmp_path: Path) -> None:
     folder = pod_folder(tmp_path, "p", {"main": LOG})
     older = folder / "containers" / "main" / "log.previous"
@@ -269,7 +282,7 @@ def test_find_log_with_the_pod_the_api_server_has(tmp_path: Path) -> None:
 
 
 class Bed:
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, *, warnings: PodWarnings | None = None) -> None:
         self.pods = root / "pods"
         self.pki = ClusterPKI(root / "pki")
         self.pki.ensure_control_plane(
@@ -284,6 +297,7 @@ class Bed:
             pods_dir=self.pods,
             address="127.0.0.1",
             port=0,
+            warnings=warnings,
         )
         self.server.start()
 
@@ -490,3 +504,58 @@ def test_previous_serves_the_run_before_a_restart(tmp_path: Path) -> None:
     assert body(previous) == b"first\n"
     current = find_log(tmp_path, namespace="default", pod="p", container="main")
     assert body(current) == b"second\n"
+
+
+class FakeEvents:
+    """The EventSink seam: the Warning Events recorded, as (pod name, reason, message)."""
+
+    def __init__(self) -> None:
+        self.recorded: list[tuple[str, str, str]] = []
+
+    def record(self, pod: Mapping[str, Any], *, kind: str, reason: str, message: str) -> None:
+        self.recorded.append((pod["metadata"]["name"], reason, message))
+
+
+def test_a_log_linked_to_a_key_is_refused_and_reported_once(tmp_path: Path) -> None:
+    events = FakeEvents()
+    bed = Bed(
+        tmp_path,
+        warnings=PodWarnings(
+            events, reason=SERVE_FAILED, lookup=lambda key: {"metadata": {"name": key[8:]}}
+        ),
+    )
+    try:
+        folder = pod_folder(bed.pods, "evil", {"main": LOG})
+        pod_folder(bed.pods, "fine", {"main": LOG})
+        key = bed.pki.ca.key
+        log = folder / "containers" / "main" / "log"
+        log.unlink()
+        log.symlink_to(key)
+        previous = folder / "containers" / "main" / "log.previous"
+        previous.symlink_to(key)
+        for path in ("main", "main", "main?previous=true", "main?follow=true"):
+            status, text = bed.get(f"/containerLogs/default/evil/{path}")
+            assert status == 500
+            assert b"PRIVATE KEY" not in text
+            name = "log.previous" if "previous" in path else "log"
+            assert text.decode() == (
+                'cannot read the log of container "main": '
+                f"/default/evil/containers/main/{name}: is a symbolic link; not followed"
+            )
+        assert bed.get("/containerLogs/default/fine/main") == (200, b"first\nsecond line\nthird\n")
+    finally:
+        bed.server.stop()
+    assert [(name, reason) for name, reason, _ in events.recorded] == [
+        ("evil", "LogServeFailed"),
+        ("evil", "LogServeFailed"),
+        ("evil", "LogServeFailed"),
+    ], "each distinct failure once: log, log.previous, then log again after it changed"
+
+
+def test_reading_a_fifo_as_the_log_never_blocks(tmp_path: Path) -> None:
+    folder = pod_folder(tmp_path, "p", {"main": LOG})
+    log = folder / "containers" / "main" / "log"
+    log.unlink()
+    os.mkfifo(log)
+    with pytest.raises(OSError, match="not a regular file"):
+        body(log)
