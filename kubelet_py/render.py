@@ -573,6 +573,7 @@ def _launch(
         )
     for word in argv:  # the pod's words are checked already; these may be the image's
         _check_text(word, f"{where}.image", controls=True)
+    _check_exec_size(where, command=command, arguments=arguments, argv=argv, env=variables)
     working_dir = container.get("workingDir") or config.working_dir or DEFAULT_WORKING_DIR
     if not isinstance(working_dir, str) or not working_dir.startswith("/"):
         raise InvalidPodSpec(f"{where}.workingDir", "must be an absolute path")
@@ -1101,6 +1102,58 @@ def _name(value: object, where: str, pattern: re.Pattern[str], *, longest: int =
 
 def _has_control(text: str) -> bool:
     return any(ord(character) < 32 or ord(character) == 127 for character in text)
+
+
+MAX_ARG_STRLEN = 131072
+"""Linux's limit on one argument or `NAME=value` string that execve passes, NUL included. A
+longer word makes bash fail to start the container's launcher (exit 126, no markers)."""
+EXEC_BUDGET = 1024 * 1024
+"""What a container's argv and environment may take together, in bytes (each string with its
+NUL). Linux's ARG_MAX is a quarter of the stack limit, 2 MiB with the usual 8 MiB; half of
+that is left to the job's own environment from Slurm and to Apptainer's options and
+variables, which pass through the same execve calls."""
+
+
+def _check_exec_size(
+    where: str,
+    *,
+    command: Sequence[str],
+    arguments: Sequence[str],
+    argv: Sequence[str],
+    env: Mapping[str, str],
+) -> None:
+    """Refuse a container whose words (after `$(VAR)` expansion) or variables no execve takes,
+    naming the word's field: `command[i]`, `args[i]`, or `image` for its ENTRYPOINT and CMD."""
+    leading = len(argv) - len(arguments)  # `command`, or the image's words
+    fields = [
+        f"{where}.command[{index}]" if command else f"{where}.image" for index in range(leading)
+    ] + [f"{where}.args[{index}]" for index in range(len(arguments))]
+    sizes = [len(word.encode()) + 1 for word in argv]
+    for at, size in zip(fields, sizes, strict=True):
+        if size > MAX_ARG_STRLEN:
+            what = "a word of its ENTRYPOINT or CMD" if at.endswith(".image") else "the word"
+            raise InvalidPodSpec(
+                at,
+                f"{what} is {size - 1} bytes long after $(VAR) expansion; Linux passes no "
+                f"argument longer than {MAX_ARG_STRLEN - 1} bytes to a program",
+            )
+    for name, value in env.items():
+        size = len(name.encode()) + len(value.encode()) + 2
+        sizes.append(size)
+        if size > MAX_ARG_STRLEN:
+            raise InvalidPodSpec(
+                f"{where}.env",
+                f"variable {name} is {size - 2 - len(name.encode())} bytes long; Linux passes "
+                f"no {name}=value string longer than {MAX_ARG_STRLEN - 1} bytes to a program",
+            )
+    if sum(sizes) > EXEC_BUDGET:
+        raise InvalidPodSpec(
+            where,
+            f"its arguments and environment take {sum(sizes)} bytes, more than the "
+            f"{EXEC_BUDGET} hpk allows (Linux starts no program whose arguments and "
+            "environment exceed ARG_MAX, and the job's own environment needs room too); "
+            "pass large data in a file, such as a configMap volume",
+        )
 
 
 def _check_text(text: str, where: str, *, controls: bool = False) -> None:
