@@ -1,8 +1,12 @@
 """The hpk command's use of Slurm: submitting, following and stopping the control-plane job.
 
 It goes through the kubelet's Slurm adapter (kubelet_py.slurm), so both share one set of
-commands, parsers and typed errors. The one call only `hpk down` needs is here: SIGTERM to
-the job's batch shell alone, so that hpk stops the components in order.
+commands, parsers, job-ID checks and typed errors. The one call only `hpk down` needs is
+here: SIGTERM to the job's batch shell alone, so that hpk stops the components in order.
+
+The job IDs come from hpk's own cluster record and submissions, never from a pod: nothing in
+kubelet_py imports this module, and the kubelet acts only on jobs it proves a pod's own (see
+kubelet_py.provider), which the control-plane job never is.
 """
 
 from __future__ import annotations
@@ -22,8 +26,7 @@ __all__ = ["QueueEntry", "SlurmUnavailable", "SubmissionFailed"]
 
 ACTIVE_STATES = {"PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "SUSPENDED", "REQUEUED"}
 
-_runner = SubprocessRunner()
-_client = SlurmClient(_runner)
+_client = SlurmClient(SubprocessRunner())
 
 
 def submit(script: Path, *, flags: Sequence[str] = (), env: Mapping[str, str] | None = None) -> str:
@@ -44,8 +47,10 @@ def cancel(job_id: str) -> None:
     _client.cancel(job_id)
 
 
-def stop_batch_shell(job_id: str) -> None:
-    """SIGTERM to the batch shell alone, not to every process of the job."""
-    result = _runner.run(["scancel", "--batch", "--signal=TERM", job_id], timeout=60)
-    if result.returncode != 0:
-        raise SlurmUnavailable(result.stderr.strip() or f"scancel exited {result.returncode}")
+def stop_batch_shell(job_id: str, *, client: SlurmClient | None = None) -> None:
+    """SIGTERM to the batch shell alone, not to every process of the job.
+
+    Raises ValueError for a string that is not a job ID (nothing runs then), SlurmUnavailable
+    or SlurmError when scancel fails.
+    """
+    (client or _client).cancel(job_id, signal="TERM", batch_only=True)

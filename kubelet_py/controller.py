@@ -9,7 +9,9 @@ backoff, handled by several workers, never two at once for the same pod, and:
 - writes the status the provider computes to /status when it changed (never over a terminal
   pod, and not before Slurm has listed the job: a restart must not turn Running back into
   Pending);
-- fails pods the provider refuses, with a Warning Event;
+- fails pods the provider refuses, with a Warning Event, and passes on the provider's
+  warnings (a job ID on the pod or in its folder whose job is not the pod's own, which the
+  provider leaves alone and replaces by a job of the pod's own);
 - keeps a pod whose ConfigMap, Secret or key does not exist yet Pending, its containers
   waiting with CreateContainerConfigError and a Warning Event naming what is missing, and
   tries it again with backoff until the object appears (nothing is submitted until then);
@@ -285,14 +287,15 @@ class PodController:
             try:
                 job_id = self.provider.create_pod(pod, partition=self.partition_of(node))
             except (InvalidPodSpec, ImageNotResolved, SubmissionFailed) as error:
+                self._warn(pod, key)  # a refused job-id annotation, say
                 self._fail(key, pod, error)
                 return
             except MissingReference as missing:
+                self._warn(pod, key)
                 self._wait_for_config(key, pod, missing)
                 raise  # the worker tries the pod again, with backoff
-            if not annotated:
-                self._event(pod, "Normal", "Submitted", f"Slurm job {job_id} submitted")
             self._warn(pod, key)
+            self._announce(pod, key, job_id)
         if annotated != job_id and uid not in self._annotated:
             self.api.merge_patch(
                 pod_path(metadata["namespace"], metadata["name"]),
@@ -330,9 +333,14 @@ class PodController:
         except Exception:  # the controller meets the same pod again once it is bound
             log.exception("%s: starting before binding failed unexpectedly", key)
             return {}
+        self._warn(pod, key)
+        if self.provider.adopted(key) is not None:
+            # The binder would announce the annotation as a submission; the pod's own
+            # handling writes the annotation once it is bound.
+            self._announce(pod, key, job_id)
+            return {}
         with self._lock:
             self._annotated.add(str((pod.get("metadata") or {}).get("uid", "")))
-        self._warn(pod, key)
         return {JOB_ID_ANNOTATION: job_id}
 
     def abandon(self, pod: JSON) -> None:
@@ -379,8 +387,19 @@ class PodController:
         if phase in TERMINAL:
             self.provider.forget(pod)
 
+    def _announce(self, pod: JSON, key: str, job_id: str) -> None:
+        """The Event of a pod's new job: Submitted, or Adopted for a job found in its folder or
+        by its comment. A job adopted from the pod's own annotation (after a restart) is
+        nothing new."""
+        how = self.provider.adopted(key)
+        if how is None:
+            self._event(pod, "Normal", "Submitted", f"Slurm job {job_id} submitted")
+        elif how != "annotation":
+            self._event(pod, "Normal", "Adopted", f"Slurm job {job_id} adopted (from its {how})")
+
     def _warn(self, pod: JSON, key: str) -> None:
-        """Warning Events for what the submission left out (envFrom keys that are no names)."""
+        """Warning Events for what the submission left out (envFrom keys that are no names)
+        and for job IDs on the pod or in its folder that were not its own."""
         for reason, message in self.provider.take_warnings(key):
             self._event(pod, "Warning", reason, message)
 
@@ -478,6 +497,7 @@ class PodController:
                 self.provider.delete_pod(pod, kill=True)
                 deletion.killed = True
                 log.info("%s: grace period over, job killed", key)
+        self._warn(pod, key)  # a job ID on it that was not its own
         self.provider.forget(pod)
         metadata = pod["metadata"]
         uid = str(metadata.get("uid", ""))

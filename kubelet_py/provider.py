@@ -247,6 +247,10 @@ class SlurmProvider:
         if not namespace or not name or not uid or "/" in namespace + name:
             raise ValueError(f"pod {key!r} lacks a namespace, name or uid")
         folder = self.folder(namespace, name)
+        with self._lock:
+            known = self._pods.get(key)
+        if known is not None and known.uid == uid:
+            return known.job_id  # submitted or proven already
 
         annotated = (metadata.get("annotations") or {}).get(JOB_ID_ANNOTATION)
         if annotated is not None and self._proven(pod, annotated, where="annotation"):
@@ -450,9 +454,10 @@ class SlurmProvider:
             self._owned.pop(uid, None)
             self._refused.pop(uid, None)
             known = self._pods.get(key)
+            if known is None or known.uid == uid:
+                self._warnings.pop(key, None)
             if known is not None and known.uid == uid:
                 del self._pods[key]
-                self._warnings.pop(key, None)
             if job_id is not None:
                 self._signalled.pop(job_id, None)
         self.images.forget(key)
@@ -627,8 +632,10 @@ class SlurmProvider:
             )
         else:
             job = self.slurm.identify([text]).get(text)
-            why = "Slurm knows no job of this user by that ID" if job is None else None
-            why = why or self._disproof(pod, job) if job is not None else why
+            if job is None:
+                why: str | None = "Slurm knows no job of this user by that ID"
+            else:
+                why = self._disproof(pod, job)
             if why is not None:
                 refusal = (
                     NOT_OWNED,
@@ -658,11 +665,13 @@ class SlurmProvider:
             job.comment is None and job.source == "sacct" and job.state in FINAL_STATES
         ):
             wrong.append(f"its comment is {_shown(comment)}" if comment else "it has no comment")
-        if not self._owns(job) or PurePosixPath(job.work_dir.strip()).parts[-2:] != (
-            namespace,
-            name,
+        work_dir = PurePosixPath(job.work_dir.strip())
+        mine = PurePosixPath(self.settings.pods_dir)
+        if work_dir not in (
+            mine / namespace / name,
+            PurePosixPath(os.path.realpath(mine)) / namespace / name,
         ):
-            wrong.append(f"its folder is {_shown(job.work_dir.strip())}")
+            wrong.append(f"its folder is {_shown(str(work_dir))}")
         return "; ".join(wrong) or None
 
     def _owns(self, job: ListedJob) -> bool:

@@ -18,6 +18,8 @@ Facts about Slurm 22.05 this module is built on (measured on the test bed):
   text output (`-P`) is read.
 - `scancel` of an unknown job returns rc 0; with `--signal` it fails ("Invalid job id
   specified").
+- `sacct` knows the fields `JobName`, `WorkDir` and `Comment`, but it stores the comment only
+  when slurm.conf has `AccountingStoreFlags=job_comment`; without it the field is empty.
 - An unreachable controller makes squeue, sbatch, scancel and sinfo retry for about 9 s and then
   fail with "Unable to contact slurm controller"; an unreachable slurmdbd makes sacct fail at
   once.
@@ -26,6 +28,7 @@ Facts about Slurm 22.05 this module is built on (measured on the test bed):
 from __future__ import annotations
 
 import logging
+import os
 import re
 import subprocess
 from collections.abc import Iterable, Mapping, Sequence
@@ -36,8 +39,9 @@ from typing import NamedTuple, Protocol
 
 log = logging.getLogger(__name__)
 
-JOB_ID = re.compile(r"^[1-9][0-9]*(_[0-9]+)?$")
-"""A job ID as sbatch prints it, or one task of an array ("ID_N")."""
+JOB_ID = re.compile(r"[1-9][0-9]*(_[0-9]+)?")
+"""A job ID as sbatch prints it, or one task of an array ("ID_N"). Use `fullmatch`: `$` would
+let a trailing newline through."""
 
 FINAL_STATES = frozenset(
     {
@@ -87,6 +91,8 @@ _QUEUE_FIELDS = (
 _QUEUE_FORMAT = ",".join(f"{name}:0|" for name in _QUEUE_FIELDS[:-1]) + f",{_QUEUE_FIELDS[-1]}:0"
 
 _LISTED_FORMAT = "JobID:0|,State:0|,Name:0|,WorkDir:0|,Comment:0"
+_IDENTIFIED_FORMAT = "JobArrayID:0|,State:0|,Name:0|,WorkDir:0|,Comment:0"
+_IDENTIFIED_ACCOUNTING = "JobID,State,JobName,WorkDir,Comment"
 
 _ACCOUNTING_FIELDS = (
     "JobID",
@@ -239,7 +245,10 @@ class ListedJob:
     work_dir: str
     """The job's working folder (--chdir), as Slurm keeps it."""
     comment: str | None
-    """The job's --comment."""
+    """The job's --comment; None when it has none, or when sacct (which does not store it
+    without `AccountingStoreFlags=job_comment`) reported the job with none."""
+    source: str = "squeue"
+    """Which command told: "squeue" or "sacct"."""
 
 
 @dataclass(frozen=True)
@@ -373,7 +382,7 @@ class SlurmClient:
             raise SubmissionFailed(message or f"sbatch failed with exit code {result.returncode}")
         lines = result.stdout.strip().splitlines()
         job_id = lines[-1].split(";")[0].strip() if lines else ""
-        if not JOB_ID.match(job_id):
+        if not JOB_ID.fullmatch(job_id):
             # Slurm took the job or not; a retry could duplicate it, so this is final.
             raise SubmissionFailed(f"sbatch printed no job ID: {result.stdout.strip()!r}")
         log.debug("job %s: submitted %s", job_id, script)
@@ -415,6 +424,41 @@ class SlurmClient:
             if job.comment is not None and job.comment.startswith(comment_prefix)
         }
 
+    def identify(self, job_ids: Iterable[str]) -> dict[str, ListedJob]:
+        """The name, folder and comment of each given job of this user, keyed by job ID: what
+        proves whose a job is before the kubelet adopts, signals or cancels it.
+
+        One squeue call (pending, running and recently finished jobs), then one sacct call for
+        the jobs squeue no longer lists. Jobs neither knows are missing from the answer, as
+        are other users' jobs (`--me`; sacct shows only the user's own). A site without
+        slurmdbd answers from squeue alone.
+        """
+        ids = _checked_ids(job_ids)
+        if not ids:
+            return {}
+        argv = [self._settings.squeue, "-h", "-t", "all", "--me", "-j", ",".join(ids)]
+        result = self._run([*argv, "-O", _IDENTIFIED_FORMAT])
+        found: dict[str, ListedJob] = {}
+        if result.returncode == 0:
+            found = {job.job_id: job for job in parse_listed(result.stdout)}
+        elif not (len(ids) == 1 and "Invalid job id specified" in _message(result)):
+            raise _failure("squeue", _message(result), result.returncode)
+        missing = [job_id for job_id in ids if job_id not in found]
+        if not missing:
+            return found
+        # sacct shows root every user's jobs, so the user is named, as squeue's --me does.
+        argv = [self._settings.sacct, "-P", "-n", "-X", f"--user={os.getuid()}"]
+        result = self._run([*argv, "-j", ",".join(missing), "-o", _IDENTIFIED_ACCOUNTING])
+        if result.returncode != 0:
+            message = _message(result)
+            if ACCOUNTING_DISABLED in message:
+                return found
+            raise _failure("sacct", message, result.returncode)
+        for job in parse_listed(result.stdout, source="sacct"):
+            if job.job_id in missing:  # sacct may add the tasks of an array
+                found[job.job_id] = job
+        return found
+
     def accounting(self, job_ids: Iterable[str]) -> dict[str, AccountingEntry]:
         """The given jobs as sacct reports them, in one call, keyed by job ID.
 
@@ -442,18 +486,23 @@ class SlurmClient:
             raise _failure("sacct", message, result.returncode)
         return parse_accounting(result.stdout)
 
-    def cancel(self, job_id: str, *, signal: str | None = None) -> None:
+    def cancel(self, job_id: str, *, signal: str | None = None, batch_only: bool = False) -> None:
         """End the job, or send it a signal. Idempotent: a job Slurm no longer knows is fine.
 
         With a signal (e.g. "TERM"), scancel sends it to the batch script as well as to the
-        job's steps (`--full`), so that the script's trap can record its containers' exit.
+        job's steps (`--full`), so that the script's trap can record its containers' exit;
+        with `batch_only` to the batch script alone (`--batch`: `hpk down` lets the
+        control-plane job stop its components in order). The caller has proven the job its
+        own: this only checks that the ID is one.
         """
         _checked_ids([job_id])
         argv = [self._settings.scancel]
         if signal is not None:
             if not re.fullmatch(r"(SIG)?[A-Z0-9]+", signal):
                 raise ValueError(f"not a signal name or number: {signal!r}")
-            argv += [f"--signal={signal}", "--full"]
+            argv += [f"--signal={signal}", "--batch" if batch_only else "--full"]
+        elif batch_only:
+            raise ValueError("batch_only needs a signal: a cancellation ends the whole job")
         argv.append(job_id)
         result = self._run(argv)
         if result.returncode == 0:
@@ -507,11 +556,13 @@ def parse_queue(text: str) -> dict[str, QueueEntry]:
     return entries
 
 
-def parse_listed(text: str) -> list[ListedJob]:
-    """Parse the output of `squeue -h -O` with the fields of `SlurmClient.listed_jobs`.
+def parse_listed(text: str, *, source: str = "squeue") -> list[ListedJob]:
+    """Parse the output of `squeue -h -O` with the fields of `SlurmClient.listed_jobs`, or of
+    `sacct -P -n -X -o JobID,State,JobName,WorkDir,Comment` (source "sacct").
 
     The folder and the comment come last and either may hold the delimiter; the kubelet's
-    own comments never do, so the comment is what follows the last one.
+    own comments never do, so the comment is what follows the last one. sacct's "CANCELLED
+    by <uid>" is read as CANCELLED.
     """
     jobs = []
     for line in text.splitlines():
@@ -526,10 +577,11 @@ def parse_listed(text: str) -> list[ListedJob]:
         jobs.append(
             ListedJob(
                 job_id=job_id.strip(),
-                state=state.strip(),
+                state=state.partition(" by ")[0].strip(),
                 name=name,
                 work_dir=work_dir,
                 comment=None if comment.strip() in ("", "(null)") else comment.rstrip("\n"),
+                source=source,
             )
         )
     return jobs
@@ -652,7 +704,7 @@ def _int(text: str) -> int:
 
 def _checked_ids(job_ids: Iterable[str]) -> list[str]:
     ids = list(dict.fromkeys(job_ids))
-    bad = [job_id for job_id in ids if not JOB_ID.match(job_id)]
+    bad = [job_id for job_id in ids if not JOB_ID.fullmatch(job_id)]
     if bad:
         # Slurm would fail the whole call for one malformed ID.
         raise ValueError(f"not Slurm job IDs: {bad}")

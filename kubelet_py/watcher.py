@@ -174,7 +174,7 @@ class JobWatcher:
 
     def register(self, job_id: str, key: str) -> None:
         """Watch a job for the pod `key`. Registering a job again only updates its key."""
-        if not JOB_ID.match(job_id):
+        if not JOB_ID.fullmatch(job_id):
             raise ValueError(f"not a Slurm job ID: {job_id!r}")
         with self._lock:
             tracked = self._jobs.get(job_id)

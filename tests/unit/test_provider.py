@@ -9,7 +9,7 @@ job signalled TERM then KILL, and only this kubelet's orphaned jobs cancelled.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -40,6 +40,7 @@ class FakeSlurm:
         self.cancelled: list[tuple[str, str | None]] = []
         self.listed: dict[str, ListedJob] = {}
         self.list_calls = 0
+        self.identified: list[list[str]] = []
         self.refuse_signal: str | None = None
         self.unavailable = False
         self.next_id = 100
@@ -49,7 +50,17 @@ class FakeSlurm:
             raise SlurmUnavailable("sbatch: Unable to contact slurm controller")
         self.submitted.append((script, list(argv_flags)))
         self.next_id += 1
-        return str(self.next_id)
+        job_id = str(self.next_id)
+        # Slurm knows the job at once, by the name, folder and comment it was given.
+        flags = dict(flag.removeprefix("--").split("=", 1) for flag in argv_flags if "=" in flag)
+        self.listed[job_id] = ListedJob(
+            job_id=job_id,
+            state="PENDING",
+            name=flags.get("job-name", ""),
+            work_dir=flags.get("chdir", ""),
+            comment=flags.get("comment"),
+        )
+        return job_id
 
     def cancel(self, job_id: str, *, signal: str | None = None) -> None:
         if self.unavailable:
@@ -65,6 +76,13 @@ class FakeSlurm:
             for job_id, job in self.listed.items()
             if (job.comment or "").startswith(comment_prefix)
         }
+
+    def identify(self, job_ids: Iterable[str]) -> dict[str, ListedJob]:
+        if self.unavailable:
+            raise SlurmUnavailable("squeue: Unable to contact slurm controller")
+        asked = list(job_ids)
+        self.identified.append(asked)
+        return {job_id: self.listed[job_id] for job_id in asked if job_id in self.listed}
 
 
 class FakeWatcher:
@@ -203,21 +221,27 @@ def test_new_pod_is_submitted_once_with_its_identity(bed: Bed) -> None:
 
 
 def test_annotated_pod_is_adopted_not_submitted(bed: Bed) -> None:
+    bed.listed("77", UID)
     pod = make_pod(annotations={JOB_ID_ANNOTATION: "77"})
     assert bed.provider.create_pod(pod) == "77"
     assert bed.slurm.submitted == []
+    assert bed.slurm.identified == [["77"]], "the annotation is proven by Slurm first"
     assert bed.provider.job_id("default/web") == "77"
+    assert bed.provider.adopted("default/web") == "annotation"
     assert bed.watcher.registered == {"77": "default/web"}
+    assert bed.provider.take_warnings("default/web") == ()
 
 
 def test_job_id_in_the_pod_folder_is_adopted_after_a_restart(bed: Bed) -> None:
     bed.provider.create_pod(make_pod())
-    slurm, watcher = FakeSlurm(), FakeWatcher()
-    restarted = SlurmProvider(slurm=slurm, watcher=watcher, settings=bed.provider.settings)
+    watcher = FakeWatcher()
+    restarted = SlurmProvider(slurm=bed.slurm, watcher=watcher, settings=bed.provider.settings)
     # The annotation patch was lost with the old kubelet: the pod carries no job ID.
     assert restarted.create_pod(make_pod()) == "101"
-    assert slurm.submitted == []
-    assert slurm.list_calls == 0
+    assert len(bed.slurm.submitted) == 1
+    assert bed.slurm.list_calls == 0
+    assert bed.slurm.identified == [["101"]]
+    assert restarted.adopted("default/web") == "pod folder"
     assert watcher.registered == {"101": "default/web"}
 
 
@@ -257,7 +281,7 @@ def test_folder_of_an_older_pod_of_the_same_name_is_moved_aside(bed: Bed) -> Non
     assert (bed.folder() / "uid").read_text().strip() == UID
     assert (bed.folder() / "job-id").read_text().strip() == new
     assert not (bed.folder() / "containers" / "marker").exists()
-    aside = [path for path in bed.folder().parent.iterdir() if path.name.startswith(".web.")]
+    aside = [path for path in bed.folder().parent.iterdir() if path.name.startswith(".aside-")]
     assert len(aside) == 1
     assert (aside[0] / "job-id").read_text().strip() == old
     assert (aside[0] / "containers" / "marker").read_text() == "old"
@@ -319,6 +343,7 @@ def test_delete_of_an_ended_job_or_a_pod_without_job_sends_nothing(bed: Bed) -> 
 
 
 def test_delete_after_a_restart_finds_the_job_on_the_pod(bed: Bed) -> None:
+    bed.listed("55", UID)
     pod = make_pod(annotations={JOB_ID_ANNOTATION: "55"})
     assert bed.provider.delete_pod(pod) is False
     assert bed.slurm.cancelled == [("55", "TERM")]
@@ -351,6 +376,7 @@ def test_delete_raises_when_slurm_is_unreachable(bed: Bed) -> None:
 
 def test_delete_of_an_old_pod_leaves_the_new_pod_of_its_name_alone(bed: Bed) -> None:
     new = bed.provider.create_pod(make_pod(uid=UID))
+    bed.listed("12", "old-uid")
     old = make_pod(uid="old-uid", annotations={JOB_ID_ANNOTATION: "12"})
     assert bed.provider.delete_pod(old) is False
     bed.provider.forget(old)
