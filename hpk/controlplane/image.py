@@ -85,6 +85,7 @@ _VERSION_ARGS = ("KUBERNETES_VERSION", "ETCD_VERSION", "COREDNS_VERSION")
 _HASH_LENGTH = 12
 _BUILD_TIMEOUT_S = 1800.0
 _TEST_TIMEOUT_S = 300.0
+_UNPACK_TIMEOUT_S = 600.0
 
 
 class ControlPlaneImageError(ControlPlaneError):
@@ -535,9 +536,15 @@ def runnable_image(
     with held_lock(records / ".lock", mode=PRIVATE_FILE_MODE):
         unpacked = UnpackedImage.load(record)
         if unpacked is not None:
+            started = time.monotonic()
             problem = reuse_problem(unpacked, owner=owner)
             if problem is None:
-                log.info("running %s from its verified copy %s", image.name, unpacked.path)
+                log.info(
+                    "running %s from its verified copy %s (checked in %.1f s)",
+                    image.name,
+                    unpacked.path,
+                    time.monotonic() - started,
+                )
                 return unpacked.path
             if not os.path.lexists(unpacked.path.parent):  # scratch was cleaned: no news
                 log.info("the copy %s of %s is gone; unpacking afresh", unpacked.path, image.name)
@@ -553,6 +560,7 @@ def runnable_image(
                 "at a folder only you can write to"
             ) from None
         target = folder / image.stem
+        started = time.monotonic()
         _unpack(image, target, apptainer=apptainer)
         try:
             fresh = UnpackedImage(path=target, digest=tree_digest(target))
@@ -562,20 +570,29 @@ def runnable_image(
         fresh.save(record)
         if unpacked is not None and unpacked.path.parent != folder:
             _remove_own_copy(unpacked.path.parent, owner=owner, uid=uid)
-    log.info("unpacked %s into %s for runs without FUSE", image, target)
+    log.info(
+        "unpacked %s into %s for runs without FUSE in %.1f s",
+        image,
+        target,
+        time.monotonic() - started,
+    )
     return target
 
 
 def _unpack(image: Path, target: Path, *, apptainer: str) -> None:
     """`apptainer build --sandbox`; on failure the folder made for it goes, and the error
     says why."""
-    result = subprocess.run(
-        [apptainer, "build", "--force", "--sandbox", str(target), str(image)],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
-    )
+    try:
+        result = subprocess.run(
+            [apptainer, "build", "--force", "--sandbox", str(target), str(image)],
+            capture_output=True,
+            text=True,
+            timeout=_UNPACK_TIMEOUT_S,
+            check=False,
+        )
+    except (OSError, subprocess.TimeoutExpired) as error:
+        shutil.rmtree(target.parent, ignore_errors=True)
+        raise ImageBuildFailed(f"unpacking {image} into {target} failed: {error}") from None
     if result.returncode != 0:
         shutil.rmtree(target.parent, ignore_errors=True)
         raise ImageBuildFailed(

@@ -532,3 +532,10 @@ def test_failed_unpack_leaves_nothing_and_says_why(node: Node) -> None:
         node.runnable()
     assert list(node.scratch.iterdir()) == []
     assert list(node.records.glob("*.json")) == []
+
+
+def test_missing_apptainer_is_a_build_failure_that_leaves_nothing(node: Node) -> None:
+    node.apptainer.unlink()
+    with pytest.raises(ImageBuildFailed, match="No such file"):
+        node.runnable()
+    assert list(node.scratch.iterdir()) == []
