@@ -30,6 +30,7 @@ Locks are `fcntl.flock` locks, which hold across nodes on NFS; Lustre needs `-o 
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import json
 import logging
@@ -37,12 +38,15 @@ import os
 import re
 import shlex
 import shutil
+import signal
+import stat
 import struct
 import subprocess
 import tarfile
 import tempfile
+import threading
 import time
-from collections.abc import Collection, Iterable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path, PurePosixPath
@@ -128,6 +132,14 @@ class ImagePullFailed(ImageError):
         super().__init__(f"pulling {reference} failed: {problem}")
         self.reference = reference
         self.problem = problem
+
+
+class ImagePullTimeout(ImagePullFailed):
+    """`apptainer pull` ran longer than its time limit and was stopped."""
+
+
+class ImageTooLarge(ImagePullFailed):
+    """`apptainer pull` wrote more than its size limit and was stopped."""
 
 
 class ImageNotCached(ImageError):
@@ -636,6 +648,127 @@ def run_command(argv: Sequence[str]) -> tuple[int, str]:
     return result.returncode, result.stdout
 
 
+@dataclass(frozen=True)
+class PullLimits:
+    """What one pull may take: a registry is the pod spec's to choose, and an endless stream
+    or a huge image must not hold a pull slot, or fill the disk, for ever."""
+
+    timeout_s: float | None = None
+    """Longest a pull may run; None: no limit."""
+
+    max_bytes: int | None = None
+    """Most disk a pull may fill: the SIF it writes and Apptainer's temporary files (layers
+    and the unpacked root filesystem, in a private APPTAINER_TMPDIR); None: no limit."""
+
+    poll_s: float = 0.5
+    """How often the time and the size are looked at while the pull runs."""
+
+
+class LimitExceeded(Exception):
+    """`run_limited` stopped the command: it ran out of time, or wrote too much."""
+
+    def __init__(self, *, timeout: bool, detail: str, output: str) -> None:
+        super().__init__(detail)
+        self.timeout = timeout
+        self.detail = detail
+        self.output = output
+
+
+def disk_usage(paths: Iterable[Path]) -> int:
+    """Bytes of the files at or below `paths` (links are not followed; what cannot be read,
+    such as an unpacked layer's folder of mode 000, is left out)."""
+    total = 0
+    stack = list(paths)
+    while stack:
+        path = stack.pop()
+        try:
+            info = path.lstat()
+        except OSError:
+            continue
+        if stat.S_ISDIR(info.st_mode):
+            try:
+                stack.extend(path.iterdir())
+            except OSError:
+                continue
+        else:
+            total += info.st_size
+    return total
+
+
+def run_limited(
+    argv: Sequence[str],
+    *,
+    limits: PullLimits,
+    watched: Sequence[Path] = (),
+    env: dict[str, str] | None = None,
+    clock: Callable[[], float] = time.monotonic,
+) -> tuple[int, str]:
+    """Run a command as `run_command` does, stopping it (KILL to its whole process group) when
+    it runs longer than `limits.timeout_s` or the files at `watched` grow past
+    `limits.max_bytes`; raises LimitExceeded then."""
+    started = clock()
+    try:
+        child = subprocess.Popen(
+            list(argv),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,  # its helpers (mksquashfs...) are stopped with it
+        )
+    except OSError as error:
+        return 127, f"cannot run {argv[0]}: {error.strerror or error}"
+    output = bytearray()
+
+    def read() -> None:
+        assert child.stdout is not None
+        fd = child.stdout.fileno()
+        while chunk := os.read(fd, 1 << 16):
+            output.extend(chunk)
+            del output[: max(0, len(output) - (1 << 16))]  # its last words are enough
+
+    reader = threading.Thread(target=read, name="pull-output", daemon=True)
+    reader.start()
+    stopped: LimitExceeded | None = None
+    try:
+        while True:
+            try:
+                child.wait(timeout=limits.poll_s)
+                break
+            except subprocess.TimeoutExpired:
+                pass
+            ran = clock() - started
+            if limits.timeout_s is not None and ran > limits.timeout_s:
+                detail = f"stopped after {limits.timeout_s:g} s, its time limit"
+                stopped = LimitExceeded(timeout=True, detail=detail, output="")
+            elif limits.max_bytes is not None and disk_usage(watched) > limits.max_bytes:
+                detail = f"stopped: it wrote more than {_size(limits.max_bytes)}, its size limit"
+                stopped = LimitExceeded(timeout=False, detail=detail, output="")
+            if stopped is not None:
+                break
+    finally:
+        if child.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(child.pid, signal.SIGKILL)
+            child.wait()
+        reader.join(5.0)
+        if child.stdout is not None:
+            child.stdout.close()
+    text = output.decode(errors="replace")
+    if stopped is not None:
+        stopped.output = text
+        raise stopped
+    return child.returncode, text
+
+
+def _size(count: int) -> str:
+    """A byte count as people read it: 10 GiB, 512 MiB, 1500 B."""
+    for unit, size in (("TiB", 1 << 40), ("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if count >= size:
+            return f"{count / size:.3g} {unit}"
+    return f"{count} B"
+
+
 def _apptainer_error(output: str) -> str:
     """Apptainer's own words: its FATAL/ERROR lines, else the last line it wrote."""
     lines = [line.strip() for line in output.splitlines() if line.strip()]
@@ -757,11 +890,17 @@ def pull_image(
     *,
     cache_dir: Path | None = None,
     apptainer: str | None = None,
-    runner: CommandRunner = run_command,
+    runner: CommandRunner | None = None,
     fresh_since: float | None = None,
     insecure_registries: Collection[str] = (),
+    limits: PullLimits | None = None,
 ) -> Path:
     """Pull `docker://reference` into the cache; returns its cache path.
+
+    Without a `runner`, Apptainer runs under `limits` (`run_limited`, with a private
+    APPTAINER_TMPDIR whose size counts): ImagePullTimeout when it runs too long,
+    ImageTooLarge when it writes too much. A `runner` (a test's registry) is trusted to end;
+    the SIF it writes is still held to `limits.max_bytes`.
 
     Pulls of the same entry are serialised by its lock (two kubelets share it too), and the
     ones that waited do not pull again: with `fresh_since` None, an entry present once the lock
@@ -781,25 +920,35 @@ def pull_image(
         fd, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=target.parent)
         os.close(fd)
         temporary = Path(name)
+        limits = limits or PullLimits()
         try:
             binary = apptainer or _default_apptainer()
             started = time.monotonic()
             http = plain_http(parse_reference(key).registry, insecure_registries)
-            status, output = runner(
-                [
-                    binary,
-                    "--quiet",
-                    "pull",
-                    "--force",
-                    # hpk's cache is the SIF; Apptainer's own layer cache would hold it twice.
-                    "--disable-cache",
-                    *(["--no-https"] if http else []),
-                    str(temporary),
-                    f"docker://{key}",
-                ]
-            )
+            argv = [
+                binary,
+                "--quiet",
+                "pull",
+                "--force",
+                # hpk's cache is the SIF; Apptainer's own layer cache would hold it twice.
+                "--disable-cache",
+                *(["--no-https"] if http else []),
+                str(temporary),
+                f"docker://{key}",
+            ]
+            if runner is None:
+                status, output = _pull_limited(key, argv, temporary, limits)
+            else:
+                status, output = runner(argv)
             if status != 0:
                 raise ImagePullFailed(key, _apptainer_error(output))
+            written = disk_usage([temporary])
+            if limits.max_bytes is not None and written > limits.max_bytes:
+                raise ImageTooLarge(
+                    key,
+                    f"the image has {_size(written)}, more than {_size(limits.max_bytes)}, "
+                    "its size limit",
+                )
             try:
                 config = sif_config(temporary)
             except InvalidImageFile as error:
@@ -809,6 +958,41 @@ def pull_image(
             temporary.unlink(missing_ok=True)
     log.info("pulled %s into %s in %.1f s", key, target, time.monotonic() - started)
     return target
+
+
+def _pull_limited(
+    key: str, argv: Sequence[str], temporary: Path, limits: PullLimits
+) -> tuple[int, str]:
+    """`run_limited` of `apptainer pull` with a private APPTAINER_TMPDIR, which counts toward
+    the size and is removed afterwards (what a stopped pull left too)."""
+    scratch = Path(tempfile.mkdtemp(prefix="hpk-pull-"))  # 0700, the user's own
+    env = {**os.environ, "APPTAINER_TMPDIR": str(scratch)}
+    try:
+        return run_limited(argv, limits=limits, watched=[temporary, scratch], env=env)
+    except LimitExceeded as stopped:
+        error = ImagePullTimeout if stopped.timeout else ImageTooLarge
+        raise error(key, f"the pull was {stopped.detail}") from None
+    finally:
+        _remove_tree(scratch)
+
+
+def _remove_tree(path: Path) -> None:
+    """Remove a pull's scratch folder, whose unpacked layers may hold folders without write
+    or search permission."""
+
+    def make_writable(_function: Any, failed: str, _info: Any) -> None:
+        with contextlib.suppress(OSError):
+            os.chmod(os.path.dirname(failed), 0o700)
+            os.chmod(failed, 0o700)
+        with contextlib.suppress(OSError):
+            if os.path.isdir(failed) and not os.path.islink(failed):
+                shutil.rmtree(failed, ignore_errors=True)
+            else:
+                os.unlink(failed)
+
+    shutil.rmtree(path, onerror=make_writable)
+    if os.path.lexists(path):
+        log.warning("pull scratch folder %s not fully removed", path)
 
 
 def _install(temporary: Path, target: Path, config: ImageConfig) -> None:

@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import logging
+import math
 import signal
 import sys
 import threading
@@ -48,9 +49,10 @@ from kubelet_py import CONNECTED_MESSAGE
 from kubelet_py.apiserver import ApiError, ApiUnavailable, KubeApi, ListWatch, pod_path
 from kubelet_py.binder import Binder, BinderSettings, unbound_pods
 from kubelet_py.controller import BOUND_PODS, PodController
-from kubelet_py.events import EventRecorder
-from kubelet_py.logserver import LogServer, LookupUnavailable, PodLookup, ServerTLS
-from kubelet_py.markerwatch import MarkerWatch
+from kubelet_py.errors import InvalidPodSpec
+from kubelet_py.events import EventRecorder, PodWarnings
+from kubelet_py.logserver import SERVE_FAILED, LogServer, LookupUnavailable, PodLookup, ServerTLS
+from kubelet_py.markerwatch import WATCH_FAILED, MarkerWatch
 from kubelet_py.nodes import (
     HostInfo,
     NodeAgent,
@@ -66,6 +68,8 @@ from kubelet_py.provisioner import (
     Provisioner,
     ProvisionerSettings,
 )
+from kubelet_py.pulls import PullSettings
+from kubelet_py.resources import parse_quantity
 from kubelet_py.slurm import SlurmClient, SubprocessRunner
 from kubelet_py.storage import with_claims
 from kubelet_py.tokens import TokenManager, TokenSettings
@@ -120,6 +124,9 @@ class KubeletSettings:
     the filesystem the compute nodes share); None: `<hpk home>/volumes`."""
     insecure_registries: tuple[str, ...] = ()
     """Registries pulled from over plain HTTP, besides those on the loopback."""
+    pulls: PullSettings = field(default_factory=PullSettings)
+    """How long an image pull may run, how much it may write, how many run at once (and the
+    registries pulled from over plain HTTP, as `insecure_registries`)."""
     allow_mail_flags: bool = False
     """Whether pods' flags annotations may pass --mail-type and --mail-user: mail leaves the
     cluster, and a chart's pods could flood the user's mailbox, so it is off unless asked."""
@@ -129,8 +136,18 @@ def _csv(text: str) -> tuple[str, ...]:
     return tuple(part.strip() for part in text.split(",") if part.strip())
 
 
+def _byte_count(text: str) -> int:
+    """A size flag: bytes, or a quantity such as 16Gi or 500M."""
+    try:
+        count = parse_quantity(text, field="size")
+    except InvalidPodSpec as error:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size such as 16Gi") from error
+    return math.ceil(count)
+
+
 def parse_args(argv: Sequence[str] | None = None) -> KubeletSettings:
     defaults = NodeSettings()
+    pulls = PullSettings()
     parser = argparse.ArgumentParser(prog="hpk-kubelet")
     parser.add_argument("--version", action="version", version=f"hpk-kubelet {__version__}")
     parser.add_argument("--kubeconfig", type=Path, required=True, help="the kubelet's kubeconfig")
@@ -189,6 +206,28 @@ def parse_args(argv: Sequence[str] | None = None) -> KubeletSettings:
         help="a registry to pull images from over plain HTTP (repeatable); registries on the "
         "loopback always are",
     )
+    parser.add_argument(
+        "--image-pull-timeout",
+        type=float,
+        default=pulls.timeout_s,
+        metavar="SECONDS",
+        help="an image pull running longer is stopped, and its pods get ErrImagePull "
+        "(default: %(default)s)",
+    )
+    parser.add_argument(
+        "--image-pull-max-size",
+        type=_byte_count,
+        default=pulls.max_bytes,
+        metavar="SIZE",
+        help="an image pull writing more (the SIF and Apptainer's temporary files; bytes or "
+        "a quantity such as 16Gi) is stopped, and its pods get ErrImagePull (default: 16Gi)",
+    )
+    parser.add_argument(
+        "--max-parallel-image-pulls",
+        type=int,
+        default=pulls.max_concurrent,
+        help="image pulls that run at once; the others wait (default: %(default)s)",
+    )
     parser.add_argument("--node-ip", default=None, help="InternalIP of the nodes")
     parser.add_argument("--hostname", default=None, help="Hostname address of the nodes")
     parser.add_argument(
@@ -233,6 +272,12 @@ def parse_args(argv: Sequence[str] | None = None) -> KubeletSettings:
     args = parser.parse_args(argv)
     try:
         tokens = TokenSettings(refresh_fraction=args.token_refresh_fraction)
+        pulls = PullSettings(
+            insecure_registries=tuple(args.insecure_registry),
+            timeout_s=args.image_pull_timeout,
+            max_bytes=args.image_pull_max_size,
+            max_concurrent=args.max_parallel_image_pulls,
+        )
         if args.pod_api_server is not None:
             service_endpoint(args.pod_api_server)
     except ValueError as error:
@@ -269,6 +314,7 @@ def parse_args(argv: Sequence[str] | None = None) -> KubeletSettings:
         tokens=tokens,
         volumes_dir=args.volumes_dir,
         insecure_registries=tuple(args.insecure_registry),
+        pulls=pulls,
         allow_mail_flags=args.allow_mail_flags,
     )
 
@@ -315,7 +361,12 @@ def pod_lookup(api: KubeApi) -> PodLookup:
 
 
 def _log_server(
-    settings: KubeletSettings, tls: ServerTLS, *, pods_dir: Path, api: KubeApi
+    settings: KubeletSettings,
+    tls: ServerTLS,
+    *,
+    pods_dir: Path,
+    api: KubeApi,
+    warnings: PodWarnings | None = None,
 ) -> LogServer | None:
     """The kubelet API, its port bound; None (and the reason logged) when it cannot be."""
     try:
@@ -325,6 +376,7 @@ def _log_server(
             address=settings.address,
             port=settings.nodes.kubelet_port,
             lookup=pod_lookup(api),
+            warnings=warnings,
         )
     except OSError as error:  # ssl.SSLError is one too
         log.error(
@@ -361,9 +413,16 @@ def run(  # noqa: PLR0915 (every thread's wiring, start and stop in one place)
     token_api = KubeApi(settings.kubeconfig)
     storage_api = KubeApi(settings.kubeconfig)
     server: LogServer | None = None
+    events = EventRecorder(event_api)
     try:
         if settings.tls is not None:
-            server = _log_server(settings, settings.tls, pods_dir=home.root / "pods", api=log_api)
+            server = _log_server(
+                settings,
+                settings.tls,
+                pods_dir=home.root / "pods",
+                api=log_api,
+                warnings=PodWarnings(events, reason=SERVE_FAILED),
+            )
             if server is None:
                 return 1
         else:
@@ -383,7 +442,6 @@ def run(  # noqa: PLR0915 (every thread's wiring, start and stop in one place)
             settings=settings.nodes,
             host=host,
         )
-        events = EventRecorder(event_api)
         watch = unbound_pods(binder_api, settings.binder)
         slurm = SlurmClient(SubprocessRunner())
         changed: list[Callable[[str, JobView], None]] = []
@@ -393,7 +451,7 @@ def run(  # noqa: PLR0915 (every thread's wiring, start and stop in one place)
                 callback(key, view)
 
         watcher = JobWatcher(slurm, on_change)
-        tokens = TokenManager(token_api, settings=settings.tokens)
+        tokens = TokenManager(token_api, settings=settings.tokens, events=events)
         provider = SlurmProvider(
             slurm=slurm,
             watcher=watcher,
@@ -414,6 +472,14 @@ def run(  # noqa: PLR0915 (every thread's wiring, start and stop in one place)
             tokens=tokens,
         )
         tokens.alive = provider.runs
+        # The provider makes its puller; how long, how large and how many pulls run are the
+        # kubelet's settings (no pull has started yet).
+        provider.images.settings = settings.pulls
+
+        def known_pod(key: str) -> dict[str, Any] | None:
+            namespace, _, name = key.partition("/")
+            return provider.get_pod(namespace, name)
+
         provisioner = Provisioner(
             api=KubeStorageApi(storage_api),
             settings=ProvisionerSettings(root=settings.volumes_dir or home.root / "volumes"),
@@ -431,7 +497,11 @@ def run(  # noqa: PLR0915 (every thread's wiring, start and stop in one place)
 
         changed.append(provider.job_changed)
         controller = PodController(pod_api, provider, partition_of=partition_of, events=events)
-        markers = MarkerWatch(provider.running_folders, provider.markers_changed)
+        markers = MarkerWatch(
+            provider.running_folders,
+            provider.markers_changed,
+            warnings=PodWarnings(events, reason=WATCH_FAILED, lookup=known_pod),
+        )
         binder = Binder(
             binder_api,
             nodes=agent.current,

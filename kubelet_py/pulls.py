@@ -9,8 +9,13 @@ ImagePullBackOff until the next try, ErrImageNeverPull), and the controller trie
 as for a missing ConfigMap.
 
 A pull runs on its own thread, one per image at a time, so a long pull holds no worker of the
-controller: only the pods that wait for that image wait. When it ends, the pods that asked
-for it are handed to `notify` (the provider's pod callbacks), which queues them again.
+controller: only the pods that wait for that image wait. A pod spec names any registry and
+any image, so every pull is bounded (PullSettings, the kubelet's flags): it is stopped after
+`timeout_s` or once it has written `max_bytes`, and at most `max_concurrent` pulls run at once
+(the others wait in order, their pods ContainerCreating). Each failure, a pull stopped by a
+limit or refused by the registry, is ErrImagePull on the pods that wait, with the reason.
+When a pull ends, the pods that asked for it are handed to `notify` (the provider's pod
+callbacks), which queues them again.
 A failed pull is not tried again for a back-off time, per image: 10 s, doubling up to 300 s,
 as the kubelet does; the waiting pods are handed back half-way (to show ImagePullBackOff) and
 when it ends. An image put into the cache meanwhile (`hpk images import`) is used at the
@@ -31,6 +36,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,12 +45,12 @@ from hpk.images import (
     CommandRunner,
     ImageConfig,
     ImageError,
+    PullLimits,
     cached_image,
     image_config,
     normalize_reference,
     parse_reference,
     pull_image,
-    run_command,
 )
 from kubelet_py.errors import InvalidPodSpec
 from kubelet_py.inputs import MissingReference
@@ -135,6 +141,28 @@ class PullSettings:
     """Longest wait between pulls of an image (the wait doubles after each failure)."""
     insecure_registries: tuple[str, ...] = ()
     """Registries (host[:port]) pulled from over plain HTTP, besides those on the loopback."""
+    timeout_s: float | None = 900.0
+    """Longest one pull may run before it is stopped (a large image over a slow link takes
+    minutes; a registry that never ends its answer must not hold a slot for ever); None: no
+    limit."""
+    max_bytes: int | None = 16 << 30
+    """Most disk one pull may fill, the SIF and Apptainer's temporary files together (about
+    twice to three times the image's compressed size); None: no limit."""
+    max_concurrent: int = 2
+    """Most pulls that run at once: each unpacks and squashes layers, which costs CPU and
+    disk on the shared login node."""
+
+    def __post_init__(self) -> None:
+        if self.timeout_s is not None and self.timeout_s <= 0:
+            raise ValueError(f"the pull timeout must be positive, not {self.timeout_s}")
+        if self.max_bytes is not None and self.max_bytes <= 0:
+            raise ValueError(f"the pull size limit must be positive, not {self.max_bytes}")
+        if self.max_concurrent < 1:
+            raise ValueError(f"at least one pull must run at once, not {self.max_concurrent}")
+
+    @property
+    def limits(self) -> PullLimits:
+        return PullLimits(timeout_s=self.timeout_s, max_bytes=self.max_bytes)
 
 
 class ImagePuller:
@@ -146,7 +174,7 @@ class ImagePuller:
         cache_dir: Path | None,
         apptainer: str,
         notify: Callable[[str], None],
-        runner: CommandRunner = run_command,
+        runner: CommandRunner | None = None,
         settings: PullSettings | None = None,
         start: Callable[[Callable[[], None]], None] | None = None,
         later: Callable[[float, Callable[[], None]], None] | None = None,
@@ -156,6 +184,8 @@ class ImagePuller:
         self.apptainer = apptainer
         self.notify = notify
         self.runner = runner
+        """Runs `apptainer pull`; None: Apptainer itself, under the settings' limits (a test
+        gives a fake registry)."""
         self.settings = settings or PullSettings()
         self._start = start or _thread
         self._later = later or _timer
@@ -164,6 +194,10 @@ class ImagePuller:
         self._clock = clock
         self._lock = threading.Lock()
         self._images: dict[str, _State] = {}
+        self._running = 0
+        """Pulls started and not ended (at most `settings.max_concurrent`)."""
+        self._queued: deque[tuple[str, Callable[[], None]]] = deque()
+        """(image, its pull) waiting for a slot, in the order they were asked for."""
 
     def resolve(self, key: str, reference: str, policy: str) -> ResolvedImage:
         """The cached image for pod `key`, or ImageWaiting (see the module docstring).
@@ -208,18 +242,44 @@ class ImagePuller:
             start = not state.running
             state.running = True
         if start:
-            asked = time.time()
-            log.info("%s: pulling image %s", key, image)
-            self._start(lambda: self._pull(image, asked=asked, fresh=policy == ALWAYS))
+            self._begin(key, image, fresh=policy == ALWAYS)
             with self._lock:  # a pull that ended at once (a fake starter) is answered now
                 done = not state.running
             if done:
                 return self.resolve(key, reference, policy)
-        raise ImageWaiting(
-            reason=PULLING,
-            message=f'Pulling image "{reference}"',
-            event_type="Normal",
-            event_reason="Pulling",
+        raise self._waiting(reference, image)
+
+    def _begin(self, key: str, image: str, *, fresh: bool) -> None:
+        """Start the pull of `image` now, or queue it when `max_concurrent` pulls run."""
+        asked = time.time()
+
+        def pull() -> None:
+            self._pull(image, asked=asked, fresh=fresh)
+
+        with self._lock:
+            queued = self._running >= self.settings.max_concurrent
+            if queued:
+                self._queued.append((image, pull))
+            else:
+                self._running += 1
+        if queued:
+            log.info("%s: image %s waits for a pull slot", key, image)
+        else:
+            log.info("%s: pulling image %s", key, image)
+            self._start(pull)
+
+    def _waiting(self, reference: str, image: str) -> ImageWaiting:
+        """What a pod whose image is being pulled, or waits for a slot, shows."""
+        with self._lock:
+            queued = any(waiting == image for waiting, _ in self._queued)
+        message = f'Pulling image "{reference}"'
+        if queued:
+            message = (
+                f'Waiting to pull image "{reference}": {self.settings.max_concurrent} '
+                "pulls run at once"
+            )
+        return ImageWaiting(
+            reason=PULLING, message=message, event_type="Normal", event_reason="Pulling"
         )
 
     def _pull(self, image: str, *, asked: float, fresh: bool) -> None:
@@ -232,6 +292,7 @@ class ImagePuller:
                 runner=self.runner,
                 fresh_since=asked if fresh else None,
                 insecure_registries=self.settings.insecure_registries,
+                limits=self.settings.limits,
             )
         except ImageError as failure:
             error = str(getattr(failure, "problem", failure))
@@ -258,15 +319,22 @@ class ImagePuller:
                 state.retry_at = 0.0
                 state.error = ""
                 state.served.update(waiters)
-        for key in waiters:
-            self.notify(key)
+            following = self._queued.popleft()[1] if self._queued else None
+            if following is None:
+                self._running -= 1
+        if following is not None:  # the slot passes on to the oldest waiting pull
+            self._start(following)
+        self._notify_all(waiters)
         if error:  # ErrImagePull turns to ImagePullBackOff half-way, then the next try
             self._later(delay / 2, lambda: self._notify_all(waiters))
             self._later(delay, lambda: self._notify_all(waiters))
 
     def _notify_all(self, keys: list[str]) -> None:
         for key in keys:
-            self.notify(key)
+            try:
+                self.notify(key)
+            except Exception:  # one pod's hand-back never keeps the others waiting
+                log.exception("%s: handing the pod back after its pull failed", key)
 
     def forget(self, key: str) -> None:
         """Drop what is kept for pod `key` (it is gone or running)."""

@@ -8,6 +8,7 @@ the real pull of an unreachable registry runs in tests/e2e/test_pod_images.py.
 
 from __future__ import annotations
 
+import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -15,8 +16,18 @@ from pathlib import Path
 
 import pytest
 
-from hpk.images import ImagePullFailed, cached_image, image_config, plain_http, pull_image
+from hpk.images import (
+    ImagePullFailed,
+    ImagePullTimeout,
+    ImageTooLarge,
+    PullLimits,
+    cached_image,
+    image_config,
+    plain_http,
+    pull_image,
+)
 from kubelet_py.errors import InvalidPodSpec
+from kubelet_py.main import parse_args
 from kubelet_py.pulls import (
     ALWAYS,
     IF_NOT_PRESENT,
@@ -300,3 +311,163 @@ def test_plain_http_for_loopback_and_named_registries(
     registry: str, insecure: tuple[str, ...], http: bool
 ) -> None:
     assert plain_http(registry, insecure) is http
+
+
+# --- limits: time, size, pulls at once ----------------------------------------------------
+
+
+def fake_apptainer(folder: Path, body: str) -> str:
+    """An `apptainer` that runs `body` (sh) whatever it is asked."""
+    script = folder / "apptainer"
+    script.write_text(f"#!/bin/sh\n{body}\n")
+    script.chmod(0o755)
+    return str(script)
+
+
+def gone(pid: int) -> bool:
+    """Whether process `pid` has ended (a zombie counts: it runs no more)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return True
+    return state in ("Z", "X")
+
+
+def test_a_pull_that_runs_too_long_is_stopped_with_its_helpers(tmp_path: Path) -> None:
+    pidfile = tmp_path / "helper.pid"
+    apptainer = fake_apptainer(tmp_path, f"sleep 60 & echo $! > {pidfile}; wait")
+    began = time.monotonic()
+    with pytest.raises(ImagePullTimeout) as caught:
+        pull_image(
+            "python:3.11",
+            cache_dir=tmp_path / "cache",
+            apptainer=apptainer,
+            limits=PullLimits(timeout_s=0.5, poll_s=0.05),
+        )
+    assert time.monotonic() - began < 10
+    assert "the pull was stopped after 0.5 s, its time limit" in str(caught.value)
+    assert gone(int(pidfile.read_text())), "the pull's helper process was left running"
+    assert cached_image(PY, cache_dir=tmp_path / "cache") is None
+
+
+def test_a_pull_that_writes_too_much_is_stopped(tmp_path: Path) -> None:
+    # Apptainer's layers land in its APPTAINER_TMPDIR, which counts toward the limit.
+    apptainer = fake_apptainer(
+        tmp_path, 'head -c 3000000 /dev/zero > "$APPTAINER_TMPDIR/layer"; sleep 60'
+    )
+    with pytest.raises(ImageTooLarge) as caught:
+        pull_image(
+            "python:3.11",
+            cache_dir=tmp_path / "cache",
+            apptainer=apptainer,
+            limits=PullLimits(timeout_s=30, max_bytes=1 << 20, poll_s=0.05),
+        )
+    assert "it wrote more than 1 MiB, its size limit" in str(caught.value)
+    leftovers = [
+        p for p in Path(tempfile.gettempdir()).glob("hpk-pull-*") if (p / "layer").exists()
+    ]
+    assert leftovers == [], "the pull's scratch folder was left behind"
+
+
+def test_a_pulled_image_over_the_size_limit_is_not_cached(tmp_path: Path) -> None:
+    registry = FakeRegistry({PY: sif_bytes() + b"\0" * 5000})
+    with pytest.raises(ImageTooLarge, match=r"more than 4\.88 KiB, its size limit"):
+        pull_image(
+            PY,
+            cache_dir=tmp_path,
+            apptainer="/a",
+            runner=registry,
+            limits=PullLimits(max_bytes=5000),
+        )
+    assert cached_image(PY, cache_dir=tmp_path) is None
+    pull_image(
+        PY, cache_dir=tmp_path, apptainer="/a", runner=registry, limits=PullLimits(max_bytes=9000)
+    )
+    assert cached_image(PY, cache_dir=tmp_path) is not None
+
+
+def test_a_pull_over_the_size_limit_is_err_image_pull(tmp_path: Path) -> None:
+    bed = Bed(tmp_path, {PY: sif_bytes() + b"\0" * 5000})
+    bed.puller.settings = PullSettings(max_bytes=5000)
+    waiting = bed.waiting("ns/a", "python:3.11", IF_NOT_PRESENT)
+    assert waiting.reason == "ErrImagePull"
+    assert str(waiting).startswith('Failed to pull image "python:3.11": the image has 5.01 KiB')
+    assert str(waiting).endswith("more than 4.88 KiB, its size limit")
+
+
+def test_a_pull_over_time_is_err_image_pull(tmp_path: Path) -> None:
+    puller = ImagePuller(
+        cache_dir=tmp_path / "cache",
+        apptainer=fake_apptainer(tmp_path, "sleep 60"),
+        notify=lambda _key: None,
+        settings=PullSettings(timeout_s=0.3),
+        start=lambda pull: pull(),
+        later=lambda _delay, _call: None,
+    )
+    with pytest.raises(ImageWaiting) as caught:
+        puller.resolve("ns/a", "python:3.11", IF_NOT_PRESENT)
+    assert caught.value.reason == "ErrImagePull"
+    assert str(caught.value) == (
+        'Failed to pull image "python:3.11": the pull was stopped after 0.3 s, its time limit'
+    )
+
+
+def test_a_refused_pull_is_err_image_pull_with_the_registrys_words(tmp_path: Path) -> None:
+    bed = Bed(tmp_path, {})
+    waiting = bed.waiting("ns/a", "nosuch:1", IF_NOT_PRESENT)
+    assert waiting.reason == "ErrImagePull"
+    assert "connection refused" in str(waiting)
+
+
+def test_at_most_max_concurrent_pulls_run_and_the_others_wait_in_order(tmp_path: Path) -> None:
+    images = {f"docker.io/library/i{n}:1": sif_bytes() for n in range(4)}
+    bed = Bed(tmp_path, images, inline=False)
+    bed.puller.settings = PullSettings(max_concurrent=2)
+    for n in range(4):
+        bed.waiting(f"ns/p{n}", f"i{n}:1", IF_NOT_PRESENT)
+    assert len(bed.pending) == 2, "only two pulls start"
+    third = bed.waiting("ns/p2", "i2:1", IF_NOT_PRESENT)
+    assert (third.reason, str(third)) == (
+        "ContainerCreating",
+        'Waiting to pull image "i2:1": 2 pulls run at once',
+    )
+    assert str(bed.waiting("ns/p0", "i0:1", IF_NOT_PRESENT)) == 'Pulling image "i0:1"'
+    bed.pending[1]()  # i1 ends: its slot goes to i2, the oldest waiting
+    assert len(bed.pending) == 3
+    assert bed.notified == ["ns/p1"]
+    bed.pending[2]()
+    bed.pending[0]()
+    assert len(bed.pending) == 4
+    bed.pending[3]()
+    assert bed.registry.pulls == [
+        "docker.io/library/i1:1",
+        "docker.io/library/i2:1",
+        "docker.io/library/i0:1",
+        "docker.io/library/i3:1",
+    ]
+    assert str(bed.waiting("ns/p9", "i9:1", IF_NOT_PRESENT)) == 'Pulling image "i9:1"'
+
+
+def test_pull_limits_are_kubelet_flags() -> None:
+    defaults = parse_args(["--kubeconfig", "k"]).pulls
+    assert (defaults.timeout_s, defaults.max_bytes, defaults.max_concurrent) == (
+        900.0,
+        16 << 30,
+        2,
+    )
+    settings = parse_args(
+        [
+            "--kubeconfig",
+            "k",
+            "--image-pull-timeout=60",
+            "--image-pull-max-size=2Gi",
+            "--max-parallel-image-pulls=5",
+            "--insecure-registry=reg:5000",
+        ]
+    ).pulls
+    assert (settings.timeout_s, settings.max_bytes, settings.max_concurrent) == (60.0, 2 << 30, 5)
+    assert settings.insecure_registries == ("reg:5000",)
+    with pytest.raises(SystemExit):
+        parse_args(["--kubeconfig", "k", "--max-parallel-image-pulls=0"])
+    with pytest.raises(SystemExit):
+        parse_args(["--kubeconfig", "k", "--image-pull-max-size=lots"])
