@@ -32,6 +32,7 @@ import hashlib
 import logging
 import os
 import shutil
+import stat
 import threading
 import time
 from collections.abc import Callable, Collection, Iterable, Mapping
@@ -40,7 +41,7 @@ from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any, Protocol
 
 from hpk.images import ImageConfig, InvalidImageReference
-from kubelet_py import projected
+from kubelet_py import podfiles, projected
 from kubelet_py.errors import InvalidPodSpec
 from kubelet_py.inputs import ObjectLookup, PodInputs, needs_node_address, resolve
 from kubelet_py.pulls import ImagePuller, ImageWaiting, PullSettings, pull_policy
@@ -720,21 +721,22 @@ def _addresses(addresses: Mapping[str, str]) -> dict[str, str]:
 
 def _write_volumes(folder: Path, inputs: PodInputs) -> None:
     """The files of the configMap and secret volumes, written afresh: folders 0700, files in
-    their modes (secret files 0400 or 0600)."""
-    for name, files in inputs.volumes.items():
-        root = folder / VOLUMES_DIR / name
-        if root.exists():
-            shutil.rmtree(root)  # an earlier attempt's files
-        root.mkdir(mode=0o700, parents=True)
-        for file in files:
-            path = root / file.path
-            for parent in reversed(path.relative_to(root).parents[:-1]):
-                (root / parent).mkdir(mode=0o700, exist_ok=True)
-            descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            with os.fdopen(descriptor, "wb") as handle:
-                handle.write(file.data)
-            os.chmod(path, file.mode)
-        (folder / VOLUMES_DIR).chmod(0o700)
+    their modes (secret files 0400 or 0600). Containers write in the pod folder, so no link
+    there is followed (kubelet_py.podfiles): one in the place of a volume is removed."""
+    with podfiles.folder(folder / VOLUMES_DIR, root=folder, create=True) as volumes:
+        os.fchmod(volumes, 0o700)
+        for name, files in inputs.volumes.items():
+            try:  # an earlier attempt's files, or whatever a container put there
+                if stat.S_ISDIR(os.stat(name, dir_fd=volumes, follow_symlinks=False).st_mode):
+                    shutil.rmtree(name, dir_fd=volumes)
+                else:
+                    os.unlink(name, dir_fd=volumes)
+            except FileNotFoundError:
+                pass
+            os.mkdir(name, 0o700, dir_fd=volumes)
+            for file in files:
+                path = folder / VOLUMES_DIR / name / file.path
+                podfiles.write_file(path, file.data, file.mode, root=folder, create_folders=True)
 
 
 ASIDE_PREFIX = ".aside-"
@@ -763,15 +765,12 @@ def _job_number(job_id: str) -> tuple[int, int]:
 
 
 def _read(path: Path) -> str | None:
-    try:
-        return path.read_text().strip() or None
-    except (FileNotFoundError, NotADirectoryError):
-        return None
+    """A small file of the pod folder, stripped; None when it is missing, empty, or not a
+    regular file (a link a container put there is not followed)."""
+    return podfiles.read_marker(path) or None
 
 
 def _write(path: Path, text: str, mode: int) -> None:
-    """Write a file that never exists with wider permissions than `mode`."""
-    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    with os.fdopen(descriptor, "w") as handle:
-        handle.write(text)
-    os.chmod(path, mode)
+    """Write a file that never exists with wider permissions than `mode`: at once, and
+    never through a link (kubelet_py.podfiles)."""
+    podfiles.write_file(path, text.encode(), mode)

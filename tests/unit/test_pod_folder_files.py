@@ -1,0 +1,77 @@
+"""The provider's own files in a pod folder (`uid`, `job-id`, `job.sh`, the configMap and
+secret volumes): a container can put links there, and none is ever followed."""
+
+from __future__ import annotations
+
+import stat
+from pathlib import Path
+
+import pytest
+
+from kubelet_py.inputs import PodInputs, VolumeFile
+from kubelet_py.provider import _read, _write, _write_volumes
+
+
+@pytest.fixture
+def key(tmp_path: Path) -> Path:
+    secret = tmp_path / "keys" / "ca.key"
+    secret.parent.mkdir()
+    secret.write_text("PRIVATE KEY\n")
+    return secret
+
+
+@pytest.fixture
+def pod(tmp_path: Path) -> Path:
+    folder = tmp_path / "pods" / "ns" / "p"
+    folder.mkdir(parents=True)
+    return folder
+
+
+def inputs(**volumes: tuple[VolumeFile, ...]) -> PodInputs:
+    return PodInputs(volumes=volumes)
+
+
+def test_a_linked_uid_file_counts_as_absent(pod: Path, key: Path) -> None:
+    (pod / "uid").symlink_to(key)
+    assert _read(pod / "uid") is None
+    (pod / "job-id").write_text("42\n")
+    assert _read(pod / "job-id") == "42"
+
+
+def test_a_write_replaces_a_link_and_leaves_its_target(pod: Path, key: Path) -> None:
+    (pod / "job-id").symlink_to(key)
+    _write(pod / "job-id", "7\n", 0o600)
+    assert key.read_text() == "PRIVATE KEY\n"
+    assert not (pod / "job-id").is_symlink()
+    assert (pod / "job-id").read_text() == "7\n"
+    assert stat.S_IMODE((pod / "job-id").stat().st_mode) == 0o600
+
+
+def test_a_volume_replaced_by_a_link_is_written_afresh_beside_its_target(
+    pod: Path, key: Path
+) -> None:
+    (pod / "volumes").mkdir()
+    (pod / "volumes" / "conf").symlink_to(key.parent)
+    files = (VolumeFile("ca.key", b"mine", 0o400), VolumeFile("a/b.yaml", b"x: 1", 0o644))
+    _write_volumes(pod, inputs(conf=files))
+    assert key.read_text() == "PRIVATE KEY\n"
+    conf = pod / "volumes" / "conf"
+    assert not conf.is_symlink()
+    assert (conf / "ca.key").read_bytes() == b"mine"
+    assert stat.S_IMODE((conf / "ca.key").stat().st_mode) == 0o400
+    assert (conf / "a" / "b.yaml").read_bytes() == b"x: 1"
+    assert stat.S_IMODE((conf / "a").stat().st_mode) == 0o700
+
+
+def test_a_volumes_folder_replaced_by_a_link_is_refused(pod: Path, key: Path) -> None:
+    (pod / "volumes").symlink_to(key.parent)
+    with pytest.raises(OSError, match="symbolic link"):
+        _write_volumes(pod, inputs(conf=(VolumeFile("ca.key", b"mine", 0o400),)))
+    assert key.read_text() == "PRIVATE KEY\n"
+
+
+def test_volumes_are_written_afresh(pod: Path) -> None:
+    _write_volumes(pod, inputs(conf=(VolumeFile("old", b"1", 0o644),)))
+    _write_volumes(pod, inputs(conf=(VolumeFile("new", b"2", 0o644),)))
+    assert sorted(p.name for p in (pod / "volumes" / "conf").iterdir()) == ["new"]
+    assert stat.S_IMODE((pod / "volumes").stat().st_mode) == 0o700
