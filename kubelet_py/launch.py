@@ -31,8 +31,13 @@ the count to CONTAINER_DIR/restarts; CONTAINER_DIR/backoff exists while it waits
 liveness or startup probe stops the run (TERM to its process group, KILL after the probe's
 grace period); the restart policy then decides as for any other end.
 
+Containers can write in the pod folder, so the markers and the log are written through
+kubelet_py.podfiles: a marker replaces whatever has its name (a link is replaced, never
+written through) and the log is opened without following a link (one in its place is
+removed), so a container cannot have the launcher write into a file of the user's.
+
 It runs on compute nodes and must start fast: stdlib only, nothing else of kubelet_py
-but kubelet_py.probes (stdlib only too).
+but kubelet_py.probes and kubelet_py.podfiles (stdlib only too).
 """
 
 from __future__ import annotations
@@ -52,6 +57,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
 
+from kubelet_py import podfiles
 from kubelet_py.probes import Probe, Probes, Runner, check
 
 IMAGE_CANNOT_RUN = 125
@@ -83,10 +89,19 @@ def rfc3339(nanoseconds: int) -> str:
 
 
 def write_marker(path: Path, text: str) -> None:
-    """Write `text` and a newline to `path` atomically: a reader sees all of it or nothing."""
-    temporary = path.with_name(f".{path.name}.{os.getpid()}")
-    temporary.write_text(f"{text}\n")
-    os.replace(temporary, path)
+    """Write `text` and a newline to `path` atomically: a reader sees all of it or nothing.
+    Never through a link (kubelet_py.podfiles)."""
+    podfiles.write_file(path, f"{text}\n".encode(), 0o644)
+
+
+def open_log(path: Path) -> int:
+    """The log file opened to append, never through a link: a link or anything else that
+    is no regular file in its place (a container put it there) is removed first."""
+    try:
+        return podfiles.open_append(path, 0o600)
+    except podfiles.PodFileRefused:
+        path.unlink()
+        return podfiles.open_append(path, 0o600)
 
 
 class LogWriter:
@@ -257,7 +272,7 @@ def _keep_previous(container_dir: Path, count: int) -> None:
 
 def _read(path: Path) -> str:
     try:
-        return path.read_text().strip()
+        return podfiles.read_text(path).strip()
     except OSError:
         return ""
 
@@ -272,9 +287,7 @@ def _run(
     probes: Probes | None = None,
 ) -> int:
     """One run of the container: `started`, the log, `exit`."""
-    fd = os.open(
-        container_dir / "log", os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600
-    )
+    fd = open_log(container_dir / "log")
     log = LogWriter(fd)
     try:
         write_marker(container_dir / "started", rfc3339(time.time_ns()))

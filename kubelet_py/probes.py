@@ -18,7 +18,9 @@ applied and named ports resolved. What the runner writes into the container's fo
 `startup` once the startup probe has passed (at once without one) and `ready` while the
 readiness probe passes (removed when it fails, or when the run ends).
 
-It runs on compute nodes with `python -I`: stdlib only, nothing else of kubelet_py.
+It runs on compute nodes with `python -I`: stdlib only, nothing else of kubelet_py but
+kubelet_py.podfiles (stdlib only too), through which the markers are written: never through a
+link a container put in the container's folder.
 """
 
 from __future__ import annotations
@@ -26,15 +28,17 @@ from __future__ import annotations
 import contextlib
 import http.client
 import json
-import os
 import socket
 import ssl
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from kubelet_py import podfiles
 
 HTTP_GET = "httpGet"
 TCP_SOCKET = "tcpSocket"
@@ -176,10 +180,9 @@ def check(probe: Probe, *, exec_prefix: Sequence[str] = ()) -> bool:
 
 
 def write_marker(path: Path, text: str) -> None:
-    """Write `text` to `path` atomically (as kubelet_py.launch writes its markers)."""
-    temporary = path.with_name(f".{path.name}.{os.getpid()}")
-    temporary.write_text(f"{text}\n")
-    os.replace(temporary, path)
+    """Write `text` to `path` atomically (as kubelet_py.launch writes its markers), never
+    through a link."""
+    podfiles.write_file(path, f"{text}\n".encode(), 0o644)
 
 
 @dataclass
@@ -274,7 +277,11 @@ class Runner:
         """Probe on the real clock until `stop` is set or a probe failed."""
         began = clock()
         while not stop.is_set() and not self.failed:
-            due = self.step(clock() - began)
+            try:
+                due = self.step(clock() - began)
+            except OSError as error:  # a marker the container spoiled: probing goes on
+                print(f"hpk: probe marker in {self.container_dir}: {error}", file=sys.stderr)
+                due = clock() - began + 1.0
             stop.wait(max(0.05, min(due - (clock() - began), 1.0)))
 
     def finish(self) -> None:

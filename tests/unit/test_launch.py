@@ -284,3 +284,18 @@ def test_grace_then_kill_for_a_container_that_ignores_term(tmp_path: Path) -> No
 def test_unknown_policy_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="restart policy 'Sometimes'"):
         launch(tmp_path, ["true"], restart="Sometimes")
+
+
+def test_the_log_and_markers_are_never_written_through_links(tmp_path: Path) -> None:
+    folder = tmp_path / "main"
+    folder.mkdir()
+    key = tmp_path / "ca.key"
+    key.write_text("PRIVATE KEY\n")
+    (folder / "log").symlink_to(key)
+    (folder / "started").symlink_to(key)
+    (folder / "exit").symlink_to(key)
+    assert launch(folder, ["echo", "hello"]) == 0
+    assert key.read_text() == "PRIVATE KEY\n"
+    assert not any((folder / name).is_symlink() for name in ("log", "started", "exit"))
+    assert [line for _, _, line in entries(folder)] == ["hello"]
+    assert marker(folder, "exit").startswith("0 ")
