@@ -16,6 +16,11 @@ made that is Released (its claim was deleted) loses its folder, then its object.
 The root is a kubelet setting (`--volumes-dir`, `<hpk home>/volumes` by default); it must be
 on the filesystem every compute node sees, since the pods' jobs bind the folders there.
 
+One thread serves every claim, so a claim whose folder cannot be made or removed (an OSError)
+or that trips an error nobody expected is logged, reported once on the claim as a Warning
+Event (`ProvisioningFailed`, again only when the error changes or after a success), and tried
+again at the next resync; the other claims are handled as before.
+
 The API server is reached through `StorageApi` (the entry point gives it `KubeStorageApi`), so
 unit tests drive the logic with a fake; the folders are real.
 """
@@ -44,7 +49,7 @@ from kubelet_py.apiserver import (
     WatchEvent,
     events_path,
 )
-from kubelet_py.events import event_about
+from kubelet_py.events import PodWarnings, event_about
 
 log = logging.getLogger(__name__)
 
@@ -111,6 +116,10 @@ class Provisioner:
     api: StorageApi
     settings: ProvisionerSettings
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
+    _warnings: PodWarnings = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self._warnings = PodWarnings(_ClaimEvents(self.api), reason="ProvisioningFailed")
 
     def ensure_class(self) -> None:
         """Create the StorageClass, the cluster's default, unless it exists (then the user's
@@ -250,6 +259,9 @@ class Provisioner:
             except (ApiError, ApiUnavailable) as error:
                 log.warning("StorageClass %s: %s; again in 5 s", self.settings.storage_class, error)
                 stop.wait(5.0)
+            except Exception:  # the claims still get their volumes
+                log.exception("StorageClass %s failed; again in 5 s", self.settings.storage_class)
+                stop.wait(5.0)
         while not stop.wait(self.settings.resync_s):
             try:
                 claims, _ = api.list(CLAIMS_PATH)
@@ -267,21 +279,39 @@ class Provisioner:
             self._handle(volume, claims=False)
 
     def _handle(self, obj: Mapping[str, Any], *, claims: bool) -> None:
+        what = "claim" if claims else "volume"
+        metadata = obj.get("metadata") or {}
+        key = f"{metadata.get('namespace', '')}/{metadata.get('name', '')}"
         try:
             if claims:
                 self.claim_changed(obj)
             else:
                 self.volume_changed(obj)
-        except (ApiError, ApiUnavailable, OSError) as error:
-            what = "claim" if claims else "volume"
-            metadata = obj.get("metadata") or {}
-            log.warning(
-                "%s %s/%s: %s; tried again later",
-                what,
-                metadata.get("namespace", ""),
-                metadata.get("name", ""),
-                error,
-            )
+        except (ApiError, ApiUnavailable) as error:
+            log.warning("%s %s: %s; tried again later", what, key, error)
+            return
+        except Exception as error:  # this claim alone: the thread serves every claim
+            if isinstance(error, OSError):
+                log.warning("%s %s: %s; tried again later", what, key, error)
+            else:
+                log.exception("%s %s: failed unexpectedly; tried again later", what, key)
+            if claims:
+                self._warnings.failed(
+                    f"{metadata.get('uid', '')}", f"{type(error).__name__}: {error}", pod=obj
+                )
+            return
+        if claims:
+            self._warnings.succeeded(f"{metadata.get('uid', '')}")
+
+
+class _ClaimEvents:
+    """The claims' Events as PodWarnings sends them (an EventSink)."""
+
+    def __init__(self, api: StorageApi) -> None:
+        self.api = api
+
+    def record(self, pod: Mapping[str, Any], *, kind: str, reason: str, message: str) -> None:
+        self.api.claim_event(pod, kind=kind, reason=reason, message=message)
 
 
 def _unprovisionable(spec: Mapping[str, Any]) -> str | None:

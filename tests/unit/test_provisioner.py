@@ -227,3 +227,31 @@ def test_follow_handles_events_and_survives_an_unavailable_api(
 def test_volumes_folder_apptainer_cannot_bind_is_refused(root: str) -> None:
     with pytest.raises(ValueError, match="Apptainer's --bind"):
         ProvisionerSettings(root=Path(root))
+
+
+def test_a_claim_whose_folder_cannot_be_made_is_reported_once_and_spares_the_others(
+    api: FakeStorageApi, provisioner: Provisioner, tmp_path: Path
+) -> None:
+    (tmp_path / "volumes").mkdir()
+    # A file where the claim's folder belongs: mkdir fails for this claim alone.
+    (tmp_path / "volumes" / "pvc-uid-bad_team-a_bad").write_text("")
+    provisioner.resync([claim("bad"), claim("good")], [])
+    provisioner.resync([claim("bad")], [])
+    assert list(api.volumes) == ["pvc-uid-good"]
+    warnings = [event for event in api.events if event[1] == "Warning"]
+    assert len(warnings) == 1, "a repeated failure is reported once"
+    assert warnings[0][:3] == ("bad", "Warning", "ProvisioningFailed")
+    assert warnings[0][3].startswith("FileExistsError: ")
+
+
+def test_an_unexpected_error_for_one_claim_spares_the_others(
+    api: FakeStorageApi, provisioner: Provisioner
+) -> None:
+    odd = claim("odd")
+    odd["spec"]["resources"] = {"requests": {"storage": "1Gi"}, "limits": None}
+    odd["spec"]["accessModes"] = 7  # list(7) raises TypeError
+    provisioner.resync([odd, claim("good")], [])
+    assert list(api.volumes) == ["pvc-uid-good"]
+    assert [event[:3] for event in api.events if event[1] == "Warning"] == [
+        ("odd", "Warning", "ProvisioningFailed")
+    ]
