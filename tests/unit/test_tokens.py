@@ -405,6 +405,7 @@ def test_a_restarted_kubelet_keeps_an_adopted_pods_tokens_fresh(tmp_path: Path) 
         },
         "spec": {"volumes": [ACCESS_VOLUME]},
     }
+    bed.listed("41", UID)  # Slurm shows the job as this pod's: it is adopted
     assert bed.provider.create_pod(pod) == "41"
     assert bed.slurm.submitted == []
     assert manager.tracked() == ["default/web"]
