@@ -13,7 +13,7 @@ import pytest
 from kubelet_py.apiserver import ApiUnavailable
 from kubelet_py.binder import Binder
 from kubelet_py.controller import PodController
-from kubelet_py.events import EventRecorder, pod_event
+from kubelet_py.events import EventRecorder, PodWarnings, pod_event
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -103,3 +103,40 @@ def test_the_binder_and_the_controller_use_the_recorder_they_are_given() -> None
 class _NoProvider:
     def notify_pods(self, _callback: object) -> None:
         pass
+
+
+class Sink:
+    def __init__(self) -> None:
+        self.recorded: list[tuple[str, str, str, str]] = []
+
+    def record(self, pod: Mapping[str, Any], *, kind: str, reason: str, message: str) -> None:
+        self.recorded.append((pod["metadata"]["name"], kind, reason, message))
+
+
+def test_pod_warnings_report_each_distinct_failure_once_until_a_success() -> None:
+    sink = Sink()
+    pods = {"ns/a": {"metadata": {"name": "a"}}}
+    warnings = PodWarnings(sink, reason="Broken", lookup=pods.get)
+    assert warnings.failed("ns/a", "one")
+    assert not warnings.failed("ns/a", "one")
+    assert warnings.failed("ns/a", "two")
+    warnings.succeeded("ns/a")
+    assert warnings.failed("ns/a", "two")
+    assert not warnings.failed("ns/gone", "one"), "no pod: logged only"
+    given = {"metadata": {"name": "b"}}
+    assert warnings.failed("ns/b", "one", pod=given)
+    assert sink.recorded == [
+        ("a", "Warning", "Broken", "one"),
+        ("a", "Warning", "Broken", "two"),
+        ("a", "Warning", "Broken", "two"),
+        ("b", "Warning", "Broken", "one"),
+    ]
+
+
+def test_pod_warnings_survive_a_lookup_that_fails() -> None:
+    def lookup(_key: str) -> Mapping[str, Any] | None:
+        raise RuntimeError("surprise")
+
+    sink = Sink()
+    assert not PodWarnings(sink, reason="Broken", lookup=lookup).failed("ns/a", "one")
+    assert sink.recorded == []
