@@ -24,6 +24,9 @@ squeue is looked up in sacct, which keeps the comment only with
 `AccountingStoreFlags=job_comment`; without it, a finished job whose name and folder match is
 taken as the pod's: it can no longer be signalled or cancelled, and the folder is this pod's
 name in this hpk home, so at worst the pod reads the end of an earlier pod of its name.
+The watcher's squeue answer carries the same three fields, so a job ID that comes to name
+another job (Slurm starts counting again when its state is wiped) turns LOST for the pod
+(`_view`) and is never signalled.
 """
 
 from __future__ import annotations
@@ -49,7 +52,7 @@ from kubelet_py.render import JOB_NAME_PREFIX, VOLUMES_DIR, RenderSettings, rend
 from kubelet_py.slurm import FINAL_STATES, JOB_ID, ListedJob, SlurmError, SlurmUnavailable
 from kubelet_py.status import pod_status, read_markers
 from kubelet_py.storage import read_failure, resolve_claims, with_failure
-from kubelet_py.watcher import WAITING_STATES, JobView
+from kubelet_py.watcher import LOST, WAITING_STATES, JobView
 
 if TYPE_CHECKING:  # the manager is given; importing it would pull in the API client
     from kubelet_py.tokens import IssuedToken, TokenManager
@@ -332,7 +335,7 @@ class SlurmProvider:
             log.info("%s: no job to stop", key)
             return True
         self.watcher.register(job_id, key)  # to hear when it has ended
-        view = self.watcher.view(job_id)
+        view = self._view(job_id, pod)
         if view is not None and view.final:
             log.info("%s: job %s has ended (%s)", key, job_id, view.state)
             return True
@@ -373,7 +376,7 @@ class SlurmProvider:
             return None
         status = pod_status(
             known.pod.get("spec") or {},
-            self.watcher.view(known.job_id),
+            self._view(known.job_id, known.pod),
             read_markers(known.folder),
             node_addresses=self.settings.node_addresses,
         )
@@ -419,10 +422,10 @@ class SlurmProvider:
         """(key, pod folder) of the pods whose job runs now: where containers may restart
         while Slurm's state stays the same (kubelet_py.markerwatch looks at them)."""
         with self._lock:
-            known = [(key, pod.job_id, pod.folder) for key, pod in self._pods.items()]
+            known = [(key, pod) for key, pod in self._pods.items()]
         running = []
-        for key, job_id, folder in known:
-            view = self.watcher.view(job_id)
+        for key, pod in known:
+            view, folder = self._view(pod.job_id, pod.pod), pod.folder
             if view is not None and not view.final and view.state not in WAITING_STATES:
                 running.append((key, folder))
         return running
@@ -443,8 +446,9 @@ class SlurmProvider:
 
     def job_view(self, key: str) -> JobView | None:
         """What the watcher last learnt of the pod's job; None before Slurm listed it."""
-        job_id = self.job_id(key)
-        return self.watcher.view(job_id) if job_id else None
+        with self._lock:
+            known = self._pods.get(key)
+        return self._view(known.job_id, known.pod) if known else None
 
     def forget(self, pod: Mapping[str, Any]) -> None:
         """Stop tracking the pod and its job (over, or its pod deleted). Idempotent."""
@@ -474,7 +478,7 @@ class SlurmProvider:
             known = self._pods.get(key)
         if known is None or known.uid != uid:
             return False
-        view = self.watcher.view(known.job_id)
+        view = self._view(known.job_id, known.pod)
         return view is None or not view.final
 
     def sweep_orphans(
@@ -611,6 +615,31 @@ class SlurmProvider:
                     self._owned[uid] = str(hint)
                 return str(hint)
         return None
+
+    def _view(self, job_id: str, pod: Mapping[str, Any]) -> JobView | None:
+        """The watcher's view of the pod's job, LOST once squeue shows the ID naming a job
+        that is not the pod's: Slurm gives IDs again after its state was wiped, and the pod
+        must neither show that job's state nor have it signalled."""
+        view = self.watcher.view(job_id)
+        if view is None or view.name is None:
+            return view
+        listed = ListedJob(
+            job_id=job_id,
+            state=view.state,
+            name=view.name,
+            work_dir=view.work_dir or "",
+            comment=view.comment,
+        )
+        why = self._disproof(pod, listed)
+        if why is None:
+            return view
+        return replace(
+            view,
+            state=LOST,
+            final=True,
+            source="provider",
+            message=f"Slurm job {job_id} is no longer this pod's: {why}",
+        )
 
     def _proven(self, pod: Mapping[str, Any], hint: object, *, where: str) -> bool:
         """Whether the job ID `hint` (found on the pod or in its folder) is a job of this

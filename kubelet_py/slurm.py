@@ -87,8 +87,13 @@ _QUEUE_FIELDS = (
     "EndTime",
     "exit_code",
     "RestartCnt",
+    "Name",
+    "WorkDir",
+    "Comment",
 )
 _QUEUE_FORMAT = ",".join(f"{name}:0|" for name in _QUEUE_FIELDS[:-1]) + f",{_QUEUE_FIELDS[-1]}:0"
+_FIXED_QUEUE_FIELDS = 11
+"""The fields before the name, folder and comment, none of which can hold the delimiter."""
 
 _LISTED_FORMAT = "JobID:0|,State:0|,Name:0|,WorkDir:0|,Comment:0"
 _IDENTIFIED_FORMAT = "JobArrayID:0|,State:0|,Name:0|,WorkDir:0|,Comment:0"
@@ -230,6 +235,12 @@ class QueueEntry:
     """How the batch script ended; 0:0 while it runs."""
     restarts: int
     """How many times Slurm requeued the job."""
+    name: str | None = None
+    """The job's name; None when squeue was not asked for it."""
+    work_dir: str | None = None
+    """The job's working folder; None when squeue was not asked for it."""
+    comment: str | None = None
+    """The job's comment; None when it has none."""
 
 
 @dataclass(frozen=True)
@@ -527,13 +538,22 @@ class SlurmClient:
 
 
 def parse_queue(text: str) -> dict[str, QueueEntry]:
-    """Parse the output of `squeue -h -O` with this module's fields."""
+    """Parse the output of `squeue -h -O` with this module's fields.
+
+    The name, folder and comment come last, read as `parse_listed` reads them; a line of the
+    first eleven fields alone has none.
+    """
     entries: dict[str, QueueEntry] = {}
     for line in text.splitlines():
         if not line.strip():
             continue
-        parts = line.split("|")
-        if len(parts) != len(_QUEUE_FIELDS):
+        parts = line.split("|", _FIXED_QUEUE_FIELDS)
+        identity: tuple[str | None, str | None, str | None] = (None, None, None)
+        if len(parts) == _FIXED_QUEUE_FIELDS + 1 and parts[-1].count("|") >= 2:
+            name, _, rest = parts.pop().partition("|")
+            work_dir, _, comment = rest.rpartition("|")
+            identity = (name, work_dir, None if comment.strip() in ("", "(null)") else comment)
+        if len(parts) != _FIXED_QUEUE_FIELDS:
             log.warning("squeue printed a line this adapter cannot read: %r", line)
             continue
         (job_id, raw_id, state, reason, nodes, batch_host, partition) = (
@@ -552,6 +572,9 @@ def parse_queue(text: str) -> dict[str, QueueEntry]:
             end_time=parse_time(end),
             exit=ExitStatus.from_wait_status(_int(exit_code)),
             restarts=_int(restarts),
+            name=identity[0],
+            work_dir=identity[1],
+            comment=identity[2],
         )
     return entries
 

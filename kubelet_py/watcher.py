@@ -7,6 +7,10 @@ longer lists (finished longer ago than Slurm's MinJobAge). Jobs that reached a f
 cached and never asked about again. When a call fails, the last answer is kept and the interval
 grows, up to a cap.
 
+squeue also tells each job's name, folder and comment, at no extra cost: the provider checks
+them against the pod before it shows a job's state as the pod's or signals the job, so that a
+job ID Slurm gave again to another job (after its state was wiped) is not taken for the pod's.
+
 A job that neither command lists is not lost at once: sbatch may have returned a moment ago, or
 Slurm may be catching up. Only after a grace window is it reported LOST.
 
@@ -86,6 +90,12 @@ class JobView:
     """Where the view comes from: "squeue", "sacct" or "watcher" (for LOST)."""
     message: str | None = None
     """The watcher's own explanation, for LOST."""
+    name: str | None = None
+    """The job's name, as squeue last told; None before it did."""
+    work_dir: str | None = None
+    """The job's working folder, as squeue last told."""
+    comment: str | None = None
+    """The job's comment, as squeue last told."""
 
     def _signature(self) -> tuple[object, ...]:
         # What a pod's status depends on; estimates and the source do not count.
@@ -98,6 +108,9 @@ class JobView:
             self.exit_signal,
             self.restarts,
             self.final,
+            self.name,
+            self.work_dir,
+            self.comment,
         )
 
     def differs_from(self, other: JobView | None) -> bool:
@@ -370,6 +383,9 @@ class JobWatcher:
             final=True,
             source="watcher",
             message=message,
+            name=previous.name if previous else None,
+            work_dir=previous.work_dir if previous else None,
+            comment=previous.comment if previous else None,
         )
 
     def _failed(self, message: str, job_ids: list[str]) -> None:
@@ -412,6 +428,9 @@ def _from_queue(entry: QueueEntry) -> JobView:
         cancelled_by=None,
         final=final,
         source="squeue",
+        name=entry.name,
+        work_dir=entry.work_dir,
+        comment=entry.comment,
     )
 
 
@@ -432,4 +451,8 @@ def _from_accounting(record: AccountingEntry, previous: JobView | None) -> JobVi
         cancelled_by=record.cancelled_by,
         final=final,
         source="sacct",
+        # sacct is not asked for them: what squeue told.
+        name=previous.name if previous else None,
+        work_dir=previous.work_dir if previous else None,
+        comment=previous.comment if previous else None,
     )

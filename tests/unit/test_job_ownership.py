@@ -11,6 +11,7 @@ the adapter over a fake command runner answering in Slurm 22.05's formats.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,8 @@ import pytest
 from hpk import slurm as hpk_slurm
 from kubelet_py.apiserver import WatchEvent
 from kubelet_py.provider import INVALID_JOB_ID, JOB_ID_ANNOTATION, NOT_OWNED, SlurmProvider
-from kubelet_py.slurm import ListedJob, SlurmClient, SlurmUnavailable
+from kubelet_py.slurm import ListedJob, SlurmClient, SlurmUnavailable, parse_queue
+from kubelet_py.watcher import LOST, JobWatcher
 from tests.unit.test_controller import Kit, until
 from tests.unit.test_kubelet_slurm import FakeRunner, failed, ok
 from tests.unit.test_provider import UID, Bed, FakeWatcher, job_view, make_pod
@@ -301,6 +303,54 @@ SACCT_IDENTIFIED = """\
 930|CANCELLED by 1001|hpk/e2e/old|/home/hpk-e2e/.hpk/pods/e2e/old|hpk-uid=77aa
 931|COMPLETED|wrap|/home/hpk-e2e|
 """
+
+
+# squeue -h -t all -j ... -O with the watcher's fields: the last three tell whose a job is.
+SQUEUE_WATCHED = """\
+945|945|RUNNING|None|n1|n1|batch|2026-12-02T05:31:07|NONE|0|0|hpk/e2e/sleeper|/home/hpk-e2e/.hpk/pods/e2e/sleeper|hpk-uid=c98b
+946|946|RUNNING|None|n2|n2|batch|2026-12-02T05:31:09|NONE|0|0|wrap|/home/hpk-e2e|(null)
+"""
+
+
+def test_the_watchers_squeue_call_tells_name_folder_and_comment() -> None:
+    entries = parse_queue(SQUEUE_WATCHED)
+    assert (entries["945"].name, entries["945"].work_dir, entries["945"].comment) == (
+        "hpk/e2e/sleeper",
+        "/home/hpk-e2e/.hpk/pods/e2e/sleeper",
+        "hpk-uid=c98b",
+    )
+    assert (entries["946"].name, entries["946"].comment) == ("wrap", None)
+    changes: list[str] = []
+    watcher = JobWatcher(
+        SlurmClient(FakeRunner(ok(SQUEUE_WATCHED))), lambda key, view: changes.append(key)
+    )
+    watcher.register("946", "e2e/sleeper")
+    watcher.poll_once()
+    view = watcher.view("946")
+    assert view is not None and (view.name, view.work_dir) == ("wrap", "/home/hpk-e2e")
+
+
+def test_a_job_id_slurm_gave_to_another_job_is_lost_to_the_pod_and_never_signalled(
+    bed: Bed,
+) -> None:
+    job_id = bed.provider.create_pod(make_pod())
+    running = job_view(job_id, "RUNNING")
+    bed.watcher.views[job_id] = dataclasses.replace(
+        running, name="hpk/default/web", work_dir=str(bed.folder()), comment=f"hpk-uid={UID}"
+    )
+    assert bed.provider.running_folders() == [("default/web", bed.folder())]
+    # slurmctld's state was wiped: the ID now names a plain job of the user.
+    bed.watcher.views[job_id] = dataclasses.replace(
+        running, name="wrap", work_dir="/home/alice", comment=None
+    )
+    view = bed.provider.job_view("default/web")
+    assert view is not None and view.state == LOST and view.final
+    assert view.message is not None and "no longer this pod's" in view.message
+    status = bed.provider.get_pod_status("default", "web")
+    assert status is not None and status["phase"] == "Failed"
+    assert bed.provider.running_folders() == []
+    assert bed.provider.delete_pod(make_pod()) is True
+    assert bed.slurm.cancelled == []
 
 
 def test_identify_asks_squeue_then_sacct_for_the_rest() -> None:

@@ -110,7 +110,8 @@ def test_queue_asks_squeue_once_for_all_jobs_with_full_width_fields() -> None:
     assert argv[:6] == ["squeue", "-h", "-t", "all", "-j", "13,14,15"]
     fields = argv[argv.index("-O") + 1].split(",")
     assert fields[0] == "JobArrayID:0|"
-    assert fields[-1] == "RestartCnt:0", "the last field has no delimiter after it"
+    assert fields[-3:] == ["Name:0|", "WorkDir:0|", "Comment:0"], "what tells whose a job is"
+    assert fields[-1] == "Comment:0", "the last field has no delimiter after it"
     assert all(field.endswith(":0|") for field in fields[:-1])
 
 
