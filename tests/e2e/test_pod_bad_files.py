@@ -73,6 +73,21 @@ exit 1
 """
 
 
+def spoiled(cluster: PodCluster) -> bool:
+    """Whether the spoiler replaced its token file by a folder; fails at once when it ended."""
+    folder = cluster.folder("spoiler")
+    if (folder / "volumes" / "tok" / "token").is_dir():
+        return True
+    phase = ((cluster.pod("spoiler") or {}).get("status") or {}).get("phase")
+    if phase in ("Succeeded", "Failed"):
+        log = folder / "containers" / "main" / "log"
+        shown = log.read_text() if log.exists() else "(no log)"
+        out = folder / "slurm.out"
+        shown += "\n" + (out.read_text()[-3000:] if out.exists() else "(no slurm.out)")
+        pytest.fail(f"the spoiler ended {phase} before it spoiled its token:\n{shown}")
+    return False
+
+
 def test_a_token_file_replaced_by_a_folder_spoils_no_other_pods_refresh(
     cluster: PodCluster,
 ) -> None:
@@ -82,7 +97,7 @@ def test_a_token_file_replaced_by_a_folder_spoils_no_other_pods_refresh(
     spoiler["spec"]["volumes"].append({"name": "own", "hostPath": {"path": str(own_volume)}})
     cluster.apply(spoiler)
     cluster.phase("spoiler", "Running")
-    eventually("the spoiler's token file replaced by a folder", (own_volume / "token").is_dir)
+    eventually("the spoiler's token file replaced by a folder", lambda: spoiled(cluster))
 
     cluster.apply(with_token(cluster.manifest("watcher", ["sh", "-c", WATCH_TOKEN])))
     eventually(
