@@ -9,14 +9,15 @@ apptainer.conf:
 
 It also says which paths `--bind` can take.
 
-`python -m hpk.apptainer` prints the options for the user and host it runs on; pod job scripts
-call it on the compute node.
+`python -m hpk.apptainer pod` prints the options of a pod's container for the user and host it
+runs on; pod job scripts call it on the compute node.
 """
 
 from __future__ import annotations
 
 import os
 import stat
+import sys
 from pathlib import Path
 
 FUSE_DEVICE = Path("/dev/fuse")
@@ -60,11 +61,33 @@ def run_options(uid: int | None = None, *, device: Path = FUSE_DEVICE) -> list[s
     return options
 
 
-def main() -> int:
-    """Print this user's options on this host on one line, separated by spaces: a job script
-    reads them at run time, because the compute node, not the host that rendered the script,
-    decides them. No option holds a space."""
-    print(" ".join(run_options()))
+HOST_FILES = ("/etc/hosts", "/etc/localtime")
+"""The node's files every pod container sees, read-only: its name resolution and its time
+zone. Apptainer binds them through the site's `bind path` entries, which pods do without
+(kubelet_py.render.CONTAIN_OPTIONS) because a site may list the users' own folders there."""
+
+
+def pod_options(
+    uid: int | None = None, *, device: Path = FUSE_DEVICE, host_files: tuple[str, ...] = HOST_FILES
+) -> list[str]:
+    """`run_options`, and the binds of the node's HOST_FILES that exist (a bind of a missing
+    file would stop the container)."""
+    options = run_options(uid, device=device)
+    for path in host_files:
+        if os.path.isfile(path) and not bind_path_problem(path):
+            options += ["--bind", f"{path}:{path}:ro"]
+    return options
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Print this user's options on this host on one line, separated by spaces (`pod`: those
+    of a pod's container): a job script reads them at run time, because the compute node, not
+    the host that rendered the script, decides them. No option holds a space."""
+    words = sys.argv[1:] if argv is None else argv
+    if words not in ([], ["pod"]):
+        print("usage: python -m hpk.apptainer [pod]", file=sys.stderr)
+        return 2
+    print(" ".join(pod_options() if words else run_options()))
     return 0
 
 

@@ -54,11 +54,12 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from types import FrameType
 
 from kubelet_py import podfiles
 from kubelet_py.probes import Probe, Probes, Runner, check
+from kubelet_py.termination import HOOK_PATH, READY_PATH, Termination
 
 IMAGE_CANNOT_RUN = 125
 """The exit code when the container cannot be started at all (as `docker run` uses it)."""
@@ -208,6 +209,7 @@ def launch(
     backoff: Backoff | None = None,
     clock: Clock | None = None,
     probes: Probes | None = None,
+    termination: PurePosixPath | None = None,
 ) -> int:
     """Run one container as the module docstring says; returns its (last run's) exit code."""
     if restart not in RESTART_POLICIES:
@@ -235,7 +237,13 @@ def launch(
     while True:
         began = clock.monotonic()
         code = _run(
-            container_dir, command, image=image, signals=signals, grace=grace, probes=probes
+            container_dir,
+            command,
+            image=image,
+            signals=signals,
+            grace=grace,
+            probes=probes,
+            termination=termination,
         )
         if signals.received or not restarts(restart, code):
             return code
@@ -285,8 +293,10 @@ def _run(
     signals: _Signals,
     grace: float | None,
     probes: Probes | None = None,
+    termination: PurePosixPath | None = None,
 ) -> int:
-    """One run of the container: `started`, the log, `exit`."""
+    """One run of the container: `started`, the log, `exit` (and its termination message,
+    kubelet_py.termination)."""
     fd = open_log(container_dir / "log")
     log = LogWriter(fd)
     try:
@@ -298,35 +308,68 @@ def _run(
             log.line("stderr", f"hpk: cannot read the image file {image}", now=time.time_ns())
             code = IMAGE_CANNOT_RUN
         else:
-            try:
-                child = subprocess.Popen(
-                    list(command),
-                    stdin=subprocess.DEVNULL,
-                    stdout=subprocess.PIPE,
-                    stderr=subprocess.PIPE,
-                    # Its own process group, so that KILL after the grace period reaches
-                    # every process of the container.
-                    start_new_session=grace is not None or probes is not None,
-                )
-            except OSError as error:
-                log.line("stderr", f"hpk: cannot start {command[0]}: {error}", now=time.time_ns())
-                code = IMAGE_CANNOT_RUN
-            else:
-                signals.child = child
-                if signals.received:  # a signal came between the check above and the start
-                    os.kill(child.pid, signals.received[-1])
-                probing = _start_probes(container_dir, child, probes, command=command, image=image)
-                kill = _killer(child, signals=signals, grace=grace, probing=probing)
-                code = _pump(child, log, kill=kill)
-                signals.child = None
-                if probing is not None:
-                    probing.stop()
-                    if probing.note is not None:
-                        log.line("stderr", probing.note, now=time.time_ns())
+            message = None if termination is None else Termination(container_dir, termination)
+            code = _run_command(
+                container_dir,
+                command,
+                log=log,
+                image=image,
+                signals=signals,
+                grace=grace,
+                probes=probes,
+                message=message,
+            )
         log.close(now=time.time_ns())
     finally:
         os.close(fd)
     write_marker(container_dir / "exit", f"{code} {rfc3339(time.time_ns())}")
+    return code
+
+
+def _run_command(
+    container_dir: Path,
+    command: Sequence[str],
+    *,
+    log: LogWriter,
+    image: Path | None,
+    signals: _Signals,
+    grace: float | None,
+    probes: Probes | None,
+    message: Termination | None,
+) -> int:
+    """COMMAND started, logged and waited for; its exit code."""
+    try:
+        if message is not None:
+            message.prepare()
+        child = subprocess.Popen(
+            list(command),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            # Its own process group, so that KILL after the grace period reaches every
+            # process of the container.
+            start_new_session=grace is not None or probes is not None,
+        )
+    except OSError as error:
+        log.line("stderr", f"hpk: cannot start {command[0]}: {error}", now=time.time_ns())
+        return IMAGE_CANNOT_RUN
+    signals.child = child
+    if signals.received:  # a signal came between the check above and the start
+        os.kill(child.pid, signals.received[-1])
+    if message is not None:
+        message.start(lambda: child.poll() is None, child.pid)
+    probing = _start_probes(container_dir, child, probes, command=command, image=image)
+    kill = _killer(child, signals=signals, grace=grace, probing=probing)
+    code = _pump(child, log, kill=kill)
+    signals.child = None
+    if message is not None:
+        message.collect()
+        if message.problem is not None:
+            log.line("stderr", f"hpk: no termination log: {message.problem}", now=time.time_ns())
+    if probing is not None:
+        probing.stop()
+        if probing.note is not None:
+            log.line("stderr", probing.note, now=time.time_ns())
     return code
 
 
@@ -362,6 +405,11 @@ def exec_prefix(command: Sequence[str], image: Path | None) -> list[str]:
     if not actions or "apptainer" not in Path(words[0]).name:
         return []
     words[actions[0]] = "exec"
+    # An exec probe is no new run of the container: it waits for no termination handshake.
+    for index in range(len(words) - 2, 0, -1):
+        target = words[index + 1].split(":")[1:2]
+        if words[index] == "--bind" and target in ([READY_PATH], [HOOK_PATH]):
+            del words[index : index + 2]
     return words
 
 
@@ -470,7 +518,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if "--" not in words:
         print(
             "usage: python -m kubelet_py.launch [--image SIF] [--restart POLICY] "
-            "[--grace SECONDS] [--probes FILE] DIR -- COMMAND...",
+            "[--grace SECONDS] [--probes FILE] [--termination PATH] DIR -- COMMAND...",
             file=sys.stderr,
         )
         return 2
@@ -491,6 +539,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--probes", type=Path, help="a JSON file of the container's probes (kubelet_py.probes)"
     )
+    parser.add_argument(
+        "--termination",
+        type=PurePosixPath,
+        help="the container's terminationMessagePath (kubelet_py.termination)",
+    )
     parser.add_argument("container_dir", type=Path, help="the container's folder in the pod")
     args = parser.parse_args(words[:split])
     command = words[split + 1 :]
@@ -503,6 +556,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         restart=args.restart,
         grace=args.grace,
         probes=None if args.probes is None else Probes.load(args.probes),
+        termination=args.termination,
     )
 
 

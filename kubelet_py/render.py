@@ -45,6 +45,7 @@ from kubelet_py.resources import (
 )
 from kubelet_py.security import NOT_HONOURED, JobUser, check_pod_context, container_identity
 from kubelet_py.storage import ClaimSource, StorageVolumes
+from kubelet_py.termination import HOOK_PATH, READY_PATH
 
 TEMPLATE = "pod.sbatch.j2"
 JOB_NAME_PREFIX = "hpk/"
@@ -67,6 +68,19 @@ SKIPPED_ENV = "InvalidEnvironmentVariableNames"
 APPTAINER_OPTIONS = ("--cleanenv", "--no-eval")
 """For every container: only the image's and the pod's environment (not the kubelet's), and
 values and arguments passed as they are, never evaluated by a shell inside the container."""
+CONTAIN_OPTIONS = ("--contain", "--no-mount", "bind-paths,hostfs,cwd")
+"""For every container: none of the host's file systems but what the pod's spec gives it.
+Apptainer's defaults would bind the user's home (with ~/.hpk's keys and every pod's secret
+volumes), the current folder, /tmp and /var/tmp, and the site's `bind path` entries; a pod
+spec may come from a chart nobody read. The few host files a container needs (/etc/hosts,
+/etc/localtime) are bound read-only by `hpk.apptainer pod`."""
+WRITABLE_ROOT = "--writable-tmpfs"
+"""Writes to the image's own file system succeed, private to the run and gone at its end, as
+under Docker (a tmpfs overlay, bounded by the site's `sessiondir max size`); left out for
+`readOnlyRootFilesystem: true`. /tmp and /var/tmp are each container's folders on the node's
+disk instead (`--workdir`, in the job script)."""
+DEFAULT_TERMINATION_PATH = "/dev/termination-log"
+_TERMINATION_POLICIES = ("File", "FallbackToLogsOnError")
 PID_NAMESPACE = "--pid"
 """A container's own PID namespace, as Kubernetes gives each container: a process in it can
 signal only its own container's processes. Without it every pod of the user shares the node's
@@ -121,6 +135,8 @@ _CONTAINER_HONOURED = frozenset(
         "envFrom",
         "resources",
         "volumeMounts",
+        "terminationMessagePath",
+        "terminationMessagePolicy",
         *PROBE_FIELDS,
     }
 )
@@ -132,8 +148,6 @@ KILL once the main containers have ended."""
 _CONTAINER_ELSEWHERE: Mapping[str, str] = MappingProxyType(
     {
         "imagePullPolicy": "images are pulled into the SIF cache before rendering",
-        "terminationMessagePath": "status reporting",
-        "terminationMessagePolicy": "status reporting",
         "ports": "informational: containers use the node's network",
         "resizePolicy": "hpk never resizes a running pod",
     }
@@ -289,6 +303,8 @@ class ContainerLaunch:
     """Apptainer options after hpk's run options, other than the binds."""
     binds: tuple[str, ...]
     """`--bind` specifications, one per volume mount."""
+    termination_path: str
+    """Its terminationMessagePath (kubelet_py.termination places the file there)."""
     arguments: tuple[str, ...]
     """The words after the SIF file (see `container_argv`)."""
     node_ip_env: tuple[str, ...] = ()
@@ -405,6 +421,8 @@ def render_pod(
         init=launches["initContainers"],
         main=launches["containers"],
         node_ips=_node_ips(settings, launches["initContainers"] + launches["containers"]),
+        ready_path=READY_PATH,
+        hook_path=HOOK_PATH,
     )
     derived = [SbatchOption("partition", settings.partition)] if settings.partition else []
     derived += resource_options(spec)
@@ -587,7 +605,11 @@ def _launch(
         job_user=settings.job_user,
     )
     not_honoured += identity.warnings
-    options = [*APPTAINER_OPTIONS, *identity.options]
+    options = [*APPTAINER_OPTIONS, *CONTAIN_OPTIONS, *identity.options]
+    if identity.writable_root:
+        options.append(WRITABLE_ROOT)
+    runs_as = settings.job_user.uid if identity.runs_as is None else identity.runs_as
+    options += home_options(config.home(runs_as))
     if pid_namespace:
         options.append(PID_NAMESPACE)
     if gpus_by_flags or container_resources(container, field=where).gpus:
@@ -613,10 +635,34 @@ def _launch(
                 read_only=storage.read_only,
             )
         ),
+        termination_path=_termination_path(container, where),
         arguments=tuple(argv),
         node_ip_env=tuple(node_ip_env),
     )
     return launch, env_file(variables) if variables else None
+
+
+def home_options(home: str) -> list[str]:
+    """Apptainer's options that set HOME to `home` and mount nothing there: Kubernetes sets
+    HOME from the image's /etc/passwd (or to `/`), and never shows the host's home."""
+    return ["--no-home", "--home", f"/:{home}"]
+
+
+def _termination_path(container: Mapping[str, object], where: str) -> str:
+    """The container's terminationMessagePath, checked, and its policy checked too."""
+    policy = container.get("terminationMessagePolicy", "File")
+    if policy not in _TERMINATION_POLICIES:
+        raise InvalidPodSpec(
+            f"{where}.terminationMessagePolicy", f"{policy!r}: one of {list(_TERMINATION_POLICIES)}"
+        )
+    path = container.get("terminationMessagePath") or DEFAULT_TERMINATION_PATH
+    parts = path.split("/") if isinstance(path, str) else []
+    if not isinstance(path, str) or not path.startswith("/") or {".", ".."} & set(parts):
+        raise InvalidPodSpec(f"{where}.terminationMessagePath", "must be an absolute path")
+    if not parts[-1]:
+        raise InvalidPodSpec(f"{where}.terminationMessagePath", "must name a file")
+    _check_text(path, f"{where}.terminationMessagePath")
+    return path
 
 
 def container_argv(

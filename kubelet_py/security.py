@@ -68,6 +68,12 @@ class Identity:
     """Apptainer options that change the container's user and group."""
     warnings: tuple[str, ...] = ()
     """What is asked and not honoured, each naming its field."""
+    runs_as: int | None = None
+    """The uid the container's processes have inside it (what its HOME is looked up by);
+    None when unknown."""
+    writable_root: bool = True
+    """Whether writes to the image's own file system succeed (private to the run, as under
+    Docker); False for `readOnlyRootFilesystem: true`."""
 
 
 def check_pod_context(context: Mapping[str, object], *, job_user: JobUser) -> tuple[str, ...]:
@@ -146,8 +152,9 @@ def container_identity(
             f"{at}.runAsNonRoot: the container runs as root, since hpk's kubelet (which "
             "submits the jobs) runs as root; run hpk as an ordinary user"
         )
-    if container_context.get("readOnlyRootFilesystem") is False:
-        warnings.append(f"{at}.readOnlyRootFilesystem false: a SIF image is always read-only")
+    read_only = container_context.get("readOnlyRootFilesystem")
+    if read_only is not None and not isinstance(read_only, bool):
+        raise InvalidPodSpec(f"{at}.readOnlyRootFilesystem", "must be true or false")
     capabilities = _mapping(container_context.get("capabilities"), f"{at}.capabilities")
     unknown_caps = sorted(set(capabilities) - {"add", "drop"})
     if unknown_caps:
@@ -161,7 +168,9 @@ def container_identity(
     warnings += _profile_warnings(merged, at, ("seccompProfile", "appArmorProfile"))
     if merged.get("seLinuxOptions"):
         warnings.append(f"{at}.seLinuxOptions: Apptainer sets no SELinux label")
-    return Identity(options=options, warnings=tuple(warnings))
+    return Identity(
+        options=options, warnings=tuple(warnings), runs_as=runs_as, writable_root=not read_only
+    )
 
 
 def _refuse_impossible(context: Mapping[str, object], at: str) -> None:

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from kubelet_py import podfiles
+from kubelet_py.termination import MESSAGE_FILE, TERMINATION_MESSAGE_LIMIT
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +40,10 @@ SLURM_PENDING = "SlurmPending"
 EXIT_SIGTERM = 143
 EXIT_SIGKILL = 137
 EXIT_CANNOT_RUN = 125
+
+LOG_FALLBACK_LINES = 80
+LOG_FALLBACK_BYTES = 2048
+"""FallbackToLogsOnError takes the log's last 80 lines, at most 2048 bytes (Kubernetes')."""
 """The exit code the job script records when a container's image cannot run."""
 
 MARKER_CLOCK_SLACK = timedelta(seconds=5)
@@ -101,6 +106,12 @@ class ContainerMarkers:
     """The startup probe has passed in this run (the `startup` file)."""
     probe_ready: bool = False
     """The readiness probe passes (the `ready` file)."""
+    termination_message: str | None = None
+    """What the container wrote at its terminationMessagePath (the `termination-log` file,
+    kubelet_py.termination), once it has ended; None when it wrote nothing."""
+    log_tail: str | None = None
+    """The end of its log, once it has ended with a non-zero code: the message of
+    `terminationMessagePolicy: FallbackToLogsOnError` when it wrote none."""
 
 
 @dataclass(frozen=True)
@@ -269,7 +280,12 @@ def read_markers(pod_dir: Path) -> dict[str, ContainerMarkers]:
         entry = folder / name
         started_at = _read_time(entry / "started", pod_dir)
         exit_code, finished_at = _read_exit(entry / "exit", pod_dir)
+        ended = exit_code is not None
+        message = _read_termination(entry / MESSAGE_FILE, pod_dir) if ended else None
+        failed = ended and exit_code != 0 and not message
         found[name] = ContainerMarkers(
+            termination_message=message,
+            log_tail=_read_log_tail(entry / "log", pod_dir) if failed else None,
             started_at=started_at,
             exit_code=exit_code,
             finished_at=finished_at,
@@ -318,6 +334,40 @@ def _read_backoff(path: Path, root: Path) -> float | None:
     except (IndexError, ValueError):
         log.warning("%s holds no back-off: %r", path, text[:80])
         return None
+
+
+def _read_termination(path: Path, root: Path) -> str | None:
+    """A container's termination message: at most Kubernetes' 4096 bytes of the file."""
+    try:
+        text = podfiles.read_text(path, root=root, limit=TERMINATION_MESSAGE_LIMIT)
+    except FileNotFoundError:
+        return None
+    except OSError as error:
+        log.warning("cannot read %s: %s", path, error)
+        return None
+    return text or None
+
+
+def _read_log_tail(path: Path, root: Path) -> str | None:
+    """The last lines of a container's log as Kubernetes' fallback takes them (at most 80
+    lines and 2048 bytes), without the launcher's time and stream words."""
+    try:
+        with podfiles.open_file(path, root=root) as handle:
+            size = handle.seek(0, os.SEEK_END)
+            # Each logged line carries about 40 bytes of time and stream words.
+            handle.seek(max(0, size - 16 * LOG_FALLBACK_BYTES))
+            data = handle.read()
+    except FileNotFoundError:
+        return None
+    except OSError as error:
+        log.warning("cannot read %s: %s", path, error)
+        return None
+    lines = data.decode("utf-8", "replace").splitlines()
+    if size > 16 * LOG_FALLBACK_BYTES:
+        lines = lines[1:]  # the first may be cut
+    texts = [line.split(" ", 2)[2] if line.count(" ") >= 2 else "" for line in lines]
+    tail = "\n".join(texts[-LOG_FALLBACK_LINES:]).encode()[-LOG_FALLBACK_BYTES:]
+    return tail.decode("utf-8", "ignore") or None
 
 
 def _read_text(path: Path, root: Path) -> str | None:
@@ -521,9 +571,9 @@ def _container_status(
     status["restartCount"] = marker.restarts
     if "waiting" in status["state"] and marker.exit_code is not None:
         # Between two runs: the run that just ended is the last state.
-        status["lastState"] = {"terminated": _terminated(marker, outcome)}
+        status["lastState"] = {"terminated": _terminated(marker, outcome, container)}
     elif marker.last is not None and marker.last.exit_code is not None:
-        status["lastState"] = {"terminated": _terminated(marker.last, outcome)}
+        status["lastState"] = {"terminated": _terminated(marker.last, outcome, {})}
     return status
 
 
@@ -547,7 +597,7 @@ def _current_state(
         }
         return _base(container, state={"waiting": waiting})
     if marker.exit_code is not None:
-        return _base(container, state={"terminated": _terminated(marker, outcome)})
+        return _base(container, state={"terminated": _terminated(marker, outcome, container)})
 
     if outcome is None:  # the job runs
         if marker.started_at is not None:
@@ -579,8 +629,12 @@ def _current_state(
     return _base(container, state={"terminated": terminated})
 
 
-def _terminated(marker: ContainerMarkers, outcome: _Outcome | None) -> dict[str, Any]:
-    """A run that recorded its end, as a container state's `terminated`."""
+def _terminated(
+    marker: ContainerMarkers, outcome: _Outcome | None, container: Mapping[str, Any]
+) -> dict[str, Any]:
+    """A run that recorded its end, as a container state's `terminated`; its message is what
+    the container wrote at its terminationMessagePath, else (FallbackToLogsOnError, a failed
+    run) the end of its log."""
     assert marker.exit_code is not None
     terminated: dict[str, Any] = {
         "exitCode": marker.exit_code,
@@ -592,6 +646,11 @@ def _terminated(marker: ContainerMarkers, outcome: _Outcome | None) -> dict[str,
         terminated["finishedAt"] = _time(marker.finished_at)
     if marker.exit_code == EXIT_CANNOT_RUN:
         terminated["message"] = "the container's image could not run"
+    message = marker.termination_message
+    if not message and container.get("terminationMessagePolicy") == "FallbackToLogsOnError":
+        message = marker.log_tail if marker.exit_code != 0 else None
+    if message:
+        terminated["message"] = message
     return terminated
 
 

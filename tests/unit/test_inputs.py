@@ -432,6 +432,11 @@ def test_config_volumes_are_bound_read_only_and_not_created_by_the_script() -> N
     rendered = render_pod(the_pod, settings("v"), inputs=resolve(the_pod, Lookup()))
     words = launches(rendered)["main"]
     binds = [words[i + 1] for i, word in enumerate(words) if word == "--bind"]
+    assert [bind.split(":")[1] for bind in binds[:2]] == [
+        "/.hpk-ready",
+        "/.singularity.d/env/00-hpk-ready.sh",
+    ]
+    del binds[:2]
     folder = "/home/alice/.hpk/pods/default/v/volumes"
     assert binds == [
         f"{folder}/config:/config:ro",

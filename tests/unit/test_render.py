@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 
+from hpk.images import ImageConfig
 from kubelet_py.errors import InvalidPodSpec
 from kubelet_py.flags import InvalidSbatchFlags
 from kubelet_py.inputs import PodInputs, VolumeFile
@@ -31,6 +32,7 @@ from kubelet_py.render import (
     render_pod,
 )
 from kubelet_py.security import JobUser
+from kubelet_py.termination import HOOK_PATH, READY_PATH
 
 GOLDEN = Path(__file__).parent / "golden"
 BUSYBOX = "docker.io/library/busybox:latest"
@@ -274,9 +276,72 @@ def test_apptainer_options_for_each_container() -> None:
     words = argv["command-and-args"]
     # --quiet: Apptainer's own INFO and WARNING lines stay out of the container's log.
     assert words[:4] == ["$apptainer", "--quiet", "exec", "${run_options[@]}"]
+    options = words[4 : words.index("/home/alice/.hpk/images/docker.io/library/busybox/latest.sif")]
+    assert options[:6] == [
+        "--cleanenv", "--no-eval",
+        # Contained: no host home, current folder, /tmp or site bind paths.
+        "--contain", "--no-mount", "bind-paths,hostfs,cwd",
+        # Writes to the image's own file system succeed, private to the run.
+        "--writable-tmpfs",
+    ]  # fmt: skip
+    # HOME from the image's users (a record without them: `/` for a non-root user), and the
+    # host's home is not mounted there.
+    assert options[6:9] == ["--no-home", "--home", "/:/"]
     # --pid: each container has its own PIDs, as in Kubernetes.
-    assert words[4:9] == ["--cleanenv", "--no-eval", "--pid", "--pwd", "/tmp"]
-    assert argv["neither"][7:9] == ["--pwd", "/"]
+    assert options[9:12] == ["--pid", "--pwd", "/tmp"]
+    # Its own /tmp and /var/tmp, and the termination handshake (kubelet_py.termination).
+    assert options[12:14] == ["--workdir", "$scratch/command-and-args"]
+    assert [options[14], options[16]] == ["--bind", "--bind"]
+    assert options[15].endswith(f"/ready:{READY_PATH}")
+    assert options[17].endswith(f"/ready.sh:{HOOK_PATH}:ro")
+    assert argv["neither"][argv["neither"].index("--pwd") + 1] == "/"
+
+
+def test_home_is_the_images_home_of_the_containers_user() -> None:
+    image = "docker.io/library/busybox:latest"
+    homes = ((0, "/root"), (1000, "/home/app"), (8737, "/tmp"))
+    config = ImageConfig(oci=True, entrypoint=("sh",), homes=homes)
+
+    def home(context: dict[str, Any], user: JobUser) -> str:
+        pod = copy.deepcopy(COMMAND_ARGS)
+        pod["spec"]["containers"] = [
+            {"name": "c", "image": "busybox", "command": ["id"], "securityContext": context}
+        ]
+        job = settings(image_configs={image: config}, job_user=user)
+        words = launches(render_pod(pod, job))["c"]
+        return words[words.index("--home") + 1]
+
+    assert home({}, JobUser(1000, 1000)) == "/:/home/app"
+    assert home({}, JobUser(1001, 1001)) == "/:/"  # the image does not list the job's user
+    assert home({"runAsUser": 0}, JobUser(1001, 1001)) == "/:/root"  # --fakeroot
+    assert home({"runAsUser": 8737}, JobUser(0, 0)) == "/:/tmp"  # --security as root
+
+
+def test_termination_message_path_and_policy_are_checked() -> None:
+    def launch(**fields: object) -> str:
+        pod = copy.deepcopy(COMMAND_ARGS)
+        pod["spec"]["containers"] = [
+            {"name": "c", "image": "busybox", "command": ["true"], **fields}
+        ]
+        return render_pod(pod, settings()).script
+
+    assert '--termination /dev/termination-log "$containers"/c --' in launch()
+    script = launch(terminationMessagePath="/var/run/msg", terminationMessagePolicy="File")
+    assert '--termination /var/run/msg "$containers"/c --' in script
+    for bad in ("relative", "/a/../b", "/dir/", "/a\nb"):
+        with pytest.raises(InvalidPodSpec, match="terminationMessagePath"):
+            launch(terminationMessagePath=bad)
+    with pytest.raises(InvalidPodSpec, match="terminationMessagePolicy"):
+        launch(terminationMessagePolicy="Always")
+
+
+def test_read_only_root_file_system_has_no_writable_layer() -> None:
+    pod = copy.deepcopy(COMMAND_ARGS)
+    pod["spec"]["containers"][0]["securityContext"] = {"readOnlyRootFilesystem": True}
+    argv = launches(render_pod(pod, settings()))
+    name = pod["spec"]["containers"][0]["name"]
+    assert "--writable-tmpfs" not in argv[name]
+    assert all("--writable-tmpfs" in words for key, words in argv.items() if key != name)
 
 
 @pytest.mark.parametrize("key", ["hostPID", "shareProcessNamespace"])
@@ -291,8 +356,8 @@ def test_volumes_are_bound_from_the_pod_folder() -> None:
     rendered = render_pod(INIT_AND_TWO, settings("init-and-two"))
     argv = launches(rendered)
     folder = "/home/alice/.hpk/pods/default/init-and-two/volumes/work"
-    assert argv["writer"][argv["writer"].index("--bind") + 1] == f"{folder}:/work"
-    assert argv["reader"][argv["reader"].index("--bind") + 1] == f"{folder}:/work:ro"
+    assert f"{folder}:/work" in argv["writer"]
+    assert f"{folder}:/work:ro" in argv["reader"]
     assert 'mkdir -p -- "$containers" volumes/work || exit 125' in rendered.script
 
 
@@ -830,13 +895,14 @@ def test_files_are_a_read_only_view() -> None:
 
 def launch_words(rendered: RenderedPod) -> dict[str, list[str]]:
     """Each container's launcher options (the words between `kubelet_py.launch` and its
-    folder), from the job script."""
+    folder), from the job script; without `--termination PATH`, which every one has."""
     found = {}
     for line in rendered.script.splitlines():
         if "-m kubelet_py.launch" in line:
             words = shlex.split(line.replace('"$containers"/', "").rstrip(" \\"))
             *options, folder, _dash = words[words.index("kubelet_py.launch") + 1 :]
-            found[folder] = options[2:]  # after --image SIF
+            at = options.index("--termination")
+            found[folder] = options[2:at] + options[at + 2 :]  # after --image SIF
     return found
 
 

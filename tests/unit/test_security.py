@@ -80,8 +80,9 @@ def test_what_apptainer_does_not_apply_is_listed() -> None:
         user=ALICE,
     )
     text = "\n".join(found.warnings)
-    for part in ("readOnlyRootFilesystem", "NET_ADMIN", "seLinuxOptions", "seccompProfile"):
+    for part in ("NET_ADMIN", "seLinuxOptions", "seccompProfile"):
         assert part in text
+    assert "readOnlyRootFilesystem" not in text  # the root file system is writable per run
     quiet = identity(
         {"capabilities": {"drop": ["ALL"]}, "seccompProfile": {"type": "Unconfined"}},
         user=ALICE,
@@ -154,10 +155,10 @@ def test_the_job_script_switches_user_and_opens_empty_dirs_only_when_asked() -> 
     assert "chmod 0777 -- volumes/scratch" in switched.script
     plain = render({}, {}, ROOT)
     assert "--security" not in plain.script
-    assert "chmod" not in plain.script
+    assert "chmod 0777" not in plain.script
     fake = render({"runAsUser": 0}, {}, ALICE)
     assert "--fakeroot" in fake.script
-    assert "chmod" not in fake.script
+    assert "chmod 0777" not in fake.script
 
 
 def test_one_warning_event_lists_everything_not_honoured() -> None:
@@ -166,3 +167,14 @@ def test_one_warning_event_lists_everything_not_honoured() -> None:
     assert reason == NOT_HONOURED
     assert "spec.securityContext.fsGroup 4000" in message
     assert "runAsUser 2000" in message
+
+
+def test_read_only_root_file_system_and_the_uid_inside() -> None:
+    writable = identity({"readOnlyRootFilesystem": False}, user=ALICE)
+    assert writable.writable_root is True
+    assert writable.runs_as == ALICE.uid
+    read_only = identity({"readOnlyRootFilesystem": True}, user=ALICE)
+    assert read_only.writable_root is False
+    assert identity({"runAsUser": 0}, user=ALICE).runs_as == 0  # --fakeroot
+    with pytest.raises(InvalidPodSpec, match="readOnlyRootFilesystem"):
+        identity({"readOnlyRootFilesystem": "yes"}, user=ALICE)

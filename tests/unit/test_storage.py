@@ -30,6 +30,7 @@ from kubelet_py.storage import (
     with_claims,
     with_failure,
 )
+from kubelet_py.termination import HOOK_PATH, READY_PATH
 from tests.unit.test_provider import Bed, job_view, make_pod
 
 BUSYBOX = "docker.io/library/busybox:latest"
@@ -62,9 +63,17 @@ def pod(volumes: list[Pod], mounts: list[Pod], name: str = "st") -> Pod:
     }
 
 
+READY_BINDS = (READY_PATH, HOOK_PATH)
+
+
 def binds(script: str) -> list[str]:
+    """The volume binds of the script (the termination handshake's files left out)."""
     words = shlex.split(script.replace(" \\\n", " "), comments=True)
-    return [words[index + 1] for index, word in enumerate(words) if word == "--bind"]
+    return [
+        words[index + 1]
+        for index, word in enumerate(words)
+        if word == "--bind" and words[index + 1].split(":")[1] not in READY_BINDS
+    ]
 
 
 def refused(the_pod: Pod, **kwargs: Any) -> InvalidPodSpec:
@@ -168,7 +177,7 @@ def test_memory_empty_dir_is_linked_to_a_job_folder_in_shm() -> None:
     assert binds(script) == ["/pods/st/volumes/cache:/cache"]
     assert 'mktemp -d -- /dev/shm/hpk-job-"${SLURM_JOB_ID:-$$}".XXXXXX' in script
     assert 'ln -s -- "$shm_dir"/cache volumes/cache' in script
-    assert "trap 'stop; rm -rf -- \"$shm_dir\"' EXIT" in script
+    assert 'scratch_dirs+=("$shm_dir")' in script  # removed with the job's folders
     assert "over_limit cache volumes/cache 67108864 64Mi" in script
     # render does not make the folder itself: the link is the folder.
     assert not re.search(r"mkdir -p -- \"\$containers\".*volumes/cache", script)
@@ -188,7 +197,7 @@ FAKE_PYTHON = """#!/bin/bash
 [[ $3 == hpk.apptainer ]] && exit 0
 binds=()
 while (($#)); do
-    [[ $1 == --bind ]] && binds+=("${2%%:*}")
+    [[ $1 == --bind && $2 != *:/.hpk-ready && $2 != *:/.singularity.d/* ]] && binds+=("${2%%:*}")
     shift
 done
 printf '%s\\n' "${binds[@]}" >>"$HPK_TEST_LOG"

@@ -33,23 +33,47 @@ stop() {
     [[ -z $running ]] || kill -TERM $running 2>/dev/null
     wait
 }
+# Node-local folders of this job (each container's /tmp and /var/tmp, memory emptyDirs),
+# removed when it ends.
+scratch_dirs=()
+cleanup() {
+    rm -rf -- "${scratch_dirs[@]}"
+}
 trap 'trap "" TERM INT; stop; exit 143' TERM
 trap 'trap "" TERM INT; stop; exit 130' INT
-trap stop EXIT
+trap 'stop; cleanup' EXIT
 
 cd -- "$pod_dir" || exit 125
 mkdir -p -- "$containers" || exit 125
 
-# Apptainer's options for this user on this node: --no-privs as root, --unsquash without FUSE.
-options=$("$python" -I -m hpk.apptainer) || exit 125
+# Apptainer's options for this user on this node: --no-privs as root, --unsquash without FUSE,
+# and the node's /etc/hosts and /etc/localtime, read-only.
+options=$("$python" -I -m hpk.apptainer pod) || exit 125
 read -r -a run_options <<<"$options"
+
+# Each container's private /tmp and /var/tmp (Apptainer's --workdir) on the node's own disk,
+# in a folder mktemp makes for this job: 0700 and the job user's, never one planted by
+# another user. A container's folder keeps its files across its restarts.
+scratch=$(mktemp -d -p "${TMPDIR:-/tmp}" "hpk-job-${SLURM_JOB_ID:-$$}.XXXXXX" 2>/dev/null ||
+    mktemp -d -p /tmp "hpk-job-${SLURM_JOB_ID:-$$}.XXXXXX") || exit 125
+scratch_dirs+=("$scratch")
+
+# A container's folders (its launcher writes the termination handshake's files there).
+prepare() {
+    mkdir -p -- "$containers/$1" "$scratch/$1/tmp" "$scratch/$1/var_tmp" &&
+        chmod 1777 -- "$scratch/$1/tmp" "$scratch/$1/var_tmp"
+}
+prepare main || exit 125
 
 # Containers, side by side. The job's code is the first non-zero one, in the pod's order.
 main_pids=()
 
 # main: docker.io/library/busybox:latest
-"$python" -I -m kubelet_py.launch --image /home/alice/.hpk/images/docker.io/library/busybox/latest.sif "$containers"/main -- \
-    "$apptainer" --quiet exec "${run_options[@]}" --cleanenv --no-eval --pid --pwd / \
+"$python" -I -m kubelet_py.launch --image /home/alice/.hpk/images/docker.io/library/busybox/latest.sif --termination /dev/termination-log "$containers"/main -- \
+    "$apptainer" --quiet exec "${run_options[@]}" --cleanenv --no-eval --contain --no-mount bind-paths,hostfs,cwd --writable-tmpfs --no-home --home /:/ --pid --pwd / \
+    --workdir "$scratch"/main \
+    --bind "$containers"/main/ready:/.hpk-ready \
+    --bind "$containers"/main/ready.sh:/.singularity.d/env/00-hpk-ready.sh:ro \
     /home/alice/.hpk/images/docker.io/library/busybox/latest.sif echo hello &
 main_pids+=("$!")
 

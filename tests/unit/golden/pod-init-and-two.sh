@@ -33,29 +33,59 @@ stop() {
     [[ -z $running ]] || kill -TERM $running 2>/dev/null
     wait
 }
+# Node-local folders of this job (each container's /tmp and /var/tmp, memory emptyDirs),
+# removed when it ends.
+scratch_dirs=()
+cleanup() {
+    rm -rf -- "${scratch_dirs[@]}"
+}
 trap 'trap "" TERM INT; stop; exit 143' TERM
 trap 'trap "" TERM INT; stop; exit 130' INT
-trap stop EXIT
+trap 'stop; cleanup' EXIT
 
 cd -- "$pod_dir" || exit 125
 mkdir -p -- "$containers" volumes/work || exit 125
 
-# Apptainer's options for this user on this node: --no-privs as root, --unsquash without FUSE.
-options=$("$python" -I -m hpk.apptainer) || exit 125
+# Apptainer's options for this user on this node: --no-privs as root, --unsquash without FUSE,
+# and the node's /etc/hosts and /etc/localtime, read-only.
+options=$("$python" -I -m hpk.apptainer pod) || exit 125
 read -r -a run_options <<<"$options"
+
+# Each container's private /tmp and /var/tmp (Apptainer's --workdir) on the node's own disk,
+# in a folder mktemp makes for this job: 0700 and the job user's, never one planted by
+# another user. A container's folder keeps its files across its restarts.
+scratch=$(mktemp -d -p "${TMPDIR:-/tmp}" "hpk-job-${SLURM_JOB_ID:-$$}.XXXXXX" 2>/dev/null ||
+    mktemp -d -p /tmp "hpk-job-${SLURM_JOB_ID:-$$}.XXXXXX") || exit 125
+scratch_dirs+=("$scratch")
+
+# A container's folders (its launcher writes the termination handshake's files there).
+prepare() {
+    mkdir -p -- "$containers/$1" "$scratch/$1/tmp" "$scratch/$1/var_tmp" &&
+        chmod 1777 -- "$scratch/$1/tmp" "$scratch/$1/var_tmp"
+}
+prepare first || exit 125
+prepare second || exit 125
+prepare writer || exit 125
+prepare reader || exit 125
 
 # Init containers, one after another: the first that fails ends the job with its code.
 
 # first: docker.io/library/busybox:latest
-"$python" -I -m kubelet_py.launch --image /home/alice/.hpk/images/docker.io/library/busybox/latest.sif "$containers"/first -- \
-    "$apptainer" --quiet exec "${run_options[@]}" --cleanenv --no-eval --pid --pwd / \
+"$python" -I -m kubelet_py.launch --image /home/alice/.hpk/images/docker.io/library/busybox/latest.sif --termination /dev/termination-log "$containers"/first -- \
+    "$apptainer" --quiet exec "${run_options[@]}" --cleanenv --no-eval --contain --no-mount bind-paths,hostfs,cwd --writable-tmpfs --no-home --home /:/ --pid --pwd / \
+    --workdir "$scratch"/first \
+    --bind "$containers"/first/ready:/.hpk-ready \
+    --bind "$containers"/first/ready.sh:/.singularity.d/env/00-hpk-ready.sh:ro \
     --bind /home/alice/.hpk/pods/default/init-and-two/volumes/work:/work \
     /home/alice/.hpk/images/docker.io/library/busybox/latest.sif sh -c 'echo first > /work/order' &
 wait "$!" || exit "$?"
 
 # second: docker.io/library/busybox:latest
-"$python" -I -m kubelet_py.launch --image /home/alice/.hpk/images/docker.io/library/busybox/latest.sif "$containers"/second -- \
-    "$apptainer" --quiet exec "${run_options[@]}" --cleanenv --no-eval --pid --pwd / \
+"$python" -I -m kubelet_py.launch --image /home/alice/.hpk/images/docker.io/library/busybox/latest.sif --termination /dev/termination-log "$containers"/second -- \
+    "$apptainer" --quiet exec "${run_options[@]}" --cleanenv --no-eval --contain --no-mount bind-paths,hostfs,cwd --writable-tmpfs --no-home --home /:/ --pid --pwd / \
+    --workdir "$scratch"/second \
+    --bind "$containers"/second/ready:/.hpk-ready \
+    --bind "$containers"/second/ready.sh:/.singularity.d/env/00-hpk-ready.sh:ro \
     --bind /home/alice/.hpk/pods/default/init-and-two/volumes/work:/work \
     /home/alice/.hpk/images/docker.io/library/busybox/latest.sif sh -c 'echo second >> /work/order' &
 wait "$!" || exit "$?"
@@ -64,15 +94,21 @@ wait "$!" || exit "$?"
 main_pids=()
 
 # writer: docker.io/library/busybox:latest
-"$python" -I -m kubelet_py.launch --image /home/alice/.hpk/images/docker.io/library/busybox/latest.sif "$containers"/writer -- \
-    "$apptainer" --quiet exec "${run_options[@]}" --cleanenv --no-eval --pid --pwd / \
+"$python" -I -m kubelet_py.launch --image /home/alice/.hpk/images/docker.io/library/busybox/latest.sif --termination /dev/termination-log "$containers"/writer -- \
+    "$apptainer" --quiet exec "${run_options[@]}" --cleanenv --no-eval --contain --no-mount bind-paths,hostfs,cwd --writable-tmpfs --no-home --home /:/ --pid --pwd / \
+    --workdir "$scratch"/writer \
+    --bind "$containers"/writer/ready:/.hpk-ready \
+    --bind "$containers"/writer/ready.sh:/.singularity.d/env/00-hpk-ready.sh:ro \
     --bind /home/alice/.hpk/pods/default/init-and-two/volumes/work:/work \
     /home/alice/.hpk/images/docker.io/library/busybox/latest.sif sh -c 'cat /work/order; echo ready > /work/ready' &
 main_pids+=("$!")
 
 # reader: docker.io/library/busybox:latest
-"$python" -I -m kubelet_py.launch --image /home/alice/.hpk/images/docker.io/library/busybox/latest.sif "$containers"/reader -- \
-    "$apptainer" --quiet exec "${run_options[@]}" --cleanenv --no-eval --pid --pwd / \
+"$python" -I -m kubelet_py.launch --image /home/alice/.hpk/images/docker.io/library/busybox/latest.sif --termination /dev/termination-log "$containers"/reader -- \
+    "$apptainer" --quiet exec "${run_options[@]}" --cleanenv --no-eval --contain --no-mount bind-paths,hostfs,cwd --writable-tmpfs --no-home --home /:/ --pid --pwd / \
+    --workdir "$scratch"/reader \
+    --bind "$containers"/reader/ready:/.hpk-ready \
+    --bind "$containers"/reader/ready.sh:/.singularity.d/env/00-hpk-ready.sh:ro \
     --bind /home/alice/.hpk/pods/default/init-and-two/volumes/work:/work:ro \
     /home/alice/.hpk/images/docker.io/library/busybox/latest.sif sh -c 'while [ ! -e /work/ready ]; do sleep 0.1; done' &
 main_pids+=("$!")

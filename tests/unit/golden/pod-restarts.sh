@@ -33,16 +33,40 @@ stop() {
     [[ -z $running ]] || kill -TERM $running 2>/dev/null
     wait
 }
+# Node-local folders of this job (each container's /tmp and /var/tmp, memory emptyDirs),
+# removed when it ends.
+scratch_dirs=()
+cleanup() {
+    rm -rf -- "${scratch_dirs[@]}"
+}
 trap 'trap "" TERM INT; stop; exit 143' TERM
 trap 'trap "" TERM INT; stop; exit 130' INT
-trap stop EXIT
+trap 'stop; cleanup' EXIT
 
 cd -- "$pod_dir" || exit 125
 mkdir -p -- "$containers" || exit 125
 
-# Apptainer's options for this user on this node: --no-privs as root, --unsquash without FUSE.
-options=$("$python" -I -m hpk.apptainer) || exit 125
+# Apptainer's options for this user on this node: --no-privs as root, --unsquash without FUSE,
+# and the node's /etc/hosts and /etc/localtime, read-only.
+options=$("$python" -I -m hpk.apptainer pod) || exit 125
 read -r -a run_options <<<"$options"
+
+# Each container's private /tmp and /var/tmp (Apptainer's --workdir) on the node's own disk,
+# in a folder mktemp makes for this job: 0700 and the job user's, never one planted by
+# another user. A container's folder keeps its files across its restarts.
+scratch=$(mktemp -d -p "${TMPDIR:-/tmp}" "hpk-job-${SLURM_JOB_ID:-$$}.XXXXXX" 2>/dev/null ||
+    mktemp -d -p /tmp "hpk-job-${SLURM_JOB_ID:-$$}.XXXXXX") || exit 125
+scratch_dirs+=("$scratch")
+
+# A container's folders (its launcher writes the termination handshake's files there).
+prepare() {
+    mkdir -p -- "$containers/$1" "$scratch/$1/tmp" "$scratch/$1/var_tmp" &&
+        chmod 1777 -- "$scratch/$1/tmp" "$scratch/$1/var_tmp"
+}
+prepare setup || exit 125
+prepare proxy || exit 125
+prepare after-proxy || exit 125
+prepare main || exit 125
 
 # Sidecars (init containers with restartPolicy Always) run on beside the containers; the next
 # container starts once the sidecar has started.
@@ -57,21 +81,30 @@ await_started() {
 # Init containers, one after another: the first that fails ends the job with its code.
 
 # setup: docker.io/library/busybox:latest
-"$python" -I -m kubelet_py.launch --image /home/alice/.hpk/images/docker.io/library/busybox/latest.sif --restart OnFailure "$containers"/setup -- \
-    "$apptainer" --quiet exec "${run_options[@]}" --cleanenv --no-eval --pid --pwd / \
+"$python" -I -m kubelet_py.launch --image /home/alice/.hpk/images/docker.io/library/busybox/latest.sif --restart OnFailure --termination /dev/termination-log "$containers"/setup -- \
+    "$apptainer" --quiet exec "${run_options[@]}" --cleanenv --no-eval --contain --no-mount bind-paths,hostfs,cwd --writable-tmpfs --no-home --home /:/ --pid --pwd / \
+    --workdir "$scratch"/setup \
+    --bind "$containers"/setup/ready:/.hpk-ready \
+    --bind "$containers"/setup/ready.sh:/.singularity.d/env/00-hpk-ready.sh:ro \
     /home/alice/.hpk/images/docker.io/library/busybox/latest.sif true &
 wait "$!" || exit "$?"
 
 # proxy: docker.io/library/busybox:latest (sidecar)
-"$python" -I -m kubelet_py.launch --image /home/alice/.hpk/images/docker.io/library/busybox/latest.sif --restart Always --grace 5 "$containers"/proxy -- \
-    "$apptainer" --quiet exec "${run_options[@]}" --cleanenv --no-eval --pid --pwd / \
+"$python" -I -m kubelet_py.launch --image /home/alice/.hpk/images/docker.io/library/busybox/latest.sif --restart Always --grace 5 --termination /dev/termination-log "$containers"/proxy -- \
+    "$apptainer" --quiet exec "${run_options[@]}" --cleanenv --no-eval --contain --no-mount bind-paths,hostfs,cwd --writable-tmpfs --no-home --home /:/ --pid --pwd / \
+    --workdir "$scratch"/proxy \
+    --bind "$containers"/proxy/ready:/.hpk-ready \
+    --bind "$containers"/proxy/ready.sh:/.singularity.d/env/00-hpk-ready.sh:ro \
     /home/alice/.hpk/images/docker.io/library/busybox/latest.sif sleep 3600 &
 sidecar_pids+=("$!")
 await_started proxy "$!"
 
 # after-proxy: docker.io/library/busybox:latest
-"$python" -I -m kubelet_py.launch --image /home/alice/.hpk/images/docker.io/library/busybox/latest.sif --restart OnFailure "$containers"/after-proxy -- \
-    "$apptainer" --quiet exec "${run_options[@]}" --cleanenv --no-eval --pid --pwd / \
+"$python" -I -m kubelet_py.launch --image /home/alice/.hpk/images/docker.io/library/busybox/latest.sif --restart OnFailure --termination /dev/termination-log "$containers"/after-proxy -- \
+    "$apptainer" --quiet exec "${run_options[@]}" --cleanenv --no-eval --contain --no-mount bind-paths,hostfs,cwd --writable-tmpfs --no-home --home /:/ --pid --pwd / \
+    --workdir "$scratch"/after-proxy \
+    --bind "$containers"/after-proxy/ready:/.hpk-ready \
+    --bind "$containers"/after-proxy/ready.sh:/.singularity.d/env/00-hpk-ready.sh:ro \
     /home/alice/.hpk/images/docker.io/library/busybox/latest.sif true &
 wait "$!" || exit "$?"
 
@@ -79,8 +112,11 @@ wait "$!" || exit "$?"
 main_pids=()
 
 # main: docker.io/library/busybox:latest
-"$python" -I -m kubelet_py.launch --image /home/alice/.hpk/images/docker.io/library/busybox/latest.sif --restart OnFailure "$containers"/main -- \
-    "$apptainer" --quiet exec "${run_options[@]}" --cleanenv --no-eval --pid --pwd / \
+"$python" -I -m kubelet_py.launch --image /home/alice/.hpk/images/docker.io/library/busybox/latest.sif --restart OnFailure --termination /dev/termination-log "$containers"/main -- \
+    "$apptainer" --quiet exec "${run_options[@]}" --cleanenv --no-eval --contain --no-mount bind-paths,hostfs,cwd --writable-tmpfs --no-home --home /:/ --pid --pwd / \
+    --workdir "$scratch"/main \
+    --bind "$containers"/main/ready:/.hpk-ready \
+    --bind "$containers"/main/ready.sh:/.singularity.d/env/00-hpk-ready.sh:ro \
     /home/alice/.hpk/images/docker.io/library/busybox/latest.sif sh -c 'echo work' &
 main_pids+=("$!")
 
