@@ -37,6 +37,9 @@ BAD_FLAGS = {
     "bad-shell": ('"; rm -rf ~"', "shell"),
     "bad-uid": ("--uid=0", "--uid"),
     "bad-output": ("--output=/etc/x", "--output"),
+    "bad-nodelist": ("--nodelist=/etc/passwd", "as a file on the kubelet's host"),
+    "bad-exclude": ("-x /etc/passwd", "-x value '/etc/passwd' is not a Slurm host list"),
+    "bad-mail": ("--mail-user=someone@example.org", "--allow-mail-flags"),
 }
 """Pod name -> its flags annotation, and what the pod's failure message must name."""
 
