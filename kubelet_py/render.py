@@ -64,6 +64,8 @@ LAUNCHER_FIELD = f"metadata.annotations[{LAUNCHER_ANNOTATION}]"
 
 SKIPPED_ENV = "InvalidEnvironmentVariableNames"
 """The Event reason for envFrom keys left out (Kubernetes' own)."""
+SECRET_IN_ARGUMENTS = "SecretInArguments"  # noqa: S105 (an Event reason)
+"""The Event reason for a Secret's value expanded into `command` or `args`."""
 
 APPTAINER_OPTIONS = ("--cleanenv", "--no-eval")
 """For every container: only the image's and the pod's environment (not the kubelet's), and
@@ -573,7 +575,7 @@ def _launch(
     if sif is None:
         raise ImageNotResolved(image, sorted(settings.images))
 
-    variables, node_ip_env = _environment(
+    variables, node_ip_env, secret = _environment(
         container,
         where,
         pod=pod,
@@ -583,6 +585,7 @@ def _launch(
     )
     command = [expand(word, variables) for word in _words(container, "command", where)]
     arguments = [expand(word, variables) for word in _words(container, "args", where)]
+    _warn_of_secrets_in_words(container, where, variables, secret, warnings)
     config = settings.image_configs.get(image, NATIVE_IMAGE)
     action, argv = container_argv(command=command, args=arguments, config=config)
     if action == "exec" and not argv:
@@ -696,25 +699,31 @@ def _environment(
     inputs: PodInputs,
     warnings: list[tuple[str, str]],
     base: Mapping[str, str] = MappingProxyType({}),
-) -> tuple[dict[str, str], list[str]]:
+) -> tuple[dict[str, str], list[str], set[str]]:
     """The container's variables as Kubernetes sets them: `base` (the `kubernetes` service's)
     first, then `envFrom`, then `env`, a later entry replacing an earlier one; `$(VAR)`
     expanded in `value` entries only. Also returns the variables the job sets to the node's
-    address."""
+    address, and those whose values come from a Secret (directly or through `$(VAR)`)."""
     variables: dict[str, str] = dict(base)
     node_ip: list[str] = []
+    secret: set[str] = set()
 
-    def assign(name: str, value: str | None) -> None:
+    def assign(name: str, value: str | None, *, from_secret: bool = False) -> None:
         variables.pop(name, None)
+        secret.discard(name)
         if name in node_ip:
             node_ip.remove(name)
         if value is None:
             node_ip.append(name)
         else:
             variables[name] = value
+            if from_secret:
+                secret.add(name)
 
-    for variable, value in _env_from(container, where, inputs=inputs, warnings=warnings):
-        assign(variable, value)
+    for variable, value, from_secret in _env_from(
+        container, where, inputs=inputs, warnings=warnings
+    ):
+        assign(variable, value, from_secret=from_secret)
     for index, entry in enumerate(_objects(container.get("env"), f"{where}.env")):
         at = f"{where}.env[{index}]"
         unknown = sorted(set(entry) - {"name", "value", "valueFrom"})
@@ -733,15 +742,49 @@ def _environment(
             if entry.get("value"):
                 raise InvalidPodSpec(f"{at}.valueFrom", "may not be given with a value")
             found = _value_from(entry["valueFrom"], at, container=container, pod=pod, inputs=inputs)
-            if found is not _UNSET:
-                assign(name, found)  # taken as it is: Kubernetes expands `value` only
+            if found is not _UNSET:  # taken as it is: Kubernetes expands `value` only
+                from_secret = "secretKeyRef" in _mapping(entry["valueFrom"], at)
+                assign(name, found, from_secret=from_secret)
             continue
         text = entry.get("value", "")
         if not isinstance(text, str):
             raise InvalidPodSpec(f"{at}.value", "must be a string")
         _check_text(text, f"{at}.value", controls=True)
-        assign(name, expand(text, variables))
-    return variables, node_ip
+        value = expand(text, variables)
+        assign(name, value, from_secret=value != expand(text, _without(variables, secret)))
+    return variables, node_ip, secret
+
+
+def _without(variables: Mapping[str, str], names: Collection[str]) -> dict[str, str]:
+    return {name: value for name, value in variables.items() if name not in names}
+
+
+def _warn_of_secrets_in_words(
+    container: Mapping[str, object],
+    where: str,
+    variables: Mapping[str, str],
+    secret: Collection[str],
+    warnings: list[tuple[str, str]],
+) -> None:
+    """A Warning when `command` or `args` expand a variable of a Secret: Kubernetes expands
+    it, so its value is in the job script and on the process's argv, which every user of the
+    node can read (`ps`)."""
+    if not secret:
+        return
+    public = _without(variables, secret)
+    for key in ("command", "args"):
+        for index, word in enumerate(_words(container, key, where)):
+            if expand(word, variables) != expand(word, public):
+                used = sorted(name for name in secret if f"$({name})" in word)
+                warnings.append(
+                    (
+                        SECRET_IN_ARGUMENTS,
+                        f"{where}.{key}[{index}] expands {', '.join(used) or 'a variable'} "
+                        "from a Secret: its value is in the job script and on the process's "
+                        "command line, which other users of the node can read; pass it as a "
+                        "variable or a file instead",
+                    )
+                )
 
 
 def service_variables(service: tuple[str, int] | None) -> dict[str, str]:
@@ -770,7 +813,8 @@ def _env_from(
     *,
     inputs: PodInputs,
     warnings: list[tuple[str, str]],
-) -> Iterator[tuple[str, str]]:
+) -> Iterator[tuple[str, str, bool]]:
+    """(name, value, whether from a Secret) of each variable of `envFrom`."""
     for index, entry in enumerate(_objects(container.get("envFrom"), f"{where}.envFrom")):
         at = f"{where}.envFrom[{index}]"
         unknown = sorted(set(entry) - {"configMapRef", "secretRef", "prefix"})
@@ -797,7 +841,7 @@ def _env_from(
                 )
                 continue
             _check_text(value, at, controls=True)
-            yield name, value
+            yield name, value, sources[0] == "secretRef"
 
 
 _UNSET = "\0unset"

@@ -53,6 +53,7 @@ TERMINATION_MESSAGE_LIMIT = 4096
 
 _POLL_S = 0.005
 _JOIN_S = 2.0
+_FIND_S = 5.0
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
@@ -145,27 +146,37 @@ def _open_writer(fifo: Path, alive: Callable[[], bool]) -> int | None:
 
 
 def _descendants(pid: int) -> Iterator[int]:
+    """`pid` and its descendants. Each thread lists the children it forked itself, and
+    Apptainer's starter forks from several threads: every thread's list is read."""
     todo = [pid]
     while todo:
         current = todo.pop()
         yield current
-        try:
-            with open(f"/proc/{current}/task/{current}/children") as handle:
-                todo += [int(word) for word in handle.read().split()]
-        except OSError:
-            continue
+        with contextlib.suppress(OSError):
+            for task in os.listdir(f"/proc/{current}/task"):
+                with (
+                    contextlib.suppress(OSError),
+                    open(f"/proc/{current}/task/{task}/children") as handle,
+                ):
+                    todo += [int(word) for word in handle.read().split()]
 
 
 def _holder(root_pid: int, fifo: os.stat_result) -> int | None:
-    """The descendant of `root_pid` with the FIFO open (the container's hook)."""
-    for pid in _descendants(root_pid):
-        with contextlib.suppress(OSError):
-            for name in os.listdir(f"/proc/{pid}/fd"):
-                with contextlib.suppress(OSError):
-                    found = os.stat(f"/proc/{pid}/fd/{name}")
-                    if (found.st_dev, found.st_ino) == (fifo.st_dev, fifo.st_ino):
-                        return pid
-    return None
+    """The descendant of `root_pid` with the FIFO open (the container's hook). The reader's
+    open returns only once a writer has come, so its descriptor may show up a moment after
+    the writer's open succeeded: looked for a while."""
+    deadline = time.monotonic() + _FIND_S
+    while True:
+        for pid in _descendants(root_pid):
+            with contextlib.suppress(OSError):
+                for name in os.listdir(f"/proc/{pid}/fd"):
+                    with contextlib.suppress(OSError):
+                        found = os.stat(f"/proc/{pid}/fd/{name}")
+                        if (found.st_dev, found.st_ino) == (fifo.st_dev, fifo.st_ino):
+                            return pid
+        if time.monotonic() > deadline:
+            return None
+        time.sleep(_POLL_S)
 
 
 def _open_below(root: str, folder: PurePosixPath) -> int:

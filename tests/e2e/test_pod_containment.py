@@ -93,7 +93,10 @@ def test_a_pod_reaches_neither_the_users_home_nor_the_clusters_keys(
     assert "HOME=/\n" in log  # busybox lists no such user: Kubernetes' HOME is /
     for path in secrets:
         assert f"unreadable {path}\n" in log, log
-    assert "READ" not in log and marker.name not in log and ".hpk-containment" not in log, log
+    seen = "\n".join(line for line in log.splitlines() if line.startswith("seen: "))
+    assert "READ" not in log, log
+    assert f"seen: ls: {home}: No such file or directory" in seen, log
+    assert marker.name not in seen and ".hpk-containment" not in seen, log
     print(f"job {job_of(found)}: {sacct_state(job_of(found))}")
     assert sacct_state(job_of(found)) == "COMPLETED"
 
@@ -118,7 +121,14 @@ def test_writes_to_tmp_and_the_image_are_private_and_gone_at_the_end(
             shell("readonly", read_only, securityContext={"readOnlyRootFilesystem": True}),
         )
     )
-    eventually("the writer's files", lambda: "written" in cluster.logs("writer", "main"))
+    eventually(
+        "the writer's files",
+        lambda: (
+            "written"
+            in cluster.kubectl("logs", "-n", NAMESPACE, "writer", "-c", "main", check=False)
+        ),
+        timeout=120,
+    )
     outside = [Path("/tmp") / token, Path("/var/tmp") / token, Path("/var/lib/x") / token]
     assert not any(path.exists() for path in outside), "the files must not reach the host"
     writer = cluster.ended("writer")

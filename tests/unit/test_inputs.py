@@ -531,3 +531,24 @@ def test_the_address_table_is_only_for_pods_that_read_it(tmp_path: Path) -> None
     script = (bed.folder("reads") / "job.sh").read_text()
     assert "n1) node_ip=10.0.0.1 ;;" in script
     assert '--env HOST_IP="$node_ip"' in script
+
+
+def test_a_secret_expanded_into_the_command_line_is_warned_of() -> None:
+    def warnings(container: dict[str, Any], env_from: list[dict[str, Any]] | None = None) -> list:
+        the_pod = env_pod(*container.pop("env", []), env_from=env_from)
+        the_pod["spec"]["containers"][0].update(container)
+        rendered = render_pod(the_pod, settings(), inputs=resolve(the_pod, Lookup()))
+        return [message for reason, message in rendered.warnings if reason == "SecretInArguments"]
+
+    token = {"name": "TOKEN", "valueFrom": key_ref("secretKeyRef", "creds", "token")}
+    (found,) = warnings({"env": [token], "args": ["--token=$(TOKEN)"]})
+    assert found.startswith("spec.containers[0].args[0] expands TOKEN from a Secret")
+    # Through another variable, and from envFrom.
+    indirect = {"name": "HEADER", "value": "Bearer $(TOKEN)"}
+    (found,) = warnings({"env": [token, indirect], "command": ["curl", "-H", "$(HEADER)"]})
+    assert found.startswith("spec.containers[0].command[2] expands HEADER")
+    assert warnings({"args": ["$(token)"]}, env_from=[{"secretRef": {"name": "creds"}}])
+    # Not for a ConfigMap's value, an escaped reference, or a Secret kept in the environment.
+    greeting = {"name": "G", "valueFrom": key_ref("configMapKeyRef", "app", "greeting")}
+    assert warnings({"env": [greeting], "args": ["$(G)"]}) == []
+    assert warnings({"env": [token], "args": ["$$(TOKEN)", "uses $TOKEN"]}) == []
