@@ -13,46 +13,19 @@ import json
 import subprocess
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 
-from hpk.test_images import ensure_test_images
-from hpk.toolchain import Toolchain
 from tests.e2e.conftest import UserInstall
 from tests.e2e.kube import eventually
+from tests.e2e.user_cluster import UserCluster, user_cluster
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
 
 NAMESPACE = "owned"
 JOB_ID = "slurm.hpk.io/job-id"
 LIVE = ("PENDING", "RUNNING", "CONFIGURING", "COMPLETING")
-
-
-class UserCluster:
-    """The user's hpk cluster in a home of its own, driven from the "login node"."""
-
-    def __init__(self, install: UserInstall) -> None:
-        self.install = install
-        self.home = Path(install.user.pw_dir) / ".hpk-job-ownership"
-        self.kubeconfig = self.home / "kubeconfig"
-
-    def run(self, *argv: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
-        env = self.install.env(HPK_HOME=str(self.home), KUBECONFIG=str(self.kubeconfig))
-        return self.install.run(*argv, env=env, stdin=stdin)
-
-    def kubectl(self, *args: str, stdin: str | None = None) -> str:
-        kubectl = str(Toolchain.load().binary("kubectl"))
-        done = self.run(kubectl, "--request-timeout=20s", *args, stdin=stdin)
-        assert done.returncode == 0, f"kubectl {' '.join(args)}: {done.stderr}"
-        return done.stdout
-
-    def pod(self, name: str) -> dict[str, Any]:
-        return dict(json.loads(self.kubectl("get", "pod", "-n", NAMESPACE, name, "-o", "json")))
-
-    def control_plane_job(self) -> str:
-        return str(json.loads((self.home / "control-plane.json").read_text())["job_id"])
 
 
 def job(job_id: str) -> tuple[str, str, str]:
@@ -69,34 +42,8 @@ def job(job_id: str) -> tuple[str, str, str]:
 
 @pytest.fixture(scope="module")
 def cluster(user_install: UserInstall) -> Iterator[UserCluster]:
-    plane = UserCluster(user_install)
-    plane.run("rm", "-rf", str(plane.home))
-    up = plane.run("hpk", "up", "--timeout=240")
-    assert up.returncode == 0, f"hpk up failed:\n{up.stdout}\n{up.stderr}"
-    try:
-        busybox = ensure_test_images()["docker.io/library/busybox:latest"]
-        imported = plane.run(
-            "hpk", "images", "import", "docker.io/library/busybox:latest", str(busybox)
-        )
-        assert imported.returncode == 0, imported.stderr
-        plane.kubectl("create", "namespace", NAMESPACE)
-        eventually(
-            "the namespace's default service account",
-            lambda: (
-                plane.run(
-                    str(Toolchain.load().binary("kubectl")),
-                    "get",
-                    "serviceaccount",
-                    "default",
-                    "-n",
-                    NAMESPACE,
-                ).returncode
-                == 0
-            ),
-        )
-        yield plane
-    finally:
-        plane.run("hpk", "down")
+    with user_cluster(user_install, folder=".hpk-job-ownership", namespace=NAMESPACE) as running:
+        yield running
 
 
 @pytest.fixture
