@@ -47,8 +47,15 @@ test: toolchain lint unit e2e
 # make bench   the benchmark (bench/) on a private Slurm bed of its own, as root; writes
 #              bench/results/<date>.json and .png. BENCH_ARGS=--quick for small numbers.
 BENCH_ARGS ?=
-.PHONY: bench
+.PHONY: bench bench-rootfs
 
 bench: toolchain venv
 	@echo "[bench] hpk benchmark on a private Slurm bed (full run: about 5 minutes)"
 	@$(VENV)/bin/python -m bench.run $(BENCH_ARGS)
+
+# make bench-rootfs   the cost of a container's writable root file system (bench/rootfs.py),
+#                     as the ordinary test user; writes bench/results/<date>-rootfs.json.
+bench-rootfs: toolchain venv
+	@echo "[bench] writable root file system: start time and memory (about 1 minute)"
+	@id hpk-e2e >/dev/null 2>&1 || useradd --create-home --shell /bin/bash hpk-e2e
+	@$(VENV)/bin/python -m bench.rootfs
