@@ -369,6 +369,11 @@ def test_control_plane_runs_from_its_image(user_install: UserInstall) -> None:
         assert user_processes(user_install.user.pw_uid) == []
     finally:
         user_install.run("hpk", "down", env=env)
+        # The copy of the image unpacked without FUSE lives in node-local scratch, in the
+        # folder mkdtemp made for it (about 320 MB): removed with the test's hpk folder.
+        for record in (home / "scratch").glob("*.json"):
+            copy = Path(json.loads(record.read_text())["path"])
+            user_install.run("rm", "-rf", str(copy.parent))
         user_install.run("rm", "-rf", str(home))
 
 
