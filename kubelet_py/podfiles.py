@@ -148,14 +148,7 @@ def open_file(path: Path, *, root: Path | None = None) -> BinaryIO:
             raise _refusal(path, error) from error
     finally:
         os.close(parent)
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise PodFileRefused(path, "is not a regular file")
-        os.set_blocking(fd, True)
-    except BaseException:
-        os.close(fd)
-        raise
-    return os.fdopen(fd, "rb")
+    return os.fdopen(_regular(fd, path), "rb")
 
 
 def read_bytes(path: Path, *, root: Path | None = None, limit: int = MARKER_LIMIT) -> bytes:
@@ -248,6 +241,11 @@ def open_append(path: Path, mode: int = 0o600) -> int:
         fd = os.open(path, flags, mode)
     except OSError as error:
         raise _refusal(path, error) from error
+    return _regular(fd, path)
+
+
+def _regular(fd: int, path: Path | str) -> int:
+    """`fd`, made blocking, when it is a regular file; closed, and PodFileRefused, if not."""
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             raise PodFileRefused(path, "is not a regular file")

@@ -24,6 +24,21 @@ from hpk.testbed.bed import Testbed
 from hpk.testbed.settings import TESTBED_PLANE_SETTINGS
 from hpk.toolchain import Toolchain
 
+# A pod script: prints when the token mounted at /tok is rewritten (within 90 s), with its mode.
+WATCH_TOKEN = """
+first=$(cat /tok/token)
+for i in $(seq 1 90); do
+    sleep 1
+    now=$(cat /tok/token)
+    if [ -n "$now" ] && [ "$now" != "$first" ]; then
+        echo "rewritten after about $i s, mode $(stat -c %a /tok/token)"
+        exit 0
+    fi
+done
+echo "never rewritten"
+exit 1
+"""
+
 
 def admin_kubectl(
     plane: ControlPlane, *args: str, check: bool = True, stdin: str | None = None

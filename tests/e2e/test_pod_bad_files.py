@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from hpk.testbed.bed import Testbed
-from tests.e2e.kube import PodCluster, eventually, pod_cluster
+from tests.e2e.kube import WATCH_TOKEN, PodCluster, eventually, pod_cluster
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
 
@@ -56,20 +56,6 @@ def with_token(manifest: dict[str, Any]) -> dict[str, Any]:
 SPOIL = """
 rm /spoil/token && mkdir /spoil/token && echo spoiled
 sleep 120
-"""
-
-WATCH_TOKEN = """
-first=$(cat /tok/token)
-for i in $(seq 1 90); do
-    sleep 1
-    now=$(cat /tok/token)
-    if [ -n "$now" ] && [ "$now" != "$first" ]; then
-        echo "rewritten after about $i s"
-        exit 0
-    fi
-done
-echo "never rewritten"
-exit 1
 """
 
 

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from hpk.testbed.bed import Testbed
-from tests.e2e.kube import PodCluster, pod_cluster
+from tests.e2e.kube import WATCH_TOKEN, PodCluster, pod_cluster
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
 
@@ -177,21 +177,6 @@ def test_downward_api_and_projected_files_inside_the_pod(cluster: PodCluster) ->
     folder = cluster.folder("files") / "volumes"
     for volume in folder.iterdir():
         assert volume.stat().st_mode & 0o777 == 0o700, volume
-
-
-WATCH_TOKEN = """
-first=$(cat /tok/token)
-for i in $(seq 1 90); do
-    sleep 1
-    now=$(cat /tok/token)
-    if [ -n "$now" ] && [ "$now" != "$first" ]; then
-        echo "rewritten after about $i s, mode $(stat -c %a /tok/token)"
-        exit 0
-    fi
-done
-echo "never rewritten"
-exit 1
-"""
 
 
 def test_short_lived_token_is_rewritten_while_the_pod_runs(cluster: PodCluster) -> None:
