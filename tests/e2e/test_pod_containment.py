@@ -187,3 +187,21 @@ def test_the_termination_message_is_the_containers_state_message(cluster: UserCl
         "from /tmp\n",
     )
     assert sacct_state(job_of(found)) == "FAILED"
+
+
+def test_a_secret_expanded_into_args_is_warned_of(cluster: UserCluster) -> None:
+    cluster.kubectl(
+        "create", "secret", "generic", "api", "-n", NAMESPACE, "--from-literal=token=s3cr3t"
+    )
+    leaky = shell("main", 'echo "token given"', args=["--token=$(TOKEN)"])
+    leaky["command"] = ["sh", "-c", 'echo "given: ${1#--token=}" | tr a-z A-Z', "sh"]
+    leaky["env"] = [
+        {"name": "TOKEN", "valueFrom": {"secretKeyRef": {"name": "api", "key": "token"}}}
+    ]
+    cluster.create(pod("leaky", leaky))
+    found = cluster.ended("leaky")
+    assert found["status"]["phase"] == "Succeeded", found["status"]
+    assert cluster.logs("leaky").strip() == "GIVEN: S3CR3T"  # Kubernetes expands it: it runs
+    warned = [e for e in cluster.events("leaky") if e["reason"] == "SecretInArguments"]
+    assert warned and warned[0]["type"] == "Warning", cluster.events("leaky")
+    assert "spec.containers[0].args[0] expands TOKEN from a Secret" in warned[0]["message"]
