@@ -45,7 +45,7 @@ from kubelet_py.resources import (
 )
 from kubelet_py.security import NOT_HONOURED, JobUser, check_pod_context, container_identity
 from kubelet_py.storage import ClaimSource, StorageVolumes
-from kubelet_py.termination import HOOK_PATH, READY_PATH
+from kubelet_py.termination import HOOK_PATH, READY_FIFO, READY_HOOK, READY_PATH
 
 TEMPLATE = "pod.sbatch.j2"
 JOB_NAME_PREFIX = "hpk/"
@@ -423,8 +423,12 @@ def render_pod(
         init=launches["initContainers"],
         main=launches["containers"],
         node_ips=_node_ips(settings, launches["initContainers"] + launches["containers"]),
-        ready_path=READY_PATH,
-        hook_path=HOOK_PATH,
+        handshake={
+            "fifo": READY_FIFO,
+            "fifo_at": READY_PATH,
+            "hook": READY_HOOK,
+            "hook_at": HOOK_PATH,
+        },
     )
     derived = [SbatchOption("partition", settings.partition)] if settings.partition else []
     derived += resource_options(spec)

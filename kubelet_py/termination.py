@@ -7,7 +7,7 @@ run, and no bind can add a file to it: so the launcher places the file there its
 it before the tmpfs is gone.
 
 The handshake, one per run (the job script binds the two files, kubelet_py.render):
-- the container's folder holds a FIFO (`ready`), bound at READY_PATH, and a hook (`ready.sh`),
+- the container's folder holds a FIFO (`handshake`), bound at READY_PATH, and a hook (`handshake.sh`),
   bound into the image's /.singularity.d/env/, which Apptainer's own shell runs inside the
   container, after every mount is made and before the container's command starts; the hook
   waits for a line on the FIFO;
@@ -40,8 +40,8 @@ from pathlib import Path, PurePosixPath
 
 from kubelet_py import podfiles
 
-READY_FIFO = "ready"
-READY_HOOK = "ready.sh"
+READY_FIFO = "handshake"
+READY_HOOK = "handshake.sh"
 READY_PATH = "/.hpk-ready"
 """Where the FIFO is bound inside the container."""
 HOOK_PATH = "/.singularity.d/env/00-hpk-ready.sh"

@@ -32,7 +32,7 @@ from kubelet_py.render import (
     render_pod,
 )
 from kubelet_py.security import JobUser
-from kubelet_py.termination import HOOK_PATH, READY_PATH
+from kubelet_py.termination import HOOK_PATH, READY_FIFO, READY_HOOK, READY_PATH
 
 GOLDEN = Path(__file__).parent / "golden"
 BUSYBOX = "docker.io/library/busybox:latest"
@@ -292,8 +292,8 @@ def test_apptainer_options_for_each_container() -> None:
     # Its own /tmp and /var/tmp, and the termination handshake (kubelet_py.termination).
     assert options[12:14] == ["--workdir", "$scratch/command-and-args"]
     assert [options[14], options[16]] == ["--bind", "--bind"]
-    assert options[15].endswith(f"/ready:{READY_PATH}")
-    assert options[17].endswith(f"/ready.sh:{HOOK_PATH}:ro")
+    assert options[15].endswith(f"/{READY_FIFO}:{READY_PATH}")
+    assert options[17].endswith(f"/{READY_HOOK}:{HOOK_PATH}:ro")
     assert argv["neither"][argv["neither"].index("--pwd") + 1] == "/"
 
 

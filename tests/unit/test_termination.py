@@ -7,6 +7,7 @@ from __future__ import annotations
 import subprocess
 from pathlib import Path, PurePosixPath
 
+from kubelet_py.probes import READY_MARKER, STARTUP_MARKER
 from kubelet_py.termination import (
     MESSAGE_FILE,
     READY_FIFO,
@@ -85,3 +86,13 @@ def test_a_command_that_never_runs_the_hook_loses_only_its_message(tmp_path: Pat
     assert child.wait(timeout=10) == 3
     assert termination.collect() is None
     assert termination.problem is None  # nothing was tried: the run ended first
+
+
+def test_the_handshake_files_are_no_other_files_of_the_container_folder() -> None:
+    # A readiness probe removes its `ready` marker while the container is not ready: a
+    # handshake file of that name would vanish before Apptainer mounts it.
+    others = {
+        READY_MARKER, STARTUP_MARKER, "started", "exit", "log", "log.previous", "last",
+        "restarts", "backoff", MESSAGE_FILE,
+    }  # fmt: skip
+    assert {READY_FIFO, READY_HOOK}.isdisjoint(others)

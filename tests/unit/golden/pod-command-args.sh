@@ -76,8 +76,8 @@ main_pids=()
 "$python" -I -m kubelet_py.launch --image /home/alice/.hpk/images/docker.io/library/busybox/latest.sif --termination /dev/termination-log "$containers"/command-only -- \
     "$apptainer" --quiet exec "${run_options[@]}" --cleanenv --no-eval --contain --no-mount bind-paths,hostfs,cwd --writable-tmpfs --no-home --home /:/ --pid --pwd / \
     --workdir "$scratch"/command-only \
-    --bind "$containers"/command-only/ready:/.hpk-ready \
-    --bind "$containers"/command-only/ready.sh:/.singularity.d/env/00-hpk-ready.sh:ro \
+    --bind "$containers"/command-only/handshake:/.hpk-ready \
+    --bind "$containers"/command-only/handshake.sh:/.singularity.d/env/00-hpk-ready.sh:ro \
     /home/alice/.hpk/images/docker.io/library/busybox/latest.sif echo one two &
 main_pids+=("$!")
 
@@ -85,8 +85,8 @@ main_pids+=("$!")
 "$python" -I -m kubelet_py.launch --image /home/alice/.hpk/images/docker.io/library/busybox/latest.sif --termination /dev/termination-log "$containers"/command-and-args -- \
     "$apptainer" --quiet exec "${run_options[@]}" --cleanenv --no-eval --contain --no-mount bind-paths,hostfs,cwd --writable-tmpfs --no-home --home /:/ --pid --pwd /tmp \
     --workdir "$scratch"/command-and-args \
-    --bind "$containers"/command-and-args/ready:/.hpk-ready \
-    --bind "$containers"/command-and-args/ready.sh:/.singularity.d/env/00-hpk-ready.sh:ro \
+    --bind "$containers"/command-and-args/handshake:/.hpk-ready \
+    --bind "$containers"/command-and-args/handshake.sh:/.singularity.d/env/00-hpk-ready.sh:ro \
     /home/alice/.hpk/images/docker.io/library/busybox/latest.sif echo one two &
 main_pids+=("$!")
 
@@ -94,8 +94,8 @@ main_pids+=("$!")
 "$python" -I -m kubelet_py.launch --image /home/alice/.hpk/images/docker.io/library/busybox/latest.sif --termination /dev/termination-log "$containers"/args-only -- \
     "$apptainer" --quiet run "${run_options[@]}" --cleanenv --no-eval --contain --no-mount bind-paths,hostfs,cwd --writable-tmpfs --no-home --home /:/ --pid --pwd / \
     --workdir "$scratch"/args-only \
-    --bind "$containers"/args-only/ready:/.hpk-ready \
-    --bind "$containers"/args-only/ready.sh:/.singularity.d/env/00-hpk-ready.sh:ro \
+    --bind "$containers"/args-only/handshake:/.hpk-ready \
+    --bind "$containers"/args-only/handshake.sh:/.singularity.d/env/00-hpk-ready.sh:ro \
     /home/alice/.hpk/images/docker.io/library/busybox/latest.sif -c 'echo from the runscript' &
 main_pids+=("$!")
 
@@ -103,8 +103,8 @@ main_pids+=("$!")
 "$python" -I -m kubelet_py.launch --image /home/alice/.hpk/images/docker.io/library/busybox/latest.sif --termination /dev/termination-log "$containers"/neither -- \
     "$apptainer" --quiet run "${run_options[@]}" --cleanenv --no-eval --contain --no-mount bind-paths,hostfs,cwd --writable-tmpfs --no-home --home /:/ --pid --pwd / \
     --workdir "$scratch"/neither \
-    --bind "$containers"/neither/ready:/.hpk-ready \
-    --bind "$containers"/neither/ready.sh:/.singularity.d/env/00-hpk-ready.sh:ro \
+    --bind "$containers"/neither/handshake:/.hpk-ready \
+    --bind "$containers"/neither/handshake.sh:/.singularity.d/env/00-hpk-ready.sh:ro \
     /home/alice/.hpk/images/docker.io/library/busybox/latest.sif &
 main_pids+=("$!")
 
@@ -112,8 +112,8 @@ main_pids+=("$!")
 "$python" -I -m kubelet_py.launch --image /home/alice/.hpk/images/docker.io/library/busybox/latest.sif --termination /dev/termination-log "$containers"/empty-lists -- \
     "$apptainer" --quiet run "${run_options[@]}" --cleanenv --no-eval --contain --no-mount bind-paths,hostfs,cwd --writable-tmpfs --no-home --home /:/ --pid --pwd / \
     --workdir "$scratch"/empty-lists \
-    --bind "$containers"/empty-lists/ready:/.hpk-ready \
-    --bind "$containers"/empty-lists/ready.sh:/.singularity.d/env/00-hpk-ready.sh:ro \
+    --bind "$containers"/empty-lists/handshake:/.hpk-ready \
+    --bind "$containers"/empty-lists/handshake.sh:/.singularity.d/env/00-hpk-ready.sh:ro \
     /home/alice/.hpk/images/docker.io/library/busybox/latest.sif &
 main_pids+=("$!")
 

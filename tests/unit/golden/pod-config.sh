@@ -80,8 +80,8 @@ main_pids=()
 "$python" -I -m kubelet_py.launch --image /home/alice/.hpk/images/docker.io/library/busybox/latest.sif --termination /dev/termination-log "$containers"/main -- \
     "$apptainer" --quiet exec "${run_options[@]}" --cleanenv --no-eval --contain --no-mount bind-paths,hostfs,cwd --writable-tmpfs --no-home --home /:/ --pid --env-file env/main --pwd / \
     --workdir "$scratch"/main \
-    --bind "$containers"/main/ready:/.hpk-ready \
-    --bind "$containers"/main/ready.sh:/.singularity.d/env/00-hpk-ready.sh:ro \
+    --bind "$containers"/main/handshake:/.hpk-ready \
+    --bind "$containers"/main/handshake.sh:/.singularity.d/env/00-hpk-ready.sh:ro \
     --env POD_IP="$node_ip" \
     --bind /home/alice/.hpk/pods/default/config/volumes/config:/config:ro \
     --bind /home/alice/.hpk/pods/default/config/volumes/creds/pw:/creds/pw:ro \

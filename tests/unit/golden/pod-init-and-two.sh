@@ -74,8 +74,8 @@ prepare reader || exit 125
 "$python" -I -m kubelet_py.launch --image /home/alice/.hpk/images/docker.io/library/busybox/latest.sif --termination /dev/termination-log "$containers"/first -- \
     "$apptainer" --quiet exec "${run_options[@]}" --cleanenv --no-eval --contain --no-mount bind-paths,hostfs,cwd --writable-tmpfs --no-home --home /:/ --pid --pwd / \
     --workdir "$scratch"/first \
-    --bind "$containers"/first/ready:/.hpk-ready \
-    --bind "$containers"/first/ready.sh:/.singularity.d/env/00-hpk-ready.sh:ro \
+    --bind "$containers"/first/handshake:/.hpk-ready \
+    --bind "$containers"/first/handshake.sh:/.singularity.d/env/00-hpk-ready.sh:ro \
     --bind /home/alice/.hpk/pods/default/init-and-two/volumes/work:/work \
     /home/alice/.hpk/images/docker.io/library/busybox/latest.sif sh -c 'echo first > /work/order' &
 wait "$!" || exit "$?"
@@ -84,8 +84,8 @@ wait "$!" || exit "$?"
 "$python" -I -m kubelet_py.launch --image /home/alice/.hpk/images/docker.io/library/busybox/latest.sif --termination /dev/termination-log "$containers"/second -- \
     "$apptainer" --quiet exec "${run_options[@]}" --cleanenv --no-eval --contain --no-mount bind-paths,hostfs,cwd --writable-tmpfs --no-home --home /:/ --pid --pwd / \
     --workdir "$scratch"/second \
-    --bind "$containers"/second/ready:/.hpk-ready \
-    --bind "$containers"/second/ready.sh:/.singularity.d/env/00-hpk-ready.sh:ro \
+    --bind "$containers"/second/handshake:/.hpk-ready \
+    --bind "$containers"/second/handshake.sh:/.singularity.d/env/00-hpk-ready.sh:ro \
     --bind /home/alice/.hpk/pods/default/init-and-two/volumes/work:/work \
     /home/alice/.hpk/images/docker.io/library/busybox/latest.sif sh -c 'echo second >> /work/order' &
 wait "$!" || exit "$?"
@@ -97,8 +97,8 @@ main_pids=()
 "$python" -I -m kubelet_py.launch --image /home/alice/.hpk/images/docker.io/library/busybox/latest.sif --termination /dev/termination-log "$containers"/writer -- \
     "$apptainer" --quiet exec "${run_options[@]}" --cleanenv --no-eval --contain --no-mount bind-paths,hostfs,cwd --writable-tmpfs --no-home --home /:/ --pid --pwd / \
     --workdir "$scratch"/writer \
-    --bind "$containers"/writer/ready:/.hpk-ready \
-    --bind "$containers"/writer/ready.sh:/.singularity.d/env/00-hpk-ready.sh:ro \
+    --bind "$containers"/writer/handshake:/.hpk-ready \
+    --bind "$containers"/writer/handshake.sh:/.singularity.d/env/00-hpk-ready.sh:ro \
     --bind /home/alice/.hpk/pods/default/init-and-two/volumes/work:/work \
     /home/alice/.hpk/images/docker.io/library/busybox/latest.sif sh -c 'cat /work/order; echo ready > /work/ready' &
 main_pids+=("$!")
@@ -107,8 +107,8 @@ main_pids+=("$!")
 "$python" -I -m kubelet_py.launch --image /home/alice/.hpk/images/docker.io/library/busybox/latest.sif --termination /dev/termination-log "$containers"/reader -- \
     "$apptainer" --quiet exec "${run_options[@]}" --cleanenv --no-eval --contain --no-mount bind-paths,hostfs,cwd --writable-tmpfs --no-home --home /:/ --pid --pwd / \
     --workdir "$scratch"/reader \
-    --bind "$containers"/reader/ready:/.hpk-ready \
-    --bind "$containers"/reader/ready.sh:/.singularity.d/env/00-hpk-ready.sh:ro \
+    --bind "$containers"/reader/handshake:/.hpk-ready \
+    --bind "$containers"/reader/handshake.sh:/.singularity.d/env/00-hpk-ready.sh:ro \
     --bind /home/alice/.hpk/pods/default/init-and-two/volumes/work:/work:ro \
     /home/alice/.hpk/images/docker.io/library/busybox/latest.sif sh -c 'while [ ! -e /work/ready ]; do sleep 0.1; done' &
 main_pids+=("$!")

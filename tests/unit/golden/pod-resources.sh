@@ -73,8 +73,8 @@ prepare b || exit 125
 "$python" -I -m kubelet_py.launch --image /home/alice/.hpk/images/docker.io/library/busybox/latest.sif --termination /dev/termination-log "$containers"/init -- \
     "$apptainer" --quiet exec "${run_options[@]}" --cleanenv --no-eval --contain --no-mount bind-paths,hostfs,cwd --writable-tmpfs --no-home --home /:/ --pid --pwd / \
     --workdir "$scratch"/init \
-    --bind "$containers"/init/ready:/.hpk-ready \
-    --bind "$containers"/init/ready.sh:/.singularity.d/env/00-hpk-ready.sh:ro \
+    --bind "$containers"/init/handshake:/.hpk-ready \
+    --bind "$containers"/init/handshake.sh:/.singularity.d/env/00-hpk-ready.sh:ro \
     /home/alice/.hpk/images/docker.io/library/busybox/latest.sif true &
 wait "$!" || exit "$?"
 
@@ -85,8 +85,8 @@ main_pids=()
 "$python" -I -m kubelet_py.launch --image /home/alice/.hpk/images/docker.io/library/busybox/latest.sif --termination /dev/termination-log "$containers"/a -- \
     "$apptainer" --quiet exec "${run_options[@]}" --cleanenv --no-eval --contain --no-mount bind-paths,hostfs,cwd --writable-tmpfs --no-home --home /:/ --pid --pwd / \
     --workdir "$scratch"/a \
-    --bind "$containers"/a/ready:/.hpk-ready \
-    --bind "$containers"/a/ready.sh:/.singularity.d/env/00-hpk-ready.sh:ro \
+    --bind "$containers"/a/handshake:/.hpk-ready \
+    --bind "$containers"/a/handshake.sh:/.singularity.d/env/00-hpk-ready.sh:ro \
     /home/alice/.hpk/images/docker.io/library/busybox/latest.sif true &
 main_pids+=("$!")
 
@@ -94,8 +94,8 @@ main_pids+=("$!")
 "$python" -I -m kubelet_py.launch --image /home/alice/.hpk/images/docker.io/library/busybox/latest.sif --termination /dev/termination-log "$containers"/b -- \
     "$apptainer" --quiet exec "${run_options[@]}" --cleanenv --no-eval --contain --no-mount bind-paths,hostfs,cwd --writable-tmpfs --no-home --home /:/ --pid --nv --pwd / \
     --workdir "$scratch"/b \
-    --bind "$containers"/b/ready:/.hpk-ready \
-    --bind "$containers"/b/ready.sh:/.singularity.d/env/00-hpk-ready.sh:ro \
+    --bind "$containers"/b/handshake:/.hpk-ready \
+    --bind "$containers"/b/handshake.sh:/.singularity.d/env/00-hpk-ready.sh:ro \
     /home/alice/.hpk/images/docker.io/library/busybox/latest.sif true &
 main_pids+=("$!")
 

@@ -84,8 +84,8 @@ await_started() {
 "$python" -I -m kubelet_py.launch --image /home/alice/.hpk/images/docker.io/library/busybox/latest.sif --restart OnFailure --termination /dev/termination-log "$containers"/setup -- \
     "$apptainer" --quiet exec "${run_options[@]}" --cleanenv --no-eval --contain --no-mount bind-paths,hostfs,cwd --writable-tmpfs --no-home --home /:/ --pid --pwd / \
     --workdir "$scratch"/setup \
-    --bind "$containers"/setup/ready:/.hpk-ready \
-    --bind "$containers"/setup/ready.sh:/.singularity.d/env/00-hpk-ready.sh:ro \
+    --bind "$containers"/setup/handshake:/.hpk-ready \
+    --bind "$containers"/setup/handshake.sh:/.singularity.d/env/00-hpk-ready.sh:ro \
     /home/alice/.hpk/images/docker.io/library/busybox/latest.sif true &
 wait "$!" || exit "$?"
 
@@ -93,8 +93,8 @@ wait "$!" || exit "$?"
 "$python" -I -m kubelet_py.launch --image /home/alice/.hpk/images/docker.io/library/busybox/latest.sif --restart Always --grace 5 --termination /dev/termination-log "$containers"/proxy -- \
     "$apptainer" --quiet exec "${run_options[@]}" --cleanenv --no-eval --contain --no-mount bind-paths,hostfs,cwd --writable-tmpfs --no-home --home /:/ --pid --pwd / \
     --workdir "$scratch"/proxy \
-    --bind "$containers"/proxy/ready:/.hpk-ready \
-    --bind "$containers"/proxy/ready.sh:/.singularity.d/env/00-hpk-ready.sh:ro \
+    --bind "$containers"/proxy/handshake:/.hpk-ready \
+    --bind "$containers"/proxy/handshake.sh:/.singularity.d/env/00-hpk-ready.sh:ro \
     /home/alice/.hpk/images/docker.io/library/busybox/latest.sif sleep 3600 &
 sidecar_pids+=("$!")
 await_started proxy "$!"
@@ -103,8 +103,8 @@ await_started proxy "$!"
 "$python" -I -m kubelet_py.launch --image /home/alice/.hpk/images/docker.io/library/busybox/latest.sif --restart OnFailure --termination /dev/termination-log "$containers"/after-proxy -- \
     "$apptainer" --quiet exec "${run_options[@]}" --cleanenv --no-eval --contain --no-mount bind-paths,hostfs,cwd --writable-tmpfs --no-home --home /:/ --pid --pwd / \
     --workdir "$scratch"/after-proxy \
-    --bind "$containers"/after-proxy/ready:/.hpk-ready \
-    --bind "$containers"/after-proxy/ready.sh:/.singularity.d/env/00-hpk-ready.sh:ro \
+    --bind "$containers"/after-proxy/handshake:/.hpk-ready \
+    --bind "$containers"/after-proxy/handshake.sh:/.singularity.d/env/00-hpk-ready.sh:ro \
     /home/alice/.hpk/images/docker.io/library/busybox/latest.sif true &
 wait "$!" || exit "$?"
 
@@ -115,8 +115,8 @@ main_pids=()
 "$python" -I -m kubelet_py.launch --image /home/alice/.hpk/images/docker.io/library/busybox/latest.sif --restart OnFailure --termination /dev/termination-log "$containers"/main -- \
     "$apptainer" --quiet exec "${run_options[@]}" --cleanenv --no-eval --contain --no-mount bind-paths,hostfs,cwd --writable-tmpfs --no-home --home /:/ --pid --pwd / \
     --workdir "$scratch"/main \
-    --bind "$containers"/main/ready:/.hpk-ready \
-    --bind "$containers"/main/ready.sh:/.singularity.d/env/00-hpk-ready.sh:ro \
+    --bind "$containers"/main/handshake:/.hpk-ready \
+    --bind "$containers"/main/handshake.sh:/.singularity.d/env/00-hpk-ready.sh:ro \
     /home/alice/.hpk/images/docker.io/library/busybox/latest.sif sh -c 'echo work' &
 main_pids+=("$!")
 

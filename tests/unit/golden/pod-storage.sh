@@ -135,8 +135,8 @@ main_pids=()
 "$python" -I -m kubelet_py.launch --image /images/busybox.sif --termination /dev/termination-log "$containers"/main -- \
     "$apptainer" --quiet exec "${run_options[@]}" --cleanenv --no-eval --contain --no-mount bind-paths,hostfs,cwd --writable-tmpfs --no-home --home /:/ --pid --pwd / \
     --workdir "$scratch"/main \
-    --bind "$containers"/main/ready:/.hpk-ready \
-    --bind "$containers"/main/ready.sh:/.singularity.d/env/00-hpk-ready.sh:ro \
+    --bind "$containers"/main/handshake:/.hpk-ready \
+    --bind "$containers"/main/handshake.sh:/.singularity.d/env/00-hpk-ready.sh:ro \
     --bind /scratch/in:/in \
     --bind /home/alice/.hpk/pods/default/storage/volumes/m:/m \
     --bind /home/alice/.hpk/volumes/pvc-1:/c:ro \
