@@ -104,9 +104,15 @@ def test_python_image_has_bash_and_no_docs(apptainer: Path, built: dict[str, Pat
     assert entries == "0"
 
 
-def test_images_carry_docker_hubs_cmd(built: dict[str, Path]) -> None:
-    assert sif_config(built[BUSYBOX]) == ImageConfig(oci=True, cmd=("sh",))
-    assert sif_config(built[PYTHON]) == ImageConfig(oci=True, cmd=("python3",))
+def test_images_carry_docker_hubs_cmd_and_their_users_homes(built: dict[str, Path]) -> None:
+    busybox = sif_config(built[BUSYBOX])
+    assert (busybox.oci, busybox.entrypoint, busybox.cmd) == (True, (), ("sh",))
+    python = sif_config(built[PYTHON])
+    assert (python.oci, python.entrypoint, python.cmd) == (True, (), ("python3",))
+    # HOME comes from each image's own /etc/passwd, read out of the SIF.
+    for config in (busybox, python):
+        assert config.home(0) == "/root"
+        assert config.home(4242) == "/"
 
 
 @pytest.mark.parametrize(
