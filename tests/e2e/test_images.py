@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from hpk.apptainer import run_options
-from hpk.images import ImageConfig, cached_image, image_config, list_images, sif_config
+from hpk.images import cached_image, image_config, list_images, sif_config
 from hpk.test_images import TEST_IMAGES, TestImage, ensure_test_images, register_test_images
 from hpk.toolchain import Toolchain
 
