@@ -7,8 +7,8 @@ run, and no bind can add a file to it: so the launcher places the file there its
 it before the tmpfs is gone.
 
 The handshake, one per run (the job script binds the two files, kubelet_py.render):
-- the container's folder holds a FIFO (`handshake`), bound at READY_PATH, and a hook (`handshake.sh`),
-  bound into the image's /.singularity.d/env/, which Apptainer's own shell runs inside the
+- the container's folder holds a FIFO (`handshake`), bound at READY_PATH, and a hook
+  (`handshake.sh`), bound into the image's /.singularity.d/env/, which Apptainer's shell runs in the
   container, after every mount is made and before the container's command starts; the hook
   waits for a line on the FIFO;
 - once the hook has opened the FIFO, the launcher finds the container's process (the one that
