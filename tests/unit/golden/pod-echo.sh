@@ -58,9 +58,10 @@ scratch=$(mktemp -d -p "${TMPDIR:-/tmp}" "hpk-job-${SLURM_JOB_ID:-$$}.XXXXXX" 2>
     mktemp -d -p /tmp "hpk-job-${SLURM_JOB_ID:-$$}.XXXXXX") || exit 125
 scratch_dirs+=("$scratch")
 
-# A container's folders (its launcher writes the termination handshake's files there).
+# A container's scratch folders (its launcher makes its folder in the pod's, with the
+# termination handshake's files, when it starts it: a container that never starts has none).
 prepare() {
-    mkdir -p -- "$containers/$1" "$scratch/$1/tmp" "$scratch/$1/var_tmp" &&
+    mkdir -p -- "$scratch/$1/tmp" "$scratch/$1/var_tmp" &&
         chmod 1777 -- "$scratch/$1/tmp" "$scratch/$1/var_tmp"
 }
 prepare main || exit 125
