@@ -30,7 +30,7 @@ from bench.pods import (
 )
 from bench.stack import Stack
 from bench.stats import per_minute, rate, summary
-from kubelet_py.apiserver import pod_path
+from kubelet_py.adapters.apiserver import pod_path
 
 JSON = dict[str, Any]
 Progress = Callable[[str], None]

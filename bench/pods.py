@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.stats import marker_time
-from kubelet_py.apiserver import KubeApi, ListWatch, pod_path
+from kubelet_py.adapters.apiserver import KubeApi, ListWatch, pod_path
 
 JOB_ID_ANNOTATION = "slurm.hpk.io/job-id"
 FLAGS_ANNOTATION = "slurm.hpk.io/flags"

@@ -1,6 +1,6 @@
 """`python -m bench.rootfs`: what a container's writable root file system costs.
 
-Every pod container runs contained (kubelet_py.render.CONTAIN_OPTIONS), and its writes to the
+Every pod container runs contained (kubelet_py.pod.render.CONTAIN_OPTIONS), and its writes to the
 image's own file system succeed and vanish at its end (`--writable-tmpfs`). This measures, for
 the same image and the same user, side by side in one run:
 
@@ -39,7 +39,7 @@ from typing import Any
 from hpk.apptainer import pod_options
 from hpk.test_images import ensure_test_images
 from hpk.toolchain import Toolchain
-from kubelet_py.render import CONTAIN_OPTIONS, WRITABLE_ROOT
+from kubelet_py.pod.render import CONTAIN_OPTIONS, WRITABLE_ROOT
 
 RESULTS = Path(__file__).resolve().parent / "results"
 IMAGE = "docker.io/library/busybox:latest"

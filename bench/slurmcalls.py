@@ -5,7 +5,7 @@ Two views, both taken as deltas over a window:
 - the commands the kubelet runs: a folder of wrapper scripts, put first on the kubelet's
   PATH, appends one line per call (the command and its arguments, tab-separated) to a log
   and then execs the real command. The kubelet finds Slurm's commands through PATH
-  (kubelet_py.slurm runs "squeue", "sbatch", ... by name), so nothing of it changes;
+  (kubelet_py.adapters.slurm runs "squeue", "sbatch", ... by name), so nothing of it changes;
 - what the daemons see: slurmctld's RPC counters by message type (`sdiag`) and slurmdbd's
   (`sacctmgr show stats`), which also count the RPCs one command makes (squeue asks for
   partitions and the federation as well as for jobs).

@@ -35,7 +35,7 @@ from hpk.testbed.bed import Testbed
 from hpk.testbed.settings import TESTBED_PLANE_SETTINGS, Partition, TestbedSettings
 from hpk.toolchain import Toolchain
 from kubelet_py import CONNECTED_MESSAGE
-from kubelet_py.apiserver import KubeApi, NotFound
+from kubelet_py.adapters.apiserver import KubeApi, NotFound
 
 PARTITION = "batch"
 NODE = f"hpk-{PARTITION}"

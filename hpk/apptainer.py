@@ -64,7 +64,7 @@ def run_options(uid: int | None = None, *, device: Path = FUSE_DEVICE) -> list[s
 HOST_FILES = ("/etc/hosts", "/etc/localtime")
 """The node's files every pod container sees, read-only: its name resolution and its time
 zone. Apptainer binds them through the site's `bind path` entries, which pods do without
-(kubelet_py.render.CONTAIN_OPTIONS) because a site may list the users' own folders there."""
+(kubelet_py.pod.render.CONTAIN_OPTIONS) because a site may list the users' own folders there."""
 
 
 def pod_options(

@@ -1,6 +1,6 @@
 """The hpk command's use of Slurm: submitting, following and stopping the control-plane job.
 
-It goes through the kubelet's Slurm adapter (kubelet_py.slurm), so both share one set of
+It goes through the kubelet's Slurm adapter (kubelet_py.adapters.slurm), so both share one set of
 commands, parsers, job-ID checks and typed errors. The one call only `hpk down` needs is
 here: SIGTERM to the job's batch shell alone, so that hpk stops the components in order.
 
@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from kubelet_py.slurm import (
+from kubelet_py.adapters.slurm import (
     QueueEntry,
     SlurmClient,
     SlurmUnavailable,

@@ -9,19 +9,19 @@ Kubernetes client blocks:
 - `leases`: renews each node's Lease in kube-node-lease, the heartbeat;
 - `binder-watch` and `binder-*`: bind every unscheduled pod to its partition's node;
 - `pods-watch` and `pods-*`: the pod controller's workers, which run every pod bound to the
-  nodes as a Slurm job (kubelet_py.controller and kubelet_py.provider), with the job
+  nodes as a Slurm job (kubelet_py.loops.controller and kubelet_py.provider), with the job
   watcher's thread;
-- `events`: sends the binder's and the controller's Events (kubelet_py.events);
+- `events`: sends the binder's and the controller's Events (kubelet_py.loops.events);
 - `tokens`: issues the service-account tokens of running pods' projected volumes again
-  before they expire (kubelet_py.tokens);
+  before they expire (kubelet_py.loops.tokens);
 - `storage`, `claims-watch` and `volumes-watch`: the provisioner of the `hpk-local`
-  StorageClass (kubelet_py.provisioner), one folder per PersistentVolumeClaim;
-- `logserver`: the HTTPS kubelet API (`kubectl logs`, kubelet_py.logserver), when it has its
+  StorageClass (kubelet_py.loops.provisioner), one folder per PersistentVolumeClaim;
+- `logserver`: the HTTPS kubelet API (`kubectl logs`, kubelet_py.loops.logserver), when it has its
   certificate (`--tls-cert-file`); its port is bound before anything else, so a port that is
   taken ends the kubelet at once.
 
 SIGTERM or SIGINT stops them all within a few seconds and leaves the nodes registered (see
-kubelet_py.nodes for why) and the pods' jobs running (a restart adopts them).
+kubelet_py.loops.nodes for why) and the pods' jobs running (a restart adopts them).
 """
 
 from __future__ import annotations
@@ -46,34 +46,40 @@ from hpk.controlplane.host import hostname, primary_address
 from hpk.controlplane.image import find_apptainer
 from hpk.home import HpkHome
 from kubelet_py import CONNECTED_MESSAGE
-from kubelet_py.apiserver import ApiError, ApiUnavailable, KubeApi, ListWatch, pod_path
-from kubelet_py.binder import Binder, BinderSettings, unbound_pods
-from kubelet_py.controller import BOUND_PODS, PodController
+from kubelet_py.adapters.apiserver import ApiError, ApiUnavailable, KubeApi, ListWatch, pod_path
+from kubelet_py.adapters.slurm import SlurmClient, SubprocessRunner
 from kubelet_py.errors import InvalidPodSpec
-from kubelet_py.events import EventRecorder, PodWarnings
-from kubelet_py.logserver import SERVE_FAILED, LogServer, LookupUnavailable, PodLookup, ServerTLS
-from kubelet_py.markerwatch import WATCH_FAILED, MarkerWatch
-from kubelet_py.nodes import (
+from kubelet_py.loops.binder import Binder, BinderSettings, unbound_pods
+from kubelet_py.loops.controller import BOUND_PODS, PodController
+from kubelet_py.loops.events import EventRecorder, PodWarnings
+from kubelet_py.loops.logserver import (
+    SERVE_FAILED,
+    LogServer,
+    LookupUnavailable,
+    PodLookup,
+    ServerTLS,
+)
+from kubelet_py.loops.markerwatch import WATCH_FAILED, MarkerWatch
+from kubelet_py.loops.nodes import (
     HostInfo,
     NodeAgent,
     NodeSettings,
     SlurmNodeAddresses,
     partitions_from,
 )
-from kubelet_py.provider import ProviderSettings, SlurmProvider
-from kubelet_py.provisioner import (
+from kubelet_py.loops.provisioner import (
     CLAIMS_PATH,
     VOLUMES_PATH,
     KubeStorageApi,
     Provisioner,
     ProvisionerSettings,
 )
-from kubelet_py.pulls import PullSettings
-from kubelet_py.resources import parse_quantity
-from kubelet_py.slurm import SlurmClient, SubprocessRunner
-from kubelet_py.storage import with_claims
-from kubelet_py.tokens import TokenManager, TokenSettings
-from kubelet_py.watcher import JobView, JobWatcher
+from kubelet_py.loops.pulls import PullSettings
+from kubelet_py.loops.tokens import TokenManager, TokenSettings
+from kubelet_py.loops.watcher import JobView, JobWatcher
+from kubelet_py.pod.resources import parse_quantity
+from kubelet_py.pod.storage import with_claims
+from kubelet_py.provider import ProviderSettings, SlurmProvider
 
 log = logging.getLogger("kubelet_py")
 

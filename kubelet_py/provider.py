@@ -2,10 +2,10 @@
 
 `PodLifecycleHandler` is the interface (modelled on virtual-kubelet's); `SlurmProvider` runs
 each pod as one Slurm job. It owns the pod folders (`<hpk home>/pods/<namespace>/<name>/`),
-resolves what the pod reads from ConfigMaps and Secrets (kubelet_py.inputs, through an
-injected lookup) and its projected and downwardAPI volumes (kubelet_py.projected), has their
+resolves what the pod reads from ConfigMaps and Secrets (kubelet_py.pod.inputs, through an
+injected lookup) and its projected and downwardAPI volumes (kubelet_py.pod.projected), has their
 service-account tokens issued and kept fresh by an injected TokenManager, renders with
-kubelet_py.render, submits and cancels through the Slurm adapter and reads job states from
+kubelet_py.pod.render, submits and cancels through the Slurm adapter and reads job states from
 the shared JobWatcher. It never talks to the API server itself: the controller does, and the
 entry point wires the lookup and the token manager.
 
@@ -44,18 +44,19 @@ from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any, Protocol
 
 from hpk.images import ImageConfig, InvalidImageReference
-from kubelet_py import podfiles, projected
+from kubelet_py.adapters.slurm import FINAL_STATES, JOB_ID, ListedJob, SlurmError, SlurmUnavailable
 from kubelet_py.errors import InvalidPodSpec
-from kubelet_py.inputs import ObjectLookup, PodInputs, needs_node_address, resolve
-from kubelet_py.pulls import ImagePuller, ImageWaiting, PullSettings, pull_policy
-from kubelet_py.render import JOB_NAME_PREFIX, VOLUMES_DIR, RenderSettings, render_pod
-from kubelet_py.slurm import FINAL_STATES, JOB_ID, ListedJob, SlurmError, SlurmUnavailable
-from kubelet_py.status import pod_status, read_markers
-from kubelet_py.storage import read_failure, resolve_claims, with_failure
-from kubelet_py.watcher import LOST, WAITING_STATES, JobView
+from kubelet_py.job import podfiles
+from kubelet_py.loops.pulls import ImagePuller, ImageWaiting, PullSettings, pull_policy
+from kubelet_py.loops.watcher import LOST, WAITING_STATES, JobView
+from kubelet_py.pod import projected
+from kubelet_py.pod.inputs import ObjectLookup, PodInputs, needs_node_address, resolve
+from kubelet_py.pod.render import JOB_NAME_PREFIX, VOLUMES_DIR, RenderSettings, render_pod
+from kubelet_py.pod.status import pod_status, read_markers
+from kubelet_py.pod.storage import read_failure, resolve_claims, with_failure
 
 if TYPE_CHECKING:  # the manager is given; importing it would pull in the API client
-    from kubelet_py.tokens import IssuedToken, TokenManager
+    from kubelet_py.loops.tokens import IssuedToken, TokenManager
 
 log = logging.getLogger(__name__)
 
@@ -127,7 +128,7 @@ class PodLifecycleHandler(Protocol):
 
 
 class JobRunner(Protocol):
-    """What the provider needs from the Slurm adapter (kubelet_py.slurm.SlurmClient)."""
+    """What the provider needs from the Slurm adapter (kubelet_py.adapters.slurm.SlurmClient)."""
 
     def submit(
         self, script: Path, argv_flags: Any, *, env: Mapping[str, str] | None = None
@@ -141,7 +142,7 @@ class JobRunner(Protocol):
 
 
 class JobTracker(Protocol):
-    """What the provider needs from the shared watcher (kubelet_py.watcher.JobWatcher)."""
+    """What the provider needs from the shared watcher (kubelet_py.loops.watcher.JobWatcher)."""
 
     def register(self, job_id: str, key: str) -> None: ...
 
@@ -165,7 +166,7 @@ class ProviderSettings:
     """The image cache the pods' images come from; None: the user's default cache."""
 
     python: PurePosixPath | None = None
-    """The interpreter the jobs run kubelet_py.launch with; None: this one."""
+    """The interpreter the jobs run kubelet_py.job.launch with; None: this one."""
 
     cancel_signal: str = "TERM"
     """The signal a deleted pod's job gets first; KILL follows when the pod's grace period
@@ -420,7 +421,7 @@ class SlurmProvider:
 
     def running_folders(self) -> list[tuple[str, Path]]:
         """(key, pod folder) of the pods whose job runs now: where containers may restart
-        while Slurm's state stays the same (kubelet_py.markerwatch looks at them)."""
+        while Slurm's state stays the same (kubelet_py.loops.markerwatch looks at them)."""
         with self._lock:
             known = [(key, pod) for key, pod in self._pods.items()]
         running = []
@@ -751,7 +752,7 @@ def _addresses(addresses: Mapping[str, str]) -> dict[str, str]:
 def _write_volumes(folder: Path, inputs: PodInputs) -> None:
     """The files of the configMap and secret volumes, written afresh: folders 0700, files in
     their modes (secret files 0400 or 0600). Containers write in the pod folder, so no link
-    there is followed (kubelet_py.podfiles): one in the place of a volume is removed."""
+    there is followed (kubelet_py.job.podfiles): one in the place of a volume is removed."""
     with podfiles.folder(folder / VOLUMES_DIR, root=folder, create=True) as volumes:
         os.fchmod(volumes, 0o700)
         for name, files in inputs.volumes.items():
@@ -801,5 +802,5 @@ def _read(path: Path) -> str | None:
 
 def _write(path: Path, text: str, mode: int) -> None:
     """Write a file that never exists with wider permissions than `mode`: at once, and
-    never through a link (kubelet_py.podfiles)."""
+    never through a link (kubelet_py.job.podfiles)."""
     podfiles.write_file(path, text.encode(), mode)

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from hpk.testbed.bed import Testbed
-from kubelet_py.status import parse_marker_time
+from kubelet_py.pod.status import parse_marker_time
 from tests.e2e.kube import PodCluster, eventually, pod_cluster
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(240)]

@@ -17,7 +17,7 @@ import pytest
 
 from hpk.testbed.bed import Testbed
 from hpk.toolchain import Toolchain
-from kubelet_py.status import parse_marker_time
+from kubelet_py.pod.status import parse_marker_time
 from tests.e2e.kube import PodCluster, eventually, pod_cluster
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(240)]

@@ -1,6 +1,6 @@
 """Rendered pod jobs, run by the real Slurm test bed with the real Apptainer and test images.
 
-Each test renders a pod with kubelet_py.render, writes the job script and env files into a pod
+Each test renders a pod with kubelet_py.pod.render, writes the job script and env files into a pod
 folder the way the kubelet does, submits with the rendered sbatch arguments (argv, no shell),
 and checks what the job contract promises: the stamped log, the markers, the exit codes Slurm
 records, the options Slurm applied, and the environment the process sees.
@@ -24,8 +24,8 @@ import pytest
 from hpk.test_images import ensure_test_images
 from hpk.testbed.bed import Testbed, cgroups_usable
 from hpk.toolchain import Toolchain
-from kubelet_py.launch import rfc3339
-from kubelet_py.render import RenderSettings, render_pod
+from kubelet_py.job.launch import rfc3339
+from kubelet_py.pod.render import RenderSettings, render_pod
 from tests.e2e.conftest import UserInstall
 from tests.e2e.slurm import Accounting, wait_finished
 

@@ -19,14 +19,14 @@ from pathlib import Path
 import pytest
 
 from hpk.testbed.bed import Testbed, cgroups_usable
-from kubelet_py.slurm import (
+from kubelet_py.adapters.slurm import (
     CommandResult,
     SlurmClient,
     SubmissionFailed,
     SubprocessRunner,
 )
-from kubelet_py.status import pod_status
-from kubelet_py.watcher import LOST, JobView, JobWatcher, WatcherSettings
+from kubelet_py.loops.watcher import LOST, JobView, JobWatcher, WatcherSettings
+from kubelet_py.pod.status import pod_status
 from tests.e2e.slurm import wait_finished
 
 pytestmark = pytest.mark.e2e

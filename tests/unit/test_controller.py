@@ -18,8 +18,8 @@ from typing import Any
 import pytest
 
 from hpk.images import import_image
-from kubelet_py.apiserver import ApiUnavailable, ListWatch, NotFound, WatchEvent, pod_path
-from kubelet_py.controller import (
+from kubelet_py.adapters.apiserver import ApiUnavailable, ListWatch, NotFound, WatchEvent, pod_path
+from kubelet_py.loops.controller import (
     ControllerSettings,
     PodController,
     grace_period_s,

@@ -10,10 +10,10 @@ from typing import Any
 
 import pytest
 
-from kubelet_py.apiserver import ApiUnavailable
-from kubelet_py.binder import Binder
-from kubelet_py.controller import PodController
-from kubelet_py.events import EventRecorder, PodWarnings, pod_event
+from kubelet_py.adapters.apiserver import ApiUnavailable
+from kubelet_py.loops.binder import Binder
+from kubelet_py.loops.controller import PodController
+from kubelet_py.loops.events import EventRecorder, PodWarnings, pod_event
 
 pytestmark = pytest.mark.timeout(30)
 

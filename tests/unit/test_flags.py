@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 
 from kubelet_py.errors import InvalidPodSpec
-from kubelet_py.flags import (
+from kubelet_py.main import parse_args
+from kubelet_py.pod.flags import (
     ALLOWED,
     MAIL_OPTIONS,
     REFUSED,
@@ -16,7 +17,6 @@ from kubelet_py.flags import (
     merge_options,
     parse_flags,
 )
-from kubelet_py.main import parse_args
 
 
 @pytest.mark.parametrize(

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from kubelet_py.errors import InvalidPodSpec
-from kubelet_py.inputs import (
+from kubelet_py.pod.inputs import (
     MissingReference,
     PodInputs,
     VolumeFile,
@@ -22,7 +22,7 @@ from kubelet_py.inputs import (
     path_problem,
     resolve,
 )
-from kubelet_py.render import render_pod
+from kubelet_py.pod.render import render_pod
 from tests.unit.test_provider import Bed, make_pod
 from tests.unit.test_render import READ_BACK, busybox, launches, pod, settings
 

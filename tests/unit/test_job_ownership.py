@@ -18,10 +18,10 @@ from typing import Any
 import pytest
 
 from hpk import slurm as hpk_slurm
-from kubelet_py.apiserver import WatchEvent
+from kubelet_py.adapters.apiserver import WatchEvent
+from kubelet_py.adapters.slurm import ListedJob, SlurmClient, SlurmUnavailable, parse_queue
+from kubelet_py.loops.watcher import LOST, JobWatcher
 from kubelet_py.provider import INVALID_JOB_ID, JOB_ID_ANNOTATION, NOT_OWNED, SlurmProvider
-from kubelet_py.slurm import ListedJob, SlurmClient, SlurmUnavailable, parse_queue
-from kubelet_py.watcher import LOST, JobWatcher
 from tests.unit.test_controller import Kit, until
 from tests.unit.test_kubelet_slurm import FakeRunner, failed, ok
 from tests.unit.test_provider import UID, Bed, FakeWatcher, job_view, make_pod

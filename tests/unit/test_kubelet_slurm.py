@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from kubelet_py.slurm import (
+from kubelet_py.adapters.slurm import (
     AccountingDisabled,
     CommandResult,
     ExitStatus,

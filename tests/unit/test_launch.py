@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from kubelet_py.launch import LONGEST_LINE, Backoff, Clock, exit_code, launch, restarts, rfc3339
+from kubelet_py.job.launch import LONGEST_LINE, Backoff, Clock, exit_code, launch, restarts, rfc3339
 
 STAMP = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{9}Z"
 
@@ -103,7 +103,7 @@ def test_a_command_that_cannot_start_means_125(tmp_path: Path) -> None:
 
 def run_launcher(folder: Path, script: str) -> subprocess.Popen[bytes]:
     process = subprocess.Popen(
-        [sys.executable, "-m", "kubelet_py.launch", str(folder), "--", "sh", "-c", script]
+        [sys.executable, "-m", "kubelet_py.job.launch", str(folder), "--", "sh", "-c", script]
     )
     deadline = time.monotonic() + 10
     while not (folder / "log").exists() or b"up" not in (folder / "log").read_bytes():
@@ -131,7 +131,7 @@ def test_a_container_killed_by_term_exits_143(tmp_path: Path) -> None:
 
 def test_usage_errors() -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "kubelet_py.launch", "dir"],
+        [sys.executable, "-m", "kubelet_py.job.launch", "dir"],
         capture_output=True,
         text=True,
         check=False,
@@ -263,7 +263,7 @@ def test_the_backoff_marker_says_how_long_and_until_when(tmp_path: Path) -> None
 def test_grace_then_kill_for_a_container_that_ignores_term(tmp_path: Path) -> None:
     process = subprocess.Popen(
         [
-            *(sys.executable, "-m", "kubelet_py.launch", "--restart", "Always", "--grace", "1"),
+            *(sys.executable, "-m", "kubelet_py.job.launch", "--restart", "Always", "--grace", "1"),
             str(tmp_path),
             "--",
             *("sh", "-c", "trap '' TERM; echo up; while :; do sleep 0.05; done"),

@@ -22,9 +22,9 @@ from hpk.pki import (
     load_certificate,
     subject_alt_names,
 )
-from kubelet_py.events import PodWarnings
-from kubelet_py.launch import Clock, launch
-from kubelet_py.logserver import (
+from kubelet_py.job.launch import Clock, launch
+from kubelet_py.loops.events import PodWarnings
+from kubelet_py.loops.logserver import (
     SERVE_FAILED,
     BadRequest,
     LogOptions,

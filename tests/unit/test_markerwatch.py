@@ -12,9 +12,9 @@ from typing import Any
 
 import pytest
 
-from kubelet_py.events import PodWarnings
-from kubelet_py.launch import write_marker
-from kubelet_py.markerwatch import WATCH_FAILED, MarkerWatch, MarkerWatchSettings, signature
+from kubelet_py.job.launch import write_marker
+from kubelet_py.loops.events import PodWarnings
+from kubelet_py.loops.markerwatch import WATCH_FAILED, MarkerWatch, MarkerWatchSettings, signature
 
 pytestmark = pytest.mark.timeout(30)
 

@@ -12,15 +12,16 @@ from typing import Any
 
 import pytest
 
-from kubelet_py.apiserver import Conflict, WatchEvent
-from kubelet_py.binder import (
+from kubelet_py.adapters.apiserver import Conflict, WatchEvent
+from kubelet_py.adapters.slurm import NodeInfo, PartitionInfo, SlurmUnavailable
+from kubelet_py.loops.binder import (
     Binder,
     Unschedulable,
     choose_node,
     requested_partitions,
     wants_binding,
 )
-from kubelet_py.nodes import (
+from kubelet_py.loops.nodes import (
     HostInfo,
     NodeAgent,
     NodeSet,
@@ -36,7 +37,6 @@ from kubelet_py.nodes import (
     plan_nodes,
     ready_since,
 )
-from kubelet_py.slurm import NodeInfo, PartitionInfo, SlurmUnavailable
 
 pytestmark = pytest.mark.timeout(30)
 

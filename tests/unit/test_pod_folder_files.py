@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from kubelet_py.inputs import PodInputs, VolumeFile
+from kubelet_py.pod.inputs import PodInputs, VolumeFile
 from kubelet_py.provider import _read, _write, _write_volumes
 
 

@@ -1,4 +1,4 @@
-"""kubelet_py.podfiles: files in pod folders are never read or written through a link."""
+"""kubelet_py.job.podfiles: files in pod folders are never read or written through a link."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from kubelet_py import podfiles
-from kubelet_py.podfiles import PodFileRefused
+from kubelet_py.job import podfiles
+from kubelet_py.job.podfiles import PodFileRefused
 
 
 @pytest.fixture

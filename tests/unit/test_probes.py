@@ -15,8 +15,8 @@ from typing import ClassVar
 
 import pytest
 
-from kubelet_py.launch import exec_prefix
-from kubelet_py.probes import EXEC, HTTP_GET, TCP_SOCKET, Probe, Probes, Runner, check
+from kubelet_py.job.launch import exec_prefix
+from kubelet_py.job.probes import EXEC, HTTP_GET, TCP_SOCKET, Probe, Probes, Runner, check
 
 
 class _Handler(http.server.BaseHTTPRequestHandler):
@@ -168,7 +168,7 @@ def test_the_launcher_stops_a_container_whose_liveness_probe_fails(tmp_path: Pat
     folder = tmp_path / "c"
     process = subprocess.Popen(
         [
-            *(sys.executable, "-m", "kubelet_py.launch", "--restart", "Never"),
+            *(sys.executable, "-m", "kubelet_py.job.launch", "--restart", "Never"),
             *("--probes", str(tmp_path / "probes.json"), str(folder), "--"),
             *("sh", "-c", "trap '' TERM; echo up; while :; do sleep 0.05; done"),
         ]
@@ -192,7 +192,7 @@ def test_the_exec_prefix_is_the_containers_apptainer_line_up_to_the_image() -> N
     sif = Path("/cache/busybox.sif")
     command = ["/opt/apptainer", "--quiet", "run", "--cleanenv", "--bind", "a:b", str(sif), "x"]
     assert exec_prefix(command, sif) == [*command[:2], "exec", *command[3:7]]
-    srun = ["srun", "python", "-m", "kubelet_py.task", "--", *command]
+    srun = ["srun", "python", "-m", "kubelet_py.job.task", "--", *command]
     assert exec_prefix(srun, sif) == []
     assert exec_prefix(command, None) == []
 

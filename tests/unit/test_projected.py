@@ -1,4 +1,4 @@
-"""Projected and downwardAPI volumes: the files kubelet_py.projected makes (with a fake object
+"""Projected and downwardAPI volumes: the files kubelet_py.pod.projected makes (with a fake object
 lookup, the one seam), the token sources it hands on, what it refuses, and how render binds
 the volumes and sets the `kubernetes` service's variables."""
 
@@ -11,11 +11,11 @@ from typing import Any
 
 import pytest
 
-from kubelet_py import projected
 from kubelet_py.errors import InvalidPodSpec
-from kubelet_py.inputs import MissingReference, PodInputs, VolumeFile, resolve
-from kubelet_py.projected import TokenSource, format_map, token_sources, with_tokens
-from kubelet_py.render import RenderSettings, render_pod
+from kubelet_py.pod import projected
+from kubelet_py.pod.inputs import MissingReference, PodInputs, VolumeFile, resolve
+from kubelet_py.pod.projected import TokenSource, format_map, token_sources, with_tokens
+from kubelet_py.pod.render import RenderSettings, render_pod
 
 Pod = dict[str, Any]
 CA = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n"

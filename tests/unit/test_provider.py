@@ -16,17 +16,17 @@ from typing import Any
 import pytest
 
 from hpk.images import image_path
-from kubelet_py.errors import InvalidPodSpec
-from kubelet_py.provider import JOB_ID_ANNOTATION, ProviderSettings, SlurmProvider
-from kubelet_py.pulls import ImagePuller
-from kubelet_py.slurm import (
+from kubelet_py.adapters.slurm import (
     CommandResult,
     ListedJob,
     SlurmClient,
     SlurmError,
     SlurmUnavailable,
 )
-from kubelet_py.watcher import JobView
+from kubelet_py.errors import InvalidPodSpec
+from kubelet_py.loops.pulls import ImagePuller
+from kubelet_py.loops.watcher import JobView
+from kubelet_py.provider import JOB_ID_ANNOTATION, ProviderSettings, SlurmProvider
 from tests.unit.image_fakes import FakeRegistry, sif_bytes
 
 UID = "0b6c5c1e-0000-4000-8000-000000000001"

@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 
-from kubelet_py.apiserver import ApiUnavailable, WatchEvent
-from kubelet_py.provisioner import (
+from kubelet_py.adapters.apiserver import ApiUnavailable, WatchEvent
+from kubelet_py.loops.provisioner import (
     DEFAULT_CLASS,
     PROVISIONED_BY,
     Provisioner,

@@ -27,8 +27,7 @@ from hpk.images import (
     pull_image,
 )
 from kubelet_py.errors import InvalidPodSpec
-from kubelet_py.main import parse_args
-from kubelet_py.pulls import (
+from kubelet_py.loops.pulls import (
     ALWAYS,
     IF_NOT_PRESENT,
     NEVER,
@@ -38,6 +37,7 @@ from kubelet_py.pulls import (
     default_policy,
     pull_policy,
 )
+from kubelet_py.main import parse_args
 from tests.unit.image_fakes import FakeRegistry, sif_bytes
 
 BUSYBOX = "docker.io/library/busybox:latest"

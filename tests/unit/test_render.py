@@ -21,9 +21,10 @@ import pytest
 
 from hpk.images import ImageConfig
 from kubelet_py.errors import InvalidPodSpec
-from kubelet_py.flags import InvalidSbatchFlags
-from kubelet_py.inputs import PodInputs, VolumeFile
-from kubelet_py.render import (
+from kubelet_py.job.termination import HOOK_PATH, READY_FIFO, READY_HOOK, READY_PATH
+from kubelet_py.pod.flags import InvalidSbatchFlags
+from kubelet_py.pod.inputs import PodInputs, VolumeFile
+from kubelet_py.pod.render import (
     ImageNotResolved,
     RenderedPod,
     RenderSettings,
@@ -31,8 +32,7 @@ from kubelet_py.render import (
     expand,
     render_pod,
 )
-from kubelet_py.security import JobUser
-from kubelet_py.termination import HOOK_PATH, READY_FIFO, READY_HOOK, READY_PATH
+from kubelet_py.pod.security import JobUser
 
 GOLDEN = Path(__file__).parent / "golden"
 BUSYBOX = "docker.io/library/busybox:latest"
@@ -250,7 +250,8 @@ def launches(rendered: RenderedPod) -> dict[str, list[str]]:
     """Container name -> the argv its launcher runs, read back from the script as bash would."""
     found: dict[str, list[str]] = {}
     text = rendered.script.replace(" \\\n", " ")
-    for match in re.finditer(r'^"\$python" -I -m kubelet_py\.launch .*? &$', text, re.M | re.S):
+    launcher = r'^"\$python" -I -m kubelet_py\.job\.launch .*? &$'
+    for match in re.finditer(launcher, text, re.M | re.S):
         words = shlex.split(match.group(0)[: -len(" &")])
         folder = words[words.index("--") - 1]
         found[folder.removeprefix("$containers/")] = words[words.index("--") + 1 :]
@@ -289,7 +290,7 @@ def test_apptainer_options_for_each_container() -> None:
     assert options[6:9] == ["--no-home", "--home", "/:/"]
     # --pid: each container has its own PIDs, as in Kubernetes.
     assert options[9:12] == ["--pid", "--pwd", "/tmp"]
-    # Its own /tmp and /var/tmp, and the termination handshake (kubelet_py.termination).
+    # Its own /tmp and /var/tmp, and the termination handshake (kubelet_py.job.termination).
     assert options[12:14] == ["--workdir", "$scratch/command-and-args"]
     assert [options[14], options[16]] == ["--bind", "--bind"]
     assert options[15].endswith(f"/{READY_FIFO}:{READY_PATH}")
@@ -894,13 +895,13 @@ def test_files_are_a_read_only_view() -> None:
 
 
 def launch_words(rendered: RenderedPod) -> dict[str, list[str]]:
-    """Each container's launcher options (the words between `kubelet_py.launch` and its
+    """Each container's launcher options (the words between `kubelet_py.job.launch` and its
     folder), from the job script; without `--termination PATH`, which every one has."""
     found = {}
     for line in rendered.script.splitlines():
-        if "-m kubelet_py.launch" in line:
+        if "-m kubelet_py.job.launch" in line:
             words = shlex.split(line.replace('"$containers"/', "").rstrip(" \\"))
-            *options, folder, _dash = words[words.index("kubelet_py.launch") + 1 :]
+            *options, folder, _dash = words[words.index("kubelet_py.job.launch") + 1 :]
             at = options.index("--termination")
             found[folder] = options[2:at] + options[at + 2 :]  # after --image SIF
     return found

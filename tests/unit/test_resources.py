@@ -7,7 +7,7 @@ from fractions import Fraction
 import pytest
 
 from kubelet_py.errors import InvalidPodSpec
-from kubelet_py.resources import (
+from kubelet_py.pod.resources import (
     deadline_minutes,
     effective_resources,
     parse_quantity,

@@ -9,8 +9,8 @@ from typing import Any
 import pytest
 
 from kubelet_py.errors import InvalidPodSpec
-from kubelet_py.render import RenderSettings, render_pod
-from kubelet_py.security import (
+from kubelet_py.pod.render import RenderSettings, render_pod
+from kubelet_py.pod.security import (
     NOT_HONOURED,
     JobUser,
     check_pod_context,

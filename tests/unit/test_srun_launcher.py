@@ -11,9 +11,9 @@ from typing import Any
 import pytest
 
 from kubelet_py.errors import InvalidPodSpec
-from kubelet_py.render import LAUNCHER_FIELD, RenderSettings, render_pod
-from kubelet_py.security import JobUser
-from kubelet_py.task import task_environment
+from kubelet_py.job.task import task_environment
+from kubelet_py.pod.render import LAUNCHER_FIELD, RenderSettings, render_pod
+from kubelet_py.pod.security import JobUser
 
 
 def pod(launcher: str | None, *names: str) -> dict[str, Any]:
@@ -53,7 +53,7 @@ def srun_lines(text: str) -> list[str]:
 def started_under_srun(text: str) -> list[str]:
     """Names of the containers whose launch block holds the srun line."""
     names = []
-    for block in text.split("kubelet_py.launch ")[1:]:
+    for block in text.split("kubelet_py.job.launch ")[1:]:
         launch = block.split(" &\n", 1)[0]
         if "srun --kill-on-bad-exit=1" in launch:
             names.append(launch.split('"$containers"/', 1)[1].split()[0])
@@ -77,7 +77,9 @@ def test_the_named_container_starts_once_per_task(
 ) -> None:
     text = script(pod(launcher, *names))
     assert started_under_srun(text) == chosen
-    assert srun_lines(text) == ['srun --kill-on-bad-exit=1 "$python" -I -m kubelet_py.task -- \\']
+    assert srun_lines(text) == [
+        'srun --kill-on-bad-exit=1 "$python" -I -m kubelet_py.job.task -- \\'
+    ]
 
 
 @pytest.mark.parametrize(
@@ -124,7 +126,7 @@ def test_the_task_becomes_its_command() -> None:
             sys.executable,
             "-I",
             "-m",
-            "kubelet_py.task",
+            "kubelet_py.job.task",
             "--",
             "sh",
             "-c",
@@ -137,7 +139,7 @@ def test_the_task_becomes_its_command() -> None:
     )
     assert (result.returncode, result.stdout) == (0, "2\n")
     usage = subprocess.run(
-        [sys.executable, "-I", "-m", "kubelet_py.task", "sh"], capture_output=True, check=False
+        [sys.executable, "-I", "-m", "kubelet_py.job.task", "sh"], capture_output=True, check=False
     )
     assert usage.returncode == 2
 
@@ -146,7 +148,7 @@ def test_srun_tasks_keep_the_nodes_pids_and_the_others_get_their_own() -> None:
     text = script(pod("srun:main", "main", "helper"))
     blocks = {
         block.split('"$containers"/', 1)[1].split()[0]: block.split(" &\n", 1)[0]
-        for block in text.split("kubelet_py.launch ")[1:]
+        for block in text.split("kubelet_py.job.launch ")[1:]
     }
     assert "--pid" not in blocks["main"].split()  # MPI ranks under srun share the node's
     assert "--pid" in blocks["helper"].split()

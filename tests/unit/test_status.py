@@ -16,8 +16,8 @@ from typing import Any
 
 import pytest
 
-from kubelet_py.status import ContainerMarkers, pod_status, read_markers
-from kubelet_py.watcher import JobView
+from kubelet_py.loops.watcher import JobView
+from kubelet_py.pod.status import ContainerMarkers, pod_status, read_markers
 
 T0 = datetime(2026, 11, 24, 10, 0, 0, tzinfo=UTC)
 ADDRESSES = {"n1": "127.0.0.1", "n4": "10.0.0.4"}

@@ -18,9 +18,10 @@ from typing import Any
 import pytest
 
 from kubelet_py.errors import InvalidPodSpec
-from kubelet_py.inputs import MissingReference
-from kubelet_py.render import RenderSettings, render_pod
-from kubelet_py.storage import (
+from kubelet_py.job.termination import HOOK_PATH, READY_PATH
+from kubelet_py.pod.inputs import MissingReference
+from kubelet_py.pod.render import RenderSettings, render_pod
+from kubelet_py.pod.storage import (
     FAILURE_FILE,
     HOST_PATH_TYPES,
     ClaimNotBound,
@@ -30,7 +31,6 @@ from kubelet_py.storage import (
     with_claims,
     with_failure,
 )
-from kubelet_py.termination import HOOK_PATH, READY_PATH
 from tests.unit.test_provider import Bed, job_view, make_pod
 
 BUSYBOX = "docker.io/library/busybox:latest"
@@ -99,7 +99,7 @@ def test_host_path_is_bound_from_the_node_and_checked_before_the_containers() ->
     assert check in script
     # The check comes before the folders are made and before any container starts.
     order = [script.index(check), script.index('mkdir -p -- "$containers"')]
-    assert order == sorted(order) and order[-1] < script.index("-m kubelet_py.launch")
+    assert order == sorted(order) and order[-1] < script.index("-m kubelet_py.job.launch")
     # The node's path itself is not created by the script; its subPath is.
     assert "'/scratch/it'\"'\"'s here/a/b'" in script.split('mkdir -p -- "$containers"')[1]
 

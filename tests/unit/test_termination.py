@@ -7,8 +7,8 @@ from __future__ import annotations
 import subprocess
 from pathlib import Path, PurePosixPath
 
-from kubelet_py.probes import READY_MARKER, STARTUP_MARKER
-from kubelet_py.termination import (
+from kubelet_py.job.probes import READY_MARKER, STARTUP_MARKER
+from kubelet_py.job.termination import (
     MESSAGE_FILE,
     READY_FIFO,
     READY_HOOK,

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 
 import pytest
 
-from kubelet_py.slurm import CommandResult, SlurmClient, first_node
-from kubelet_py.watcher import LOST, JobView, JobWatcher, WatcherSettings
+from kubelet_py.adapters.slurm import CommandResult, SlurmClient, first_node
+from kubelet_py.loops.watcher import LOST, JobView, JobWatcher, WatcherSettings
 
 
 @dataclass

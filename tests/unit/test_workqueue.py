@@ -7,8 +7,8 @@ import time
 
 import pytest
 
-from kubelet_py.controller import group_of
-from kubelet_py.workqueue import WorkQueue
+from kubelet_py.loops.controller import group_of
+from kubelet_py.loops.workqueue import WorkQueue
 
 pytestmark = pytest.mark.timeout(30)
 

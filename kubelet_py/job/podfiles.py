@@ -20,7 +20,7 @@ this module, which:
 Refusals are `PodFileRefused`, an OSError, so callers that already handle OSError for a
 missing or unreadable file handle these too.
 
-Stdlib only: kubelet_py.launch and kubelet_py.probes use it on the compute nodes.
+Stdlib only: kubelet_py.job.launch and kubelet_py.job.probes use it on the compute nodes.
 """
 
 from __future__ import annotations

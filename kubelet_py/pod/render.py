@@ -11,7 +11,7 @@ command line or in the script (unless `command` or `args` reference them as `$(V
 to `env/<container>` files that the caller writes 0600 into the pod folder, and Apptainer
 reads them with `--env-file`.
 
-Values from ConfigMaps and Secrets come resolved (kubelet_py.inputs): this module only places
+Values from ConfigMaps and Secrets come resolved (kubelet_py.pod.inputs): this module only places
 them, and binds the configMap and secret volumes whose files the caller writes.
 
 Pure: the pod (a dict shaped like the API's JSON), the settings and the resolved inputs in,
@@ -35,17 +35,17 @@ from hpk.images import NATIVE_IMAGE, ImageConfig, InvalidImageReference, normali
 from hpk.templating import render
 from kubelet_py.errors import InvalidPodSpec
 from kubelet_py.errors import expect_object as _mapping
-from kubelet_py.flags import ANNOTATION, FIELD, SbatchOption, merge_options, parse_flags
-from kubelet_py.inputs import PodInputs
-from kubelet_py.probe_spec import PROBE_FIELDS, PROBES_DIR, probes_file
-from kubelet_py.resources import (
+from kubelet_py.job.termination import HOOK_PATH, READY_FIFO, READY_HOOK, READY_PATH
+from kubelet_py.pod.flags import ANNOTATION, FIELD, SbatchOption, merge_options, parse_flags
+from kubelet_py.pod.inputs import PodInputs
+from kubelet_py.pod.probe_spec import PROBE_FIELDS, PROBES_DIR, probes_file
+from kubelet_py.pod.resources import (
     container_resources,
     parse_quantity,
     resource_options,
 )
-from kubelet_py.security import NOT_HONOURED, JobUser, check_pod_context, container_identity
-from kubelet_py.storage import ClaimSource, StorageVolumes
-from kubelet_py.termination import HOOK_PATH, READY_FIFO, READY_HOOK, READY_PATH
+from kubelet_py.pod.security import NOT_HONOURED, JobUser, check_pod_context, container_identity
+from kubelet_py.pod.storage import ClaimSource, StorageVolumes
 
 TEMPLATE = "pod.sbatch.j2"
 JOB_NAME_PREFIX = "hpk/"
@@ -158,7 +158,7 @@ _DNS_POLICIES = frozenset({"ClusterFirst", "ClusterFirstWithHostNet", "Default"}
 _MOUNT_HONOURED = frozenset({"name", "mountPath", "readOnly", "subPath"})
 _CONFIG_SOURCES = {"configMap": "name", "secret": "secretName"}
 _CONFIG_FIELDS = frozenset({"items", "defaultMode", "optional"})
-#: Volumes whose files kubelet_py.projected makes (tokens, downward API items, keys), with
+#: Volumes whose files kubelet_py.pod.projected makes (tokens, downward API items, keys), with
 #: the fields it reads; written by the kubelet before submission, like configMap volumes.
 _PROJECTED_SOURCES: Mapping[str, frozenset[str]] = MappingProxyType(
     {
@@ -210,7 +210,7 @@ class RenderSettings:
 
     python: PurePosixPath = field(default_factory=lambda: PurePosixPath(sys.executable))
     """A Python interpreter on the compute nodes that can import hpk and kubelet_py: the job
-    runs each container through `kubelet_py.launch` and asks `hpk.apptainer` for the options."""
+    runs each container through `kubelet_py.job.launch` and asks `hpk.apptainer` for the options."""
 
     partition: str | None = None
     """The Slurm partition of the node the pod is bound to; None leaves it to Slurm's default.
@@ -230,7 +230,7 @@ class RenderSettings:
     the `kubernetes` service; None sets none."""
 
     allow_mail_flags: bool = False
-    """Whether the pod's flags annotation may ask Slurm for mail (kubelet_py.flags)."""
+    """Whether the pod's flags annotation may ask Slurm for mail (kubelet_py.pod.flags)."""
 
     def __post_init__(self) -> None:
         for name in ("pod_dir", "apptainer", "python"):
@@ -306,13 +306,13 @@ class ContainerLaunch:
     binds: tuple[str, ...]
     """`--bind` specifications, one per volume mount."""
     termination_path: str
-    """Its terminationMessagePath (kubelet_py.termination places the file there)."""
+    """Its terminationMessagePath (kubelet_py.job.termination places the file there)."""
     arguments: tuple[str, ...]
     """The words after the SIF file (see `container_argv`)."""
     node_ip_env: tuple[str, ...] = ()
     """Variables the script sets to the node's address (`status.podIP`, `status.hostIP`)."""
     srun: bool = False
-    """Started once per Slurm task, through srun and kubelet_py.task."""
+    """Started once per Slurm task, through srun and kubelet_py.job.task."""
     restart: str = "Never"
     """When the launcher runs the container again: `Never`, `OnFailure` or `Always`."""
     sidecar: bool = False
@@ -321,7 +321,7 @@ class ContainerLaunch:
     grace: int | None = None
     """Seconds between the TERM that stops a sidecar and the KILL; None for other containers."""
     probes: str | None = None
-    """The container's probes file (kubelet_py.probe_spec), None when it has no probes."""
+    """The container's probes file (kubelet_py.pod.probe_spec), None when it has no probes."""
 
 
 def render_pod(
@@ -333,11 +333,11 @@ def render_pod(
 ) -> RenderedPod:
     """The job script, sbatch arguments and env files of `pod`.
 
-    `inputs` holds what the pod reads from ConfigMaps and Secrets (kubelet_py.inputs.resolve).
+    `inputs` holds what the pod reads from ConfigMaps and Secrets (kubelet_py.pod.inputs.resolve).
     Raises InvalidPodSpec (naming the field) for a pod hpk cannot run as asked, and
     ImageNotResolved when `settings.images` lacks one of its images; a reference `inputs` does
     not hold is the caller's error (ValueError). `claims` holds the volumes of the pod's
-    persistentVolumeClaim volumes (kubelet_py.storage.resolve_claims).
+    persistentVolumeClaim volumes (kubelet_py.pod.storage.resolve_claims).
     """
     inputs = inputs or PodInputs()
     metadata = _mapping(pod.get("metadata"), "metadata")
@@ -991,7 +991,7 @@ def _volumes(
             unknown = sorted(set(source) - _PROJECTED_SOURCES[kind])
             if unknown:
                 raise InvalidPodSpec(f"{where}.{kind}.{unknown[0]}", "is not supported yet")
-            config.add(name)  # kubelet_py.projected made its files
+            config.add(name)  # kubelet_py.pod.projected made its files
         elif sources[0] == "emptyDir":
             storage.empty_dir(
                 name, volume["emptyDir"], where=f"{where}.emptyDir", folder=f"{VOLUMES_DIR}/{name}"

@@ -27,8 +27,8 @@ from urllib.parse import quote
 from hpk.apptainer import bind_path_problem
 from kubelet_py.errors import InvalidPodSpec
 from kubelet_py.errors import expect_object as _mapping
-from kubelet_py.inputs import MissingReference, ObjectLookup
-from kubelet_py.resources import parse_quantity
+from kubelet_py.pod.inputs import MissingReference, ObjectLookup
+from kubelet_py.pod.resources import parse_quantity
 
 CLAIM = "PersistentVolumeClaim"
 VOLUME = "PersistentVolume"

@@ -53,7 +53,7 @@ from hpk.images import (
     pull_image,
 )
 from kubelet_py.errors import InvalidPodSpec
-from kubelet_py.inputs import MissingReference
+from kubelet_py.pod.inputs import MissingReference
 
 log = logging.getLogger(__name__)
 

@@ -2,14 +2,14 @@
 ConfigMaps and Secrets, and from service-account tokens.
 
 A projected volume gathers `sources` into one folder: `serviceAccountToken` (a token the API
-server issues for the pod, see kubelet_py.tokens), `configMap` and `secret` keys, and
+server issues for the pod, see kubelet_py.loops.tokens), `configMap` and `secret` keys, and
 `downwardAPI` items. A downwardAPI volume holds only downward API items: the pod's name,
 namespace, UID, labels, annotations, node and service account (`fieldRef`), and its
 containers' requests and limits (`resourceFieldRef`). The default `kube-api-access-*` volume
 the API server's ServiceAccount admission adds to every pod is one of these, so a pod needs
 them to run at all without `automountServiceAccountToken: false`.
 
-The provider calls `resolve` before rendering, beside kubelet_py.inputs.resolve: every file
+The provider calls `resolve` before rendering, beside kubelet_py.pod.inputs.resolve: every file
 but the tokens is known then, and the token sources are returned for the provider to have
 them issued. `with_tokens` then puts everything into the pod's inputs, which render binds
 read-only like configMap and secret volumes and the provider writes into the pod folder.
@@ -27,7 +27,7 @@ from types import MappingProxyType
 from typing import Any
 
 from kubelet_py.errors import InvalidPodSpec
-from kubelet_py.inputs import (
+from kubelet_py.pod.inputs import (
     CONFIG_MAP,
     DEFAULT_MODE,
     SECRET,
@@ -39,7 +39,7 @@ from kubelet_py.inputs import (
     file_path,
     object_data,
 )
-from kubelet_py.render import _resource_field
+from kubelet_py.pod.render import _resource_field
 
 DEFAULT_EXPIRATION_S = 3600
 """A serviceAccountToken source's expirationSeconds when it gives none (Kubernetes')."""

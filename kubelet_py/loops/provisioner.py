@@ -40,7 +40,7 @@ from typing import Any, Protocol
 from urllib.parse import quote
 
 from hpk.apptainer import bind_path_problem
-from kubelet_py.apiserver import (
+from kubelet_py.adapters.apiserver import (
     ApiError,
     ApiUnavailable,
     Conflict,
@@ -49,7 +49,7 @@ from kubelet_py.apiserver import (
     WatchEvent,
     events_path,
 )
-from kubelet_py.events import PodWarnings, event_about
+from kubelet_py.loops.events import PodWarnings, event_about
 
 log = logging.getLogger(__name__)
 

@@ -23,7 +23,7 @@ backoff, handled by several workers, never two at once for the same pod, and:
 
 Pods are keyed `namespace/name`, deletions `namespace/name/uid` (a new pod of the same name
 is another pod); both keys of a name share one lock in the queue. The orphan sweep has its
-own key. It talks to the API server through kubelet_py.apiserver and to Slurm only through
+own key. It talks to the API server through kubelet_py.adapters.apiserver and to Slurm only through
 the provider.
 """
 
@@ -39,7 +39,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from kubelet_py.apiserver import (
+from kubelet_py.adapters.apiserver import (
     ApiError,
     ApiUnavailable,
     Conflict,
@@ -48,13 +48,13 @@ from kubelet_py.apiserver import (
     WatchEvent,
     pod_path,
 )
+from kubelet_py.adapters.slurm import SlurmError, SubmissionFailed
 from kubelet_py.errors import InvalidPodSpec
-from kubelet_py.events import EventRecorder
-from kubelet_py.inputs import MissingReference
+from kubelet_py.loops.events import EventRecorder
+from kubelet_py.loops.workqueue import WorkQueue, run_workers
+from kubelet_py.pod.inputs import MissingReference
+from kubelet_py.pod.render import ImageNotResolved
 from kubelet_py.provider import JOB_ID_ANNOTATION, SlurmProvider, pod_key
-from kubelet_py.render import ImageNotResolved
-from kubelet_py.slurm import SlurmError, SubmissionFailed
-from kubelet_py.workqueue import WorkQueue, run_workers
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +68,7 @@ DEFAULT_GRACE_S = 30
 
 
 class PodApi(Protocol):
-    """What the controller needs from the API server (kubelet_py.apiserver.KubeApi)."""
+    """What the controller needs from the API server (kubelet_py.adapters.apiserver.KubeApi)."""
 
     def request(self, method: str, path: str, *, body: Mapping[str, Any] | None = None) -> JSON: ...
 
@@ -305,7 +305,7 @@ class PodController:
                 self._annotated.add(uid)
         self._sync_status(key, pod, job_id)
 
-    # -- for the binder (kubelet_py.binder.PodStarter) ------------------------------------
+    # -- for the binder (kubelet_py.loops.binder.PodStarter) ------------------------------------
 
     def start_before_binding(self, pod: JSON, *, partition: str) -> Mapping[str, str]:
         """Submit the job of a pod about to be bound; returns the job-id annotation for the

@@ -1,12 +1,12 @@
 """Runs a container's startup, liveness and readiness probes beside it, inside the pod's job.
 
 Kubernetes' kubelet probes containers from the node; in hpk the node is the Slurm job, so
-kubelet_py.launch runs the probes of the container it started. Containers share the node's
+kubelet_py.job.launch runs the probes of the container it started. Containers share the node's
 network, so an `httpGet` or `tcpSocket` probe without a host goes to 127.0.0.1; an `exec`
-probe runs `apptainer exec` of the container's own image and options (kubelet_py.launch
+probe runs `apptainer exec` of the container's own image and options (kubelet_py.job.launch
 hands over that prefix).
 
-The probes come as a JSON file that kubelet_py.probe_spec makes at render time
+The probes come as a JSON file that kubelet_py.pod.probe_spec makes at render time
 (`probes/<container>` in the pod folder):
 
     {"grace": 30, "startup": PROBE, "liveness": PROBE, "readiness": PROBE}
@@ -19,7 +19,7 @@ applied and named ports resolved. What the runner writes into the container's fo
 readiness probe passes (removed when it fails, or when the run ends).
 
 It runs on compute nodes with `python -I`: stdlib only, nothing else of kubelet_py but
-kubelet_py.podfiles (stdlib only too), through which the markers are written: never through a
+kubelet_py.job.podfiles (stdlib only too), through which the markers are written: never through a
 link a container put in the container's folder.
 """
 
@@ -38,7 +38,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kubelet_py import podfiles
+from kubelet_py.job import podfiles
 
 HTTP_GET = "httpGet"
 TCP_SOCKET = "tcpSocket"
@@ -180,7 +180,7 @@ def check(probe: Probe, *, exec_prefix: Sequence[str] = ()) -> bool:
 
 
 def write_marker(path: Path, text: str) -> None:
-    """Write `text` to `path` atomically (as kubelet_py.launch writes its markers), never
+    """Write `text` to `path` atomically (as kubelet_py.job.launch writes its markers), never
     through a link."""
     podfiles.write_file(path, f"{text}\n".encode(), 0o644)
 

@@ -6,7 +6,7 @@ check case by case. It touches nothing: `pod_status` takes plain data and return
 as the API's JSON shape, and `read_markers` is its only reader, of the pod folder's
 `containers/<name>/` markers (`started`, `exit`, and for restarted containers `restarts`,
 `last` and `backoff`; for probed containers `startup` and `ready`). Containers can write
-there, so markers are read through kubelet_py.podfiles: no link is followed, only regular
+there, so markers are read through kubelet_py.job.podfiles: no link is followed, only regular
 files are read, and only their first bytes.
 
 The job's view is whatever has the attributes of `JobFacts` (the watcher's `JobView` has), so
@@ -24,8 +24,8 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Protocol
 
-from kubelet_py import podfiles
-from kubelet_py.termination import MESSAGE_FILE, TERMINATION_MESSAGE_LIMIT
+from kubelet_py.job import podfiles
+from kubelet_py.job.termination import MESSAGE_FILE, TERMINATION_MESSAGE_LIMIT
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +108,7 @@ class ContainerMarkers:
     """The readiness probe passes (the `ready` file)."""
     termination_message: str | None = None
     """What the container wrote at its terminationMessagePath (the `termination-log` file,
-    kubelet_py.termination), once it has ended; None when it wrote nothing."""
+    kubelet_py.job.termination), once it has ended; None when it wrote nothing."""
     log_tail: str | None = None
     """The end of its log, once it has ended with a non-zero code: the message of
     `terminationMessagePolicy: FallbackToLogsOnError` when it wrote none."""

@@ -2,7 +2,7 @@
 
 The job script starts every container through this module, on the compute node:
 
-    python -I -m kubelet_py.launch [--image SIF] CONTAINER_DIR -- COMMAND...
+    python -I -m kubelet_py.job.launch [--image SIF] CONTAINER_DIR -- COMMAND...
 
 It writes CONTAINER_DIR/started, runs COMMAND (the `apptainer exec|run ...` line) with no
 input, reads its stdout and stderr from two pipes, appends each line to CONTAINER_DIR/log as
@@ -27,17 +27,17 @@ the previous run's end goes to CONTAINER_DIR/last, its log to CONTAINER_DIR/log.
 the count to CONTAINER_DIR/restarts; CONTAINER_DIR/backoff exists while it waits.
 
 `--probes FILE` runs the container's startup, liveness and readiness probes beside each run
-(kubelet_py.probes): they write CONTAINER_DIR/startup and CONTAINER_DIR/ready, and a failed
+(kubelet_py.job.probes): they write CONTAINER_DIR/startup and CONTAINER_DIR/ready, and a failed
 liveness or startup probe stops the run (TERM to its process group, KILL after the probe's
 grace period); the restart policy then decides as for any other end.
 
 Containers can write in the pod folder, so the markers and the log are written through
-kubelet_py.podfiles: a marker replaces whatever has its name (a link is replaced, never
+kubelet_py.job.podfiles: a marker replaces whatever has its name (a link is replaced, never
 written through) and the log is opened without following a link (one in its place is
 removed), so a container cannot have the launcher write into a file of the user's.
 
 It runs on compute nodes and must start fast: stdlib only, nothing else of kubelet_py
-but kubelet_py.probes and kubelet_py.podfiles (stdlib only too).
+but kubelet_py.job.probes and kubelet_py.job.podfiles (stdlib only too).
 """
 
 from __future__ import annotations
@@ -57,9 +57,9 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from types import FrameType
 
-from kubelet_py import podfiles
-from kubelet_py.probes import Probe, Probes, Runner, check
-from kubelet_py.termination import HOOK_PATH, READY_PATH, Termination
+from kubelet_py.job import podfiles
+from kubelet_py.job.probes import Probe, Probes, Runner, check
+from kubelet_py.job.termination import HOOK_PATH, READY_PATH, Termination
 
 IMAGE_CANNOT_RUN = 125
 """The exit code when the container cannot be started at all (as `docker run` uses it)."""
@@ -91,7 +91,7 @@ def rfc3339(nanoseconds: int) -> str:
 
 def write_marker(path: Path, text: str) -> None:
     """Write `text` and a newline to `path` atomically: a reader sees all of it or nothing.
-    Never through a link (kubelet_py.podfiles)."""
+    Never through a link (kubelet_py.job.podfiles)."""
     podfiles.write_file(path, f"{text}\n".encode(), 0o644)
 
 
@@ -296,7 +296,7 @@ def _run(
     termination: PurePosixPath | None = None,
 ) -> int:
     """One run of the container: `started`, the log, `exit` (and its termination message,
-    kubelet_py.termination)."""
+    kubelet_py.job.termination)."""
     fd = open_log(container_dir / "log")
     log = LogWriter(fd)
     try:
@@ -517,13 +517,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     words = list(sys.argv[1:] if argv is None else argv)
     if "--" not in words:
         print(
-            "usage: python -m kubelet_py.launch [--image SIF] [--restart POLICY] "
+            "usage: python -m kubelet_py.job.launch [--image SIF] [--restart POLICY] "
             "[--grace SECONDS] [--probes FILE] [--termination PATH] DIR -- COMMAND...",
             file=sys.stderr,
         )
         return 2
     split = words.index("--")
-    parser = argparse.ArgumentParser(prog="python -m kubelet_py.launch")
+    parser = argparse.ArgumentParser(prog="python -m kubelet_py.job.launch")
     parser.add_argument("--image", type=Path, help="the SIF file COMMAND runs; 125 if unreadable")
     parser.add_argument(
         "--restart",
@@ -537,12 +537,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="KILL COMMAND's process group this many seconds after the first signal",
     )
     parser.add_argument(
-        "--probes", type=Path, help="a JSON file of the container's probes (kubelet_py.probes)"
+        "--probes", type=Path, help="a JSON file of the container's probes (kubelet_py.job.probes)"
     )
     parser.add_argument(
         "--termination",
         type=PurePosixPath,
-        help="the container's terminationMessagePath (kubelet_py.termination)",
+        help="the container's terminationMessagePath (kubelet_py.job.termination)",
     )
     parser.add_argument("container_dir", type=Path, help="the container's folder in the pod")
     args = parser.parse_args(words[:split])

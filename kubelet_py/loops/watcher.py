@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Protocol
 
-from kubelet_py.slurm import (
+from kubelet_py.adapters.slurm import (
     FINAL_STATES,
     JOB_ID,
     AccountingDisabled,

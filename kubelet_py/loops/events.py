@@ -22,7 +22,7 @@ from collections import deque
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
-from kubelet_py.apiserver import ApiError, ApiUnavailable
+from kubelet_py.adapters.apiserver import ApiError, ApiUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +33,7 @@ COMPONENT = "hpk-kubelet"
 
 
 class EventApi(Protocol):
-    """What the recorder needs from the API server (kubelet_py.apiserver.KubeApi)."""
+    """What the recorder needs from the API server (kubelet_py.adapters.apiserver.KubeApi)."""
 
     def create_event(self, namespace: str, event: Mapping[str, Any]) -> JSON: ...
 

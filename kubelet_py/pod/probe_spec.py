@@ -1,7 +1,7 @@
 """Checks a container's probes and turns them into the launcher's probes file.
 
 Kubernetes' kubelet probes containers; in hpk the launcher inside the job does
-(kubelet_py.probes). Rendering checks each probe here, applies Kubernetes' defaults and
+(kubelet_py.job.probes). Rendering checks each probe here, applies Kubernetes' defaults and
 resolves named ports, so the launcher on the compute node reads plain values and never fails
 on a pod's mistake: bad input is an InvalidPodSpec naming the field.
 """

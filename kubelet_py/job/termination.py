@@ -6,7 +6,7 @@ message. Under Apptainer's `--contain`, /dev is a small tmpfs that Apptainer sta
 run, and no bind can add a file to it: so the launcher places the file there itself, and reads
 it before the tmpfs is gone.
 
-The handshake, one per run (the job script binds the two files, kubelet_py.render):
+The handshake, one per run (the job script binds the two files, kubelet_py.pod.render):
 - the container's folder holds a FIFO (`handshake`), bound at READY_PATH, and a hook
   (`handshake.sh`), bound into the image's /.singularity.d/env/, which Apptainer's shell runs in the
   container, after every mount is made and before the container's command starts; the hook
@@ -18,12 +18,12 @@ The handshake, one per run (the job script binds the two files, kubelet_py.rende
   folder open; then it writes the line, and the command starts;
 - when the run has ended, the launcher reads at most TERMINATION_MESSAGE_LIMIT bytes of the
   file through the folder it kept open (its tmpfs lives on while that is open), and writes them
-  to the container folder's `termination-log`, which kubelet_py.status reads.
+  to the container folder's `termination-log`, which kubelet_py.pod.status reads.
 
 A failure anywhere releases the container all the same: a container never waits on hpk's
 message, it only loses it (the reason goes to its log).
 
-Stdlib only, with kubelet_py.podfiles: it runs in the job on the compute node.
+Stdlib only, with kubelet_py.job.podfiles: it runs in the job on the compute node.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-from kubelet_py import podfiles
+from kubelet_py.job import podfiles
 
 READY_FIFO = "handshake"
 READY_HOOK = "handshake.sh"
@@ -48,7 +48,7 @@ HOOK_PATH = "/.singularity.d/env/00-hpk-ready.sh"
 """Where the hook is bound: Apptainer sources /.singularity.d/env/*.sh before the command."""
 HOOK_TEXT = f"read -r _ <{READY_PATH}\n"
 MESSAGE_FILE = "termination-log"
-"""The container folder's copy of the message (kubelet_py.status.TERMINATION_LOG)."""
+"""The container folder's copy of the message (kubelet_py.pod.status.TERMINATION_LOG)."""
 TERMINATION_MESSAGE_LIMIT = 4096
 
 _POLL_S = 0.005

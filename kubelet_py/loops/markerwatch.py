@@ -12,7 +12,7 @@ One thread looks at every running pod, and the folders are the containers' to sp
 `containers` folder made unreadable, a link put in its place): a look that fails for one pod
 is logged with its key and reported once as a Warning Event (`MarkerWatchFailed`, through the
 `PodWarnings` it is given), and the other pods are looked at as before. No link is followed
-(kubelet_py.podfiles).
+(kubelet_py.job.podfiles).
 
 It touches only the pod folders, read only, and reports through a callback.
 """
@@ -26,8 +26,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from kubelet_py import podfiles
-from kubelet_py.events import PodWarnings
+from kubelet_py.job import podfiles
+from kubelet_py.loops.events import PodWarnings
 
 log = logging.getLogger(__name__)
 

@@ -24,7 +24,7 @@ from decimal import Decimal, InvalidOperation
 from fractions import Fraction
 
 from kubelet_py.errors import InvalidPodSpec
-from kubelet_py.flags import SbatchOption
+from kubelet_py.pod.flags import SbatchOption
 
 CPU = "cpu"
 MEMORY = "memory"

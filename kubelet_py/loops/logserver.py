@@ -18,7 +18,7 @@ Two layers, so that the first can be tested on literal files:
   when the client goes away, or when the server stops.
 
 The pod folders are the containers' to spoil, so names are matched whole (`re.fullmatch`)
-before they become paths, every file is opened through kubelet_py.podfiles (no link below the
+before they become paths, every file is opened through kubelet_py.job.podfiles (no link below the
 pod folder is followed, and only regular files are read: a container cannot make its log a
 link to the cluster CA key), and a request that fails for a pod's files (any OSError, or a
 surprise) is answered with an error, logged with the pod's key and reported once as a Warning
@@ -49,8 +49,8 @@ from pathlib import Path
 from typing import Any, BinaryIO
 from urllib.parse import parse_qs, unquote, urlsplit
 
-from kubelet_py import podfiles
-from kubelet_py.events import PodWarnings
+from kubelet_py.job import podfiles
+from kubelet_py.loops.events import PodWarnings
 
 log = logging.getLogger(__name__)
 
@@ -386,7 +386,7 @@ def read_log(
     it appears. A last piece without a newline is a line still being written: it is left out
     until it is complete, unless the container has ended.
 
-    The file is opened through kubelet_py.podfiles: no link is followed (none below `root`,
+    The file is opened through kubelet_py.job.podfiles: no link is followed (none below `root`,
     the pod folder), and anything but a regular file is PodFileRefused.
     """
     remaining = options.limit_bytes

@@ -8,8 +8,8 @@ heartbeat that keeps the controller-manager from marking the nodes NotReady and 
 their pods.
 
 What it may touch: the API server through the narrow `NodeApi` (implemented by
-`kubelet_py.apiserver.KubeApi`), and Slurm only through an injected `PartitionSource`.
-`partitions_from` below adapts kubelet_py.slurm's `SlurmClient.partitions()` to it.
+`kubelet_py.adapters.apiserver.KubeApi`), and Slurm only through an injected `PartitionSource`.
+`partitions_from` below adapts kubelet_py.adapters.slurm's `SlurmClient.partitions()` to it.
 
 Shutdown leaves the nodes exactly as they are: it neither deletes them nor marks them
 NotReady, it only stops renewing their Leases. Pods on an hpk node are Slurm jobs that keep
@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from kubelet_py import NODES_MESSAGE
-from kubelet_py.slurm import SlurmClient, SlurmError
+from kubelet_py.adapters.slurm import SlurmClient, SlurmError
 
 log = logging.getLogger(__name__)
 
@@ -554,7 +554,7 @@ def ready_since(existing: Mapping[str, Any] | None, *, now: dt.datetime) -> dt.d
 
 
 class NodeApi(Protocol):
-    """What the node agent needs from the API server (kubelet_py.apiserver.KubeApi)."""
+    """What the node agent needs from the API server (kubelet_py.adapters.apiserver.KubeApi)."""
 
     def get_node(self, name: str) -> JSON | None:
         """The Node, or None if it does not exist."""

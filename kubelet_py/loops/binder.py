@@ -17,9 +17,10 @@ condition PodScheduled=False (reason Unschedulable) with a message naming the va
 partitions, and a FailedScheduling Event. It is looked at again whenever it changes (the user
 fixes the annotation) or the set of partitions changes.
 
-What it may touch: the API server through `BinderApi` and `ListWatch` (kubelet_py.apiserver),
-and the node set the node agent last registered. It runs no Slurm command itself; full
-validation of the flags annotation is `kubelet_py/flags.py`'s job when the pod is submitted.
+What it may touch: the API server through `BinderApi` and `ListWatch`
+(kubelet_py.adapters.apiserver), and the node set the node agent last registered. It runs no
+Slurm command itself; full validation of the flags annotation is `kubelet_py/pod/flags.py`'s
+job when the pod is submitted.
 
 With a `PodStarter` (the pod controller), the pod's job is submitted just before the binding,
 and the binding carries the job-id annotation: the API server copies a binding's annotations
@@ -37,7 +38,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from kubelet_py.apiserver import (
+from kubelet_py.adapters.apiserver import (
     ApiError,
     ApiUnavailable,
     Conflict,
@@ -47,10 +48,10 @@ from kubelet_py.apiserver import (
     WatchEvent,
     pod_path,
 )
-from kubelet_py.events import EventRecorder
-from kubelet_py.nodes import HOSTNAME_LABEL, PARTITION_LABEL, NodeSet, PartitionNode
+from kubelet_py.loops.events import EventRecorder
+from kubelet_py.loops.nodes import HOSTNAME_LABEL, PARTITION_LABEL, NodeSet, PartitionNode
+from kubelet_py.loops.workqueue import WorkQueue, run_workers
 from kubelet_py.provider import JOB_ID_ANNOTATION
-from kubelet_py.workqueue import WorkQueue, run_workers
 
 log = logging.getLogger(__name__)
 
@@ -247,7 +248,7 @@ class BinderSettings:
 
 
 class BinderApi(Protocol):
-    """What the binder needs from the API server (kubelet_py.apiserver.KubeApi)."""
+    """What the binder needs from the API server (kubelet_py.adapters.apiserver.KubeApi)."""
 
     def bind_pod(
         self,
@@ -280,7 +281,7 @@ def unbound_pods(api: KubeApi, settings: BinderSettings) -> ListWatch:
 
 
 class PodStarter(Protocol):
-    """Starts a pod's work before it is bound (kubelet_py.controller.PodController), so that
+    """Starts a pod's work before it is bound (kubelet_py.loops.controller.PodController), so that
     the binding carries the job ID and the pod needs no write of its own for it."""
 
     def start_before_binding(self, pod: JSON, *, partition: str) -> Mapping[str, str]:

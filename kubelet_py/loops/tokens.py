@@ -17,10 +17,11 @@ its token file with a folder or a link. A refresh that fails for one pod (any OS
 error nobody expected) is logged with the pod's key, reported once as a Warning Event
 (`TokenRefreshFailed`, again only when the error changes or after a refresh worked) and tried
 again after `retry_s`; the other pods' refreshes go on. Token files are written through
-kubelet_py.podfiles, so no link in the pod folder is ever followed.
+kubelet_py.job.podfiles, so no link in the pod folder is ever followed.
 
-Talks to the API server only through the `TokenApi` it is given (kubelet_py.apiserver.KubeApi
-in the kubelet); writes only token files below the pod folders it is handed.
+Talks to the API server only through the `TokenApi` it is given
+(kubelet_py.adapters.apiserver.KubeApi in the kubelet); writes only token files below the pod
+folders it is handed.
 """
 
 from __future__ import annotations
@@ -35,12 +36,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from kubelet_py import podfiles
-from kubelet_py.apiserver import ApiError, ApiUnavailable, NotFound
-from kubelet_py.events import EventSink, PodWarnings
-from kubelet_py.inputs import MissingReference
-from kubelet_py.projected import TokenSource
-from kubelet_py.render import VOLUMES_DIR
+from kubelet_py.adapters.apiserver import ApiError, ApiUnavailable, NotFound
+from kubelet_py.job import podfiles
+from kubelet_py.loops.events import EventSink, PodWarnings
+from kubelet_py.pod.inputs import MissingReference
+from kubelet_py.pod.projected import TokenSource
+from kubelet_py.pod.render import VOLUMES_DIR
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +52,7 @@ REFRESH_FAILED = "TokenRefreshFailed"
 
 
 class TokenApi(Protocol):
-    """What the manager needs from the API server (kubelet_py.apiserver.KubeApi)."""
+    """What the manager needs from the API server (kubelet_py.adapters.apiserver.KubeApi)."""
 
     def request_token(
         self, *, namespace: str, service_account: str, body: Mapping[str, Any]
@@ -341,7 +342,7 @@ def token_request(*, name: str, uid: str, audience: str, expiration_s: int) -> d
 def write_atomically(path: Path, data: bytes, mode: int, *, root: Path | None = None) -> None:
     """Replace `path` at once: a reader sees the old file or the new one, never a part. The
     file is never readable by others while it is written, and no link is followed (below
-    `root`, the pod folder, none at all; see kubelet_py.podfiles)."""
+    `root`, the pod folder, none at all; see kubelet_py.job.podfiles)."""
     podfiles.write_file(path, data, mode, root=root)
 
 

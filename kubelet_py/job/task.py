@@ -1,6 +1,6 @@
 """One Slurm task of a container started under `slurm.hpk.io/launcher: srun`.
 
-The job script runs `srun python -m kubelet_py.task -- apptainer exec ...`, so srun starts this
+The job script runs `srun python -m kubelet_py.job.task -- apptainer exec ...`, so srun starts this
 once per task, on every node of the job. It hands the task's Slurm, PMI and MPI variables to
 the container as APPTAINERENV_ variables (Apptainer's --cleanenv would drop them otherwise, and
 an MPI library inside the container needs them to find its rank: Apptainer's hybrid model), then
@@ -31,13 +31,13 @@ def task_environment(environ: Mapping[str, str]) -> dict[str, str]:
 
 def main(argv: Sequence[str]) -> int:
     if len(argv) < 2 or argv[0] != "--":
-        print("usage: python -m kubelet_py.task -- COMMAND [ARG...]", file=sys.stderr)
+        print("usage: python -m kubelet_py.job.task -- COMMAND [ARG...]", file=sys.stderr)
         return 2
     command = list(argv[1:])
     try:
         os.execvpe(command[0], command, task_environment(os.environ))  # noqa: S606 (argv, no shell)
     except OSError as error:
-        print(f"kubelet_py.task: cannot run {command[0]}: {error}", file=sys.stderr)
+        print(f"kubelet_py.job.task: cannot run {command[0]}: {error}", file=sys.stderr)
         return 127
 
 

@@ -346,7 +346,7 @@ class KubeApi:
         return self.get_or_none(secret_path(namespace, name))
 
     def get_config_object(self, kind: str, namespace: str, name: str) -> JSON | None:
-        """A ConfigMap or Secret by kind (kubelet_py.inputs.ObjectLookup), None if absent."""
+        """A ConfigMap or Secret by kind (kubelet_py.pod.inputs.ObjectLookup), None if absent."""
         if kind == "ConfigMap":
             return self.get_configmap(namespace, name)
         if kind == "Secret":
@@ -356,7 +356,7 @@ class KubeApi:
     def request_token(
         self, *, namespace: str, service_account: str, body: Mapping[str, Any]
     ) -> JSON:
-        """A TokenRequest for the service account (kubelet_py.tokens.TokenApi)."""
+        """A TokenRequest for the service account (kubelet_py.loops.tokens.TokenApi)."""
         return self.create(token_path(namespace, service_account), body)
 
     def get_node(self, name: str) -> JSON | None:
