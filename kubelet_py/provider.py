@@ -51,7 +51,12 @@ from kubelet_py.loops.pulls import ImagePuller, ImageWaiting, PullSettings, pull
 from kubelet_py.loops.watcher import LOST, WAITING_STATES, JobView
 from kubelet_py.pod import projected
 from kubelet_py.pod.inputs import ObjectLookup, PodInputs, needs_node_address, resolve
-from kubelet_py.pod.render import JOB_NAME_PREFIX, VOLUMES_DIR, RenderSettings, render_pod
+from kubelet_py.pod.render import (
+    JOB_NAME_PREFIX,
+    VOLUMES_DIR,
+    RenderSettings,
+    render_pod,
+)
 from kubelet_py.pod.status import pod_status, read_markers
 from kubelet_py.pod.storage import read_failure, resolve_claims, with_failure
 
@@ -75,7 +80,6 @@ INVALID_JOB_ID = "InvalidJobId"
 
 JOB_ID_FILE = "job-id"
 UID_FILE = "uid"
-JOB_SCRIPT = "job.sh"
 
 JSON = dict[str, Any]
 

@@ -89,12 +89,6 @@ def rfc3339(nanoseconds: int) -> str:
     return f"{time.strftime('%Y-%m-%dT%H:%M:%S', time.gmtime(seconds))}.{fraction:09d}Z"
 
 
-def write_marker(path: Path, text: str) -> None:
-    """Write `text` and a newline to `path` atomically: a reader sees all of it or nothing.
-    Never through a link (kubelet_py.job.podfiles)."""
-    podfiles.write_file(path, f"{text}\n".encode(), 0o644)
-
-
 def open_log(path: Path) -> int:
     """The log file opened to append, never through a link: a link or anything else that
     is no regular file in its place (a container put it there) is removed first."""
@@ -249,7 +243,7 @@ def launch(
             return code
         delay = backoff.delay(ran=clock.monotonic() - began)
         until = rfc3339(time.time_ns() + int(delay * 1e9))
-        write_marker(container_dir / "backoff", f"{delay:g} {until}")
+        podfiles.write_marker(container_dir / "backoff", f"{delay:g} {until}")
         if not _pause(delay, signals=signals, clock=clock):
             (container_dir / "backoff").unlink(missing_ok=True)
             return code
@@ -272,10 +266,10 @@ def _keep_previous(container_dir: Path, count: int) -> None:
     """Before run `count` + 1: the ended run's markers to `last`, its log to `log.previous`."""
     started = _read(container_dir / "started")
     code, _, finished = _read(container_dir / "exit").partition(" ")
-    write_marker(container_dir / "last", f"{code} {started} {finished}")
+    podfiles.write_marker(container_dir / "last", f"{code} {started} {finished}")
     with contextlib.suppress(FileNotFoundError):
         os.replace(container_dir / "log", container_dir / "log.previous")
-    write_marker(container_dir / "restarts", str(count))
+    podfiles.write_marker(container_dir / "restarts", str(count))
 
 
 def _read(path: Path) -> str:
@@ -300,7 +294,7 @@ def _run(
     fd = open_log(container_dir / "log")
     log = LogWriter(fd)
     try:
-        write_marker(container_dir / "started", rfc3339(time.time_ns()))
+        podfiles.write_marker(container_dir / "started", rfc3339(time.time_ns()))
         # A new run: the markers of the one before go, so readers see it running.
         for stale in ("exit", "backoff"):
             (container_dir / stale).unlink(missing_ok=True)
@@ -322,7 +316,7 @@ def _run(
         log.close(now=time.time_ns())
     finally:
         os.close(fd)
-    write_marker(container_dir / "exit", f"{code} {rfc3339(time.time_ns())}")
+    podfiles.write_marker(container_dir / "exit", f"{code} {rfc3339(time.time_ns())}")
     return code
 
 

@@ -228,6 +228,12 @@ def write_in(dir_fd: int, name: str, data: bytes, mode: int, *, shown: Path | st
         raise
 
 
+def write_marker(path: Path, text: str) -> None:
+    """A marker of the job (`started`, `exit`, a probe's `ready`...): `text` and a newline,
+    0644, written at once (`write_file`): a reader sees all of it or nothing."""
+    write_file(path, f"{text}\n".encode(), 0o644)
+
+
 def write_text(path: Path, text: str, mode: int = 0o600, *, root: Path | None = None) -> None:
     """`write_file` of `text` as UTF-8."""
     write_file(path, text.encode(), mode, root=root)

@@ -179,12 +179,6 @@ def check(probe: Probe, *, exec_prefix: Sequence[str] = ()) -> bool:
         return False
 
 
-def write_marker(path: Path, text: str) -> None:
-    """Write `text` to `path` atomically (as kubelet_py.job.launch writes its markers), never
-    through a link."""
-    podfiles.write_file(path, f"{text}\n".encode(), 0o644)
-
-
 @dataclass
 class _State:
     """Where one probe stands: when it is due next, and its run of equal results."""
@@ -230,7 +224,7 @@ class Runner:
 
     def _mark_started(self, now: float) -> None:
         self.started = True
-        write_marker(self.container_dir / STARTUP_MARKER, "")
+        podfiles.write_marker(self.container_dir / STARTUP_MARKER, "")
         # The other probes' initial delays count from here.
         for key in (LIVENESS, READINESS):
             if key in self._states:
@@ -264,7 +258,7 @@ class Runner:
         if key == READINESS and ok != state.passing:
             state.passing = ok
             if ok:
-                write_marker(self.container_dir / READY_MARKER, "")
+                podfiles.write_marker(self.container_dir / READY_MARKER, "")
             else:
                 (self.container_dir / READY_MARKER).unlink(missing_ok=True)
         elif key == STARTUP and ok:

@@ -51,7 +51,7 @@ from kubelet_py.adapters.apiserver import (
 from kubelet_py.loops.events import EventRecorder
 from kubelet_py.loops.nodes import HOSTNAME_LABEL, PARTITION_LABEL, NodeSet, PartitionNode
 from kubelet_py.loops.workqueue import WorkQueue, run_workers
-from kubelet_py.provider import JOB_ID_ANNOTATION
+from kubelet_py.provider import JOB_ID_ANNOTATION, pod_key
 
 log = logging.getLogger(__name__)
 
@@ -203,11 +203,6 @@ def already_reported(pod: Mapping[str, Any], message: str) -> bool:
                 and condition.get("message") == message
             )
     return False
-
-
-def pod_key(pod: Mapping[str, Any]) -> str:
-    metadata = pod.get("metadata") or {}
-    return f"{metadata.get('namespace', '')}/{metadata.get('name', '')}"
 
 
 def _rfc3339(moment: dt.datetime) -> str:

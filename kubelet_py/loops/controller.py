@@ -53,7 +53,7 @@ from kubelet_py.errors import InvalidPodSpec
 from kubelet_py.loops.events import EventRecorder
 from kubelet_py.loops.workqueue import WorkQueue, run_workers
 from kubelet_py.pod.inputs import MissingReference
-from kubelet_py.pod.render import ImageNotResolved
+from kubelet_py.pod.render import DEFAULT_GRACE_SECONDS, ImageNotResolved
 from kubelet_py.provider import JOB_ID_ANNOTATION, SlurmProvider, pod_key
 
 log = logging.getLogger(__name__)
@@ -63,8 +63,6 @@ TERMINAL = ("Succeeded", "Failed")
 BOUND_PODS = "spec.nodeName!="
 SWEEP = ":orphans"
 """The queue key of the orphan sweep (no pod key contains a colon)."""
-DEFAULT_GRACE_S = 30
-"""Kubernetes' default terminationGracePeriodSeconds."""
 
 
 class PodApi(Protocol):
@@ -593,7 +591,7 @@ def grace_period_s(pod: Mapping[str, Any]) -> int:
     ):
         if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
             return value
-    return DEFAULT_GRACE_S
+    return DEFAULT_GRACE_SECONDS
 
 
 def _utcnow() -> dt.datetime:
