@@ -19,6 +19,8 @@ import subprocess
 from collections.abc import Iterable
 from pathlib import Path
 
+from hpk import sif
+
 log = logging.getLogger(__name__)
 
 PASSWD_FILE = "etc/passwd"  # noqa: S105 (a path, not a password)
@@ -28,12 +30,8 @@ DEFAULT_HOME = "/"
 LARGEST_PASSWD = 1 << 20
 """A larger /etc/passwd is not read: no image needs one, and it would cost memory."""
 
-# SIF's header and descriptors (github.com/apptainer/sif, pkg/sif): see hpk.images, which
-# reads the same table. A partition descriptor's type-specific data starts with its file
-# system type (int32, 1 = SquashFS) and its partition type (int32, 2 = the primary system).
-_SIF_HEADER = struct.Struct("<32s10s3s3s16s8q")
-_SIF_DESCRIPTOR = struct.Struct("<iBIII7q128s384s")
-_SIF_PARTITION = 0x4004
+# A partition descriptor's type-specific data starts with its file system type (int32,
+# 1 = SquashFS) and its partition type (int32, 2 = the primary system).
 _FS_SQUASH = 1
 _PART_PRIMARY = 2
 _TIMEOUT_S = 60
@@ -97,22 +95,17 @@ def sif_homes(sif: Path, *, unsquashfs: str | None = None) -> dict[int, str]:
     return parse_passwd(result.stdout.decode(errors="replace"))
 
 
-def _primary_partition(sif: Path) -> int | None:
+def _primary_partition(path: Path) -> int | None:
     """The offset of the SIF's primary SquashFS partition, None when it has none."""
     try:
-        with sif.open("rb") as stream:
-            header = _SIF_HEADER.unpack(stream.read(_SIF_HEADER.size))
-            count, offset = header[8], header[9]
-            stream.seek(offset)
-            table = stream.read(count * _SIF_DESCRIPTOR.size)
+        with path.open("rb") as stream:
+            found = sif.descriptors(stream)
     except (OSError, struct.error):
         return None
-    for index in range(min(count, len(table) // _SIF_DESCRIPTOR.size)):
-        fields = _SIF_DESCRIPTOR.unpack_from(table, index * _SIF_DESCRIPTOR.size)
-        kind, used, start, extra = fields[0], fields[1], fields[5], fields[-1]
-        if not used or kind != _SIF_PARTITION:
+    for descriptor in found:
+        if descriptor.kind != sif.PARTITION:
             continue
-        fs_type, part_type = struct.unpack_from("<ii", extra)
+        fs_type, part_type = struct.unpack_from("<ii", descriptor.extra)
         if fs_type == _FS_SQUASH and part_type == _PART_PRIMARY:
-            return int(start)
+            return descriptor.offset
     return None

@@ -40,7 +40,6 @@ import shlex
 import shutil
 import signal
 import stat
-import struct
 import subprocess
 import tarfile
 import tempfile
@@ -52,6 +51,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path, PurePosixPath
 from typing import Any, Protocol
 
+from hpk import sif
 from hpk.files import held_lock
 from hpk.image_users import home_of, sandbox_homes, sif_homes
 from hpk.paths import hpk_home
@@ -75,18 +75,6 @@ _FILE_MODE = 0o644
 _SIF_SUFFIX = ".sif"
 _COPY_CHUNK = 1 << 20
 
-# The SIF global header (github.com/apptainer/sif, pkg/sif/sif.go): a 32-byte launch script,
-# the 10-byte magic, a 3-byte version, a 3-byte architecture, a 16-byte UUID, then eight
-# little-endian int64: created, modified, free and total descriptors, descriptor offset and
-# size, data offset and size.
-_SIF_HEADER = struct.Struct("<32s10s3s3s16s8q")
-_SIF_MAGIC = b"SIF_MAGIC\x00"
-_SIF_VERSION = b"01\x00"
-# One SIF descriptor (pkg/sif/descriptor.go, rawDescriptor): data type, used flag, ID, group,
-# link, then offset, size, size with padding, created, modified, uid, gid (int64), a 128-byte
-# name and 384 bytes of type-specific data.
-_SIF_DESCRIPTOR = struct.Struct("<iBIII7q128s384s")
-_SIF_GENERIC_JSON = 0x4006
 _OCI_CONFIG_NAME = b"oci-config.json"
 """The descriptor Apptainer writes, when it builds from a Docker or OCI source, with the
 image's config (Entrypoint, Cmd, Env, WorkingDir...)."""
@@ -476,20 +464,20 @@ def check_sif(path: Path) -> None:
     """Raise InvalidImageFile unless `path` carries a SIF header and all the data it announces."""
     try:
         with path.open("rb") as stream:
-            header = stream.read(_SIF_HEADER.size)
+            header = stream.read(sif.HEADER.size)
             size = os.fstat(stream.fileno()).st_size
     except OSError as error:
         raise InvalidImageFile(path, f"cannot read it ({error.strerror})") from error
-    if len(header) < _SIF_HEADER.size:
+    if len(header) < sif.HEADER.size:
         raise InvalidImageFile(
-            path, f"it has {size} bytes, fewer than the {_SIF_HEADER.size}-byte SIF header"
+            path, f"it has {size} bytes, fewer than the {sif.HEADER.size}-byte SIF header"
         )
-    launch, magic, version, _arch, _uuid, *numbers = _SIF_HEADER.unpack(header)
-    if magic != _SIF_MAGIC:
+    launch, magic, version, _arch, _uuid, *numbers = sif.HEADER.unpack(header)
+    if magic != sif.MAGIC:
         raise InvalidImageFile(
             path, f"no SIF magic at byte 32 (the file starts with {header[:16]!r})"
         )
-    if version != _SIF_VERSION:
+    if version != sif.VERSION:
         raise InvalidImageFile(path, f"SIF format version {version!r} is not supported")
     descriptors_offset, descriptors_size, data_offset, data_size = numbers[4:]
     end = max(descriptors_offset + descriptors_size, data_offset + data_size)
@@ -519,21 +507,14 @@ def _sif_oci_config(path: Path) -> ImageConfig:
     """
     check_sif(path)
     with path.open("rb") as stream:
-        header = _SIF_HEADER.unpack(stream.read(_SIF_HEADER.size))
-        count, offset = header[8], header[9]
-        stream.seek(offset)
-        table = stream.read(count * _SIF_DESCRIPTOR.size)
-        for index in range(count):
-            kind, used, _id, _group, _link, start, size, *_rest, name, _extra = (
-                _SIF_DESCRIPTOR.unpack_from(table, index * _SIF_DESCRIPTOR.size)
-            )
-            if not used or kind != _SIF_GENERIC_JSON or name.rstrip(b"\0") != _OCI_CONFIG_NAME:
+        for found in sif.descriptors(stream):
+            if found.kind != sif.GENERIC_JSON or found.name != _OCI_CONFIG_NAME:
                 continue
-            if size > _LARGEST_CONFIG:
-                raise InvalidImageFile(path, f"its OCI config has {size} bytes")
-            stream.seek(start)
+            if found.size > _LARGEST_CONFIG:
+                raise InvalidImageFile(path, f"its OCI config has {found.size} bytes")
+            stream.seek(found.offset)
             try:
-                return ImageConfig.from_oci(json.loads(stream.read(size)))
+                return ImageConfig.from_oci(json.loads(stream.read(found.size)))
             except ValueError as error:
                 raise InvalidImageFile(path, f"its OCI config is unreadable: {error}") from error
     return NATIVE_IMAGE
@@ -792,10 +773,10 @@ def source_kind(source: Path) -> str:
         return "sandbox"
     try:
         with source.open("rb") as stream:
-            start = stream.read(_SIF_HEADER.size)
+            start = stream.read(sif.HEADER.size)
     except OSError as error:
         raise InvalidImageFile(source, f"cannot read it ({error.strerror})") from error
-    if start[32:42] == _SIF_MAGIC:
+    if start[32:42] == sif.MAGIC:
         return "sif"
     try:
         with tarfile.open(source) as archive:
