@@ -587,9 +587,10 @@ def _launch(
         warnings=warnings,
         base=service_variables(settings.kubernetes_service),
     )
-    command = [expand(word, variables) for word in _words(container, "command", where)]
-    arguments = [expand(word, variables) for word in _words(container, "args", where)]
-    _warn_of_secrets_in_words(container, where, variables, secret, warnings)
+    written = {key: _words(container, key, where) for key in ("command", "args")}
+    command = [expand(word, variables) for word in written["command"]]
+    arguments = [expand(word, variables) for word in written["args"]]
+    _warn_of_secrets_in_words(written, where, variables, secret, warnings)
     config = settings.image_configs.get(image, NATIVE_IMAGE)
     action, argv = container_argv(command=command, args=arguments, config=config)
     if action == "exec" and not argv:
@@ -764,20 +765,20 @@ def _without(variables: Mapping[str, str], names: Collection[str]) -> dict[str, 
 
 
 def _warn_of_secrets_in_words(
-    container: Mapping[str, object],
+    written: Mapping[str, Sequence[str]],
     where: str,
     variables: Mapping[str, str],
     secret: Collection[str],
     warnings: list[tuple[str, str]],
 ) -> None:
-    """A Warning when `command` or `args` expand a variable of a Secret: Kubernetes expands
-    it, so its value is in the job script and on the process's argv, which every user of the
-    node can read (`ps`)."""
+    """A Warning when `written` (`command` and `args`, as the pod gives them) expand a variable
+    of a Secret: Kubernetes expands it, so its value is in the job script and on the process's
+    argv, which every user of the node can read (`ps`)."""
     if not secret:
         return
     public = _without(variables, secret)
-    for key in ("command", "args"):
-        for index, word in enumerate(_words(container, key, where)):
+    for key, words in written.items():
+        for index, word in enumerate(words):
             if expand(word, variables) != expand(word, public):
                 used = sorted(name for name in secret if f"$({name})" in word)
                 warnings.append(
