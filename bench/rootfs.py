@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from hpk.apptainer import pod_options
-from hpk.test_images import ensure_test_images
+from hpk.testbed.images import ensure_test_images
 from hpk.toolchain import Toolchain
 from kubelet_py.pod.render import CONTAIN_OPTIONS, WRITABLE_ROOT
 

@@ -30,8 +30,8 @@ from bench.slurmcalls import CallLog, install_wrappers
 from hpk.controlplane import ControlPlane
 from hpk.controlplane.job import prepare_kubelet
 from hpk.pki import ClusterPKI
-from hpk.test_images import register_test_images
 from hpk.testbed.bed import Testbed
+from hpk.testbed.images import register_test_images
 from hpk.testbed.settings import TESTBED_PLANE_SETTINGS, Partition, TestbedSettings
 from hpk.toolchain import Toolchain
 from kubelet_py import CONNECTED_MESSAGE

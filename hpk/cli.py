@@ -22,6 +22,7 @@ from hpk.slurm import SlurmUnavailable, SubmissionFailed
 from hpk.testbed.bed import Testbed, TestbedError
 from hpk.testbed.demo import run_demo
 from hpk.testbed.settings import TestbedSettings
+from hpk.toolchain import ToolchainMissing
 
 
 def _progress(message: str) -> None:
@@ -134,6 +135,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         SlurmUnavailable,
         SubmissionFailed,
         ControlPlaneImageError,
+        ToolchainMissing,
     ) as error:
         print(f"hpk: {error}", file=sys.stderr)
         return 1

@@ -8,7 +8,7 @@ images) and a pull (`apptainer pull docker://`), each under `image_lock`, which 
 everyone who fills the same entry. Beside each SIF it records what the image runs by default
 (ImageConfig: Docker's ENTRYPOINT, CMD and WORKDIR), read from the image as it enters the
 cache. It writes nothing outside the cache folder; Apptainer, run through an injected
-CommandRunner, does the conversions and pulls.
+ApptainerCommand, does the conversions and pulls.
 
 Layout, below the cache folder (`$HPK_IMAGE_CACHE`, else `<hpk home>/images`):
 
@@ -55,6 +55,7 @@ from hpk import sif
 from hpk.files import held_lock
 from hpk.image_users import home_of, sandbox_homes, sif_homes
 from hpk.paths import hpk_home
+from hpk.toolchain import find_apptainer
 
 log = logging.getLogger(__name__)
 
@@ -606,14 +607,16 @@ def image_config(sif: Path) -> ImageConfig:
         return NATIVE_IMAGE
 
 
-class CommandRunner(Protocol):
-    """Runs a command; returns its exit status and its output (stdout and stderr)."""
+class ApptainerCommand(Protocol):
+    """Runs one Apptainer command line (a build or a pull); returns its exit status and its
+    output (stdout and stderr together). The seam a test's registry replaces; Slurm's
+    commands have their own, kubelet_py.adapters.slurm.CommandRunner."""
 
     def __call__(self, argv: Sequence[str]) -> tuple[int, str]: ...
 
 
-def run_command(argv: Sequence[str]) -> tuple[int, str]:
-    """The real CommandRunner."""
+def run_apptainer(argv: Sequence[str]) -> tuple[int, str]:
+    """The real ApptainerCommand."""
     try:
         result = subprocess.run(
             list(argv),
@@ -684,7 +687,7 @@ def run_limited(
     env: dict[str, str] | None = None,
     clock: Callable[[], float] = time.monotonic,
 ) -> tuple[int, str]:
-    """Run a command as `run_command` does, stopping it (KILL to its whole process group) when
+    """Run a command as `run_apptainer` does, stopping it (KILL to its whole process group) when
     it runs longer than `limits.timeout_s` or the files at `watched` grow past
     `limits.max_bytes`; raises LimitExceeded then."""
     started = clock()
@@ -758,12 +761,6 @@ def _apptainer_error(output: str) -> str:
     return " ".join(" ".join(line.split()) for line in chosen)[:1000]
 
 
-def _default_apptainer() -> str:
-    from hpk.controlplane.image import find_apptainer  # noqa: PLC0415 (a heavier import)
-
-    return find_apptainer()
-
-
 def source_kind(source: Path) -> str:
     """`sif`, `sandbox` or `docker-archive`: what an import source is.
 
@@ -802,7 +799,7 @@ def import_image(
     *,
     cache_dir: Path | None = None,
     apptainer: str | None = None,
-    runner: CommandRunner = run_command,
+    runner: ApptainerCommand = run_apptainer,
 ) -> Path:
     """Put an image into the cache for `reference`; returns its cache path.
 
@@ -833,7 +830,7 @@ def import_image(
                 argument = str(source.resolve())
                 if kind == "docker-archive":
                     argument = f"docker-archive:{argument}"
-                binary = apptainer or _default_apptainer()
+                binary = apptainer or find_apptainer()
                 status, output = runner(
                     [binary, "--quiet", "build", "--force", str(temporary), argument]
                 )
@@ -871,7 +868,7 @@ def pull_image(
     *,
     cache_dir: Path | None = None,
     apptainer: str | None = None,
-    runner: CommandRunner | None = None,
+    runner: ApptainerCommand | None = None,
     fresh_since: float | None = None,
     insecure_registries: Collection[str] = (),
     limits: PullLimits | None = None,
@@ -903,7 +900,7 @@ def pull_image(
         temporary = Path(name)
         limits = limits or PullLimits()
         try:
-            binary = apptainer or _default_apptainer()
+            binary = apptainer or find_apptainer()
             started = time.monotonic()
             http = plain_http(parse_reference(key).registry, insecure_registries)
             argv = [

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -95,3 +96,17 @@ class Toolchain:
         """PATH with the tool folders first."""
         rest = path if path is not None else os.environ.get("PATH", "")
         return os.pathsep.join([*(str(d) for d in self.bin_dirs()), rest])
+
+
+def find_apptainer(toolchain: Toolchain | None = None) -> str:
+    """The pinned Apptainer from the tool folder, else the one on PATH (a site's).
+
+    Raises ToolchainMissing when there is neither.
+    """
+    try:
+        return str((toolchain or Toolchain.load()).binary("apptainer"))
+    except ToolchainMissing:
+        found = shutil.which("apptainer")
+        if found is None:
+            raise ToolchainMissing("apptainer is neither in the tool folder nor on PATH") from None
+        return found

@@ -43,8 +43,8 @@ from urllib.parse import urlsplit
 
 from hpk import __version__
 from hpk.controlplane.host import hostname, primary_address
-from hpk.controlplane.image import find_apptainer
 from hpk.home import HpkHome
+from hpk.toolchain import find_apptainer
 from kubelet_py import CONNECTED_MESSAGE
 from kubelet_py.adapters.apiserver import ApiError, ApiUnavailable, KubeApi, ListWatch, pod_path
 from kubelet_py.adapters.slurm import SlurmClient, SubprocessRunner

@@ -54,7 +54,7 @@ from hpk.scratch import (
     private_folder_problem,
     tree_digest,
 )
-from hpk.toolchain import Toolchain, ToolchainMissing
+from hpk.toolchain import Toolchain, ToolchainMissing, find_apptainer
 
 log = logging.getLogger(__name__)
 
@@ -137,19 +137,6 @@ def image_path(toolchain: Toolchain | None = None) -> Path:
     return tools.root / image_file_name(tools.pins, digest=definition_digest())
 
 
-def find_apptainer(toolchain: Toolchain | None = None) -> str:
-    """The pinned Apptainer from the tool folder, else the one on PATH (a site's)."""
-    try:
-        return str((toolchain or Toolchain.load()).binary("apptainer"))
-    except ToolchainMissing:
-        found = shutil.which("apptainer")
-        if found is None:
-            raise ControlPlaneImageError(
-                "apptainer is neither in the tool folder nor on PATH"
-            ) from None
-        return found
-
-
 # --- building ------------------------------------------------------------------------------
 
 
@@ -228,7 +215,7 @@ def ensure_image(
     arguments = build_arguments(tools)
     try:
         apptainer = find_apptainer(tools)
-    except ControlPlaneImageError as error:
+    except ToolchainMissing as error:
         raise ImageBuildFailed(str(error)) from None
     log_dir = tools.root / "logs"
     try:

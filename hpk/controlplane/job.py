@@ -23,7 +23,7 @@ from types import FrameType
 from hpk.controlplane.bootstrap import apply_objects, kubelet_rbac
 from hpk.controlplane.errors import ControlPlaneError
 from hpk.controlplane.host import hostname, node_addresses
-from hpk.controlplane.image import ApptainerRunner, find_apptainer, runnable_image
+from hpk.controlplane.image import ApptainerRunner, runnable_image
 from hpk.controlplane.launcher import ControlPlane
 from hpk.controlplane.probes import TLSClient
 from hpk.controlplane.settings import Binaries, ControlPlaneSettings
@@ -32,7 +32,7 @@ from hpk.home import HpkHome
 from hpk.pki import ClusterPKI, PKIError, write_kubeconfig
 from hpk.process import ProcessFailed, ProcessSpec, Runner, RunningProcess, start_process
 from hpk.record import ClusterRecord, read_record
-from hpk.toolchain import ToolchainMissing
+from hpk.toolchain import ToolchainMissing, find_apptainer
 from kubelet_py import CONNECTED_MESSAGE, NODES_MESSAGE
 
 log = logging.getLogger(__name__)
@@ -157,7 +157,10 @@ def _runtime(image: Path | None, home: HpkHome) -> tuple[Binaries | None, Runner
         return None, None
     if not image.is_file():
         raise ControlPlaneError(f"the control-plane image {image} does not exist")
-    apptainer = find_apptainer()
+    try:
+        apptainer = find_apptainer()
+    except ToolchainMissing as error:
+        raise ControlPlaneError(str(error)) from None
     runnable = runnable_image(image, apptainer=apptainer, records=home.root / "scratch")
     return Binaries.in_image(), ApptainerRunner(runnable, apptainer=apptainer)
 

@@ -14,8 +14,8 @@ from hpk import cluster
 from hpk.apptainer import run_options
 from hpk.home import HpkHome
 from hpk.images import cached_image
-from hpk.test_images import register_test_images
 from hpk.testbed.bed import Progress, Testbed, TestbedError
+from hpk.testbed.images import register_test_images
 from hpk.toolchain import Toolchain
 from kubelet_py.provider import JOB_ID_ANNOTATION
 

@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from hpk.images import (
-    CommandRunner,
+    ApptainerCommand,
     ImageConfig,
     ImageError,
     PullLimits,
@@ -174,7 +174,7 @@ class ImagePuller:
         cache_dir: Path | None,
         apptainer: str,
         notify: Callable[[str], None],
-        runner: CommandRunner | None = None,
+        runner: ApptainerCommand | None = None,
         settings: PullSettings | None = None,
         start: Callable[[Callable[[], None]], None] | None = None,
         later: Callable[[float, Callable[[], None]], None] | None = None,

@@ -19,8 +19,8 @@ import pytest
 from hpk.controlplane import ControlPlane
 from hpk.controlplane.job import kubelet_api_args, prepare_kubelet
 from hpk.pki import ClusterPKI
-from hpk.test_images import register_test_images
 from hpk.testbed.bed import Testbed
+from hpk.testbed.images import register_test_images
 from hpk.testbed.settings import TESTBED_PLANE_SETTINGS
 from hpk.toolchain import Toolchain
 

@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from hpk.test_images import ensure_test_images
+from hpk.testbed.images import ensure_test_images
 from hpk.toolchain import Toolchain
 from tests.e2e.conftest import UserInstall
 from tests.e2e.kube import eventually

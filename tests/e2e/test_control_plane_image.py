@@ -22,12 +22,12 @@ import psutil
 import pytest
 
 from hpk.controlplane import Binaries, ControlPlane, components
-from hpk.controlplane.image import ApptainerRunner, find_apptainer
+from hpk.controlplane.image import ApptainerRunner
 from hpk.controlplane.probes import TLSClient, answers
 from hpk.pki import ClusterPKI
 from hpk.process import start_process
 from hpk.testbed.settings import TESTBED_PLANE_SETTINGS
-from hpk.toolchain import Toolchain
+from hpk.toolchain import Toolchain, find_apptainer
 from tests.e2e.conftest import UserInstall
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]

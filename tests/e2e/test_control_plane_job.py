@@ -25,7 +25,7 @@ import psutil
 import pytest
 
 from hpk.controlplane.image import ensure_image
-from hpk.test_images import ensure_test_images
+from hpk.testbed.images import ensure_test_images
 from hpk.toolchain import Toolchain
 from tests.e2e.conftest import UserInstall
 from tests.e2e.kube import eventually

@@ -20,7 +20,7 @@ import pytest
 
 from hpk.apptainer import run_options
 from hpk.images import cached_image, image_config, list_images, sif_config
-from hpk.test_images import TEST_IMAGES, TestImage, ensure_test_images, register_test_images
+from hpk.testbed.images import TEST_IMAGES, TestImage, ensure_test_images, register_test_images
 from hpk.toolchain import Toolchain
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]  # a cold build runs debootstrap

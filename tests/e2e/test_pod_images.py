@@ -21,8 +21,8 @@ from typing import Any
 
 import pytest
 
-from hpk.test_images import ensure_test_images
 from hpk.testbed.bed import Testbed
+from hpk.testbed.images import ensure_test_images
 from hpk.toolchain import Toolchain
 from tests.e2e.kube import PodCluster, pod_cluster
 from tests.e2e.registry import Registry, serving

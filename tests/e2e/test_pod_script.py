@@ -21,8 +21,8 @@ from typing import Any
 
 import pytest
 
-from hpk.test_images import ensure_test_images
 from hpk.testbed.bed import Testbed, cgroups_usable
+from hpk.testbed.images import ensure_test_images
 from hpk.toolchain import Toolchain
 from kubelet_py.job.launch import rfc3339
 from kubelet_py.pod.render import RenderSettings, render_pod

@@ -24,8 +24,8 @@ from pathlib import Path
 import pytest
 
 from hpk.apptainer import run_options
-from hpk.controlplane.image import IMAGE_SETSID, ensure_image, find_apptainer
-from hpk.toolchain import Toolchain
+from hpk.controlplane.image import IMAGE_SETSID, ensure_image
+from hpk.toolchain import Toolchain, find_apptainer
 from tests.e2e.conftest import UserInstall
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]

@@ -11,8 +11,8 @@ import pytest
 
 from hpk.apptainer import run_options
 from hpk.images import cached_image
-from hpk.test_images import ensure_test_images, register_test_images
 from hpk.testbed.bed import Testbed, cgroups_usable
+from hpk.testbed.images import ensure_test_images, register_test_images
 from hpk.toolchain import Toolchain
 from tests.e2e.slurm import job_folder, sbatch, wait_finished
 

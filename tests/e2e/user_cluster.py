@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from hpk.test_images import ensure_test_images
+from hpk.testbed.images import ensure_test_images
 from hpk.toolchain import Toolchain
 from tests.e2e.conftest import UserInstall
 from tests.e2e.kube import eventually

@@ -1,6 +1,6 @@
 """Fakes at the image seams: a minimal SIF file, and a registry behind the command runner.
 
-`FakeRegistry` stands in for `apptainer pull` (hpk.images.CommandRunner): it writes the SIF
+`FakeRegistry` stands in for `apptainer pull` (hpk.images.ApptainerCommand): it writes the SIF
 of a reference it serves to the path Apptainer would write, and fails as Apptainer does for
 any other reference.
 """

@@ -30,7 +30,7 @@ from hpk.images import (
 )
 from hpk.images_cli import add_images_commands
 from hpk.paths import container_dir
-from hpk.test_images import (
+from hpk.testbed.images import (
     TEST_IMAGES,
     built_images_dir,
     busybox_entries,

@@ -178,3 +178,71 @@ def test_a_bad_import_is_caught() -> None:
     assert violations("kubelet_py.job.launch", "import json\nimport os\n", rows) == []
     assert slurm_calls('subprocess.run(["scancel", job])\n') == [1]
     assert slurm_calls('log(source="squeue")\n') == []
+
+
+def import_graph(sources: dict[str, str]) -> dict[str, set[str]]:
+    """module -> the modules of `sources` it imports (at any depth of its code, so that an
+    import put inside a function to dodge a circle still counts)."""
+    known = set(sources)
+    graph: dict[str, set[str]] = {}
+    for module, source in sources.items():
+        targets = set()
+        for _, name in imports(source):
+            parts = name.split(".")
+            for end in range(len(parts), 0, -1):
+                target = ".".join(parts[:end])
+                if target in known:
+                    if target != module:
+                        targets.add(target)
+                    break
+        graph[module] = targets
+    return graph
+
+
+def circles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The import circles of `graph`: its strongly connected parts of more than one module."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    found: list[list[str]] = []
+
+    def visit(node: str) -> None:
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        for target in sorted(graph[node]):
+            if target not in index:
+                visit(target)
+                low[node] = min(low[node], low[target])
+            elif target in stack:
+                low[node] = min(low[node], index[target])
+        if low[node] == index[node]:
+            part = []
+            while True:
+                member = stack.pop()
+                part.append(member)
+                if member == node:
+                    break
+            if len(part) > 1:
+                found.append(sorted(part))
+
+    for node in sorted(graph):
+        if node not in index:
+            visit(node)
+    return found
+
+
+def test_no_module_of_hpk_or_the_kubelet_is_in_an_import_circle() -> None:
+    paths = [*kubelet_modules(), *sorted((ROOT / "hpk").rglob("*.py"))]
+    graph = import_graph({module_name(path): path.read_text() for path in paths})
+    assert circles(graph) == []
+
+
+def test_an_import_circle_is_caught() -> None:
+    sources = {
+        "hpk.images": "def pull():\n    from hpk.controlplane.image import find\n",
+        "hpk.controlplane.image": "from hpk.images import check\n",
+        "hpk.toolchain": "import os\n",
+    }
+    assert circles(import_graph(sources)) == [["hpk.controlplane.image", "hpk.images"]]
+    del sources["hpk.controlplane.image"]
+    assert circles(import_graph(sources)) == []

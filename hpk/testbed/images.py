@@ -18,7 +18,7 @@ give them, so pods can say `image: busybox`.
 Building needs root (debootstrap) and the Debian mirror; it starts no container, since the
 recipes do all their work on the host (see the recipes' %setup sections).
 
-    python -m hpk.test_images [--register]
+    python -m hpk.testbed.images [--register]
 """
 
 from __future__ import annotations
@@ -148,7 +148,7 @@ def ensure_test_images(progress: Callable[[str], None] = _say) -> dict[str, Path
             if os.geteuid() != 0:
                 raise TestImageBuildFailed(
                     f"test image {image.name} ({image.reference}) is not built and building "
-                    "needs root (debootstrap); run: sudo python -m hpk.test_images"
+                    "needs root (debootstrap); run: sudo python -m hpk.testbed.images"
                 )
             progress(f"{image.name}: building {image.reference} (log: {log_file})")
             started = time.monotonic()
@@ -269,7 +269,7 @@ def register_test_images(cache_dir: Path | None = None) -> dict[str, Path]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m hpk.test_images", description="Build (and cache) hpk's test images."
+        prog="python -m hpk.testbed.images", description="Build (and cache) hpk's test images."
     )
     parser.add_argument(
         "--register", action="store_true", help="also import them into hpk's image cache"
