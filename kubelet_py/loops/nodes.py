@@ -662,24 +662,26 @@ class NodeAgent:
 
     def run_status(self, stop: threading.Event) -> None:
         """Sync now, then every `status_interval_s` (sooner after a failure) until `stop`."""
-        while not stop.is_set():
-            wait = self.settings.status_interval_s
-            try:
-                self.sync()
-            except Exception as error:  # logged and retried: the loop must outlive any failure
-                log.warning("node status not written: %s", error)
-                wait = min(wait, self.settings.retry_interval_s)
-            stop.wait(wait)
+        self._repeat(stop, self.sync, self.settings.status_interval_s, "node status not written")
 
     def run_leases(self, stop: threading.Event) -> None:
         """Renew every `lease_interval_s` once the nodes are registered, until `stop`."""
         while not stop.is_set() and not self.registered.wait(0.5):
             pass
+        self._repeat(
+            stop, self.renew_leases, self.settings.lease_interval_s, "node leases not renewed"
+        )
+
+    def _repeat(
+        self, stop: threading.Event, action: Callable[[], object], interval_s: float, failed: str
+    ) -> None:
+        """`action` now, then every `interval_s` until `stop`; a failure is logged and retried
+        after `retry_interval_s` at the latest: the loop must outlive any failure."""
         while not stop.is_set():
-            wait = self.settings.lease_interval_s
+            wait = interval_s
             try:
-                self.renew_leases()
-            except Exception as error:  # logged and retried: a missed renewal is not fatal
-                log.warning("node leases not renewed: %s", error)
+                action()
+            except Exception as error:
+                log.warning("%s: %s", failed, error)
                 wait = min(wait, self.settings.retry_interval_s)
             stop.wait(wait)
