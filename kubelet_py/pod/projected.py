@@ -27,6 +27,7 @@ from types import MappingProxyType
 from typing import Any
 
 from kubelet_py.errors import InvalidPodSpec
+from kubelet_py.pod.environment import resource_field
 from kubelet_py.pod.inputs import (
     CONFIG_MAP,
     DEFAULT_MODE,
@@ -39,7 +40,6 @@ from kubelet_py.pod.inputs import (
     file_path,
     object_data,
 )
-from kubelet_py.pod.render import _resource_field
 
 DEFAULT_EXPIRATION_S = 3600
 """A serviceAccountToken source's expirationSeconds when it gives none (Kubernetes')."""
@@ -336,7 +336,7 @@ def _resource_value(ref: Mapping[str, Any], at: str, pod: Mapping[str, Any]) -> 
     for group in ("initContainers", "containers"):
         for container in _list(spec.get(group), f"spec.{group}"):
             if isinstance(container, Mapping) and container.get("name") == wanted:
-                return _resource_field(ref, at, container=container, pod=pod)
+                return resource_field(ref, at, container=container, pod=pod)
     raise InvalidPodSpec(f"{at}.containerName", f"{wanted!r} is not a container")
 
 

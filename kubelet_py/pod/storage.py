@@ -6,7 +6,7 @@ container starts: a hostPath is the node's path, so its `type` is checked (or th
 created) by the job script on the node; a memory emptyDir is a per-job folder under
 `/dev/shm` that the job creates and removes; a size limit is measured by the job while it
 runs. This module holds what render.py needs to place them (`StorageVolumes`, filled while
-render reads `spec.volumes`, and the plan the job script's storage block is rendered from),
+mounts.py reads `spec.volumes`, and the plan the job script's storage block is rendered from),
 the lookup of a claim's PersistentVolume before rendering (`resolve_claims`, which raises
 `ClaimNotBound` so that the pod waits Pending), and the reading of the job's failure marker
 (`read_failure`), which the provider lays over the pod's status.
@@ -137,7 +137,8 @@ class StoragePlan:
 
 @dataclass
 class StorageVolumes:
-    """Filled by render while it reads `spec.volumes`: the storage volumes among them."""
+    """Filled by kubelet_py.pod.mounts while it reads `spec.volumes`: the storage volumes among
+    them."""
 
     claims: Mapping[str, ClaimSource] = field(default_factory=dict)
     """Volume name -> its claim's volume (resolve_claims), for persistentVolumeClaim volumes."""

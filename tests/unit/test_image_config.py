@@ -31,7 +31,8 @@ from hpk.images import (
     source_kind,
 )
 from kubelet_py.errors import InvalidPodSpec
-from kubelet_py.pod.render import RenderSettings, container_argv, render_pod
+from kubelet_py.pod.command import container_argv
+from kubelet_py.pod.render import RenderSettings, render_pod
 from tests.unit.image_fakes import sif_bytes
 
 ENTRYPOINT = ImageConfig(

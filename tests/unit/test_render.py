@@ -28,8 +28,6 @@ from kubelet_py.pod.render import (
     ImageNotResolved,
     RenderedPod,
     RenderSettings,
-    env_file,
-    expand,
     render_pod,
 )
 from kubelet_py.pod.security import JobUser
@@ -418,15 +416,6 @@ def test_config_values_stay_out_of_the_script() -> None:
     assert argv[-3:] == ["sh", "/config/run.sh", "hpk-batch"]
 
 
-def test_env_file_golden_lines() -> None:
-    assert env_file({"A": "x y", "B": "it's", "C": ""}) == (
-        "# Read by apptainer --env-file; every value is a literal string.\n"
-        "A='x y'\n"
-        "B='it'\"'\"'s'\n"
-        "C=''\n"
-    )
-
-
 def test_command_and_args_are_expanded_with_the_whole_env() -> None:
     the_pod = pod(
         "x",
@@ -439,32 +428,6 @@ def test_command_and_args_are_expanded_with_the_whole_env() -> None:
     )
     argv = launches(render_pod(the_pod, settings()))["main"]
     assert argv[-5:] == ["echo", "hi", "$(GREETING)", "late", "$(MISSING)"]
-
-
-@pytest.mark.parametrize(
-    ("text", "expanded"),
-    [
-        ("plain", "plain"),
-        ("$(A)", "a"),
-        ("x$(A)y$(B)z", "xaybz"),
-        ("$$(A)", "$(A)"),
-        ("$$$(A)", "$a"),
-        ("$$$$(A)", "$$(A)"),
-        ("$(MISSING)", "$(MISSING)"),
-        ("$(A", "$(A"),
-        ("$(", "$("),
-        ("$", "$"),
-        ("a$", "a$"),
-        ("$A", "$A"),
-        ("${A}", "${A}"),
-        ("$()", "$()"),
-        ("$(A)$(A)", "aa"),
-        ("$x$(A)", "$xa"),
-        ("ü$(A)ü", "üaü"),
-    ],
-)
-def test_kubernetes_variable_expansion(text: str, expanded: str) -> None:
-    assert expand(text, {"A": "a", "B": "b"}) == expanded
 
 
 def test_sbatch_arguments_for_a_plain_pod() -> None:

@@ -12,7 +12,8 @@ import pytest
 
 from hpk.images import ImageConfig
 from kubelet_py.errors import InvalidPodSpec
-from kubelet_py.pod.render import EXEC_BUDGET, MAX_ARG_STRLEN, render_pod
+from kubelet_py.pod.command import EXEC_BUDGET, MAX_ARG_STRLEN
+from kubelet_py.pod.render import render_pod
 from tests.unit.test_render import busybox, launches, pod, settings
 
 LONGEST = MAX_ARG_STRLEN - 1
