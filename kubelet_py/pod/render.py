@@ -35,10 +35,19 @@ from hpk.images import NATIVE_IMAGE, ImageConfig, InvalidImageReference, normali
 from hpk.templating import render
 from kubelet_py.errors import InvalidPodSpec
 from kubelet_py.errors import expect_object as _mapping
-from kubelet_py.job.termination import HOOK_PATH, READY_FIFO, READY_HOOK, READY_PATH
+from kubelet_py.job.podfolder import (
+    ENV_DIR,
+    HANDSHAKE_FIFO,
+    HANDSHAKE_HOOK,
+    JOB_SCRIPT,
+    PROBES_DIR,
+    SLURM_OUTPUT,
+    VOLUMES_DIR,
+)
+from kubelet_py.job.termination import HOOK_PATH, READY_PATH
 from kubelet_py.pod.flags import ANNOTATION, FIELD, SbatchOption, merge_options, parse_flags
 from kubelet_py.pod.inputs import PodInputs
-from kubelet_py.pod.probe_spec import PROBE_FIELDS, PROBES_DIR, probes_file
+from kubelet_py.pod.probe_spec import PROBE_FIELDS, probes_file
 from kubelet_py.pod.resources import (
     container_resources,
     parse_quantity,
@@ -50,10 +59,6 @@ from kubelet_py.pod.storage import ClaimSource, StorageVolumes
 TEMPLATE = "pod.sbatch.j2"
 JOB_NAME_PREFIX = "hpk/"
 """A pod's job is named <prefix><namespace>/<pod name>."""
-JOB_SCRIPT = "job.sh"
-SLURM_OUTPUT = "slurm.out"
-ENV_DIR = "env"
-VOLUMES_DIR = "volumes"
 DEFAULT_WORKING_DIR = "/"
 """Where a container starts without `workingDir`, when its image names no WORKDIR: Docker's
 default (the job's own folder is hpk's, not the pod's)."""
@@ -424,9 +429,9 @@ def render_pod(
         main=launches["containers"],
         node_ips=_node_ips(settings, launches["initContainers"] + launches["containers"]),
         handshake={
-            "fifo": READY_FIFO,
+            "fifo": HANDSHAKE_FIFO,
             "fifo_at": READY_PATH,
-            "hook": READY_HOOK,
+            "hook": HANDSHAKE_HOOK,
             "hook_at": HOOK_PATH,
         },
     )
