@@ -47,16 +47,12 @@ from hpk.images import ImageConfig, InvalidImageReference
 from kubelet_py.adapters.slurm import FINAL_STATES, JOB_ID, ListedJob, SlurmError, SlurmUnavailable
 from kubelet_py.errors import InvalidPodSpec
 from kubelet_py.job import podfiles
+from kubelet_py.job.podfolder import PodFolder
 from kubelet_py.loops.pulls import ImagePuller, ImageWaiting, PullSettings, pull_policy
 from kubelet_py.loops.watcher import LOST, WAITING_STATES, JobView
 from kubelet_py.pod import projected
 from kubelet_py.pod.inputs import ObjectLookup, PodInputs, needs_node_address, resolve
-from kubelet_py.pod.render import (
-    JOB_NAME_PREFIX,
-    VOLUMES_DIR,
-    RenderSettings,
-    render_pod,
-)
+from kubelet_py.pod.render import JOB_NAME_PREFIX, RenderSettings, render_pod
 from kubelet_py.pod.status import pod_status, read_markers
 from kubelet_py.pod.storage import read_failure, resolve_claims, with_failure
 
@@ -77,9 +73,6 @@ is not the pod's own."""
 
 INVALID_JOB_ID = "InvalidJobId"
 """The reason of the Warning Event for a job-id annotation that is no Slurm job ID."""
-
-JOB_ID_FILE = "job-id"
-UID_FILE = "uid"
 
 JSON = dict[str, Any]
 
@@ -265,7 +258,7 @@ class SlurmProvider:
         if annotated is not None and self._proven(pod, annotated, where="annotation"):
             return self._adopt(pod, str(annotated), folder, how="annotation")
         if self._claim_folder(folder, uid, key):
-            recorded = _read(folder / JOB_ID_FILE)
+            recorded = PodFolder(folder).read_job_id()
             if recorded and self._proven(pod, recorded, where="pod folder"):
                 return self._adopt(pod, recorded, folder, how="pod folder")
             # Our folder from an earlier attempt, without a job ID: the answer of a
@@ -278,7 +271,7 @@ class SlurmProvider:
             ]
             if queued:
                 job_id = max((job.job_id for job in queued), key=_job_number)
-                _write(folder / JOB_ID_FILE, job_id + "\n", 0o600)
+                PodFolder(folder).write_job_id(job_id)
                 return self._adopt(pod, job_id, folder, how="Slurm comment")
 
         images, configs, image_warnings = self._resolve_images(key, pod)
@@ -313,11 +306,11 @@ class SlurmProvider:
         for relative, text in rendered.files.items():
             path = folder / relative
             path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-            _write(path, text, 0o600)
+            podfiles.write_text(path, text, 0o600)
         script = Path(rendered.sbatch_args[-1])
-        _write(script, rendered.script, 0o700)
+        podfiles.write_text(script, rendered.script, 0o700)
         job_id = self.slurm.submit(script, list(rendered.sbatch_args[:-1]))
-        _write(folder / JOB_ID_FILE, job_id + "\n", 0o600)
+        PodFolder(folder).write_job_id(job_id)
         log.info("%s: job %s submitted", key, job_id)
         self._remember(key, pod, uid, job_id, folder)
         self._keep_fresh(pod, folder, tokens)
@@ -612,8 +605,9 @@ class SlurmProvider:
             return owned
         hints = [((metadata.get("annotations") or {}).get(JOB_ID_ANNOTATION), "annotation")]
         folder = self.folder(str(metadata.get("namespace", "")), str(metadata.get("name", "")))
-        if _read(folder / UID_FILE) == uid:
-            hints.append((_read(folder / JOB_ID_FILE), "pod folder"))
+        recorded = PodFolder(folder)
+        if recorded.read_uid() == uid:
+            hints.append((recorded.read_job_id(), "pod folder"))
         for hint, where in hints:
             if hint is not None and self._proven(pod, hint, where=where):
                 with self._lock:
@@ -725,7 +719,7 @@ class SlurmProvider:
 
         Returns whether the folder was already this uid's (an earlier attempt made it).
         """
-        owner = _read(folder / UID_FILE)
+        owner = PodFolder(folder).read_uid()
         if folder.exists() and owner != uid:
             # Named from a hash: the uid file is the containers' to write, and a pod name may
             # take 253 of the 255 characters a file name has.
@@ -735,7 +729,7 @@ class SlurmProvider:
         folder.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         folder.mkdir(mode=0o700, exist_ok=True)
         if owner != uid:
-            _write(folder / UID_FILE, uid + "\n", 0o600)
+            PodFolder(folder).write_uid(uid)
         return owner == uid
 
 
@@ -757,7 +751,8 @@ def _write_volumes(folder: Path, inputs: PodInputs) -> None:
     """The files of the configMap and secret volumes, written afresh: folders 0700, files in
     their modes (secret files 0400 or 0600). Containers write in the pod folder, so no link
     there is followed (kubelet_py.job.podfiles): one in the place of a volume is removed."""
-    with podfiles.folder(folder / VOLUMES_DIR, root=folder, create=True) as volumes:
+    volumes_dir = PodFolder(folder).volumes
+    with podfiles.folder(volumes_dir, root=folder, create=True) as volumes:
         os.fchmod(volumes, 0o700)
         for name, files in inputs.volumes.items():
             try:  # an earlier attempt's files, or whatever a container put there
@@ -769,7 +764,7 @@ def _write_volumes(folder: Path, inputs: PodInputs) -> None:
                 pass
             os.mkdir(name, 0o700, dir_fd=volumes)
             for file in files:
-                path = folder / VOLUMES_DIR / name / file.path
+                path = volumes_dir / name / file.path
                 podfiles.write_file(path, file.data, file.mode, root=folder, create_folders=True)
 
 
@@ -796,15 +791,3 @@ def _uid(pod: Mapping[str, Any]) -> str:
 def _job_number(job_id: str) -> tuple[int, int]:
     base, _, task = job_id.partition("_")
     return int(base), int(task or 0)
-
-
-def _read(path: Path) -> str | None:
-    """A small file of the pod folder, stripped; None when it is missing, empty, or not a
-    regular file (a link a container put there is not followed)."""
-    return podfiles.read_marker(path) or None
-
-
-def _write(path: Path, text: str, mode: int) -> None:
-    """Write a file that never exists with wider permissions than `mode`: at once, and
-    never through a link (kubelet_py.job.podfiles)."""
-    podfiles.write_file(path, text.encode(), mode)

@@ -32,12 +32,14 @@ liveness or startup probe stops the run (TERM to its process group, KILL after t
 grace period); the restart policy then decides as for any other end.
 
 Containers can write in the pod folder, so the markers and the log are written through
-kubelet_py.job.podfiles: a marker replaces whatever has its name (a link is replaced, never
-written through) and the log is opened without following a link (one in its place is
-removed), so a container cannot have the launcher write into a file of the user's.
+kubelet_py.job.podfolder and kubelet_py.job.podfiles: a marker replaces whatever has its name
+(a link is replaced, never written through) and the log is opened without following a link
+(one in its place is removed), so a container cannot have the launcher write into a file of
+the user's. The launcher never reads a marker back: `last` is written from the times it
+wrote itself.
 
 It runs on compute nodes and must start fast: stdlib only, nothing else of kubelet_py
-but kubelet_py.job.probes and kubelet_py.job.podfiles (stdlib only too).
+but the rest of kubelet_py.job (stdlib only too).
 """
 
 from __future__ import annotations
@@ -58,6 +60,7 @@ from pathlib import Path, PurePosixPath
 from types import FrameType
 
 from kubelet_py.job import podfiles
+from kubelet_py.job.podfolder import ContainerFolder
 from kubelet_py.job.probes import Probe, Probes, Runner, check
 from kubelet_py.job.termination import HOOK_PATH, READY_PATH, Termination
 
@@ -178,6 +181,17 @@ class Clock:
     """Wait this many seconds (a signal may cut it short)."""
 
 
+@dataclass(frozen=True)
+class _Run:
+    """One run of the container as its markers tell it: what `last` keeps of it."""
+
+    code: int
+    started: str
+    """RFC 3339, as written to `started`."""
+    finished: str
+    """RFC 3339, as written to `exit`."""
+
+
 @dataclass
 class _Signals:
     """The signals received so far, and the container's process they go to."""
@@ -227,11 +241,12 @@ def launch(
         return 128 + signals.received[0]
 
     container_dir.mkdir(parents=True, exist_ok=True)
+    folder = ContainerFolder(container_dir)
     count = 0
     while True:
         began = clock.monotonic()
-        code = _run(
-            container_dir,
+        run = _run(
+            folder,
             command,
             image=image,
             signals=signals,
@@ -239,16 +254,15 @@ def launch(
             probes=probes,
             termination=termination,
         )
-        if signals.received or not restarts(restart, code):
-            return code
+        if signals.received or not restarts(restart, run.code):
+            return run.code
         delay = backoff.delay(ran=clock.monotonic() - began)
-        until = rfc3339(time.time_ns() + int(delay * 1e9))
-        podfiles.write_marker(container_dir / "backoff", f"{delay:g} {until}")
+        folder.mark_backoff(delay, rfc3339(time.time_ns() + int(delay * 1e9)))
         if not _pause(delay, signals=signals, clock=clock):
-            (container_dir / "backoff").unlink(missing_ok=True)
-            return code
+            folder.backoff.unlink(missing_ok=True)
+            return run.code
         count += 1
-        _keep_previous(container_dir, count)
+        _keep_previous(folder, run, count)
 
 
 def _pause(seconds: float, *, signals: _Signals, clock: Clock) -> bool:
@@ -262,25 +276,16 @@ def _pause(seconds: float, *, signals: _Signals, clock: Clock) -> bool:
     return False
 
 
-def _keep_previous(container_dir: Path, count: int) -> None:
-    """Before run `count` + 1: the ended run's markers to `last`, its log to `log.previous`."""
-    started = _read(container_dir / "started")
-    code, _, finished = _read(container_dir / "exit").partition(" ")
-    podfiles.write_marker(container_dir / "last", f"{code} {started} {finished}")
+def _keep_previous(folder: ContainerFolder, run: _Run, count: int) -> None:
+    """Before run `count` + 1: the ended `run` to `last`, its log to `log.previous`."""
+    folder.mark_last(run.code, run.started, run.finished)
     with contextlib.suppress(FileNotFoundError):
-        os.replace(container_dir / "log", container_dir / "log.previous")
-    podfiles.write_marker(container_dir / "restarts", str(count))
-
-
-def _read(path: Path) -> str:
-    try:
-        return podfiles.read_text(path).strip()
-    except OSError:
-        return ""
+        os.replace(folder.log, folder.previous_log)
+    folder.mark_restarts(count)
 
 
 def _run(
-    container_dir: Path,
+    folder: ContainerFolder,
     command: Sequence[str],
     *,
     image: Path | None,
@@ -288,23 +293,24 @@ def _run(
     grace: float | None,
     probes: Probes | None = None,
     termination: PurePosixPath | None = None,
-) -> int:
+) -> _Run:
     """One run of the container: `started`, the log, `exit` (and its termination message,
     kubelet_py.job.termination)."""
-    fd = open_log(container_dir / "log")
+    fd = open_log(folder.log)
     log = LogWriter(fd)
     try:
-        podfiles.write_marker(container_dir / "started", rfc3339(time.time_ns()))
+        started = rfc3339(time.time_ns())
+        folder.mark_started(started)
         # A new run: the markers of the one before go, so readers see it running.
-        for stale in ("exit", "backoff"):
-            (container_dir / stale).unlink(missing_ok=True)
+        for stale in (folder.exit, folder.backoff):
+            stale.unlink(missing_ok=True)
         if image is not None and not os.access(image, os.R_OK):
             log.line("stderr", f"hpk: cannot read the image file {image}", now=time.time_ns())
             code = IMAGE_CANNOT_RUN
         else:
-            message = None if termination is None else Termination(container_dir, termination)
+            message = None if termination is None else Termination(folder.path, termination)
             code = _run_command(
-                container_dir,
+                folder.path,
                 command,
                 log=log,
                 image=image,
@@ -316,8 +322,9 @@ def _run(
         log.close(now=time.time_ns())
     finally:
         os.close(fd)
-    podfiles.write_marker(container_dir / "exit", f"{code} {rfc3339(time.time_ns())}")
-    return code
+    finished = rfc3339(time.time_ns())
+    folder.mark_exit(code, finished)
+    return _Run(code=code, started=started, finished=finished)
 
 
 def _run_command(

@@ -20,6 +20,8 @@ this module, which:
 Refusals are `PodFileRefused`, an OSError, so callers that already handle OSError for a
 missing or unreadable file handle these too.
 
+Which files a pod folder holds, and what a marker says, is kubelet_py.job.podfolder's.
+
 Stdlib only: kubelet_py.job.launch and kubelet_py.job.probes use it on the compute nodes.
 """
 
@@ -226,12 +228,6 @@ def write_in(dir_fd: int, name: str, data: bytes, mode: int, *, shown: Path | st
         with contextlib.suppress(OSError):
             os.unlink(temporary, dir_fd=dir_fd)
         raise
-
-
-def write_marker(path: Path, text: str) -> None:
-    """A marker of the job (`started`, `exit`, a probe's `ready`...): `text` and a newline,
-    0644, written at once (`write_file`): a reader sees all of it or nothing."""
-    write_file(path, f"{text}\n".encode(), 0o644)
 
 
 def write_text(path: Path, text: str, mode: int = 0o600, *, root: Path | None = None) -> None:

@@ -19,8 +19,8 @@ applied and named ports resolved. What the runner writes into the container's fo
 readiness probe passes (removed when it fails, or when the run ends).
 
 It runs on compute nodes with `python -I`: stdlib only, nothing else of kubelet_py but
-kubelet_py.job.podfiles (stdlib only too), through which the markers are written: never through a
-link a container put in the container's folder.
+kubelet_py.job.podfolder (stdlib only too), through which the markers are written: never through
+a link a container put in the container's folder.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kubelet_py.job import podfiles
+from kubelet_py.job.podfolder import ContainerFolder, write_marker
 
 HTTP_GET = "httpGet"
 TCP_SOCKET = "tcpSocket"
@@ -49,8 +49,6 @@ EXEC_START_SECONDS = 10.0
 STARTUP = "startup"
 LIVENESS = "liveness"
 READINESS = "readiness"
-READY_MARKER = "ready"
-STARTUP_MARKER = "startup"
 
 
 @dataclass(frozen=True)
@@ -218,13 +216,17 @@ class Runner:
             probe = getattr(self.probes, key)
             if probe is not None:
                 self._states[key] = _State(probe, due=probe.initial_delay, passing=passing)
-        (self.container_dir / READY_MARKER).unlink(missing_ok=True)
+        self._folder.ready.unlink(missing_ok=True)
         if self.probes.startup is None:
             self._mark_started(0.0)
 
+    @property
+    def _folder(self) -> ContainerFolder:
+        return ContainerFolder(self.container_dir)
+
     def _mark_started(self, now: float) -> None:
         self.started = True
-        podfiles.write_marker(self.container_dir / STARTUP_MARKER, "")
+        write_marker(self._folder.startup, "")
         # The other probes' initial delays count from here.
         for key in (LIVENESS, READINESS):
             if key in self._states:
@@ -258,9 +260,9 @@ class Runner:
         if key == READINESS and ok != state.passing:
             state.passing = ok
             if ok:
-                podfiles.write_marker(self.container_dir / READY_MARKER, "")
+                write_marker(self._folder.ready, "")
             else:
-                (self.container_dir / READY_MARKER).unlink(missing_ok=True)
+                self._folder.ready.unlink(missing_ok=True)
         elif key == STARTUP and ok:
             self._mark_started(now)
         elif key in (STARTUP, LIVENESS) and not ok:
@@ -282,6 +284,6 @@ class Runner:
         """The run ended: it is neither ready nor started any more."""
         with self._lock:
             self.closed = True
-            for name in (READY_MARKER, STARTUP_MARKER):
+            for marker in (self._folder.ready, self._folder.startup):
                 with contextlib.suppress(OSError):
-                    (self.container_dir / name).unlink(missing_ok=True)
+                    marker.unlink(missing_ok=True)

@@ -8,9 +8,9 @@ it before the tmpfs is gone.
 
 The handshake, one per run (the job script binds the two files, kubelet_py.pod.render):
 - the container's folder holds a FIFO (`handshake`), bound at READY_PATH, and a hook
-  (`handshake.sh`), bound into the image's /.singularity.d/env/, which Apptainer's shell runs in the
-  container, after every mount is made and before the container's command starts; the hook
-  waits for a line on the FIFO;
+  (`handshake.sh`), bound into the image's /.singularity.d/env/, which Apptainer's shell runs
+  in the container, after every mount is made and before the container's command starts; the
+  hook waits for a line on the FIFO (kubelet_py.job.podfolder names both files);
 - once the hook has opened the FIFO, the launcher finds the container's process (the one that
   holds the FIFO), opens the folder of the termination path below that process's root, one
   component at a time without following links (a link in an image could point anywhere on the
@@ -23,7 +23,8 @@ The handshake, one per run (the job script binds the two files, kubelet_py.pod.r
 A failure anywhere releases the container all the same: a container never waits on hpk's
 message, it only loses it (the reason goes to its log).
 
-Stdlib only, with kubelet_py.job.podfiles: it runs in the job on the compute node.
+Stdlib only, with kubelet_py.job.podfiles and kubelet_py.job.podfolder: it runs in the job on
+the compute node.
 """
 
 from __future__ import annotations
@@ -39,16 +40,13 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from kubelet_py.job import podfiles
+from kubelet_py.job.podfolder import ContainerFolder
 
-READY_FIFO = "handshake"
-READY_HOOK = "handshake.sh"
 READY_PATH = "/.hpk-ready"
 """Where the FIFO is bound inside the container."""
 HOOK_PATH = "/.singularity.d/env/00-hpk-ready.sh"
 """Where the hook is bound: Apptainer sources /.singularity.d/env/*.sh before the command."""
 HOOK_TEXT = f"read -r _ <{READY_PATH}\n"
-MESSAGE_FILE = "termination-log"
-"""The container folder's copy of the message (kubelet_py.pod.status.TERMINATION_LOG)."""
 TERMINATION_MESSAGE_LIMIT = 4096
 
 _POLL_S = 0.005
@@ -73,21 +71,25 @@ class Termination:
     """Why the file could not be placed, once `collect` has returned."""
     _thread: threading.Thread | None = None
 
+    @property
+    def _folder(self) -> ContainerFolder:
+        return ContainerFolder(self.container_dir)
+
     def prepare(self) -> None:
         """Before the run: a fresh FIFO and the hook in the container folder, no old message."""
-        fifo = self.container_dir / READY_FIFO
+        folder = self._folder
         with contextlib.suppress(FileNotFoundError):
-            fifo.unlink()
-        os.mkfifo(fifo, 0o600)
-        podfiles.write_text(self.container_dir / READY_HOOK, HOOK_TEXT, 0o644)
+            folder.handshake_fifo.unlink()
+        os.mkfifo(folder.handshake_fifo, 0o600)
+        podfiles.write_text(folder.handshake_hook, HOOK_TEXT, 0o644)
         with contextlib.suppress(FileNotFoundError):
-            (self.container_dir / MESSAGE_FILE).unlink()
+            folder.termination_log.unlink()
 
     def place(self, alive: Callable[[], bool], root_pid: int) -> None:
         """Wait until the container's hook waits (while `alive()`), place the file below the
         root of its process (a descendant of `root_pid`), and let it go on. Raises
         NoMessageFile (after letting it go on) when the file could not be placed."""
-        fifo = self.container_dir / READY_FIFO
+        fifo = self._folder.handshake_fifo
         writer = _open_writer(fifo, alive)
         if writer is None:
             return  # the run ended before its command started
@@ -129,7 +131,7 @@ class Termination:
             os.close(self.folder_fd)
             self.folder_fd = None
         if data:
-            podfiles.write_file(self.container_dir / MESSAGE_FILE, data, 0o600)
+            podfiles.write_file(self._folder.termination_log, data, 0o600)
         return data.decode("utf-8", "replace") or None
 
 

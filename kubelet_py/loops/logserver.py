@@ -2,8 +2,8 @@
 
 `kubectl logs` asks the API server, which asks the kubelet of the pod's node at the node's
 InternalIP and the port in `status.daemonEndpoints`. This module answers from the pod folders
-(docs/kubelet.md, "The pod folder"): it only reads `containers/<name>/` (`started`, `log`,
-`exit`) and the folder's `uid`, which the job writes on the compute node.
+(docs/kubelet.md, "The pod folder", laid out by kubelet_py.job.podfolder): it only reads
+`containers/<name>/` (`started`, `log`, `log.previous`, `exit`) and the folder's `uid`.
 
 Who may ask: TLS with a client certificate signed by the cluster CA (anything else fails the
 handshake), and then only the API server's kubelet-client identity or a member of
@@ -50,6 +50,7 @@ from typing import Any, BinaryIO
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from kubelet_py.job import podfiles
+from kubelet_py.job.podfolder import LOG, ContainerFolder, PodFolder
 from kubelet_py.loops.events import PodWarnings
 
 log = logging.getLogger(__name__)
@@ -62,10 +63,6 @@ HANDSHAKE_TIMEOUT_S = 10.0
 
 IDLE_TIMEOUT_S = 60.0
 """A connection with no request (or a client that stops reading) for this long is closed."""
-
-PREVIOUS_LOG = "log.previous"
-"""The log of a container's previous run, in its folder: the launcher renames `log` to it
-before it runs a restarted container again."""
 
 ALLOWED_USERS = frozenset({"kube-apiserver-kubelet-client"})
 """Client certificate CNs that may use the API (the API server's kubelet-client identity)."""
@@ -282,29 +279,26 @@ def find_log(
             f"container {container!r} not found in pod {namespace}/{pod}; "
             f"it has {', '.join(view.containers) or 'none'}"
         )
-    folder = pods_dir / namespace / pod
-    if view is None and not podfiles.is_folder(folder):
+    folder = PodFolder(pods_dir / namespace / pod)
+    if view is None and not podfiles.is_folder(folder.path):
         raise NotFound(f"pod {namespace}/{pod} not found on this kubelet")
     waiting = f'container "{container}" in pod "{pod}" is waiting to start'
     if view is not None:
         reason = view.waiting.get(container) or "ContainerCreating"
         waiting = f"{waiting}: {reason}"
-        recorded = podfiles.read_marker(folder / "uid", root=folder)
-        if not podfiles.is_folder(folder) or (recorded is not None and recorded != view.uid):
+        recorded = folder.read_uid()
+        if not podfiles.is_folder(folder.path) or (recorded is not None and recorded != view.uid):
             raise BadRequest(waiting)
     else:
         waiting = f"{waiting} (or the pod has no such container)"
-    container_dir = folder / "containers" / container
+    markers = folder.container(container)
     if previous:
-        older = container_dir / PREVIOUS_LOG
-        if os.path.lexists(older):
-            return older
+        if os.path.lexists(markers.previous_log):
+            return markers.previous_log
         raise BadRequest(f'previous terminated container "{container}" in pod "{pod}" not found')
-    if not os.path.lexists(container_dir / "started") and not os.path.lexists(
-        container_dir / "log"
-    ):
+    if not os.path.lexists(markers.started) and not os.path.lexists(markers.log):
         raise BadRequest(waiting)
-    return container_dir / "log"
+    return markers.log
 
 
 def container_ended(log_file: Path) -> Callable[[], bool]:
@@ -313,12 +307,12 @@ def container_ended(log_file: Path) -> Callable[[], bool]:
     A folder that is gone (the pod was deleted and its folder removed or renamed) counts as
     ended too, since nothing more will be written where the reader looks.
     """
-    container_dir = log_file.parent
+    markers = ContainerFolder(log_file.parent)
 
     def ended() -> bool:
-        if log_file.name != "log":  # a previous run's log is complete
+        if log_file.name != LOG:  # a previous run's log is complete
             return True
-        return os.path.lexists(container_dir / "exit") or not podfiles.is_folder(container_dir)
+        return os.path.lexists(markers.exit) or not podfiles.is_folder(markers.path)
 
     return ended
 

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kubelet_py.job import podfiles
+from kubelet_py.job.podfolder import PodFolder
 from kubelet_py.loops.events import PodWarnings
 
 log = logging.getLogger(__name__)
@@ -54,7 +55,7 @@ def signature(pod_dir: Path) -> Signature:
     """
     try:
         with (
-            podfiles.folder(pod_dir / "containers", root=pod_dir) as fd,
+            podfiles.folder(PodFolder(pod_dir).containers, root=pod_dir) as fd,
             os.scandir(fd) as entries,
         ):
             return tuple(

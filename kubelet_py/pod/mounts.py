@@ -19,6 +19,7 @@ from types import MappingProxyType
 from hpk.apptainer import bind_path_problem
 from kubelet_py.errors import InvalidPodSpec
 from kubelet_py.errors import expect_object as _mapping
+from kubelet_py.job.podfolder import VOLUMES_DIR
 from kubelet_py.pod.fields import DNS_LABEL, check_text, checked_name, expect_objects
 from kubelet_py.pod.inputs import PodInputs
 from kubelet_py.pod.storage import StorageVolumes
@@ -38,9 +39,9 @@ _PROJECTED_SOURCES: Mapping[str, frozenset[str]] = MappingProxyType(
 
 
 def pod_volumes(
-    spec: Mapping[str, object], *, storage: StorageVolumes, volumes_dir: str
+    spec: Mapping[str, object], *, storage: StorageVolumes
 ) -> tuple[dict[str, str], frozenset[str]]:
-    """Volume name -> its folder relative to the pod folder (`<volumes_dir>/<name>`, absolute
+    """Volume name -> its folder relative to the pod folder (`volumes/<name>`, absolute
     for a hostPath or a claim's volume); and the configMap and secret volumes among them (the
     kubelet writes their files before submission). `storage` takes note of the storage volumes
     (hostPath, claims, emptyDir medium and sizeLimit)."""
@@ -75,7 +76,7 @@ def pod_volumes(
             config.add(name)  # kubelet_py.pod.projected made its files
         elif sources[0] == "emptyDir":
             storage.empty_dir(
-                name, volume["emptyDir"], where=f"{where}.emptyDir", folder=f"{volumes_dir}/{name}"
+                name, volume["emptyDir"], where=f"{where}.emptyDir", folder=f"{VOLUMES_DIR}/{name}"
             )
         else:
             kind = sources[0]
@@ -86,7 +87,7 @@ def pod_volumes(
             config.add(name)
         if name in volumes:
             raise InvalidPodSpec(f"{where}.name", f"volume {name} is defined twice")
-        volumes[name] = f"{volumes_dir}/{name}"
+        volumes[name] = f"{VOLUMES_DIR}/{name}"
     return volumes, frozenset(config)
 
 

@@ -21,9 +21,6 @@ PROBE_FIELDS = {
 }
 """The container fields of probes, and their keys in the probes file."""
 
-PROBES_DIR = "probes"
-"""The pod folder's folder of probes files, one per probed container."""
-
 _TIMING = {
     "initialDelaySeconds": (0, 0),
     "periodSeconds": (10, 1),

@@ -30,7 +30,15 @@ from hpk.images import NATIVE_IMAGE, ImageConfig, InvalidImageReference, normali
 from hpk.templating import render
 from kubelet_py.errors import InvalidPodSpec
 from kubelet_py.errors import expect_object as _mapping
-from kubelet_py.job.termination import HOOK_PATH, READY_FIFO, READY_HOOK, READY_PATH
+from kubelet_py.job.podfolder import (
+    ENV_DIR,
+    HANDSHAKE_FIFO,
+    HANDSHAKE_HOOK,
+    JOB_SCRIPT,
+    PROBES_DIR,
+    SLURM_OUTPUT,
+)
+from kubelet_py.job.termination import HOOK_PATH, READY_PATH
 from kubelet_py.pod.command import check_exec_size, container_argv, written_words
 from kubelet_py.pod.environment import (
     container_environment,
@@ -54,7 +62,7 @@ from kubelet_py.pod.fields import (
 from kubelet_py.pod.flags import ANNOTATION, FIELD, SbatchOption, merge_options, parse_flags
 from kubelet_py.pod.inputs import PodInputs
 from kubelet_py.pod.mounts import container_binds, pod_volumes, volume_dirs
-from kubelet_py.pod.probe_spec import PROBE_FIELDS, PROBES_DIR, probes_file
+from kubelet_py.pod.probe_spec import PROBE_FIELDS, probes_file
 from kubelet_py.pod.resources import container_resources, resource_options
 from kubelet_py.pod.security import NOT_HONOURED, JobUser, check_pod_context, container_identity
 from kubelet_py.pod.storage import ClaimSource, StorageVolumes
@@ -62,10 +70,6 @@ from kubelet_py.pod.storage import ClaimSource, StorageVolumes
 TEMPLATE = "pod.sbatch.j2"
 JOB_NAME_PREFIX = "hpk/"
 """A pod's job is named <prefix><namespace>/<pod name>."""
-JOB_SCRIPT = "job.sh"
-SLURM_OUTPUT = "slurm.out"
-ENV_DIR = "env"
-VOLUMES_DIR = "volumes"
 DEFAULT_WORKING_DIR = "/"
 """Where a container starts without `workingDir`, when its image names no WORKDIR: Docker's
 default (the job's own folder is hpk's, not the pod's)."""
@@ -277,7 +281,7 @@ def render_pod(
         raise InvalidPodSpec(FIELD, "must be a string")
     requested = parse_flags(flags_text, allow_mail=settings.allow_mail_flags)
     storage = StorageVolumes(claims=claims or {})
-    volumes, config_volumes = pod_volumes(spec, storage=storage, volumes_dir=VOLUMES_DIR)
+    volumes, config_volumes = pod_volumes(spec, storage=storage)
     unresolved = sorted(config_volumes - set(inputs.volumes))
     if unresolved:
         raise ValueError(f"volume {unresolved[0]}: its ConfigMap or Secret was not resolved")
@@ -346,9 +350,9 @@ def render_pod(
         main=launches["containers"],
         node_ips=_node_ips(settings, launches["initContainers"] + launches["containers"]),
         handshake={
-            "fifo": READY_FIFO,
+            "fifo": HANDSHAKE_FIFO,
             "fifo_at": READY_PATH,
-            "hook": READY_HOOK,
+            "hook": HANDSHAKE_HOOK,
             "hook_at": HOOK_PATH,
         },
     )

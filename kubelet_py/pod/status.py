@@ -5,9 +5,10 @@ Kubernetes' (phases, conditions, container states) is one pure function that uni
 check case by case. It touches nothing: `pod_status` takes plain data and returns the status
 as the API's JSON shape, and `read_markers` is its only reader, of the pod folder's
 `containers/<name>/` markers (`started`, `exit`, and for restarted containers `restarts`,
-`last` and `backoff`; for probed containers `startup` and `ready`). Containers can write
-there, so markers are read through kubelet_py.job.podfiles: no link is followed, only regular
-files are read, and only their first bytes.
+`last` and `backoff`; for probed containers `startup` and `ready`), which
+kubelet_py.job.podfolder names and parses. Containers can write there, so markers are read
+through kubelet_py.job.podfiles: no link is followed, only regular files are read, and only
+their first bytes.
 
 The job's view is whatever has the attributes of `JobFacts` (the watcher's `JobView` has), so
 this module needs neither the watcher nor the Slurm adapter.
@@ -18,16 +19,19 @@ from __future__ import annotations
 import ipaddress
 import logging
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from kubelet_py.job import podfiles
-from kubelet_py.job.termination import MESSAGE_FILE, TERMINATION_MESSAGE_LIMIT
+from kubelet_py.job.podfolder import ContainerFolder, MalformedMarker, PodFolder, parse_time
+from kubelet_py.job.termination import TERMINATION_MESSAGE_LIMIT
 
 log = logging.getLogger(__name__)
+
+_Read = TypeVar("_Read")
 
 PENDING = "Pending"
 RUNNING = "Running"
@@ -265,81 +269,63 @@ def read_markers(pod_dir: Path) -> dict[str, ContainerMarkers]:
     A missing folder gives no markers; a marker that cannot be read or parsed counts as absent
     (the job script writes them atomically, so that means it was damaged).
     """
-    folder = pod_dir / "containers"
+    pod = PodFolder(pod_dir)
     try:
-        with podfiles.folder(folder, root=pod_dir) as fd, os.scandir(fd) as listing:
+        with podfiles.folder(pod.containers, root=pod_dir) as fd, os.scandir(fd) as listing:
             # Links are no containers' folders: a container may have planted them.
             names = sorted(entry.name for entry in listing if entry.is_dir(follow_symlinks=False))
     except (FileNotFoundError, NotADirectoryError):
         return {}
     except OSError as error:
-        log.warning("cannot list %s: %s", folder, error)
+        log.warning("cannot list %s: %s", pod.containers, error)
         return {}
-    found: dict[str, ContainerMarkers] = {}
-    for name in names:
-        entry = folder / name
-        started_at = _read_time(entry / "started", pod_dir)
-        exit_code, finished_at = _read_exit(entry / "exit", pod_dir)
-        ended = exit_code is not None
-        message = _read_termination(entry / MESSAGE_FILE, pod_dir) if ended else None
-        failed = ended and exit_code != 0 and not message
-        found[name] = ContainerMarkers(
-            termination_message=message,
-            log_tail=_read_log_tail(entry / "log", pod_dir) if failed else None,
-            started_at=started_at,
-            exit_code=exit_code,
-            finished_at=finished_at,
-            restarts=_read_restarts(entry / "restarts", pod_dir),
-            last=_read_last(entry / "last", pod_dir),
-            backoff_seconds=_read_backoff(entry / "backoff", pod_dir),
-            startup_passed=podfiles.is_file(entry / "startup"),
-            probe_ready=podfiles.is_file(entry / "ready"),
-        )
-    return found
+    return {name: _container_markers(pod.container(name)) for name in names}
 
 
-def _read_restarts(path: Path, root: Path) -> int:
-    text = _read_text(path, root)
-    if text is None:
-        return 0
+def _container_markers(folder: ContainerFolder) -> ContainerMarkers:
+    ended = _marker(folder.read_exit, None)
+    message = _read_termination(folder) if ended is not None else None
+    failed = ended is not None and ended.code != 0 and not message
+    return ContainerMarkers(
+        termination_message=message,
+        log_tail=_read_log_tail(folder) if failed else None,
+        started_at=_marker(folder.read_started, None),
+        exit_code=None if ended is None else ended.code,
+        finished_at=None if ended is None else ended.at,
+        restarts=_marker(folder.read_restarts, 0),
+        last=_last_run(folder),
+        backoff_seconds=_marker(folder.read_backoff, None),
+        startup_passed=folder.startup_passed(),
+        probe_ready=folder.probe_ready(),
+    )
+
+
+def _last_run(folder: ContainerFolder) -> ContainerMarkers | None:
+    """The run before the current one (`last`), once the container has restarted."""
+    last = _marker(folder.read_last, None)
+    if last is None:
+        return None
+    return ContainerMarkers(
+        started_at=last.started_at, exit_code=last.code, finished_at=last.finished_at
+    )
+
+
+def _marker(read: Callable[[], _Read], absent: _Read) -> _Read:
+    """What `read` gives, or `absent` for a marker that cannot be read or parsed (logged)."""
     try:
-        return max(0, int(text))
-    except ValueError:
-        log.warning("%s holds no count: %r", path, text[:80])
-        return 0
+        return read()
+    except MalformedMarker as error:
+        log.warning("%s", error)
+    except OSError as error:
+        log.warning("cannot read a marker: %s", error)
+    return absent
 
 
-def _read_last(path: Path, root: Path) -> ContainerMarkers | None:
-    """The `last` file: "<exit code> <started> <finished>" of the run before the current."""
-    text = _read_text(path, root)
-    if text is None:
-        return None
-    words = text.split()
-    try:
-        code = int(words[0])
-    except (IndexError, ValueError):
-        log.warning("%s holds no exit code: %r", path, text[:80])
-        return None
-    times = [parse_marker_time(word) for word in words[1:3]] + [None, None]
-    return ContainerMarkers(started_at=times[0], exit_code=code, finished_at=times[1])
-
-
-def _read_backoff(path: Path, root: Path) -> float | None:
-    """The `backoff` file: "<seconds> <until>"; present while the container waits."""
-    text = _read_text(path, root)
-    if text is None:
-        return None
-    try:
-        return float(text.split()[0])
-    except (IndexError, ValueError):
-        log.warning("%s holds no back-off: %r", path, text[:80])
-        return None
-
-
-def _read_termination(path: Path, root: Path) -> str | None:
+def _read_termination(folder: ContainerFolder) -> str | None:
     """A container's termination message: at most Kubernetes' 4096 bytes of the file."""
+    path = folder.termination_log
     try:
-        text = podfiles.read_text(path, root=root, limit=TERMINATION_MESSAGE_LIMIT)
+        text = podfiles.read_text(path, root=folder.root, limit=TERMINATION_MESSAGE_LIMIT)
     except FileNotFoundError:
         return None
     except OSError as error:
@@ -348,11 +334,12 @@ def _read_termination(path: Path, root: Path) -> str | None:
     return text or None
 
 
-def _read_log_tail(path: Path, root: Path) -> str | None:
+def _read_log_tail(folder: ContainerFolder) -> str | None:
     """The last lines of a container's log as Kubernetes' fallback takes them (at most 80
     lines and 2048 bytes), without the launcher's time and stream words."""
+    path = folder.log
     try:
-        with podfiles.open_file(path, root=root) as handle:
+        with podfiles.open_file(path, root=folder.root) as handle:
             size = handle.seek(0, os.SEEK_END)
             # Each logged line carries about 40 bytes of time and stream words.
             handle.seek(max(0, size - 16 * LOG_FALLBACK_BYTES))
@@ -368,61 +355,6 @@ def _read_log_tail(path: Path, root: Path) -> str | None:
     texts = [line.split(" ", 2)[2] if line.count(" ") >= 2 else "" for line in lines]
     tail = "\n".join(texts[-LOG_FALLBACK_LINES:]).encode()[-LOG_FALLBACK_BYTES:]
     return tail.decode("utf-8", "ignore") or None
-
-
-def _read_text(path: Path, root: Path) -> str | None:
-    """A marker's text; None when it is missing, refused (a link, not a regular file) or
-    unreadable."""
-    try:
-        return podfiles.read_text(path, root=root).strip()
-    except FileNotFoundError:
-        return None
-    except OSError as error:
-        log.warning("cannot read %s: %s", path, error)
-        return None
-
-
-def parse_marker_time(text: str) -> datetime | None:
-    """An RFC 3339 time as the job script writes it ("T" or a space, up to nanoseconds)."""
-    text = text.strip()
-    if not text:
-        return None
-    try:
-        moment = datetime.fromisoformat(text)
-    except ValueError:
-        return None
-    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
-
-
-def _read_time(path: Path, root: Path) -> datetime | None:
-    try:
-        text = podfiles.read_text(path, root=root)
-    except FileNotFoundError:
-        return None
-    except OSError as error:
-        log.warning("cannot read %s: %s", path, error)
-        return None
-    moment = parse_marker_time(text)
-    if moment is None:
-        log.warning("%s holds no RFC 3339 time: %r", path, text[:80])
-    return moment
-
-
-def _read_exit(path: Path, root: Path) -> tuple[int | None, datetime | None]:
-    try:
-        text = podfiles.read_text(path, root=root)
-    except FileNotFoundError:
-        return None, None
-    except OSError as error:
-        log.warning("cannot read %s: %s", path, error)
-        return None, None
-    code_text, _, time_text = text.strip().partition(" ")
-    try:
-        code = int(code_text)
-    except ValueError:
-        log.warning("%s holds no exit code: %r", path, text[:80])
-        return None, None
-    return code, parse_marker_time(time_text)
 
 
 def probed_readiness(container: Mapping[str, Any], marker: ContainerMarkers) -> tuple[bool, bool]:
@@ -796,7 +728,7 @@ def _time(moment: datetime | None) -> str | None:
 
 
 def _parse(text: str | None) -> datetime | None:
-    return parse_marker_time(text) if text else None
+    return parse_time(text) if text else None
 
 
 def _camel(state: str) -> str:

@@ -27,6 +27,7 @@ from urllib.parse import quote
 from hpk.apptainer import bind_path_problem
 from kubelet_py.errors import InvalidPodSpec
 from kubelet_py.errors import expect_object as _mapping
+from kubelet_py.job.podfolder import STORAGE_FAILURE, VOLUMES_DIR
 from kubelet_py.pod.inputs import MissingReference, ObjectLookup
 from kubelet_py.pod.resources import parse_quantity
 
@@ -53,9 +54,6 @@ are a per-job folder below it."""
 SIZE_CHECK_INTERVAL_S = 5
 """How often the job measures the emptyDirs that have a sizeLimit."""
 
-FAILURE_FILE = "storage-failure"
-"""The job's marker, in the pod folder, of a pod its storage failed: the reason on the first
-line, the message on the second."""
 
 FAILED_MOUNT = "FailedMount"
 """The pod's reason when a hostPath (or a claim's volume) fails its type check."""
@@ -124,11 +122,11 @@ class StoragePlan:
     limits: tuple[SizeLimit, ...] = ()
     shm_dir: str = SHM_DIR
     interval_s: int = SIZE_CHECK_INTERVAL_S
-    failure_file: str = FAILURE_FILE
+    failure_file: str = STORAGE_FAILURE
     failed_mount: str = FAILED_MOUNT
     evicted: str = EVICTED
-    volumes_dir: str = "volumes"
-    """The pod folder's folder of volumes (render.VOLUMES_DIR), where the memory links go."""
+    volumes_dir: str = VOLUMES_DIR
+    """The pod folder's folder of volumes, where the memory links go."""
 
     @property
     def active(self) -> bool:
@@ -298,7 +296,7 @@ def _claim_source(volume: Mapping[str, Any], *, where: str) -> ClaimSource:
 def read_failure(pod_dir: Path) -> tuple[str, str] | None:
     """(reason, message) the job wrote when the pod's storage failed it; None when it did not."""
     try:
-        text = (pod_dir / FAILURE_FILE).read_text(errors="replace")
+        text = (pod_dir / STORAGE_FAILURE).read_text(errors="replace")
     except (FileNotFoundError, NotADirectoryError):
         return None
     reason, _, message = text.partition("\n")

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from hpk.testbed.bed import Testbed
-from kubelet_py.pod.status import parse_marker_time
+from kubelet_py.job.podfolder import parse_time
 from tests.e2e.kube import PodCluster, eventually, pod_cluster
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(240)]
@@ -134,7 +134,7 @@ def test_a_readiness_probe_makes_the_pod_ready_once_it_passes(
     folder = cluster.folder(name) / "containers" / "main"
     # Ready only once the server answered (the file existed), 3 s after the start: the probe,
     # not the start, made it ready.
-    started = parse_marker_time((folder / "started").read_text().strip())
+    started = parse_time((folder / "started").read_text().strip())
     assert started is not None
     became_ready = (folder / "ready").stat().st_mtime
     assert became_ready - started.timestamp() >= 3, (started, became_ready)

@@ -17,7 +17,7 @@ import pytest
 
 from hpk.testbed.bed import Testbed
 from hpk.toolchain import Toolchain
-from kubelet_py.pod.status import parse_marker_time
+from kubelet_py.job.podfolder import parse_time
 from tests.e2e.kube import PodCluster, eventually, pod_cluster
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(240)]
@@ -180,7 +180,7 @@ def test_a_sidecar_runs_beside_the_container_and_is_stopped_after_it(
 
     def marker_time(container: str, name: str) -> Any:
         text = (containers / container / name).read_text().split()[-1]
-        return parse_marker_time(text)
+        return parse_time(text)
 
     # The sidecar started before main, was running while main ran, and ended after it.
     assert marker_time("proxy", "started") < marker_time("main", "started")

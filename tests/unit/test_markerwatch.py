@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from kubelet_py.job.podfiles import write_marker
+from kubelet_py.job.podfolder import write_marker
 from kubelet_py.loops.events import PodWarnings
 from kubelet_py.loops.markerwatch import WATCH_FAILED, MarkerWatch, MarkerWatchSettings, signature
 

@@ -1,5 +1,5 @@
-"""The provider's own files in a pod folder (`uid`, `job-id`, `job.sh`, the configMap and
-secret volumes): a container can put links there, and none is ever followed."""
+"""The provider's configMap and secret volumes in a pod folder: a container can put links
+there, and none is ever followed (`uid` and `job-id`: test_podfolder.py)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from kubelet_py.pod.inputs import PodInputs, VolumeFile
-from kubelet_py.provider import _read, _write, _write_volumes
+from kubelet_py.provider import _write_volumes
 
 
 @pytest.fixture
@@ -29,22 +29,6 @@ def pod(tmp_path: Path) -> Path:
 
 def inputs(**volumes: tuple[VolumeFile, ...]) -> PodInputs:
     return PodInputs(volumes=volumes)
-
-
-def test_a_linked_uid_file_counts_as_absent(pod: Path, key: Path) -> None:
-    (pod / "uid").symlink_to(key)
-    assert _read(pod / "uid") is None
-    (pod / "job-id").write_text("42\n")
-    assert _read(pod / "job-id") == "42"
-
-
-def test_a_write_replaces_a_link_and_leaves_its_target(pod: Path, key: Path) -> None:
-    (pod / "job-id").symlink_to(key)
-    _write(pod / "job-id", "7\n", 0o600)
-    assert key.read_text() == "PRIVATE KEY\n"
-    assert not (pod / "job-id").is_symlink()
-    assert (pod / "job-id").read_text() == "7\n"
-    assert stat.S_IMODE((pod / "job-id").stat().st_mode) == 0o600
 
 
 def test_a_volume_replaced_by_a_link_is_written_afresh_beside_its_target(

@@ -21,7 +21,8 @@ import pytest
 
 from hpk.images import ImageConfig
 from kubelet_py.errors import InvalidPodSpec
-from kubelet_py.job.termination import HOOK_PATH, READY_FIFO, READY_HOOK, READY_PATH
+from kubelet_py.job.podfolder import HANDSHAKE_FIFO, HANDSHAKE_HOOK
+from kubelet_py.job.termination import HOOK_PATH, READY_PATH
 from kubelet_py.pod.flags import InvalidSbatchFlags
 from kubelet_py.pod.inputs import PodInputs, VolumeFile
 from kubelet_py.pod.render import (
@@ -291,8 +292,8 @@ def test_apptainer_options_for_each_container() -> None:
     # Its own /tmp and /var/tmp, and the termination handshake (kubelet_py.job.termination).
     assert options[12:14] == ["--workdir", "$scratch/command-and-args"]
     assert [options[14], options[16]] == ["--bind", "--bind"]
-    assert options[15].endswith(f"/{READY_FIFO}:{READY_PATH}")
-    assert options[17].endswith(f"/{READY_HOOK}:{HOOK_PATH}:ro")
+    assert options[15].endswith(f"/{HANDSHAKE_FIFO}:{READY_PATH}")
+    assert options[17].endswith(f"/{HANDSHAKE_HOOK}:{HOOK_PATH}:ro")
     assert argv["neither"][argv["neither"].index("--pwd") + 1] == "/"
 
 

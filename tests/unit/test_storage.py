@@ -18,11 +18,11 @@ from typing import Any
 import pytest
 
 from kubelet_py.errors import InvalidPodSpec
+from kubelet_py.job.podfolder import STORAGE_FAILURE
 from kubelet_py.job.termination import HOOK_PATH, READY_PATH
 from kubelet_py.pod.inputs import MissingReference
 from kubelet_py.pod.render import RenderSettings, render_pod
 from kubelet_py.pod.storage import (
-    FAILURE_FILE,
     HOST_PATH_TYPES,
     ClaimNotBound,
     ClaimSource,
@@ -452,7 +452,7 @@ def test_with_claims_asks_the_api_for_claims_and_volumes_only() -> None:
 
 
 def test_failure_marker_names_the_pods_reason_once_it_failed(tmp_path: Path) -> None:
-    (tmp_path / FAILURE_FILE).write_text('FailedMount\nvolume "x": hostPath ...\n')
+    (tmp_path / STORAGE_FAILURE).write_text('FailedMount\nvolume "x": hostPath ...\n')
     failure = read_failure(tmp_path)
     assert failure == ("FailedMount", 'volume "x": hostPath ...')
     failed = with_failure({"phase": "Failed", "message": "Slurm job 3 failed"}, failure)
@@ -489,7 +489,7 @@ def test_provider_waits_for_the_claim_then_binds_its_volume(tmp_path: Path) -> N
 def test_provider_reports_the_jobs_storage_failure(tmp_path: Path) -> None:
     bed = Bed(tmp_path)
     job_id = bed.provider.create_pod(make_pod(), partition="batch")
-    (bed.folder() / FAILURE_FILE).write_text('FailedMount\nvolume "v": hostPath "/x" ...\n')
+    (bed.folder() / STORAGE_FAILURE).write_text('FailedMount\nvolume "v": hostPath "/x" ...\n')
     bed.watcher.views[job_id] = job_view(job_id, "RUNNING")
     status = bed.provider.get_pod_status("default", "web") or {}
     assert status["phase"] == "Running" and "reason" not in status

@@ -7,19 +7,14 @@ from __future__ import annotations
 import subprocess
 from pathlib import Path, PurePosixPath
 
-from kubelet_py.job.probes import READY_MARKER, STARTUP_MARKER
-from kubelet_py.job.termination import (
-    MESSAGE_FILE,
-    READY_FIFO,
-    READY_HOOK,
-    TERMINATION_MESSAGE_LIMIT,
-    Termination,
-)
+from kubelet_py.job.podfolder import HANDSHAKE_FIFO, HANDSHAKE_HOOK, TERMINATION_LOG
+from kubelet_py.job.termination import TERMINATION_MESSAGE_LIMIT, Termination
 
 
 def container(folder: Path, script: str) -> subprocess.Popen[bytes]:
     # The hook's own words, then the container's command.
-    hook = (folder / READY_HOOK).read_text().replace("/.hpk-ready", str(folder / READY_FIFO))
+    hook = (folder / HANDSHAKE_HOOK).read_text()
+    hook = hook.replace("/.hpk-ready", str(folder / HANDSHAKE_FIFO))
     return subprocess.Popen(["sh", "-c", hook + script])
 
 
@@ -41,7 +36,7 @@ def test_the_message_outlives_the_run_and_reaches_the_container_folder(tmp_path:
     script = f"test -w {path} && printf 'done: 42\\n' >{path}"
     termination = run(tmp_path, script, path)
     assert termination.problem is None
-    assert (tmp_path / "c" / MESSAGE_FILE).read_text() == "done: 42\n"
+    assert (tmp_path / "c" / TERMINATION_LOG).read_text() == "done: 42\n"
     assert (Path(path).stat().st_mode & 0o777) == 0o666  # any user of the container may write
 
 
@@ -49,10 +44,10 @@ def test_a_long_message_is_cut_and_a_new_run_starts_without_one(tmp_path: Path) 
     (tmp_path / "dev").mkdir()
     path = PurePosixPath(tmp_path / "dev" / "log")
     run(tmp_path, f"head -c 10000 /dev/zero | tr '\\0' x >{path}", path)
-    assert len((tmp_path / "c" / MESSAGE_FILE).read_bytes()) == TERMINATION_MESSAGE_LIMIT
+    assert len((tmp_path / "c" / TERMINATION_LOG).read_bytes()) == TERMINATION_MESSAGE_LIMIT
     Path(path).unlink()
     run(tmp_path, "true", path)
-    assert not (tmp_path / "c" / MESSAGE_FILE).exists()
+    assert not (tmp_path / "c" / TERMINATION_LOG).exists()
 
 
 def test_a_link_in_the_path_is_refused_and_the_container_still_runs(tmp_path: Path) -> None:
@@ -64,7 +59,7 @@ def test_a_link_in_the_path_is_refused_and_the_container_still_runs(tmp_path: Pa
     path = PurePosixPath(tmp_path / "image" / "dev" / "ca.key")
     termination = run(tmp_path, "true", path)
     assert termination.problem is not None
-    assert not (tmp_path / "c" / MESSAGE_FILE).exists()
+    assert not (tmp_path / "c" / TERMINATION_LOG).exists()
     assert (secret / "ca.key").read_text() == "private"
 
 
@@ -73,7 +68,7 @@ def test_a_message_replaced_by_a_link_is_not_read(tmp_path: Path) -> None:
     (tmp_path / "key").write_text("private")
     path = PurePosixPath(tmp_path / "dev" / "termination-log")
     run(tmp_path, f"rm {path} && ln -s {tmp_path / 'key'} {path}", path)
-    assert not (tmp_path / "c" / MESSAGE_FILE).exists()
+    assert not (tmp_path / "c" / TERMINATION_LOG).exists()
 
 
 def test_a_command_that_never_runs_the_hook_loses_only_its_message(tmp_path: Path) -> None:
@@ -86,13 +81,3 @@ def test_a_command_that_never_runs_the_hook_loses_only_its_message(tmp_path: Pat
     assert child.wait(timeout=10) == 3
     assert termination.collect() is None
     assert termination.problem is None  # nothing was tried: the run ended first
-
-
-def test_the_handshake_files_are_no_other_files_of_the_container_folder() -> None:
-    # A readiness probe removes its `ready` marker while the container is not ready: a
-    # handshake file of that name would vanish before Apptainer mounts it.
-    others = {
-        READY_MARKER, STARTUP_MARKER, "started", "exit", "log", "log.previous", "last",
-        "restarts", "backoff", MESSAGE_FILE,
-    }  # fmt: skip
-    assert {READY_FIFO, READY_HOOK}.isdisjoint(others)
