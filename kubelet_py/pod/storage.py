@@ -27,6 +27,7 @@ from urllib.parse import quote
 from hpk.apptainer import bind_path_problem
 from kubelet_py.errors import InvalidPodSpec
 from kubelet_py.errors import expect_object as _mapping
+from kubelet_py.job import podfiles
 from kubelet_py.job.podfolder import STORAGE_FAILURE, VOLUMES_DIR
 from kubelet_py.pod.inputs import MissingReference, ObjectLookup
 from kubelet_py.pod.resources import parse_quantity
@@ -294,10 +295,11 @@ def _claim_source(volume: Mapping[str, Any], *, where: str) -> ClaimSource:
 
 
 def read_failure(pod_dir: Path) -> tuple[str, str] | None:
-    """(reason, message) the job wrote when the pod's storage failed it; None when it did not."""
-    try:
-        text = (pod_dir / STORAGE_FAILURE).read_text(errors="replace")
-    except (FileNotFoundError, NotADirectoryError):
+    """(reason, message) the job wrote when the pod's storage failed it; None when it did not.
+
+    Read without following a link: the pod folder is writable from its containers."""
+    text = podfiles.read_marker(pod_dir / STORAGE_FAILURE, root=pod_dir)
+    if text is None:
         return None
     reason, _, message = text.partition("\n")
     return (reason.strip() or FAILED_MOUNT), message.strip()

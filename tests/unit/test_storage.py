@@ -268,6 +268,18 @@ def test_host_path_type_is_checked_on_the_node(
         assert not (tmp_path / "binds").exists(), "a container started"
 
 
+def test_a_link_planted_as_the_failure_file_is_not_read(tmp_path: Path) -> None:
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.write_text("FailedMount\nread through a link\n")
+    pod_dir = tmp_path / "pod"
+    pod_dir.mkdir()
+    (pod_dir / STORAGE_FAILURE).symlink_to(elsewhere)
+    assert read_failure(pod_dir) is None
+    (pod_dir / STORAGE_FAILURE).unlink()
+    (pod_dir / STORAGE_FAILURE).write_text("FailedMount\nthe real one\n")
+    assert read_failure(pod_dir) == ("FailedMount", "the real one")
+
+
 def test_char_device_passes_its_check(tmp_path: Path) -> None:
     the_pod = pod(
         [{"name": "null", "hostPath": {"path": "/dev/null", "type": "CharDevice"}}],
