@@ -20,9 +20,9 @@ DOC = ROOT / "docs" / "kubelet.md"
 SLURM_COMMANDS = frozenset({"sbatch", "squeue", "sacct", "scancel", "sinfo", "scontrol", "srun"})
 SLURM_ADAPTER = "kubelet_py/adapters/slurm.py"
 API_ADAPTER = "kubelet_py.adapters.apiserver"
-# Where Slurm's commands may be named besides the adapter: the job script runs `srun` for an
-# MPI container (it is rendered, not run, by the kubelet), and root's own test bed.
-SLURM_EXEMPT = ("kubelet_py/pod/render.py", "hpk/testbed/")
+# Where Slurm's commands may be named besides the adapter: root's own test bed. (The job
+# script's `srun` is in its template, which the kubelet renders and never runs.)
+SLURM_EXEMPT = ("hpk/testbed/",)
 
 
 @dataclass(frozen=True)
