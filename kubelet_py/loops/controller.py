@@ -24,7 +24,8 @@ backoff, handled by several workers, never two at once for the same pod, and:
 Pods are keyed `namespace/name`, deletions `namespace/name/uid` (a new pod of the same name
 is another pod); both keys of a name share one lock in the queue. The orphan sweep has its
 own key. It talks to the API server through kubelet_py.adapters.apiserver and to Slurm only through
-the provider.
+the provider, as a kubelet_py.provider.PodLifecycleHandler: what it catches from it are the
+backend-neutral errors of kubelet_py.errors.
 """
 
 from __future__ import annotations
@@ -48,13 +49,17 @@ from kubelet_py.adapters.apiserver import (
     WatchEvent,
     pod_path,
 )
-from kubelet_py.adapters.slurm import SlurmError, SubmissionFailed
-from kubelet_py.errors import InvalidPodSpec
+from kubelet_py.errors import (
+    BackendError,
+    ImageNotResolved,
+    InvalidPodSpec,
+    MissingReference,
+    SubmissionRefused,
+)
 from kubelet_py.loops.events import EventRecorder
 from kubelet_py.loops.workqueue import WorkQueue, run_workers
-from kubelet_py.pod.inputs import MissingReference
-from kubelet_py.pod.render import DEFAULT_GRACE_SECONDS, ImageNotResolved
-from kubelet_py.provider import JOB_ID_ANNOTATION, SlurmProvider, pod_key
+from kubelet_py.pod.render import DEFAULT_GRACE_SECONDS
+from kubelet_py.provider import JOB_ID_ANNOTATION, PodLifecycleHandler, pod_key
 
 log = logging.getLogger(__name__)
 
@@ -136,7 +141,7 @@ class PodController:
     def __init__(
         self,
         api: PodApi,
-        provider: SlurmProvider,
+        provider: PodLifecycleHandler,
         *,
         partition_of: Callable[[str], str | None],
         settings: ControllerSettings | None = None,
@@ -235,7 +240,7 @@ class PodController:
                 self._handle_key(key)
                 with self._lock:
                     self._failures.pop(key, None)
-            except (ApiError, ApiUnavailable, SlurmError) as error:
+            except (ApiError, ApiUnavailable, BackendError) as error:
                 self._retry(key, f"{type(error).__name__}: {error}")
             except MissingReference as missing:
                 self._retry(key, str(missing))
@@ -284,7 +289,7 @@ class PodController:
             node = str((pod.get("spec") or {}).get("nodeName") or "")
             try:
                 job_id = self.provider.create_pod(pod, partition=self.partition_of(node))
-            except (InvalidPodSpec, ImageNotResolved, SubmissionFailed) as error:
+            except (InvalidPodSpec, ImageNotResolved, SubmissionRefused) as error:
                 self._warn(pod, key)  # a refused job-id annotation, say
                 self._fail(key, pod, error)
                 return
@@ -320,8 +325,8 @@ class PodController:
         except (
             InvalidPodSpec,
             ImageNotResolved,
-            SubmissionFailed,
-            SlurmError,
+            SubmissionRefused,
+            BackendError,
             MissingReference,
             ApiError,  # looking up its ConfigMaps and Secrets
             ApiUnavailable,
@@ -345,7 +350,7 @@ class PodController:
         """A pod started before binding was not bound: cancel its job and forget it."""
         try:
             self.provider.delete_pod(pod, kill=True)
-        except SlurmError as error:  # the orphan sweep of the next full list catches it
+        except BackendError as error:  # the orphan sweep of the next full list catches it
             log.warning("%s: cancelling the job of an unbound pod failed: %s", pod_key(pod), error)
         self.provider.forget(pod)
 

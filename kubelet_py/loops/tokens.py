@@ -37,9 +37,9 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from kubelet_py.adapters.apiserver import ApiError, ApiUnavailable, NotFound
+from kubelet_py.errors import MissingReference
 from kubelet_py.job import podfiles
 from kubelet_py.loops.events import EventSink, PodWarnings
-from kubelet_py.pod.inputs import MissingReference
 from kubelet_py.pod.projected import TokenSource
 from kubelet_py.pod.render import VOLUMES_DIR
 

@@ -33,7 +33,7 @@ from types import MappingProxyType
 from hpk.apptainer import bind_path_problem
 from hpk.images import NATIVE_IMAGE, ImageConfig, InvalidImageReference, normalize_reference
 from hpk.templating import render
-from kubelet_py.errors import InvalidPodSpec
+from kubelet_py.errors import ImageNotResolved, InvalidPodSpec
 from kubelet_py.errors import expect_object as _mapping
 from kubelet_py.job.termination import HOOK_PATH, READY_FIFO, READY_HOOK, READY_PATH
 from kubelet_py.pod.flags import ANNOTATION, FIELD, SbatchOption, merge_options, parse_flags
@@ -178,16 +178,6 @@ _FIELD_PATHS: Mapping[str, tuple[str, str]] = MappingProxyType(
 )
 _NODE_IP_PATHS = frozenset({"status.podIP", "status.hostIP"})
 _RESOURCE_FIELDS = frozenset({"limits.cpu", "limits.memory", "requests.cpu", "requests.memory"})
-
-
-class ImageNotResolved(LookupError):
-    """The settings name no SIF file for a container's image: the caller resolves images."""
-
-    def __init__(self, reference: str, known: Sequence[str]) -> None:
-        super().__init__(
-            f"no SIF file given for image {reference}; given: {', '.join(known) or 'none'}"
-        )
-        self.reference = reference
 
 
 @dataclass(frozen=True)

@@ -11,9 +11,9 @@ from typing import Any
 
 import pytest
 
-from kubelet_py.errors import InvalidPodSpec
+from kubelet_py.errors import InvalidPodSpec, MissingReference
 from kubelet_py.pod import projected
-from kubelet_py.pod.inputs import MissingReference, PodInputs, VolumeFile, resolve
+from kubelet_py.pod.inputs import PodInputs, VolumeFile, resolve
 from kubelet_py.pod.projected import TokenSource, format_map, token_sources, with_tokens
 from kubelet_py.pod.render import RenderSettings, render_pod
 

@@ -17,9 +17,8 @@ from typing import Any
 
 import pytest
 
-from kubelet_py.errors import InvalidPodSpec
+from kubelet_py.errors import InvalidPodSpec, MissingReference
 from kubelet_py.job.termination import HOOK_PATH, READY_PATH
-from kubelet_py.pod.inputs import MissingReference
 from kubelet_py.pod.render import RenderSettings, render_pod
 from kubelet_py.pod.storage import (
     FAILURE_FILE,
