@@ -31,7 +31,6 @@ backend-neutral errors of kubelet_py.errors.
 from __future__ import annotations
 
 import contextlib
-import datetime as dt
 import logging
 import threading
 import time
@@ -597,7 +596,3 @@ def grace_period_s(pod: Mapping[str, Any]) -> int:
         if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
             return value
     return DEFAULT_GRACE_SECONDS
-
-
-def _utcnow() -> dt.datetime:
-    return dt.datetime.now(dt.UTC)

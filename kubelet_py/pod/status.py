@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from kubelet_py.job import podfiles
+from kubelet_py.job.clock import api_time
 from kubelet_py.job.termination import MESSAGE_FILE, TERMINATION_MESSAGE_LIMIT
 
 log = logging.getLogger(__name__)
@@ -790,9 +791,7 @@ def _host_ip(job: JobFacts, node_addresses: Mapping[str, str]) -> str | None:
 
 
 def _time(moment: datetime | None) -> str | None:
-    if moment is None:
-        return None
-    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return None if moment is None else api_time(moment)
 
 
 def _parse(text: str | None) -> datetime | None:
