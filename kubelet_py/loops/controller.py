@@ -224,6 +224,12 @@ class PodController:
     def stop(self) -> None:
         self._queue.wake()
 
+    def wait_idle(self, timeout_s: float) -> bool:
+        """Wait until every pod, deletion and sweep due so far has been handled and no worker
+        is busy (a retry or a grace period that runs out later does not count); False after
+        `timeout_s`. Only then can a caller tell that what it offered changed nothing."""
+        return self._queue.wait_idle(timeout_s)
+
     @property
     def lists_seen(self) -> int:
         """How many full lists of the pods the controller was told of."""
