@@ -1,5 +1,5 @@
 """The pod controller with its real SlurmProvider over a fake Slurm and a fake job watcher
-(tests.unit.test_provider), a fake API server and a fake clock for grace periods.
+(tests.unit.fakes), a fake API server and a fake clock for grace periods.
 
 The workers run on real threads, as in the kubelet; each test waits for what a user would
 see through the API: a submission, an annotation, a status, an Event, a deletion.
@@ -10,122 +10,29 @@ from __future__ import annotations
 import itertools
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from hpk.images import import_image
-from kubelet_py.adapters.apiserver import ApiUnavailable, ListWatch, NotFound, WatchEvent, pod_path
+from kubelet_py.adapters.apiserver import ListWatch, WatchEvent, pod_path
 from kubelet_py.loops.controller import (
     ControllerSettings,
-    PodController,
     grace_period_s,
     retry_delay,
 )
 from kubelet_py.provider import JOB_ID_ANNOTATION
-from tests.unit.image_fakes import sif_bytes
-from tests.unit.test_provider import Bed, job_view, make_pod
+from tests.unit.fakes import SlurmKit as Kit
+from tests.unit.fakes import make_pod, sif_bytes, until
 
 pytestmark = pytest.mark.timeout(30)
-
-
-class FakeApi:
-    """The PodApi seam: records every call; `failures[name]` calls of a method fail first."""
-
-    def __init__(self) -> None:
-        self.calls: list[tuple[Any, ...]] = []
-        self.failures: dict[str, int] = {}
-        self.attempts: dict[str, list[float]] = {}
-        self.objects: dict[str, dict[str, Any]] = {}
-        """What GET finds, by path; anything else is NotFound."""
-        self._lock = threading.Lock()
-
-    def _call(self, name: str, *args: Any) -> dict[str, Any]:
-        with self._lock:
-            self.attempts.setdefault(name, []).append(time.monotonic())
-            if self.failures.get(name, 0) > 0:
-                self.failures[name] -= 1
-                raise ApiUnavailable(f"{name}: connection refused")
-            self.calls.append((name, *args))
-        return {}
-
-    def request(self, method: str, path: str, *, body: Mapping[str, Any] | None = None) -> Any:
-        self._call("request", method, path, dict(body or {}))
-        if method == "GET":
-            if path not in self.objects:
-                raise NotFound(404, f"{path} not found")
-            return self.objects[path]
-        return {}
-
-    def merge_patch(self, path: str, patch: Mapping[str, Any]) -> Any:
-        return self._call("merge_patch", path, dict(patch))
-
-    def patch_pod_status(self, *, namespace: str, name: str, patch: Mapping[str, Any]) -> Any:
-        return self._call("status", f"{namespace}/{name}", dict(patch["status"]))
-
-    def create_event(self, namespace: str, event: Mapping[str, Any]) -> Any:
-        return self._call("event", event["involvedObject"]["name"], event["type"], event["reason"])
-
-    def of(self, name: str) -> list[tuple[Any, ...]]:
-        with self._lock:
-            return [call[1:] for call in self.calls if call[0] == name]
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-class Kit:
-    def __init__(self, root: Path, *, workers: int = 4) -> None:
-        self.bed = Bed(root)
-        self.api = FakeApi()
-        self.clock = Clock()
-        self.controller = PodController(
-            self.api,
-            self.bed.provider,
-            partition_of=lambda node: "batch" if node == "hpk-batch" else None,
-            settings=ControllerSettings(workers=workers, retry_initial_s=0.05, retry_max_s=0.2),
-            clock=self.clock,
-        )
-
-    @contextmanager
-    def running(self) -> Iterator[None]:
-        stop = threading.Event()
-        thread = threading.Thread(target=self.controller.work, args=(stop,), daemon=True)
-        thread.start()
-        try:
-            yield
-        finally:
-            stop.set()
-            self.controller.stop()
-            thread.join(5)
-
-    def notify(self, key: str, job_id: str, state: str, *, final: bool = False) -> None:
-        view = job_view(job_id, state, final=final)
-        self.bed.watcher.views[job_id] = view
-        self.bed.provider.job_changed(key, view)
 
 
 @pytest.fixture
 def kit(tmp_path: Path) -> Kit:
     return Kit(tmp_path)
-
-
-def until(what: str, probe: Callable[[], Any], timeout: float = 5.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        found = probe()
-        if found:
-            return found
-        time.sleep(0.01)
-    pytest.fail(f"{what} did not happen within {timeout} s")
 
 
 def settle() -> None:
@@ -510,7 +417,9 @@ def test_adoption_uses_the_pod_folder_when_the_annotation_was_lost(kit: Kit) -> 
 # -- starting before the binding ----------------------------------------------------------
 
 
-def test_a_pod_started_before_its_binding_is_not_submitted_or_annotated_again(kit: Kit) -> None:
+def test_a_pod_started_before_its_binding_is_not_submitted_or_annotated_again(
+    kit: Kit,
+) -> None:
     pod = make_pod()
     annotations = kit.controller.start_before_binding(pod, partition="batch")
     job_id = str(kit.bed.provider.job_id("default/web"))
@@ -524,7 +433,9 @@ def test_a_pod_started_before_its_binding_is_not_submitted_or_annotated_again(ki
     assert kit.api.of("merge_patch") == [], "the binding carried the annotation"
 
 
-def test_a_pod_that_cannot_start_before_its_binding_is_left_to_the_controller(kit: Kit) -> None:
+def test_a_pod_that_cannot_start_before_its_binding_is_left_to_the_controller(
+    kit: Kit,
+) -> None:
     kit.bed.slurm.unavailable = True
     assert kit.controller.start_before_binding(make_pod(), partition="batch") == {}
     kit.bed.slurm.unavailable = False

@@ -23,8 +23,7 @@ from kubelet_py.pod.inputs import (
     resolve,
 )
 from kubelet_py.pod.render import render_pod
-from tests.unit.test_provider import Bed, make_pod
-from tests.unit.test_render import READ_BACK, busybox, launches, pod, settings
+from tests.unit.fakes import READ_BACK, Bed, busybox, launches, make_pod, pod, settings
 
 TRICKY = 'it\'s "q" $HOME $(A) `id` {"j": [1]}\nline two ✓ 🚀'
 

@@ -2,7 +2,7 @@
 (threads and the cache's file lock), and what a pod waits with while an image is pulled or
 cannot be, with the back-off between tries.
 
-`apptainer pull` is faked at the command-runner seam (tests.unit.image_fakes.FakeRegistry);
+`apptainer pull` is faked at the command-runner seam (tests.unit.fakes.FakeRegistry);
 the real pull of an unreachable registry runs in tests/e2e/test_pod_images.py.
 """
 
@@ -38,7 +38,7 @@ from kubelet_py.loops.pulls import (
     pull_policy,
 )
 from kubelet_py.main import parse_args
-from tests.unit.image_fakes import FakeRegistry, sif_bytes
+from tests.unit.fakes import FakeRegistry, sif_bytes
 
 BUSYBOX = "docker.io/library/busybox:latest"
 PY = "docker.io/library/python:3.11"

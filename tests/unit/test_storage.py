@@ -30,7 +30,7 @@ from kubelet_py.pod.storage import (
     with_claims,
     with_failure,
 )
-from tests.unit.test_provider import Bed, job_view, make_pod
+from tests.unit.fakes import Bed, job_view, make_pod
 
 BUSYBOX = "docker.io/library/busybox:latest"
 GOLDEN = Path(__file__).parent / "golden"
