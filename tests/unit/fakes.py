@@ -500,7 +500,7 @@ class FakeProvider:
     before the controller sees it (as after a restart), and failures are scripted:
     `refuse[key]` is raised by every `create_pod` of that pod while it is set, `down` by
     every call that would reach the backend, and `before_submit(key)` runs before each
-    submission. What the controller asked is recorded (`attempts`, `signals`, `sweeps`).
+    submission. What the controller asked is recorded (`asked`, `signals`).
     """
 
     def __init__(self) -> None:
@@ -511,11 +511,10 @@ class FakeProvider:
         self.warnings: dict[str, tuple[tuple[str, str], ...]] = {}
         """(reason, message) each pod is owed a Warning for, handed out once."""
         self.before_submit: Callable[[str], None] = lambda _key: None
-        self.attempts: list[str] = []
-        """The key of every create_pod call."""
+        self.calls: list[tuple[str, str]] = []
+        """(method, pod key) of every call that may reach the backend ("" for a sweep)."""
         self.signals: list[tuple[str, str]] = []
         """(job ID, signal) of every signal sent, in order."""
-        self.sweeps = 0
         self._ids = itertools.count(101)
         self._callbacks: list[Callable[[str], None]] = []
         self._lock = threading.Lock()
@@ -528,6 +527,16 @@ class FakeProvider:
             self.jobs[job_id] = FakeJob(
                 job_id=job_id, key=pod_key(pod), uid=_uid(pod), pod=pod, adopted=how
             )
+
+    def asked(self, method: str) -> list[str]:
+        """The pod keys of the calls of `method`, in order."""
+        with self._lock:
+            return [key for called, key in self.calls if called == method]
+
+    def cancelled(self) -> list[str]:
+        """The IDs of the jobs the orphan sweeps cancelled."""
+        with self._lock:
+            return [job.job_id for job in self.jobs.values() if job.cancelled]
 
     def set_status(self, job_id: str, phase: str, *, final: bool = False) -> None:
         """The backend lists the job, and the pod's status becomes `phase`; the callbacks are
@@ -544,7 +553,7 @@ class FakeProvider:
     def create_pod(self, pod: Mapping[str, Any], *, partition: str | None = None) -> str:
         key, uid = pod_key(pod), _uid(pod)
         with self._lock:
-            self.attempts.append(key)
+            self.calls.append(("create_pod", key))
             known = self.pods.get(key)
             if known is not None and known.uid == uid:
                 return known.job_id
@@ -572,6 +581,7 @@ class FakeProvider:
 
     def delete_pod(self, pod: Mapping[str, Any], *, kill: bool = False) -> bool:
         with self._lock:
+            self.calls.append(("delete_pod", pod_key(pod)))
             if self.down is not None:
                 raise self.down
             job = self._job_of(pod)
@@ -634,9 +644,9 @@ class FakeProvider:
         gone: Callable[[str, str], bool] = lambda _key, _uid: True,
     ) -> list[str]:
         with self._lock:
+            self.calls.append(("sweep_orphans", ""))
             if self.down is not None:
                 raise self.down
-            self.sweeps += 1
             running = [job for job in self.jobs.values() if not job.final and not job.cancelled]
         alive = set(live_uids())
         with self._lock:

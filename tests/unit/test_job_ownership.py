@@ -298,6 +298,18 @@ def test_a_pod_bound_with_a_plain_job_on_it_is_bound_with_its_own(kit: SlurmKit)
     assert kit.api.of("event") == [("web", "Warning", NOT_OWNED)]
 
 
+def test_adoption_uses_the_pod_folder_when_the_annotation_was_lost(kit: SlurmKit) -> None:
+    kit.bed.provider.create_pod(make_pod())
+    kit.bed.provider.forget(make_pod())
+    with kit.running():
+        kit.controller.offer(WatchEvent("LISTED", make_pod()))
+        until("the annotation", lambda: kit.api.of("merge_patch"))
+    assert len(kit.bed.slurm.submitted) == 1
+    assert [e for e in kit.api.of("event") if e[2] in ("Submitted", "Adopted")] == [
+        ("web", "Normal", "Adopted")
+    ], "an adopted job is announced once, and not as a submission"
+
+
 # -- the Slurm adapter --------------------------------------------------------------------
 
 # Slurm 22.05.8 on the test bed: squeue -h -t all --me -j ... -O

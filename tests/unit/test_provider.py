@@ -9,6 +9,7 @@ job signalled TERM then KILL, and only this kubelet's orphaned jobs cancelled.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -21,13 +22,46 @@ from kubelet_py.adapters.slurm import (
     SlurmUnavailable,
 )
 from kubelet_py.errors import InvalidPodSpec
-from kubelet_py.provider import JOB_ID_ANNOTATION, SlurmProvider
-from tests.unit.fakes import UID, Bed, FakeWatcher, job_view, make_pod
+from kubelet_py.provider import JOB_ID_ANNOTATION, PodLifecycleHandler, SlurmProvider
+from tests.unit.fakes import UID, Bed, FakeProvider, FakeWatcher, job_view, make_pod
 
 
 @pytest.fixture
 def bed(tmp_path: Path) -> Bed:
     return Bed(tmp_path)
+
+
+# -- the boundary -------------------------------------------------------------------------
+
+HANDLER_MEMBERS = sorted(
+    name
+    for name, member in vars(PodLifecycleHandler).items()
+    if callable(member) and not name.startswith("_")
+)
+
+
+def shape(method: object) -> list[tuple[str, object, object]]:
+    """A method's parameters by name, kind and default (a return type may be narrower, and
+    a default function is each one's own)."""
+    return [
+        (
+            parameter.name,
+            parameter.kind,
+            "a function" if callable(parameter.default) else parameter.default,
+        )
+        for parameter in inspect.signature(method).parameters.values()  # type: ignore[arg-type]
+    ]
+
+
+@pytest.mark.parametrize("provider", [SlurmProvider, FakeProvider])
+def test_the_slurm_provider_and_the_fake_keep_the_whole_protocol(provider: type) -> None:
+    """The controller sees only PodLifecycleHandler: the fake its tests use and the Slurm
+    provider it runs with must both offer every member, in the same shape."""
+    assert {"create_pod", "job_view", "sweep_orphans"} <= set(HANDLER_MEMBERS)
+    for name in HANDLER_MEMBERS:
+        assert callable(getattr(provider, name, None)), f"{provider.__name__} lacks {name}"
+        wanted = shape(getattr(PodLifecycleHandler, name))
+        assert shape(getattr(provider, name)) == wanted, f"{provider.__name__}.{name}"
 
 
 # -- one job per pod ----------------------------------------------------------------------
