@@ -82,17 +82,33 @@ def pod_key(pod: Mapping[str, Any]) -> str:
     return f"{metadata.get('namespace', '')}/{metadata.get('name', '')}"
 
 
+class JobState(Protocol):
+    """What a provider tells of a pod's job once its backend lists it. The Slurm provider
+    answers with the watcher's kubelet_py.loops.watcher.JobView, which says much more in
+    Slurm's terms; the controller needs only to know that there is an answer."""
+
+    @property
+    def job_id(self) -> str:
+        """The backend's ID of the job."""
+
+    @property
+    def final(self) -> bool:
+        """Whether the backend will do nothing more with the job."""
+
+
 class PodLifecycleHandler(Protocol):
-    """What the pod controller needs from a pod provider."""
+    """What the pod controller needs from a pod provider: all it calls, and nothing of the
+    backend behind it (errors are kubelet_py.errors' backend-neutral ones)."""
 
     def create_pod(self, pod: Mapping[str, Any], *, partition: str | None = None) -> str:
         """Start the pod (or adopt the job it already has) and return its job's ID.
 
-        Never starts a second job for a pod that has one. Raises InvalidPodSpec,
-        ImageNotResolved or SubmissionFailed for a pod that cannot run (final),
-        MissingReference while a ConfigMap, Secret or key it needs does not exist, or while
-        one of its images is pulled or cannot be (ImageWaiting; nothing is submitted), and
-        SlurmUnavailable when it should be tried again later.
+        `partition` is where the pod's node sends its work (a Slurm partition here). Never
+        starts a second job for a pod that has one. Raises InvalidPodSpec, ImageNotResolved
+        or SubmissionRefused for a pod that cannot run (final), MissingReference while a
+        ConfigMap, Secret or key it needs does not exist, or while one of its images is
+        pulled or cannot be (ImageWaiting; nothing is submitted), and BackendError when it
+        should be tried again later.
         """
 
     def update_pod(self, pod: Mapping[str, Any]) -> None:
@@ -105,7 +121,7 @@ class PodLifecycleHandler(Protocol):
         a signal already sent is not sent again, and a job that has not started is cancelled
         outright. The job stays watched (and `notify_pods` callbacks keep coming) until
         `forget`. Idempotent: a pod without a job, or whose job has ended, returns True.
-        Raises SlurmUnavailable when it should be tried again later.
+        Raises BackendError when it should be tried again later.
         """
 
     def forget(self, pod: Mapping[str, Any]) -> None:
@@ -122,6 +138,36 @@ class PodLifecycleHandler(Protocol):
 
     def notify_pods(self, callback: Callable[[str], None]) -> None:
         """Have `callback(pod key)` called whenever a pod's job changes. Must not block."""
+
+    def job_id(self, key: str) -> str | None:
+        """The ID of the job of the pod `key` (`namespace/name`) the provider tracks; None
+        for a pod it does not know."""
+
+    def job_view(self, key: str) -> JobState | None:
+        """What the backend last told of the pod's job; None before it listed the job (the
+        controller writes no status until then: a restart must not set a pod back)."""
+
+    def adopted(self, key: str) -> str | None:
+        """Where the pod's job was found when it was adopted ("annotation", "pod folder",
+        "Slurm comment"); None for a job this kubelet submitted, or an unknown pod."""
+
+    def take_warnings(self, key: str) -> tuple[tuple[str, str], ...]:
+        """(reason, message) of each Warning Event the pod is owed (what its submission left
+        out, a job ID on it that was not its own); each is handed out once."""
+
+    def sweep_orphans(
+        self,
+        live_uids: Callable[[], Collection[str]],
+        *,
+        gone: Callable[[str, str], bool] = lambda _key, _uid: True,
+    ) -> list[str]:
+        """Cancel this kubelet's jobs that are not over and whose pod no longer exists.
+
+        `live_uids` gives the UIDs of the pods known to exist; it is called after the
+        backend was asked, so a pod created meanwhile is in it. A job whose pod is not among
+        them is cancelled only if `gone(pod key, uid)` confirms it. Returns the IDs of the
+        cancelled jobs. Raises BackendError when it should be tried again later.
+        """
 
 
 class JobRunner(Protocol):

@@ -37,6 +37,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import NamedTuple, Protocol
 
+from kubelet_py.errors import BackendError, SubmissionRefused
+
 log = logging.getLogger(__name__)
 
 JOB_ID = re.compile(r"[1-9][0-9]*(_[0-9]+)?")
@@ -115,7 +117,7 @@ _NO_TIME = frozenset({"", "N/A", "NONE", "None", "Unknown"})
 _NO_NODES = frozenset({"", "None assigned", "(null)", "n/a"})
 
 
-class SlurmError(Exception):
+class SlurmError(BackendError):
     """A Slurm command failed; the message is Slurm's, with the command named."""
 
 
@@ -124,7 +126,7 @@ class SlurmUnavailable(SlurmError):
     Retrying later may succeed."""
 
 
-class SubmissionFailed(SlurmError):
+class SubmissionFailed(SlurmError, SubmissionRefused):
     """sbatch refused the job; the message is sbatch's. Retrying the same job will not help."""
 
 

@@ -48,6 +48,7 @@ from kubelet_py.adapters.apiserver import (
     WatchEvent,
     pod_path,
 )
+from kubelet_py.job.clock import api_time, utcnow
 from kubelet_py.loops.events import EventRecorder
 from kubelet_py.loops.nodes import HOSTNAME_LABEL, PARTITION_LABEL, NodeSet, PartitionNode
 from kubelet_py.loops.workqueue import WorkQueue, run_workers
@@ -185,7 +186,7 @@ def unschedulable_patch(message: str, *, now: dt.datetime) -> JSON:
                     "status": "False",
                     "reason": "Unschedulable",
                     "message": message,
-                    "lastTransitionTime": _rfc3339(now),
+                    "lastTransitionTime": api_time(now),
                     "lastProbeTime": None,
                 }
             ]
@@ -203,14 +204,6 @@ def already_reported(pod: Mapping[str, Any], message: str) -> bool:
                 and condition.get("message") == message
             )
     return False
-
-
-def _rfc3339(moment: dt.datetime) -> str:
-    return moment.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def _utcnow() -> dt.datetime:
-    return dt.datetime.now(dt.UTC)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -303,7 +296,7 @@ class Binder:
         settings: BinderSettings | None = None,
         events: EventRecorder | None = None,
         starter: PodStarter | None = None,
-        clock: Callable[[], dt.datetime] = _utcnow,
+        clock: Callable[[], dt.datetime] = utcnow,
     ) -> None:
         self.api = api
         self.nodes = nodes

@@ -24,13 +24,13 @@ backoff, handled by several workers, never two at once for the same pod, and:
 Pods are keyed `namespace/name`, deletions `namespace/name/uid` (a new pod of the same name
 is another pod); both keys of a name share one lock in the queue. The orphan sweep has its
 own key. It talks to the API server through kubelet_py.adapters.apiserver and to Slurm only through
-the provider.
+the provider, as a kubelet_py.provider.PodLifecycleHandler: what it catches from it are the
+backend-neutral errors of kubelet_py.errors.
 """
 
 from __future__ import annotations
 
 import contextlib
-import datetime as dt
 import logging
 import threading
 import time
@@ -48,13 +48,17 @@ from kubelet_py.adapters.apiserver import (
     WatchEvent,
     pod_path,
 )
-from kubelet_py.adapters.slurm import SlurmError, SubmissionFailed
-from kubelet_py.errors import InvalidPodSpec
+from kubelet_py.errors import (
+    BackendError,
+    ImageNotResolved,
+    InvalidPodSpec,
+    MissingReference,
+    SubmissionRefused,
+)
 from kubelet_py.loops.events import EventRecorder
 from kubelet_py.loops.workqueue import WorkQueue, run_workers
-from kubelet_py.pod.inputs import MissingReference
-from kubelet_py.pod.render import DEFAULT_GRACE_SECONDS, ImageNotResolved
-from kubelet_py.provider import JOB_ID_ANNOTATION, SlurmProvider, pod_key
+from kubelet_py.pod.render import DEFAULT_GRACE_SECONDS
+from kubelet_py.provider import JOB_ID_ANNOTATION, PodLifecycleHandler, pod_key
 
 log = logging.getLogger(__name__)
 
@@ -136,7 +140,7 @@ class PodController:
     def __init__(
         self,
         api: PodApi,
-        provider: SlurmProvider,
+        provider: PodLifecycleHandler,
         *,
         partition_of: Callable[[str], str | None],
         settings: ControllerSettings | None = None,
@@ -220,6 +224,12 @@ class PodController:
     def stop(self) -> None:
         self._queue.wake()
 
+    def wait_idle(self, timeout_s: float) -> bool:
+        """Wait until every pod, deletion and sweep due so far has been handled and no worker
+        is busy (a retry or a grace period that runs out later does not count); False after
+        `timeout_s`. Only then can a caller tell that what it offered changed nothing."""
+        return self._queue.wait_idle(timeout_s)
+
     @property
     def lists_seen(self) -> int:
         """How many full lists of the pods the controller was told of."""
@@ -235,7 +245,7 @@ class PodController:
                 self._handle_key(key)
                 with self._lock:
                     self._failures.pop(key, None)
-            except (ApiError, ApiUnavailable, SlurmError) as error:
+            except (ApiError, ApiUnavailable, BackendError) as error:
                 self._retry(key, f"{type(error).__name__}: {error}")
             except MissingReference as missing:
                 self._retry(key, str(missing))
@@ -284,7 +294,7 @@ class PodController:
             node = str((pod.get("spec") or {}).get("nodeName") or "")
             try:
                 job_id = self.provider.create_pod(pod, partition=self.partition_of(node))
-            except (InvalidPodSpec, ImageNotResolved, SubmissionFailed) as error:
+            except (InvalidPodSpec, ImageNotResolved, SubmissionRefused) as error:
                 self._warn(pod, key)  # a refused job-id annotation, say
                 self._fail(key, pod, error)
                 return
@@ -320,8 +330,8 @@ class PodController:
         except (
             InvalidPodSpec,
             ImageNotResolved,
-            SubmissionFailed,
-            SlurmError,
+            SubmissionRefused,
+            BackendError,
             MissingReference,
             ApiError,  # looking up its ConfigMaps and Secrets
             ApiUnavailable,
@@ -345,7 +355,7 @@ class PodController:
         """A pod started before binding was not bound: cancel its job and forget it."""
         try:
             self.provider.delete_pod(pod, kill=True)
-        except SlurmError as error:  # the orphan sweep of the next full list catches it
+        except BackendError as error:  # the orphan sweep of the next full list catches it
             log.warning("%s: cancelling the job of an unbound pod failed: %s", pod_key(pod), error)
         self.provider.forget(pod)
 
@@ -592,7 +602,3 @@ def grace_period_s(pod: Mapping[str, Any]) -> int:
         if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
             return value
     return DEFAULT_GRACE_SECONDS
-
-
-def _utcnow() -> dt.datetime:
-    return dt.datetime.now(dt.UTC)

@@ -23,6 +23,7 @@ from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
 from kubelet_py.adapters.apiserver import ApiError, ApiUnavailable
+from kubelet_py.job.clock import api_time, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +57,7 @@ def event_about(
 ) -> JSON:
     """A core/v1 Event of type `kind` (Normal, Warning) about the core/v1 object `obj`."""
     metadata = obj.get("metadata") or {}
-    stamp = now.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    stamp = api_time(now)
     return {
         "apiVersion": "v1",
         "kind": "Event",
@@ -84,10 +85,6 @@ def event_about(
     }
 
 
-def _utcnow() -> dt.datetime:
-    return dt.datetime.now(dt.UTC)
-
-
 class EventRecorder:
     """Sends pod Events, from a thread of its own while `run` runs (see the module docstring)."""
 
@@ -96,7 +93,7 @@ class EventRecorder:
         api: EventApi,
         *,
         backlog: int = 10_000,
-        clock: Callable[[], dt.datetime] = _utcnow,
+        clock: Callable[[], dt.datetime] = utcnow,
     ) -> None:
         self.api = api
         self.backlog = backlog

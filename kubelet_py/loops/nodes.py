@@ -41,6 +41,7 @@ from typing import Any, Protocol
 
 from kubelet_py import NODES_MESSAGE
 from kubelet_py.adapters.slurm import SlurmClient, SlurmError
+from kubelet_py.job.clock import api_time, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -424,10 +425,6 @@ def _default_partition(chosen: Sequence[Partition], settings: NodeSettings) -> s
 # The objects
 
 
-def _rfc3339(moment: dt.datetime) -> str:
-    return moment.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
 def _micro_time(moment: dt.datetime) -> str:
     return moment.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
@@ -490,8 +487,8 @@ def node_status_object(
                         f"hpk-kubelet is posting ready status; Slurm partition "
                         f"{partition.name} ({nodes}) is {state}"
                     ),
-                    "lastHeartbeatTime": _rfc3339(heartbeat),
-                    "lastTransitionTime": _rfc3339(ready_since),
+                    "lastHeartbeatTime": api_time(heartbeat),
+                    "lastTransitionTime": api_time(ready_since),
                 }
             ],
             "addresses": [
@@ -569,10 +566,6 @@ class NodeApi(Protocol):
         """Server-side apply of a Lease (creates it when missing)."""
 
 
-def _utcnow() -> dt.datetime:
-    return dt.datetime.now(dt.UTC)
-
-
 class NodeAgent:
     """Registers the partition nodes, refreshes their status and renews their Leases.
 
@@ -587,7 +580,7 @@ class NodeAgent:
         source: PartitionSource,
         settings: NodeSettings,
         host: HostInfo,
-        clock: Callable[[], dt.datetime] = _utcnow,
+        clock: Callable[[], dt.datetime] = utcnow,
     ) -> None:
         self.api = api
         self.source = source

@@ -28,7 +28,6 @@ unit tests drive the logic with a fake; the folders are real.
 from __future__ import annotations
 
 import contextlib
-import datetime as dt
 import logging
 import os
 import shutil
@@ -49,6 +48,7 @@ from kubelet_py.adapters.apiserver import (
     WatchEvent,
     events_path,
 )
+from kubelet_py.job.clock import utcnow
 from kubelet_py.loops.events import PodWarnings, event_about
 
 log = logging.getLogger(__name__)
@@ -368,7 +368,7 @@ class KubeStorageApi:
             kind=kind,
             reason=reason,
             message=message,
-            now=dt.datetime.now(dt.UTC),
+            now=utcnow(),
         )
         try:
             self.api.request("POST", events_path(namespace), body=event)

@@ -52,8 +52,7 @@ from hpk.images import (
     parse_reference,
     pull_image,
 )
-from kubelet_py.errors import InvalidPodSpec
-from kubelet_py.pod.inputs import MissingReference
+from kubelet_py.errors import InvalidPodSpec, MissingReference
 
 log = logging.getLogger(__name__)
 

@@ -37,10 +37,10 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from kubelet_py.adapters.apiserver import ApiError, ApiUnavailable, NotFound
+from kubelet_py.errors import MissingReference
 from kubelet_py.job import podfiles
 from kubelet_py.job.podfolder import VOLUMES_DIR
 from kubelet_py.loops.events import EventSink, PodWarnings
-from kubelet_py.pod.inputs import MissingReference
 from kubelet_py.pod.projected import TokenSource
 
 log = logging.getLogger(__name__)

@@ -6,6 +6,9 @@ A key taken is busy until `done`, and so is every key of its group (`group_of`, 
 the key itself): a key of a busy group that falls due waits aside until the group is done.
 So several workers can take keys side by side and never handle one pod at once.
 
+`wait_idle` tells a caller when the workers have caught up: nothing due is left and nothing
+is being handled. Only then may it conclude that a key it put had no effect.
+
 Taking costs O(log n): due keys are kept in a heap, and entries made stale by a later `put`
 are dropped as they surface.
 """
@@ -33,7 +36,11 @@ class WorkQueue:
         self._order = itertools.count()
         self._busy: set[str] = set()
         self._aside: dict[str, list[str]] = {}
-        self._changed = threading.Condition()
+        lock = threading.Lock()
+        self._changed = threading.Condition(lock)
+        """Notified for the workers: a key was put, or a group is free again."""
+        self._settled = threading.Condition(lock)
+        """Notified for `wait_idle`: a key was done (a worker is never woken by it instead)."""
 
     def put(self, key: str, *, delay_s: float = 0.0) -> None:
         """Make `key` due in `delay_s` seconds, unless it is due earlier already."""
@@ -81,6 +88,21 @@ class WorkQueue:
                 if when is not None:
                     heapq.heappush(self._heap, (when, next(self._order), waiting))
             self._changed.notify_all()
+            self._settled.notify_all()
+
+    def wait_idle(self, timeout_s: float) -> bool:
+        """Wait until no key is due and none is being handled: every key put so far for now
+        has been done (a key put for later does not count until it is due). Returns whether
+        that happened within `timeout_s`."""
+        deadline = time.monotonic() + timeout_s
+        with self._settled:
+            while True:
+                now = time.monotonic()
+                if not self._busy and all(when > now for when in self._due.values()):
+                    return True
+                if now >= deadline:
+                    return False
+                self._settled.wait(deadline - now)
 
     def wake(self) -> None:
         """Wake every waiting `take`, so that it notices its stop event at once."""

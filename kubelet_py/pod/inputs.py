@@ -32,7 +32,7 @@ from pathlib import PurePosixPath
 from types import MappingProxyType
 from typing import Any, Protocol
 
-from kubelet_py.errors import InvalidPodSpec
+from kubelet_py.errors import InvalidPodSpec, MissingReference
 
 CONFIG_MAP = "ConfigMap"
 SECRET = "Secret"  # noqa: S105 (a kind, not a password)
@@ -102,22 +102,6 @@ def file_path(path: object, at: str) -> str:
     if problem is not None:
         raise InvalidPodSpec(at, f"{path!r} {problem}")
     return str(PurePosixPath(path))
-
-
-class MissingReference(Exception):
-    """A ConfigMap, Secret or key the pod needs does not exist (and is not optional)."""
-
-    reason = "CreateContainerConfigError"
-    """The waiting reason the pod's containers carry until it appears."""
-
-    def __init__(self, *, field: str, kind: str, namespace: str, name: str, key: str = "") -> None:
-        what = f'{kind} "{namespace}/{name}"'
-        problem = f'key "{key}" not found in {what}' if key else f"{what} not found"
-        super().__init__(f"{field}: {problem}")
-        self.field = field
-        self.kind = kind
-        self.name = name
-        self.key = key
 
 
 @dataclass(frozen=True)

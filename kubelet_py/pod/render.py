@@ -28,7 +28,7 @@ from types import MappingProxyType
 from hpk.apptainer import bind_path_problem
 from hpk.images import NATIVE_IMAGE, ImageConfig, InvalidImageReference, normalize_reference
 from hpk.templating import render
-from kubelet_py.errors import InvalidPodSpec
+from kubelet_py.errors import ImageNotResolved, InvalidPodSpec
 from kubelet_py.errors import expect_object as _mapping
 from kubelet_py.job.podfolder import (
     ENV_DIR,
@@ -104,16 +104,6 @@ too."""
 DEFAULT_GRACE_SECONDS = 30
 """Kubernetes' default terminationGracePeriodSeconds: how long a sidecar has between TERM and
 KILL once the main containers have ended."""
-
-
-class ImageNotResolved(LookupError):
-    """The settings name no SIF file for a container's image: the caller resolves images."""
-
-    def __init__(self, reference: str, known: Sequence[str]) -> None:
-        super().__init__(
-            f"no SIF file given for image {reference}; given: {', '.join(known) or 'none'}"
-        )
-        self.reference = reference
 
 
 @dataclass(frozen=True)

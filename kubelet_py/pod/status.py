@@ -21,11 +21,12 @@ import logging
 import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 from kubelet_py.job import podfiles
+from kubelet_py.job.clock import api_time
 from kubelet_py.job.podfolder import ContainerFolder, MalformedMarker, PodFolder, parse_time
 from kubelet_py.job.termination import TERMINATION_MESSAGE_LIMIT
 
@@ -722,9 +723,7 @@ def _host_ip(job: JobFacts, node_addresses: Mapping[str, str]) -> str | None:
 
 
 def _time(moment: datetime | None) -> str | None:
-    if moment is None:
-        return None
-    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return None if moment is None else api_time(moment)
 
 
 def _parse(text: str | None) -> datetime | None:

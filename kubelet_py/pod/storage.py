@@ -25,11 +25,11 @@ from typing import Any
 from urllib.parse import quote
 
 from hpk.apptainer import bind_path_problem
-from kubelet_py.errors import InvalidPodSpec
+from kubelet_py.errors import InvalidPodSpec, MissingReference
 from kubelet_py.errors import expect_object as _mapping
 from kubelet_py.job import podfiles
 from kubelet_py.job.podfolder import STORAGE_FAILURE, VOLUMES_DIR
-from kubelet_py.pod.inputs import MissingReference, ObjectLookup
+from kubelet_py.pod.inputs import ObjectLookup
 from kubelet_py.pod.resources import parse_quantity
 
 CLAIM = "PersistentVolumeClaim"

@@ -1,8 +1,12 @@
-"""The pod controller with its real SlurmProvider over a fake Slurm and a fake job watcher
-(tests.unit.test_provider), a fake API server and a fake clock for grace periods.
+"""The pod controller against FakeProvider (tests.unit.fakes), an in-memory provider, with
+a fake API server and a fake clock for grace periods.
 
 The workers run on real threads, as in the kubelet; each test waits for what a user would
-see through the API: a submission, an annotation, a status, an Event, a deletion.
+see through the API (a status, an annotation, an Event, a deletion), and asserts that
+something did not happen only once the controller has handled all that was due
+(`Kit.idle`). What the Slurm provider does behind the controller (proving that a job is the
+pod's, adopting from the pod folder, pulling images, leaving out environment keys) is tested
+with it: test_job_ownership.py, test_inputs.py, test_pulls.py.
 """
 
 from __future__ import annotations
@@ -10,127 +14,36 @@ from __future__ import annotations
 import itertools
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
-from pathlib import Path
 from typing import Any
 
 import pytest
 
-from hpk.images import import_image
-from kubelet_py.adapters.apiserver import ApiUnavailable, ListWatch, NotFound, WatchEvent, pod_path
-from kubelet_py.loops.controller import (
-    ControllerSettings,
-    PodController,
-    grace_period_s,
-    retry_delay,
+from kubelet_py.adapters.apiserver import ListWatch, WatchEvent, pod_path
+from kubelet_py.errors import (
+    BackendError,
+    ImageNotResolved,
+    InvalidPodSpec,
+    MissingReference,
+    SubmissionRefused,
 )
+from kubelet_py.loops.controller import ControllerSettings, grace_period_s, retry_delay
+from kubelet_py.loops.pulls import ImageWaiting
 from kubelet_py.provider import JOB_ID_ANNOTATION
-from tests.unit.image_fakes import sif_bytes
-from tests.unit.test_provider import Bed, job_view, make_pod
+from tests.unit.fakes import FakeProvider, Kit, make_pod, until
 
 pytestmark = pytest.mark.timeout(30)
 
-
-class FakeApi:
-    """The PodApi seam: records every call; `failures[name]` calls of a method fail first."""
-
-    def __init__(self) -> None:
-        self.calls: list[tuple[Any, ...]] = []
-        self.failures: dict[str, int] = {}
-        self.attempts: dict[str, list[float]] = {}
-        self.objects: dict[str, dict[str, Any]] = {}
-        """What GET finds, by path; anything else is NotFound."""
-        self._lock = threading.Lock()
-
-    def _call(self, name: str, *args: Any) -> dict[str, Any]:
-        with self._lock:
-            self.attempts.setdefault(name, []).append(time.monotonic())
-            if self.failures.get(name, 0) > 0:
-                self.failures[name] -= 1
-                raise ApiUnavailable(f"{name}: connection refused")
-            self.calls.append((name, *args))
-        return {}
-
-    def request(self, method: str, path: str, *, body: Mapping[str, Any] | None = None) -> Any:
-        self._call("request", method, path, dict(body or {}))
-        if method == "GET":
-            if path not in self.objects:
-                raise NotFound(404, f"{path} not found")
-            return self.objects[path]
-        return {}
-
-    def merge_patch(self, path: str, patch: Mapping[str, Any]) -> Any:
-        return self._call("merge_patch", path, dict(patch))
-
-    def patch_pod_status(self, *, namespace: str, name: str, patch: Mapping[str, Any]) -> Any:
-        return self._call("status", f"{namespace}/{name}", dict(patch["status"]))
-
-    def create_event(self, namespace: str, event: Mapping[str, Any]) -> Any:
-        return self._call("event", event["involvedObject"]["name"], event["type"], event["reason"])
-
-    def of(self, name: str) -> list[tuple[Any, ...]]:
-        with self._lock:
-            return [call[1:] for call in self.calls if call[0] == name]
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-class Kit:
-    def __init__(self, root: Path, *, workers: int = 4) -> None:
-        self.bed = Bed(root)
-        self.api = FakeApi()
-        self.clock = Clock()
-        self.controller = PodController(
-            self.api,
-            self.bed.provider,
-            partition_of=lambda node: "batch" if node == "hpk-batch" else None,
-            settings=ControllerSettings(workers=workers, retry_initial_s=0.05, retry_max_s=0.2),
-            clock=self.clock,
-        )
-
-    @contextmanager
-    def running(self) -> Iterator[None]:
-        stop = threading.Event()
-        thread = threading.Thread(target=self.controller.work, args=(stop,), daemon=True)
-        thread.start()
-        try:
-            yield
-        finally:
-            stop.set()
-            self.controller.stop()
-            thread.join(5)
-
-    def notify(self, key: str, job_id: str, state: str, *, final: bool = False) -> None:
-        view = job_view(job_id, state, final=final)
-        self.bed.watcher.views[job_id] = view
-        self.bed.provider.job_changed(key, view)
+DOWN = BackendError("the backend cannot be reached")
 
 
 @pytest.fixture
-def kit(tmp_path: Path) -> Kit:
-    return Kit(tmp_path)
+def provider() -> FakeProvider:
+    return FakeProvider()
 
 
-def until(what: str, probe: Callable[[], Any], timeout: float = 5.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        found = probe()
-        if found:
-            return found
-        time.sleep(0.01)
-    pytest.fail(f"{what} did not happen within {timeout} s")
-
-
-def settle() -> None:
-    """Give the workers time to do what they should not do."""
-    time.sleep(0.2)
+@pytest.fixture
+def kit(provider: FakeProvider) -> Kit:
+    return Kit(provider)
 
 
 def deleting(pod: dict[str, Any], *, grace: int | None = None) -> dict[str, Any]:
@@ -145,14 +58,21 @@ def annotated(pod: dict[str, Any], job_id: str) -> dict[str, Any]:
     return {**pod, "metadata": metadata}
 
 
+def warnings(kit: Kit) -> list[tuple[Any, ...]]:
+    return [event for event in kit.api.of("event") if event[1] == "Warning"]
+
+
 # -- running pods -------------------------------------------------------------------------
 
 
-def test_new_pod_is_submitted_annotated_and_its_status_follows_slurm(kit: Kit) -> None:
+def test_new_pod_is_submitted_annotated_and_its_status_follows_the_backend(
+    kit: Kit, provider: FakeProvider
+) -> None:
     with kit.running():
         kit.controller.offer(WatchEvent("ADDED", make_pod()))
         until("the annotation", lambda: kit.api.of("merge_patch"))
-        (job_id,) = [kit.bed.provider.job_id("default/web")]
+        job_id = str(provider.job_id("default/web"))
+        assert provider.jobs[job_id].partition == "batch", "the partition of the pod's node"
         assert kit.api.of("merge_patch") == [
             (
                 "/api/v1/namespaces/default/pods/web",
@@ -160,87 +80,115 @@ def test_new_pod_is_submitted_annotated_and_its_status_follows_slurm(kit: Kit) -
             )
         ]
         until("the Submitted event", lambda: ("web", "Normal", "Submitted") in kit.api.of("event"))
-        settle()
-        assert kit.api.of("status") == [], "no status before Slurm lists the job"
-        kit.notify("default/web", str(job_id), "RUNNING")
+        kit.idle()
+        assert kit.api.of("status") == [], "no status before the backend lists the job"
+        provider.set_status(job_id, "Running")
         until("the Running status", lambda: kit.api.of("status"))
         assert kit.api.of("status")[0][1]["phase"] == "Running"
         until("the Started event", lambda: ("web", "Normal", "Started") in kit.api.of("event"))
-        kit.notify("default/web", str(job_id), "RUNNING")
-        kit.controller.offer(WatchEvent("MODIFIED", annotated(make_pod(), str(job_id))))
-        settle()
+        provider.set_status(job_id, "Running")
+        kit.controller.offer(WatchEvent("MODIFIED", annotated(make_pod(), job_id)))
+        kit.idle()
         assert len(kit.api.of("status")) == 1, "an unchanged status is not written again"
-        kit.notify("default/web", str(job_id), "COMPLETED", final=True)
+        provider.set_status(job_id, "Succeeded", final=True)
         until("the Succeeded status", lambda: len(kit.api.of("status")) == 2)
         assert kit.api.of("status")[1][1]["phase"] == "Succeeded"
-        assert kit.bed.provider.job_id("default/web") is None, "a finished pod is forgotten"
+        kit.idle()
+        assert provider.job_id("default/web") is None, "a finished pod is forgotten"
         # A stale event of the pod (its Running version) neither resubmits nor rewrites.
-        kit.controller.offer(WatchEvent("MODIFIED", annotated(make_pod(), str(job_id))))
-        settle()
-    assert len(kit.bed.slurm.submitted) == 1
+        kit.controller.offer(WatchEvent("MODIFIED", annotated(make_pod(), job_id)))
+        kit.idle()
+    assert list(provider.jobs) == [job_id]
     assert len(kit.api.of("status")) == 2
 
 
-def test_adopted_pod_after_a_restart_is_neither_submitted_nor_set_back(kit: Kit) -> None:
-    kit.bed.listed("77", make_pod()["metadata"]["uid"])
+def test_adopted_pod_after_a_restart_is_neither_submitted_nor_set_back(
+    kit: Kit, provider: FakeProvider
+) -> None:
     pod = annotated(make_pod(), "77")
     pod["status"] = {"phase": "Running"}
+    provider.has_job("77", pod)
     with kit.running():
         kit.controller.offer(WatchEvent("LISTED", pod))
-        until("the adoption", lambda: kit.bed.provider.job_id("default/web") == "77")
-        settle()
+        until("the adoption", lambda: provider.job_id("default/web") == "77")
+        kit.idle()
         assert kit.api.calls == [], "no Submitted event, no annotation, no Pending status"
-        kit.notify("default/web", "77", "COMPLETED", final=True)
+        provider.set_status("77", "Running")
+        kit.idle()
+        assert kit.api.calls == [], "the status the pod shows is not written again"
+        provider.set_status("77", "Succeeded", final=True)
         until("the Succeeded status", lambda: kit.api.of("status"))
-    assert kit.bed.slurm.submitted == []
+    assert list(provider.jobs) == ["77"]
     assert kit.api.of("status")[0][1]["phase"] == "Succeeded"
 
 
-def test_terminal_pods_are_never_rewritten(kit: Kit) -> None:
+def test_terminal_pods_are_never_rewritten(kit: Kit, provider: FakeProvider) -> None:
     done = annotated(make_pod(), "77")
     done["status"] = {"phase": "Succeeded"}
-    failed = make_pod("refused")
+    provider.has_job("77", done)
+    provider.set_status("77", "Running")  # what the backend says does not matter
+    failed = make_pod("refused", uid="refused-uid")
     failed["status"] = {"phase": "Failed", "reason": "InvalidPodSpec"}
     with kit.running():
         kit.controller.offer(WatchEvent("LISTED", done))
         kit.controller.offer(WatchEvent("LISTED", failed))
-        settle()
+        kit.idle()
     assert kit.api.calls == []
-    assert kit.bed.slurm.submitted == []
+    assert provider.asked("create_pod") == [], "no job is asked for"
 
 
-def test_refused_pod_fails_with_a_warning_and_the_others_run(kit: Kit) -> None:
-    refused = make_pod("refused", uid="refused-uid", annotations={"slurm.hpk.io/flags": "--uid=0"})
+@pytest.mark.parametrize(
+    ("refusal", "reason"),
+    [
+        (InvalidPodSpec("spec.containers[0].image", "must be a string"), "InvalidPodSpec"),
+        (ImageNotResolved("busybox", []), "ImageNotResolved"),
+        (SubmissionRefused("sbatch: error: Invalid account"), "SubmissionRefused"),
+    ],
+)
+def test_refused_pod_fails_with_a_warning_and_the_others_run(
+    kit: Kit, provider: FakeProvider, refusal: Exception, reason: str
+) -> None:
+    refused = make_pod("refused", uid="refused-uid")
+    provider.refuse["default/refused"] = refusal
     with kit.running():
         kit.controller.offer(WatchEvent("ADDED", refused))
         kit.controller.offer(WatchEvent("ADDED", make_pod("after", uid="after-uid")))
         until("the Failed status", lambda: kit.api.of("status"))
-        until("the other pod's submission", lambda: kit.bed.slurm.submitted)
-        until("the Warning", lambda: [e for e in kit.api.of("event") if e[1] == "Warning"])
+        until("the other pod's job", lambda: provider.job_id("default/after"))
+        until("the Warning", lambda: warnings(kit))
         # The refused pod's next event (its own Failed status) changes nothing.
-        failed = {**refused, "status": {"phase": "Failed"}}
-        kit.controller.offer(WatchEvent("MODIFIED", failed))
-        settle()
+        kit.controller.offer(WatchEvent("MODIFIED", {**refused, "status": {"phase": "Failed"}}))
+        kit.idle()
     ((key, status),) = kit.api.of("status")
     assert key == "default/refused"
     assert status["phase"] == "Failed"
-    assert "--uid" in status["message"]
-    assert [e for e in kit.api.of("event") if e[1] == "Warning"] == [
-        ("refused", "Warning", "InvalidSbatchFlags")
-    ]
-    assert [script.parent.name for script, _ in kit.bed.slurm.submitted] == ["after"]
+    assert status["reason"] == reason
+    assert status["message"] == str(refusal)
+    assert status["containerStatuses"][0]["state"]["waiting"]["reason"] == reason
+    assert warnings(kit) == [("refused", "Warning", reason)]
+    assert provider.asked("create_pod").count("default/refused") == 1, "never tried again"
 
 
-def test_unreachable_api_and_slurm_are_retried_with_backoff(kit: Kit) -> None:
-    kit.api.failures["merge_patch"] = 3
-    kit.bed.slurm.unavailable = True
+def test_the_providers_warnings_become_warning_events(kit: Kit, provider: FakeProvider) -> None:
+    provider.warnings["default/web"] = (("InvalidEnvironmentVariableNames", "no.name left out"),)
     with kit.running():
         kit.controller.offer(WatchEvent("ADDED", make_pod()))
-        until("a failed sbatch", lambda: kit.bed.provider.folder("default", "web").exists())
-        time.sleep(0.1)
-        kit.bed.slurm.unavailable = False
+        until("the Submitted event", lambda: ("web", "Normal", "Submitted") in kit.api.of("event"))
+        kit.idle()
+    assert warnings(kit) == [("web", "Warning", "InvalidEnvironmentVariableNames")]
+
+
+def test_unreachable_api_and_backend_are_retried_with_backoff(
+    kit: Kit, provider: FakeProvider
+) -> None:
+    kit.api.failures["merge_patch"] = 3
+    provider.down = DOWN
+    with kit.running():
+        kit.controller.offer(WatchEvent("ADDED", make_pod()))
+        until("a retry while the backend is down", lambda: len(provider.asked("create_pod")) > 1)
+        provider.down = None
         until("the annotation", lambda: kit.api.of("merge_patch"), timeout=10)
-    assert len(kit.bed.slurm.submitted) == 1, "one job, however many attempts"
+    assert len(provider.jobs) == 1, "one job, however many attempts"
     attempts = kit.api.attempts["merge_patch"]
     gaps = [later - earlier for earlier, later in itertools.pairwise(attempts)]
     # A loaded machine can only make the waits longer, never shorter.
@@ -256,51 +204,51 @@ def test_retry_waits_double_up_to_the_cap() -> None:
     assert waits == [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 60.0, 60.0]
 
 
-def test_a_pod_whose_handling_breaks_does_not_stop_the_others(kit: Kit) -> None:
-    submit = kit.bed.slurm.submit
-
-    def breaking(script: Path, flags: Any, *, env: Mapping[str, str] | None = None) -> str:
-        if script.parent.name == "bad":
-            raise RuntimeError("a bug")
-        return submit(script, flags, env=env)
-
-    kit.bed.slurm.submit = breaking  # type: ignore[method-assign]
+def test_a_pod_whose_handling_breaks_does_not_stop_the_others(
+    kit: Kit, provider: FakeProvider
+) -> None:
+    provider.refuse["default/bad"] = RuntimeError("a bug")
     with kit.running():
         kit.controller.offer(WatchEvent("ADDED", make_pod("bad", uid="bad-uid")))
         for number in range(5):
             kit.controller.offer(WatchEvent("ADDED", make_pod(f"good{number}", uid=f"u{number}")))
-        until("the good pods' jobs", lambda: len(kit.bed.slurm.submitted) == 5)
+        until("the good pods' jobs", lambda: len(provider.jobs) == 5)
         until("the good pods' annotations", lambda: len(kit.api.of("merge_patch")) == 5)
+        until(
+            "a retry of the bad pod", lambda: provider.asked("create_pod").count("default/bad") > 1
+        )
 
 
-def test_workers_submit_side_by_side_but_never_one_pod_twice(tmp_path: Path) -> None:
-    kit = Kit(tmp_path, workers=8)
-    submit = kit.bed.slurm.submit
+def test_workers_submit_side_by_side_but_never_one_pod_twice() -> None:
+    provider = FakeProvider()
+    kit = Kit(provider, workers=8)
     busy: set[str] = set()
     overlap: list[int] = []
+    clash: list[str] = []
     lock = threading.Lock()
 
-    def slow(script: Path, flags: Any, *, env: Mapping[str, str] | None = None) -> str:
+    def slow(key: str) -> None:
         with lock:
-            assert script.parent.name not in busy
-            busy.add(script.parent.name)
+            if key in busy:
+                clash.append(key)
+            busy.add(key)
             overlap.append(len(busy))
-        time.sleep(0.05)
+        time.sleep(0.05)  # the submission's own time, which workers overlap
         with lock:
-            busy.discard(script.parent.name)
-            return submit(script, flags, env=env)
+            busy.discard(key)
 
-    kit.bed.slurm.submit = slow  # type: ignore[method-assign]
+    provider.before_submit = slow
     began = time.monotonic()
     with kit.running():
         for number in range(16):
             pod = make_pod(f"p{number}", uid=f"uid-{number}")
             kit.controller.offer(WatchEvent("ADDED", pod))
             kit.controller.offer(WatchEvent("MODIFIED", pod))
-        until("16 jobs", lambda: len(kit.bed.slurm.submitted) == 16)
+        until("16 jobs", lambda: len(provider.jobs) == 16)
         elapsed = time.monotonic() - began
-        settle()
-    assert len(kit.bed.slurm.submitted) == 16
+        kit.idle()
+    assert len(provider.jobs) == 16
+    assert clash == []
     assert max(overlap) > 1
     assert elapsed < 16 * 0.05 / 2, f"{elapsed:.2f} s: not side by side"
 
@@ -308,12 +256,11 @@ def test_workers_submit_side_by_side_but_never_one_pod_twice(tmp_path: Path) -> 
 # -- deletion -----------------------------------------------------------------------------
 
 
-def started(kit: Kit, name: str = "web") -> tuple[dict[str, Any], str]:
+def started(kit: Kit, provider: FakeProvider, name: str = "web") -> tuple[dict[str, Any], str]:
     pod = make_pod(name, uid=f"{name}-uid")
     kit.controller.offer(WatchEvent("ADDED", pod))
-    until("the submission", lambda: kit.bed.provider.job_id(f"default/{name}"))
-    job_id = str(kit.bed.provider.job_id(f"default/{name}"))
-    kit.notify(f"default/{name}", job_id, "RUNNING")
+    job_id = str(until("the submission", lambda: provider.job_id(f"default/{name}")))
+    provider.set_status(job_id, "Running")
     until("the Running status", lambda: kit.api.of("status"))
     return annotated(pod, job_id), job_id
 
@@ -322,20 +269,22 @@ def deletes(kit: Kit) -> list[tuple[Any, ...]]:
     return [call for call in kit.api.of("request") if call[0] == "DELETE"]
 
 
-def test_deletion_sends_term_and_kills_after_the_grace_period(kit: Kit) -> None:
+def test_deletion_sends_term_and_kills_after_the_grace_period(
+    kit: Kit, provider: FakeProvider
+) -> None:
     with kit.running():
-        pod, job_id = started(kit)
+        pod, job_id = started(kit, provider)
         kit.controller.offer(WatchEvent("MODIFIED", deleting(pod, grace=5)))
-        until("TERM", lambda: kit.bed.slurm.cancelled)
+        until("TERM", lambda: provider.signals)
         kit.clock.now += 4
-        kit.notify("default/web", job_id, "RUNNING")  # nothing new: still within the grace
-        settle()
-        assert kit.bed.slurm.cancelled == [(job_id, "TERM")]
+        provider.set_status(job_id, "Running")  # nothing new: still within the grace
+        kit.idle()
+        assert provider.signals == [(job_id, "TERM")]
         assert deletes(kit) == []
         kit.clock.now += 2
-        kit.notify("default/web", job_id, "RUNNING")
+        provider.set_status(job_id, "Running")
         until("the confirmation", lambda: deletes(kit))
-        assert kit.bed.slurm.cancelled == [(job_id, "TERM"), (job_id, "KILL")]
+        assert provider.signals == [(job_id, "TERM"), (job_id, "KILL")]
         ((_, path, body),) = deletes(kit)
         assert path == "/api/v1/namespaces/default/pods/web"
         assert body["gracePeriodSeconds"] == 0
@@ -343,52 +292,63 @@ def test_deletion_sends_term_and_kills_after_the_grace_period(kit: Kit) -> None:
         # The pod's last events, then its removal: nothing is signalled again.
         kit.controller.offer(WatchEvent("MODIFIED", deleting(pod, grace=5)))
         kit.controller.offer(WatchEvent("DELETED", deleting(pod, grace=5)))
-        settle()
-    assert len(kit.bed.slurm.cancelled) == 2
+        kit.idle()
+    assert len(provider.signals) == 2
     assert len(deletes(kit)) == 1
-    assert kit.bed.watcher.registered == {}
+    assert provider.pods == {}, "the pod is forgotten"
 
 
-def test_deletion_is_confirmed_as_soon_as_the_job_has_ended(kit: Kit) -> None:
+def test_deletion_is_confirmed_as_soon_as_the_job_has_ended(
+    kit: Kit, provider: FakeProvider
+) -> None:
     with kit.running():
-        pod, job_id = started(kit)
+        pod, job_id = started(kit, provider)
         kit.controller.offer(WatchEvent("MODIFIED", deleting(pod)))
-        until("TERM", lambda: kit.bed.slurm.cancelled)
-        kit.notify("default/web", job_id, "FAILED", final=True)
+        until("TERM", lambda: provider.signals)
+        provider.set_status(job_id, "Failed", final=True)
         until("the confirmation", lambda: deletes(kit))
-    assert kit.bed.slurm.cancelled == [(job_id, "TERM")]
+    assert provider.signals == [(job_id, "TERM")]
 
 
-def test_deletion_of_a_pod_without_a_job_is_confirmed_at_once(kit: Kit) -> None:
-    refused = make_pod("refused", annotations={"slurm.hpk.io/flags": "--uid=0"})
+def test_deletion_of_a_pod_without_a_job_is_confirmed_at_once(
+    kit: Kit, provider: FakeProvider
+) -> None:
+    refused = make_pod("refused")
+    provider.refuse["default/refused"] = SubmissionRefused("sbatch: error: Invalid account")
     with kit.running():
         kit.controller.offer(WatchEvent("ADDED", refused))
         until("the Failed status", lambda: kit.api.of("status"))
         failed = {**refused, "status": {"phase": "Failed"}}
         kit.controller.offer(WatchEvent("MODIFIED", deleting(failed, grace=30)))
         until("the confirmation", lambda: deletes(kit))
-    assert kit.bed.slurm.cancelled == []
+    assert provider.signals == []
 
 
-def test_a_pod_removed_without_grace_still_gets_its_job_stopped(kit: Kit) -> None:
+def test_a_pod_removed_without_grace_still_gets_its_job_stopped(
+    kit: Kit, provider: FakeProvider
+) -> None:
     with kit.running():
-        pod, job_id = started(kit)
+        pod, job_id = started(kit, provider)
         kit.controller.offer(WatchEvent("DELETED", deleting(pod, grace=0)))
-        until("TERM and KILL", lambda: len(kit.bed.slurm.cancelled) == 2)
-        settle()
-    assert kit.bed.slurm.cancelled == [(job_id, "TERM"), (job_id, "KILL")]
+        until("TERM and KILL", lambda: len(provider.signals) == 2)
+        kit.idle()
+    assert provider.signals == [(job_id, "TERM"), (job_id, "KILL")]
     assert deletes(kit) == [], "the API object is gone already"
 
 
-def test_deletion_is_retried_while_slurm_is_unreachable(kit: Kit) -> None:
+def test_deletion_is_retried_while_the_backend_is_unreachable(
+    kit: Kit, provider: FakeProvider
+) -> None:
     with kit.running():
-        pod, _ = started(kit)
-        kit.bed.slurm.unavailable = True
+        pod, _ = started(kit, provider)
+        provider.down = DOWN
         kit.controller.offer(WatchEvent("MODIFIED", deleting(pod)))
-        settle()
-        kit.bed.slurm.unavailable = False
-        until("TERM", lambda: kit.bed.slurm.cancelled)
-        assert deletes(kit) == []
+        until("a retry while the backend is down", lambda: len(provider.asked("delete_pod")) > 1)
+        assert provider.signals == []
+        provider.down = None
+        until("TERM", lambda: provider.signals)
+        kit.idle()
+        assert deletes(kit) == [], "the job still runs"
 
 
 def test_grace_period_comes_from_the_deletion_then_the_spec() -> None:
@@ -403,46 +363,52 @@ def test_grace_period_comes_from_the_deletion_then_the_spec() -> None:
 # -- recovery -----------------------------------------------------------------------------
 
 
-def test_orphans_are_cancelled_only_after_the_first_full_list(kit: Kit) -> None:
+def test_orphans_are_cancelled_only_after_the_first_full_list(
+    kit: Kit, provider: FakeProvider
+) -> None:
     kept = annotated(make_pod("kept", uid="kept-uid"), "301")
-    kit.bed.listed("301", "kept-uid", name="kept")
-    kit.bed.listed("302", "gone-uid", name="gone")
-    kit.bed.listed("303", "listed-uid", name="listed")
+    provider.has_job("301", kept)
+    provider.has_job("302", make_pod("gone", uid="gone-uid"))
     elsewhere = annotated(make_pod("listed", uid="listed-uid"), "303")
     elsewhere["spec"]["nodeName"] = "not-ours"  # listed, though not this kubelet's node
+    provider.has_job("303", elsewhere)
     with kit.running():
         kit.controller.offer(WatchEvent("LISTED", kept))
         kit.controller.sweep()  # before the list is complete: nothing may be cancelled
-        settle()
-        assert kit.bed.slurm.list_calls == 0
+        kit.idle()
+        assert provider.asked("sweep_orphans") == []
         kit.controller.offer(WatchEvent("LISTED", elsewhere))
         kit.controller.listed([kept, elsewhere])
-        until("the sweep", lambda: kit.bed.slurm.cancelled)
-        settle()
-    assert kit.bed.slurm.cancelled == [("302", None)]
-    assert kit.bed.slurm.submitted == []
+        until("the sweep", lambda: provider.asked("sweep_orphans"))
+        kit.idle()
+    assert provider.cancelled() == ["302"]
+    assert len(provider.jobs) == 3, "nothing submitted"
     assert kit.controller.lists_seen == 1
 
 
-def test_the_sweep_keeps_the_job_of_a_pod_that_exists_but_is_not_bound_yet(kit: Kit) -> None:
+def test_the_sweep_keeps_the_job_of_a_pod_that_exists_but_is_not_bound_yet(
+    kit: Kit, provider: FakeProvider
+) -> None:
     """After a restart, a pod whose job was submitted just before its binding is not among
     the bound pods the controller lists: the API server still has it, so its job stays."""
-    kit.bed.listed("401", "waiting-uid", name="waiting")
-    kit.bed.listed("402", "old-uid", name="renamed")
+    provider.has_job("401", make_pod("waiting", uid="waiting-uid"))
+    provider.has_job("402", make_pod("renamed", uid="old-uid"))
     kit.api.objects[pod_path("default", "waiting")] = make_pod("waiting", uid="waiting-uid")
     kit.api.objects[pod_path("default", "renamed")] = make_pod("renamed", uid="new-uid")
     with kit.running():
         kit.controller.listed([])
-        until("the sweep", lambda: kit.bed.slurm.cancelled)
-        settle()
-    assert kit.bed.slurm.cancelled == [("402", None)], "a new pod of the name is another pod"
+        until("the sweep", lambda: provider.asked("sweep_orphans"))
+        kit.idle()
+    assert provider.cancelled() == ["402"], "a new pod of the name is another pod"
 
 
-def test_a_list_again_forgets_pods_deleted_while_no_watch_was_open(kit: Kit) -> None:
+def test_a_list_again_forgets_pods_deleted_while_no_watch_was_open(
+    kit: Kit, provider: FakeProvider
+) -> None:
     with kit.running():
-        _, job_id = started(kit)
+        _, job_id = started(kit, provider)
         kit.controller.listed([])  # the pod was deleted during a gap in the watch
-        until("TERM", lambda: (job_id, "TERM") in kit.bed.slurm.cancelled)
+        until("TERM", lambda: (job_id, "TERM") in provider.signals)
 
 
 class Stream(list[dict[str, Any]]):
@@ -495,69 +461,89 @@ def test_controller_follow_registers_for_the_list_end(kit: Kit) -> None:
     assert kit.controller.lists_seen == 1
 
 
-def test_adoption_uses_the_pod_folder_when_the_annotation_was_lost(kit: Kit) -> None:
-    kit.bed.provider.create_pod(make_pod())
-    kit.bed.provider.forget(make_pod())
+def test_an_adopted_job_is_announced_once_and_not_as_a_submission(
+    kit: Kit, provider: FakeProvider
+) -> None:
+    provider.has_job("88", make_pod(), how="pod folder")
     with kit.running():
         kit.controller.offer(WatchEvent("LISTED", make_pod()))
         until("the annotation", lambda: kit.api.of("merge_patch"))
-    assert len(kit.bed.slurm.submitted) == 1
+        kit.idle()
+    assert kit.api.of("merge_patch")[0][1] == {
+        "metadata": {"annotations": {JOB_ID_ANNOTATION: "88"}}
+    }
+    assert list(provider.jobs) == ["88"]
     assert [e for e in kit.api.of("event") if e[2] in ("Submitted", "Adopted")] == [
         ("web", "Normal", "Adopted")
-    ], "an adopted job is announced once, and not as a submission"
+    ]
 
 
 # -- starting before the binding ----------------------------------------------------------
 
 
-def test_a_pod_started_before_its_binding_is_not_submitted_or_annotated_again(kit: Kit) -> None:
+def test_a_pod_started_before_its_binding_is_not_submitted_or_annotated_again(
+    kit: Kit, provider: FakeProvider
+) -> None:
     pod = make_pod()
     annotations = kit.controller.start_before_binding(pod, partition="batch")
-    job_id = str(kit.bed.provider.job_id("default/web"))
+    job_id = str(provider.job_id("default/web"))
     assert annotations == {JOB_ID_ANNOTATION: job_id}
     with kit.running():
         # The binding's write: the pod comes back bound and annotated.
         kit.controller.offer(WatchEvent("MODIFIED", annotated(pod, job_id)))
-        kit.notify("default/web", job_id, "RUNNING")
+        provider.set_status(job_id, "Running")
         until("the Running status", lambda: kit.api.of("status"))
-    assert len(kit.bed.slurm.submitted) == 1
+        kit.idle()
+    assert len(provider.jobs) == 1
     assert kit.api.of("merge_patch") == [], "the binding carried the annotation"
 
 
-def test_a_pod_that_cannot_start_before_its_binding_is_left_to_the_controller(kit: Kit) -> None:
-    kit.bed.slurm.unavailable = True
+def test_a_pod_that_cannot_start_before_its_binding_is_left_to_the_controller(
+    kit: Kit, provider: FakeProvider
+) -> None:
+    provider.down = DOWN
     assert kit.controller.start_before_binding(make_pod(), partition="batch") == {}
-    kit.bed.slurm.unavailable = False
+    provider.down = None
     with kit.running():
         kit.controller.offer(WatchEvent("ADDED", make_pod()))
         until("the annotation", lambda: kit.api.of("merge_patch"))
-    assert len(kit.bed.slurm.submitted) == 1
+    assert len(provider.jobs) == 1
 
 
-def test_an_abandoned_pod_has_its_job_cancelled(kit: Kit) -> None:
+def test_an_abandoned_pod_has_its_job_killed_and_is_forgotten(
+    kit: Kit, provider: FakeProvider
+) -> None:
     pod = make_pod()
     kit.controller.start_before_binding(pod, partition="batch")
-    job_id = str(kit.bed.provider.job_id("default/web"))
+    job_id = str(provider.job_id("default/web"))
     kit.controller.abandon(pod)
-    assert [cancelled for cancelled, _signal in kit.bed.slurm.cancelled] == [job_id]
-    assert kit.bed.provider.job_id("default/web") is None
+    assert provider.signals == [(job_id, "KILL")]
+    assert provider.job_id("default/web") is None
 
 
-def test_a_missing_config_map_keeps_the_pod_pending_until_it_appears(kit: Kit) -> None:
-    objects: dict[tuple[str, str, str], dict[str, Any]] = {}
-    kit.bed.provider.lookup = lambda kind, namespace, name: objects.get((kind, namespace, name))
-    waiting = make_pod("waits", uid="waits-uid")
-    waiting["spec"]["containers"][0]["env"] = [
-        {"name": "A", "valueFrom": {"configMapKeyRef": {"name": "app", "key": "a"}}}
-    ]
+# -- pods that wait -----------------------------------------------------------------------
+
+
+def test_a_missing_config_map_keeps_the_pod_pending_until_it_appears(
+    kit: Kit, provider: FakeProvider
+) -> None:
+    provider.refuse["default/waits"] = MissingReference(
+        field="spec.containers[0].env[0].valueFrom.configMapKeyRef",
+        kind="ConfigMap",
+        namespace="default",
+        name="app",
+    )
     with kit.running():
-        kit.controller.offer(WatchEvent("ADDED", waiting))
+        kit.controller.offer(WatchEvent("ADDED", make_pod("waits", uid="waits-uid")))
         until("the Pending status", lambda: kit.api.of("status"))
         until("the Warning", lambda: kit.api.of("event"))
-        settle()  # retries meanwhile write nothing new
-        assert kit.bed.slurm.submitted == []
-        objects["ConfigMap", "default", "app"] = {"data": {"a": "1"}}
-        until("the submission", lambda: kit.bed.slurm.submitted, timeout=5)
+        # Three tries done (a fourth began): the retries meanwhile wrote nothing new.
+        until("retries", lambda: provider.asked("create_pod").count("default/waits") > 3)
+        assert len(kit.api.of("status")) == 1
+        assert len(kit.api.of("event")) == 1
+        assert provider.jobs == {}
+        del provider.refuse["default/waits"]
+        until("the submission", lambda: provider.job_id("default/waits"))
         until("the Submitted event", lambda: len(kit.api.of("event")) == 2)
     ((key, status),) = kit.api.of("status")
     assert key == "default/waits"
@@ -572,65 +558,28 @@ def test_a_missing_config_map_keeps_the_pod_pending_until_it_appears(kit: Kit) -
         ("waits", "Warning", "CreateContainerConfigError"),
         ("waits", "Normal", "Submitted"),
     ]
-    assert len(kit.bed.slurm.submitted) == 1
+    assert len(provider.jobs) == 1
 
 
-def test_env_from_keys_that_are_no_names_are_left_out_with_a_warning(kit: Kit) -> None:
-    kit.bed.provider.lookup = lambda kind, namespace, name: {"data": {"ok": "1", "no.name": "2"}}
-    the_pod = make_pod("keys", uid="keys-uid")
-    the_pod["spec"]["containers"][0]["envFrom"] = [{"configMapRef": {"name": "app"}}]
-    with kit.running():
-        kit.controller.offer(WatchEvent("ADDED", the_pod))
-        until("the Warning", lambda: [e for e in kit.api.of("event") if e[1] == "Warning"])
-    assert [e for e in kit.api.of("event") if e[1] == "Warning"] == [
-        ("keys", "Warning", "InvalidEnvironmentVariableNames")
-    ]
-    env = (kit.bed.folder("keys") / "env" / "main").read_text()
-    assert "ok=1" in env.splitlines()
-    assert "no.name" not in env
-    assert len(kit.bed.slurm.submitted) == 1
-
-
-def test_an_image_that_cannot_be_pulled_keeps_the_pod_pending_until_it_is_cached(
-    kit: Kit,
+def test_a_pod_whose_image_is_being_pulled_gets_a_normal_pulling_event(
+    kit: Kit, provider: FakeProvider
 ) -> None:
-    waiting = make_pod("pulls", uid="pulls-uid")
-    waiting["spec"]["containers"][0]["image"] = "hpk.test/absent:1"
+    provider.refuse["default/slow"] = ImageWaiting(
+        reason="ContainerCreating",
+        message='Pulling image "python:3.11"',
+        event_type="Normal",
+        event_reason="Pulling",
+    )
     with kit.running():
-        kit.controller.offer(WatchEvent("ADDED", waiting))
-        until("the Warning", lambda: ("pulls", "Warning", "Failed") in kit.api.of("event"))
-        assert kit.bed.slurm.submitted == []
-        sif = kit.bed.root / "absent.sif"
-        sif.write_bytes(sif_bytes())
-        import_image("hpk.test/absent:1", sif, cache_dir=kit.bed.images)
-        until("the submission", lambda: kit.bed.slurm.submitted)
-    reasons = [
-        status["containerStatuses"][0]["state"]["waiting"]["reason"]
-        for _key, status in kit.api.of("status")
-    ]
-    assert reasons[0] == "ErrImagePull"  # the pull ran at once here (no thread)
-    (status,) = [status for _key, status in kit.api.of("status")][:1]
-    message = status["containerStatuses"][0]["state"]["waiting"]["message"]
-    assert 'Failed to pull image "hpk.test/absent:1"' in message
-    assert "connection refused" in message
-    assert status["phase"] == "Pending"
-    assert kit.bed.registry.pulls == ["hpk.test/absent:1"]
-    assert len(kit.bed.slurm.submitted) == 1
-
-
-def test_a_pod_whose_image_is_being_pulled_gets_a_normal_pulling_event(tmp_path: Path) -> None:
-    kit = Kit(tmp_path)
-    pending: list[Callable[[], None]] = []
-    kit.bed.provider.images._start = pending.append  # the pull waits until the test runs it
-    kit.bed.registry.images["docker.io/library/python:3.11"] = sif_bytes({"Cmd": ["python3"]})
-    the_pod = make_pod("slow", uid="slow-uid")
-    the_pod["spec"]["containers"][0]["image"] = "python:3.11"
-    with kit.running():
-        kit.controller.offer(WatchEvent("ADDED", the_pod))
+        kit.controller.offer(WatchEvent("ADDED", make_pod("slow", uid="slow-uid")))
         until("the Pulling event", lambda: ("slow", "Normal", "Pulling") in kit.api.of("event"))
+        until("retries", lambda: provider.asked("create_pod").count("default/slow") > 3)
         ((_key, status),) = kit.api.of("status")
-        assert status["containerStatuses"][0]["state"]["waiting"]["reason"] == "ContainerCreating"
-        settle()
-        assert kit.bed.slurm.submitted == []
-        pending.pop()()
-        until("the submission", lambda: kit.bed.slurm.submitted)
+        assert status["containerStatuses"][0]["state"]["waiting"] == {
+            "reason": "ContainerCreating",
+            "message": 'Pulling image "python:3.11"',
+        }
+        assert kit.api.of("event") == [("slow", "Normal", "Pulling")], "one Event per wait"
+        assert provider.jobs == {}
+        del provider.refuse["default/slow"]
+        until("the submission", lambda: provider.job_id("default/slow"))

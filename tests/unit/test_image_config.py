@@ -1,7 +1,7 @@
 """What an image runs: its recorded ENTRYPOINT, CMD and WORKDIR, and the argv Kubernetes
 gives a container from them and the pod's `command` and `args`.
 
-The SIF files are made here (tests.unit.image_fakes) with and without the `oci-config.json`
+The SIF files are made here (tests.unit.fakes) with and without the `oci-config.json`
 descriptor Apptainer writes for images built from Docker sources; the conversions Apptainer
 does itself (docker-archive, sandbox) run for real in tests/e2e/test_pod_images.py.
 """
@@ -33,7 +33,7 @@ from hpk.images import (
 from kubelet_py.errors import InvalidPodSpec
 from kubelet_py.pod.command import container_argv
 from kubelet_py.pod.render import RenderSettings, render_pod
-from tests.unit.image_fakes import sif_bytes
+from tests.unit.fakes import sif_bytes
 
 ENTRYPOINT = ImageConfig(
     oci=True, entrypoint=("/ep", "-x"), cmd=("c1", "c2"), working_dir="/w", homes=()

@@ -10,7 +10,7 @@ import pytest
 
 from hpk.image_users import home_of, parse_passwd, sandbox_homes, sif_homes
 from hpk.images import ImageConfig, image_config, sif_config
-from tests.unit.image_fakes import sif_bytes
+from tests.unit.fakes import sif_bytes
 
 PASSWD = (
     "root:x:0:0:root:/root:/bin/sh\n"

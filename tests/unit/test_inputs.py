@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 
+from kubelet_py.adapters.apiserver import WatchEvent
 from kubelet_py.errors import InvalidPodSpec
 from kubelet_py.pod.inputs import (
     MissingReference,
@@ -23,8 +24,17 @@ from kubelet_py.pod.inputs import (
     resolve,
 )
 from kubelet_py.pod.render import render_pod
-from tests.unit.test_provider import Bed, make_pod
-from tests.unit.test_render import READ_BACK, busybox, launches, pod, settings
+from tests.unit.fakes import (
+    READ_BACK,
+    Bed,
+    SlurmKit,
+    busybox,
+    launches,
+    make_pod,
+    pod,
+    settings,
+    until,
+)
 
 TRICKY = 'it\'s "q" $HOME $(A) `id` {"j": [1]}\nline two ✓ 🚀'
 
@@ -552,3 +562,27 @@ def test_a_secret_expanded_into_the_command_line_is_warned_of() -> None:
     greeting = {"name": "G", "valueFrom": key_ref("configMapKeyRef", "app", "greeting")}
     assert warnings({"env": [greeting], "args": ["$(G)"]}) == []
     assert warnings({"env": [token], "args": ["$$(TOKEN)", "uses $TOKEN"]}) == []
+
+
+# -- behind the controller ----------------------------------------------------------------
+
+
+@pytest.fixture
+def kit(tmp_path: Path) -> SlurmKit:
+    return SlurmKit(tmp_path)
+
+
+def test_env_from_keys_that_are_no_names_are_left_out_with_a_warning(kit: SlurmKit) -> None:
+    kit.bed.provider.lookup = lambda kind, namespace, name: {"data": {"ok": "1", "no.name": "2"}}
+    the_pod = make_pod("keys", uid="keys-uid")
+    the_pod["spec"]["containers"][0]["envFrom"] = [{"configMapRef": {"name": "app"}}]
+    with kit.running():
+        kit.controller.offer(WatchEvent("ADDED", the_pod))
+        until("the Warning", lambda: [e for e in kit.api.of("event") if e[1] == "Warning"])
+    assert [e for e in kit.api.of("event") if e[1] == "Warning"] == [
+        ("keys", "Warning", "InvalidEnvironmentVariableNames")
+    ]
+    env = (kit.bed.folder("keys") / "env" / "main").read_text()
+    assert "ok=1" in env.splitlines()
+    assert "no.name" not in env
+    assert len(kit.bed.slurm.submitted) == 1

@@ -5,7 +5,7 @@ A job ID reaches the kubelet from three places it does not control: the pod's
 reach of the pod's containers) and, for `hpk down`, its own record. What a user would see: a
 plain job of theirs named on a pod is never adopted, signalled or cancelled, the pod gets a
 Warning Event saying why and runs under a job of its own, and a folder set aside is named
-without the pod's files. The provider runs over the fake JobRunner of tests.unit.test_provider,
+without the pod's files. The provider runs over the fake JobRunner of tests.unit.fakes,
 the adapter over a fake command runner answering in Slurm 22.05's formats.
 """
 
@@ -22,9 +22,18 @@ from kubelet_py.adapters.apiserver import WatchEvent
 from kubelet_py.adapters.slurm import ListedJob, SlurmClient, SlurmUnavailable, parse_queue
 from kubelet_py.loops.watcher import LOST, JobWatcher
 from kubelet_py.provider import INVALID_JOB_ID, JOB_ID_ANNOTATION, NOT_OWNED, SlurmProvider
-from tests.unit.test_controller import Kit, until
-from tests.unit.test_kubelet_slurm import FakeRunner, failed, ok
-from tests.unit.test_provider import UID, Bed, FakeWatcher, job_view, make_pod
+from tests.unit.fakes import (
+    UID,
+    Bed,
+    FakeRunner,
+    FakeWatcher,
+    SlurmKit,
+    failed,
+    job_view,
+    make_pod,
+    ok,
+    until,
+)
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -226,8 +235,8 @@ def test_a_pod_of_253_characters_runs_and_its_folder_is_set_aside(bed: Bed) -> N
 
 
 @pytest.fixture
-def kit(tmp_path: Path) -> Kit:
-    kit = Kit(tmp_path)
+def kit(tmp_path: Path) -> SlurmKit:
+    kit = SlurmKit(tmp_path)
     kit.bed.slurm.listed[PLAIN] = ListedJob(
         job_id=PLAIN, state="RUNNING", name="wrap", work_dir="/home/alice", comment=None
     )
@@ -235,7 +244,7 @@ def kit(tmp_path: Path) -> Kit:
 
 
 def test_the_pod_gets_a_warning_and_its_own_job_and_deleting_it_spares_the_plain_job(
-    kit: Kit,
+    kit: SlurmKit,
 ) -> None:
     pod = on(PLAIN)
     with kit.running():
@@ -263,7 +272,7 @@ def test_the_pod_gets_a_warning_and_its_own_job_and_deleting_it_spares_the_plain
     assert {cancelled for cancelled, _ in kit.bed.slurm.cancelled} == {job_id}
 
 
-def test_a_malformed_annotation_is_a_warning_and_the_pod_runs(kit: Kit) -> None:
+def test_a_malformed_annotation_is_a_warning_and_the_pod_runs(kit: SlurmKit) -> None:
     with kit.running():
         kit.controller.offer(WatchEvent("ADDED", on("$(id)")))
         until("the annotation", lambda: kit.api.of("merge_patch"))
@@ -271,7 +280,7 @@ def test_a_malformed_annotation_is_a_warning_and_the_pod_runs(kit: Kit) -> None:
     assert len(kit.bed.slurm.submitted) == 1
 
 
-def test_a_job_adopted_before_the_binding_is_not_announced_as_submitted(kit: Kit) -> None:
+def test_a_job_adopted_before_the_binding_is_not_announced_as_submitted(kit: SlurmKit) -> None:
     kit.bed.provider.create_pod(make_pod())
     kit.bed.provider.forget(make_pod())  # a restart: the folder holds the job ID
     assert kit.controller.start_before_binding(make_pod(), partition="batch") == {}
@@ -283,10 +292,22 @@ def test_a_job_adopted_before_the_binding_is_not_announced_as_submitted(kit: Kit
     assert [e for e in kit.api.of("event") if e[2] == "Submitted"] == []
 
 
-def test_a_pod_bound_with_a_plain_job_on_it_is_bound_with_its_own(kit: Kit) -> None:
+def test_a_pod_bound_with_a_plain_job_on_it_is_bound_with_its_own(kit: SlurmKit) -> None:
     annotations = kit.controller.start_before_binding(on(PLAIN), partition="batch")
     assert annotations == {JOB_ID_ANNOTATION: "101"}
     assert kit.api.of("event") == [("web", "Warning", NOT_OWNED)]
+
+
+def test_adoption_uses_the_pod_folder_when_the_annotation_was_lost(kit: SlurmKit) -> None:
+    kit.bed.provider.create_pod(make_pod())
+    kit.bed.provider.forget(make_pod())
+    with kit.running():
+        kit.controller.offer(WatchEvent("LISTED", make_pod()))
+        until("the annotation", lambda: kit.api.of("merge_patch"))
+    assert len(kit.bed.slurm.submitted) == 1
+    assert [e for e in kit.api.of("event") if e[2] in ("Submitted", "Adopted")] == [
+        ("web", "Normal", "Adopted")
+    ], "an adopted job is announced once, and not as a submission"
 
 
 # -- the Slurm adapter --------------------------------------------------------------------

@@ -7,7 +7,6 @@ must read them as a user would: states, reasons, exit codes, nodes, names and fo
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -15,7 +14,6 @@ import pytest
 
 from kubelet_py.adapters.slurm import (
     AccountingDisabled,
-    CommandResult,
     ExitStatus,
     ListedJob,
     SlurmClient,
@@ -29,6 +27,7 @@ from kubelet_py.adapters.slurm import (
     parse_listed,
     parse_queue,
 )
+from tests.unit.fakes import FakeRunner, failed, ok
 
 SQUEUE_OUTPUT = """\
 16|16|CANCELLED|None|n1|n1|batch|2026-11-24T10:03:07|2026-11-24T10:03:11|15|0
@@ -68,32 +67,6 @@ gpu|gpu|up|n4|127.0.0.1|16|32768|gpu:2|mixed
 """
 
 CONTROLLER_DOWN = "slurm_load_jobs error: Unable to contact slurm controller (connect failure)\n"
-
-
-class FakeRunner:
-    """Answers each command from a script of results and records every argv."""
-
-    def __init__(self, *results: CommandResult) -> None:
-        self.results = list(results)
-        self.calls: list[list[str]] = []
-        self.envs: list[Mapping[str, str] | None] = []
-        self.timeouts: list[float] = []
-
-    def run(
-        self, argv: Sequence[str], *, timeout: float, env: Mapping[str, str] | None = None
-    ) -> CommandResult:
-        self.calls.append(list(argv))
-        self.envs.append(env)
-        self.timeouts.append(timeout)
-        return self.results.pop(0)
-
-
-def ok(stdout: str) -> CommandResult:
-    return CommandResult(0, stdout, "")
-
-
-def failed(stderr: str, rc: int = 1) -> CommandResult:
-    return CommandResult(rc, "", stderr)
 
 
 def at(text: str) -> datetime:

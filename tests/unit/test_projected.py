@@ -11,52 +11,14 @@ from typing import Any
 
 import pytest
 
-from kubelet_py.errors import InvalidPodSpec
+from kubelet_py.errors import InvalidPodSpec, MissingReference
 from kubelet_py.pod import projected
-from kubelet_py.pod.inputs import MissingReference, PodInputs, VolumeFile, resolve
+from kubelet_py.pod.inputs import PodInputs, VolumeFile, resolve
 from kubelet_py.pod.projected import TokenSource, format_map, token_sources, with_tokens
 from kubelet_py.pod.render import RenderSettings, render_pod
+from tests.unit.fakes import ACCESS_MOUNT, ACCESS_VOLUME, CA, OBJECTS
 
 Pod = dict[str, Any]
-CA = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n"
-OBJECTS: dict[tuple[str, str], dict[str, Any]] = {
-    ("ConfigMap", "kube-root-ca.crt"): {"data": {"ca.crt": CA}},
-    ("ConfigMap", "settings"): {"data": {"app": "demo", "other": "x"}},
-    ("Secret", "db"): {"data": {"password": "czNjcjN0"}},  # s3cr3t
-    ("ConfigMap", "odd"): {"data": {"fine": "x", "../escape": "y"}},  # no API server stores it
-}
-
-# What the API server's ServiceAccount admission adds to a pod, unchanged.
-ACCESS_VOLUME = {
-    "name": "kube-api-access-x1y2z",
-    "projected": {
-        "defaultMode": 420,
-        "sources": [
-            {"serviceAccountToken": {"expirationSeconds": 3607, "path": "token"}},
-            {
-                "configMap": {
-                    "name": "kube-root-ca.crt",
-                    "items": [{"key": "ca.crt", "path": "ca.crt"}],
-                }
-            },
-            {
-                "downwardAPI": {
-                    "items": [
-                        {
-                            "path": "namespace",
-                            "fieldRef": {"apiVersion": "v1", "fieldPath": "metadata.namespace"},
-                        }
-                    ]
-                }
-            },
-        ],
-    },
-}
-ACCESS_MOUNT = {
-    "name": "kube-api-access-x1y2z",
-    "mountPath": "/var/run/secrets/kubernetes.io/serviceaccount",
-    "readOnly": True,
-}
 
 
 def lookup(kind: str, _namespace: str, name: str) -> Mapping[str, Any] | None:

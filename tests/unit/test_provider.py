@@ -9,193 +9,59 @@ job signalled TERM then KILL, and only this kubelet's orphaned jobs cancelled.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable, Mapping, Sequence
-from pathlib import Path, PurePosixPath
-from typing import Any
+import inspect
+from collections.abc import Mapping, Sequence
+from pathlib import Path
 
 import pytest
 
-from hpk.images import image_path
 from kubelet_py.adapters.slurm import (
     CommandResult,
     ListedJob,
     SlurmClient,
-    SlurmError,
     SlurmUnavailable,
 )
 from kubelet_py.errors import InvalidPodSpec
-from kubelet_py.loops.pulls import ImagePuller
-from kubelet_py.loops.watcher import JobView
-from kubelet_py.provider import JOB_ID_ANNOTATION, ProviderSettings, SlurmProvider
-from tests.unit.image_fakes import FakeRegistry, sif_bytes
-
-UID = "0b6c5c1e-0000-4000-8000-000000000001"
-
-
-class FakeSlurm:
-    """The JobRunner seam: records submissions and cancellations, lists what it was given."""
-
-    def __init__(self) -> None:
-        self.submitted: list[tuple[Path, list[str]]] = []
-        self.cancelled: list[tuple[str, str | None]] = []
-        self.listed: dict[str, ListedJob] = {}
-        self.list_calls = 0
-        self.identified: list[list[str]] = []
-        self.refuse_signal: str | None = None
-        self.unavailable = False
-        self.next_id = 100
-
-    def submit(self, script: Path, argv_flags: Any, *, env: Mapping[str, str] | None = None) -> str:
-        if self.unavailable:
-            raise SlurmUnavailable("sbatch: Unable to contact slurm controller")
-        self.submitted.append((script, list(argv_flags)))
-        self.next_id += 1
-        job_id = str(self.next_id)
-        # Slurm knows the job at once, by the name, folder and comment it was given.
-        flags = dict(flag.removeprefix("--").split("=", 1) for flag in argv_flags if "=" in flag)
-        self.listed[job_id] = ListedJob(
-            job_id=job_id,
-            state="PENDING",
-            name=flags.get("job-name", ""),
-            work_dir=flags.get("chdir", ""),
-            comment=flags.get("comment"),
-        )
-        return job_id
-
-    def cancel(self, job_id: str, *, signal: str | None = None) -> None:
-        if self.unavailable:
-            raise SlurmUnavailable("scancel: Unable to contact slurm controller")
-        if signal is not None and self.refuse_signal is not None:
-            raise SlurmError(f"scancel: {self.refuse_signal}")
-        self.cancelled.append((job_id, signal))
-
-    def listed_jobs(self, comment_prefix: str) -> dict[str, ListedJob]:
-        self.list_calls += 1
-        return {
-            job_id: job
-            for job_id, job in self.listed.items()
-            if (job.comment or "").startswith(comment_prefix)
-        }
-
-    def identify(self, job_ids: Iterable[str]) -> dict[str, ListedJob]:
-        if self.unavailable:
-            raise SlurmUnavailable("squeue: Unable to contact slurm controller")
-        asked = list(job_ids)
-        self.identified.append(asked)
-        return {job_id: self.listed[job_id] for job_id in asked if job_id in self.listed}
-
-
-class FakeWatcher:
-    """The JobTracker seam: views are set by the test."""
-
-    def __init__(self) -> None:
-        self.registered: dict[str, str] = {}
-        self.views: dict[str, JobView] = {}
-
-    def register(self, job_id: str, key: str) -> None:
-        self.registered[job_id] = key
-
-    def forget(self, job_id: str) -> None:
-        self.registered.pop(job_id, None)
-
-    def view(self, job_id: str) -> JobView | None:
-        return self.views.get(job_id) if job_id in self.registered else None
-
-
-def job_view(job_id: str, state: str, *, final: bool = False) -> JobView:
-    return JobView(
-        job_id=job_id,
-        state=state,
-        reason=None,
-        nodes="n1" if state != "PENDING" else "",
-        batch_host="n1" if state != "PENDING" else None,
-        start_time=None,
-        end_time=None,
-        exit_code=0 if final else None,
-        exit_signal=0,
-        restarts=0,
-        cancelled_by=None,
-        final=final,
-        source="squeue",
-    )
-
-
-def make_pod(
-    name: str = "web",
-    *,
-    uid: str = UID,
-    annotations: Mapping[str, str] | None = None,
-    namespace: str = "default",
-) -> dict[str, Any]:
-    return {
-        "metadata": {
-            "name": name,
-            "namespace": namespace,
-            "uid": uid,
-            "annotations": dict(annotations or {}),
-        },
-        "spec": {
-            "nodeName": "hpk-batch",
-            "restartPolicy": "Never",
-            "automountServiceAccountToken": False,
-            "containers": [
-                {
-                    "name": "main",
-                    "image": "busybox",
-                    "imagePullPolicy": "IfNotPresent",  # pulls: tests/unit/test_pulls.py
-                    "command": ["true"],
-                }
-            ],
-        },
-    }
-
-
-class Bed:
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        self.slurm = FakeSlurm()
-        self.watcher = FakeWatcher()
-        self.images = images = root / "images"
-        sif = image_path("busybox", cache_dir=images)
-        sif.parent.mkdir(parents=True)
-        sif.write_bytes(sif_bytes())
-        self.pods_dir = root / "pods"
-        settings = ProviderSettings(
-            pods_dir=self.pods_dir,
-            apptainer=PurePosixPath("/usr/bin/apptainer"),
-            image_cache=images,
-        )
-        # Pulls, if any, done at once (no thread) from a fake registry.
-        self.registry = FakeRegistry({"docker.io/library/busybox:latest": sif_bytes()})
-        self.provider = SlurmProvider(
-            slurm=self.slurm,
-            watcher=self.watcher,
-            settings=settings,
-            images=ImagePuller(
-                cache_dir=images,
-                apptainer=str(settings.apptainer),
-                notify=lambda key: self.provider._ready(key),  # noqa: PLW0108 (made below)
-                runner=self.registry,
-                start=lambda pull: pull(),
-            ),
-        )
-
-    def folder(self, name: str = "web", namespace: str = "default") -> Path:
-        return self.pods_dir / namespace / name
-
-    def listed(self, job_id: str, uid: str, *, name: str = "web", state: str = "RUNNING") -> None:
-        self.slurm.listed[job_id] = ListedJob(
-            job_id=job_id,
-            state=state,
-            name=f"hpk/default/{name}",
-            work_dir=str(self.folder(name)),
-            comment=f"hpk-uid={uid}",
-        )
+from kubelet_py.provider import JOB_ID_ANNOTATION, PodLifecycleHandler, SlurmProvider
+from tests.unit.fakes import UID, Bed, FakeProvider, FakeWatcher, job_view, make_pod
 
 
 @pytest.fixture
 def bed(tmp_path: Path) -> Bed:
     return Bed(tmp_path)
+
+
+# -- the boundary -------------------------------------------------------------------------
+
+HANDLER_MEMBERS = sorted(
+    name
+    for name, member in vars(PodLifecycleHandler).items()
+    if callable(member) and not name.startswith("_")
+)
+
+
+def shape(method: object) -> list[tuple[str, object, object]]:
+    """A method's parameters by name, kind and default (a return type may be narrower, and
+    a default function is each one's own)."""
+    return [
+        (
+            parameter.name,
+            parameter.kind,
+            "a function" if callable(parameter.default) else parameter.default,
+        )
+        for parameter in inspect.signature(method).parameters.values()  # type: ignore[arg-type]
+    ]
+
+
+@pytest.mark.parametrize("provider", [SlurmProvider, FakeProvider])
+def test_the_slurm_provider_and_the_fake_keep_the_whole_protocol(provider: type) -> None:
+    """The controller sees only PodLifecycleHandler: the fake its tests use and the Slurm
+    provider it runs with must both offer every member, in the same shape."""
+    assert {"create_pod", "job_view", "sweep_orphans"} <= set(HANDLER_MEMBERS)
+    for name in HANDLER_MEMBERS:
+        assert callable(getattr(provider, name, None)), f"{provider.__name__} lacks {name}"
+        wanted = shape(getattr(PodLifecycleHandler, name))
+        assert shape(getattr(provider, name)) == wanted, f"{provider.__name__}.{name}"
 
 
 # -- one job per pod ----------------------------------------------------------------------

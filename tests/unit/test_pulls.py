@@ -2,7 +2,7 @@
 (threads and the cache's file lock), and what a pod waits with while an image is pulled or
 cannot be, with the back-off between tries.
 
-`apptainer pull` is faked at the command-runner seam (tests.unit.image_fakes.FakeRegistry);
+`apptainer pull` is faked at the command-runner seam (tests.unit.fakes.FakeRegistry);
 the real pull of an unreachable registry runs in tests/e2e/test_pod_images.py.
 """
 
@@ -23,9 +23,11 @@ from hpk.images import (
     PullLimits,
     cached_image,
     image_config,
+    import_image,
     plain_http,
     pull_image,
 )
+from kubelet_py.adapters.apiserver import WatchEvent
 from kubelet_py.errors import InvalidPodSpec
 from kubelet_py.loops.pulls import (
     ALWAYS,
@@ -38,7 +40,7 @@ from kubelet_py.loops.pulls import (
     pull_policy,
 )
 from kubelet_py.main import parse_args
-from tests.unit.image_fakes import FakeRegistry, sif_bytes
+from tests.unit.fakes import FakeRegistry, SlurmKit, make_pod, sif_bytes, until
 
 BUSYBOX = "docker.io/library/busybox:latest"
 PY = "docker.io/library/python:3.11"
@@ -471,3 +473,56 @@ def test_pull_limits_are_kubelet_flags() -> None:
         parse_args(["--kubeconfig", "k", "--max-parallel-image-pulls=0"])
     with pytest.raises(SystemExit):
         parse_args(["--kubeconfig", "k", "--image-pull-max-size=lots"])
+
+
+# -- behind the controller ----------------------------------------------------------------
+
+
+@pytest.fixture
+def kit(tmp_path: Path) -> SlurmKit:
+    return SlurmKit(tmp_path)
+
+
+def test_an_image_that_cannot_be_pulled_keeps_the_pod_pending_until_it_is_cached(
+    kit: SlurmKit,
+) -> None:
+    waiting = make_pod("pulls", uid="pulls-uid")
+    waiting["spec"]["containers"][0]["image"] = "hpk.test/absent:1"
+    with kit.running():
+        kit.controller.offer(WatchEvent("ADDED", waiting))
+        until("the Warning", lambda: ("pulls", "Warning", "Failed") in kit.api.of("event"))
+        assert kit.bed.slurm.submitted == []
+        sif = kit.bed.root / "absent.sif"
+        sif.write_bytes(sif_bytes())
+        import_image("hpk.test/absent:1", sif, cache_dir=kit.bed.images)
+        until("the submission", lambda: kit.bed.slurm.submitted)
+    reasons = [
+        status["containerStatuses"][0]["state"]["waiting"]["reason"]
+        for _key, status in kit.api.of("status")
+    ]
+    assert reasons[0] == "ErrImagePull"  # the pull ran at once here (no thread)
+    (status,) = [status for _key, status in kit.api.of("status")][:1]
+    message = status["containerStatuses"][0]["state"]["waiting"]["message"]
+    assert 'Failed to pull image "hpk.test/absent:1"' in message
+    assert "connection refused" in message
+    assert status["phase"] == "Pending"
+    assert kit.bed.registry.pulls == ["hpk.test/absent:1"]
+    assert len(kit.bed.slurm.submitted) == 1
+
+
+def test_a_pod_whose_image_is_being_pulled_is_submitted_once_pulled(tmp_path: Path) -> None:
+    kit = SlurmKit(tmp_path)
+    pending: list[Callable[[], None]] = []
+    kit.bed.provider.images._start = pending.append  # the pull waits until the test runs it
+    kit.bed.registry.images["docker.io/library/python:3.11"] = sif_bytes({"Cmd": ["python3"]})
+    the_pod = make_pod("slow", uid="slow-uid")
+    the_pod["spec"]["containers"][0]["image"] = "python:3.11"
+    with kit.running():
+        kit.controller.offer(WatchEvent("ADDED", the_pod))
+        until("the Pulling event", lambda: ("slow", "Normal", "Pulling") in kit.api.of("event"))
+        ((_key, status),) = kit.api.of("status")
+        assert status["containerStatuses"][0]["state"]["waiting"]["reason"] == "ContainerCreating"
+        kit.idle()
+        assert kit.bed.slurm.submitted == []
+        pending.pop()()
+        until("the submission", lambda: kit.bed.slurm.submitted)

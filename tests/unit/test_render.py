@@ -32,48 +32,11 @@ from kubelet_py.pod.render import (
     render_pod,
 )
 from kubelet_py.pod.security import JobUser
+from tests.unit.fakes import BUSYBOX, IMAGES, READ_BACK, Pod, busybox, launches, pod, settings
 
 GOLDEN = Path(__file__).parent / "golden"
-BUSYBOX = "docker.io/library/busybox:latest"
-PYTHON = "docker.io/library/python:3.11"
-IMAGES = {
-    BUSYBOX: PurePosixPath("/home/alice/.hpk/images/docker.io/library/busybox/latest.sif"),
-    PYTHON: PurePosixPath("/home/alice/.hpk/images/docker.io/library/python/3.11.sif"),
-}
 FLAGS_FIELD = "metadata.annotations[slurm.hpk.io/flags]"
 WEIRD_DIR = PurePosixPath('/var/tmp/it\'s a "pod"; folder/default/weird')
-
-Pod = dict[str, Any]
-
-
-def settings(name: str = "demo", **overrides: object) -> RenderSettings:
-    values: dict[str, object] = {
-        "pod_dir": PurePosixPath(f"/home/alice/.hpk/pods/default/{name}"),
-        "apptainer": PurePosixPath("/opt/hpk/tools/apptainer-1.4.3/bin/apptainer"),
-        "python": PurePosixPath("/home/alice/hpk/.venv/bin/python"),
-        "images": IMAGES,
-        "partition": "batch",
-        "job_user": JobUser(1000, 1000),
-    }
-    values.update(overrides)
-    return RenderSettings.from_overrides(**values)
-
-
-def pod(name: str, *containers: Pod, **spec: Any) -> Pod:
-    return {
-        "metadata": {
-            "name": name,
-            "namespace": "default",
-            "uid": "5f0c8a9e-1d2b-4c3d-8e4f-123456789abc",
-            "annotations": spec.pop("annotations", {}),
-        },
-        "spec": {"restartPolicy": "Never", "containers": list(containers), **spec},
-    }
-
-
-def busybox(name: str, **fields: Any) -> Pod:
-    return {"name": name, "image": "busybox", **fields}
-
 
 ECHO = pod("echo", busybox("main", command=["echo", "hello"]))
 
@@ -245,18 +208,6 @@ def test_job_script_is_valid_bash(case: str) -> None:
     assert result.returncode == 0, result.stderr
 
 
-def launches(rendered: RenderedPod) -> dict[str, list[str]]:
-    """Container name -> the argv its launcher runs, read back from the script as bash would."""
-    found: dict[str, list[str]] = {}
-    text = rendered.script.replace(" \\\n", " ")
-    launcher = r'^"\$python" -I -m kubelet_py\.job\.launch .*? &$'
-    for match in re.finditer(launcher, text, re.M | re.S):
-        words = shlex.split(match.group(0)[: -len(" &")])
-        folder = words[words.index("--") - 1]
-        found[folder.removeprefix("$containers/")] = words[words.index("--") + 1 :]
-    return found
-
-
 def test_docker_semantics_of_command_and_args() -> None:
     argv = launches(render_pod(COMMAND_ARGS, settings()))
     sif = str(IMAGES[BUSYBOX])
@@ -376,9 +327,6 @@ def test_env_values_go_to_the_env_file_not_the_script() -> None:
         if value:
             assert value not in rendered.script
     assert "--env-file env/main" in rendered.script
-
-
-READ_BACK = 'set -a; source /dev/stdin; for n in "$@"; do printf "%s\\0" "${!n}"; done'
 
 
 def test_env_file_holds_literal_values_with_kubernetes_expansion() -> None:

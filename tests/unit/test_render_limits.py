@@ -14,7 +14,7 @@ from hpk.images import ImageConfig
 from kubelet_py.errors import InvalidPodSpec
 from kubelet_py.pod.command import EXEC_BUDGET, MAX_ARG_STRLEN
 from kubelet_py.pod.render import render_pod
-from tests.unit.test_render import busybox, launches, pod, settings
+from tests.unit.fakes import busybox, launches, pod, settings
 
 LONGEST = MAX_ARG_STRLEN - 1
 """The longest word execve passes: the limit counts the NUL."""

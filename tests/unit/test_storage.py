@@ -17,10 +17,9 @@ from typing import Any
 
 import pytest
 
-from kubelet_py.errors import InvalidPodSpec
+from kubelet_py.errors import InvalidPodSpec, MissingReference
 from kubelet_py.job.podfolder import STORAGE_FAILURE
 from kubelet_py.job.termination import HOOK_PATH, READY_PATH
-from kubelet_py.pod.inputs import MissingReference
 from kubelet_py.pod.render import RenderSettings, render_pod
 from kubelet_py.pod.storage import (
     HOST_PATH_TYPES,
@@ -31,7 +30,7 @@ from kubelet_py.pod.storage import (
     with_claims,
     with_failure,
 )
-from tests.unit.test_provider import Bed, job_view, make_pod
+from tests.unit.fakes import Bed, job_view, make_pod
 
 BUSYBOX = "docker.io/library/busybox:latest"
 GOLDEN = Path(__file__).parent / "golden"

@@ -15,13 +15,12 @@ from typing import Any
 import pytest
 
 from kubelet_py.adapters.apiserver import ApiUnavailable, NotFound
+from kubelet_py.errors import MissingReference
 from kubelet_py.loops.tokens import TokenManager, TokenSettings, token_request, write_atomically
 from kubelet_py.main import parse_args, service_endpoint
-from kubelet_py.pod.inputs import MissingReference
 from kubelet_py.pod.projected import TokenSource
 from kubelet_py.provider import JOB_ID_ANNOTATION
-from tests.unit.test_projected import ACCESS_MOUNT, ACCESS_VOLUME, OBJECTS
-from tests.unit.test_provider import Bed
+from tests.unit.fakes import ACCESS_MOUNT, ACCESS_VOLUME, OBJECTS, Bed
 
 START = 1_800_000_000.0
 UID = "0b6c5c1e-0000-4000-8000-000000000001"

@@ -97,13 +97,28 @@ def test_many_workers_take_every_key_once_and_never_one_group_twice() -> None:
     keys = [f"ns/p{number % 50}" for number in range(200)] + [f"ns/p{n}/u" for n in range(50)]
     for key in keys:
         queue.put(key)
-    deadline = time.monotonic() + 10
-    while len(queue) and time.monotonic() < deadline:
-        time.sleep(0.01)
-    time.sleep(0.1)
+    assert queue.wait_idle(10), "the workers did not catch up"
     stop.set()
     queue.wake()
     for worker in workers:
         worker.join()
     assert not clash
     assert set(handled) == set(keys)
+
+
+def test_wait_idle_returns_once_every_due_key_is_done_and_not_before() -> None:
+    queue = WorkQueue()
+    stop = threading.Event()
+    queue.put("later", delay_s=60)
+    assert queue.wait_idle(0), "a key due later is no work yet"
+    queue.put("now")
+    assert not queue.wait_idle(0.05), "a key due and not taken"
+    assert queue.take(stop) == "now"
+    assert not queue.wait_idle(0.05), "a key taken and not done"
+    done = threading.Timer(0.05, queue.done, args=("now",))
+    done.start()
+    try:
+        assert queue.wait_idle(5), "woken by done"
+    finally:
+        done.join()
+    assert len(queue) == 1, "the later key still waits"
