@@ -60,6 +60,7 @@ from pathlib import Path, PurePosixPath
 from types import FrameType
 
 from kubelet_py.job import podfiles
+from kubelet_py.job.clock import rfc3339
 from kubelet_py.job.podfolder import ContainerFolder
 from kubelet_py.job.probes import Probe, Probes, Runner, check
 from kubelet_py.job.termination import HOOK_PATH, READY_PATH, Termination
@@ -84,12 +85,6 @@ _READ_SIZE = 1 << 16
 _POLL_SECONDS = 0.2
 _FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 _STREAMS = ("stdout", "stderr")
-
-
-def rfc3339(nanoseconds: int) -> str:
-    """UTC time in RFC 3339 with nine fractional digits: 2024-05-01T12:00:00.000000001Z."""
-    seconds, fraction = divmod(nanoseconds, 1_000_000_000)
-    return f"{time.strftime('%Y-%m-%dT%H:%M:%S', time.gmtime(seconds))}.{fraction:09d}Z"
 
 
 def open_log(path: Path) -> int:

@@ -24,7 +24,7 @@ import pytest
 from hpk.testbed.bed import Testbed, cgroups_usable
 from hpk.testbed.images import ensure_test_images
 from hpk.toolchain import Toolchain
-from kubelet_py.job.launch import rfc3339
+from kubelet_py.job.clock import rfc3339
 from kubelet_py.pod.render import RenderSettings, render_pod
 from tests.e2e.conftest import UserInstall
 from tests.e2e.slurm import Accounting, wait_finished

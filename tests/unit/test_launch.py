@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from kubelet_py.job.launch import LONGEST_LINE, Backoff, Clock, exit_code, launch, restarts, rfc3339
+from kubelet_py.job.clock import rfc3339
+from kubelet_py.job.launch import LONGEST_LINE, Backoff, Clock, exit_code, launch, restarts
 
 STAMP = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{9}Z"
 
