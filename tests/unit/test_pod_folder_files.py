@@ -13,14 +13,6 @@ from kubelet_py.provider import _write_volumes
 
 
 @pytest.fixture
-def key(tmp_path: Path) -> Path:
-    secret = tmp_path / "keys" / "ca.key"
-    secret.parent.mkdir()
-    secret.write_text("PRIVATE KEY\n")
-    return secret
-
-
-@pytest.fixture
 def pod(tmp_path: Path) -> Path:
     folder = tmp_path / "pods" / "ns" / "p"
     folder.mkdir(parents=True)
@@ -32,13 +24,13 @@ def inputs(**volumes: tuple[VolumeFile, ...]) -> PodInputs:
 
 
 def test_a_volume_replaced_by_a_link_is_written_afresh_beside_its_target(
-    pod: Path, key: Path
+    pod: Path, secret: Path
 ) -> None:
     (pod / "volumes").mkdir()
-    (pod / "volumes" / "conf").symlink_to(key.parent)
+    (pod / "volumes" / "conf").symlink_to(secret.parent)
     files = (VolumeFile("ca.key", b"mine", 0o400), VolumeFile("a/b.yaml", b"x: 1", 0o644))
     _write_volumes(pod, inputs(conf=files))
-    assert key.read_text() == "PRIVATE KEY\n"
+    assert secret.read_text() == "PRIVATE KEY\n"
     conf = pod / "volumes" / "conf"
     assert not conf.is_symlink()
     assert (conf / "ca.key").read_bytes() == b"mine"
@@ -47,11 +39,11 @@ def test_a_volume_replaced_by_a_link_is_written_afresh_beside_its_target(
     assert stat.S_IMODE((conf / "a").stat().st_mode) == 0o700
 
 
-def test_a_volumes_folder_replaced_by_a_link_is_refused(pod: Path, key: Path) -> None:
-    (pod / "volumes").symlink_to(key.parent)
+def test_a_volumes_folder_replaced_by_a_link_is_refused(pod: Path, secret: Path) -> None:
+    (pod / "volumes").symlink_to(secret.parent)
     with pytest.raises(OSError, match="symbolic link"):
         _write_volumes(pod, inputs(conf=(VolumeFile("ca.key", b"mine", 0o400),)))
-    assert key.read_text() == "PRIVATE KEY\n"
+    assert secret.read_text() == "PRIVATE KEY\n"
 
 
 def test_volumes_are_written_afresh(pod: Path) -> None:

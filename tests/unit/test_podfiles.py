@@ -13,13 +13,6 @@ from kubelet_py.job.podfiles import PodFileRefused
 
 
 @pytest.fixture
-def secret(tmp_path: Path) -> Path:
-    key = tmp_path / "ca.key"
-    key.write_text("PRIVATE KEY\n")
-    return key
-
-
-@pytest.fixture
 def pod(tmp_path: Path) -> Path:
     folder = tmp_path / "pods" / "ns" / "p"
     (folder / "containers" / "main").mkdir(parents=True)

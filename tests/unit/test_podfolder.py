@@ -21,14 +21,6 @@ AT2 = datetime(2026, 11, 24, 10, 0, 9, 500000, tzinfo=UTC)
 
 
 @pytest.fixture
-def secret(tmp_path: Path) -> Path:
-    key = tmp_path / "keys" / "ca.key"
-    key.parent.mkdir()
-    key.write_text("PRIVATE KEY\n")
-    return key
-
-
-@pytest.fixture
 def pod(tmp_path: Path) -> PodFolder:
     folder = PodFolder(tmp_path / "pods" / "ns" / "p")
     folder.container("main").path.mkdir(parents=True)
