@@ -76,6 +76,8 @@ debian_packages=(
     libsubid-dev fakeroot cryptsetup uidmap squashfs-tools squashfuse fuse2fs
     # test images and DNS checks
     debootstrap busybox-static bind9-dnsutils
+    # a pod's own network namespace (kubelet_py/job/netns.py): ip, unshare and nsenter
+    iproute2 util-linux
 )
 
 install_debian_packages() {

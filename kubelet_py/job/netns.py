@@ -1,0 +1,175 @@
+"""A pod's own network namespace, made inside its job without root (docs/networking.md).
+
+The job starts one holder, `python -I -m kubelet_py.job.netns hold …`, under
+`unshare --user --map-root-user --net`. As root of that new user namespace it brings `lo`
+up, and it can open the overlay's TUN device there, with the pod's address and routes. It
+hands the device to the job over an inherited socket (SCM_RIGHTS), since the tunnel's helper
+runs on the node's network. Then it waits until the job closes that socket, or dies.
+
+Every container's launcher then runs through `enter_argv`:
+- it joins the holder's user and network namespaces (`nsenter`);
+- it drops back to the user's own uid and gid in a nested user namespace (`unshare`).
+
+So the containers share the pod's localhost and ports, keep the user's identity, and hold no
+capability over the pod's network.
+
+Stdlib only, and nothing but util-linux and iproute2 on the node: it runs on compute nodes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fcntl
+import os
+import socket
+import struct
+import subprocess
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+_IFF_TUN = 0x0001
+_IFF_NO_PI = 0x1000
+_IFF_VNET_HDR = 0x4000
+_TUNSETIFF = 0x400454CA
+TUN_DEVICE = "/dev/net/tun"
+
+
+class NamespaceRefused(OSError):
+    """The node would not make the pod's namespace or device (user or network namespaces
+    disabled, `/dev/net/tun` closed to the user); the pod then uses the node's network."""
+
+
+@dataclass(frozen=True)
+class Interface:
+    """The pod's overlay interface, as the holder sets it up in the namespace."""
+
+    name: str
+    address: str
+    """With its prefix length: `10.244.1.2/32`."""
+    mtu: int
+    routes: tuple[str, ...] = ()
+    """Destinations routed through it (`10.244.0.0/16`)."""
+
+    def arguments(self) -> list[str]:
+        routes = [f"--route={route}" for route in self.routes]
+        return [f"--tun={self.name}", f"--address={self.address}", f"--mtu={self.mtu}", *routes]
+
+
+def open_tun(name: str) -> int:
+    """A TUN device named `name` in this process's network namespace, with offloads
+    (IFF_VNET_HDR), which give a tunnel several times the throughput; its descriptor."""
+    try:
+        fd = os.open(TUN_DEVICE, os.O_RDWR | os.O_CLOEXEC)
+    except OSError as error:
+        raise NamespaceRefused(error.errno, f"cannot open {TUN_DEVICE}: {error.strerror}") from None
+    try:
+        request = struct.pack("16sH", name.encode(), _IFF_TUN | _IFF_NO_PI | _IFF_VNET_HDR)
+        fcntl.ioctl(fd, _TUNSETIFF, request)
+    except OSError:
+        os.close(fd)
+        raise
+    return fd
+
+
+@dataclass
+class Holder:
+    """A running holder, seen from the job: its process, and the TUN device it handed over."""
+
+    process: subprocess.Popen[bytes]
+    channel: socket.socket
+    tun_fd: int | None
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def close(self) -> None:
+        """End the holder; the namespace goes with its last process."""
+        if self.tun_fd is not None:
+            os.close(self.tun_fd)
+            self.tun_fd = None
+        self.channel.close()
+        self.process.communicate()
+
+
+def start_holder(interface: Interface | None = None, *, python: str = sys.executable) -> Holder:
+    """Make the pod's namespace and wait until it is set up.
+
+    Raises NamespaceRefused when the node refuses a user or network namespace, or the TUN
+    device, with the holder's own words.
+    """
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    argv = ["unshare", "--user", "--map-root-user", "--net", python, "-I", "-m", __name__]
+    argv += ["hold", f"--channel={theirs.fileno()}"]
+    argv += interface.arguments() if interface else []
+    process = subprocess.Popen(
+        argv, pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    theirs.close()
+    try:
+        message, fds, _, _ = socket.recv_fds(ours, 1024, 1)
+    except OSError:
+        message, fds = b"", []
+    if not message.startswith(b"ok"):
+        ours.close()
+        for fd in fds:
+            os.close(fd)
+        said = process.communicate()[1].decode(errors="replace")
+        raise NamespaceRefused(0, " ".join(said.split())[-500:] or "the holder ended at once")
+    return Holder(process=process, channel=ours, tun_fd=fds[0] if fds else None)
+
+
+def enter_argv(holder_pid: int, *, uid: int, gid: int) -> list[str]:
+    """The words before a command that runs it in the pod's namespace, as `uid`:`gid`."""
+    return [
+        "nsenter", "--preserve-credentials", "--user", "--net", f"--target={holder_pid}", "--",
+        "unshare", "--user", f"--map-user={uid}", f"--map-group={gid}", "--",
+    ]  # fmt: skip
+
+
+def _hold(channel_fd: int, interface: Interface | None) -> int:
+    """In the new namespaces: set them up, report to the job, then wait for its end."""
+    channel = socket.socket(fileno=channel_fd)
+    ip = ["ip"]
+    subprocess.run([*ip, "link", "set", "lo", "up"], check=True)
+    fds = []
+    if interface is not None:
+        fd = open_tun(interface.name)
+        fds.append(fd)
+        subprocess.run([*ip, "addr", "add", interface.address, "dev", interface.name], check=True)
+        subprocess.run(
+            [*ip, "link", "set", interface.name, "mtu", str(interface.mtu), "up"], check=True
+        )
+        for route in interface.routes:
+            subprocess.run([*ip, "route", "add", route, "dev", interface.name], check=True)
+    socket.send_fds(channel, [b"ok"], fds)
+    for fd in fds:
+        os.close(fd)
+    while channel.recv(1):  # the job closes it (or dies): the namespace may go
+        pass
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m kubelet_py.job.netns")
+    commands = parser.add_subparsers(dest="command", required=True)
+    hold = commands.add_parser("hold", help="set up this (new) network namespace and hold it")
+    hold.add_argument("--channel", type=int, required=True)
+    hold.add_argument("--tun")
+    hold.add_argument("--address")
+    hold.add_argument("--mtu", type=int, default=1420)
+    hold.add_argument("--route", action="append", default=[])
+    args = parser.parse_args(argv)
+    interface = None
+    if args.tun:
+        interface = Interface(args.tun, args.address, args.mtu, tuple(args.route))
+    try:
+        return _hold(args.channel, interface)
+    except (OSError, subprocess.CalledProcessError) as error:
+        print(f"kubelet_py.job.netns: {error}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
