@@ -51,7 +51,16 @@ def holder() -> Iterator[Holder]:
 
 
 def inside(holder: Holder, code: str, *args: str, uid: int = 4321) -> list[str]:
-    return [*enter_argv(holder.pid, uid=uid, gid=uid), sys.executable, "-I", "-c", code, *args]
+    """Python `code` run in the pod's namespace as `uid`."""
+    return in_pod(holder, sys.executable, "-I", "-c", code, *args, uid=uid)
+
+
+def in_pod(holder: Holder, *words: str, uid: int = 4321) -> list[str]:
+    return [*enter_argv(holder.pid, uid=uid, gid=uid), *words]
+
+
+def run(argv: list[str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(argv, check=False, capture_output=True, text=True, timeout=30)
 
 
 def free_port() -> int:
@@ -71,13 +80,7 @@ def test_processes_of_one_pod_share_its_localhost_and_not_the_nodes(holder: Hold
             try:
                 assert server.stdout is not None
                 assert server.stdout.readline().strip() == "listening"
-                fetched = subprocess.run(
-                    inside(holder, FETCH, str(port)),
-                    check=False,
-                    capture_output=True,
-                    text=True,
-                    timeout=30,
-                )
+                fetched = run(inside(holder, FETCH, str(port)))
                 assert fetched.stdout.strip() == "from the pod", fetched.stderr
             finally:
                 server.kill()
@@ -86,21 +89,9 @@ def test_processes_of_one_pod_share_its_localhost_and_not_the_nodes(holder: Hold
 def test_a_pods_process_keeps_the_users_identity_and_no_power_over_the_network(
     holder: Holder,
 ) -> None:
-    who = subprocess.run(
-        inside(holder, "import os; print(os.getuid(), os.getgid())"),
-        check=False,
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
+    who = run(inside(holder, "import os; print(os.getuid(), os.getgid())"))
     assert who.stdout.split() == ["4321", "4321"], who.stderr
-    add = subprocess.run(
-        [*enter_argv(holder.pid, uid=4321, gid=4321), "ip", "link", "add", "x0", "type", "dummy"],
-        check=False,
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
+    add = run(in_pod(holder, "ip", "link", "add", "x0", "type", "dummy"))
     assert add.returncode != 0
     assert "Operation not permitted" in add.stderr
 
@@ -113,13 +104,7 @@ def test_the_tun_device_made_in_the_pod_carries_its_packets_to_the_job() -> None
     holder = start_holder(interface)
     try:
         assert holder.tun_fd is not None
-        shown = subprocess.run(
-            [*enter_argv(holder.pid, uid=0, gid=0), "ip", "-o", "-4", "addr", "show", "hpk0"],
-            check=False,
-            capture_output=True,
-            text=True,
-            timeout=30,
-        )
+        shown = run(in_pod(holder, "ip", "-o", "-4", "addr", "show", "hpk0", uid=0))
         assert "10.244.1.2/32" in shown.stdout, shown.stderr
         subprocess.run(inside(holder, SEND, "10.244.9.9"), check=True, timeout=30)
         assert "10.244.9.9" in [socket.inet_ntoa(p[16:20]) for p in ipv4_packets(holder.tun_fd)]
