@@ -93,11 +93,14 @@ class Holder:
         self.process.communicate()
 
 
-def start_holder(interface: Interface | None = None, *, python: str = sys.executable) -> Holder:
+def start_holder(
+    interface: Interface | None = None, *, python: str = sys.executable, timeout_s: float = 30.0
+) -> Holder:
     """Make the pod's namespace and wait until it is set up.
 
     Raises NamespaceRefused when the node refuses a user or network namespace, or the TUN
-    device, with the holder's own words.
+    device, with the holder's own words; or when the holder has not reported within
+    `timeout_s` (it is then killed).
     """
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     argv = ["unshare", "--user", "--map-root-user", "--net", python, "-I", "-m", __name__]
@@ -107,16 +110,22 @@ def start_holder(interface: Interface | None = None, *, python: str = sys.execut
         argv, pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL, stderr=subprocess.PIPE
     )
     theirs.close()
+    ours.settimeout(timeout_s)
+    ended = "the holder ended at once"
     try:
         message, fds, _, _ = socket.recv_fds(ours, 1024, 1)
+    except TimeoutError:
+        process.kill()
+        message, fds, ended = b"", [], f"the holder did not report within {timeout_s:g} s"
     except OSError:
         message, fds = b"", []
+    ours.settimeout(None)
     if not message.startswith(b"ok"):
         ours.close()
         for fd in fds:
             os.close(fd)
         said = process.communicate()[1].decode(errors="replace")
-        raise NamespaceRefused(0, " ".join(said.split())[-500:] or "the holder ended at once")
+        raise NamespaceRefused(0, " ".join(said.split())[-500:] or ended)
     return Holder(process=process, channel=ours, tun_fd=fds[0] if fds else None)
 
 

@@ -11,7 +11,9 @@ import select
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -126,3 +128,13 @@ def ipv4_packets(tun_fd: int, *, within_s: float = 5.0) -> Iterator[bytes]:
 def test_a_namespace_the_node_will_not_make_is_refused_with_its_reason() -> None:
     with pytest.raises(NamespaceRefused, match="nowhere/python"):
         start_holder(python="/nowhere/python")
+
+
+def test_a_holder_that_never_reports_is_killed_and_refused(tmp_path: Path) -> None:
+    stuck = tmp_path / "stuck-python"
+    stuck.write_text("#!/bin/sh\nexec sleep 60\n")
+    stuck.chmod(0o755)
+    began = time.monotonic()
+    with pytest.raises(NamespaceRefused, match=r"did not report within 0\.5 s"):
+        start_holder(python=str(stuck), timeout_s=0.5)
+    assert time.monotonic() - began < 10
