@@ -140,24 +140,25 @@ def enter_argv(holder_pid: int, *, uid: int, gid: int) -> list[str]:
 def _hold(channel_fd: int, interface: Interface | None) -> int:
     """In the new namespaces: set them up, report to the job, then wait for its end."""
     channel = socket.socket(fileno=channel_fd)
-    ip = ["ip"]
-    subprocess.run([*ip, "link", "set", "lo", "up"], check=True)
+    _ip("link", "set", "lo", "up")
     fds = []
     if interface is not None:
-        fd = open_tun(interface.name)
-        fds.append(fd)
-        subprocess.run([*ip, "addr", "add", interface.address, "dev", interface.name], check=True)
-        subprocess.run(
-            [*ip, "link", "set", interface.name, "mtu", str(interface.mtu), "up"], check=True
-        )
+        fds.append(open_tun(interface.name))
+        _ip("addr", "add", interface.address, "dev", interface.name)
+        _ip("link", "set", interface.name, "mtu", str(interface.mtu), "up")
         for route in interface.routes:
-            subprocess.run([*ip, "route", "add", route, "dev", interface.name], check=True)
+            _ip("route", "add", route, "dev", interface.name)
     socket.send_fds(channel, [b"ok"], fds)
     for fd in fds:
         os.close(fd)
     while channel.recv(1):  # the job closes it (or dies): the namespace may go
         pass
     return 0
+
+
+def _ip(*words: str) -> None:
+    """iproute2's `ip`, as root of the pod's namespaces; its own error on failure."""
+    subprocess.run(["ip", *words], check=True)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
