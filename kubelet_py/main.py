@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import ipaddress
+import json
 import logging
 import math
 import signal
@@ -77,6 +78,7 @@ from kubelet_py.loops.provisioner import (
 from kubelet_py.loops.pulls import PullSettings
 from kubelet_py.loops.tokens import TokenManager, TokenSettings
 from kubelet_py.loops.watcher import JobView, JobWatcher
+from kubelet_py.pod.network import PodNetworkSettings
 from kubelet_py.pod.resources import parse_quantity
 from kubelet_py.pod.storage import with_claims
 from kubelet_py.provider import ProviderSettings, SlurmProvider
@@ -136,6 +138,9 @@ class KubeletSettings:
     allow_mail_flags: bool = False
     """Whether pods' flags annotations may pass --mail-type and --mail-user: mail leaves the
     cluster, and a chart's pods could flood the user's mailbox, so it is off unless asked."""
+    pod_network: Path | None = None
+    """The pod network hub's file (hpk.controlplane.network); None: every pod uses the node's
+    network."""
 
 
 def _csv(text: str) -> tuple[str, ...]:
@@ -271,6 +276,13 @@ def parse_args(argv: Sequence[str] | None = None) -> KubeletSettings:
         "(default: %(default)s)",
     )
     parser.add_argument(
+        "--pod-network",
+        type=Path,
+        default=None,
+        help="the pod network hub's file, written by the control-plane job (default: pods use "
+        "the node's network)",
+    )
+    parser.add_argument(
         "--allow-mail-flags",
         action="store_true",
         help="let pods ask Slurm for mail (--mail-type, --mail-user in slurm.hpk.io/flags)",
@@ -322,7 +334,32 @@ def parse_args(argv: Sequence[str] | None = None) -> KubeletSettings:
         insecure_registries=tuple(args.insecure_registry),
         pulls=pulls,
         allow_mail_flags=args.allow_mail_flags,
+        pod_network=args.pod_network,
     )
+
+
+def _pod_network(hub_file: Path | None) -> tuple[PodNetworkSettings | None, Path | None]:
+    """The pod network and the hub's control socket, from the hub's file; (None, None)
+    without one, or when it cannot be read (pods then use the node's network)."""
+    if hub_file is None:
+        log.info("no --pod-network: pods use the node's network")
+        return None, None
+    try:
+        hub = json.loads(hub_file.read_text())
+        network = PodNetworkSettings(
+            hub_endpoint=str(hub["endpoint"]),
+            hub_public_key=str(hub["public_key"]),
+            tunnel=PurePosixPath(hub["tunnel"]),
+            pod_cidr=str(hub["pod_cidr"]),
+            service_cidr=str(hub["service_cidr"]),
+            mtu=int(hub["mtu"]),
+        )
+        control = Path(hub["control"])
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        log.error("pods use the node's network: the hub's file %s: %s", hub_file, error)
+        return None, None
+    log.info("pod network %s through the hub at %s", network.pod_cidr, network.hub_endpoint)
+    return network, control
 
 
 def service_endpoint(url: str, *, node_ip: str | None = None) -> tuple[str, int]:
@@ -457,6 +494,7 @@ def run(  # noqa: PLR0915 (every thread's wiring, start and stop in one place)
                 callback(key, view)
 
         watcher = JobWatcher(slurm, on_change)
+        network, hub_control = _pod_network(settings.pod_network)
         tokens = TokenManager(token_api, settings=settings.tokens, events=events)
         provider = SlurmProvider(
             slurm=slurm,
@@ -473,6 +511,8 @@ def run(  # noqa: PLR0915 (every thread's wiring, start and stop in one place)
                 ),
                 insecure_registries=settings.insecure_registries,
                 allow_mail_flags=settings.allow_mail_flags,
+                network=network,
+                hub_control=hub_control,
             ),
             lookup=with_claims(pod_api.get_config_object, pod_api.get_or_none),
             tokens=tokens,

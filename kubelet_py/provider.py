@@ -32,6 +32,7 @@ another job (Slurm starts counting again when its state is wiped) turns LOST for
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import shutil
@@ -44,6 +45,7 @@ from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any, Protocol
 
 from hpk.images import ImageConfig, InvalidImageReference
+from kubelet_py.adapters.hub import Hub, HubUnavailable, new_private_key, public_key
 from kubelet_py.adapters.slurm import FINAL_STATES, JOB_ID, ListedJob, SlurmError, SlurmUnavailable
 from kubelet_py.errors import InvalidPodSpec
 from kubelet_py.job import podfiles
@@ -52,6 +54,7 @@ from kubelet_py.loops.pulls import ImagePuller, ImageWaiting, PullSettings, pull
 from kubelet_py.loops.watcher import LOST, WAITING_STATES, JobView
 from kubelet_py.pod import projected
 from kubelet_py.pod.inputs import ObjectLookup, PodInputs, needs_node_address, resolve
+from kubelet_py.pod.network import AddressPool, PodAddress, PodNetworkSettings, wants_pod_network
 from kubelet_py.pod.render import JOB_NAME_PREFIX, RenderSettings, render_pod
 from kubelet_py.pod.status import pod_status, read_markers
 from kubelet_py.pod.storage import read_failure, resolve_claims, with_failure
@@ -228,6 +231,12 @@ class ProviderSettings:
     allow_mail_flags: bool = False
     """Whether pods may ask Slurm for mail through their flags annotation."""
 
+    network: PodNetworkSettings | None = None
+    """The pod network (kubelet_py.pod.network); None: every pod uses the node's network."""
+
+    hub_control: Path | None = None
+    """The pod network hub's control socket (kubelet_py.adapters.hub), with `network`."""
+
 
 @dataclass
 class _Known:
@@ -238,6 +247,8 @@ class _Known:
     adopted: str | None = None
     """Where the job was found ("annotation", "pod folder", "Slurm comment"); None: this
     kubelet submitted it."""
+    address: str | None = None
+    """The pod's address on the pod network; None on the node's network."""
 
 
 class SlurmProvider:
@@ -280,6 +291,15 @@ class SlurmProvider:
         )
         """Resolves the pods' images, pulling in the background; a finished pull hands its
         pods to the `notify_pods` callbacks."""
+        self.addresses: AddressPool | None = None
+        self.hub: Hub | None = None
+        if settings.network is not None:
+            if settings.hub_control is None:
+                raise ValueError("settings: the pod network needs hub_control")
+            self.addresses = AddressPool(settings.network.pod_cidr)
+            self.hub = Hub(settings.hub_control)
+        self._keys: dict[str, str] = {}
+        """Pod UID -> the public key the hub knows it by."""
 
     def folder(self, namespace: str, name: str) -> Path:
         return self.settings.pods_dir / namespace / name
@@ -332,6 +352,7 @@ class SlurmProvider:
             ),
             kubernetes_service=self.settings.kubernetes_service,
             allow_mail_flags=self.settings.allow_mail_flags,
+            network=self.settings.network,
         )
         if self.settings.python:
             render_settings = replace(render_settings, python=self.settings.python)
@@ -344,7 +365,8 @@ class SlurmProvider:
         inputs = projected.with_tokens(
             inputs, made, {source: token.token for source, token in tokens.items()}
         )
-        rendered = render_pod(pod, render_settings, inputs=inputs, claims=claims)
+        address = self._address(pod)
+        rendered = render_pod(pod, render_settings, inputs=inputs, claims=claims, address=address)
         warnings = (*image_warnings, *rendered.warnings)
         for _reason, warning in warnings:
             log.warning("%s: %s", key, warning)
@@ -358,7 +380,7 @@ class SlurmProvider:
         job_id = self.slurm.submit(script, list(rendered.sbatch_args[:-1]))
         PodFolder(folder).write_job_id(job_id)
         log.info("%s: job %s submitted", key, job_id)
-        self._remember(key, pod, uid, job_id, folder)
+        self._remember(key, pod, uid, job_id, folder, address=address.ip if address else None)
         self._keep_fresh(pod, folder, tokens)
         self.images.forget(key)
         if warnings:
@@ -418,11 +440,13 @@ class SlurmProvider:
             known = self._pods.get(f"{namespace}/{name}")
         if known is None:
             return None
+        network = PodFolder(known.folder).read_network() if known.address else None
         status = pod_status(
             known.pod.get("spec") or {},
             self._view(known.job_id, known.pod),
             read_markers(known.folder),
             node_addresses=self.settings.node_addresses,
+            pod_ip=known.address if network and network[0] == "pod" else None,
         )
         # A job its storage ended (a hostPath check, an emptyDir over its sizeLimit) says why.
         return with_failure(status, read_failure(known.folder))
@@ -514,6 +538,7 @@ class SlurmProvider:
             self.watcher.forget(job_id)
         if self.tokens is not None:
             self.tokens.forget(key, uid)
+        self._release(uid)
 
     def runs(self, key: str, uid: str) -> bool:
         """Whether the pod `key` with `uid` is known and its job has not ended (its tokens
@@ -593,10 +618,80 @@ class SlurmProvider:
             raise waiting
         return images, configs, tuple(warnings)
 
+    def _address(self, pod: Mapping[str, Any]) -> PodAddress | None:
+        """A pod's address and key on the pod network, the hub told of them; None for a pod
+        on the node's network. BackendError when the hub does not answer."""
+        if self.addresses is None or self.hub is None or not wants_pod_network(pod):
+            return None
+        uid = _uid(pod)
+        ip = self.addresses.take(uid)
+        private = new_private_key()
+        public = public_key(private)
+        try:
+            self.hub.add(public, ip)
+        except HubUnavailable:
+            self.addresses.release(uid)
+            raise
+        with self._lock:
+            earlier = self._keys.get(uid)
+            self._keys[uid] = public
+        if earlier is not None and earlier != public:
+            self._unhub(earlier)
+        return PodAddress(ip=ip, private_key=private)
+
+    def _readopt_address(self, pod: Mapping[str, Any], folder: Path) -> str | None:
+        """The address an adopted pod's job was given, held again and the hub told of its
+        key (after a restart); None when the pod has none, or it cannot be held again."""
+        if self.addresses is None or self.hub is None:
+            return None
+        uid = _uid(pod)
+        try:
+            config = json.loads(podfiles.read_text(PodFolder(folder).network_config, root=folder))
+            ip = str(config["interface"]["address"]).partition("/")[0]
+            private = next(
+                line.partition("=")[2]
+                for line in str(config["tunnel"]["config"]).splitlines()
+                if line.startswith("private_key=")
+            )
+            public = public_key(private)
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, KeyError, TypeError, StopIteration) as error:
+            log.warning("%s: its network file cannot be read: %s", pod_key(pod), error)
+            return None
+        if not self.addresses.restore(uid, ip):
+            log.warning("%s: its address %s is another pod's", pod_key(pod), ip)
+            return None
+        try:
+            self.hub.add(public, ip)
+        except HubUnavailable as error:
+            log.warning("%s: the hub was not told of it again: %s", pod_key(pod), error)
+        with self._lock:
+            self._keys[uid] = public
+        return ip
+
+    def _release(self, uid: str) -> None:
+        if self.addresses is None:
+            return
+        self.addresses.release(uid)
+        with self._lock:
+            public = self._keys.pop(uid, None)
+        if public is not None:
+            self._unhub(public)
+
+    def _unhub(self, public: str) -> None:
+        if self.hub is None:
+            return
+        try:
+            self.hub.remove(public)
+        except HubUnavailable as error:
+            log.warning("the hub did not drop a pod's key: %s", error)
+
     def _adopt(self, pod: Mapping[str, Any], job_id: str, folder: Path, *, how: str) -> str:
         key = pod_key(pod)
         log.info("%s: job %s adopted (from its %s)", key, job_id, how)
-        self._remember(key, pod, _uid(pod), job_id, folder, adopted=how)
+        address = self._readopt_address(pod, folder)
+        self._remember(key, pod, _uid(pod), job_id, folder, adopted=how, address=address)
         if self.tokens is not None:
             try:
                 self.tokens.adopt(pod, folder, projected.token_sources(pod))
@@ -630,10 +725,11 @@ class SlurmProvider:
         folder: Path,
         *,
         adopted: str | None = None,
+        address: str | None = None,
     ) -> None:
         with self._lock:
             self._pods[key] = _Known(
-                pod=pod, uid=uid, job_id=job_id, folder=folder, adopted=adopted
+                pod=pod, uid=uid, job_id=job_id, folder=folder, adopted=adopted, address=address
             )
         self.watcher.register(job_id, key)
 

@@ -16,7 +16,9 @@ import os
 import signal
 import sys
 import threading
+import time
 from collections.abc import Iterator, Sequence
+from dataclasses import replace
 from pathlib import Path
 from types import FrameType
 
@@ -25,6 +27,7 @@ from hpk.controlplane.errors import ControlPlaneError
 from hpk.controlplane.host import hostname, node_addresses
 from hpk.controlplane.image import ApptainerRunner, runnable_image
 from hpk.controlplane.launcher import ControlPlane
+from hpk.controlplane.network import HUB, HubFiles, prepare_hub
 from hpk.controlplane.probes import TLSClient
 from hpk.controlplane.settings import Binaries, ControlPlaneSettings
 from hpk.files import private_dir
@@ -32,7 +35,7 @@ from hpk.home import HpkHome
 from hpk.pki import ClusterPKI, PKIError, write_kubeconfig
 from hpk.process import ProcessFailed, ProcessSpec, Runner, RunningProcess, start_process
 from hpk.record import ClusterRecord, read_record
-from hpk.toolchain import ToolchainMissing, find_apptainer
+from hpk.toolchain import Toolchain, ToolchainMissing, find_apptainer
 from kubelet_py import CONNECTED_MESSAGE, NODES_MESSAGE
 
 log = logging.getLogger(__name__)
@@ -41,6 +44,8 @@ KUBELET = "hpk-kubelet"
 KUBELET_NODE_PREFIX = "hpk"
 """The kubelet's nodes are named <prefix>-<partition>: hpk-batch, hpk-gpu."""
 HEALTH_INTERVAL_S = 5.0
+TUNNEL = "hpk-tunnel"
+HUB_READY_TIMEOUT_S = 15.0
 """How often the job checks its components and updates the record."""
 
 
@@ -202,10 +207,12 @@ def _serve(
 ) -> int:
     """Start everything, report readiness and health until asked to stop, then stop in order."""
     kubelet: RunningProcess | None = None
+    hub: RunningProcess | None = None
     status = 0
     try:
         plane.start()
-        kubelet = _start_kubelet(home, plane, stop=stop)
+        hub, hub_file = _start_hub(plane)
+        kubelet = _start_kubelet(home, plane, stop=stop, hub_file=hub_file)
         endpoint = f"https://{plane.context.advertise_address}:{plane.ports.apiserver}"
         pki = plane.pki
         write_kubeconfig(home.kubeconfig, server=endpoint, ca_cert=pki.ca.cert, client=pki.admin)
@@ -214,7 +221,9 @@ def _serve(
         log.info("    export KUBECONFIG=%s", home.kubeconfig)
         while True:
             record.health = {**plane.health(), KUBELET: kubelet.alive()}
-            dead = [name for name, process in _processes(plane, kubelet) if not process.alive()]
+            dead = [
+                name for name, process in _processes(plane, kubelet, hub) if not process.alive()
+            ]
             if dead:
                 record.state, record.message = "failed", f"{', '.join(dead)} exited"
                 log.error("%s exited; stopping the control plane", ", ".join(dead))
@@ -235,6 +244,8 @@ def _serve(
         record.save(home.record)
         if kubelet is not None:
             kubelet.stop(timeout=plane.settings.stop_timeout_s)
+        if hub is not None:
+            hub.stop(timeout=plane.settings.stop_timeout_s)
         plane.stop()
         if record.state == "stopping":
             record.state = "stopped"
@@ -262,7 +273,44 @@ def prepare_kubelet(plane: ControlPlane) -> Path:
     return kubeconfig
 
 
-def _start_kubelet(home: HpkHome, plane: ControlPlane, *, stop: StopRequested) -> RunningProcess:
+def _start_hub(plane: ControlPlane) -> tuple[RunningProcess | None, Path | None]:
+    """The pod network's hub, and the file that tells the kubelet of it; (None, None) when
+    pods use the node's network (the setting, a missing tunnel program, or a hub that would
+    not start: the kubelet then says so on its nodes)."""
+    if not plane.settings.pod_network:
+        return None, None
+    try:
+        tunnel = Toolchain.load().binary(TUNNEL)
+    except ToolchainMissing as error:
+        log.warning("pods use the node's network: %s", error)
+        return None, None
+    layout = plane.layout
+    hub = prepare_hub(
+        HubFiles(layout.network),
+        tunnel=tunnel,
+        endpoint_address=plane.context.advertise_address,
+        port=plane.ports.hub,
+        pod_cidr=plane.settings.pod_cidr,
+        service_cidr=plane.settings.service_cidr,
+        log_file=layout.log_file(HUB),
+        pid_file=layout.pid_file(HUB),
+    )
+    process = start_process(hub.spec)
+    deadline = time.monotonic() + HUB_READY_TIMEOUT_S
+    while not hub.ready():
+        if not process.alive() or time.monotonic() > deadline:
+            said = " ".join(process.log_text().split())[-300:]
+            log.warning("pods use the node's network: the hub did not start: %s", said)
+            process.stop(timeout=plane.settings.stop_timeout_s)
+            return None, None
+        time.sleep(0.05)
+    log.info("pod network %s: hub ready on UDP port %d", plane.settings.pod_cidr, plane.ports.hub)
+    return process, hub.hub_file
+
+
+def _start_kubelet(
+    home: HpkHome, plane: ControlPlane, *, stop: StopRequested, hub_file: Path | None = None
+) -> RunningProcess:
     kubeconfig = prepare_kubelet(plane)
     spec = kubelet_spec(
         home,
@@ -270,10 +318,15 @@ def _start_kubelet(home: HpkHome, plane: ControlPlane, *, stop: StopRequested) -
         node_ip=plane.context.advertise_address,
         api_args=kubelet_api_args(plane),
     )
+    if hub_file is not None:
+        spec = replace(spec, argv=(*spec.argv, f"--pod-network={hub_file}"))
     kubelet = start_process(spec)
     _wait_kubelet(kubelet, stop=stop, timeout=plane.settings.apiserver_ready_timeout_s)
     return kubelet
 
 
-def _processes(plane: ControlPlane, kubelet: RunningProcess) -> list[tuple[str, RunningProcess]]:
-    return [*plane.processes.items(), (KUBELET, kubelet)]
+def _processes(
+    plane: ControlPlane, kubelet: RunningProcess, hub: RunningProcess | None
+) -> list[tuple[str, RunningProcess]]:
+    hubs = [(HUB, hub)] if hub is not None else []
+    return [*plane.processes.items(), *hubs, (KUBELET, kubelet)]

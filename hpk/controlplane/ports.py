@@ -53,6 +53,9 @@ class Ports:
     """hpk-kubelet's HTTPS API (`kubectl logs`), on every address; its nodes advertise it in
     `status.daemonEndpoints`. Not 10250: other users' kubelets may share the node."""
 
+    hub: int
+    """The pod network hub's tunnel (UDP, every address): where pods' tunnels connect."""
+
     def as_dict(self) -> dict[str, int]:
         return asdict(self)
 
@@ -60,10 +63,10 @@ class Ports:
         return list(self.as_dict().values())
 
 
-UDP_PORTS = frozenset({"dns"})
+UDP_PORTS = frozenset({"dns", "hub"})
 """Fields whose port must be free for UDP as well as TCP."""
 
-ADDED_PORTS = frozenset({"kubelet"})
+ADDED_PORTS = frozenset({"kubelet", "hub"})
 """Fields a ports.json written by an older hpk lacks. Such a record is still used: these
 ports are read as 0 ("not recorded") and chosen afresh, the others kept."""
 

@@ -23,6 +23,13 @@ class ControlPlaneSettings:
     service_cidr: str = "10.96.0.0/16"
     """Range of Service ClusterIPs; its first address is the `kubernetes` service's."""
 
+    pod_cidr: str = "10.244.0.0/16"
+    """The pod network's range: each pod's address, and the hub's (the first)."""
+
+    pod_network: bool = True
+    """Whether pods get a network of their own (docs/networking.md); without it, or where
+    the nodes refuse it, they use the nodes' network."""
+
     cluster_domain: str = "cluster.local"
     """DNS domain CoreDNS serves for services and pods."""
 
@@ -59,9 +66,10 @@ class ControlPlaneSettings:
     """Grace time after SIGTERM before a component is killed."""
 
     def __post_init__(self) -> None:
-        network = ipaddress.ip_network(self.service_cidr, strict=True)
-        if network.num_addresses < 4:
-            raise ValueError(f"service_cidr {self.service_cidr} is too small")
+        for name in ("service_cidr", "pod_cidr"):
+            network = ipaddress.ip_network(getattr(self, name), strict=True)
+            if network.num_addresses < 4:
+                raise ValueError(f"{name} {getattr(self, name)} is too small")
         for name in ("apiserver_bind_address", "advertise_address", "dns_bind_address"):
             value = getattr(self, name)
             if value is not None:
@@ -154,6 +162,11 @@ class StateLayout:
     def flexvolume_dir(self) -> Path:
         """Given to the controller-manager so it never reaches outside the state folder."""
         return self.root / "kube-controller-manager" / "flexvolume"
+
+    @property
+    def network(self) -> Path:
+        """The pod network hub's files (hpk.controlplane.network)."""
+        return self.root / "network"
 
     @property
     def corefile(self) -> Path:

@@ -50,10 +50,13 @@ class Interface:
     mtu: int
     routes: tuple[str, ...] = ()
     """Destinations routed through it (`10.244.0.0/16`)."""
+    forwarding: bool = False
+    """IPv4 forwarding in the namespace: the hub's, which routes between pods."""
 
     def arguments(self) -> list[str]:
-        routes = [f"--route={route}" for route in self.routes]
-        return [f"--tun={self.name}", f"--address={self.address}", f"--mtu={self.mtu}", *routes]
+        words = [f"--tun={self.name}", f"--address={self.address}", f"--mtu={self.mtu}"]
+        words += [f"--route={route}" for route in self.routes]
+        return words + (["--forwarding"] if self.forwarding else [])
 
 
 def open_tun(name: str) -> int:
@@ -148,6 +151,9 @@ def _hold(channel_fd: int, interface: Interface | None) -> int:
         _ip("link", "set", interface.name, "mtu", str(interface.mtu), "up")
         for route in interface.routes:
             _ip("route", "add", route, "dev", interface.name)
+        if interface.forwarding:
+            with open("/proc/sys/net/ipv4/ip_forward", "w") as knob:
+                knob.write("1\n")
     socket.send_fds(channel, [b"ok"], fds)
     for fd in fds:
         os.close(fd)
@@ -170,10 +176,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     hold.add_argument("--address")
     hold.add_argument("--mtu", type=int, default=1420)
     hold.add_argument("--route", action="append", default=[])
+    hold.add_argument("--forwarding", action="store_true")
     args = parser.parse_args(argv)
     interface = None
     if args.tun:
-        interface = Interface(args.tun, args.address, args.mtu, tuple(args.route))
+        routes = tuple(args.route)
+        interface = Interface(args.tun, args.address, args.mtu, routes, args.forwarding)
     try:
         return _hold(args.channel, interface)
     except (OSError, subprocess.CalledProcessError) as error:

@@ -37,6 +37,11 @@ ENV_DIR = "env"
 PROBES_DIR = "probes"
 VOLUMES_DIR = "volumes"
 CONTAINERS_DIR = "containers"
+NETWORK_CONFIG = "network.json"
+"""The job's network (kubelet_py.job.network): 0600, it holds the tunnel's private key."""
+NETWORK = "network"
+"""Written by the job once its network is set up: `pod`, or `host <reason>` when the node
+refused the pod's namespace and its containers use the node's network."""
 STORAGE_FAILURE = "storage-failure"
 """Written by the job when the pod's storage failed (templates/pod-storage.sh.j2): the
 reason on the first line, the message on the second."""
@@ -279,6 +284,26 @@ class PodFolder:
     def container(self, name: str) -> ContainerFolder:
         """A container's folder, read with no link below the pod folder followed."""
         return ContainerFolder(self.containers / name, root=self.path)
+
+    @property
+    def network_config(self) -> Path:
+        return self.path / NETWORK_CONFIG
+
+    @property
+    def network(self) -> Path:
+        return self.path / NETWORK
+
+    def read_network(self) -> tuple[str, str] | None:
+        """(`pod` or `host`, the reason for `host`) as the job reported its network; None
+        before it did, or when the marker cannot be read."""
+        try:
+            text = podfiles.read_marker(self.network, root=self.path)
+        except OSError:
+            return None
+        if not text:
+            return None
+        mode, _, reason = text.partition(" ")
+        return (mode, reason) if mode in ("pod", "host") else None
 
     def read_uid(self) -> str | None:
         """The UID of the pod the folder is for; None when missing or refused."""

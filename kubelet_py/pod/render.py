@@ -35,6 +35,8 @@ from kubelet_py.job.podfolder import (
     HANDSHAKE_FIFO,
     HANDSHAKE_HOOK,
     JOB_SCRIPT,
+    NETWORK,
+    NETWORK_CONFIG,
     PROBES_DIR,
     SLURM_OUTPUT,
 )
@@ -62,6 +64,13 @@ from kubelet_py.pod.fields import (
 from kubelet_py.pod.flags import ANNOTATION, FIELD, SbatchOption, merge_options, parse_flags
 from kubelet_py.pod.inputs import PodInputs
 from kubelet_py.pod.mounts import container_binds, pod_volumes, volume_dirs
+from kubelet_py.pod.network import (
+    LAUNCHER_ANNOTATION,
+    PodAddress,
+    PodNetworkSettings,
+    network_config,
+    wants_pod_network,
+)
 from kubelet_py.pod.probe_spec import PROBE_FIELDS, probes_file
 from kubelet_py.pod.resources import container_resources, resource_options
 from kubelet_py.pod.security import NOT_HONOURED, JobUser, check_pod_context, container_identity
@@ -74,8 +83,6 @@ DEFAULT_WORKING_DIR = "/"
 """Where a container starts without `workingDir`, when its image names no WORKDIR: Docker's
 default (the job's own folder is hpk's, not the pod's)."""
 
-LAUNCHER_ANNOTATION = "slurm.hpk.io/launcher"
-"""`srun` (or `srun:<container>`): that main container starts once per Slurm task."""
 LAUNCHER_FIELD = f"metadata.annotations[{LAUNCHER_ANNOTATION}]"
 
 APPTAINER_OPTIONS = ("--cleanenv", "--no-eval")
@@ -147,6 +154,9 @@ class RenderSettings:
 
     allow_mail_flags: bool = False
     """Whether the pod's flags annotation may ask Slurm for mail (kubelet_py.pod.flags)."""
+
+    network: PodNetworkSettings | None = None
+    """The pod network; None: every pod uses the node's network."""
 
     def __post_init__(self) -> None:
         for name in ("pod_dir", "apptainer", "python"):
@@ -246,6 +256,7 @@ def render_pod(
     *,
     inputs: PodInputs | None = None,
     claims: Mapping[str, ClaimSource] | None = None,
+    address: PodAddress | None = None,
 ) -> RenderedPod:
     """The job script, sbatch arguments and env files of `pod`.
 
@@ -253,7 +264,9 @@ def render_pod(
     Raises InvalidPodSpec (naming the field) for a pod hpk cannot run as asked, and
     ImageNotResolved when `settings.images` lacks one of its images; a reference `inputs` does
     not hold is the caller's error (ValueError). `claims` holds the volumes of the pod's
-    persistentVolumeClaim volumes (kubelet_py.pod.storage.resolve_claims).
+    persistentVolumeClaim volumes (kubelet_py.pod.storage.resolve_claims). `address` is the
+    pod's on the pod network, for a pod that joins it (kubelet_py.pod.network); a pod that
+    joins it without one is the caller's error (ValueError).
     """
     inputs = inputs or PodInputs()
     metadata = _mapping(pod.get("metadata"), "metadata")
@@ -321,6 +334,7 @@ def render_pod(
 
     if not_honoured:
         warnings.append((NOT_HONOURED, "; ".join(not_honoured)))
+    joins = _join_network(pod, settings, address, files)
     script = render(
         TEMPLATE,
         namespace=namespace,
@@ -339,6 +353,8 @@ def render_pod(
         init=launches["initContainers"],
         main=launches["containers"],
         node_ips=_node_ips(settings, launches["initContainers"] + launches["containers"]),
+        network=NETWORK_CONFIG if joins else None,
+        job_user=settings.job_user,
         handshake={
             "fifo": HANDSHAKE_FIFO,
             "fifo_at": READY_PATH,
@@ -366,6 +382,22 @@ def render_pod(
         files=MappingProxyType(files),
         warnings=tuple(warnings),
     )
+
+
+def _join_network(
+    pod: Mapping[str, object],
+    settings: RenderSettings,
+    address: PodAddress | None,
+    files: dict[str, str],
+) -> bool:
+    """Whether the pod joins the pod network; if so, its network file goes into `files`."""
+    if settings.network is None or not wants_pod_network(pod):
+        return False
+    if address is None:
+        raise ValueError("a pod that joins the pod network needs its address")
+    marker = settings.pod_dir / NETWORK
+    files[NETWORK_CONFIG] = network_config(settings.network, address, marker=marker)
+    return True
 
 
 def _with_probes(

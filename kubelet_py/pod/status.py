@@ -178,13 +178,15 @@ def pod_status(
     markers: Mapping[str, ContainerMarkers],
     *,
     node_addresses: Mapping[str, str] | None = None,
+    pod_ip: str | None = None,
 ) -> dict[str, Any]:
     """The pod's status (the API's JSON shape) from its job and its containers' markers.
 
     `spec` is the pod's spec; `job` is None while Slurm does not list the job yet;
     `markers` are keyed by container name; `node_addresses` maps Slurm node names to their
-    addresses, for hostIP (pods share the network of the node they run on, so podIP is the
-    same). The result depends on nothing else, so a final status never changes.
+    addresses, for hostIP; `pod_ip` is the pod's address on the pod network, None for a pod on
+    its node's network, whose podIP is the node's. The result depends on nothing else, so a
+    final status never changes.
 
     Every condition has `reason` and `message`, None when it has none: written as a strategic
     merge patch, the None clears what an earlier status of the pod said there.
@@ -254,8 +256,9 @@ def pod_status(
     if host_ip:
         status["hostIP"] = host_ip
         status["hostIPs"] = [{"ip": host_ip}]
-        status["podIP"] = host_ip
-        status["podIPs"] = [{"ip": host_ip}]
+    if started and (pod_ip or host_ip):
+        status["podIP"] = pod_ip or host_ip
+        status["podIPs"] = [{"ip": pod_ip or host_ip}]
     if started and job.start_time is not None:
         status["startTime"] = _time(job.start_time)
     if init_statuses:

@@ -316,6 +316,7 @@ def context(tmp_path: Path) -> comp.Context:
             dns_health=8080,
             dns_ready=8181,
             kubelet=10250,
+            hub=51820,
         ),
         layout=StateLayout(tmp_path / "state"),
         advertise_address="192.0.2.10",

@@ -1,0 +1,272 @@
+"""A pod's network inside its job: namespace, tunnel to the hub, egress (docs/networking.md).
+
+The job script runs, before its containers,
+
+    python -I -m kubelet_py.job.network CONFIG
+
+and reads the one line it prints:
+- `pod <holder> <keeper>`: the pod's namespace is held by process `<holder>`, and its
+  containers enter it through kubelet_py.job.netns.enter_argv. Process `<keeper>` keeps the
+  namespace, the tunnel and the egress running until it gets TERM or INT, and then ends them;
+- `host <reason>`: the node refused the namespace or its device. The containers use the node's
+  network, and the `network` marker in the pod folder tells the kubelet why.
+
+CONFIG is JSON, written by the kubelet (0600, it holds the tunnel's private key):
+- `interface`: kubelet_py.job.netns.Interface's fields;
+- `tunnel`: `binary` (hpk-tunnel) and `config` (WireGuard's configuration text);
+- `egress`: `slirp4netns`, for a way out to the node's network and beyond, or null;
+- `control`: for the hub, the tunnel's control socket, through which the kubelet adds pods;
+- `marker`: where to write the `network` marker, or null.
+
+The control-plane job runs the hub the same way, with forwarding on and a control socket.
+
+Stdlib only: it runs on compute nodes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import select
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TextIO
+
+from kubelet_py.job.netns import Holder, Interface, NamespaceRefused, start_holder
+from kubelet_py.job.podfolder import write_marker
+
+READY_TIMEOUT_S = 10.0
+"""How long the tunnel and slirp4netns each have to say they are ready."""
+
+EGRESS_DEVICE = "tap0"
+EGRESS_MTU = 65520
+"""slirp4netns's fastest MTU (its documentation's recommendation)."""
+
+
+@dataclass(frozen=True)
+class NetworkConfig:
+    """One pod's (or the hub's) network, as the kubelet wrote it."""
+
+    interface: Interface
+    tunnel_binary: str
+    tunnel_config: str
+    egress: str | None = None
+    control: str | None = None
+    marker: str | None = None
+
+    @classmethod
+    def load(cls, path: Path) -> NetworkConfig:
+        data: dict[str, Any] = json.loads(path.read_text())
+        face = data["interface"]
+        interface = Interface(
+            name=face["name"],
+            address=face["address"],
+            mtu=int(face["mtu"]),
+            routes=tuple(face.get("routes", ())),
+            forwarding=bool(face.get("forwarding", False)),
+        )
+        return cls(
+            interface=interface,
+            tunnel_binary=data["tunnel"]["binary"],
+            tunnel_config=data["tunnel"]["config"],
+            egress=data.get("egress"),
+            control=data.get("control"),
+            marker=data.get("marker"),
+        )
+
+
+class Refused(Exception):
+    """A part of the pod's network would not start; the pod uses the node's network."""
+
+
+def _await_ready(fd: int, process: subprocess.Popen[bytes], what: str) -> None:
+    """Wait until `process` writes to `fd` (its ready descriptor); Refused when it ends first
+    or takes longer than READY_TIMEOUT_S."""
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    try:
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                process.kill()
+                raise Refused(f"{what} was not ready within {READY_TIMEOUT_S:g} s")
+            readable, _, _ = select.select([fd], [], [], min(left, 0.5))
+            if readable and os.read(fd, 64):
+                return
+            if readable or process.poll() is not None:
+                said = process.communicate()[1] or b""
+                words = " ".join(said.decode(errors="replace").split())[-300:]
+                raise Refused(f"{what} ended: {words or f'exit code {process.returncode}'}")
+    finally:
+        os.close(fd)
+
+
+def start_tunnel(config: NetworkConfig, tun_fd: int) -> subprocess.Popen[bytes]:
+    """hpk-tunnel on the node's network, carrying the device the holder opened."""
+    ready_read, ready_write = os.pipe()
+    argv = [config.tunnel_binary, f"--tun-fd={tun_fd}", f"--ready-fd={ready_write}"]
+    if config.control:
+        argv.append(f"--control={config.control}")
+    try:
+        process = subprocess.Popen(
+            argv,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            pass_fds=[tun_fd, ready_write],
+        )
+    except OSError as error:
+        os.close(ready_read)
+        raise Refused(f"cannot run {config.tunnel_binary}: {error.strerror}") from None
+    finally:
+        os.close(ready_write)
+    assert process.stdin is not None
+    with contextlib.suppress(BrokenPipeError):
+        process.stdin.write(config.tunnel_config.encode())
+    with contextlib.suppress(BrokenPipeError):
+        process.stdin.close()
+    _await_ready(ready_read, process, "the tunnel")
+    return process
+
+
+def start_egress(holder_pid: int) -> subprocess.Popen[bytes]:
+    """slirp4netns for the namespace of `holder_pid`: its own way out through the node's
+    sockets, with the node's loopback out of reach (`--disable-host-loopback`)."""
+    ready_read, ready_write = os.pipe()
+    argv = [
+        "slirp4netns", "--configure", f"--mtu={EGRESS_MTU}", "--disable-host-loopback",
+        f"--ready-fd={ready_write}", str(holder_pid), EGRESS_DEVICE,
+    ]  # fmt: skip
+    try:
+        process = subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            pass_fds=[ready_write],
+        )
+    except OSError as error:
+        os.close(ready_read)
+        raise Refused(f"cannot run slirp4netns: {error.strerror}") from None
+    finally:
+        os.close(ready_write)
+    _await_ready(ready_read, process, "slirp4netns")
+    return process
+
+
+@dataclass
+class Network:
+    """The running parts of one namespace's network."""
+
+    holder: Holder
+    processes: list[subprocess.Popen[bytes]]
+
+    def stop(self) -> None:
+        for process in reversed(self.processes):
+            with contextlib.suppress(ProcessLookupError):
+                process.terminate()
+        for process in reversed(self.processes):
+            try:
+                process.communicate(timeout=5)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.communicate()
+        self.holder.close()
+
+
+def start(config: NetworkConfig, *, python: str = sys.executable) -> Network:
+    """The namespace, its tunnel and its egress; Refused (NamespaceRefused for the
+    namespace itself) with the reason when a part cannot start, after stopping the others."""
+    holder = start_holder(config.interface, python=python)
+    network = Network(holder=holder, processes=[])
+    try:
+        assert holder.tun_fd is not None
+        network.processes.append(start_tunnel(config, holder.tun_fd))
+        os.close(holder.tun_fd)  # the tunnel holds it now
+        holder.tun_fd = None
+        if config.egress == "slirp4netns":
+            network.processes.append(start_egress(holder.pid))
+    except BaseException:
+        network.stop()
+        raise
+    return network
+
+
+def _mark(config: NetworkConfig, text: str) -> None:
+    if config.marker:
+        with contextlib.suppress(OSError):
+            write_marker(Path(config.marker), text)
+
+
+def run(config_path: Path, *, foreground: bool = False) -> int:
+    """Report the one line, then hold the network until TERM or INT.
+
+    It is held by a child in a session of its own, so that the job script, which reads the
+    line and goes on, need not wait for it; the script's end sends it TERM. `foreground`
+    holds it in this process instead, reporting on stdout (the control-plane job's hub).
+    """
+    if foreground:
+        return _hold(config_path, sys.stdout, detach=False)
+    ours, theirs = os.pipe()
+    child = os.fork()
+    if child:
+        os.close(theirs)
+        with os.fdopen(ours) as line:
+            said = line.readline().strip()
+        print(said or "host the pod's network ended before it was set up", flush=True)
+        return 0
+    os.close(ours)
+    os.setsid()
+    code = 1
+    try:
+        with os.fdopen(theirs, "w") as report:
+            code = _hold(config_path, report, detach=True)
+    finally:
+        os._exit(code)
+
+
+def _hold(config_path: Path, report: TextIO, *, detach: bool) -> int:
+    try:
+        config = NetworkConfig.load(config_path)
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        print(f"host cannot read the network configuration {config_path}: {error}", file=report)
+        return 0
+    try:
+        network = start(config)
+    except (NamespaceRefused, Refused) as error:
+        reason = " ".join(str(error).split())
+        _mark(config, f"host {reason}")
+        print(f"host {reason}", file=report, flush=True)
+        return 0
+    # Blocked only now: the processes started above would inherit the mask.
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
+    _mark(config, "pod")
+    print(f"pod {network.holder.pid} {os.getpid()}", file=report, flush=True)
+    if detach:
+        report.close()
+        devnull = os.open(os.devnull, os.O_RDWR)
+        for fd in (0, 1, 2):
+            os.dup2(devnull, fd)
+    try:
+        signal.sigwait({signal.SIGTERM, signal.SIGINT})
+    finally:
+        network.stop()
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m kubelet_py.job.network")
+    parser.add_argument("config", type=Path, help="the network's JSON configuration")
+    parser.add_argument("--foreground", action="store_true", help="hold it in this process")
+    args = parser.parse_args(argv)
+    return run(args.config, foreground=args.foreground)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
