@@ -14,6 +14,7 @@ import secrets
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import time
 from collections.abc import Callable
@@ -56,6 +57,23 @@ class TestbedError(RuntimeError):
     """The bed cannot be brought up or down; the message says what to do."""
 
     __test__ = False
+
+
+TUN_DEVICE = Path("/dev/net/tun")
+STOCK_TUN_MODE = 0o666
+
+
+def open_tun_device(progress: Progress = print) -> None:
+    """Give /dev/net/tun the mode a stock node has (systemd's udev rules set 0666), which
+    the pod network needs for its tunnels and egress; some machines ship it 0600."""
+    try:
+        mode = stat.S_IMODE(TUN_DEVICE.stat().st_mode)
+    except OSError as error:
+        progress(f"warning: {TUN_DEVICE}: {error.strerror}: pods will use the nodes' network")
+        return
+    if mode != STOCK_TUN_MODE:
+        TUN_DEVICE.chmod(STOCK_TUN_MODE)
+        progress(f"{TUN_DEVICE}: mode {mode:o} -> {STOCK_TUN_MODE:o}, as on a stock node")
 
 
 def cgroups_usable() -> bool:
@@ -159,6 +177,7 @@ class Testbed:
         cgroups = cgroups_usable()
         progress(f"test bed in {s.root} (memory limits: {'cgroups' if cgroups else 'polling'})")
         self._write_files(cgroups=cgroups)
+        open_tun_device(progress)
         by_name = {d.name: d for d in self.daemons()}
 
         progress("munged")

@@ -30,7 +30,7 @@ _POD_HONOURED = frozenset({"containers", "initContainers", "volumes", "activeDea
 _POD_CHECKED = frozenset({"restartPolicy", "securityContext", "dnsPolicy", "os"})
 _ELSEWHERE: Mapping[str, str] = MappingProxyType(
     {
-        "hostNetwork": "containers always use the node's network",
+        "hostNetwork": "true: the pod keeps the node's network (kubelet_py.pod.network)",
         "hostPID": "true: the containers share the node's PID namespace (no --pid)",
         "hostIPC": "containers always share the node's IPC namespace",
         "shareProcessNamespace": "true: the containers share the node's PID namespace, which "
@@ -74,7 +74,7 @@ _RESTART_POLICIES = ("Always", "OnFailure", "Never")
 _CONTAINER_ELSEWHERE: Mapping[str, str] = MappingProxyType(
     {
         "imagePullPolicy": "images are pulled into the SIF cache before rendering",
-        "ports": "informational: containers use the node's network",
+        "ports": "informational: every port of a pod can be reached at its address",
         "resizePolicy": "hpk never resizes a running pod",
     }
 )
