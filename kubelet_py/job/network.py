@@ -33,11 +33,12 @@ import select
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, BinaryIO, TextIO
 
 from kubelet_py.job.netns import Holder, Interface, NamespaceRefused, start_holder
 from kubelet_py.job.podfolder import write_marker
@@ -86,9 +87,9 @@ class Refused(Exception):
     """A part of the pod's network would not start; the pod uses the node's network."""
 
 
-def _await_ready(fd: int, process: subprocess.Popen[bytes], what: str) -> None:
-    """Wait until `process` writes to `fd` (its ready descriptor); Refused when it ends first
-    or takes longer than READY_TIMEOUT_S."""
+def _await_ready(fd: int, process: subprocess.Popen[bytes], what: str, errors: BinaryIO) -> None:
+    """Wait until `process` writes to `fd` (its ready descriptor); Refused, with what it
+    wrote to `errors`, when it ends first or takes longer than READY_TIMEOUT_S."""
     deadline = time.monotonic() + READY_TIMEOUT_S
     try:
         while True:
@@ -100,16 +101,25 @@ def _await_ready(fd: int, process: subprocess.Popen[bytes], what: str) -> None:
             if readable and os.read(fd, 64):
                 return
             if readable or process.poll() is not None:
-                said = process.communicate()[1] or b""
+                process.wait()
+                errors.seek(0)
+                said = errors.read(4096)
                 words = " ".join(said.decode(errors="replace").split())[-300:]
                 raise Refused(f"{what} ended: {words or f'exit code {process.returncode}'}")
     finally:
         os.close(fd)
 
 
+def _errors() -> BinaryIO:
+    """Where a helper's stderr goes: an unnamed file, read only if it fails to start (a pipe
+    nobody reads once it runs could fill and stop it)."""
+    return tempfile.TemporaryFile()
+
+
 def start_tunnel(config: NetworkConfig, tun_fd: int) -> subprocess.Popen[bytes]:
     """hpk-tunnel on the node's network, carrying the device the holder opened."""
     ready_read, ready_write = os.pipe()
+    errors = _errors()
     argv = [config.tunnel_binary, f"--tun-fd={tun_fd}", f"--ready-fd={ready_write}"]
     if config.control:
         argv.append(f"--control={config.control}")
@@ -118,7 +128,7 @@ def start_tunnel(config: NetworkConfig, tun_fd: int) -> subprocess.Popen[bytes]:
             argv,
             stdin=subprocess.PIPE,
             stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
+            stderr=errors,
             pass_fds=[tun_fd, ready_write],
         )
     except OSError as error:
@@ -131,7 +141,7 @@ def start_tunnel(config: NetworkConfig, tun_fd: int) -> subprocess.Popen[bytes]:
         process.stdin.write(config.tunnel_config.encode())
     with contextlib.suppress(BrokenPipeError):
         process.stdin.close()
-    _await_ready(ready_read, process, "the tunnel")
+    _await_ready(ready_read, process, "the tunnel", errors)
     return process
 
 
@@ -139,6 +149,7 @@ def start_egress(holder_pid: int) -> subprocess.Popen[bytes]:
     """slirp4netns for the namespace of `holder_pid`: its own way out through the node's
     sockets, with the node's loopback out of reach (`--disable-host-loopback`)."""
     ready_read, ready_write = os.pipe()
+    errors = _errors()
     argv = [
         "slirp4netns", "--configure", f"--mtu={EGRESS_MTU}", "--disable-host-loopback",
         f"--ready-fd={ready_write}", str(holder_pid), EGRESS_DEVICE,
@@ -148,7 +159,7 @@ def start_egress(holder_pid: int) -> subprocess.Popen[bytes]:
             argv,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
+            stderr=errors,
             pass_fds=[ready_write],
         )
     except OSError as error:
@@ -156,7 +167,7 @@ def start_egress(holder_pid: int) -> subprocess.Popen[bytes]:
         raise Refused(f"cannot run slirp4netns: {error.strerror}") from None
     finally:
         os.close(ready_write)
-    _await_ready(ready_read, process, "slirp4netns")
+    _await_ready(ready_read, process, "slirp4netns", errors)
     return process
 
 
@@ -173,10 +184,10 @@ class Network:
                 process.terminate()
         for process in reversed(self.processes):
             try:
-                process.communicate(timeout=5)
+                process.wait(timeout=5)
             except subprocess.TimeoutExpired:
                 process.kill()
-                process.communicate()
+                process.wait()
         self.holder.close()
 
 
@@ -223,6 +234,10 @@ def run(config_path: Path, *, foreground: bool = False) -> int:
         return 0
     os.close(ours)
     os.setsid()
+    # Nothing it starts may hold the job script's pipe open: it reports on its own.
+    devnull = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(devnull, fd)
     code = 1
     try:
         with os.fdopen(theirs, "w") as report:
@@ -250,9 +265,6 @@ def _hold(config_path: Path, report: TextIO, *, detach: bool) -> int:
     print(f"pod {network.holder.pid} {os.getpid()}", file=report, flush=True)
     if detach:
         report.close()
-        devnull = os.open(os.devnull, os.O_RDWR)
-        for fd in (0, 1, 2):
-            os.dup2(devnull, fd)
     try:
         signal.sigwait({signal.SIGTERM, signal.SIGINT})
     finally:
