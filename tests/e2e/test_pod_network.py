@@ -1,0 +1,121 @@
+"""Pods get a network of their own, end to end, as an ordinary user runs hpk
+(docs/networking.md).
+
+The user `hpk-e2e` runs `hpk up`: its control-plane job runs the hub, and each pod's job makes
+the pod's namespace, its tunnel to the hub and its way out, with no root anywhere. So:
+- two pods on one Slurm node both listen on port 8080, and a pod on another node reaches each
+  at its own address from the pod CIDR, which is the pod's status.podIP;
+- the server sees the client's pod address, not the node's;
+- a pod asks for the node's network with `hostNetwork: true`, and its podIP is the node's.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import subprocess
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from tests.e2e.conftest import UserInstall
+from tests.e2e.kube import eventually
+from tests.e2e.user_cluster import UserCluster, user_cluster
+
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
+
+NAMESPACE = "network"
+POD_CIDR = ipaddress.ip_network("10.244.0.0/16")
+# A tiny HTTP server: busybox httpd, whose CGI script answers with its pod's name and the
+# client's address.
+WHO = '#!/bin/sh\nprintf "Content-Type: text/plain\\r\\n\\r\\n%s from %s\\n" NAME "$REMOTE_ADDR"\n'
+SERVE = (
+    'mkdir -p /tmp/www/cgi-bin && echo "$WHO" | sed "s/NAME/$POD/" >/tmp/www/cgi-bin/who && '
+    "chmod +x /tmp/www/cgi-bin/who && exec httpd -f -p 8080 -h /tmp/www"
+)
+
+
+@pytest.fixture(scope="module")
+def cluster(user_install: UserInstall) -> Iterator[UserCluster]:
+    with user_cluster(user_install, folder=".hpk-network", namespace=NAMESPACE) as running:
+        yield running
+
+
+def pod(name: str, script: str, *, node: str, **spec: Any) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": name, "annotations": {"slurm.hpk.io/flags": f"--nodelist={node}"}},
+        "spec": {
+            "restartPolicy": "Never",
+            "automountServiceAccountToken": False,
+            "containers": [
+                {
+                    "name": "main",
+                    "image": "busybox",
+                    "command": ["sh", "-c", script],
+                    "env": [
+                        {"name": "POD", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+                        {"name": "WHO", "value": WHO},
+                    ],
+                }
+            ],
+            **spec,
+        },
+    }
+
+
+def running(cluster: UserCluster, name: str) -> dict[str, Any]:
+    def ready() -> dict[str, Any] | None:
+        found = cluster.pod(name)
+        return found if found["status"].get("phase") == "Running" else None
+
+    return eventually(f"{name} running", ready, timeout=180)
+
+
+def node_of(found: dict[str, Any]) -> str:
+    job_id = found["metadata"]["annotations"]["slurm.hpk.io/job-id"]
+    return subprocess.run(
+        ["sacct", "-n", "-X", "-P", "-j", job_id, "-o", "NodeList"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+
+
+def test_pods_on_one_port_reach_each_other_at_their_own_addresses_across_nodes(
+    cluster: UserCluster,
+) -> None:
+    cluster.create(pod("left", SERVE, node="n1"))
+    cluster.create(pod("right", SERVE, node="n1"))
+    left, right = running(cluster, "left"), running(cluster, "right")
+    addresses = {found["status"]["podIP"] for found in (left, right)}
+    assert len(addresses) == 2, "each pod has an address of its own"
+    for found in (left, right):
+        address = ipaddress.ip_address(found["status"]["podIP"])
+        assert address in POD_CIDR, found["status"]
+        assert found["status"]["podIPs"] == [{"ip": str(address)}]
+        assert found["status"]["hostIP"] != str(address)
+        assert node_of(found) == "n1"
+
+    fetch = " && ".join(
+        f"wget -q -O - http://{found['status']['podIP']}:8080/cgi-bin/who" for found in (left, right)
+    )
+    cluster.create(pod("client", fetch, node="n2"))
+    client = cluster.ended("client")
+    log = cluster.logs("client")
+    assert client["status"]["phase"] == "Succeeded", (client["status"], log)
+    assert node_of(client) == "n2"
+    me = client["status"]["podIP"]
+    assert ipaddress.ip_address(me) in POD_CIDR
+    assert f"left from {me}\n" in log and f"right from {me}\n" in log, log
+    for name in ("left", "right"):
+        cluster.kubectl("delete", "pod", "-n", NAMESPACE, name, "--wait=false")
+
+
+def test_a_host_network_pod_has_the_nodes_address(cluster: UserCluster) -> None:
+    cluster.create(pod("on-host", "hostname -i", node="n3", hostNetwork=True))
+    found = cluster.ended("on-host")
+    assert found["status"]["phase"] == "Succeeded", found["status"]
+    assert found["status"]["podIP"] == found["status"]["hostIP"]
+    assert ipaddress.ip_address(found["status"]["podIP"]) not in POD_CIDR
