@@ -98,9 +98,8 @@ def test_pods_on_one_port_reach_each_other_at_their_own_addresses_across_nodes(
         assert found["status"]["hostIP"] != str(address)
         assert node_of(found) == "n1"
 
-    fetch = " && ".join(
-        f"wget -q -O - http://{found['status']['podIP']}:8080/cgi-bin/who" for found in (left, right)
-    )
+    urls = [f"http://{found['status']['podIP']}:8080/cgi-bin/who" for found in (left, right)]
+    fetch = " && ".join(f"wget -q -O - {url}" for url in urls)
     cluster.create(pod("client", fetch, node="n2"))
     client = cluster.ended("client")
     log = cluster.logs("client")
