@@ -5,8 +5,8 @@
 #   bash container/build-toolchain.sh --print-dir   print the tool folder and exit
 #
 # Parts: Debian packages, etcd, kube-apiserver + kube-controller-manager + kubectl,
-# CoreDNS, Apptainer (unprivileged, without setuid), Argo Workflows (binaries and install
-# manifests). Each Go part installs into
+# CoreDNS, the pod network's tunnel (hpk-tunnel), Apptainer (unprivileged, without setuid),
+# Argo Workflows (binaries and install manifests). Each Go part installs into
 # <tools>/<name>-<version>/bin and is marked complete only when its build succeeded,
 # so a second run finds everything in place and takes seconds.
 #
@@ -76,8 +76,9 @@ debian_packages=(
     libsubid-dev fakeroot cryptsetup uidmap squashfs-tools squashfuse fuse2fs
     # test images and DNS checks
     debootstrap busybox-static bind9-dnsutils
-    # a pod's own network namespace (kubelet_py/job/netns.py): ip, unshare and nsenter
-    iproute2 util-linux
+    # a pod's own network namespace (kubelet_py/job/netns.py): ip, unshare and nsenter;
+    # its egress, the pod network's benchmark and tests, and kube-proxy's rules
+    iproute2 util-linux slirp4netns iperf3 nftables iptables
 )
 
 install_debian_packages() {
@@ -183,6 +184,17 @@ build_coredns() {
     "$dest/bin/coredns" -version
 }
 
+# The pod network's tunnel, from container/tunnel: go.sum pins every module's hash.
+build_tunnel() {
+    local dest=$1 version=$2
+    local src=$tools/src/hpk-tunnel-$version
+    rm -rf "$src"
+    mkdir -p "$src"
+    cp "$here"/tunnel/{go.mod,go.sum,main.go} "$src"
+    cd "$src"
+    go build -trimpath -ldflags "-s -w" -o "$dest/bin/hpk-tunnel" .
+}
+
 # A module the checksum database does not list: fetched with GONOSUMDB, checked against the
 # pinned hash, and copied out of the read-only module cache into <tools>/src/<name>-<version>;
 # prints that folder.
@@ -263,7 +275,7 @@ proxy_problem=""
 check_module_proxy() {
     local name answer
     for name in etcd-$ETCD_VERSION kubernetes-$KUBERNETES_VERSION coredns-$COREDNS_VERSION \
-        apptainer-$APPTAINER_VERSION argo-$ARGO_VERSION; do
+        hpk-tunnel-$tunnel_version apptainer-$APPTAINER_VERSION argo-$ARGO_VERSION; do
         [[ -f $tools/$name/.complete ]] && continue
         # -versions always asks the proxy; a plain lookup may be answered from the local cache.
         if ! answer=$(timeout 120 go list -m -versions k8s.io/kubernetes 2>&1); then
@@ -274,6 +286,11 @@ check_module_proxy() {
     done
 }
 
+# The tunnel's source lives in this checkout: its version changes with it (hpk.toolchain
+# computes the same).
+tunnel_hash=$(cat "$here"/tunnel/{go.mod,go.sum,main.go} | sha256sum | cut -c1-12)
+tunnel_version=$WIREGUARD_GO_VERSION-$tunnel_hash
+
 say "tool folder: $tools"
 install_debian_packages
 check_go
@@ -281,6 +298,7 @@ check_module_proxy
 part etcd "$ETCD_VERSION" build_etcd
 part kubernetes "$KUBERNETES_VERSION" build_kubernetes
 part coredns "$COREDNS_VERSION" build_coredns
+part hpk-tunnel "$tunnel_version" build_tunnel
 part apptainer "$APPTAINER_VERSION" build_apptainer
 part argo "$ARGO_VERSION" build_argo
 trap - ERR

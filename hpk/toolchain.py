@@ -7,6 +7,7 @@ This module only reads; building is the recipe's job.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import shutil
@@ -27,6 +28,12 @@ COMPONENTS = {
 }
 
 
+#: The pod network's tunnel, built from this checkout's container/tunnel: its folder's version
+#: is the wireguard-go pin and a hash of these files, so that a change of source rebuilds it.
+TUNNEL = "hpk-tunnel"
+TUNNEL_SOURCES = ("go.mod", "go.sum", "main.go")
+
+
 class ToolchainMissing(RuntimeError):
     """A pinned component has not been built; the message says how to build it."""
 
@@ -44,6 +51,14 @@ def read_pins(path: Path | None = None) -> dict[str, str]:
             raise ValueError(f"{path}:{number}: expected KEY=VALUE, got {raw!r}")
         pins[match.group(1)] = match.group(2)
     return pins
+
+
+def tunnel_version(pins: dict[str, str], source: Path | None = None) -> str:
+    """The tunnel's version, exactly as build-toolchain.sh computes it: the wireguard-go pin,
+    then the first 12 hex digits of the sha256 of its source files, concatenated."""
+    source = source or container_dir() / "tunnel"
+    digest = hashlib.sha256(b"".join((source / name).read_bytes() for name in TUNNEL_SOURCES))
+    return f"{pins['WIREGUARD_GO_VERSION']}-{digest.hexdigest()[:12]}"
 
 
 def tools_dir() -> Path:
@@ -89,6 +104,17 @@ class Toolchain:
                 return candidate
         raise ToolchainMissing(
             f"{name} is not in the tool folder {self.root}; "
+            "build it with: bash container/build-toolchain.sh"
+        )
+
+    def tunnel(self) -> Path:
+        """Path of hpk-tunnel built from this checkout's source; raises if it was not."""
+        version = tunnel_version(self.pins)
+        folder = self.root / f"{TUNNEL}-{version}"
+        if (folder / "bin" / TUNNEL).is_file() and (folder / ".complete").is_file():
+            return folder / "bin" / TUNNEL
+        raise ToolchainMissing(
+            f"{TUNNEL} {version} is not in the tool folder {self.root}; "
             "build it with: bash container/build-toolchain.sh"
         )
 

@@ -4,7 +4,8 @@ The job starts one holder, `python -I -m kubelet_py.job.netns hold …`, under
 `unshare --user --map-root-user --net`. As root of that new user namespace it brings `lo`
 up, and it can open the overlay's TUN device there, with the pod's address and routes. It
 hands the device to the job over an inherited socket (SCM_RIGHTS), since the tunnel's helper
-runs on the node's network. Then it waits until the job closes that socket, or dies.
+runs on the node's network. The hub's holder also turns IPv4 forwarding on. Then it waits
+until the job closes that socket, or dies.
 
 Every container's launcher then runs through `enter_argv`:
 - it joins the holder's user and network namespaces (`nsenter`);
@@ -33,6 +34,7 @@ _IFF_NO_PI = 0x1000
 _IFF_VNET_HDR = 0x4000
 _TUNSETIFF = 0x400454CA
 TUN_DEVICE = "/dev/net/tun"
+IP_FORWARD = "/proc/sys/net/ipv4/ip_forward"
 
 
 class NamespaceRefused(OSError):
@@ -97,9 +99,14 @@ class Holder:
 
 
 def start_holder(
-    interface: Interface | None = None, *, python: str = sys.executable, timeout_s: float = 30.0
+    interface: Interface | None = None,
+    *,
+    forwarding: bool = False,
+    python: str = sys.executable,
+    timeout_s: float = 30.0,
 ) -> Holder:
-    """Make the pod's namespace and wait until it is set up.
+    """Make the pod's namespace and wait until it is set up. With `forwarding`, the
+    namespace routes IPv4 between its interfaces: the hub's does, a pod's does not.
 
     Raises NamespaceRefused when the node refuses a user or network namespace, or the TUN
     device, with the holder's own words; or when the holder has not reported within
@@ -109,6 +116,7 @@ def start_holder(
     argv = ["unshare", "--user", "--map-root-user", "--net", python, "-I", "-m", __name__]
     argv += ["hold", f"--channel={theirs.fileno()}"]
     argv += interface.arguments() if interface else []
+    argv += ["--forwarding"] if forwarding else []
     process = subprocess.Popen(
         argv, pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL, stderr=subprocess.PIPE
     )
@@ -140,10 +148,13 @@ def enter_argv(holder_pid: int, *, uid: int, gid: int) -> list[str]:
     ]  # fmt: skip
 
 
-def _hold(channel_fd: int, interface: Interface | None) -> int:
+def _hold(channel_fd: int, interface: Interface | None, *, forwarding: bool) -> int:
     """In the new namespaces: set them up, report to the job, then wait for its end."""
     channel = socket.socket(fileno=channel_fd)
     _ip("link", "set", "lo", "up")
+    if forwarding:  # /proc/sys/net is this namespace's own, and its root may write it
+        with open(IP_FORWARD, "w") as switch:
+            switch.write("1\n")
     fds = []
     if interface is not None:
         fds.append(open_tun(interface.name))
@@ -183,7 +194,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         routes = tuple(args.route)
         interface = Interface(args.tun, args.address, args.mtu, routes, args.forwarding)
     try:
-        return _hold(args.channel, interface)
+        return _hold(args.channel, interface, forwarding=args.forwarding)
     except (OSError, subprocess.CalledProcessError) as error:
         print(f"kubelet_py.job.netns: {error}", file=sys.stderr)
         return 1

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from kubelet_py.job.netns import (
+    IP_FORWARD,
     TUN_DEVICE,
     Holder,
     Interface,
@@ -110,6 +111,16 @@ def test_the_tun_device_made_in_the_pod_carries_its_packets_to_the_job() -> None
         assert "10.244.1.2/32" in shown.stdout, shown.stderr
         subprocess.run(inside(holder, SEND, "10.244.9.9"), check=True, timeout=30)
         assert "10.244.9.9" in [socket.inet_ntoa(p[16:20]) for p in ipv4_packets(holder.tun_fd)]
+    finally:
+        holder.close()
+
+
+@pytest.mark.parametrize("forwarding", [False, True])
+def test_only_a_namespace_made_to_forward_routes_between_its_interfaces(forwarding: bool) -> None:
+    holder = start_holder(forwarding=forwarding)
+    try:
+        switch = run(in_pod(holder, "cat", IP_FORWARD, uid=0))
+        assert switch.stdout.strip() == ("1" if forwarding else "0"), switch.stderr
     finally:
         holder.close()
 

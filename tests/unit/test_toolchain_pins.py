@@ -3,13 +3,22 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
 
 from hpk.paths import container_dir
-from hpk.toolchain import COMPONENTS, Toolchain, ToolchainMissing, read_pins, tools_dir
+from hpk.toolchain import (
+    COMPONENTS,
+    TUNNEL_SOURCES,
+    Toolchain,
+    ToolchainMissing,
+    read_pins,
+    tools_dir,
+    tunnel_version,
+)
 
 RECIPE = container_dir() / "build-toolchain.sh"
 
@@ -76,3 +85,41 @@ def test_binary_without_completed_build_names_the_recipe(tmp_path: Path) -> None
         chain.binary("etcd")
     (half_built.parent / ".complete").write_text("")
     assert chain.binary("etcd") == half_built / "etcd"
+
+
+def test_the_tunnel_is_built_on_the_pinned_wireguard_go() -> None:
+    go_mod = (container_dir() / "tunnel" / "go.mod").read_text()
+    assert f"golang.zx2c4.com/wireguard v{read_pins()['WIREGUARD_GO_VERSION']}\n" in go_mod
+
+
+def test_recipe_and_python_give_the_tunnel_the_same_version() -> None:
+    line = next(line for line in RECIPE.read_text().splitlines() if line.startswith("tunnel_hash="))
+    printed = subprocess.run(
+        ["bash", "-c", f'here="$1"; {line}; echo "$tunnel_hash"', "-", str(container_dir())],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    pins = read_pins()
+    assert tunnel_version(pins) == f"{pins['WIREGUARD_GO_VERSION']}-{printed}"
+
+
+def test_a_change_to_the_tunnels_source_changes_its_version(tmp_path: Path) -> None:
+    pins = read_pins()
+    for name in TUNNEL_SOURCES:
+        shutil.copy(container_dir() / "tunnel" / name, tmp_path / name)
+    assert tunnel_version(pins, tmp_path) == tunnel_version(pins)
+    with (tmp_path / "main.go").open("a") as source:
+        source.write("// changed\n")
+    assert tunnel_version(pins, tmp_path) != tunnel_version(pins)
+
+
+def test_the_tunnel_is_found_only_once_built(tmp_path: Path) -> None:
+    chain = Toolchain(root=tmp_path, pins=read_pins())
+    folder = tmp_path / f"hpk-tunnel-{tunnel_version(chain.pins)}"
+    (folder / "bin").mkdir(parents=True)
+    (folder / "bin" / "hpk-tunnel").write_text("")
+    with pytest.raises(ToolchainMissing, match=r"hpk-tunnel .*build-toolchain\.sh"):
+        chain.tunnel()
+    (folder / ".complete").write_text("")
+    assert chain.tunnel() == folder / "bin" / "hpk-tunnel"
