@@ -42,7 +42,7 @@ import (
 
 // memoryLimit is the Go heap's soft limit unless GOMEMLIMIT says otherwise: under load
 // the device's buffer pools grow, and a pod's network must stay within its budget.
-const memoryLimit = 24 << 20
+const memoryLimit = 64 << 20
 
 // errConfig marks a configuration the device refused; it exits 2.
 var errConfig = errors.New("bad configuration")

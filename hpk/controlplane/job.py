@@ -44,7 +44,6 @@ KUBELET = "hpk-kubelet"
 KUBELET_NODE_PREFIX = "hpk"
 """The kubelet's nodes are named <prefix>-<partition>: hpk-batch, hpk-gpu."""
 HEALTH_INTERVAL_S = 5.0
-TUNNEL = "hpk-tunnel"
 HUB_READY_TIMEOUT_S = 15.0
 """How often the job checks its components and updates the record."""
 
@@ -280,7 +279,7 @@ def _start_hub(plane: ControlPlane) -> tuple[RunningProcess | None, Path | None]
     if not plane.settings.pod_network:
         return None, None
     try:
-        tunnel = Toolchain.load().binary(TUNNEL)
+        tunnel = Toolchain.load().tunnel()
     except ToolchainMissing as error:
         log.warning("pods use the node's network: %s", error)
         return None, None

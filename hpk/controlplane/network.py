@@ -22,6 +22,7 @@ from kubelet_py.adapters.hub import Hub, HubUnavailable, new_private_key, public
 HUB = "pod-network-hub"
 INTERFACE = "hpk0"
 MTU = 1420
+HUB_MEMORY_LIMIT = "512MiB"
 
 
 @dataclass(frozen=True)
@@ -91,8 +92,8 @@ def prepare_hub(
             "name": INTERFACE,
             "address": f"{hub_address}/{network.prefixlen}",
             "mtu": MTU,
-            "forwarding": True,
         },
+        "forwarding": True,
         "tunnel": {"binary": str(tunnel), "config": f"private_key={private}\nlisten_port={port}\n"},
         "control": str(control),
     }
@@ -109,5 +110,7 @@ def prepare_hub(
     }
     write_atomic(files.hub_file, json.dumps(hub_file, indent=1) + "\n", mode=PRIVATE_FILE_MODE)
     argv = (sys.executable, "-I", "-m", "kubelet_py.job.network", "--foreground", str(files.config))
-    spec = ProcessSpec(name=HUB, argv=argv, log_file=log_file, pid_file=pid_file)
+    # The hub carries every pod's traffic: its tunnel's heap may grow further than a pod's.
+    env = {"GOMEMLIMIT": HUB_MEMORY_LIMIT}
+    spec = ProcessSpec(name=HUB, argv=argv, log_file=log_file, pid_file=pid_file, env=env)
     return HubPlan(spec=spec, control=control, hub_file=files.hub_file)

@@ -52,13 +52,10 @@ class Interface:
     mtu: int
     routes: tuple[str, ...] = ()
     """Destinations routed through it (`10.244.0.0/16`)."""
-    forwarding: bool = False
-    """IPv4 forwarding in the namespace: the hub's, which routes between pods."""
 
     def arguments(self) -> list[str]:
         words = [f"--tun={self.name}", f"--address={self.address}", f"--mtu={self.mtu}"]
-        words += [f"--route={route}" for route in self.routes]
-        return words + (["--forwarding"] if self.forwarding else [])
+        return words + [f"--route={route}" for route in self.routes]
 
 
 def open_tun(name: str) -> int:
@@ -162,9 +159,6 @@ def _hold(channel_fd: int, interface: Interface | None, *, forwarding: bool) -> 
         _ip("link", "set", interface.name, "mtu", str(interface.mtu), "up")
         for route in interface.routes:
             _ip("route", "add", route, "dev", interface.name)
-        if interface.forwarding:
-            with open("/proc/sys/net/ipv4/ip_forward", "w") as knob:
-                knob.write("1\n")
     socket.send_fds(channel, [b"ok"], fds)
     for fd in fds:
         os.close(fd)
@@ -191,8 +185,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     interface = None
     if args.tun:
-        routes = tuple(args.route)
-        interface = Interface(args.tun, args.address, args.mtu, routes, args.forwarding)
+        interface = Interface(args.tun, args.address, args.mtu, tuple(args.route))
     try:
         return _hold(args.channel, interface, forwarding=args.forwarding)
     except (OSError, subprocess.CalledProcessError) as error:

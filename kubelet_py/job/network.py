@@ -15,6 +15,7 @@ CONFIG is JSON, written by the kubelet (0600, it holds the tunnel's private key)
 - `interface`: kubelet_py.job.netns.Interface's fields;
 - `tunnel`: `binary` (hpk-tunnel) and `config` (WireGuard's configuration text);
 - `egress`: `slirp4netns`, for a way out to the node's network and beyond, or null;
+- `forwarding`: true for the hub, which routes between the pods;
 - `control`: for the hub, the tunnel's control socket, through which the kubelet adds pods;
 - `marker`: where to write the `network` marker, or null.
 
@@ -59,6 +60,7 @@ class NetworkConfig:
     tunnel_binary: str
     tunnel_config: str
     egress: str | None = None
+    forwarding: bool = False
     control: str | None = None
     marker: str | None = None
 
@@ -71,13 +73,13 @@ class NetworkConfig:
             address=face["address"],
             mtu=int(face["mtu"]),
             routes=tuple(face.get("routes", ())),
-            forwarding=bool(face.get("forwarding", False)),
         )
         return cls(
             interface=interface,
             tunnel_binary=data["tunnel"]["binary"],
             tunnel_config=data["tunnel"]["config"],
             egress=data.get("egress"),
+            forwarding=bool(data.get("forwarding", False)),
             control=data.get("control"),
             marker=data.get("marker"),
         )
@@ -194,7 +196,7 @@ class Network:
 def start(config: NetworkConfig, *, python: str = sys.executable) -> Network:
     """The namespace, its tunnel and its egress; Refused (NamespaceRefused for the
     namespace itself) with the reason when a part cannot start, after stopping the others."""
-    holder = start_holder(config.interface, python=python)
+    holder = start_holder(config.interface, forwarding=config.forwarding, python=python)
     network = Network(holder=holder, processes=[])
     try:
         assert holder.tun_fd is not None
