@@ -440,13 +440,16 @@ class SlurmProvider:
             known = self._pods.get(f"{namespace}/{name}")
         if known is None:
             return None
-        network = PodFolder(known.folder).read_network() if known.address else None
+        pod_ip = None  # the node's
+        if known.address:
+            network = PodFolder(known.folder).read_network()
+            pod_ip = "" if network is None else known.address if network[0] == "pod" else None
         status = pod_status(
             known.pod.get("spec") or {},
             self._view(known.job_id, known.pod),
             read_markers(known.folder),
             node_addresses=self.settings.node_addresses,
-            pod_ip=known.address if network and network[0] == "pod" else None,
+            pod_ip=pod_ip,
         )
         # A job its storage ended (a hostPath check, an emptyDir over its sizeLimit) says why.
         return with_failure(status, read_failure(known.folder))

@@ -185,7 +185,8 @@ def pod_status(
     `spec` is the pod's spec; `job` is None while Slurm does not list the job yet;
     `markers` are keyed by container name; `node_addresses` maps Slurm node names to their
     addresses, for hostIP; `pod_ip` is the pod's address on the pod network, None for a pod on
-    its node's network, whose podIP is the node's. The result depends on nothing else, so a
+    its node's network, whose podIP is the node's, and "" while its job has not said which
+    (no podIP yet). The result depends on nothing else, so a
     final status never changes.
 
     Every condition has `reason` and `message`, None when it has none: written as a strategic
@@ -256,9 +257,10 @@ def pod_status(
     if host_ip:
         status["hostIP"] = host_ip
         status["hostIPs"] = [{"ip": host_ip}]
-    if started and (pod_ip or host_ip):
-        status["podIP"] = pod_ip or host_ip
-        status["podIPs"] = [{"ip": pod_ip or host_ip}]
+    pod_address = host_ip if pod_ip is None else pod_ip
+    if started and pod_address:
+        status["podIP"] = pod_address
+        status["podIPs"] = [{"ip": pod_address}]
     if started and job.start_time is not None:
         status["startTime"] = _time(job.start_time)
     if init_statuses:
