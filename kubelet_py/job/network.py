@@ -36,7 +36,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, TextIO
@@ -47,7 +47,6 @@ from kubelet_py.job.podfolder import write_marker
 READY_TIMEOUT_S = 10.0
 """How long the tunnel and slirp4netns each have to say they are ready."""
 
-EGRESS_DEVICE = "tap0"
 EGRESS_MTU = 65520
 """slirp4netns's fastest MTU (its documentation's recommendation)."""
 
@@ -112,65 +111,60 @@ def _await_ready(fd: int, process: subprocess.Popen[bytes], what: str, errors: B
         os.close(fd)
 
 
-def _errors() -> BinaryIO:
-    """Where a helper's stderr goes: an unnamed file, read only if it fails to start (a pipe
-    nobody reads once it runs could fill and stop it)."""
-    return tempfile.TemporaryFile()
+def _start_helper(
+    what: str,
+    argv: Callable[[int], list[str]],
+    *,
+    keep_fds: tuple[int, ...] = (),
+    stdin: str | None = None,
+) -> subprocess.Popen[bytes]:
+    """Start `argv(ready_fd)` and wait until it writes to its ready descriptor; Refused, with
+    its own words, when it cannot start. Its stderr goes to an unnamed file, read only if it
+    fails to start: a pipe nobody reads once it runs could fill and stop it."""
+    ready_read, ready_write = os.pipe()
+    words = argv(ready_write)
+    with tempfile.TemporaryFile() as errors:
+        try:
+            process = subprocess.Popen(
+                words,
+                stdin=subprocess.DEVNULL if stdin is None else subprocess.PIPE,
+                stdout=subprocess.DEVNULL,
+                stderr=errors,
+                pass_fds=[*keep_fds, ready_write],
+            )
+        except OSError as error:
+            os.close(ready_read)
+            raise Refused(f"cannot run {words[0]}: {error.strerror}") from None
+        finally:
+            os.close(ready_write)
+        if process.stdin is not None:
+            with contextlib.suppress(BrokenPipeError):
+                process.stdin.write((stdin or "").encode())
+            with contextlib.suppress(BrokenPipeError):
+                process.stdin.close()
+        _await_ready(ready_read, process, what, errors)
+    return process
 
 
 def start_tunnel(config: NetworkConfig, tun_fd: int) -> subprocess.Popen[bytes]:
     """hpk-tunnel on the node's network, carrying the device the holder opened."""
-    ready_read, ready_write = os.pipe()
-    errors = _errors()
-    argv = [config.tunnel_binary, f"--tun-fd={tun_fd}", f"--ready-fd={ready_write}"]
-    if config.control:
-        argv.append(f"--control={config.control}")
-    try:
-        process = subprocess.Popen(
-            argv,
-            stdin=subprocess.PIPE,
-            stdout=subprocess.DEVNULL,
-            stderr=errors,
-            pass_fds=[tun_fd, ready_write],
-        )
-    except OSError as error:
-        os.close(ready_read)
-        raise Refused(f"cannot run {config.tunnel_binary}: {error.strerror}") from None
-    finally:
-        os.close(ready_write)
-    assert process.stdin is not None
-    with contextlib.suppress(BrokenPipeError):
-        process.stdin.write(config.tunnel_config.encode())
-    with contextlib.suppress(BrokenPipeError):
-        process.stdin.close()
-    _await_ready(ready_read, process, "the tunnel", errors)
-    return process
+    control = [f"--control={config.control}"] if config.control else []
+    return _start_helper(
+        "the tunnel",
+        lambda ready: [config.tunnel_binary, f"--tun-fd={tun_fd}", f"--ready-fd={ready}", *control],
+        keep_fds=(tun_fd,),
+        stdin=config.tunnel_config,
+    )
 
 
 def start_egress(holder_pid: int) -> subprocess.Popen[bytes]:
     """slirp4netns for the namespace of `holder_pid`: its own way out through the node's
     sockets, with the node's loopback out of reach (`--disable-host-loopback`)."""
-    ready_read, ready_write = os.pipe()
-    errors = _errors()
-    argv = [
-        "slirp4netns", "--configure", f"--mtu={EGRESS_MTU}", "--disable-host-loopback",
-        f"--ready-fd={ready_write}", str(holder_pid), EGRESS_DEVICE,
-    ]  # fmt: skip
-    try:
-        process = subprocess.Popen(
-            argv,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=errors,
-            pass_fds=[ready_write],
-        )
-    except OSError as error:
-        os.close(ready_read)
-        raise Refused(f"cannot run slirp4netns: {error.strerror}") from None
-    finally:
-        os.close(ready_write)
-    _await_ready(ready_read, process, "slirp4netns", errors)
-    return process
+    options = ["--configure", f"--mtu={EGRESS_MTU}", "--disable-host-loopback"]
+    return _start_helper(
+        "slirp4netns",
+        lambda ready: ["slirp4netns", *options, f"--ready-fd={ready}", str(holder_pid), "tap0"],
+    )
 
 
 @dataclass
