@@ -82,12 +82,18 @@ def pod_options(
 def main(argv: list[str] | None = None) -> int:
     """Print this user's options on this host on one line, separated by spaces (`pod`: those
     of a pod's container): a job script reads them at run time, because the compute node, not
-    the host that rendered the script, decides them. No option holds a space."""
+    the host that rendered the script, decides them (`own-hosts`: without the node's
+    /etc/hosts). No option holds a space."""
     words = sys.argv[1:] if argv is None else argv
-    if words not in ([], ["pod"]):
-        print("usage: python -m hpk.apptainer [pod]", file=sys.stderr)
+    if words not in ([], ["pod"], ["pod", "own-hosts"]):
+        print("usage: python -m hpk.apptainer [pod [own-hosts]]", file=sys.stderr)
         return 2
-    print(" ".join(pod_options() if words else run_options()))
+    if not words:
+        print(" ".join(run_options()))
+        return 0
+    # own-hosts: a pod on the pod network has an /etc/hosts of its own, not the node's.
+    files = tuple(path for path in HOST_FILES if path != "/etc/hosts" or len(words) == 1)
+    print(" ".join(pod_options(host_files=files)))
     return 0
 
 

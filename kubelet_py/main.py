@@ -352,6 +352,8 @@ def _pod_network(hub_file: Path | None) -> tuple[PodNetworkSettings | None, Path
             tunnel=PurePosixPath(hub["tunnel"]),
             pod_cidr=str(hub["pod_cidr"]),
             service_cidr=str(hub["service_cidr"]),
+            dns=str(hub["dns"]),
+            cluster_domain=str(hub["cluster_domain"]),
             mtu=int(hub["mtu"]),
         )
         control = Path(hub["control"])

@@ -24,10 +24,19 @@ from types import FrameType
 
 from hpk.controlplane.bootstrap import apply_objects, kubelet_rbac
 from hpk.controlplane.errors import ControlPlaneError
-from hpk.controlplane.host import hostname, node_addresses
+from hpk.controlplane.host import host_resolvers, hostname, node_addresses
 from hpk.controlplane.image import ApptainerRunner, runnable_image
 from hpk.controlplane.launcher import ControlPlane
-from hpk.controlplane.network import HUB, HubFiles, prepare_hub
+from hpk.controlplane.network import (
+    HUB,
+    POD_DNS,
+    POD_DNS_READY,
+    HubFiles,
+    dns_address,
+    hub_holder,
+    prepare_hub,
+    prepare_pod_dns,
+)
 from hpk.controlplane.probes import TLSClient
 from hpk.controlplane.settings import Binaries, ControlPlaneSettings
 from hpk.files import private_dir
@@ -207,10 +216,12 @@ def _serve(
     """Start everything, report readiness and health until asked to stop, then stop in order."""
     kubelet: RunningProcess | None = None
     hub: RunningProcess | None = None
+    pod_dns: RunningProcess | None = None
     status = 0
     try:
         plane.start()
         hub, hub_file = _start_hub(plane)
+        pod_dns = _start_pod_dns(plane, hub) if hub is not None else None
         kubelet = _start_kubelet(home, plane, stop=stop, hub_file=hub_file)
         endpoint = f"https://{plane.context.advertise_address}:{plane.ports.apiserver}"
         pki = plane.pki
@@ -221,7 +232,9 @@ def _serve(
         while True:
             record.health = {**plane.health(), KUBELET: kubelet.alive()}
             dead = [
-                name for name, process in _processes(plane, kubelet, hub) if not process.alive()
+                name
+                for name, process in _processes(plane, kubelet, hub, pod_dns)
+                if not process.alive()
             ]
             if dead:
                 record.state, record.message = "failed", f"{', '.join(dead)} exited"
@@ -243,8 +256,9 @@ def _serve(
         record.save(home.record)
         if kubelet is not None:
             kubelet.stop(timeout=plane.settings.stop_timeout_s)
-        if hub is not None:
-            hub.stop(timeout=plane.settings.stop_timeout_s)
+        for network_part in (pod_dns, hub):
+            if network_part is not None:
+                network_part.stop(timeout=plane.settings.stop_timeout_s)
         plane.stop()
         if record.state == "stopping":
             record.state = "stopped"
@@ -291,6 +305,7 @@ def _start_hub(plane: ControlPlane) -> tuple[RunningProcess | None, Path | None]
         port=plane.ports.hub,
         pod_cidr=plane.settings.pod_cidr,
         service_cidr=plane.settings.service_cidr,
+        cluster_domain=plane.settings.cluster_domain,
         log_file=layout.log_file(HUB),
         pid_file=layout.pid_file(HUB),
     )
@@ -305,6 +320,45 @@ def _start_hub(plane: ControlPlane) -> tuple[RunningProcess | None, Path | None]
         time.sleep(0.05)
     log.info("pod network %s: hub ready on UDP port %d", plane.settings.pod_cidr, plane.ports.hub)
     return process, hub.hub_file
+
+
+def _start_pod_dns(plane: ControlPlane, hub: RunningProcess) -> RunningProcess | None:
+    """CoreDNS for the pods, in the hub; None (pods then have no cluster DNS, and the log says
+    why) when it cannot start."""
+    holder = hub_holder(hub.log_text())
+    try:
+        coredns = Toolchain.load().binary("coredns")
+    except ToolchainMissing as error:
+        log.warning("pods get no cluster DNS: %s", error)
+        return None
+    if holder is None:
+        log.warning("pods get no cluster DNS: the hub named no namespace")
+        return None
+    ctx, layout = plane.context, plane.layout
+    dns = dns_address(plane.settings.service_cidr)
+    spec = prepare_pod_dns(
+        HubFiles(layout.network),
+        coredns=coredns,
+        holder=holder,
+        apiserver=f"https://{ctx.advertise_address}:{ctx.ports.apiserver}",
+        pki=plane.pki,
+        dns=dns,
+        cluster_domain=plane.settings.cluster_domain,
+        upstreams=host_resolvers(plane.settings.resolv_conf),
+        log_file=layout.log_file(POD_DNS),
+        pid_file=layout.pid_file(POD_DNS),
+    )
+    process = start_process(spec)
+    deadline = time.monotonic() + plane.settings.coredns_ready_timeout_s
+    while POD_DNS_READY not in process.log_text():
+        if not process.alive() or time.monotonic() > deadline:
+            said = " ".join(process.log_text().split())[-300:]
+            log.warning("pods get no cluster DNS: CoreDNS did not start in the hub: %s", said)
+            process.stop(timeout=plane.settings.stop_timeout_s)
+            return None
+        time.sleep(0.1)
+    log.info("cluster DNS for pods at %s:53", dns)
+    return process
 
 
 def _start_kubelet(
@@ -325,7 +379,7 @@ def _start_kubelet(
 
 
 def _processes(
-    plane: ControlPlane, kubelet: RunningProcess, hub: RunningProcess | None
+    plane: ControlPlane, kubelet: RunningProcess, *network: RunningProcess | None
 ) -> list[tuple[str, RunningProcess]]:
-    hubs = [(HUB, hub)] if hub is not None else []
-    return [*plane.processes.items(), *hubs, (KUBELET, kubelet)]
+    parts = [(process.spec.name, process) for process in network if process is not None]
+    return [*plane.processes.items(), *parts, (KUBELET, kubelet)]

@@ -10,16 +10,26 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import re
 import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from hpk.controlplane.components import corefile_token
 from hpk.files import PRIVATE_FILE_MODE, write_atomic
+from hpk.pki import ClusterPKI, write_kubeconfig
 from hpk.process import ProcessSpec
+from hpk.templating import render
 from kubelet_py.adapters.hub import Hub, HubUnavailable, new_private_key, public_key
 
 HUB = "pod-network-hub"
+POD_DNS = "coredns-pods"
+POD_DNS_READY = "CoreDNS-"
+"""CoreDNS prints its banner once its servers listen (after the API's first sync)."""
+POD_DNS_HEALTH_PORT = 8080
+POD_DNS_READY_PORT = 8181
+"""Inside the hub's namespace, which no one else shares: the ports need no choosing."""
 INTERFACE = "hpk0"
 MTU = 1420
 HUB_MEMORY_LIMIT = "512MiB"
@@ -40,6 +50,16 @@ class HubFiles:
     def config(self) -> Path:
         """kubelet_py.job.network's configuration of the hub."""
         return self.folder / "hub-network.json"
+
+    @property
+    def pod_dns_corefile(self) -> Path:
+        return self.folder / "Corefile"
+
+    @property
+    def pod_dns_kubeconfig(self) -> Path:
+        """CoreDNS's kubeconfig from the hub: the API server at the advertised address, since
+        the hub's loopback is its own."""
+        return self.folder / "coredns.conf"
 
     @property
     def hub_file(self) -> Path:
@@ -63,6 +83,61 @@ class HubPlan:
         return True
 
 
+def dns_address(service_cidr: str) -> str:
+    """The cluster DNS Service's address: the tenth of the Service range, as kubeadm has it
+    (10.96.0.10)."""
+    return str(ipaddress.ip_network(service_cidr, strict=True).network_address + 10)
+
+
+HUB_LINE = re.compile(r"^pod (\d+) \d+$", re.MULTILINE)
+
+
+def hub_holder(log_text: str) -> int | None:
+    """The pid that holds the hub's namespace, from the hub's line in its log."""
+    found = HUB_LINE.search(log_text)
+    return int(found.group(1)) if found else None
+
+
+def prepare_pod_dns(
+    files: HubFiles,
+    *,
+    coredns: Path,
+    holder: int,
+    apiserver: str,
+    pki: ClusterPKI,
+    dns: str,
+    cluster_domain: str,
+    upstreams: list[str],
+    log_file: Path,
+    pid_file: Path,
+) -> ProcessSpec:
+    """CoreDNS for the pods, in the hub's namespaces on the cluster DNS address's port 53:
+    its kubeconfig (`apiserver` at an address the hub reaches), its Corefile and its spec.
+
+    `nsenter` keeps the user's own uid, which is root in the hub's user namespace and so may
+    bind port 53 there."""
+    write_kubeconfig(
+        files.pod_dns_kubeconfig, server=apiserver, ca_cert=pki.ca.cert, client=pki.coredns
+    )
+    corefile = render(
+        "coredns/Corefile.j2",
+        port=53,
+        bind_address=dns,
+        probe_address="127.0.0.1",
+        health_port=POD_DNS_HEALTH_PORT,
+        ready_port=POD_DNS_READY_PORT,
+        cluster_domain=cluster_domain,
+        kubeconfig=corefile_token(str(files.pod_dns_kubeconfig)),
+        upstreams=upstreams,
+    )
+    write_atomic(files.pod_dns_corefile, corefile, mode=PRIVATE_FILE_MODE)
+    argv = (
+        "nsenter", "--preserve-credentials", "--user", "--net", f"--target={holder}", "--",
+        str(coredns), "-conf", str(files.pod_dns_corefile),
+    )  # fmt: skip
+    return ProcessSpec(name=POD_DNS, argv=argv, log_file=log_file, pid_file=pid_file)
+
+
 def prepare_hub(
     files: HubFiles,
     *,
@@ -71,6 +146,7 @@ def prepare_hub(
     port: int,
     pod_cidr: str,
     service_cidr: str,
+    cluster_domain: str,
     log_file: Path,
     pid_file: Path,
 ) -> HubPlan:
@@ -87,13 +163,17 @@ def prepare_hub(
     network = ipaddress.ip_network(pod_cidr, strict=True)
     hub_address = next(network.hosts())
     control = Path(tempfile.mkdtemp(prefix="hpk-hub-")) / "control"
+    dns = dns_address(service_cidr)
     config = {
         "interface": {
             "name": INTERFACE,
             "address": f"{hub_address}/{network.prefixlen}",
             "mtu": MTU,
+            "local": [f"{dns}/32"],
         },
         "forwarding": True,
+        # The cluster DNS in the hub reaches the API server and the node's resolvers.
+        "egress": "slirp4netns",
         "tunnel": {"binary": str(tunnel), "config": f"private_key={private}\nlisten_port={port}\n"},
         "control": str(control),
     }
@@ -106,6 +186,8 @@ def prepare_hub(
         "tunnel": str(tunnel),
         "pod_cidr": pod_cidr,
         "service_cidr": service_cidr,
+        "dns": dns,
+        "cluster_domain": cluster_domain,
         "mtu": MTU,
     }
     write_atomic(files.hub_file, json.dumps(hub_file, indent=1) + "\n", mode=PRIVATE_FILE_MODE)

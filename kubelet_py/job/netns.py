@@ -52,10 +52,13 @@ class Interface:
     mtu: int
     routes: tuple[str, ...] = ()
     """Destinations routed through it (`10.244.0.0/16`)."""
+    local: tuple[str, ...] = ()
+    """More addresses of the namespace itself, on `lo` (the hub's cluster DNS address)."""
 
     def arguments(self) -> list[str]:
         words = [f"--tun={self.name}", f"--address={self.address}", f"--mtu={self.mtu}"]
-        return words + [f"--route={route}" for route in self.routes]
+        words += [f"--route={route}" for route in self.routes]
+        return words + [f"--local={address}" for address in self.local]
 
 
 def open_tun(name: str) -> int:
@@ -159,6 +162,8 @@ def _hold(channel_fd: int, interface: Interface | None, *, forwarding: bool) -> 
         _ip("link", "set", interface.name, "mtu", str(interface.mtu), "up")
         for route in interface.routes:
             _ip("route", "add", route, "dev", interface.name)
+        for address in interface.local:
+            _ip("addr", "add", address, "dev", "lo")
     socket.send_fds(channel, [b"ok"], fds)
     for fd in fds:
         os.close(fd)
@@ -181,11 +186,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     hold.add_argument("--address")
     hold.add_argument("--mtu", type=int, default=1420)
     hold.add_argument("--route", action="append", default=[])
+    hold.add_argument("--local", action="append", default=[])
     hold.add_argument("--forwarding", action="store_true")
     args = parser.parse_args(argv)
     interface = None
     if args.tun:
-        interface = Interface(args.tun, args.address, args.mtu, tuple(args.route))
+        routes, local = tuple(args.route), tuple(args.local)
+        interface = Interface(args.tun, args.address, args.mtu, routes, local)
     try:
         return _hold(args.channel, interface, forwarding=args.forwarding)
     except (OSError, subprocess.CalledProcessError) as error:

@@ -44,6 +44,9 @@ from typing import Any, BinaryIO, TextIO
 from kubelet_py.job.netns import Holder, Interface, NamespaceRefused, start_holder
 from kubelet_py.job.podfolder import write_marker
 
+WATCH_INTERVAL_S = 1.0
+"""How often the keeper looks whether the holder, the tunnel and the egress still run."""
+
 READY_TIMEOUT_S = 10.0
 """How long the tunnel and slirp4netns each have to say they are ready."""
 
@@ -72,6 +75,7 @@ class NetworkConfig:
             address=face["address"],
             mtu=int(face["mtu"]),
             routes=tuple(face.get("routes", ())),
+            local=tuple(face.get("local", ())),
         )
         return cls(
             interface=interface,
@@ -174,6 +178,10 @@ class Network:
     holder: Holder
     processes: list[subprocess.Popen[bytes]]
 
+    def named(self) -> list[tuple[str, subprocess.Popen[bytes]]]:
+        names = ("the tunnel", "slirp4netns")
+        return list(zip(names, self.processes, strict=False))
+
     def stop(self) -> None:
         for process in reversed(self.processes):
             with contextlib.suppress(ProcessLookupError):
@@ -262,10 +270,24 @@ def _hold(config_path: Path, report: TextIO, *, detach: bool) -> int:
     if detach:
         report.close()
     try:
-        signal.sigwait({signal.SIGTERM, signal.SIGINT})
+        ended = _watch(network)
     finally:
         network.stop()
-    return 0
+    if not detach:  # the hub's log says why it stopped
+        print(ended, flush=True)
+    return 0 if ended.startswith("stopped") else 1
+
+
+def _watch(network: Network) -> str:
+    """Until TERM or INT, or until a part of the network ends by itself; what happened."""
+    while True:
+        got = signal.sigtimedwait({signal.SIGTERM, signal.SIGINT}, WATCH_INTERVAL_S)
+        if got is not None:
+            return f"stopped by {signal.Signals(got.si_signo).name}"
+        parts = [("the holder", network.holder.process), *network.named()]
+        for name, process in parts:
+            if process.poll() is not None:
+                return f"{name} ended with code {process.returncode}"
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -39,6 +39,8 @@ VOLUMES_DIR = "volumes"
 CONTAINERS_DIR = "containers"
 NETWORK_CONFIG = "network.json"
 """The job's network (kubelet_py.job.network): 0600, it holds the tunnel's private key."""
+ETC_DIR = "etc"
+"""A pod on the pod network's /etc/hosts and /etc/resolv.conf, bound into its containers."""
 NETWORK = "network"
 """Written by the job once its network is set up: `pod`, or `host <reason>` when the node
 refused the pod's namespace and its containers use the node's network."""

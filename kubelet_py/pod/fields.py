@@ -26,7 +26,20 @@ OBJECT_UID = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]{0,127}")
 
 # What the pod spec may hold: fields rendering reads (honoured or checked), and fields whose
 # values need no check, with the reason.
-_POD_HONOURED = frozenset({"containers", "initContainers", "volumes", "activeDeadlineSeconds"})
+_POD_HONOURED = frozenset(
+    {
+        "containers",
+        "initContainers",
+        "volumes",
+        "activeDeadlineSeconds",
+        # on the pod network (kubelet_py.pod.network); warned of on the node's
+        "hostname",
+        "subdomain",
+        "hostAliases",
+        "dnsConfig",
+        "setHostnameAsFQDN",
+    }
+)
 _POD_CHECKED = frozenset({"restartPolicy", "securityContext", "dnsPolicy", "os"})
 _ELSEWHERE: Mapping[str, str] = MappingProxyType(
     {
@@ -78,7 +91,7 @@ _CONTAINER_ELSEWHERE: Mapping[str, str] = MappingProxyType(
         "resizePolicy": "hpk never resizes a running pod",
     }
 )
-_DNS_POLICIES = frozenset({"ClusterFirst", "ClusterFirstWithHostNet", "Default"})
+_DNS_POLICIES = frozenset({"ClusterFirst", "ClusterFirstWithHostNet", "Default", "None"})
 
 
 def check_pod_fields(spec: Mapping[str, object]) -> None:

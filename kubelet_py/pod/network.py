@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import re
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ from pathlib import PurePosixPath
 
 from kubelet_py.errors import InvalidPodSpec
 from kubelet_py.errors import expect_object as _mapping
+from kubelet_py.pod.fields import DNS_LABEL, DNS_SUBDOMAIN, expect_objects
 
 ANNOTATION = "hpk.io/network"
 LAUNCHER_ANNOTATION = "slurm.hpk.io/launcher"
@@ -43,11 +45,17 @@ class PodNetworkSettings:
     """The hpk-tunnel binary on the compute nodes."""
     pod_cidr: str = "10.244.0.0/16"
     service_cidr: str = "10.96.0.0/16"
+    dns: str = "10.96.0.10"
+    """The cluster DNS Service's address, served by CoreDNS in the hub."""
+    cluster_domain: str = "cluster.local"
     mtu: int = 1420
 
     def __post_init__(self) -> None:
         ipaddress.ip_network(self.pod_cidr, strict=True)
         ipaddress.ip_network(self.service_cidr, strict=True)
+        ipaddress.ip_address(self.dns)
+        if not DNS_SUBDOMAIN.fullmatch(self.cluster_domain):
+            raise ValueError(f"setting cluster_domain {self.cluster_domain!r} is no domain")
         if not self.tunnel.is_absolute():
             raise ValueError(f"setting tunnel must be an absolute path, not {self.tunnel}")
         if len(bytes.fromhex(self.hub_public_key)) != 32:
@@ -171,3 +179,128 @@ class AddressPool:
             del self._owners[old]
         self._by_owner[owner] = ip
         self._owners[ip] = owner
+
+
+HOSTNAME_LIMIT = 63
+SEARCH_LIMIT = 32
+"""Kubernetes' limits: a label's length, and the search domains it accepts."""
+DNS_OPTION = re.compile(r"[A-Za-z0-9_.-]+")
+
+
+def pod_hostname(pod: Mapping[str, object]) -> tuple[str, str | None]:
+    """(its host name, its FQDN when it has a subdomain): `spec.hostname`, else the pod's
+    name cut to 63 characters, as Kubernetes names it."""
+    spec = _mapping(pod.get("spec"), "spec")
+    metadata = _mapping(pod.get("metadata"), "metadata")
+    name = spec.get("hostname")
+    if name is None:
+        name = str(metadata.get("name", ""))[:HOSTNAME_LIMIT].rstrip("-.")
+    elif not isinstance(name, str) or not DNS_LABEL.fullmatch(name) or len(name) > 63:
+        raise InvalidPodSpec("spec.hostname", f"{name!r} is no DNS label")
+    subdomain = spec.get("subdomain")
+    if subdomain is None:
+        return name, None
+    if not isinstance(subdomain, str) or not DNS_LABEL.fullmatch(subdomain):
+        raise InvalidPodSpec("spec.subdomain", f"{subdomain!r} is no DNS label")
+    return name, f"{name}.{subdomain}.{metadata.get('namespace')}.svc.{{domain}}"
+
+
+def hosts_file(pod: Mapping[str, object], address: str, *, domain: str) -> str:
+    """The pod's /etc/hosts, as Kubernetes writes it: localhost, the pod's own names at its
+    address, then its hostAliases."""
+    name, fqdn = pod_hostname(pod)
+    names = f"{fqdn.format(domain=domain)}\t{name}" if fqdn else name
+    lines = [
+        "# Kubernetes-managed hosts file (hpk).",
+        "127.0.0.1\tlocalhost",
+        "::1\tlocalhost ip6-localhost ip6-loopback",
+        f"{address}\t{names}",
+    ]
+    aliases = host_aliases(pod)
+    if aliases:
+        lines.append("# Entries added by HostAliases.")
+        lines += [f"{ip}\t{' '.join(hostnames)}" for ip, hostnames in aliases]
+    return "\n".join(lines) + "\n"
+
+
+def host_aliases(pod: Mapping[str, object]) -> list[tuple[str, list[str]]]:
+    spec = _mapping(pod.get("spec"), "spec")
+    aliases = []
+    for index, entry in enumerate(expect_objects(spec.get("hostAliases"), "spec.hostAliases")):
+        where = f"spec.hostAliases[{index}]"
+        try:
+            ip = str(ipaddress.ip_address(str(entry.get("ip"))))
+        except ValueError:
+            raise InvalidPodSpec(f"{where}.ip", f"{entry.get('ip')!r} is no IP address") from None
+        hostnames = entry.get("hostnames") or []
+        if not isinstance(hostnames, list) or not all(
+            isinstance(h, str) and DNS_SUBDOMAIN.fullmatch(h.lower()) for h in hostnames
+        ):
+            raise InvalidPodSpec(f"{where}.hostnames", "must be a list of host names")
+        aliases.append((ip, list(hostnames)))
+    return aliases
+
+
+def resolv_conf(pod: Mapping[str, object], settings: PodNetworkSettings) -> str | None:
+    """The pod's /etc/resolv.conf for its dnsPolicy; None for `Default` without dnsConfig,
+    which keeps the node's.
+
+    ClusterFirst (and ClusterFirstWithHostNet) name the cluster DNS with the Kubernetes
+    search path and `ndots:5`; `None` takes dnsConfig alone; dnsConfig's nameservers and
+    searches come after the policy's, and its options replace those of the same name."""
+    spec = _mapping(pod.get("spec"), "spec")
+    metadata = _mapping(pod.get("metadata"), "metadata")
+    policy = spec.get("dnsPolicy", "ClusterFirst")
+    config = _mapping(spec.get("dnsConfig"), "spec.dnsConfig")
+    if policy == "Default" and not config:
+        return None
+    nameservers: list[str] = []
+    searches: list[str] = []
+    options: dict[str, str | None] = {}
+    if policy in ("ClusterFirst", "ClusterFirstWithHostNet"):
+        domain = settings.cluster_domain
+        namespace = str(metadata.get("namespace"))
+        nameservers = [settings.dns]
+        searches = [f"{namespace}.svc.{domain}", f"svc.{domain}", domain]
+        options = {"ndots": "5"}
+    for index, server in enumerate(_strings(config, "nameservers")):
+        try:
+            nameservers.append(str(ipaddress.ip_address(server)))
+        except ValueError:
+            where = f"spec.dnsConfig.nameservers[{index}]"
+            raise InvalidPodSpec(where, f"{server!r} is no IP address") from None
+    for search in _strings(config, "searches"):
+        if not DNS_SUBDOMAIN.fullmatch(search.lower().rstrip(".")):
+            raise InvalidPodSpec("spec.dnsConfig.searches", f"{search!r} is no domain")
+        searches.append(search)
+    options.update(_dns_options(config))
+    if policy == "None" and not nameservers:
+        raise InvalidPodSpec("spec.dnsConfig.nameservers", "dnsPolicy None needs a nameserver")
+    if len(searches) > SEARCH_LIMIT:
+        raise InvalidPodSpec("spec.dnsConfig.searches", f"more than {SEARCH_LIMIT}")
+    lines = [f"nameserver {server}" for server in nameservers]
+    if searches:
+        lines.append("search " + " ".join(dict.fromkeys(searches)))
+    if options:
+        words = [name if value is None else f"{name}:{value}" for name, value in options.items()]
+        lines.append("options " + " ".join(words))
+    return "\n".join(lines) + "\n"
+
+
+def _dns_options(config: Mapping[str, object]) -> dict[str, str | None]:
+    options: dict[str, str | None] = {}
+    for index, option in enumerate(expect_objects(config.get("options"), "spec.dnsConfig.options")):
+        name, value = option.get("name"), option.get("value")
+        if not isinstance(name, str) or not DNS_OPTION.fullmatch(name):
+            raise InvalidPodSpec(f"spec.dnsConfig.options[{index}].name", f"{name!r}")
+        if value is not None and (not isinstance(value, str) or not DNS_OPTION.fullmatch(value)):
+            raise InvalidPodSpec(f"spec.dnsConfig.options[{index}].value", f"{value!r}")
+        options[name] = value
+    return options
+
+
+def _strings(config: Mapping[str, object], key: str) -> list[str]:
+    values = config.get(key) or []
+    if not isinstance(values, list) or not all(isinstance(value, str) for value in values):
+        raise InvalidPodSpec(f"spec.dnsConfig.{key}", "must be a list of strings")
+    return list(values)

@@ -32,6 +32,7 @@ from kubelet_py.errors import ImageNotResolved, InvalidPodSpec
 from kubelet_py.errors import expect_object as _mapping
 from kubelet_py.job.podfolder import (
     ENV_DIR,
+    ETC_DIR,
     HANDSHAKE_FIFO,
     HANDSHAKE_HOOK,
     JOB_SCRIPT,
@@ -68,7 +69,10 @@ from kubelet_py.pod.network import (
     LAUNCHER_ANNOTATION,
     PodAddress,
     PodNetworkSettings,
+    hosts_file,
     network_config,
+    pod_hostname,
+    resolv_conf,
     wants_pod_network,
 )
 from kubelet_py.pod.probe_spec import PROBE_FIELDS, probes_file
@@ -332,9 +336,9 @@ def render_pod(
             )
             launches[key][-1] = launch
 
+    joins = _join_network(pod, settings, address, files, not_honoured)
     if not_honoured:
         warnings.append((NOT_HONOURED, "; ".join(not_honoured)))
-    joins = _join_network(pod, settings, address, files)
     script = render(
         TEMPLATE,
         namespace=namespace,
@@ -353,7 +357,7 @@ def render_pod(
         init=launches["initContainers"],
         main=launches["containers"],
         node_ips=_node_ips(settings, launches["initContainers"] + launches["containers"]),
-        network=NETWORK_CONFIG if joins else None,
+        network=joins,
         job_user=settings.job_user,
         handshake={
             "fifo": HANDSHAKE_FIFO,
@@ -384,20 +388,59 @@ def render_pod(
     )
 
 
+NODE_NETWORK_FIELDS = ("hostname", "subdomain", "hostAliases", "dnsConfig", "setHostnameAsFQDN")
+"""Fields honoured on the pod network alone: a pod on its node's network has the node's
+name, /etc/hosts and resolv.conf."""
+
+
+@dataclass(frozen=True)
+class PodNetworkFiles:
+    """What the job script needs of a pod on the pod network (the template's view)."""
+
+    config: str
+    """Its network file, relative to the pod folder."""
+    hosts: str
+    resolv: str | None
+    """Its /etc/hosts and /etc/resolv.conf, relative to the pod folder (resolv: None keeps
+    the node's, for dnsPolicy Default)."""
+    hostname: str
+
+
 def _join_network(
     pod: Mapping[str, object],
     settings: RenderSettings,
     address: PodAddress | None,
     files: dict[str, str],
-) -> bool:
-    """Whether the pod joins the pod network; if so, its network file goes into `files`."""
+    not_honoured: list[str],
+) -> PodNetworkFiles | None:
+    """The pod's network files, which go into `files`, when it joins the pod network; None
+    (with what is then not honoured) when it does not."""
+    spec = _mapping(pod.get("spec"), "spec")
     if settings.network is None or not wants_pod_network(pod):
-        return False
+        given = [name for name in NODE_NETWORK_FIELDS if spec.get(name)]
+        if spec.get("dnsPolicy") == "None":
+            given.append("dnsPolicy None")
+        if given:
+            not_honoured.append(f"{', '.join(given)}: the pod uses its node's network")
+        return None
     if address is None:
         raise ValueError("a pod that joins the pod network needs its address")
-    marker = settings.pod_dir / NETWORK
-    files[NETWORK_CONFIG] = network_config(settings.network, address, marker=marker)
-    return True
+    network = settings.network
+    files[NETWORK_CONFIG] = network_config(network, address, marker=settings.pod_dir / NETWORK)
+    hosts = f"{ETC_DIR}/hosts"
+    files[hosts] = hosts_file(pod, address.ip, domain=network.cluster_domain)
+    resolv = resolv_conf(pod, network)
+    if resolv is not None:
+        files[f"{ETC_DIR}/resolv.conf"] = resolv
+    hostname, fqdn = pod_hostname(pod)
+    if fqdn and spec.get("setHostnameAsFQDN") is True:
+        hostname = fqdn.format(domain=network.cluster_domain)
+    return PodNetworkFiles(
+        config=NETWORK_CONFIG,
+        hosts=hosts,
+        resolv=f"{ETC_DIR}/resolv.conf" if resolv is not None else None,
+        hostname=hostname,
+    )
 
 
 def _with_probes(

@@ -14,7 +14,9 @@ from kubelet_py.pod.network import (
     AddressPool,
     PodAddress,
     PodNetworkSettings,
+    hosts_file,
     network_config,
+    resolv_conf,
     wants_pod_network,
 )
 from kubelet_py.pod.render import RenderSettings, render_pod
@@ -134,3 +136,53 @@ def test_keys_pair_as_wireguard_pairs_them() -> None:
     private = "77076d0a7318a57d3c16c17251b26645df4c2f87ebc0992ab177fba51db92c2a"
     assert public_key(private) == "8520f0098930a754748b7ddcb43ef75a0dbf3a0d26381af4eba4a98eaa9b4e6a"
     assert len(bytes.fromhex(new_private_key())) == 32
+
+
+def test_cluster_first_names_the_cluster_dns_with_the_kubernetes_search_path() -> None:
+    assert resolv_conf(pod(), NETWORK) == (
+        "nameserver 10.96.0.10\n"
+        "search default.svc.cluster.local svc.cluster.local cluster.local\n"
+        "options ndots:5\n"
+    )
+    assert resolv_conf(pod(dnsPolicy="Default"), NETWORK) is None  # the node's
+
+
+def test_dns_config_adds_to_the_policy_and_none_takes_it_alone() -> None:
+    config = {
+        "nameservers": ["192.0.2.53"],
+        "searches": ["lab.example"],
+        "options": [{"name": "ndots", "value": "2"}, {"name": "edns0"}],
+    }
+    assert resolv_conf(pod(dnsConfig=config), NETWORK) == (
+        "nameserver 10.96.0.10\nnameserver 192.0.2.53\n"
+        "search default.svc.cluster.local svc.cluster.local cluster.local lab.example\n"
+        "options ndots:2 edns0\n"
+    )
+    assert resolv_conf(pod(dnsPolicy="None", dnsConfig=config), NETWORK) == (
+        "nameserver 192.0.2.53\nsearch lab.example\noptions ndots:2 edns0\n"
+    )
+    with pytest.raises(InvalidPodSpec, match="needs a nameserver"):
+        resolv_conf(pod(dnsPolicy="None"), NETWORK)
+    with pytest.raises(InvalidPodSpec, match="no IP address"):
+        resolv_conf(pod(dnsConfig={"nameservers": ["dns.example; rm -rf /"]}), NETWORK)
+
+
+def test_the_hosts_file_names_the_pod_its_fqdn_and_its_aliases() -> None:
+    aliases = [{"ip": "192.0.2.7", "hostnames": ["db", "db.lab"]}]
+    text = hosts_file(
+        pod(hostname="web-0", subdomain="web", hostAliases=aliases),
+        "10.244.0.9",
+        domain="cluster.local",
+    )
+    assert text.splitlines()[1:] == [
+        "127.0.0.1\tlocalhost",
+        "::1\tlocalhost ip6-localhost ip6-loopback",
+        "10.244.0.9\tweb-0.web.default.svc.cluster.local\tweb-0",
+        "# Entries added by HostAliases.",
+        "192.0.2.7\tdb db.lab",
+    ]
+    assert "10.244.0.9\tweb\n" in hosts_file(pod(), "10.244.0.9", domain="cluster.local")
+    with pytest.raises(InvalidPodSpec, match="host names"):
+        hosts_file(
+            pod(hostAliases=[{"ip": "192.0.2.7", "hostnames": ["a b"]}]), "10.244.0.9", domain="x"
+        )

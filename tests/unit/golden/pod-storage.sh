@@ -110,7 +110,7 @@ over_limit() {
 mkdir -p -- "$containers" || exit 125
 
 # Apptainer's options for this user on this node: --no-privs as root, --unsquash without FUSE,
-# and the node's /etc/hosts and /etc/localtime, read-only.
+# and the node's /etc/hosts (not on the pod network) and /etc/localtime, read-only.
 options=$("$python" -I -m hpk.apptainer pod) || exit 125
 read -r -a run_options <<<"$options"
 
