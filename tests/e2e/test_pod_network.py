@@ -120,3 +120,50 @@ def test_a_host_network_pod_has_the_nodes_address(cluster: UserCluster) -> None:
     assert found["status"]["phase"] == "Succeeded", found["status"]
     assert found["status"]["podIP"] == found["status"]["hostIP"]
     assert ipaddress.ip_address(found["status"]["podIP"]) not in POD_CIDR
+
+
+def test_cluster_dns_answers_for_services_and_pods_from_inside_a_pod(
+    cluster: UserCluster,
+) -> None:
+    headless = {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": "web"},
+        "spec": {"clusterIP": "None", "selector": {"app": "web"}, "ports": [{"port": 8080}]},
+    }
+    cluster.create(headless)
+    servers = []
+    for name in ("web-0", "web-1"):
+        server = pod(name, SERVE, node="n1", hostname=name, subdomain="web")
+        server["metadata"]["labels"] = {"app": "web"}
+        cluster.create(server)
+        servers.append(server)
+    addresses = sorted(running(cluster, name)["status"]["podIP"] for name in ("web-0", "web-1"))
+    domain = f"{NAMESPACE}.svc.cluster.local"
+    script = (
+        "cat /etc/resolv.conf; echo hostname=$(hostname); grep aliased /etc/hosts; "
+        "nslookup kubernetes.default.svc.cluster.local; "
+        f"nslookup web.{domain}; nslookup web-0.web.{domain}; "
+        f"wget -q -O - http://web-1.web.{domain}:8080/cgi-bin/who"
+    )
+    client = pod(
+        "asker",
+        script,
+        node="n2",
+        hostAliases=[{"ip": "192.0.2.77", "hostnames": ["aliased.example"]}],
+    )
+    cluster.create(client)
+    found = cluster.ended("asker")
+    log = cluster.logs("asker")
+    assert found["status"]["phase"] == "Succeeded", (found["status"], log)
+    assert "nameserver 10.96.0.10\n" in log, log
+    assert f"search {domain} svc.cluster.local cluster.local\n" in log, log
+    assert "options ndots:5\n" in log
+    assert "hostname=asker\n" in log
+    assert "192.0.2.77\taliased.example\n" in log
+    assert "Address: 10.96.0.1\n" in log, log  # the kubernetes Service's ClusterIP
+    for address in addresses:  # the headless Service: one A record per ready pod
+        assert f"Address: {address}\n" in log, log
+    web0 = next(a for a in addresses if a == running(cluster, "web-0")["status"]["podIP"])
+    assert log.count(f"Address: {web0}\n") == 2, log  # and web-0's own name
+    assert "web-1 from " in log, log
