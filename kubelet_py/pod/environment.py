@@ -18,6 +18,7 @@ import math
 import re
 import shlex
 from collections.abc import Collection, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from types import MappingProxyType
 
 from kubelet_py.errors import InvalidPodSpec
@@ -44,7 +45,9 @@ _FIELD_PATHS: Mapping[str, tuple[str, str]] = MappingProxyType(
         "spec.serviceAccountName": ("spec", "serviceAccountName"),
     }
 )
-_NODE_IP_PATHS = frozenset({"status.podIP", "status.hostIP"})
+_NODE_IP_PATHS = {"status.podIP": "pod_ip", "status.hostIP": "node_ip"}
+"""fieldRefs the job fills in where it runs, and the job script's variable for each: the
+node's address, and the pod's (the node's too, off the pod network)."""
 _RESOURCE_FIELDS = frozenset({"limits.cpu", "limits.memory", "requests.cpu", "requests.memory"})
 
 
@@ -94,22 +97,22 @@ def container_environment(
     inputs: PodInputs,
     warnings: list[tuple[str, str]],
     base: Mapping[str, str] = MappingProxyType({}),
-) -> tuple[dict[str, str], list[str], set[str]]:
+) -> tuple[dict[str, str], list[tuple[str, str]], set[str]]:
     """The container's variables as Kubernetes sets them: `base` (the `kubernetes` service's)
     first, then `envFrom`, then `env`, a later entry replacing an earlier one; `$(VAR)`
-    expanded in `value` entries only. Also returns the variables the job sets to the node's
-    address, and those whose values come from a Secret (directly or through `$(VAR)`)."""
+    expanded in `value` entries only. Also returns the variables the job sets where it runs,
+    each with the job script's variable (`node_ip`, `pod_ip`), and those whose values come
+    from a Secret (directly or through `$(VAR)`)."""
     variables: dict[str, str] = dict(base)
-    node_ip: list[str] = []
+    node_ip: list[tuple[str, str]] = []
     secret: set[str] = set()
 
-    def assign(name: str, value: str | None, *, from_secret: bool = False) -> None:
+    def assign(name: str, value: str | _JobValue, *, from_secret: bool = False) -> None:
         variables.pop(name, None)
         secret.discard(name)
-        if name in node_ip:
-            node_ip.remove(name)
-        if value is None:
-            node_ip.append(name)
+        node_ip[:] = [entry for entry in node_ip if entry[0] != name]
+        if isinstance(value, _JobValue):
+            node_ip.append((name, value.variable))
         else:
             variables[name] = value
             if from_secret:
@@ -243,6 +246,13 @@ _UNSET = "\0unset"
 """What an optional reference to a missing object or key gives: the variable is not set."""
 
 
+@dataclass(frozen=True)
+class _JobValue:
+    """A value the job script fills in where it runs: its variable."""
+
+    variable: str
+
+
 def _value_from(
     value_from: object,
     at: str,
@@ -250,8 +260,8 @@ def _value_from(
     container: Mapping[str, object],
     pod: Mapping[str, object],
     inputs: PodInputs,
-) -> str | None:
-    """One `valueFrom`: its value, None for the node's address, or _UNSET."""
+) -> str | _JobValue:
+    """One `valueFrom`: its value, what the job fills in (an address), or _UNSET."""
     source = _mapping(value_from, f"{at}.valueFrom")
     kinds = sorted(key for key, value in source.items() if value is not None)
     if len(kinds) != 1:
@@ -270,8 +280,8 @@ def _value_from(
         return resolved
     if kind == "fieldRef":
         path = ref.get("fieldPath")
-        if path in _NODE_IP_PATHS:
-            return None
+        if isinstance(path, str) and path in _NODE_IP_PATHS:
+            return _JobValue(_NODE_IP_PATHS[path])
         if not isinstance(path, str) or path not in _FIELD_PATHS:
             raise InvalidPodSpec(
                 f"{where}.fieldPath",

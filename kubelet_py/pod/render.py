@@ -239,8 +239,9 @@ class ContainerLaunch:
     """Its terminationMessagePath (kubelet_py.job.termination places the file there)."""
     arguments: tuple[str, ...]
     """The words after the SIF file (see `container_argv`)."""
-    node_ip_env: tuple[str, ...] = ()
-    """Variables the script sets to the node's address (`status.podIP`, `status.hostIP`)."""
+    node_ip_env: tuple[tuple[str, str], ...] = ()
+    """Variables the script sets where it runs, each with the script's variable: `node_ip`
+    (`status.hostIP`) or `pod_ip` (`status.podIP`)."""
     srun: bool = False
     """Started once per Slurm task, through srun and kubelet_py.job.task."""
     restart: str = "Never"
@@ -404,6 +405,8 @@ class PodNetworkFiles:
     """Its /etc/hosts and /etc/resolv.conf, relative to the pod folder (resolv: None keeps
     the node's, for dnsPolicy Default)."""
     hostname: str
+    address: str
+    """Its address, for `status.podIP` fieldRefs."""
 
 
 def _join_network(
@@ -440,6 +443,7 @@ def _join_network(
         hosts=hosts,
         resolv=f"{ETC_DIR}/resolv.conf" if resolv is not None else None,
         hostname=hostname,
+        address=address.ip,
     )
 
 

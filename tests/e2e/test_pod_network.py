@@ -57,6 +57,10 @@ def pod(name: str, script: str, *, node: str, **spec: Any) -> dict[str, Any]:
                     "env": [
                         {"name": "POD", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
                         {"name": "WHO", "value": WHO},
+                        {
+                            "name": "POD_IP",
+                            "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}},
+                        },
                     ],
                 }
             ],
@@ -101,7 +105,7 @@ def test_pods_on_one_port_reach_each_other_at_their_own_addresses_across_nodes(
 
     urls = [f"http://{found['status']['podIP']}:8080/cgi-bin/who" for found in (left, right)]
     fetch = " && ".join(f"wget -q -O - {url}" for url in urls)
-    cluster.create(pod("client", fetch, node="n2"))
+    cluster.create(pod("client", f"{fetch} && echo podIP=$POD_IP", node="n2"))
     client = cluster.ended("client")
     # busybox httpd gives the client's address as IPv4-mapped IPv6: [::ffff:10.244.0.4]
     log = cluster.logs("client").replace("[::ffff:", "").replace("]", "")
@@ -110,6 +114,7 @@ def test_pods_on_one_port_reach_each_other_at_their_own_addresses_across_nodes(
     me = client["status"]["podIP"]
     assert ipaddress.ip_address(me) in POD_CIDR
     assert f"left from {me}\n" in log and f"right from {me}\n" in log, log
+    assert f"podIP={me}\n" in log, log  # the status.podIP fieldRef is the pod's address
     for name in ("left", "right"):
         cluster.kubectl("delete", "pod", "-n", NAMESPACE, name, "--wait=false")
 

@@ -229,21 +229,19 @@ def test_pod_and_host_ip_are_set_where_the_job_runs() -> None:
     rendered = render_pod(the_pod, settings(node_addresses={"n1": "10.0.0.1"}))
     assert "env/main" not in rendered.files
     words = launches(rendered)["main"]
-    assert words[words.index("--env") + 1] == "POD_IP=$node_ip"
+    assert words[words.index("--env") + 1] == "POD_IP=$pod_ip"
+    assert words[words.index("--env", words.index("--env") + 1) + 1] == "HOST_IP=$node_ip"
     script = rendered.script
     assert "n1) node_ip=10.0.0.1 ;;" in script
+    table = script[script.index("case ") : script.index("pod_ip=$node_ip") + 15]
     result = subprocess.run(
-        [
-            "bash",
-            "-c",
-            script[script.index("case ") : script.index("esac") + 4] + ' && echo "$node_ip"',
-        ],
+        ["bash", "-c", table + ' && echo "$node_ip $pod_ip"'],
         capture_output=True,
         text=True,
         check=True,
         env={"PATH": os.environ["PATH"], "SLURMD_NODENAME": "n1"},
     )
-    assert result.stdout == "10.0.0.1\n"
+    assert result.stdout == "10.0.0.1 10.0.0.1\n"  # off the pod network, podIP is the node's
 
 
 @pytest.mark.parametrize(

@@ -66,13 +66,14 @@ prepare() {
 }
 prepare main || exit 125
 
-# This node's address, as the pod's status shows it (hostIP, podIP), for the fieldRefs to
-# status.podIP and status.hostIP.
+# This node's address (status.hostIP) and the pod's (status.podIP: the node's, off the pod
+# network), for the fieldRefs to them.
 case ${SLURMD_NODENAME:-} in
 n1) node_ip=10.1.0.1 ;;
 n2) node_ip=10.1.0.2 ;;
 *) node_ip=$(hostname -i | cut -d ' ' -f 1) ;;
 esac
+pod_ip=$node_ip
 
 # Containers, side by side. The job's code is the first non-zero one, in the pod's order.
 main_pids=()
@@ -83,7 +84,7 @@ main_pids=()
     --workdir "$scratch"/main \
     --bind "$containers"/main/handshake:/.hpk-ready \
     --bind "$containers"/main/handshake.sh:/.singularity.d/env/00-hpk-ready.sh:ro \
-    --env POD_IP="$node_ip" \
+    --env POD_IP="$pod_ip" \
     --bind /home/alice/.hpk/pods/default/config/volumes/config:/config:ro \
     --bind /home/alice/.hpk/pods/default/config/volumes/creds/pw:/creds/pw:ro \
     --bind /home/alice/.hpk/pods/default/config/volumes/scratch:/scratch \
