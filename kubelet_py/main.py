@@ -520,6 +520,7 @@ def run(  # noqa: PLR0915 (every thread's wiring, start and stop in one place)
             tokens=tokens,
         )
         tokens.alive = provider.runs
+        agent.network = provider.network_condition
         # The provider makes its puller; how long, how large and how many pulls run are the
         # kubelet's settings (no pull has started yet).
         provider.images.settings = settings.pulls

@@ -80,6 +80,11 @@ INVALID_JOB_ID = "InvalidJobId"
 JSON = dict[str, Any]
 
 
+NETWORK_FALLBACK = "PodNetworkUnavailable"
+"""The reason of the Event, and of the nodes' condition, when a node refused a pod its own
+network namespace or device."""
+
+
 def pod_key(pod: Mapping[str, Any]) -> str:
     metadata = pod.get("metadata") or {}
     return f"{metadata.get('namespace', '')}/{metadata.get('name', '')}"
@@ -300,6 +305,11 @@ class SlurmProvider:
             self.hub = Hub(settings.hub_control)
         self._keys: dict[str, str] = {}
         """Pod UID -> the public key the hub knows it by."""
+        self._network_seen: set[str] = set()
+        """Pod UIDs whose job's report of its network was taken note of."""
+        self._network_fallback: str | None = None
+        """The last job's report that its node refused it the pod network; None after a
+        later job had it."""
 
     def folder(self, namespace: str, name: str) -> Path:
         return self.settings.pods_dir / namespace / name
@@ -444,6 +454,8 @@ class SlurmProvider:
         if known.address:
             network = PodFolder(known.folder).read_network()
             pod_ip = "" if network is None else known.address if network[0] == "pod" else None
+            if network is not None:
+                self._network_reported(known, *network)
         status = pod_status(
             known.pod.get("spec") or {},
             self._view(known.job_id, known.pod),
@@ -542,6 +554,8 @@ class SlurmProvider:
         if self.tokens is not None:
             self.tokens.forget(key, uid)
         self._release(uid)
+        with self._lock:
+            self._network_seen.discard(uid)
 
     def runs(self, key: str, uid: str) -> bool:
         """Whether the pod `key` with `uid` is known and its job has not ended (its tokens
@@ -672,6 +686,38 @@ class SlurmProvider:
         with self._lock:
             self._keys[uid] = public
         return ip
+
+    def _network_reported(self, known: _Known, mode: str, reason: str) -> None:
+        """What a job said of its network, once per pod: a Warning Event on a pod the node
+        refused its own network, and the kubelet's view for its nodes' condition."""
+        with self._lock:
+            if known.uid in self._network_seen:
+                return
+            self._network_seen.add(known.uid)
+            key = pod_key(known.pod)
+            if mode == "pod":
+                self._network_fallback = None
+                return
+            message = f"the node refused the pod its own network, so it uses the node's: {reason}"
+            self._network_fallback = f"pod {key}: {reason}"
+            self._warnings[key] = (*self._warnings.get(key, ()), (NETWORK_FALLBACK, message))
+        log.warning("%s: %s", key, message)
+
+    def network_condition(self) -> tuple[bool, str, str]:
+        """(whether pods get their own network, reason, message), for the nodes' condition:
+        false without a hub, and while the last job that reported says the node refused."""
+        network = self.settings.network
+        if network is None:
+            return False, "NoPodNetwork", "pods use the nodes' network: there is no pod network hub"
+        with self._lock:
+            fallback = self._network_fallback
+        if fallback is not None:
+            return False, NETWORK_FALLBACK, f"pods fall back to the nodes' network ({fallback})"
+        return (
+            True,
+            "HubReady",
+            f"pods get {network.pod_cidr} through the hub at {network.hub_endpoint}",
+        )
 
     def _release(self, uid: str) -> None:
         if self.addresses is None:

@@ -367,6 +367,7 @@ class PodController:
         wanted = self.provider.get_pod_status(metadata["namespace"], metadata["name"])
         if wanted is None:
             return
+        self._warn(pod, key)  # what the job reported (the node's network instead of its own)
         with self._lock:
             written = self._written.get(key)
         if written is not None and written.uid == uid:

@@ -465,8 +465,10 @@ def node_status_object(
     settings: NodeSettings,
     heartbeat: dt.datetime,
     ready_since: dt.datetime,
+    network: JSON | None = None,
 ) -> JSON:
-    """The Node's status as the kubelet applies it to the status subresource."""
+    """The Node's status as the kubelet applies it to the status subresource; `network` is
+    its PodNetworkReady condition, when the kubelet knows one."""
     partition = node.partition
     amounts = resources(partition, settings)
     state = "up" if partition.up else "not up (Slurm queues its jobs until it is)"
@@ -489,7 +491,8 @@ def node_status_object(
                     ),
                     "lastHeartbeatTime": api_time(heartbeat),
                     "lastTransitionTime": api_time(ready_since),
-                }
+                },
+                *([{**network, "lastHeartbeatTime": api_time(heartbeat)}] if network else []),
             ],
             "addresses": [
                 {"type": "InternalIP", "address": host.address},
@@ -566,6 +569,10 @@ class NodeApi(Protocol):
         """Server-side apply of a Lease (creates it when missing)."""
 
 
+NETWORK_CONDITION = "PodNetworkReady"
+"""The nodes' condition that says whether pods get their own network (docs/networking.md)."""
+
+
 class NodeAgent:
     """Registers the partition nodes, refreshes their status and renews their Leases.
 
@@ -581,18 +588,37 @@ class NodeAgent:
         settings: NodeSettings,
         host: HostInfo,
         clock: Callable[[], dt.datetime] = utcnow,
+        network: Callable[[], tuple[bool, str, str]] | None = None,
     ) -> None:
         self.api = api
         self.source = source
         self.settings = settings
         self.host = host
         self.clock = clock
+        self.network = network
+        """Whether pods get their own network, why, and what to say (the provider's
+        network_condition); None: the nodes show no PodNetworkReady condition."""
+        self._network_since: tuple[bool, dt.datetime] | None = None
         self.registered = threading.Event()
         """Set once every node has been registered at least once."""
         self._lock = threading.Lock()
         self._current: NodeSet | None = None
         self._uids: dict[str, str] = {}
         self._ready_since: dict[str, dt.datetime] = {}
+
+    def _network_condition(self, now: dt.datetime) -> JSON | None:
+        if self.network is None:
+            return None
+        ready, reason, message = self.network()
+        if self._network_since is None or self._network_since[0] != ready:
+            self._network_since = (ready, now)
+        return {
+            "type": NETWORK_CONDITION,
+            "status": "True" if ready else "False",
+            "reason": reason,
+            "message": message,
+            "lastTransitionTime": api_time(self._network_since[1]),
+        }
 
     def current(self) -> NodeSet | None:
         """The nodes as last registered; None before the first registration."""
@@ -605,6 +631,7 @@ class NodeAgent:
         if not planned.nodes:
             raise PartitionsUnavailable("Slurm shows no partition this kubelet may use")
         now = self.clock()
+        network = self._network_condition(now)
         registered = []
         for node in planned.nodes:
             if node.name not in self._ready_since:
@@ -622,6 +649,7 @@ class NodeAgent:
                     settings=self.settings,
                     heartbeat=now,
                     ready_since=self._ready_since[node.name],
+                    network=network,
                 )
             )
             with self._lock:

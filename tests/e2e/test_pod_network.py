@@ -12,8 +12,11 @@ the pod's namespace, its tunnel to the hub and its way out, with no root anywher
 from __future__ import annotations
 
 import ipaddress
+import json
+import stat
 import subprocess
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -39,6 +42,8 @@ SERVE = (
 def cluster(user_install: UserInstall) -> Iterator[UserCluster]:
     with user_cluster(user_install, folder=".hpk-network", namespace=NAMESPACE) as running:
         yield running
+        # The servers run until deleted: their jobs must not outlive the cluster.
+        running.kubectl("delete", "pods", "--all", "-n", NAMESPACE, "--timeout=120s")
 
 
 def pod(name: str, script: str, *, node: str, **spec: Any) -> dict[str, Any]:
@@ -115,8 +120,6 @@ def test_pods_on_one_port_reach_each_other_at_their_own_addresses_across_nodes(
     assert ipaddress.ip_address(me) in POD_CIDR
     assert f"left from {me}\n" in log and f"right from {me}\n" in log, log
     assert f"podIP={me}\n" in log, log  # the status.podIP fieldRef is the pod's address
-    for name in ("left", "right"):
-        cluster.kubectl("delete", "pod", "-n", NAMESPACE, name, "--wait=false")
 
 
 def test_a_host_network_pod_has_the_nodes_address(cluster: UserCluster) -> None:
@@ -172,3 +175,40 @@ def test_cluster_dns_answers_for_services_and_pods_from_inside_a_pod(
     web0 = next(a for a in addresses if a == running(cluster, "web-0")["status"]["podIP"])
     assert log.count(f"Address: {web0}\n") == 2, log  # and web-0's own name
     assert "web-1 from " in log, log
+
+
+@pytest.fixture
+def tun_closed() -> Iterator[None]:
+    """/dev/net/tun closed to users, as on a site that forbids it; opened again after."""
+    device = Path("/dev/net/tun")
+    mode = stat.S_IMODE(device.stat().st_mode)
+    device.chmod(0o600)
+    try:
+        yield
+    finally:
+        device.chmod(mode)
+
+
+def network_condition(cluster: UserCluster) -> dict[str, Any] | None:
+    node = json.loads(cluster.kubectl("get", "node", "hpk-batch", "-o", "json"))
+    conditions = node["status"].get("conditions") or []
+    return next((c for c in conditions if c["type"] == "PodNetworkReady"), None)
+
+
+def test_a_node_that_refuses_the_device_runs_the_pod_on_its_network_and_says_so(
+    cluster: UserCluster, tun_closed: None
+) -> None:
+    cluster.create(pod("refused", "echo podIP=$POD_IP", node="n3"))
+    found = cluster.ended("refused")
+    assert found["status"]["phase"] == "Succeeded", found["status"]
+    assert found["status"]["podIP"] == found["status"]["hostIP"]
+    assert f"podIP={found['status']['hostIP']}\n" in cluster.logs("refused")
+    events = [e for e in cluster.events("refused") if e["reason"] == "PodNetworkUnavailable"]
+    assert events and events[0]["type"] == "Warning", cluster.events("refused")
+    assert "/dev/net/tun" in events[0]["message"], events[0]
+    condition = eventually(
+        "the nodes' PodNetworkReady condition False",
+        lambda: (c := network_condition(cluster)) and c["status"] == "False" and c,
+        timeout=120,
+    )
+    assert "refused" in condition["message"], condition
