@@ -337,7 +337,7 @@ def render_pod(
             )
             launches[key][-1] = launch
 
-    joins = _join_network(pod, settings, address, files, not_honoured)
+    joins = _join_network(pod, settings, address, files, warnings)
     if not_honoured:
         warnings.append((NOT_HONOURED, "; ".join(not_honoured)))
     script = render(
@@ -389,6 +389,8 @@ def render_pod(
     )
 
 
+NODE_NETWORK = "NodeNetwork"
+"""The reason of the Warning for fields a pod on its node's network goes without."""
 NODE_NETWORK_FIELDS = ("hostname", "subdomain", "hostAliases", "dnsConfig", "setHostnameAsFQDN")
 """Fields honoured on the pod network alone: a pod on its node's network has the node's
 name, /etc/hosts and resolv.conf."""
@@ -414,17 +416,18 @@ def _join_network(
     settings: RenderSettings,
     address: PodAddress | None,
     files: dict[str, str],
-    not_honoured: list[str],
+    warnings: list[tuple[str, str]],
 ) -> PodNetworkFiles | None:
     """The pod's network files, which go into `files`, when it joins the pod network; None
-    (with what is then not honoured) when it does not."""
+    (with a warning for what is then not honoured) when it does not."""
     spec = _mapping(pod.get("spec"), "spec")
     if settings.network is None or not wants_pod_network(pod):
         given = [name for name in NODE_NETWORK_FIELDS if spec.get(name)]
         if spec.get("dnsPolicy") == "None":
             given.append("dnsPolicy None")
         if given:
-            not_honoured.append(f"{', '.join(given)}: the pod uses its node's network")
+            message = f"{', '.join(given)}: not honoured, the pod uses its node's network"
+            warnings.append((NODE_NETWORK, message))
         return None
     if address is None:
         raise ValueError("a pod that joins the pod network needs its address")

@@ -122,7 +122,10 @@ def test_a_joining_pods_script_enters_its_namespace_and_a_host_pods_does_not() -
     assert '"${enter[@]}" "$python" -I -m kubelet_py.job.launch' in joined.script
     assert json.loads(joined.files["network.json"])["interface"]["address"] == "10.244.0.9/32"
 
-    host = render_pod(pod(hostNetwork=True), settings)
+    host = render_pod(pod(hostNetwork=True, hostAliases=[{"ip": "192.0.2.7"}]), settings)
+    assert host.warnings == (
+        ("NodeNetwork", "hostAliases: not honoured, the pod uses its node's network"),
+    )
     assert "kubelet_py.job.network" not in host.script
     assert "enter" not in host.script
     assert "network.json" not in host.files
