@@ -12,7 +12,7 @@ import shutil
 import subprocess
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pytest
@@ -22,6 +22,8 @@ from hpk.testbed.settings import TestbedSettings
 from hpk.toolchain import Toolchain
 
 ORDINARY_USER = "hpk-e2e"
+SECOND_USER = "hpk-e2e2"
+"""Another ordinary account, for what one user's cluster must not reach of another's."""
 PROJECT = Path(__file__).resolve().parents[2]
 USER_INSTALL = Path("/var/tmp/hpk-e2e-install")
 """Where the ordinary user's copy of hpk lives: this checkout may sit in a folder only root
@@ -53,16 +55,24 @@ def testbed() -> Iterator[Testbed]:
         bed.down(progress=lambda message: print(f"[test bed] {message}"))
 
 
-@pytest.fixture(scope="session")
-def ordinary_user() -> pwd.struct_passwd:
+def _account(name: str) -> pwd.struct_passwd:
     """An unprivileged account, created on first use."""
     try:
-        return pwd.getpwnam(ORDINARY_USER)
+        return pwd.getpwnam(name)
     except KeyError:
-        subprocess.run(
-            ["useradd", "--create-home", "--shell", "/bin/bash", ORDINARY_USER], check=True
-        )
-        return pwd.getpwnam(ORDINARY_USER)
+        subprocess.run(["useradd", "--create-home", "--shell", "/bin/bash", name], check=True)
+        return pwd.getpwnam(name)
+
+
+@pytest.fixture(scope="session")
+def ordinary_user() -> pwd.struct_passwd:
+    return _account(ORDINARY_USER)
+
+
+@pytest.fixture(scope="session")
+def second_install(user_install: UserInstall) -> UserInstall:
+    """The same installation, used by a second ordinary user (it is readable by all)."""
+    return replace(user_install, user=_account(SECOND_USER))
 
 
 @pytest.fixture

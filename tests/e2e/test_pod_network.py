@@ -6,7 +6,10 @@ the pod's namespace, its tunnel to the hub and its way out, with no root anywher
 - two pods on one Slurm node both listen on port 8080, and a pod on another node reaches each
   at its own address from the pod CIDR, which is the pod's status.podIP;
 - the server sees the client's pod address, not the node's;
-- a pod asks for the node's network with `hostNetwork: true`, and its podIP is the node's.
+- a pod asks for the node's network with `hostNetwork: true`, and its podIP is the node's;
+- cluster DNS answers inside every pod at 10.96.0.10:53, for Services and for pods;
+- with /dev/net/tun closed, a pod falls back to the node's network and says so;
+- a second user's cluster on the same nodes keeps its pods out of this one's reach.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from typing import Any
 
 import pytest
 
-from tests.e2e.conftest import UserInstall
+from tests.e2e.conftest import SECOND_USER, UserInstall
 from tests.e2e.kube import eventually
 from tests.e2e.user_cluster import UserCluster, user_cluster
 
@@ -212,3 +215,34 @@ def test_a_node_that_refuses_the_device_runs_the_pod_on_its_network_and_says_so(
         timeout=120,
     )
     assert "refused" in condition["message"], condition
+
+
+def test_two_users_clusters_on_one_node_keep_their_pods_apart(
+    cluster: UserCluster, second_install: UserInstall
+) -> None:
+    with user_cluster(second_install, folder=".hpk-other", namespace=NAMESPACE) as other:
+        try:
+            # Both users' servers on one Slurm node, on one port.
+            cluster.create(pod("mine", SERVE, node="n4"))
+            other.create(pod("theirs", SERVE, node="n4"))
+            mine, theirs = running(cluster, "mine"), running(other, "theirs")
+            assert node_of(mine) == node_of(theirs) == "n4"
+            url = f"http://{theirs['status']['podIP']}:8080/cgi-bin/who"
+            # Their own pod reaches it ...
+            other.create(pod("their-client", f"wget -q -T 5 -O - {url}", node="n1"))
+            assert other.ended("their-client")["status"]["phase"] == "Succeeded"
+            assert "theirs from " in other.logs("their-client")
+            # ... and the same address, asked from this user's cluster, is never theirs: it is
+            # this cluster's own address space, behind this cluster's hub.
+            probe = f"wget -q -T 5 -O - {url}; echo exit=$?"
+            cluster.create(pod("my-client", probe, node="n1"))
+            cluster.ended("my-client")
+            log = cluster.logs("my-client")
+            assert "exit=" in log, log
+            assert "theirs from" not in log, log
+            jobs = subprocess.run(
+                ["squeue", "-h", "-w", "n4", "-o", "%u"], capture_output=True, text=True, check=True
+            ).stdout.split()
+            assert {"hpk-e2e", SECOND_USER} <= set(jobs), jobs
+        finally:
+            other.kubectl("delete", "pods", "--all", "-n", NAMESPACE, "--timeout=120s")
