@@ -141,8 +141,10 @@ build_etcd() {
     "$dest/bin/etcd" --version
 }
 
-build_kubernetes() {
-    local dest=$1 version=$2
+# The wrapper module in which k8s.io/kubernetes builds as a dependency (cd's into it), and
+# the linker flags that stamp the version; sets `kubernetes_ldflags`.
+kubernetes_module() {
+    local version=$1
     local src=$tools/src/kubernetes-$version
     wrapper_module "$src" kubernetes
     go mod download -json "k8s.io/kubernetes@v$version" >module.json
@@ -160,18 +162,32 @@ build_kubernetes() {
     local pkg=k8s.io/component-base/version cpkg=k8s.io/client-go/pkg/version
     local minor=${version#*.}
     minor=${minor%%.*}
-    local ld="-s -w"
+    kubernetes_ldflags="-s -w"
     local p
     for p in $pkg $cpkg; do
-        ld+=" -X $p.gitVersion=v$version -X $p.gitMajor=1 -X $p.gitMinor=$minor"
-        ld+=" -X $p.gitTreeState=clean -X $p.buildDate=1970-01-01T00:00:00Z"
+        kubernetes_ldflags+=" -X $p.gitVersion=v$version -X $p.gitMajor=1 -X $p.gitMinor=$minor"
+        kubernetes_ldflags+=" -X $p.gitTreeState=clean -X $p.buildDate=1970-01-01T00:00:00Z"
     done
+}
+
+build_kubernetes() {
+    local dest=$1 version=$2
+    kubernetes_module "$version"
     local cmd
     for cmd in kube-apiserver kube-controller-manager kubectl; do
         echo "--- $cmd"
-        go build -trimpath -ldflags "$ld" -o "$dest/bin/$cmd" "k8s.io/kubernetes/cmd/$cmd"
+        go build -trimpath -ldflags "$kubernetes_ldflags" -o "$dest/bin/$cmd" "k8s.io/kubernetes/cmd/$cmd"
     done
     "$dest/bin/kubectl" version --client
+}
+
+# kube-proxy, for the pod network's Services (docs/networking.md): a part of its own, so that
+# a tool folder built before it needs only this one built.
+build_kube_proxy() {
+    local dest=$1 version=$2
+    kubernetes_module "$version"
+    go build -trimpath -ldflags "$kubernetes_ldflags" -o "$dest/bin/kube-proxy" k8s.io/kubernetes/cmd/kube-proxy
+    "$dest/bin/kube-proxy" --version
 }
 
 build_coredns() {
@@ -274,8 +290,8 @@ build_argo() {
 proxy_problem=""
 check_module_proxy() {
     local name answer
-    for name in etcd-$ETCD_VERSION kubernetes-$KUBERNETES_VERSION coredns-$COREDNS_VERSION \
-        hpk-tunnel-$tunnel_version apptainer-$APPTAINER_VERSION argo-$ARGO_VERSION; do
+    for name in etcd-$ETCD_VERSION kubernetes-$KUBERNETES_VERSION kube-proxy-$KUBERNETES_VERSION \
+        coredns-$COREDNS_VERSION hpk-tunnel-$tunnel_version apptainer-$APPTAINER_VERSION argo-$ARGO_VERSION; do
         [[ -f $tools/$name/.complete ]] && continue
         # -versions always asks the proxy; a plain lookup may be answered from the local cache.
         if ! answer=$(timeout 120 go list -m -versions k8s.io/kubernetes 2>&1); then
@@ -297,6 +313,7 @@ check_go
 check_module_proxy
 part etcd "$ETCD_VERSION" build_etcd
 part kubernetes "$KUBERNETES_VERSION" build_kubernetes
+part kube-proxy "$KUBERNETES_VERSION" build_kube_proxy
 part coredns "$COREDNS_VERSION" build_coredns
 part hpk-tunnel "$tunnel_version" build_tunnel
 part apptainer "$APPTAINER_VERSION" build_apptainer

@@ -546,6 +546,8 @@ class ClusterPKI:
     """The API server's identity towards aggregated API servers (e.g. metrics-server)."""
     COREDNS_USER = "hpk:coredns"
     """CoreDNS's identity; the launcher binds it to a read-only ClusterRole."""
+    KUBE_PROXY_USER = "system:kube-proxy"
+    """kube-proxy's identity, which Kubernetes' bootstrap policy binds to system:node-proxier."""
     KUBELET_USER = "hpk:kubelet"
     """hpk-kubelet's identity. It registers a node per Slurm partition, which the Node
     authorizer's system:node:<name> identities cannot; RBAC grants it its rights instead."""
@@ -607,6 +609,10 @@ class ClusterPKI:
     @property
     def coredns(self) -> CertFiles:
         return self._pair("coredns")
+
+    @property
+    def kube_proxy(self) -> CertFiles:
+        return self._pair("kube-proxy")
 
     @property
     def hpk_kubelet(self) -> CertFiles:
@@ -702,6 +708,7 @@ class ClusterPKI:
             policy=policy,
         )
         ensure_client_cert(self.coredns, ca=ca, user=self.COREDNS_USER, policy=policy)
+        ensure_client_cert(self.kube_proxy, ca=ca, user=self.KUBE_PROXY_USER, policy=policy)
         front_proxy_ca = ensure_ca(
             self.front_proxy_ca, common_name="hpk-front-proxy-ca", policy=self.policy
         )

@@ -194,7 +194,10 @@ class RunningProcess:
 
 
 def start_process(spec: ProcessSpec, *, runner: Runner | None = None) -> RunningProcess:
-    """Start `spec` in its own session with output appended to its log; record its pid."""
+    """Start `spec` in its own session with output appended to its log; record its pid.
+
+    It starts in `/`, as a daemon does: a folder of the caller's that is removed later would
+    otherwise stay its working folder, and Slurm's daemons pass theirs on to every job."""
     argv = (runner or HostRunner()).command(spec)
     private_dir(spec.log_file.parent)
     private_dir(spec.pid_file.parent)
@@ -210,6 +213,7 @@ def start_process(spec: ProcessSpec, *, runner: Runner | None = None) -> Running
             stderr=subprocess.STDOUT,
             start_new_session=True,
             env={**os.environ, **spec.env},
+            cwd="/",
         )
     finally:
         os.close(fd)

@@ -22,6 +22,7 @@ _LINE = re.compile(r"^([A-Z][A-Z0-9_]*)=(\S*)$")
 COMPONENTS = {
     "etcd": "ETCD_VERSION",
     "kubernetes": "KUBERNETES_VERSION",
+    "kube-proxy": "KUBERNETES_VERSION",
     "coredns": "COREDNS_VERSION",
     "apptainer": "APPTAINER_VERSION",
     "argo": "ARGO_VERSION",

@@ -29,12 +29,15 @@ from hpk.controlplane.image import ApptainerRunner, runnable_image
 from hpk.controlplane.launcher import ControlPlane
 from hpk.controlplane.network import (
     HUB,
+    KUBE_PROXY,
+    KUBE_PROXY_READY,
     POD_DNS,
     POD_DNS_READY,
     HubFiles,
     dns_address,
     hub_holder,
     prepare_hub,
+    prepare_kube_proxy,
     prepare_pod_dns,
 )
 from hpk.controlplane.probes import TLSClient
@@ -216,12 +219,12 @@ def _serve(
     """Start everything, report readiness and health until asked to stop, then stop in order."""
     kubelet: RunningProcess | None = None
     hub: RunningProcess | None = None
-    pod_dns: RunningProcess | None = None
+    in_hub: list[RunningProcess] = []
     status = 0
     try:
         plane.start()
         hub, hub_file = _start_hub(plane)
-        pod_dns = _start_pod_dns(plane, hub) if hub is not None else None
+        in_hub = _start_in_hub(plane, hub) if hub is not None else []
         kubelet = _start_kubelet(home, plane, stop=stop, hub_file=hub_file)
         endpoint = f"https://{plane.context.advertise_address}:{plane.ports.apiserver}"
         pki = plane.pki
@@ -233,7 +236,7 @@ def _serve(
             record.health = {**plane.health(), KUBELET: kubelet.alive()}
             dead = [
                 name
-                for name, process in _processes(plane, kubelet, hub, pod_dns)
+                for name, process in _processes(plane, kubelet, hub, *in_hub)
                 if not process.alive()
             ]
             if dead:
@@ -256,7 +259,7 @@ def _serve(
         record.save(home.record)
         if kubelet is not None:
             kubelet.stop(timeout=plane.settings.stop_timeout_s)
-        for network_part in (pod_dns, hub):
+        for network_part in [*reversed(in_hub), hub]:
             if network_part is not None:
                 network_part.stop(timeout=plane.settings.stop_timeout_s)
         plane.stop()
@@ -322,43 +325,64 @@ def _start_hub(plane: ControlPlane) -> tuple[RunningProcess | None, Path | None]
     return process, hub.hub_file
 
 
-def _start_pod_dns(plane: ControlPlane, hub: RunningProcess) -> RunningProcess | None:
-    """CoreDNS for the pods, in the hub; None (pods then have no cluster DNS, and the log says
-    why) when it cannot start."""
+def _start_in_hub(plane: ControlPlane, hub: RunningProcess) -> list[RunningProcess]:
+    """CoreDNS for the pods and kube-proxy, in the hub's namespaces. One that cannot start
+    is left out, and the log says what pods then lack."""
     holder = hub_holder(hub.log_text())
-    try:
-        coredns = Toolchain.load().binary("coredns")
-    except ToolchainMissing as error:
-        log.warning("pods get no cluster DNS: %s", error)
-        return None
     if holder is None:
-        log.warning("pods get no cluster DNS: the hub named no namespace")
-        return None
-    ctx, layout = plane.context, plane.layout
-    dns = dns_address(plane.settings.service_cidr)
-    spec = prepare_pod_dns(
-        HubFiles(layout.network),
-        coredns=coredns,
-        holder=holder,
-        apiserver=f"https://{ctx.advertise_address}:{ctx.ports.apiserver}",
-        pki=plane.pki,
-        dns=dns,
-        cluster_domain=plane.settings.cluster_domain,
-        upstreams=host_resolvers(plane.settings.resolv_conf),
-        log_file=layout.log_file(POD_DNS),
-        pid_file=layout.pid_file(POD_DNS),
-    )
-    process = start_process(spec)
-    deadline = time.monotonic() + plane.settings.coredns_ready_timeout_s
-    while POD_DNS_READY not in process.log_text():
-        if not process.alive() or time.monotonic() > deadline:
-            said = " ".join(process.log_text().split())[-300:]
-            log.warning("pods get no cluster DNS: CoreDNS did not start in the hub: %s", said)
-            process.stop(timeout=plane.settings.stop_timeout_s)
-            return None
-        time.sleep(0.1)
-    log.info("cluster DNS for pods at %s:53", dns)
-    return process
+        log.warning("pods get no cluster DNS and no Services: the hub named no namespace")
+        return []
+    ctx, layout, settings = plane.context, plane.layout, plane.settings
+    files = HubFiles(layout.network)
+    apiserver = f"https://{ctx.advertise_address}:{ctx.ports.apiserver}"
+    dns = dns_address(settings.service_cidr)
+    started = []
+    tools = Toolchain.load()
+    for name, lacking, ready in (
+        (POD_DNS, "cluster DNS", POD_DNS_READY),
+        (KUBE_PROXY, "Services", KUBE_PROXY_READY),
+    ):
+        try:
+            if name == POD_DNS:
+                spec = prepare_pod_dns(
+                    files,
+                    coredns=tools.binary("coredns"),
+                    holder=holder,
+                    apiserver=apiserver,
+                    pki=plane.pki,
+                    dns=dns,
+                    cluster_domain=settings.cluster_domain,
+                    upstreams=host_resolvers(settings.resolv_conf),
+                    log_file=layout.log_file(name),
+                    pid_file=layout.pid_file(name),
+                )
+            else:
+                spec = prepare_kube_proxy(
+                    files,
+                    kube_proxy=tools.binary("kube-proxy"),
+                    holder=holder,
+                    apiserver=apiserver,
+                    pki=plane.pki,
+                    pod_cidr=settings.pod_cidr,
+                    log_file=layout.log_file(name),
+                    pid_file=layout.pid_file(name),
+                )
+        except ToolchainMissing as error:
+            log.warning("pods get no %s: %s", lacking, error)
+            continue
+        process = start_process(spec)
+        deadline = time.monotonic() + settings.coredns_ready_timeout_s
+        while ready not in process.log_text():
+            if not process.alive() or time.monotonic() > deadline:
+                said = " ".join(process.log_text().split())[-300:]
+                log.warning("pods get no %s: %s did not start in the hub: %s", lacking, name, said)
+                process.stop(timeout=settings.stop_timeout_s)
+                break
+            time.sleep(0.1)
+        else:
+            log.info("%s in the pod network hub: ready", name)
+            started.append(process)
+    return started
 
 
 def _start_kubelet(

@@ -62,6 +62,10 @@ class HubFiles:
         return self.folder / "coredns.conf"
 
     @property
+    def kube_proxy_kubeconfig(self) -> Path:
+        return self.folder / "kube-proxy.conf"
+
+    @property
     def hub_file(self) -> Path:
         """What the kubelet reads: where the hub is, its key and its control socket."""
         return self.folder / "hub.json"
@@ -81,6 +85,53 @@ class HubPlan:
         except HubUnavailable:
             return False
         return True
+
+
+KUBE_PROXY = "kube-proxy"
+KUBE_PROXY_READY = "Caches are synced for service config"
+"""kube-proxy logs it once it has the Services, and so writes their rules."""
+KUBE_PROXY_NODE = "hpk-pod-network-hub"
+"""The name kube-proxy goes by; it has no Node, and needs none for ClusterIPs."""
+
+
+def in_hub(holder: int) -> tuple[str, ...]:
+    """The words that run a command in the hub's namespaces, as root of its user namespace
+    (`nsenter` keeps the user's own uid, which is that root)."""
+    return ("nsenter", "--preserve-credentials", "--user", "--net", f"--target={holder}", "--")
+
+
+def prepare_kube_proxy(
+    files: HubFiles,
+    *,
+    kube_proxy: Path,
+    holder: int,
+    apiserver: str,
+    pki: ClusterPKI,
+    pod_cidr: str,
+    log_file: Path,
+    pid_file: Path,
+) -> ProcessSpec:
+    """The stock kube-proxy in the hub's namespaces, where every pod's packets pass: its
+    rules turn a ClusterIP into a ready endpoint, and back.
+
+    Its sysctls outside the namespace are left alone (`--conntrack-*` at 0): they are the
+    node's, which no user may set. Its metrics and health ports are the hub's own."""
+    kubeconfig = files.kube_proxy_kubeconfig
+    write_kubeconfig(kubeconfig, server=apiserver, ca_cert=pki.ca.cert, client=pki.kube_proxy)
+    argv = (
+        *in_hub(holder),
+        str(kube_proxy),
+        f"--kubeconfig={kubeconfig}",
+        "--proxy-mode=iptables",
+        f"--cluster-cidr={pod_cidr}",
+        f"--hostname-override={KUBE_PROXY_NODE}",
+        "--conntrack-max-per-core=0",
+        "--conntrack-tcp-timeout-established=0",
+        "--conntrack-tcp-timeout-close-wait=0",
+        "--metrics-bind-address=127.0.0.1:10249",
+        "--healthz-bind-address=127.0.0.1:10256",
+    )
+    return ProcessSpec(name=KUBE_PROXY, argv=argv, log_file=log_file, pid_file=pid_file)
 
 
 def dns_address(service_cidr: str) -> str:
@@ -114,8 +165,7 @@ def prepare_pod_dns(
     """CoreDNS for the pods, in the hub's namespaces on the cluster DNS address's port 53:
     its kubeconfig (`apiserver` at an address the hub reaches), its Corefile and its spec.
 
-    `nsenter` keeps the user's own uid, which is root in the hub's user namespace and so may
-    bind port 53 there."""
+    As root of the hub's user namespace (`in_hub`) it may bind port 53 there."""
     write_kubeconfig(
         files.pod_dns_kubeconfig, server=apiserver, ca_cert=pki.ca.cert, client=pki.coredns
     )
@@ -131,10 +181,7 @@ def prepare_pod_dns(
         upstreams=upstreams,
     )
     write_atomic(files.pod_dns_corefile, corefile, mode=PRIVATE_FILE_MODE)
-    argv = (
-        "nsenter", "--preserve-credentials", "--user", "--net", f"--target={holder}", "--",
-        str(coredns), "-conf", str(files.pod_dns_corefile),
-    )  # fmt: skip
+    argv = (*in_hub(holder), str(coredns), "-conf", str(files.pod_dns_corefile))
     return ProcessSpec(name=POD_DNS, argv=argv, log_file=log_file, pid_file=pid_file)
 
 
@@ -172,8 +219,10 @@ def prepare_hub(
             "local": [f"{dns}/32"],
         },
         "forwarding": True,
-        # The cluster DNS in the hub reaches the API server and the node's resolvers.
+        # The cluster DNS and kube-proxy's Services in the hub reach the API server and the
+        # node's resolvers.
         "egress": "slirp4netns",
+        "masquerade": True,
         "tunnel": {"binary": str(tunnel), "config": f"private_key={private}\nlisten_port={port}\n"},
         "control": str(control),
     }

@@ -15,6 +15,9 @@ CONFIG is JSON, written by the kubelet (0600, it holds the tunnel's private key)
 - `interface`: kubelet_py.job.netns.Interface's fields;
 - `tunnel`: `binary` (hpk-tunnel) and `config` (WireGuard's configuration text);
 - `egress`: `slirp4netns`, for a way out to the node's network and beyond, or null;
+- `masquerade`: true for the hub, whose egress carries pods' traffic to the API server and
+  beyond (iptables' MASQUERADE on the egress device, as slirp4netns answers only its own
+  address);
 - `forwarding`: true for the hub, which routes between the pods;
 - `control`: for the hub, the tunnel's control socket, through which the kubelet adds pods;
 - `marker`: where to write the `network` marker, or null.
@@ -50,6 +53,7 @@ WATCH_INTERVAL_S = 1.0
 READY_TIMEOUT_S = 10.0
 """How long the tunnel and slirp4netns each have to say they are ready."""
 
+EGRESS_DEVICE = "tap0"
 EGRESS_MTU = 65520
 """slirp4netns's fastest MTU (its documentation's recommendation)."""
 
@@ -62,6 +66,7 @@ class NetworkConfig:
     tunnel_binary: str
     tunnel_config: str
     egress: str | None = None
+    masquerade: bool = False
     forwarding: bool = False
     control: str | None = None
     marker: str | None = None
@@ -82,6 +87,7 @@ class NetworkConfig:
             tunnel_binary=data["tunnel"]["binary"],
             tunnel_config=data["tunnel"]["config"],
             egress=data.get("egress"),
+            masquerade=bool(data.get("masquerade", False)),
             forwarding=bool(data.get("forwarding", False)),
             control=data.get("control"),
             marker=data.get("marker"),
@@ -167,8 +173,27 @@ def start_egress(holder_pid: int) -> subprocess.Popen[bytes]:
     options = ["--configure", f"--mtu={EGRESS_MTU}", "--disable-host-loopback"]
     return _start_helper(
         "slirp4netns",
-        lambda ready: ["slirp4netns", *options, f"--ready-fd={ready}", str(holder_pid), "tap0"],
+        lambda ready: [
+            "slirp4netns",
+            *options,
+            f"--ready-fd={ready}",
+            str(holder_pid),
+            EGRESS_DEVICE,
+        ],
     )
+
+
+def masquerade(holder_pid: int, device: str) -> None:
+    """Traffic that leaves through `device` takes its address (iptables, as root of the
+    namespace's user namespace); Refused when iptables cannot."""
+    argv = ["nsenter", "--preserve-credentials", "--user", "--net", f"--target={holder_pid}"]
+    argv += ["--", "iptables", "-t", "nat", "-A", "POSTROUTING", "-o", device, "-j", "MASQUERADE"]
+    try:
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=30, check=False)
+    except (OSError, subprocess.TimeoutExpired) as error:
+        raise Refused(f"iptables: {error}") from None
+    if done.returncode != 0:
+        raise Refused(f"iptables: {' '.join(done.stderr.split())[-300:]}")
 
 
 @dataclass
@@ -207,6 +232,8 @@ def start(config: NetworkConfig, *, python: str = sys.executable) -> Network:
         holder.tun_fd = None
         if config.egress == "slirp4netns":
             network.processes.append(start_egress(holder.pid))
+            if config.masquerade:
+                masquerade(holder.pid, EGRESS_DEVICE)
     except BaseException:
         network.stop()
         raise
