@@ -355,6 +355,7 @@ def _pod_network(hub_file: Path | None) -> tuple[PodNetworkSettings | None, Path
             dns=str(hub["dns"]),
             cluster_domain=str(hub["cluster_domain"]),
             mtu=int(hub["mtu"]),
+            services_ready=PurePosixPath(hub["services_ready"]),
         )
         control = Path(hub["control"])
     except (OSError, ValueError, KeyError, TypeError) as error:

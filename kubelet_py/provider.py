@@ -351,6 +351,7 @@ class SlurmProvider:
                 return self._adopt(pod, job_id, folder, how="Slurm comment")
 
         images, configs, image_warnings = self._resolve_images(key, pod)
+        address = self._address(pod)
         render_settings = RenderSettings(
             pod_dir=PurePosixPath(folder),
             apptainer=self.settings.apptainer,
@@ -360,7 +361,7 @@ class SlurmProvider:
             node_addresses=(
                 _addresses(self.settings.node_addresses) if needs_node_address(pod) else {}
             ),
-            kubernetes_service=self.settings.kubernetes_service,
+            kubernetes_service=self._kubernetes_service(address),
             allow_mail_flags=self.settings.allow_mail_flags,
             network=self.settings.network,
         )
@@ -375,7 +376,6 @@ class SlurmProvider:
         inputs = projected.with_tokens(
             inputs, made, {source: token.token for source, token in tokens.items()}
         )
-        address = self._address(pod)
         rendered = render_pod(pod, render_settings, inputs=inputs, claims=claims, address=address)
         warnings = (*image_warnings, *rendered.warnings)
         for _reason, warning in warnings:
@@ -655,6 +655,15 @@ class SlurmProvider:
         if earlier is not None and earlier != public:
             self._unhub(earlier)
         return PodAddress(ip=ip, private_key=private)
+
+    def _kubernetes_service(self, address: PodAddress | None) -> tuple[str, int] | None:
+        """The API server as the pod reaches it: the `kubernetes` Service's ClusterIP for a
+        pod on the pod network once kube-proxy runs in the hub, else its own address."""
+        network = self.settings.network
+        ready = network.services_ready if network else None
+        if address is not None and network is not None and ready and os.path.exists(ready):
+            return network.kubernetes_service
+        return self.settings.kubernetes_service
 
     def _readopt_address(self, pod: Mapping[str, Any], folder: Path) -> str | None:
         """The address an adopted pod's job was given, held again and the hub told of its

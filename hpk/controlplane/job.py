@@ -13,6 +13,7 @@ import contextlib
 import fcntl
 import logging
 import os
+import re
 import signal
 import sys
 import threading
@@ -218,14 +219,18 @@ def _serve(
 ) -> int:
     """Start everything, report readiness and health until asked to stop, then stop in order."""
     kubelet: RunningProcess | None = None
-    hub: RunningProcess | None = None
-    in_hub: list[RunningProcess] = []
+    network: list[RunningProcess] = []
     status = 0
     try:
         plane.start()
         hub, hub_file = _start_hub(plane)
-        in_hub = _start_in_hub(plane, hub) if hub is not None else []
+        holder = hub_holder(hub.log_text()) if hub is not None else None
+        parts = [hub, _start_pod_dns(plane, holder) if holder else None]
+        network = [part for part in parts if part is not None]
         kubelet = _start_kubelet(home, plane, stop=stop, hub_file=hub_file)
+        node = _first_node(kubelet)
+        proxy = _start_kube_proxy(plane, holder, node) if holder and node else None
+        network += [proxy] if proxy else []
         endpoint = f"https://{plane.context.advertise_address}:{plane.ports.apiserver}"
         pki = plane.pki
         write_kubeconfig(home.kubeconfig, server=endpoint, ca_cert=pki.ca.cert, client=pki.admin)
@@ -235,9 +240,7 @@ def _serve(
         while True:
             record.health = {**plane.health(), KUBELET: kubelet.alive()}
             dead = [
-                name
-                for name, process in _processes(plane, kubelet, hub, *in_hub)
-                if not process.alive()
+                name for name, process in _processes(plane, kubelet, network) if not process.alive()
             ]
             if dead:
                 record.state, record.message = "failed", f"{', '.join(dead)} exited"
@@ -259,9 +262,7 @@ def _serve(
         record.save(home.record)
         if kubelet is not None:
             kubelet.stop(timeout=plane.settings.stop_timeout_s)
-        for network_part in [*reversed(in_hub), hub]:
-            if network_part is not None:
-                network_part.stop(timeout=plane.settings.stop_timeout_s)
+        _stop_network(plane, network)
         plane.stop()
         if record.state == "stopping":
             record.state = "stopped"
@@ -314,7 +315,8 @@ def _start_hub(plane: ControlPlane) -> tuple[RunningProcess | None, Path | None]
     )
     process = start_process(hub.spec)
     deadline = time.monotonic() + HUB_READY_TIMEOUT_S
-    while not hub.ready():
+    # Its line comes once the tunnel, the egress and the masquerade are up.
+    while hub_holder(process.log_text()) is None or not hub.ready():
         if not process.alive() or time.monotonic() > deadline:
             said = " ".join(process.log_text().split())[-300:]
             log.warning("pods use the node's network: the hub did not start: %s", said)
@@ -325,64 +327,91 @@ def _start_hub(plane: ControlPlane) -> tuple[RunningProcess | None, Path | None]
     return process, hub.hub_file
 
 
-def _start_in_hub(plane: ControlPlane, hub: RunningProcess) -> list[RunningProcess]:
-    """CoreDNS for the pods and kube-proxy, in the hub's namespaces. One that cannot start
-    is left out, and the log says what pods then lack."""
-    holder = hub_holder(hub.log_text())
-    if holder is None:
-        log.warning("pods get no cluster DNS and no Services: the hub named no namespace")
-        return []
-    ctx, layout, settings = plane.context, plane.layout, plane.settings
-    files = HubFiles(layout.network)
-    apiserver = f"https://{ctx.advertise_address}:{ctx.ports.apiserver}"
-    dns = dns_address(settings.service_cidr)
-    started = []
-    tools = Toolchain.load()
-    for name, lacking, ready in (
-        (POD_DNS, "cluster DNS", POD_DNS_READY),
-        (KUBE_PROXY, "Services", KUBE_PROXY_READY),
-    ):
-        try:
-            if name == POD_DNS:
-                spec = prepare_pod_dns(
-                    files,
-                    coredns=tools.binary("coredns"),
-                    holder=holder,
-                    apiserver=apiserver,
-                    pki=plane.pki,
-                    dns=dns,
-                    cluster_domain=settings.cluster_domain,
-                    upstreams=host_resolvers(settings.resolv_conf),
-                    log_file=layout.log_file(name),
-                    pid_file=layout.pid_file(name),
-                )
-            else:
-                spec = prepare_kube_proxy(
-                    files,
-                    kube_proxy=tools.binary("kube-proxy"),
-                    holder=holder,
-                    apiserver=apiserver,
-                    pki=plane.pki,
-                    pod_cidr=settings.pod_cidr,
-                    log_file=layout.log_file(name),
-                    pid_file=layout.pid_file(name),
-                )
-        except ToolchainMissing as error:
-            log.warning("pods get no %s: %s", lacking, error)
-            continue
-        process = start_process(spec)
-        deadline = time.monotonic() + settings.coredns_ready_timeout_s
-        while ready not in process.log_text():
-            if not process.alive() or time.monotonic() > deadline:
-                said = " ".join(process.log_text().split())[-300:]
-                log.warning("pods get no %s: %s did not start in the hub: %s", lacking, name, said)
-                process.stop(timeout=settings.stop_timeout_s)
-                break
-            time.sleep(0.1)
-        else:
-            log.info("%s in the pod network hub: ready", name)
-            started.append(process)
-    return started
+def _stop_network(plane: ControlPlane, network: list[RunningProcess]) -> None:
+    """kube-proxy, the pods' CoreDNS, then the hub: the opposite of their start."""
+    HubFiles(plane.layout.network).services_ready.unlink(missing_ok=True)
+    for part in reversed(network):
+        part.stop(timeout=plane.settings.stop_timeout_s)
+
+
+def _start_pod_dns(plane: ControlPlane, holder: int) -> RunningProcess | None:
+    """CoreDNS for the pods, in the hub's namespaces; None when it cannot start."""
+    layout, settings = plane.layout, plane.settings
+    try:
+        coredns = Toolchain.load().binary("coredns")
+    except ToolchainMissing as error:
+        log.warning("pods get no cluster DNS: %s", error)
+        return None
+    spec = prepare_pod_dns(
+        HubFiles(layout.network),
+        coredns=coredns,
+        holder=holder,
+        apiserver=_apiserver_for_hub(plane),
+        pki=plane.pki,
+        dns=dns_address(settings.service_cidr),
+        cluster_domain=settings.cluster_domain,
+        upstreams=host_resolvers(settings.resolv_conf),
+        log_file=layout.log_file(POD_DNS),
+        pid_file=layout.pid_file(POD_DNS),
+    )
+    return _start_in_hub(plane, spec, ready=POD_DNS_READY, lacking="cluster DNS")
+
+
+def _start_kube_proxy(plane: ControlPlane, holder: int, node: str) -> RunningProcess | None:
+    """kube-proxy in the hub's namespaces, as `node` (which must exist: without a Node,
+    kube-proxy waits half a minute for one); None when it cannot start."""
+    layout = plane.layout
+    try:
+        kube_proxy = Toolchain.load().binary("kube-proxy")
+    except ToolchainMissing as error:
+        log.warning("pods get no Services: %s", error)
+        return None
+    spec = prepare_kube_proxy(
+        HubFiles(layout.network),
+        kube_proxy=kube_proxy,
+        holder=holder,
+        node=node,
+        apiserver=_apiserver_for_hub(plane),
+        pki=plane.pki,
+        pod_cidr=plane.settings.pod_cidr,
+        log_file=layout.log_file(KUBE_PROXY),
+        pid_file=layout.pid_file(KUBE_PROXY),
+    )
+    process = _start_in_hub(plane, spec, ready=KUBE_PROXY_READY, lacking="Services")
+    if process is not None:
+        HubFiles(layout.network).services_ready.touch()
+    return process
+
+
+def _apiserver_for_hub(plane: ControlPlane) -> str:
+    """The API server as the hub reaches it: its loopback is its own."""
+    ctx = plane.context
+    return f"https://{ctx.advertise_address}:{ctx.ports.apiserver}"
+
+
+def _start_in_hub(
+    plane: ControlPlane, spec: ProcessSpec, *, ready: str, lacking: str
+) -> RunningProcess | None:
+    """Start `spec` and wait until its log says `ready`; None (the log says what pods then
+    lack) when it does not."""
+    settings = plane.settings
+    process = start_process(spec)
+    deadline = time.monotonic() + settings.coredns_ready_timeout_s
+    while ready not in process.log_text():
+        if not process.alive() or time.monotonic() > deadline:
+            said = " ".join(process.log_text().split())[-300:]
+            log.warning("pods get no %s: %s did not start in the hub: %s", lacking, spec.name, said)
+            process.stop(timeout=settings.stop_timeout_s)
+            return None
+        time.sleep(0.1)
+    log.info("%s in the pod network hub: ready", spec.name)
+    return process
+
+
+def _first_node(kubelet: RunningProcess) -> str | None:
+    """The first node the kubelet registered, from its log line."""
+    found = re.search(rf"{NODES_MESSAGE} ([^, ]+)", kubelet.log_text())
+    return found.group(1) if found else None
 
 
 def _start_kubelet(
@@ -403,7 +432,7 @@ def _start_kubelet(
 
 
 def _processes(
-    plane: ControlPlane, kubelet: RunningProcess, *network: RunningProcess | None
+    plane: ControlPlane, kubelet: RunningProcess, network: list[RunningProcess]
 ) -> list[tuple[str, RunningProcess]]:
-    parts = [(process.spec.name, process) for process in network if process is not None]
+    parts = [(process.spec.name, process) for process in network]
     return [*plane.processes.items(), *parts, (KUBELET, kubelet)]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import os
 import re
 import sys
 import tempfile
@@ -33,6 +34,7 @@ POD_DNS_READY_PORT = 8181
 INTERFACE = "hpk0"
 MTU = 1420
 HUB_MEMORY_LIMIT = "512MiB"
+ADMIN_FOLDERS = ("/usr/sbin", "/sbin")
 
 
 @dataclass(frozen=True)
@@ -66,6 +68,12 @@ class HubFiles:
         return self.folder / "kube-proxy.conf"
 
     @property
+    def services_ready(self) -> Path:
+        """Exists while kube-proxy runs in the hub (the kubelet then gives pods the
+        `kubernetes` Service's ClusterIP)."""
+        return self.folder / "services-ready"
+
+    @property
     def hub_file(self) -> Path:
         """What the kubelet reads: where the hub is, its key and its control socket."""
         return self.folder / "hub.json"
@@ -88,10 +96,16 @@ class HubPlan:
 
 
 KUBE_PROXY = "kube-proxy"
-KUBE_PROXY_READY = "Caches are synced for service config"
-"""kube-proxy logs it once it has the Services, and so writes their rules."""
-KUBE_PROXY_NODE = "hpk-pod-network-hub"
-"""The name kube-proxy goes by; it has no Node, and needs none for ClusterIPs."""
+KUBE_PROXY_READY = '"Caches are synced" controller="endpoint slice config"'
+"""kube-proxy logs it once it has the EndpointSlices, and so writes the Services' rules."""
+
+
+def admin_path() -> str:
+    """PATH with the system folders where iptables lives, which an ordinary user's PATH
+    often lacks."""
+    path = os.environ.get("PATH", "/usr/bin:/bin")
+    missing = [folder for folder in ADMIN_FOLDERS if folder not in path.split(os.pathsep)]
+    return os.pathsep.join([path, *missing])
 
 
 def in_hub(holder: int) -> tuple[str, ...]:
@@ -105,6 +119,7 @@ def prepare_kube_proxy(
     *,
     kube_proxy: Path,
     holder: int,
+    node: str,
     apiserver: str,
     pki: ClusterPKI,
     pod_cidr: str,
@@ -112,7 +127,8 @@ def prepare_kube_proxy(
     pid_file: Path,
 ) -> ProcessSpec:
     """The stock kube-proxy in the hub's namespaces, where every pod's packets pass: its
-    rules turn a ClusterIP into a ready endpoint, and back.
+    rules turn a ClusterIP into a ready endpoint, and back. It goes by the name of `node`
+    (one of the kubelet's), whose address it needs only for NodePorts.
 
     Its sysctls outside the namespace are left alone (`--conntrack-*` at 0): they are the
     node's, which no user may set. Its metrics and health ports are the hub's own."""
@@ -124,14 +140,15 @@ def prepare_kube_proxy(
         f"--kubeconfig={kubeconfig}",
         "--proxy-mode=iptables",
         f"--cluster-cidr={pod_cidr}",
-        f"--hostname-override={KUBE_PROXY_NODE}",
+        f"--hostname-override={node}",
         "--conntrack-max-per-core=0",
         "--conntrack-tcp-timeout-established=0",
         "--conntrack-tcp-timeout-close-wait=0",
         "--metrics-bind-address=127.0.0.1:10249",
         "--healthz-bind-address=127.0.0.1:10256",
     )
-    return ProcessSpec(name=KUBE_PROXY, argv=argv, log_file=log_file, pid_file=pid_file)
+    env = {"PATH": admin_path()}
+    return ProcessSpec(name=KUBE_PROXY, argv=argv, log_file=log_file, pid_file=pid_file, env=env)
 
 
 def dns_address(service_cidr: str) -> str:
@@ -202,6 +219,7 @@ def prepare_hub(
     The control socket lives in a fresh folder of this user's under the temporary folder
     (0700): a socket's path must be short, and the state folder's may not be."""
     files.folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    files.services_ready.unlink(missing_ok=True)
     if files.key.is_file():
         private = files.key.read_text().strip()
     else:
@@ -238,10 +256,11 @@ def prepare_hub(
         "dns": dns,
         "cluster_domain": cluster_domain,
         "mtu": MTU,
+        "services_ready": str(files.services_ready),
     }
     write_atomic(files.hub_file, json.dumps(hub_file, indent=1) + "\n", mode=PRIVATE_FILE_MODE)
     argv = (sys.executable, "-I", "-m", "kubelet_py.job.network", "--foreground", str(files.config))
     # The hub carries every pod's traffic: its tunnel's heap may grow further than a pod's.
-    env = {"GOMEMLIMIT": HUB_MEMORY_LIMIT}
+    env = {"GOMEMLIMIT": HUB_MEMORY_LIMIT, "PATH": admin_path()}
     spec = ProcessSpec(name=HUB, argv=argv, log_file=log_file, pid_file=pid_file, env=env)
     return HubPlan(spec=spec, control=control, hub_file=files.hub_file)

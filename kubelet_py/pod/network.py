@@ -49,6 +49,14 @@ class PodNetworkSettings:
     """The cluster DNS Service's address, served by CoreDNS in the hub."""
     cluster_domain: str = "cluster.local"
     mtu: int = 1420
+    services_ready: PurePosixPath | None = None
+    """A file that exists once kube-proxy runs in the hub: pods on the pod network then reach
+    the API server through the `kubernetes` Service (the Service range's first address)."""
+
+    @property
+    def kubernetes_service(self) -> tuple[str, int]:
+        network = ipaddress.ip_network(self.service_cidr, strict=True)
+        return str(network.network_address + 1), 443
 
     def __post_init__(self) -> None:
         ipaddress.ip_network(self.pod_cidr, strict=True)

@@ -229,12 +229,12 @@ def test_two_users_clusters_on_one_node_keep_their_pods_apart(
             assert node_of(mine) == node_of(theirs) == "n4"
             url = f"http://{theirs['status']['podIP']}:8080/cgi-bin/who"
             # Their own pod reaches it ...
-            other.create(pod("their-client", f"wget -q -T 5 -O - {url}", node="n1"))
+            other.create(pod("their-client", f"timeout 10 wget -q -O - {url}", node="n1"))
             assert other.ended("their-client")["status"]["phase"] == "Succeeded"
             assert "theirs from " in other.logs("their-client")
             # ... and the same address, asked from this user's cluster, is never theirs: it is
             # this cluster's own address space, behind this cluster's hub.
-            probe = f"wget -q -T 5 -O - {url}; echo exit=$?"
+            probe = f"timeout 10 wget -q -O - {url}; echo exit=$?"
             cluster.create(pod("my-client", probe, node="n1"))
             cluster.ended("my-client")
             log = cluster.logs("my-client")
@@ -246,3 +246,46 @@ def test_two_users_clusters_on_one_node_keep_their_pods_apart(
             assert {"hpk-e2e", SECOND_USER} <= set(jobs), jobs
         finally:
             other.kubectl("delete", "pods", "--all", "-n", NAMESPACE, "--timeout=120s")
+
+
+def test_a_cluster_ip_service_reaches_its_ready_pods_through_kube_proxy(
+    cluster: UserCluster,
+) -> None:
+    service = {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": "echo"},
+        "spec": {
+            "selector": {"app": "echo"},
+            "ports": [
+                {"name": "web", "port": 80, "targetPort": "http"},
+                {"name": "alt", "port": 81, "targetPort": 8080},
+            ],
+        },
+    }
+    cluster.create(service)
+    for name, node in (("echo-a", "n1"), ("echo-b", "n2")):
+        server = pod(name, SERVE, node=node)
+        server["metadata"]["labels"] = {"app": "echo"}
+        server["spec"]["containers"][0]["ports"] = [{"name": "http", "containerPort": 8080}]
+        cluster.create(server)
+        running(cluster, name)
+    cluster_ip = json.loads(
+        cluster.kubectl("get", "service", "-n", NAMESPACE, "echo", "-o", "json")
+    )["spec"]["clusterIP"]
+    # busybox's wget -T crashes; timeout bounds each request instead.
+    asks = " ; ".join(["timeout 10 wget -q -O - http://echo/cgi-bin/who"] * 12)
+    script = (
+        f"{asks} ; timeout 10 wget -q -O - http://{cluster_ip}:81/cgi-bin/who ; "
+        "echo KUBERNETES_SERVICE_HOST=$KUBERNETES_SERVICE_HOST:$KUBERNETES_SERVICE_PORT ; "
+        "nc -w 5 $KUBERNETES_SERVICE_HOST $KUBERNETES_SERVICE_PORT </dev/null && echo api-reached"
+    )
+    cluster.create(pod("echo-client", script, node="n3"))
+    found = cluster.ended("echo-client")
+    log = cluster.logs("echo-client")
+    assert found["status"]["phase"] == "Succeeded", (found["status"], log)
+    answers = [line.split(" from ")[0] for line in log.splitlines() if " from " in line]
+    assert len(answers) == 13, log  # 12 through port 80 (a named targetPort), 1 through 81
+    assert set(answers) == {"echo-a", "echo-b"}, log  # both ready pods answer
+    assert "KUBERNETES_SERVICE_HOST=10.96.0.1:443\n" in log, log
+    assert "api-reached\n" in log, log
