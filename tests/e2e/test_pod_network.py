@@ -223,10 +223,10 @@ def test_two_users_clusters_on_one_node_keep_their_pods_apart(
     with user_cluster(second_install, folder=".hpk-other", namespace=NAMESPACE) as other:
         try:
             # Both users' servers on one Slurm node, on one port.
-            cluster.create(pod("mine", SERVE, node="n4"))
-            other.create(pod("theirs", SERVE, node="n4"))
+            cluster.create(pod("mine", SERVE, node="n3"))
+            other.create(pod("theirs", SERVE, node="n3"))
             mine, theirs = running(cluster, "mine"), running(other, "theirs")
-            assert node_of(mine) == node_of(theirs) == "n4"
+            assert node_of(mine) == node_of(theirs) == "n3"
             url = f"http://{theirs['status']['podIP']}:8080/cgi-bin/who"
             # Their own pod reaches it ...
             other.create(pod("their-client", f"timeout 10 wget -q -O - {url}", node="n1"))
@@ -241,7 +241,7 @@ def test_two_users_clusters_on_one_node_keep_their_pods_apart(
             assert "exit=" in log, log
             assert "theirs from" not in log, log
             jobs = subprocess.run(
-                ["squeue", "-h", "-w", "n4", "-o", "%u"], capture_output=True, text=True, check=True
+                ["squeue", "-h", "-w", "n3", "-o", "%u"], capture_output=True, text=True, check=True
             ).stdout.split()
             assert {"hpk-e2e", SECOND_USER} <= set(jobs), jobs
         finally:
