@@ -47,7 +47,7 @@ test: toolchain lint unit e2e
 # make bench   the benchmark (bench/) on a private Slurm bed of its own, as root; writes
 #              bench/results/<date>.json and .png. BENCH_ARGS=--quick for small numbers.
 BENCH_ARGS ?=
-.PHONY: bench bench-rootfs
+.PHONY: bench bench-rootfs bench-network
 
 bench: toolchain venv
 	@echo "[bench] hpk benchmark on a private Slurm bed (full run: about 5 minutes)"
@@ -59,3 +59,12 @@ bench-rootfs: toolchain venv
 	@echo "[bench] writable root file system: start time and memory (about 1 minute)"
 	@id hpk-e2e >/dev/null 2>&1 || useradd --create-home --shell /bin/bash hpk-e2e
 	@$(VENV)/bin/python -m bench.rootfs
+
+# make bench-network   the pod network's costs beside the node's network (bench/network.py): a
+#                      hub and pods built as the jobs build them, without Slurm, as the
+#                      ordinary test user; writes bench/results/<date>-network.json.
+#                      BENCH_ARGS=--quick for small numbers.
+bench-network: toolchain venv
+	@echo "[bench] pod network: start, throughput, DNS, memory, hub CPU (about 3 minutes)"
+	@id hpk-e2e >/dev/null 2>&1 || useradd --create-home --shell /bin/bash hpk-e2e
+	@$(VENV)/bin/python -m bench.network $(BENCH_ARGS)

@@ -64,6 +64,20 @@ class Hub:
                 current.append(value)
         return peers
 
+    def handshakes(self) -> dict[str, int]:
+        """Public key -> when the hub last completed a handshake with it, in seconds since
+        the epoch (0: never yet)."""
+        found: dict[str, int] = {}
+        current: str | None = None
+        for line in self._ask("get=1\n\n").splitlines():
+            key, _, value = line.partition("=")
+            if key == "public_key":
+                current = value
+                found[current] = 0
+            elif key == "last_handshake_time_sec" and current is not None:
+                found[current] = int(value)
+        return found
+
     def _set(self, body: str) -> None:
         answer = self._ask(f"set=1\n{body}\n")
         if "errno=0" not in answer.splitlines():

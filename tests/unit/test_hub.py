@@ -1,0 +1,58 @@
+"""The hub's control socket as the kubelet reads it (kubelet_py.adapters.hub), against a unix
+socket that answers `get=1` as hpk-tunnel does."""
+
+from __future__ import annotations
+
+import socket
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from kubelet_py.adapters.hub import Hub
+
+ANSWER = """\
+private_key=aa
+listen_port=51820
+public_key=11
+endpoint=127.0.0.1:40000
+last_handshake_time_sec=1764750000
+last_handshake_time_nsec=5
+allowed_ip=10.244.1.2/32
+public_key=22
+last_handshake_time_sec=0
+last_handshake_time_nsec=0
+allowed_ip=10.244.1.3/32
+errno=0
+
+"""
+
+
+@pytest.fixture
+def control(tmp_path: Path) -> Iterator[Path]:
+    path = tmp_path / "control"
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(str(path))
+    server.listen()
+
+    def serve() -> None:
+        while True:
+            try:
+                connection, _ = server.accept()
+            except OSError:
+                return
+            with connection:
+                request = b""
+                while not request.endswith(b"\n\n"):
+                    request += connection.recv(4096)
+                connection.sendall(ANSWER.encode())
+
+    threading.Thread(target=serve, daemon=True).start()
+    yield path
+    server.close()
+
+
+def test_handshakes_give_each_peer_its_last_handshake_or_0(control: Path) -> None:
+    assert Hub(control).handshakes() == {"11": 1764750000, "22": 0}
+    assert Hub(control).peers() == {"11": ["10.244.1.2/32"], "22": ["10.244.1.3/32"]}
