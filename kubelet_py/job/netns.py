@@ -4,8 +4,8 @@ The job starts one holder, `python -I -m kubelet_py.job.netns hold …`, under
 `unshare --user --map-root-user --net`. As root of that new user namespace it brings `lo`
 up, and it can open the overlay's TUN device there, with the pod's address and routes. It
 hands the device to the job over an inherited socket (SCM_RIGHTS), since the tunnel's helper
-runs on the node's network. The hub's holder also turns IPv4 forwarding on. Then it waits
-until the job closes that socket, or dies.
+runs on the node's network. The hub's holder also turns IPv4 forwarding on. Then it becomes
+`cat` reading that socket, which ends when the job closes it, or dies.
 
 Every container's launcher then runs through `enter_argv`:
 - it joins the holder's user and network namespaces (`nsenter`);
@@ -167,9 +167,11 @@ def _hold(channel_fd: int, interface: Interface | None, *, forwarding: bool) -> 
     socket.send_fds(channel, [b"ok"], fds)
     for fd in fds:
         os.close(fd)
-    while channel.recv(1):  # the job closes it (or dies): the namespace may go
-        pass
-    return 0
+    # Hold the namespace as `cat` reading the channel, which ends when the job closes it (or
+    # dies): the same process, a fraction of an interpreter's memory.
+    os.dup2(channel.fileno(), 0)
+    os.dup2(os.open(os.devnull, os.O_WRONLY), 1)
+    os.execvp("cat", ["cat"])
 
 
 def _ip(*words: str) -> None:

@@ -47,7 +47,7 @@ from typing import Any, BinaryIO, TextIO
 from kubelet_py.job.netns import Holder, Interface, NamespaceRefused, start_holder
 from kubelet_py.job.podfolder import write_marker
 
-WATCH_INTERVAL_S = 1.0
+WATCH_INTERVAL_S = 5.0
 """How often the keeper looks whether the holder, the tunnel and the egress still run."""
 
 READY_TIMEOUT_S = 10.0
