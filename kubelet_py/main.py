@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from types import FrameType
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 from hpk import __version__
 from hpk.controlplane.host import hostname, primary_address
@@ -519,6 +519,9 @@ def run(  # noqa: PLR0915 (every thread's wiring, start and stop in one place)
             ),
             lookup=with_claims(pod_api.get_config_object, pod_api.get_or_none),
             tokens=tokens,
+            services=lambda namespace: pod_api.list(
+                f"/api/v1/namespaces/{quote(namespace, safe='')}/services"
+            )[0],
         )
         tokens.alive = provider.runs
         agent.network = provider.network_condition

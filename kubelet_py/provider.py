@@ -39,7 +39,7 @@ import shutil
 import stat
 import threading
 import time
-from collections.abc import Callable, Collection, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any, Protocol
@@ -53,6 +53,7 @@ from kubelet_py.job.podfolder import PodFolder
 from kubelet_py.loops.pulls import ImagePuller, ImageWaiting, PullSettings, pull_policy
 from kubelet_py.loops.watcher import LOST, WAITING_STATES, JobView
 from kubelet_py.pod import projected
+from kubelet_py.pod.environment import service_links
 from kubelet_py.pod.inputs import ObjectLookup, PodInputs, needs_node_address, resolve
 from kubelet_py.pod.network import AddressPool, PodAddress, PodNetworkSettings, wants_pod_network
 from kubelet_py.pod.render import JOB_NAME_PREFIX, RenderSettings, render_pod
@@ -268,8 +269,12 @@ class SlurmProvider:
         lookup: ObjectLookup | None = None,
         tokens: TokenManager | None = None,
         images: ImagePuller | None = None,
+        services: Callable[[str], Sequence[Mapping[str, Any]]] | None = None,
     ) -> None:
         self.slurm = slurm
+        self.services = services
+        """Namespace -> its Services, for the variables of `enableServiceLinks`; without it
+        pods get none."""
         self.tokens = tokens
         """Issues and refreshes the service-account tokens of projected volumes; without one,
         a pod that needs a token is refused."""
@@ -367,7 +372,7 @@ class SlurmProvider:
         )
         if self.settings.python:
             render_settings = replace(render_settings, python=self.settings.python)
-        inputs = resolve(pod, self.lookup)
+        inputs = self._with_service_links(pod, resolve(pod, self.lookup), address)
         made = projected.resolve(pod, self.lookup)
         # Every wait (a missing object, an unbound claim) comes before the tokens, so a pod
         # that waits asks for no token on each try.
@@ -655,6 +660,17 @@ class SlurmProvider:
         if earlier is not None and earlier != public:
             self._unhub(earlier)
         return PodAddress(ip=ip, private_key=private)
+
+    def _with_service_links(
+        self, pod: Mapping[str, Any], inputs: PodInputs, address: PodAddress | None
+    ) -> PodInputs:
+        """`inputs` with the variables of the namespace's Services, for a pod on the pod
+        network (where their ClusterIPs route) that does not turn them off."""
+        spec = pod.get("spec") or {}
+        if address is None or self.services is None or spec.get("enableServiceLinks") is False:
+            return inputs
+        namespace = str((pod.get("metadata") or {}).get("namespace", ""))
+        return replace(inputs, service_links=service_links(self.services(namespace)))
 
     def _kubernetes_service(self, address: PodAddress | None) -> tuple[str, int] | None:
         """The API server as the pod reaches it: the `kubernetes` Service's ClusterIP for a

@@ -20,6 +20,7 @@ import shlex
 from collections.abc import Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
+from typing import Any
 
 from kubelet_py.errors import InvalidPodSpec
 from kubelet_py.errors import expect_object as _mapping
@@ -183,6 +184,50 @@ def warn_of_secrets_in_words(
                         "variable or a file instead",
                     )
                 )
+
+
+def service_links(services: Sequence[Mapping[str, Any]]) -> dict[str, str]:
+    """The variables Kubernetes gives a container for each Service of its namespace that has
+    a ClusterIP (`enableServiceLinks`): `<NAME>_SERVICE_HOST`, `_SERVICE_PORT` (and one per
+    named port), and the Docker-link style `<NAME>_PORT…` ones."""
+    variables: dict[str, str] = {}
+    for service in sorted(services, key=lambda s: str((s.get("metadata") or {}).get("name"))):
+        name = str((service.get("metadata") or {}).get("name", ""))
+        spec = service.get("spec") or {}
+        host = spec.get("clusterIP")
+        ports = [p for p in spec.get("ports") or [] if isinstance(p, Mapping)]
+        if not name or not isinstance(host, str) or host in ("", "None") or not ports:
+            continue
+        if not all(isinstance(p.get("port"), int) for p in ports):
+            continue
+        prefix = name.upper().replace("-", "_")
+        if not _ENV_NAME.fullmatch(prefix) or not _ADDRESS.fullmatch(host):
+            continue
+        shown = f"[{host}]" if ":" in host else host
+        first = ports[0]
+        variables[f"{prefix}_SERVICE_HOST"] = host
+        variables[f"{prefix}_SERVICE_PORT"] = str(first["port"])
+        variables[f"{prefix}_PORT"] = f"{_protocol(first)}://{shown}:{first['port']}"
+        for port in ports:
+            port_name = str(port.get("name") or "").upper().replace("-", "_")
+            if port_name and _ENV_NAME.fullmatch(port_name):
+                variables[f"{prefix}_SERVICE_PORT_{port_name}"] = str(port["port"])
+            protocol = _protocol(port)
+            link = f"{prefix}_PORT_{port['port']}_{protocol.upper()}"
+            variables[link] = f"{protocol}://{shown}:{port['port']}"
+            variables[f"{link}_PROTO"] = protocol
+            variables[f"{link}_PORT"] = str(port["port"])
+            variables[f"{link}_ADDR"] = host
+    return variables
+
+
+_ADDRESS = re.compile(r"[0-9A-Fa-f.:]+")
+"""A ClusterIP as the API server writes it (IPv4 or IPv6), nothing a shell could read."""
+
+
+def _protocol(port: Mapping[str, Any]) -> str:
+    protocol = str(port.get("protocol") or "TCP").lower()
+    return protocol if protocol in ("tcp", "udp", "sctp") else "tcp"
 
 
 def service_variables(service: tuple[str, int] | None) -> dict[str, str]:

@@ -38,6 +38,7 @@ _POD_HONOURED = frozenset(
         "hostAliases",
         "dnsConfig",
         "setHostnameAsFQDN",
+        "enableServiceLinks",
     }
 )
 _POD_CHECKED = frozenset({"restartPolicy", "securityContext", "dnsPolicy", "os"})
@@ -48,7 +49,6 @@ _ELSEWHERE: Mapping[str, str] = MappingProxyType(
         "hostIPC": "containers always share the node's IPC namespace",
         "shareProcessNamespace": "true: the containers share the node's PID namespace, which "
         "holds the pod's (no --pid)",
-        "enableServiceLinks": "service variables are not injected yet (docs/kubelet.md)",
         "nodeName": "the kubelet binds every pod to its node",
         "nodeSelector": "the kubelet's nodes stand for Slurm partitions",
         "affinity": "Slurm places the job",

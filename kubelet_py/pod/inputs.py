@@ -132,6 +132,10 @@ class PodInputs:
     secret_volumes: frozenset[str] = frozenset()
     """The volumes whose folders hold secrets (0700 folder, files 0400 or 0600)."""
 
+    service_links: Mapping[str, str] = field(default_factory=dict)
+    """The variables of `enableServiceLinks` (kubelet_py.pod.environment.service_links), for
+    a pod on the pod network, where the Services' addresses route."""
+
 
 def resolve(pod: Mapping[str, Any], lookup: ObjectLookup) -> PodInputs:
     """Look up every ConfigMap and Secret the pod refers to, each object once.

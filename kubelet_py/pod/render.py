@@ -545,7 +545,7 @@ def _launch(
         pod=pod,
         inputs=inputs,
         warnings=warnings,
-        base=service_variables(settings.kubernetes_service),
+        base={**inputs.service_links, **service_variables(settings.kubernetes_service)},
     )
     written = {key: written_words(container, key, where) for key in ("command", "args")}
     command = [expand(word, variables) for word in written["command"]]

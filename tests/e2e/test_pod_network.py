@@ -278,6 +278,7 @@ def test_a_cluster_ip_service_reaches_its_ready_pods_through_kube_proxy(
     script = (
         f"{asks} ; timeout 10 wget -q -O - http://{cluster_ip}:81/cgi-bin/who ; "
         "echo KUBERNETES_SERVICE_HOST=$KUBERNETES_SERVICE_HOST:$KUBERNETES_SERVICE_PORT ; "
+        "echo links=$ECHO_SERVICE_HOST:$ECHO_SERVICE_PORT_WEB:$ECHO_PORT_81_TCP ; "
         "nc -w 5 $KUBERNETES_SERVICE_HOST $KUBERNETES_SERVICE_PORT </dev/null && echo api-reached"
     )
     cluster.create(pod("echo-client", script, node="n3"))
@@ -289,3 +290,4 @@ def test_a_cluster_ip_service_reaches_its_ready_pods_through_kube_proxy(
     assert set(answers) == {"echo-a", "echo-b"}, log  # both ready pods answer
     assert "KUBERNETES_SERVICE_HOST=10.96.0.1:443\n" in log, log
     assert "api-reached\n" in log, log
+    assert f"links={cluster_ip}:80:tcp://{cluster_ip}:81\n" in log, log  # enableServiceLinks

@@ -10,6 +10,7 @@ import pytest
 
 from kubelet_py.adapters.hub import new_private_key, public_key
 from kubelet_py.errors import InvalidPodSpec
+from kubelet_py.pod.environment import service_links
 from kubelet_py.pod.network import (
     AddressPool,
     PodAddress,
@@ -189,3 +190,35 @@ def test_the_hosts_file_names_the_pod_its_fqdn_and_its_aliases() -> None:
         hosts_file(
             pod(hostAliases=[{"ip": "192.0.2.7", "hostnames": ["a b"]}]), "10.244.0.9", domain="x"
         )
+
+
+def test_service_links_follow_kubernetes_names_and_skip_services_without_a_cluster_ip() -> None:
+    services = [
+        {
+            "metadata": {"name": "redis-primary"},
+            "spec": {
+                "clusterIP": "10.96.0.50",
+                "ports": [{"name": "redis", "port": 6379, "protocol": "TCP"}, {"port": 9121}],
+            },
+        },
+        {"metadata": {"name": "web"}, "spec": {"clusterIP": "None", "ports": [{"port": 80}]}},
+        {"metadata": {"name": "ext"}, "spec": {"type": "ExternalName", "externalName": "x.org"}},
+        {
+            "metadata": {"name": "bad"},
+            "spec": {"clusterIP": "10.96.0.9;rm", "ports": [{"port": 1}]},
+        },
+    ]
+    assert service_links(services) == {
+        "REDIS_PRIMARY_SERVICE_HOST": "10.96.0.50",
+        "REDIS_PRIMARY_SERVICE_PORT": "6379",
+        "REDIS_PRIMARY_SERVICE_PORT_REDIS": "6379",
+        "REDIS_PRIMARY_PORT": "tcp://10.96.0.50:6379",
+        "REDIS_PRIMARY_PORT_6379_TCP": "tcp://10.96.0.50:6379",
+        "REDIS_PRIMARY_PORT_6379_TCP_PROTO": "tcp",
+        "REDIS_PRIMARY_PORT_6379_TCP_PORT": "6379",
+        "REDIS_PRIMARY_PORT_6379_TCP_ADDR": "10.96.0.50",
+        "REDIS_PRIMARY_PORT_9121_TCP": "tcp://10.96.0.50:9121",
+        "REDIS_PRIMARY_PORT_9121_TCP_PROTO": "tcp",
+        "REDIS_PRIMARY_PORT_9121_TCP_PORT": "9121",
+        "REDIS_PRIMARY_PORT_9121_TCP_ADDR": "10.96.0.50",
+    }

@@ -55,6 +55,9 @@ def hub(tmp_path: Path) -> Iterator[Hub]:
     running.close()
 
 
+ECHO = {"metadata": {"name": "echo"}, "spec": {"clusterIP": "10.96.0.77", "ports": [{"port": 80}]}}
+
+
 def on_the_network(bed: Bed, control: Path) -> SlurmProvider:
     network = PodNetworkSettings(
         hub_endpoint="192.0.2.10:51820",
@@ -67,7 +70,9 @@ def on_the_network(bed: Bed, control: Path) -> SlurmProvider:
         hub_control=control,
         node_addresses={"n1": "192.0.2.21"},
     )
-    return SlurmProvider(slurm=bed.slurm, watcher=bed.watcher, settings=settings)
+    return SlurmProvider(
+        slurm=bed.slurm, watcher=bed.watcher, settings=settings, services=lambda _ns: [ECHO]
+    )
 
 
 def test_a_pod_gets_an_address_and_a_key_the_hub_knows_and_loses_them_when_forgotten(
@@ -124,3 +129,17 @@ def test_a_node_that_refused_is_warned_of_once_and_shown_on_the_nodes(
 
 def test_without_a_hub_the_nodes_say_pods_use_their_network(tmp_path: Path) -> None:
     assert Bed(tmp_path).provider.network_condition()[:2] == (False, "NoPodNetwork")
+
+
+def test_a_pod_on_the_pod_network_gets_its_namespaces_service_links(
+    tmp_path: Path, hub: Hub
+) -> None:
+    bed = Bed(tmp_path)
+    provider = on_the_network(bed, tmp_path / "hub.sock")
+    provider.create_pod(make_pod())
+    assert "ECHO_SERVICE_HOST=10.96.0.77\n" in (bed.folder() / "env" / "main").read_text()
+    off = make_pod("quiet", uid="u-quiet")
+    off["spec"]["enableServiceLinks"] = False
+    provider.create_pod(off)
+    env = bed.folder("quiet") / "env" / "main"
+    assert not env.exists() or "ECHO_SERVICE_HOST" not in env.read_text()
