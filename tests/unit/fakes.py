@@ -20,6 +20,7 @@ import itertools
 import json
 import re
 import shlex
+import socket
 import struct
 import threading
 import time
@@ -717,3 +718,39 @@ class SlurmKit(Kit):
         view = job_view(job_id, state, final=final)
         self.bed.watcher.views[job_id] = view
         self.bed.provider.job_changed(key, view)
+
+
+# -- the pod network hub's control socket -------------------------------------------------
+
+
+class FakeHubSocket:
+    """A unix socket that answers each request as hpk-tunnel's control socket would, with
+    `answer`, and keeps the requests (the kubelet_py.adapters.hub seam, for real)."""
+
+    def __init__(self, path: Path, answer: str = "errno=0\n\n") -> None:
+        self.path = path
+        self.answer = answer
+        self.requests: list[str] = []
+        self._server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._server.bind(str(path))
+        self._server.listen()
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                connection, _ = self._server.accept()
+            except OSError:
+                return
+            with connection:
+                request = b""
+                while not request.endswith(b"\n\n"):
+                    chunk = connection.recv(4096)
+                    if not chunk:
+                        break
+                    request += chunk
+                self.requests.append(request.decode())
+                connection.sendall(self.answer.encode())
+
+    def close(self) -> None:
+        self._server.close()

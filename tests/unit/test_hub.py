@@ -3,14 +3,13 @@ socket that answers `get=1` as hpk-tunnel does."""
 
 from __future__ import annotations
 
-import socket
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from kubelet_py.adapters.hub import Hub
+from tests.unit.fakes import FakeHubSocket
 
 ANSWER = """\
 private_key=aa
@@ -31,26 +30,9 @@ errno=0
 
 @pytest.fixture
 def control(tmp_path: Path) -> Iterator[Path]:
-    path = tmp_path / "control"
-    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    server.bind(str(path))
-    server.listen()
-
-    def serve() -> None:
-        while True:
-            try:
-                connection, _ = server.accept()
-            except OSError:
-                return
-            with connection:
-                request = b""
-                while not request.endswith(b"\n\n"):
-                    request += connection.recv(4096)
-                connection.sendall(ANSWER.encode())
-
-    threading.Thread(target=serve, daemon=True).start()
-    yield path
-    server.close()
+    hub = FakeHubSocket(tmp_path / "control", ANSWER)
+    yield hub.path
+    hub.close()
 
 
 def test_handshakes_give_each_peer_its_last_handshake_or_0(control: Path) -> None:

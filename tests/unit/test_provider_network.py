@@ -1,12 +1,10 @@
-"""The provider on the pod network: each pod's address and key, told to the hub (a real unix
-socket speaking WireGuard's configuration protocol), its podIP once the job reports it, and
+"""The provider on the pod network: each pod's address and key, told to the hub (a unix
+socket answering as hpk-tunnel's does), its podIP once the job reports it, and
 the Warning and the nodes' condition when a node refuses the pod its own network."""
 
 from __future__ import annotations
 
 import json
-import socket
-import threading
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path, PurePosixPath
@@ -17,40 +15,12 @@ from kubelet_py.adapters.hub import new_private_key, public_key
 from kubelet_py.job.podfolder import write_marker
 from kubelet_py.pod.network import PodNetworkSettings
 from kubelet_py.provider import NETWORK_FALLBACK, SlurmProvider
-from tests.unit.fakes import Bed, job_view, make_pod
-
-
-class Hub:
-    """A hub's control socket: answers `set=1` with errno=0 and keeps what was set."""
-
-    def __init__(self, path: Path) -> None:
-        self.requests: list[str] = []
-        self.server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.server.bind(str(path))
-        self.server.listen()
-        self.thread = threading.Thread(target=self._serve, daemon=True)
-        self.thread.start()
-
-    def _serve(self) -> None:
-        while True:
-            try:
-                connection, _ = self.server.accept()
-            except OSError:
-                return
-            with connection:
-                request = b""
-                while not request.endswith(b"\n\n"):
-                    request += connection.recv(4096)
-                self.requests.append(request.decode())
-                connection.sendall(b"errno=0\n\n")
-
-    def close(self) -> None:
-        self.server.close()
+from tests.unit.fakes import Bed, FakeHubSocket, job_view, make_pod
 
 
 @pytest.fixture
-def hub(tmp_path: Path) -> Iterator[Hub]:
-    running = Hub(tmp_path / "hub.sock")
+def hub(tmp_path: Path) -> Iterator[FakeHubSocket]:
+    running = FakeHubSocket(tmp_path / "hub.sock")
     yield running
     running.close()
 
@@ -76,7 +46,7 @@ def on_the_network(bed: Bed, control: Path) -> SlurmProvider:
 
 
 def test_a_pod_gets_an_address_and_a_key_the_hub_knows_and_loses_them_when_forgotten(
-    tmp_path: Path, hub: Hub
+    tmp_path: Path, hub: FakeHubSocket
 ) -> None:
     bed = Bed(tmp_path)
     provider = on_the_network(bed, tmp_path / "hub.sock")
@@ -109,7 +79,7 @@ def test_a_pod_gets_an_address_and_a_key_the_hub_knows_and_loses_them_when_forgo
 
 
 def test_a_node_that_refused_is_warned_of_once_and_shown_on_the_nodes(
-    tmp_path: Path, hub: Hub
+    tmp_path: Path, hub: FakeHubSocket
 ) -> None:
     bed = Bed(tmp_path)
     provider = on_the_network(bed, tmp_path / "hub.sock")
@@ -132,7 +102,7 @@ def test_without_a_hub_the_nodes_say_pods_use_their_network(tmp_path: Path) -> N
 
 
 def test_a_pod_on_the_pod_network_gets_its_namespaces_service_links(
-    tmp_path: Path, hub: Hub
+    tmp_path: Path, hub: FakeHubSocket
 ) -> None:
     bed = Bed(tmp_path)
     provider = on_the_network(bed, tmp_path / "hub.sock")
