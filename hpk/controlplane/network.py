@@ -31,6 +31,9 @@ POD_DNS_READY = "CoreDNS-"
 POD_DNS_HEALTH_PORT = 8080
 POD_DNS_READY_PORT = 8181
 """Inside the hub's namespace, which no one else shares: the ports need no choosing."""
+KUBE_PROXY = "kube-proxy"
+KUBE_PROXY_READY = '"Caches are synced" controller="endpoint slice config"'
+"""kube-proxy logs it once it has the EndpointSlices, and so writes the Services' rules."""
 INTERFACE = "hpk0"
 MTU = 1420
 HUB_MEMORY_LIMIT = "512MiB"
@@ -93,11 +96,6 @@ class HubPlan:
         except HubUnavailable:
             return False
         return True
-
-
-KUBE_PROXY = "kube-proxy"
-KUBE_PROXY_READY = '"Caches are synced" controller="endpoint slice config"'
-"""kube-proxy logs it once it has the EndpointSlices, and so writes the Services' rules."""
 
 
 def admin_path() -> str:
