@@ -10,6 +10,7 @@ The tests run in file order against one cluster; the last one restarts the contr
 from __future__ import annotations
 
 import datetime as dt
+import ipaddress
 import json
 import subprocess
 import time
@@ -27,6 +28,7 @@ from tests.e2e.kube import eventually
 pytestmark = pytest.mark.timeout(420)
 
 NAMESPACE = "argo"
+POD_CIDR = ipaddress.ip_network("10.244.0.0/16")
 JOB_ID = "slurm.hpk.io/job-id"
 
 
@@ -126,32 +128,43 @@ def job_of(pod: dict[str, Any]) -> str:
     return str(pod["metadata"]["annotations"][JOB_ID])
 
 
-@pytest.fixture(scope="module")
-def cluster(user_install: UserInstall) -> Iterator[ArgoCluster]:
-    argo = ArgoCluster(user_install)
-    user_install.run("rm", "-rf", str(argo.home))
+def argo_up(install: UserInstall) -> ArgoCluster:
+    """The user's cluster up, with busybox imported and Argo installed."""
+    argo = ArgoCluster(install)
+    install.run("rm", "-rf", str(argo.home))
     up = argo.hpk("up", "--timeout=240")
     assert up.returncode == 0, f"hpk up failed:\n{up.stdout}\n{up.stderr}"
     busybox = ensure_test_images()["docker.io/library/busybox:latest"]
     imported = argo.hpk("images", "import", "docker.io/library/busybox:latest", str(busybox))
     assert imported.returncode == 0, imported.stderr
+    started = time.monotonic()
+    argo.installed = argo.hpk("addons", "install", "argo", timeout=400)
+    print(argo.installed.stdout, f"install took {time.monotonic() - started:.1f} s")
+    assert argo.installed.returncode == 0, argo.installed.stdout + argo.installed.stderr
+    return argo
+
+
+def argo_down(argo: ArgoCluster) -> None:
+    argo.hpk("down")
+    # The controller's and the server's jobs outlive the control plane, as a user's would.
+    user = argo.install.user.pw_name
+    out = subprocess.run(
+        ["squeue", "-h", "-u", user, "-o", "%i %j"], capture_output=True, text=True, check=False
+    ).stdout
+    left = [line.split()[0] for line in out.splitlines() if f"/{NAMESPACE}/" in line]
+    if left:
+        subprocess.run(["scancel", *left], check=False)
+    argo.install.run("rm", "-rf", str(argo.home))
+
+
+@pytest.fixture(scope="module")
+def cluster(user_install: UserInstall) -> Iterator[ArgoCluster]:
+    argo = ArgoCluster(user_install)
     try:
-        started = time.monotonic()
-        argo.installed = argo.hpk("addons", "install", "argo", timeout=400)
-        print(argo.installed.stdout, f"install took {time.monotonic() - started:.1f} s")
-        assert argo.installed.returncode == 0, argo.installed.stdout + argo.installed.stderr
+        argo = argo_up(user_install)
         yield argo
     finally:
-        argo.hpk("down")
-        # The controller's and the server's jobs outlive the control plane, as a user's would.
-        user = user_install.user.pw_name
-        out = subprocess.run(
-            ["squeue", "-h", "-u", user, "-o", "%i %j"], capture_output=True, text=True, check=False
-        ).stdout
-        left = [line.split()[0] for line in out.splitlines() if f"/{NAMESPACE}/" in line]
-        if left:
-            subprocess.run(["scancel", *left], check=False)
-        user_install.run("rm", "-rf", str(argo.home))
+        argo_down(argo)
 
 
 def test_install_runs_the_controller_and_server_as_slurm_jobs(cluster: ArgoCluster) -> None:
@@ -330,6 +343,34 @@ def test_argo_delete_cancels_the_running_steps_jobs(cluster: ArgoCluster) -> Non
     hours, minutes, _ = (int(part) for part in ended[1].split(":"))
     assert hours == 0 and minutes < 2, ended
     eventually("the step's pod gone", lambda: not cluster.pods(name), timeout=90)
+
+
+def test_a_second_users_argo_runs_beside_this_one(
+    cluster: ArgoCluster, second_install: UserInstall
+) -> None:
+    # Each user's controller and server listen on their own pod's address, so the two
+    # installations' ports (9090, 6060, 2746) cannot collide on a node.
+    other = ArgoCluster(second_install)
+    try:
+        other = argo_up(second_install)
+        for argo in (cluster, other):
+            for app in ("workflow-controller", "argo-server"):
+                (pod,) = argo.app_pods(app)
+                assert pod["status"]["phase"] == "Running", pod["status"]
+                assert ipaddress.ip_address(pod["status"]["podIP"]) in POD_CIDR, pod["status"]
+        mine, theirs = cluster.submit("hello-world"), other.submit("hello-world")
+        assert cluster.finished(mine)["status"]["phase"] == "Succeeded", cluster.explain(mine)
+        assert other.finished(theirs)["status"]["phase"] == "Succeeded", other.explain(theirs)
+        users = sacct(
+            *(job_of(pod) for pod in [*cluster.pods(mine).values(), *other.pods(theirs).values()]),
+            fields="User",
+        )
+        assert {fields[0] for fields in users.values()} == {
+            cluster.install.user.pw_name,
+            second_install.user.pw_name,
+        }, users
+    finally:
+        argo_down(other)
 
 
 def test_the_controller_survives_a_restart_of_the_kubelet(cluster: ArgoCluster) -> None:
