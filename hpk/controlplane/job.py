@@ -18,7 +18,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
 from types import FrameType
@@ -57,8 +57,9 @@ KUBELET = "hpk-kubelet"
 KUBELET_NODE_PREFIX = "hpk"
 """The kubelet's nodes are named <prefix>-<partition>: hpk-batch, hpk-gpu."""
 HEALTH_INTERVAL_S = 5.0
-HUB_READY_TIMEOUT_S = 15.0
 """How often the job checks its components and updates the record."""
+HUB_READY_TIMEOUT_S = 15.0
+"""How long the pod network's hub may take to set up its namespace, tunnel and egress."""
 
 
 class AlreadyRunning(RuntimeError):
@@ -313,16 +314,16 @@ def _start_hub(plane: ControlPlane) -> tuple[RunningProcess | None, Path | None]
         log_file=layout.log_file(HUB),
         pid_file=layout.pid_file(HUB),
     )
-    process = start_process(hub.spec)
-    deadline = time.monotonic() + HUB_READY_TIMEOUT_S
     # Its line comes once the tunnel, the egress and the masquerade are up.
-    while hub_holder(process.log_text()) is None or not hub.ready():
-        if not process.alive() or time.monotonic() > deadline:
-            said = " ".join(process.log_text().split())[-300:]
-            log.warning("pods use the node's network: the hub did not start: %s", said)
-            process.stop(timeout=plane.settings.stop_timeout_s)
-            return None, None
-        time.sleep(0.05)
+    process = _start_network_part(
+        plane,
+        hub.spec,
+        ready=lambda text: hub_holder(text) is not None and hub.ready(),
+        timeout_s=HUB_READY_TIMEOUT_S,
+        lacking="network of their own",
+    )
+    if process is None:
+        return None, None
     log.info("pod network %s: hub ready on UDP port %d", plane.settings.pod_cidr, plane.ports.hub)
     return process, hub.hub_file
 
@@ -392,19 +393,38 @@ def _apiserver_for_hub(plane: ControlPlane) -> str:
 def _start_in_hub(
     plane: ControlPlane, spec: ProcessSpec, *, ready: str, lacking: str
 ) -> RunningProcess | None:
-    """Start `spec` and wait until its log says `ready`; None (the log says what pods then
-    lack) when it does not."""
-    settings = plane.settings
+    """Start `spec` in the hub and wait until its log says `ready`; None when it does not."""
+    process = _start_network_part(
+        plane,
+        spec,
+        ready=lambda text: ready in text,
+        timeout_s=plane.settings.coredns_ready_timeout_s,
+        lacking=lacking,
+    )
+    if process is not None:
+        log.info("%s in the pod network hub: ready", spec.name)
+    return process
+
+
+def _start_network_part(
+    plane: ControlPlane,
+    spec: ProcessSpec,
+    *,
+    ready: Callable[[str], bool],
+    timeout_s: float,
+    lacking: str,
+) -> RunningProcess | None:
+    """Start `spec` and wait until `ready` holds for this run's log; None (stopped, and the
+    log says what pods then lack) when it exits or times out first."""
     process = start_process(spec)
-    deadline = time.monotonic() + settings.coredns_ready_timeout_s
-    while ready not in process.log_text():
+    deadline = time.monotonic() + timeout_s
+    while not ready(process.log_text()):
         if not process.alive() or time.monotonic() > deadline:
             said = " ".join(process.log_text().split())[-300:]
-            log.warning("pods get no %s: %s did not start in the hub: %s", lacking, spec.name, said)
-            process.stop(timeout=settings.stop_timeout_s)
+            log.warning("pods get no %s: %s did not start: %s", lacking, spec.name, said)
+            process.stop(timeout=plane.settings.stop_timeout_s)
             return None
-        time.sleep(0.1)
-    log.info("%s in the pod network hub: ready", spec.name)
+        time.sleep(0.05)
     return process
 
 
