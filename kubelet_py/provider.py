@@ -32,7 +32,6 @@ another job (Slurm starts counting again when its state is wiped) turns LOST for
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import shutil
@@ -49,6 +48,7 @@ from kubelet_py.adapters.hub import Hub, HubUnavailable, new_private_key, public
 from kubelet_py.adapters.slurm import FINAL_STATES, JOB_ID, ListedJob, SlurmError, SlurmUnavailable
 from kubelet_py.errors import InvalidPodSpec
 from kubelet_py.job import podfiles
+from kubelet_py.job.network import NetworkConfig
 from kubelet_py.job.podfolder import PodFolder
 from kubelet_py.loops.pulls import ImagePuller, ImageWaiting, PullSettings, pull_policy
 from kubelet_py.loops.watcher import LOST, WAITING_STATES, JobView
@@ -255,6 +255,8 @@ class _Known:
     kubelet submitted it."""
     address: str | None = None
     """The pod's address on the pod network; None on the node's network."""
+    network: tuple[str, str] | None = None
+    """What its job reported of its network (`pod` or `host`, and why), once it has."""
 
 
 class SlurmProvider:
@@ -310,8 +312,6 @@ class SlurmProvider:
             self.hub = Hub(settings.hub_control)
         self._keys: dict[str, str] = {}
         """Pod UID -> the public key the hub knows it by."""
-        self._network_seen: set[str] = set()
-        """Pod UIDs whose job's report of its network was taken note of."""
         self._network_fallback: str | None = None
         """The last job's report that its node refused it the pod network; None after a
         later job had it."""
@@ -356,7 +356,17 @@ class SlurmProvider:
                 return self._adopt(pod, job_id, folder, how="Slurm comment")
 
         images, configs, image_warnings = self._resolve_images(key, pod)
+        inputs = resolve(pod, self.lookup)
+        made = projected.resolve(pod, self.lookup)
+        # Every wait (a missing object, an unbound claim) comes before the tokens and the
+        # pod's address, so a pod that waits asks for no token and registers no key on each try.
+        claims = resolve_claims(pod, self.lookup)
+        tokens = self._issue(pod, made.tokens)
+        inputs = projected.with_tokens(
+            inputs, made, {source: token.token for source, token in tokens.items()}
+        )
         address = self._address(pod)
+        inputs = self._with_service_links(pod, inputs, address)
         render_settings = RenderSettings(
             pod_dir=PurePosixPath(folder),
             apptainer=self.settings.apptainer,
@@ -372,15 +382,6 @@ class SlurmProvider:
         )
         if self.settings.python:
             render_settings = replace(render_settings, python=self.settings.python)
-        inputs = self._with_service_links(pod, resolve(pod, self.lookup), address)
-        made = projected.resolve(pod, self.lookup)
-        # Every wait (a missing object, an unbound claim) comes before the tokens, so a pod
-        # that waits asks for no token on each try.
-        claims = resolve_claims(pod, self.lookup)
-        tokens = self._issue(pod, made.tokens)
-        inputs = projected.with_tokens(
-            inputs, made, {source: token.token for source, token in tokens.items()}
-        )
         rendered = render_pod(pod, render_settings, inputs=inputs, claims=claims, address=address)
         warnings = (*image_warnings, *rendered.warnings)
         for _reason, warning in warnings:
@@ -457,10 +458,8 @@ class SlurmProvider:
             return None
         pod_ip = None  # the node's
         if known.address:
-            network = PodFolder(known.folder).read_network()
+            network = self._network_of(known)
             pod_ip = "" if network is None else known.address if network[0] == "pod" else None
-            if network is not None:
-                self._network_reported(known, *network)
         status = pod_status(
             known.pod.get("spec") or {},
             self._view(known.job_id, known.pod),
@@ -559,8 +558,6 @@ class SlurmProvider:
         if self.tokens is not None:
             self.tokens.forget(key, uid)
         self._release(uid)
-        with self._lock:
-            self._network_seen.discard(uid)
 
     def runs(self, key: str, uid: str) -> bool:
         """Whether the pod `key` with `uid` is known and its job has not ended (its tokens
@@ -688,17 +685,13 @@ class SlurmProvider:
             return None
         uid = _uid(pod)
         try:
-            config = json.loads(podfiles.read_text(PodFolder(folder).network_config, root=folder))
-            ip = str(config["interface"]["address"]).partition("/")[0]
-            private = next(
-                line.partition("=")[2]
-                for line in str(config["tunnel"]["config"]).splitlines()
-                if line.startswith("private_key=")
-            )
-            public = public_key(private)
+            text = podfiles.read_text(PodFolder(folder).network_config, root=folder)
+            config = NetworkConfig.parse(text)
+            ip = config.interface.address.partition("/")[0]
+            public = public_key(config.private_key)
         except FileNotFoundError:
             return None
-        except (OSError, ValueError, KeyError, TypeError, StopIteration) as error:
+        except (OSError, ValueError, KeyError, TypeError) as error:
             log.warning("%s: its network file cannot be read: %s", pod_key(pod), error)
             return None
         if not self.addresses.restore(uid, ip):
@@ -712,21 +705,29 @@ class SlurmProvider:
             self._keys[uid] = public
         return ip
 
-    def _network_reported(self, known: _Known, mode: str, reason: str) -> None:
-        """What a job said of its network, once per pod: a Warning Event on a pod the node
-        refused its own network, and the kubelet's view for its nodes' condition."""
+    def _network_of(self, known: _Known) -> tuple[str, str] | None:
+        """What the pod's job reported of its network, read from its marker until it has.
+        The first report gives a pod the node refused its own network a Warning Event, and
+        sets the kubelet's view for its nodes' condition."""
+        if known.network is not None:
+            return known.network
+        report = PodFolder(known.folder).read_network()
+        if report is None:
+            return None
+        mode, reason = report
+        key = pod_key(known.pod)
+        message = f"the node refused the pod its own network, so it uses the node's: {reason}"
         with self._lock:
-            if known.uid in self._network_seen:
-                return
-            self._network_seen.add(known.uid)
-            key = pod_key(known.pod)
+            if known.network is not None:
+                return known.network
+            known.network = report
             if mode == "pod":
                 self._network_fallback = None
-                return
-            message = f"the node refused the pod its own network, so it uses the node's: {reason}"
+                return report
             self._network_fallback = f"pod {key}: {reason}"
             self._warnings[key] = (*self._warnings.get(key, ()), (NETWORK_FALLBACK, message))
         log.warning("%s: %s", key, message)
+        return report
 
     def network_condition(self) -> tuple[bool, str, str]:
         """(whether pods get their own network, reason, message), for the nodes' condition:

@@ -73,7 +73,12 @@ class NetworkConfig:
 
     @classmethod
     def load(cls, path: Path) -> NetworkConfig:
-        data: dict[str, Any] = json.loads(path.read_text())
+        return cls.parse(path.read_text())
+
+    @classmethod
+    def parse(cls, text: str) -> NetworkConfig:
+        """The configuration in `text`; ValueError, KeyError or TypeError when it is none."""
+        data: dict[str, Any] = json.loads(text)
         face = data["interface"]
         interface = Interface(
             name=face["name"],
@@ -92,6 +97,15 @@ class NetworkConfig:
             control=data.get("control"),
             marker=data.get("marker"),
         )
+
+    @property
+    def private_key(self) -> str:
+        """The tunnel's private key, from its configuration text; ValueError without one."""
+        for line in self.tunnel_config.splitlines():
+            key, _, value = line.partition("=")
+            if key == "private_key":
+                return value
+        raise ValueError("the tunnel's configuration has no private_key")
 
 
 class Refused(Exception):

@@ -113,3 +113,21 @@ def test_a_pod_on_the_pod_network_gets_its_namespaces_service_links(
     provider.create_pod(off)
     env = bed.folder("quiet") / "env" / "main"
     assert not env.exists() or "ECHO_SERVICE_HOST" not in env.read_text()
+
+
+def test_after_a_restart_an_adopted_pod_keeps_its_address_and_key(
+    tmp_path: Path, hub: FakeHubSocket
+) -> None:
+    bed = Bed(tmp_path)
+    pod = make_pod()
+    job_id = on_the_network(bed, tmp_path / "hub.sock").create_pod(pod)
+    added = hub.requests[-1]
+    bed.listed(job_id, pod["metadata"]["uid"])
+    restarted = on_the_network(bed, tmp_path / "hub.sock")
+    assert restarted.create_pod(pod) == job_id
+    assert restarted.adopted("default/web") == "pod folder"
+    assert hub.requests[-1] == added  # the same key, told to the hub again, for the same address
+    bed.watcher.views[job_id] = job_view(job_id, "RUNNING")
+    write_marker(bed.folder() / "network", "pod")
+    status = restarted.get_pod_status("default", "web")
+    assert status is not None and status["podIP"] == "10.244.0.2"
