@@ -54,29 +54,30 @@ class Hub:
 
     def peers(self) -> dict[str, list[str]]:
         """Public key -> its allowed addresses, as the hub holds them."""
-        peers: dict[str, list[str]] = {}
-        current: list[str] | None = None
-        for line in self._ask("get=1\n\n").splitlines():
-            key, _, value = line.partition("=")
-            if key == "public_key":
-                current = peers.setdefault(value, [])
-            elif key == "allowed_ip" and current is not None:
-                current.append(value)
-        return peers
+        return {
+            peer: [value for key, value in fields if key == "allowed_ip"]
+            for peer, fields in self._peer_fields().items()
+        }
 
     def handshakes(self) -> dict[str, int]:
         """Public key -> when the hub last completed a handshake with it, in seconds since
         the epoch (0: never yet)."""
-        found: dict[str, int] = {}
-        current: str | None = None
+        return {
+            peer: next((int(v) for k, v in fields if k == "last_handshake_time_sec"), 0)
+            for peer, fields in self._peer_fields().items()
+        }
+
+    def _peer_fields(self) -> dict[str, list[tuple[str, str]]]:
+        """Public key -> the (key, value) lines the hub's `get=1` gives for that peer."""
+        peers: dict[str, list[tuple[str, str]]] = {}
+        current: list[tuple[str, str]] | None = None
         for line in self._ask("get=1\n\n").splitlines():
             key, _, value = line.partition("=")
             if key == "public_key":
-                current = value
-                found[current] = 0
-            elif key == "last_handshake_time_sec" and current is not None:
-                found[current] = int(value)
-        return found
+                current = peers.setdefault(value, [])
+            elif current is not None:
+                current.append((key, value))
+        return peers
 
     def _set(self, body: str) -> None:
         answer = self._ask(f"set=1\n{body}\n")

@@ -186,8 +186,7 @@ def pod_status(
     `markers` are keyed by container name; `node_addresses` maps Slurm node names to their
     addresses, for hostIP; `pod_ip` is the pod's address on the pod network, None for a pod on
     its node's network, whose podIP is the node's, and "" while its job has not said which
-    (no podIP yet). The result depends on nothing else, so a
-    final status never changes.
+    (no podIP yet). The result depends on nothing else, so a final status never changes.
 
     Every condition has `reason` and `message`, None when it has none: written as a strategic
     merge patch, the None clears what an earlier status of the pod said there.
