@@ -195,9 +195,9 @@ SEARCH_LIMIT = 32
 DNS_OPTION = re.compile(r"[A-Za-z0-9_.-]+")
 
 
-def pod_hostname(pod: Mapping[str, object]) -> tuple[str, str | None]:
-    """(its host name, its FQDN when it has a subdomain): `spec.hostname`, else the pod's
-    name cut to 63 characters, as Kubernetes names it."""
+def pod_hostname(pod: Mapping[str, object], *, domain: str) -> tuple[str, str | None]:
+    """(its host name, its FQDN in the cluster `domain` when it has a subdomain):
+    `spec.hostname`, else the pod's name cut to 63 characters, as Kubernetes names it."""
     spec = _mapping(pod.get("spec"), "spec")
     metadata = _mapping(pod.get("metadata"), "metadata")
     name = spec.get("hostname")
@@ -210,14 +210,14 @@ def pod_hostname(pod: Mapping[str, object]) -> tuple[str, str | None]:
         return name, None
     if not isinstance(subdomain, str) or not DNS_LABEL.fullmatch(subdomain):
         raise InvalidPodSpec("spec.subdomain", f"{subdomain!r} is no DNS label")
-    return name, f"{name}.{subdomain}.{metadata.get('namespace')}.svc.{{domain}}"
+    return name, f"{name}.{subdomain}.{metadata.get('namespace')}.svc.{domain}"
 
 
 def hosts_file(pod: Mapping[str, object], address: str, *, domain: str) -> str:
     """The pod's /etc/hosts, as Kubernetes writes it: localhost, the pod's own names at its
     address, then its hostAliases."""
-    name, fqdn = pod_hostname(pod)
-    names = f"{fqdn.format(domain=domain)}\t{name}" if fqdn else name
+    name, fqdn = pod_hostname(pod, domain=domain)
+    names = f"{fqdn}\t{name}" if fqdn else name
     lines = [
         "# Kubernetes-managed hosts file (hpk).",
         "127.0.0.1\tlocalhost",

@@ -438,9 +438,9 @@ def _join_network(
     resolv = resolv_conf(pod, network)
     if resolv is not None:
         files[f"{ETC_DIR}/resolv.conf"] = resolv
-    hostname, fqdn = pod_hostname(pod)
+    hostname, fqdn = pod_hostname(pod, domain=network.cluster_domain)
     if fqdn and spec.get("setHostnameAsFQDN") is True:
-        hostname = fqdn.format(domain=network.cluster_domain)
+        hostname = fqdn
     return PodNetworkFiles(
         config=NETWORK_CONFIG,
         hosts=hosts,
