@@ -437,15 +437,8 @@ class Network:
         assert self.hub_process.stdout is not None
         self.hub_holder, _ = job_line(self.hub_process.stdout.readline().decode())
         self.hub = Hub(plan.control)
-        hub_file = json.loads(plan.hub_file.read_text())
-        self.settings = PodNetworkSettings(
-            hub_endpoint=hub_file["endpoint"],
-            hub_public_key=hub_file["public_key"],
-            tunnel=PurePosixPath(self.tunnel),
-            pod_cidr=POD_CIDR,
-            service_cidr=SERVICE_CIDR,
-            dns=DNS_ADDRESS,
-        )
+        # The pods' settings as the kubelet reads them from the hub's file.
+        self.settings = PodNetworkSettings.from_json(json.loads(plan.hub_file.read_text()))
 
     def hub_tunnel(self) -> psutil.Process:
         for child in psutil.Process(self.hub_process.pid).children(recursive=True):

@@ -346,17 +346,7 @@ def _pod_network(hub_file: Path | None) -> tuple[PodNetworkSettings | None, Path
         return None, None
     try:
         hub = json.loads(hub_file.read_text())
-        network = PodNetworkSettings(
-            hub_endpoint=str(hub["endpoint"]),
-            hub_public_key=str(hub["public_key"]),
-            tunnel=PurePosixPath(hub["tunnel"]),
-            pod_cidr=str(hub["pod_cidr"]),
-            service_cidr=str(hub["service_cidr"]),
-            dns=str(hub["dns"]),
-            cluster_domain=str(hub["cluster_domain"]),
-            mtu=int(hub["mtu"]),
-            services_ready=PurePosixPath(hub["services_ready"]),
-        )
+        network = PodNetworkSettings.from_json(hub)
         control = Path(hub["control"])
     except (OSError, ValueError, KeyError, TypeError) as error:
         log.error("pods use the node's network: the hub's file %s: %s", hub_file, error)

@@ -15,7 +15,7 @@ import re
 import sys
 import tempfile
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from hpk.controlplane.components import corefile_token
 from hpk.files import PRIVATE_FILE_MODE, write_atomic
@@ -23,6 +23,7 @@ from hpk.pki import ClusterPKI, write_kubeconfig
 from hpk.process import ProcessSpec
 from hpk.templating import render
 from kubelet_py.adapters.hub import Hub, HubUnavailable, new_private_key, public_key
+from kubelet_py.pod.network import PodNetworkSettings
 
 HUB = "pod-network-hub"
 POD_DNS = "coredns-pods"
@@ -244,18 +245,18 @@ def prepare_hub(
     }
     write_atomic(files.config, json.dumps(config, indent=1) + "\n", mode=PRIVATE_FILE_MODE)
     host = f"[{endpoint_address}]" if ":" in endpoint_address else endpoint_address
-    hub_file = {
-        "endpoint": f"{host}:{port}",
-        "public_key": public_key(private),
-        "control": str(control),
-        "tunnel": str(tunnel),
-        "pod_cidr": pod_cidr,
-        "service_cidr": service_cidr,
-        "dns": dns,
-        "cluster_domain": cluster_domain,
-        "mtu": MTU,
-        "services_ready": str(files.services_ready),
-    }
+    settings = PodNetworkSettings(
+        hub_endpoint=f"{host}:{port}",
+        hub_public_key=public_key(private),
+        tunnel=PurePosixPath(tunnel),
+        pod_cidr=pod_cidr,
+        service_cidr=service_cidr,
+        dns=dns,
+        cluster_domain=cluster_domain,
+        mtu=MTU,
+        services_ready=PurePosixPath(files.services_ready),
+    )
+    hub_file = {**settings.to_json(), "control": str(control)}
     write_atomic(files.hub_file, json.dumps(hub_file, indent=1) + "\n", mode=PRIVATE_FILE_MODE)
     argv = (sys.executable, "-I", "-m", "kubelet_py.job.network", "--foreground", str(files.config))
     # The hub carries every pod's traffic: its tunnel's heap may grow further than a pod's.

@@ -17,7 +17,7 @@ import json
 import re
 import threading
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import PurePosixPath
 
 from kubelet_py.errors import InvalidPodSpec
@@ -52,6 +52,30 @@ class PodNetworkSettings:
     services_ready: PurePosixPath | None = None
     """A file that exists once kube-proxy runs in the hub: pods on the pod network then reach
     the API server through the `kubernetes` Service (the Service range's first address)."""
+
+    def to_json(self) -> dict[str, object]:
+        """Its fields as JSON values: the hub's file, which `from_json` reads back."""
+        return {
+            f.name: None if value is None else value if isinstance(value, str | int) else str(value)
+            for f in fields(self)
+            for value in [getattr(self, f.name)]
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, object]) -> PodNetworkSettings:
+        """The settings `to_json` wrote; KeyError, TypeError or ValueError for others."""
+        ready = data.get("services_ready")
+        return cls(
+            hub_endpoint=str(data["hub_endpoint"]),
+            hub_public_key=str(data["hub_public_key"]),
+            tunnel=PurePosixPath(str(data["tunnel"])),
+            pod_cidr=str(data["pod_cidr"]),
+            service_cidr=str(data["service_cidr"]),
+            dns=str(data["dns"]),
+            cluster_domain=str(data["cluster_domain"]),
+            mtu=int(str(data["mtu"])),
+            services_ready=None if ready is None else PurePosixPath(str(ready)),
+        )
 
     @property
     def kubernetes_service(self) -> tuple[str, int]:

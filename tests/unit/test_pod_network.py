@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import PurePosixPath
 from typing import Any
 
@@ -222,3 +223,11 @@ def test_service_links_follow_kubernetes_names_and_skip_services_without_a_clust
         "REDIS_PRIMARY_PORT_9121_TCP_PORT": "9121",
         "REDIS_PRIMARY_PORT_9121_TCP_ADDR": "10.96.0.50",
     }
+
+
+def test_the_hub_file_carries_the_settings_both_ways() -> None:
+    settings = replace(NETWORK, services_ready=PurePosixPath("/state/network/services-ready"))
+    written = json.loads(json.dumps(settings.to_json()))
+    assert written["hub_endpoint"] == "192.0.2.10:51820"
+    assert PodNetworkSettings.from_json(written) == settings
+    assert PodNetworkSettings.from_json(json.loads(json.dumps(NETWORK.to_json()))) == NETWORK
