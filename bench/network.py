@@ -53,7 +53,7 @@ import psutil
 
 from bench.stats import percentile
 from hpk.controlplane.network import POD_DNS_READY, HubFiles, prepare_hub
-from hpk.toolchain import Toolchain
+from hpk.toolchain import TUNNEL, Toolchain
 from kubelet_py.adapters.hub import Hub, new_private_key, public_key
 from kubelet_py.job.netns import TUN_DEVICE, enter_argv
 from kubelet_py.pod.network import PodAddress, PodNetworkSettings, network_config
@@ -885,7 +885,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     root = os.geteuid() == 0
     user = pwd.getpwnam(args.user) if root else None
     toolchain = Toolchain.load()
-    tunnel, coredns = toolchain.tunnel(), toolchain.binary("coredns")
+    tunnel, coredns = toolchain.local(TUNNEL), toolchain.binary("coredns")
     # TERM ends the run as Ctrl-C does: through the `finally`s, which stop what it started.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     load = os.getloadavg()

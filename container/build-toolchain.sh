@@ -3,10 +3,11 @@
 #
 #   bash container/build-toolchain.sh          build what is missing
 #   bash container/build-toolchain.sh --print-dir   print the tool folder and exit
+#   bash container/build-toolchain.sh --part-version FOLDER PIN   a local part's version
 #
-# Parts: Debian packages, etcd, kube-apiserver + kube-controller-manager + kubectl,
-# CoreDNS, the pod network's tunnel (hpk-tunnel), Apptainer (unprivileged, without setuid),
-# Argo Workflows (binaries and install manifests). Each Go part installs into
+# Parts: Debian packages, etcd, kube-apiserver + kube-controller-manager + kubectl, kube-proxy,
+# CoreDNS, the pod network's tunnel (hpk-tunnel), the kubelet API's front (hpk-kubelet-api),
+# Apptainer (unprivileged, without setuid), Argo Workflows (binaries and install manifests). Each Go part installs into
 # <tools>/<name>-<version>/bin and is marked complete only when its build succeeded,
 # so a second run finds everything in place and takes seconds.
 #
@@ -29,6 +30,20 @@ else
 fi
 if [[ ${1:-} == --print-dir ]]; then
     echo "$tools"
+    exit 0
+fi
+
+# A part built from this checkout's container/<folder> (hpk-tunnel, hpk-kubelet-api): its
+# version is the pin of the module it is built on and a hash of its source, so that a change
+# of source builds it again (hpk.toolchain.part_version computes the same).
+local_version() {
+    local folder=$1 pin=$2 files
+    files=$(cd "$here/$folder" && printf '%s\n' go.mod go.sum ./*.go | sed 's|^\./||' | LC_ALL=C sort -u)
+    # shellcheck disable=SC2086 (one name per line, none with a space)
+    echo "$pin-$(cd "$here/$folder" && cat $files | sha256sum | cut -c1-12)"
+}
+if [[ ${1:-} == --part-version ]]; then
+    local_version "$2" "$3"
     exit 0
 fi
 mkdir -p "$tools/src" "$tools/logs"
@@ -200,16 +215,20 @@ build_coredns() {
     "$dest/bin/coredns" -version
 }
 
-# The pod network's tunnel, from container/tunnel: go.sum pins every module's hash.
-build_tunnel() {
-    local dest=$1 version=$2
-    local src=$tools/src/hpk-tunnel-$version
+# A local part, from container/<folder> (go.sum pins every module's hash).
+build_local() {
+    local dest=$1 version=$2 folder=$3 name=$4
+    local src=$tools/src/$name-$version
     rm -rf "$src"
     mkdir -p "$src"
-    cp "$here"/tunnel/{go.mod,go.sum,main.go} "$src"
+    cp "$here/$folder"/{go.mod,go.sum,*.go} "$src"
     cd "$src"
-    go build -trimpath -ldflags "-s -w" -o "$dest/bin/hpk-tunnel" .
+    go build -trimpath -ldflags "-s -w" -o "$dest/bin/$name" .
 }
+# The pod network's tunnel, on wireguard-go.
+build_tunnel() { build_local "$1" "$2" tunnel hpk-tunnel; }
+# The kubelet API's front for exec, attach and port-forward, on the kubelet's streaming code.
+build_kubelet_api() { build_local "$1" "$2" kubelet-api hpk-kubelet-api; }
 
 # A module the checksum database does not list: fetched with GONOSUMDB, checked against the
 # pinned hash, and copied out of the read-only module cache into <tools>/src/<name>-<version>;
@@ -291,7 +310,8 @@ proxy_problem=""
 check_module_proxy() {
     local name answer
     for name in etcd-$ETCD_VERSION kubernetes-$KUBERNETES_VERSION kube-proxy-$KUBERNETES_VERSION \
-        coredns-$COREDNS_VERSION hpk-tunnel-$tunnel_version apptainer-$APPTAINER_VERSION argo-$ARGO_VERSION; do
+        coredns-$COREDNS_VERSION hpk-tunnel-$tunnel_version hpk-kubelet-api-$kubelet_api_version \
+        apptainer-$APPTAINER_VERSION argo-$ARGO_VERSION; do
         [[ -f $tools/$name/.complete ]] && continue
         # -versions always asks the proxy; a plain lookup may be answered from the local cache.
         if ! answer=$(timeout 120 go list -m -versions k8s.io/kubernetes 2>&1); then
@@ -302,10 +322,8 @@ check_module_proxy() {
     done
 }
 
-# The tunnel's source lives in this checkout: its version changes with it (hpk.toolchain
-# computes the same).
-tunnel_hash=$(cat "$here"/tunnel/{go.mod,go.sum,main.go} | sha256sum | cut -c1-12)
-tunnel_version=$WIREGUARD_GO_VERSION-$tunnel_hash
+tunnel_version=$(local_version tunnel "$WIREGUARD_GO_VERSION")
+kubelet_api_version=$(local_version kubelet-api "$KUBERNETES_VERSION")
 
 say "tool folder: $tools"
 install_debian_packages
@@ -316,6 +334,7 @@ part kubernetes "$KUBERNETES_VERSION" build_kubernetes
 part kube-proxy "$KUBERNETES_VERSION" build_kube_proxy
 part coredns "$COREDNS_VERSION" build_coredns
 part hpk-tunnel "$tunnel_version" build_tunnel
+part hpk-kubelet-api "$kubelet_api_version" build_kubelet_api
 part apptainer "$APPTAINER_VERSION" build_apptainer
 part argo "$ARGO_VERSION" build_argo
 trap - ERR

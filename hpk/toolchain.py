@@ -29,10 +29,28 @@ COMPONENTS = {
 }
 
 
-#: The pod network's tunnel, built from this checkout's container/tunnel: its folder's version
-#: is the wireguard-go pin and a hash of these files, so that a change of source rebuilds it.
-TUNNEL = "hpk-tunnel"
-TUNNEL_SOURCES = ("go.mod", "go.sum", "main.go")
+@dataclass(frozen=True)
+class LocalPart:
+    """A helper built from this checkout's source, in container/<folder>: its folder in the
+    tool folder is named by its pin and a hash of that source, so that a change of source
+    builds it again."""
+
+    name: str
+    """The program, and the start of its folder's name."""
+
+    folder: str
+    """Its source folder under container/."""
+
+    pin: str
+    """The versions.env key of the upstream module it is built on."""
+
+
+#: The pod network's tunnel (container/tunnel, on wireguard-go).
+TUNNEL = LocalPart("hpk-tunnel", "tunnel", "WIREGUARD_GO_VERSION")
+#: The kubelet API's front for exec, attach and port-forward (container/kubelet-api, on the
+#: Kubernetes kubelet's streaming packages).
+KUBELET_API = LocalPart("hpk-kubelet-api", "kubelet-api", "KUBERNETES_VERSION")
+LOCAL_PARTS = (TUNNEL, KUBELET_API)
 
 
 class ToolchainMissing(RuntimeError):
@@ -54,12 +72,19 @@ def read_pins(path: Path | None = None) -> dict[str, str]:
     return pins
 
 
-def tunnel_version(pins: dict[str, str], source: Path | None = None) -> str:
-    """The tunnel's version, exactly as build-toolchain.sh computes it: the wireguard-go pin,
-    then the first 12 hex digits of the sha256 of its source files, concatenated."""
-    source = source or container_dir() / "tunnel"
-    digest = hashlib.sha256(b"".join((source / name).read_bytes() for name in TUNNEL_SOURCES))
-    return f"{pins['WIREGUARD_GO_VERSION']}-{digest.hexdigest()[:12]}"
+def part_sources(source: Path) -> list[Path]:
+    """A local part's source files, in the order build-toolchain.sh hashes them: go.mod,
+    go.sum and every .go file, sorted by name."""
+    names = {"go.mod", "go.sum", *(path.name for path in source.glob("*.go"))}
+    return [source / name for name in sorted(names)]
+
+
+def part_version(pins: dict[str, str], part: LocalPart, source: Path | None = None) -> str:
+    """A local part's version, exactly as build-toolchain.sh computes it: its pin, then the
+    first 12 hex digits of the sha256 of its source files, concatenated."""
+    source = source or container_dir() / part.folder
+    digest = hashlib.sha256(b"".join(path.read_bytes() for path in part_sources(source)))
+    return f"{pins[part.pin]}-{digest.hexdigest()[:12]}"
 
 
 def tools_dir() -> Path:
@@ -108,14 +133,14 @@ class Toolchain:
             "build it with: bash container/build-toolchain.sh"
         )
 
-    def tunnel(self) -> Path:
-        """Path of hpk-tunnel built from this checkout's source; raises if it was not."""
-        version = tunnel_version(self.pins)
-        folder = self.root / f"{TUNNEL}-{version}"
-        if (folder / "bin" / TUNNEL).is_file() and (folder / ".complete").is_file():
-            return folder / "bin" / TUNNEL
+    def local(self, part: LocalPart) -> Path:
+        """Path of a local part built from this checkout's source; raises if it was not."""
+        version = part_version(self.pins, part)
+        folder = self.root / f"{part.name}-{version}"
+        if (folder / "bin" / part.name).is_file() and (folder / ".complete").is_file():
+            return folder / "bin" / part.name
         raise ToolchainMissing(
-            f"{TUNNEL} {version} is not in the tool folder {self.root}; "
+            f"{part.name} {version} is not in the tool folder {self.root}; "
             "build it with: bash container/build-toolchain.sh"
         )
 

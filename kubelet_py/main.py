@@ -33,10 +33,12 @@ import logging
 import math
 import signal
 import sys
+import tempfile
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from http import HTTPStatus
 from pathlib import Path, PurePosixPath
 from types import FrameType
 from typing import Any
@@ -48,6 +50,7 @@ from hpk.home import HpkHome
 from hpk.toolchain import find_apptainer
 from kubelet_py import CONNECTED_MESSAGE
 from kubelet_py.adapters.apiserver import ApiError, ApiUnavailable, KubeApi, ListWatch, pod_path
+from kubelet_py.adapters.front import Front, FrontFailed, FrontSettings
 from kubelet_py.adapters.slurm import SlurmClient, SubprocessRunner
 from kubelet_py.errors import InvalidPodSpec
 from kubelet_py.loops.binder import Binder, BinderSettings, unbound_pods
@@ -57,6 +60,7 @@ from kubelet_py.loops.logserver import (
     SERVE_FAILED,
     LogServer,
     LookupUnavailable,
+    Planner,
     PodLookup,
     ServerTLS,
 )
@@ -81,6 +85,7 @@ from kubelet_py.loops.watcher import JobView, JobWatcher
 from kubelet_py.pod.network import PodNetworkSettings
 from kubelet_py.pod.resources import parse_quantity
 from kubelet_py.pod.storage import with_claims
+from kubelet_py.pod.streams import PlanRefused, PlanSettings, StreamRequest, plan
 from kubelet_py.provider import ProviderSettings, SlurmProvider
 
 log = logging.getLogger("kubelet_py")
@@ -141,6 +146,9 @@ class KubeletSettings:
     pod_network: Path | None = None
     """The pod network hub's file (hpk.controlplane.network); None: every pod uses the node's
     network."""
+    front: Path | None = None
+    """`hpk-kubelet-api`, which then holds the kubelet API's port and serves exec, attach and
+    port-forward (kubelet_py.adapters.front); None: the API serves logs alone, with TLS."""
 
 
 def _csv(text: str) -> tuple[str, ...]:
@@ -283,6 +291,13 @@ def parse_args(argv: Sequence[str] | None = None) -> KubeletSettings:
         "the node's network)",
     )
     parser.add_argument(
+        "--kubelet-api-front",
+        type=Path,
+        default=None,
+        help="hpk-kubelet-api, to hold the kubelet API's port and serve exec, attach and "
+        "port-forward (default: the API serves logs alone)",
+    )
+    parser.add_argument(
         "--allow-mail-flags",
         action="store_true",
         help="let pods ask Slurm for mail (--mail-type, --mail-user in slurm.hpk.io/flags)",
@@ -335,24 +350,40 @@ def parse_args(argv: Sequence[str] | None = None) -> KubeletSettings:
         pulls=pulls,
         allow_mail_flags=args.allow_mail_flags,
         pod_network=args.pod_network,
+        front=args.kubelet_api_front,
     )
 
 
-def _pod_network(hub_file: Path | None) -> tuple[PodNetworkSettings | None, Path | None]:
-    """The pod network and the hub's control socket, from the hub's file; (None, None)
-    without one, or when it cannot be read (pods then use the node's network)."""
+@dataclass(frozen=True)
+class HubFile:
+    """What the control-plane job wrote of the pod network's hub."""
+
+    network: PodNetworkSettings
+    control: Path
+    """The hub tunnel's control socket (kubelet_py.adapters.hub)."""
+    relay: Path | None
+    """The relay that dials pods for port-forwards; None when the hub has none."""
+
+
+def _pod_network(hub_file: Path | None) -> HubFile | None:
+    """The pod network, from the hub's file; None without one, or when it cannot be read
+    (pods then use the node's network)."""
     if hub_file is None:
         log.info("no --pod-network: pods use the node's network")
-        return None, None
+        return None
     try:
         hub = json.loads(hub_file.read_text())
-        network = PodNetworkSettings.from_json(hub)
-        control = Path(hub["control"])
+        found = HubFile(
+            network=PodNetworkSettings.from_json(hub),
+            control=Path(hub["control"]),
+            relay=Path(hub["relay"]) if hub.get("relay") else None,
+        )
     except (OSError, ValueError, KeyError, TypeError) as error:
         log.error("pods use the node's network: the hub's file %s: %s", hub_file, error)
-        return None, None
+        return None
+    network = found.network
     log.info("pod network %s through the hub at %s", network.pod_cidr, network.hub_endpoint)
-    return network, control
+    return found
 
 
 def service_endpoint(url: str, *, node_ip: str | None = None) -> tuple[str, int]:
@@ -424,6 +455,51 @@ def _log_server(
         return None
 
 
+def _front_server(
+    settings: KubeletSettings,
+    tls: ServerTLS,
+    front_binary: Path,
+    *,
+    pods_dir: Path,
+    api: KubeApi,
+    warnings: PodWarnings,
+    planner: Planner,
+) -> tuple[LogServer, Front] | None:
+    """The kubelet API behind its front: the Python server on a Unix socket of this node that
+    only this user can open, and the front on the port; None (the reason logged) when either
+    cannot start."""
+    backend = Path(tempfile.mkdtemp(prefix="hpk-kubelet-api-")) / "kubelet.sock"
+    try:
+        server = LogServer(
+            unix=backend,
+            pods_dir=pods_dir,
+            lookup=pod_lookup(api),
+            warnings=warnings,
+            planner=planner,
+        )
+    except OSError as error:
+        log.error("cannot serve the kubelet API to its front on %s: %s", backend, error)
+        return None
+    front = Front(
+        FrontSettings(
+            binary=front_binary,
+            listen=f"{settings.address}:{settings.nodes.kubelet_port}",
+            cert=tls.cert,
+            key=tls.key,
+            client_ca=tls.client_ca,
+            backend=backend,
+        )
+    )
+    try:
+        front.start()
+    except (FrontFailed, OSError) as error:
+        log.error("cannot serve the kubelet API on port %d: %s", settings.nodes.kubelet_port, error)
+        server.stop()
+        return None
+    server.start()
+    return server, front
+
+
 def _thread(name: str, target: Callable[[], None]) -> threading.Thread:
     def run() -> None:
         try:
@@ -436,7 +512,7 @@ def _thread(name: str, target: Callable[[], None]) -> threading.Thread:
     return thread
 
 
-def run(  # noqa: PLR0915 (every thread's wiring, start and stop in one place)
+def run(  # noqa: PLR0912, PLR0915 (every thread's wiring, start and stop in one place)
     settings: KubeletSettings, *, stopping: threading.Event
 ) -> int:
     """Run the kubelet until `stopping` is set; returns the process's exit status."""
@@ -449,9 +525,31 @@ def run(  # noqa: PLR0915 (every thread's wiring, start and stop in one place)
     token_api = KubeApi(settings.kubeconfig)
     storage_api = KubeApi(settings.kubeconfig)
     server: LogServer | None = None
+    front: Front | None = None
     events = EventRecorder(event_api)
+    # The front may ask for plans before the provider exists: it is told the kubelet starts.
+    make_plan: list[Planner] = []
+
+    def planner(data: object) -> Mapping[str, Any]:
+        if not make_plan:
+            raise PlanRefused(HTTPStatus.SERVICE_UNAVAILABLE, "the kubelet is starting")
+        return make_plan[0](data)
+
     try:
-        if settings.tls is not None:
+        if settings.tls is not None and settings.front is not None:
+            served = _front_server(
+                settings,
+                settings.tls,
+                settings.front,
+                pods_dir=home.root / "pods",
+                api=log_api,
+                warnings=PodWarnings(events, reason=SERVE_FAILED),
+                planner=planner,
+            )
+            if served is None:
+                return 1
+            server, front = served
+        elif settings.tls is not None:
             server = _log_server(
                 settings,
                 settings.tls,
@@ -487,7 +585,7 @@ def run(  # noqa: PLR0915 (every thread's wiring, start and stop in one place)
                 callback(key, view)
 
         watcher = JobWatcher(slurm, on_change)
-        network, hub_control = _pod_network(settings.pod_network)
+        hub = _pod_network(settings.pod_network)
         tokens = TokenManager(token_api, settings=settings.tokens, events=events)
         provider = SlurmProvider(
             slurm=slurm,
@@ -504,8 +602,8 @@ def run(  # noqa: PLR0915 (every thread's wiring, start and stop in one place)
                 ),
                 insecure_registries=settings.insecure_registries,
                 allow_mail_flags=settings.allow_mail_flags,
-                network=network,
-                hub_control=hub_control,
+                network=None if hub is None else hub.network,
+                hub_control=None if hub is None else hub.control,
             ),
             lookup=with_claims(pod_api.get_config_object, pod_api.get_or_none),
             tokens=tokens,
@@ -514,6 +612,17 @@ def run(  # noqa: PLR0915 (every thread's wiring, start and stop in one place)
             )[0],
         )
         tokens.alive = provider.runs
+        plan_settings = PlanSettings(
+            python=provider.settings.python or PurePosixPath(sys.executable),
+            relay=None if hub is None else hub.relay,
+        )
+
+        def plan_for(data: object) -> Mapping[str, Any]:
+            request = StreamRequest.parse(data)
+            running = provider.running_pod(request.namespace, request.pod)
+            return plan(request, running, plan_settings).to_json()
+
+        make_plan.append(plan_for)
         agent.network = provider.network_condition
         # The provider makes its puller; how long, how large and how many pulls run are the
         # kubelet's settings (no pull has started yet).
@@ -569,7 +678,7 @@ def run(  # noqa: PLR0915 (every thread's wiring, start and stop in one place)
             _thread("volumes-watch", lambda: provisioner.follow(volumes_watch, claims=False)),
             _thread("markers", lambda: markers.run(stop)),
         ]
-        if server is not None:
+        if server is not None and front is None:
             threads.append(server.start())
         stopping.wait()
         began = time.monotonic()
@@ -583,6 +692,9 @@ def run(  # noqa: PLR0915 (every thread's wiring, start and stop in one place)
         events.wake()
         tokens.wake()
         watcher.stop(timeout=settings.stop_timeout_s)
+        if front is not None:
+            front.stop()
+            front = None
         if server is not None:
             server.stop()
             server = None
@@ -595,6 +707,8 @@ def run(  # noqa: PLR0915 (every thread's wiring, start and stop in one place)
         log.info("stopped in %.1f s; the nodes stay registered", time.monotonic() - began)
         return 0
     finally:
+        if front is not None:
+            front.stop()
         if server is not None:
             server.stop()
         node_api.close()

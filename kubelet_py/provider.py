@@ -59,6 +59,7 @@ from kubelet_py.pod.network import AddressPool, PodAddress, PodNetworkSettings, 
 from kubelet_py.pod.render import JOB_NAME_PREFIX, RenderSettings, render_pod
 from kubelet_py.pod.status import pod_status, read_markers
 from kubelet_py.pod.storage import read_failure, resolve_claims, with_failure
+from kubelet_py.pod.streams import RunningPod
 
 if TYPE_CHECKING:  # the manager is given; importing it would pull in the API client
     from kubelet_py.loops.tokens import IssuedToken, TokenManager
@@ -728,6 +729,31 @@ class SlurmProvider:
             self._warnings[key] = (*self._warnings.get(key, ()), (NETWORK_FALLBACK, message))
         log.warning("%s: %s", key, message)
         return report
+
+    def running_pod(self, namespace: str, name: str) -> RunningPod | None:
+        """What a plan for `kubectl exec`, `attach` or `port-forward` needs of a pod
+        (kubelet_py.pod.streams); None when this kubelet does not run it."""
+        with self._lock:
+            known = self._pods.get(f"{namespace}/{name}")
+        if known is None:
+            return None
+        view = self._view(known.job_id, known.pod)
+        network = self._network_of(known) if known.address else None
+        on_pod_network = network is not None and network[0] == "pod"
+        host = None if view is None else view.batch_host
+        address = known.address if on_pod_network else self.settings.node_addresses.get(host or "")
+        return RunningPod(
+            pod=known.pod,
+            job_id=known.job_id,
+            folder=known.folder,
+            batch_host=host
+            if view is not None and not view.final and view.state not in WAITING_STATES
+            else None,
+            state="UNKNOWN" if view is None else view.state,
+            markers=read_markers(known.folder),
+            address=address,
+            on_pod_network=on_pod_network,
+        )
 
     def network_condition(self) -> tuple[bool, str, str]:
         """(whether pods get their own network, reason, message), for the nodes' condition:

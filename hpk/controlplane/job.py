@@ -34,12 +34,16 @@ from hpk.controlplane.network import (
     KUBE_PROXY_READY,
     POD_DNS,
     POD_DNS_READY,
+    RELAY,
+    RELAY_READY,
     HubFiles,
+    HubPlan,
     dns_address,
     hub_holder,
     prepare_hub,
     prepare_kube_proxy,
     prepare_pod_dns,
+    prepare_relay,
 )
 from hpk.controlplane.probes import TLSClient
 from hpk.controlplane.settings import Binaries, ControlPlaneSettings
@@ -48,7 +52,7 @@ from hpk.home import HpkHome
 from hpk.pki import ClusterPKI, PKIError, write_kubeconfig
 from hpk.process import ProcessFailed, ProcessSpec, Runner, RunningProcess, start_process
 from hpk.record import ClusterRecord, read_record
-from hpk.toolchain import Toolchain, ToolchainMissing, find_apptainer
+from hpk.toolchain import KUBELET_API, TUNNEL, Toolchain, ToolchainMissing, find_apptainer
 from kubelet_py import CONNECTED_MESSAGE, NODES_MESSAGE
 
 log = logging.getLogger(__name__)
@@ -142,12 +146,18 @@ def kubelet_api_args(plane: ControlPlane) -> tuple[str, ...]:
     serving = plane.pki.ensure_kubelet_serving(
         hostname=hostname(), addresses=list(dict.fromkeys([advertise, *node_addresses()]))
     )
-    return (
+    args = (
         f"--port={plane.ports.kubelet}",
         f"--tls-cert-file={serving.cert}",
         f"--tls-private-key-file={serving.key}",
         f"--client-ca-file={plane.pki.ca.cert}",
     )
+    try:
+        front = Toolchain.load().local(KUBELET_API)
+    except ToolchainMissing as error:
+        log.warning("kubectl exec, attach and port-forward are not served: %s", error)
+        return args
+    return (*args, f"--kubelet-api-front={front}")
 
 
 def _wait_kubelet(process: RunningProcess, *, stop: StopRequested, timeout: float) -> None:
@@ -224,10 +234,7 @@ def _serve(
     status = 0
     try:
         plane.start()
-        hub, hub_file = _start_hub(plane)
-        holder = hub_holder(hub.log_text()) if hub is not None else None
-        parts = [hub, _start_pod_dns(plane, holder) if holder else None]
-        network = [part for part in parts if part is not None]
+        network, holder, hub_file = _start_hub_parts(plane)
         kubelet = _start_kubelet(home, plane, stop=stop, hub_file=hub_file)
         node = _first_node(kubelet)
         proxy = _start_kube_proxy(plane, holder, node) if holder and node else None
@@ -291,14 +298,28 @@ def prepare_kubelet(plane: ControlPlane) -> Path:
     return kubeconfig
 
 
-def _start_hub(plane: ControlPlane) -> tuple[RunningProcess | None, Path | None]:
-    """The pod network's hub, and the file that tells the kubelet of it; (None, None) when
-    pods use the node's network (the setting, a missing tunnel program, or a hub that would
-    not start: the kubelet then says so on its nodes)."""
+def _start_hub_parts(plane: ControlPlane) -> tuple[list[RunningProcess], int | None, Path | None]:
+    """The hub and what runs in it before the kubelet (the pods' CoreDNS, the relay): those
+    that started, the hub's holder and the file that tells the kubelet of the hub."""
+    hub, hub_plan = _start_hub(plane)
+    if hub is None or hub_plan is None:
+        return [], None, None
+    holder = hub_holder(hub.log_text())
+    parts = [hub]
+    if holder:
+        more = (_start_pod_dns(plane, holder), _start_relay(plane, holder, hub_plan.relay))
+        parts += [part for part in more if part is not None]
+    return parts, holder, hub_plan.hub_file
+
+
+def _start_hub(plane: ControlPlane) -> tuple[RunningProcess | None, HubPlan | None]:
+    """The pod network's hub and its plan; (None, None) when pods use the node's network
+    (the setting, a missing tunnel program, or a hub that would not start: the kubelet then
+    says so on its nodes)."""
     if not plane.settings.pod_network:
         return None, None
     try:
-        tunnel = Toolchain.load().tunnel()
+        tunnel = Toolchain.load().local(TUNNEL)
     except ToolchainMissing as error:
         log.warning("pods use the node's network: %s", error)
         return None, None
@@ -325,7 +346,7 @@ def _start_hub(plane: ControlPlane) -> tuple[RunningProcess | None, Path | None]
     if process is None:
         return None, None
     log.info("pod network %s: hub ready on UDP port %d", plane.settings.pod_cidr, plane.ports.hub)
-    return process, hub.hub_file
+    return process, hub
 
 
 def _stop_network(plane: ControlPlane, network: list[RunningProcess]) -> None:
@@ -356,6 +377,25 @@ def _start_pod_dns(plane: ControlPlane, holder: int) -> RunningProcess | None:
         pid_file=layout.pid_file(POD_DNS),
     )
     return _start_in_hub(plane, spec, ready=POD_DNS_READY, lacking="cluster DNS")
+
+
+def _start_relay(plane: ControlPlane, holder: int, socket: Path) -> RunningProcess | None:
+    """The relay that takes `kubectl port-forward` to pods, in the hub's namespaces; None
+    when it cannot start."""
+    try:
+        binary = Toolchain.load().local(KUBELET_API)
+    except ToolchainMissing as error:
+        log.warning("pods get no port-forwards: %s", error)
+        return None
+    spec = prepare_relay(
+        binary=binary,
+        holder=holder,
+        socket=socket,
+        pod_cidr=plane.settings.pod_cidr,
+        log_file=plane.layout.log_file(RELAY),
+        pid_file=plane.layout.pid_file(RELAY),
+    )
+    return _start_in_hub(plane, spec, ready=RELAY_READY, lacking="port-forwards")
 
 
 def _start_kube_proxy(plane: ControlPlane, holder: int, node: str) -> RunningProcess | None:

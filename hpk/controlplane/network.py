@@ -90,6 +90,8 @@ class HubPlan:
     spec: ProcessSpec
     control: Path
     hub_file: Path
+    relay: Path
+    """Where the relay for port-forwards (`prepare_relay`) listens."""
 
     def ready(self) -> bool:
         try:
@@ -201,6 +203,20 @@ def prepare_pod_dns(
     return ProcessSpec(name=POD_DNS, argv=argv, log_file=log_file, pid_file=pid_file)
 
 
+RELAY = "pod-network-relay"
+RELAY_READY = "ready"
+
+
+def prepare_relay(
+    *, binary: Path, holder: int, socket: Path, pod_cidr: str, log_file: Path, pid_file: Path
+) -> ProcessSpec:
+    """`hpk-kubelet-api relay` in the hub's namespaces: the kubelet API's front, on the node's
+    network, reaches the pods' addresses for `kubectl port-forward` through its socket (the
+    socket's folder is this user's alone, made by `prepare_hub`)."""
+    argv = (*in_hub(holder), str(binary), "relay", f"--socket={socket}", f"--allow={pod_cidr}")
+    return ProcessSpec(name=RELAY, argv=argv, log_file=log_file, pid_file=pid_file)
+
+
 def prepare_hub(
     files: HubFiles,
     *,
@@ -256,10 +272,11 @@ def prepare_hub(
         mtu=MTU,
         services_ready=PurePosixPath(files.services_ready),
     )
-    hub_file = {**settings.to_json(), "control": str(control)}
+    relay = control.with_name("relay")
+    hub_file = {**settings.to_json(), "control": str(control), "relay": str(relay)}
     write_atomic(files.hub_file, json.dumps(hub_file, indent=1) + "\n", mode=PRIVATE_FILE_MODE)
     argv = (sys.executable, "-I", "-m", "kubelet_py.job.network", "--foreground", str(files.config))
     # The hub carries every pod's traffic: its tunnel's heap may grow further than a pod's.
     env = {"GOMEMLIMIT": HUB_MEMORY_LIMIT, "PATH": admin_path()}
     spec = ProcessSpec(name=HUB, argv=argv, log_file=log_file, pid_file=pid_file, env=env)
-    return HubPlan(spec=spec, control=control, hub_file=files.hub_file)
+    return HubPlan(spec=spec, control=control, hub_file=files.hub_file, relay=relay)

@@ -352,12 +352,15 @@ def _run_command(
     signals.child = child
     if signals.received:  # a signal came between the check above and the start
         os.kill(child.pid, signals.received[-1])
+    folder = ContainerFolder(container_dir)
+    folder.mark_pid(child.pid)
     if message is not None:
         message.start(lambda: child.poll() is None, child.pid)
     probing = _start_probes(container_dir, child, probes, command=command, image=image)
     kill = _killer(child, signals=signals, grace=grace, probing=probing)
     code = _pump(child, log, kill=kill)
     signals.child = None
+    folder.mark_pid(None)
     if message is not None:
         message.collect()
         if message.problem is not None:

@@ -53,6 +53,8 @@ LOG = "log"
 PREVIOUS_LOG = "log.previous"
 """The log of the run before the current one: the launcher renames `log` to it."""
 STARTED = "started"
+PID = "pid"
+"""The process of a container's current run (its `apptainer`), for kubelet_py.job.enter."""
 EXIT = "exit"
 BACKOFF = "backoff"
 RESTARTS = "restarts"
@@ -137,6 +139,10 @@ class ContainerFolder:
         return self.path / STARTED
 
     @property
+    def pid(self) -> Path:
+        return self.path / PID
+
+    @property
     def exit(self) -> Path:
         return self.path / EXIT
 
@@ -176,6 +182,13 @@ class ContainerFolder:
 
     def mark_started(self, at: str) -> None:
         write_marker(self.started, at)
+
+    def mark_pid(self, pid: int | None) -> None:
+        """The process of the run that has just started; None: the run has ended."""
+        if pid is None:
+            self.pid.unlink(missing_ok=True)
+        else:
+            write_marker(self.pid, str(pid))
 
     def mark_exit(self, code: int, at: str) -> None:
         write_marker(self.exit, f"{code} {at}")

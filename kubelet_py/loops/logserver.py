@@ -1,5 +1,14 @@
 """The kubelet's HTTPS API: `/containerLogs` for `kubectl logs`, and `/healthz`.
 
+It is served in one of two ways:
+
+- behind the kubelet API's front (`hpk-kubelet-api`, container/kubelet-api), which holds the
+  port, answers `/exec`, `/attach` and `/portForward` itself and hands every other request
+  here over a Unix socket only this user can open (`LogServer(unix=...)`). The front checks
+  the client's identity; the socket also answers the front's `POST /hpk/plan`
+  (kubelet_py.pod.streams) through an injected `Planner`;
+- on its own, with TLS on the port (`LogServer(tls=..., port=...)`), when there is no front.
+
 `kubectl logs` asks the API server, which asks the kubelet of the pod's node at the node's
 InternalIP and the port in `status.daemonEndpoints`. This module answers from the pod folders
 (docs/kubelet.md, "The pod folder", laid out by kubelet_py.job.podfolder): it only reads
@@ -7,7 +16,7 @@ InternalIP and the port in `status.daemonEndpoints`. This module answers from th
 
 Who may ask: TLS with a client certificate signed by the cluster CA (anything else fails the
 handshake), and then only the API server's kubelet-client identity or a member of
-`system:masters`; any other identity of the cluster gets 403.
+`system:masters`; any other identity of the cluster gets 403. The front applies the same rule.
 
 Two layers, so that the first can be tested on literal files:
 
@@ -32,6 +41,7 @@ from __future__ import annotations
 
 import calendar
 import contextlib
+import json
 import logging
 import os
 import re
@@ -52,6 +62,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 from kubelet_py.job import podfiles
 from kubelet_py.job.podfolder import LOG, ContainerFolder, PodFolder
 from kubelet_py.loops.events import PodWarnings
+from kubelet_py.pod.streams import PlanRefused
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +85,7 @@ SERVE_FAILED = "LogServeFailed"
 """The reason of the Warning Event a pod gets when its log files cannot be served."""
 
 _READ_SIZE = 1 << 16
+_PLAN_LIMIT = 1 << 20
 _STREAMS = (b"stdout", b"stderr")
 # Both are used with fullmatch only: `$` would also match before a trailing newline.
 _NAME = re.compile(r"[a-z0-9]([-a-z0-9.]*[a-z0-9])?")
@@ -107,6 +119,9 @@ class NotFound(LogError):
 class LookupUnavailable(RuntimeError):
     """The API server could not say whether the pod exists; the folders alone then decide."""
 
+
+Planner = Callable[[object], Mapping[str, Any]]
+"""The front's request (JSON) -> its plan (JSON); raises kubelet_py.pod.streams.PlanRefused."""
 
 PodLookup = Callable[[str, str], Mapping[str, Any] | None]
 """The pod `(namespace, name)` as the API server has it, None when it has none; raises
@@ -484,6 +499,9 @@ def allowed(user: str, groups: Sequence[str]) -> bool:
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
     block_on_close = False
+    behind_front = False
+    """Whether the front has checked the client (the Unix socket)."""
+    planner: Planner | None = None
 
     def __init__(
         self,
@@ -522,14 +540,50 @@ class _Server(ThreadingHTTPServer):
         log.warning("request from %s failed", client_address[0], exc_info=True)
 
 
+class _UnixServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
+    """The same API on a Unix socket, for the front: no TLS, and the plans."""
+
+    daemon_threads = True
+    block_on_close = False
+    behind_front = True
+
+    def __init__(
+        self,
+        path: Path,
+        *,
+        pods_dir: Path,
+        lookup: PodLookup | None,
+        warnings: PodWarnings,
+        planner: Planner | None,
+    ) -> None:
+        path.unlink(missing_ok=True)
+        mask = os.umask(0o077)  # only this user may connect
+        try:
+            super().__init__(str(path), _Handler)
+        finally:
+            os.umask(mask)
+        self.server_name, self.server_port = "localhost", 0
+        self.pods_dir = pods_dir
+        self.lookup = lookup
+        self.warnings = warnings
+        self.planner = planner
+        self.stopping = threading.Event()
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        log.warning("request from the front failed", exc_info=True)
+
+
 class _Handler(BaseHTTPRequestHandler):
-    server: _Server
+    server: _Server | _UnixServer
     protocol_version = "HTTP/1.1"
     server_version = "hpk-kubelet"
     timeout = IDLE_TIMEOUT_S
 
     def log_message(self, format: str, *args: Any) -> None:
-        log.debug("%s %s", self.client_address[0], format % args)
+        log.debug("%s %s", self._client(), format % args)
+
+    def _client(self) -> str:
+        return "front" if self.server.behind_front else str(self.client_address[0])
 
     def _answer(self, status: HTTPStatus, text: str) -> None:
         body = text.encode()
@@ -539,9 +593,48 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(body)
 
+    def do_POST(self) -> None:
+        if not self.server.behind_front or urlsplit(self.path).path != "/hpk/plan":
+            self._answer(HTTPStatus.NOT_FOUND, f"{urlsplit(self.path).path} not found")
+            return
+        self._plan()
+
+    def _plan(self) -> None:
+        length = int(self.headers.get("Content-Length") or 0)
+        if not 0 < length <= _PLAN_LIMIT:
+            self._answer(HTTPStatus.BAD_REQUEST, "the plan request needs a JSON body")
+            return
+        planner = self.server.planner
+        try:
+            request = json.loads(self.rfile.read(length))
+            if planner is None:
+                raise PlanRefused(HTTPStatus.NOT_IMPLEMENTED, "this kubelet makes no plans")
+            answer = planner(request)
+        except ValueError:
+            self._answer(HTTPStatus.BAD_REQUEST, "the plan request is no JSON")
+            return
+        except PlanRefused as refused:
+            log.info("plan refused: %s", refused.message)
+            self._answer(refused.status, refused.message)
+            return
+        except Exception:  # one request's; the server goes on
+            log.exception("a plan failed unexpectedly")
+            self._answer(HTTPStatus.INTERNAL_SERVER_ERROR, "the kubelet could not make a plan")
+            return
+        body = json.dumps(answer).encode()
+        self.send_response(HTTPStatus.OK)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
     def do_GET(self) -> None:
-        user, groups = identity(self.connection.getpeercert())
-        if not allowed(user, groups):
+        # Behind the front, the front has checked the client already.
+        if not self.server.behind_front:
+            user, groups = identity(self.connection.getpeercert())
+            if allowed(user, groups):
+                self._route()
+                return
             log.info("refused %s %s to user %r (groups %s)", self.command, self.path, user, groups)
             self._answer(
                 HTTPStatus.FORBIDDEN,
@@ -549,6 +642,9 @@ class _Handler(BaseHTTPRequestHandler):
                 "system:masters may use the kubelet API",
             )
             return
+        self._route()
+
+    def _route(self) -> None:
         url = urlsplit(self.path)
         parts = [unquote(part) for part in url.path.split("/")[1:]]
         if parts == ["healthz"]:
@@ -657,6 +753,12 @@ class _Handler(BaseHTTPRequestHandler):
         readable, _, _ = select.select([connection], [], [], 0)
         if not readable:
             return False
+        if self.server.behind_front:
+            # A plain socket: readable while the front waits means it closed.
+            try:
+                return not connection.recv(1, socket.MSG_PEEK)
+            except OSError:
+                return True
         # The client sends nothing while it reads a stream: readable means it closed the
         # connection (or sent a TLS alert).
         connection.settimeout(0)
@@ -673,37 +775,55 @@ class _Handler(BaseHTTPRequestHandler):
 
 
 class LogServer:
-    """The kubelet API on `address:port`, serving the pod folders below `pods_dir`."""
+    """The kubelet API on `address:port` with TLS, or on the Unix socket `unix` behind the
+    front, serving the pod folders below `pods_dir`."""
 
     def __init__(
         self,
         *,
-        tls: ServerTLS,
         pods_dir: Path,
+        tls: ServerTLS | None = None,
         address: str = "0.0.0.0",  # noqa: S104 (the API server connects to the node's address)
-        port: int,
+        port: int = 0,
+        unix: Path | None = None,
         lookup: PodLookup | None = None,
         warnings: PodWarnings | None = None,
+        planner: Planner | None = None,
     ) -> None:
         """Binds the port (OSError when it is taken) and loads the certificates (OSError,
-        ssl.SSLError when they cannot be read); serves nothing before `start`. `warnings`
-        reports a pod whose files cannot be served (module docstring)."""
-        self._server = _Server(
-            (address, port),
-            tls=tls.context(),
-            pods_dir=pods_dir,
-            lookup=lookup,
-            warnings=warnings or PodWarnings(None, reason=SERVE_FAILED),
-        )
+        ssl.SSLError when they cannot be read), or binds the socket `unix`; serves nothing
+        before `start`. `warnings` reports a pod whose files cannot be served (module
+        docstring); `planner` answers the front's plans (with `unix` only)."""
+        warnings = warnings or PodWarnings(None, reason=SERVE_FAILED)
+        self._server: _Server | _UnixServer
+        if unix is not None:
+            self._server = _UnixServer(
+                unix, pods_dir=pods_dir, lookup=lookup, warnings=warnings, planner=planner
+            )
+        elif tls is not None:
+            self._server = _Server(
+                (address, port),
+                tls=tls.context(),
+                pods_dir=pods_dir,
+                lookup=lookup,
+                warnings=warnings,
+            )
+        else:
+            raise ValueError("the kubelet API needs TLS or a Unix socket")
         self._thread: threading.Thread | None = None
 
     @property
     def port(self) -> int:
+        if isinstance(self._server, _UnixServer):
+            return 0
         return int(self._server.server_address[1])
 
     def start(self) -> threading.Thread:
         """Serve on a daemon thread of its own until `stop`."""
-        log.info("kubelet API listening on port %d", self.port)
+        if self._server.behind_front:
+            log.info("kubelet API served to its front on %s", self._server.server_address)
+        else:
+            log.info("kubelet API listening on port %d", self.port)
         self._thread = threading.Thread(
             target=self._server.serve_forever, args=(0.5,), name="logserver", daemon=True
         )

@@ -298,7 +298,7 @@ def render_pod(
     if not main:
         raise InvalidPodSpec("spec.containers", "a pod needs at least one container")
     check_unique_names(init, main)
-    srun_container = _srun_container(annotations.get(LAUNCHER_ANNOTATION), main)
+    srun_name = srun_container(annotations.get(LAUNCHER_ANNOTATION), main)
     # srun's tasks keep the node's PIDs, as MPI launched by srun expects (Apptainer's hybrid
     # model); so do the containers of a pod that asks to share them.
     node_pids = any(spec.get(key) is True for key in ("hostPID", "shareProcessNamespace"))
@@ -320,14 +320,14 @@ def render_pod(
                 settings=settings,
                 gpus_by_flags=gpus_by_flags,
                 pid_namespace=not node_pids
-                and not (key == "containers" and container.get("name") == srun_container),
+                and not (key == "containers" and container.get("name") == srun_name),
                 storage=storage,
                 warnings=warnings,
                 not_honoured=not_honoured,
             )
             restart, grace = _restart(container, where, init=key == "initContainers", spec=spec)
             launch = replace(launch, restart=restart, sidecar=grace is not None, grace=grace)
-            if key == "containers" and launch.name == srun_container:
+            if key == "containers" and launch.name == srun_name:
                 launch = replace(launch, srun=True)
             launches[key].append(launch)
             if environment is not None:
@@ -476,7 +476,7 @@ def _with_probes(
     return replace(launch, probes=str(settings.pod_dir / PROBES_DIR / launch.name))
 
 
-def _srun_container(value: object, main: Sequence[Mapping[str, object]]) -> str | None:
+def srun_container(value: object, main: Sequence[Mapping[str, object]]) -> str | None:
     """The main container the launcher annotation names, or None without the annotation.
 
     `srun` names the only main container, or the one called `main` (as Argo names a step's);

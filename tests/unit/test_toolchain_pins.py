@@ -12,12 +12,15 @@ import pytest
 from hpk.paths import container_dir
 from hpk.toolchain import (
     COMPONENTS,
-    TUNNEL_SOURCES,
+    LOCAL_PARTS,
+    TUNNEL,
+    LocalPart,
     Toolchain,
     ToolchainMissing,
+    part_sources,
+    part_version,
     read_pins,
     tools_dir,
-    tunnel_version,
 )
 
 RECIPE = container_dir() / "build-toolchain.sh"
@@ -92,34 +95,36 @@ def test_the_tunnel_is_built_on_the_pinned_wireguard_go() -> None:
     assert f"golang.zx2c4.com/wireguard v{read_pins()['WIREGUARD_GO_VERSION']}\n" in go_mod
 
 
-def test_recipe_and_python_give_the_tunnel_the_same_version() -> None:
-    line = next(line for line in RECIPE.read_text().splitlines() if line.startswith("tunnel_hash="))
+@pytest.mark.parametrize("part", LOCAL_PARTS, ids=lambda part: part.name)
+def test_recipe_and_python_give_a_local_part_the_same_version(part: LocalPart) -> None:
+    pins = read_pins()
     printed = subprocess.run(
-        ["bash", "-c", f'here="$1"; {line}; echo "$tunnel_hash"', "-", str(container_dir())],
+        ["bash", str(RECIPE), "--part-version", part.folder, pins[part.pin]],
         capture_output=True,
         text=True,
         check=True,
     ).stdout.strip()
-    pins = read_pins()
-    assert tunnel_version(pins) == f"{pins['WIREGUARD_GO_VERSION']}-{printed}"
+    assert part_version(pins, part) == printed
 
 
-def test_a_change_to_the_tunnels_source_changes_its_version(tmp_path: Path) -> None:
+def test_a_change_to_a_local_parts_source_changes_its_version(tmp_path: Path) -> None:
     pins = read_pins()
-    for name in TUNNEL_SOURCES:
-        shutil.copy(container_dir() / "tunnel" / name, tmp_path / name)
-    assert tunnel_version(pins, tmp_path) == tunnel_version(pins)
+    for path in part_sources(container_dir() / TUNNEL.folder):
+        shutil.copy(path, tmp_path / path.name)
+    assert part_version(pins, TUNNEL, tmp_path) == part_version(pins, TUNNEL)
     with (tmp_path / "main.go").open("a") as source:
         source.write("// changed\n")
-    assert tunnel_version(pins, tmp_path) != tunnel_version(pins)
+    assert part_version(pins, TUNNEL, tmp_path) != part_version(pins, TUNNEL)
+    (tmp_path / "extra.go").write_text("package main\n")
+    assert "extra.go" in [path.name for path in part_sources(tmp_path)]
 
 
-def test_the_tunnel_is_found_only_once_built(tmp_path: Path) -> None:
+def test_a_local_part_is_found_only_once_built(tmp_path: Path) -> None:
     chain = Toolchain(root=tmp_path, pins=read_pins())
-    folder = tmp_path / f"hpk-tunnel-{tunnel_version(chain.pins)}"
+    folder = tmp_path / f"hpk-tunnel-{part_version(chain.pins, TUNNEL)}"
     (folder / "bin").mkdir(parents=True)
     (folder / "bin" / "hpk-tunnel").write_text("")
     with pytest.raises(ToolchainMissing, match=r"hpk-tunnel .*build-toolchain\.sh"):
-        chain.tunnel()
+        chain.local(TUNNEL)
     (folder / ".complete").write_text("")
-    assert chain.tunnel() == folder / "bin" / "hpk-tunnel"
+    assert chain.local(TUNNEL) == folder / "bin" / "hpk-tunnel"

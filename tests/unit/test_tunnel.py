@@ -26,7 +26,7 @@ from cryptography.hazmat.primitives.serialization import (
     PublicFormat,
 )
 
-from hpk.toolchain import Toolchain, ToolchainMissing
+from hpk.toolchain import TUNNEL, Toolchain, ToolchainMissing
 from kubelet_py.job.netns import TUN_DEVICE, Holder, Interface, enter_argv, start_holder
 
 POD_CIDR = "10.244.0.0/16"
@@ -67,7 +67,7 @@ def tunnel_binary() -> Path | None:
     if os.environ.get("HPK_TUNNEL"):
         return Path(os.environ["HPK_TUNNEL"])
     try:
-        return Toolchain.load().tunnel()
+        return Toolchain.load().local(TUNNEL)
     except ToolchainMissing:
         return None
 
