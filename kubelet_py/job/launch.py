@@ -46,20 +46,26 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import fcntl
 import math
 import os
+import pty
 import selectors
 import signal
+import struct
 import subprocess
 import sys
+import termios
 import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from types import FrameType
+from typing import IO
 
 from kubelet_py.job import podfiles
+from kubelet_py.job.attach import AttachPoint
 from kubelet_py.job.clock import rfc3339
 from kubelet_py.job.podfolder import ContainerFolder
 from kubelet_py.job.probes import Probe, Probes, Runner, check
@@ -213,6 +219,8 @@ def launch(
     clock: Clock | None = None,
     probes: Probes | None = None,
     termination: PurePosixPath | None = None,
+    console: Console | None = None,
+    attachable: bool = False,
 ) -> int:
     """Run one container as the module docstring says; returns its (last run's) exit code."""
     if restart not in RESTART_POLICIES:
@@ -237,6 +245,44 @@ def launch(
 
     container_dir.mkdir(parents=True, exist_ok=True)
     folder = ContainerFolder(container_dir)
+    console = console or Console()
+    attach = AttachPoint(container_dir, stdin_once=console.stdin_once) if attachable else None
+    try:
+        return _runs(
+            folder,
+            command,
+            image=image,
+            signals=signals,
+            grace=grace,
+            probes=probes,
+            termination=termination,
+            console=console,
+            attach=attach,
+            restart=restart,
+            backoff=backoff,
+            clock=clock,
+        )
+    finally:
+        if attach is not None:
+            attach.close()
+
+
+def _runs(
+    folder: ContainerFolder,
+    command: Sequence[str],
+    *,
+    image: Path | None,
+    signals: _Signals,
+    grace: float | None,
+    probes: Probes | None,
+    termination: PurePosixPath | None,
+    console: Console,
+    attach: AttachPoint | None,
+    restart: str,
+    backoff: Backoff,
+    clock: Clock,
+) -> int:
+    """The container's runs, as its restart policy has them; the last one's exit code."""
     count = 0
     while True:
         began = clock.monotonic()
@@ -248,6 +294,8 @@ def launch(
             grace=grace,
             probes=probes,
             termination=termination,
+            console=console,
+            attach=attach,
         )
         if signals.received or not restarts(restart, run.code):
             return run.code
@@ -288,6 +336,8 @@ def _run(
     grace: float | None,
     probes: Probes | None = None,
     termination: PurePosixPath | None = None,
+    console: Console | None = None,
+    attach: AttachPoint | None = None,
 ) -> _Run:
     """One run of the container: `started`, the log, `exit` (and its termination message,
     kubelet_py.job.termination)."""
@@ -313,6 +363,8 @@ def _run(
                 grace=grace,
                 probes=probes,
                 message=message,
+                console=console or Console(),
+                attach=attach,
             )
         log.close(now=time.time_ns())
     finally:
@@ -332,23 +384,31 @@ def _run_command(
     grace: float | None,
     probes: Probes | None,
     message: Termination | None,
+    console: Console,
+    attach: AttachPoint | None,
 ) -> int:
     """COMMAND started, logged and waited for; its exit code."""
+    stdio = _Stdio.open(console)
     try:
         if message is not None:
             message.prepare()
         child = subprocess.Popen(
             list(command),
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
+            stdin=stdio.child_stdin,
+            stdout=stdio.child_stdout,
+            stderr=stdio.child_stderr,
             # Its own process group, so that KILL after the grace period reaches every
-            # process of the container.
-            start_new_session=grace is not None or probes is not None,
+            # process of the container; a terminal's own session, whose terminal it is.
+            start_new_session=grace is not None or probes is not None or console.tty,
+            preexec_fn=_take_terminal if console.tty else None,  # noqa: PLW1509 (only ioctl)
         )
     except OSError as error:
+        stdio.close()
         log.line("stderr", f"hpk: cannot start {command[0]}: {error}", now=time.time_ns())
         return IMAGE_CANNOT_RUN
+    sources = stdio.started(child)
+    if attach is not None:
+        attach.run_started(stdio.take_input(child), stdio.resize)
     signals.child = child
     if signals.received:  # a signal came between the check above and the start
         os.kill(child.pid, signals.received[-1])
@@ -358,7 +418,10 @@ def _run_command(
         message.start(lambda: child.poll() is None, child.pid)
     probing = _start_probes(container_dir, child, probes, command=command, image=image)
     kill = _killer(child, signals=signals, grace=grace, probing=probing)
-    code = _pump(child, log, kill=kill)
+    code = _pump(child, log, sources, kill=kill, attach=attach)
+    stdio.close()
+    if attach is not None:
+        attach.run_ended()
     signals.child = None
     folder.mark_pid(None)
     if message is not None:
@@ -485,21 +548,32 @@ def _killer(
 
 
 def _pump(
-    child: subprocess.Popen[bytes], log: LogWriter, *, kill: Callable[[], None] = lambda: None
+    child: subprocess.Popen[bytes],
+    log: LogWriter,
+    sources: Sequence[tuple[int, str]],
+    *,
+    kill: Callable[[], None] = lambda: None,
+    attach: AttachPoint | None = None,
 ) -> int:
-    assert child.stdout is not None and child.stderr is not None
+    """Log what the container writes on `sources` (descriptors and their streams), and pass
+    it to the attached clients, until it has ended and they are drained; its exit code."""
     with selectors.DefaultSelector() as selector:
-        selector.register(child.stdout, selectors.EVENT_READ, "stdout")
-        selector.register(child.stderr, selectors.EVENT_READ, "stderr")
+        for fd, stream in sources:
+            selector.register(fd, selectors.EVENT_READ, stream)
         drain_until: float | None = None
         while selector.get_map():
             timeout = _POLL_SECONDS
             if drain_until is not None:
                 timeout = max(0.0, min(timeout, drain_until - time.monotonic()))
             for key, _ in selector.select(timeout):
-                data = os.read(key.fd, _READ_SIZE)
+                try:
+                    data = os.read(key.fd, _READ_SIZE)
+                except OSError:  # a terminal whose every process has closed it: EIO
+                    data = b""
                 if data:
                     log.feed(key.data, data, now=time.time_ns())
+                    if attach is not None:
+                        attach.output(key.data, data)
                 else:
                     selector.unregister(key.fileobj)
             kill()
@@ -507,9 +581,78 @@ def _pump(
                 drain_until = time.monotonic() + DRAIN_SECONDS
             elif drain_until is not None and time.monotonic() >= drain_until:
                 break
-    child.stdout.close()
-    child.stderr.close()
     return exit_code(child.wait())
+
+
+@dataclass(frozen=True)
+class Console:
+    """A container's input, as its spec asks: none, a pipe (`stdin`), or a terminal (`tty`)."""
+
+    stdin: bool = False
+    stdin_once: bool = False
+    """Its input closes when the first attached client that used it leaves."""
+    tty: bool = False
+
+
+def _take_terminal() -> None:
+    """In the container's new session: its terminal becomes the session's."""
+    fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+
+@dataclass
+class _Stdio:
+    """The descriptors of one run: pipes, or a terminal whose other side the launcher keeps."""
+
+    console: Console
+    terminal: int | None = None
+    """The terminal's master side (tty)."""
+    child_stdin: int = subprocess.DEVNULL
+    child_stdout: int = subprocess.PIPE
+    child_stderr: int = subprocess.PIPE
+    _pipes: list[IO[bytes]] = field(default_factory=list)
+
+    @classmethod
+    def open(cls, console: Console) -> _Stdio:
+        if console.tty:
+            master, slave = pty.openpty()
+            os.set_inheritable(slave, False)
+            return cls(
+                console, terminal=master, child_stdin=slave, child_stdout=slave, child_stderr=slave
+            )
+        return cls(console, child_stdin=subprocess.PIPE if console.stdin else subprocess.DEVNULL)
+
+    def started(self, child: subprocess.Popen[bytes]) -> list[tuple[int, str]]:
+        """The container has started: the descriptors to read its output from."""
+        if self.terminal is not None:
+            os.close(self.child_stdin)  # the container has its side
+            return [(self.terminal, "stdout")]
+        assert child.stdout is not None and child.stderr is not None
+        self._pipes = [child.stdout, child.stderr]
+        return [(child.stdout.fileno(), "stdout"), (child.stderr.fileno(), "stderr")]
+
+    def take_input(self, child: subprocess.Popen[bytes]) -> int | None:
+        """A descriptor of the container's input, for the attach point (which closes it)."""
+        if self.terminal is not None:
+            return os.dup(self.terminal)
+        if child.stdin is None:
+            return None
+        fd = os.dup(child.stdin.fileno())
+        child.stdin.close()
+        return fd
+
+    def resize(self, columns: int, rows: int) -> None:
+        if self.terminal is not None:
+            with contextlib.suppress(OSError):
+                fcntl.ioctl(
+                    self.terminal, termios.TIOCSWINSZ, struct.pack("HHHH", rows, columns, 0, 0)
+                )
+
+    def close(self) -> None:
+        for pipe in self._pipes:
+            pipe.close()
+        if self.terminal is not None:
+            os.close(self.terminal)
+            self.terminal = None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -543,6 +686,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         type=PurePosixPath,
         help="the container's terminationMessagePath (kubelet_py.job.termination)",
     )
+    parser.add_argument(
+        "--attach", action="store_true", help="serve `kubectl attach` (kubelet_py.job.attach)"
+    )
+    parser.add_argument("--stdin", action="store_true", help="COMMAND's input stays open")
+    parser.add_argument(
+        "--stdin-once", action="store_true", help="it closes when the first attach leaves"
+    )
+    parser.add_argument("--tty", action="store_true", help="COMMAND runs on a terminal")
     parser.add_argument("container_dir", type=Path, help="the container's folder in the pod")
     args = parser.parse_args(words[:split])
     command = words[split + 1 :]
@@ -556,6 +707,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         grace=args.grace,
         probes=None if args.probes is None else Probes.load(args.probes),
         termination=args.termination,
+        console=Console(stdin=args.stdin, stdin_once=args.stdin_once, tty=args.tty),
+        attachable=args.attach,
     )
 
 

@@ -117,8 +117,8 @@ def check_container_fields(container: Mapping[str, object], where: str) -> None:
     if unknown:
         raise InvalidPodSpec(f"{where}.{unknown[0]}", "is not supported yet")
     for key in ("stdin", "stdinOnce", "tty"):
-        if container.get(key):
-            raise InvalidPodSpec(f"{where}.{key}", "containers in Slurm jobs have no input")
+        if not isinstance(container.get(key, False), bool):
+            raise InvalidPodSpec(f"{where}.{key}", "must be true or false")
 
 
 def check_unique_names(*groups: Sequence[Mapping[str, object]]) -> None:

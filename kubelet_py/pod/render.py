@@ -105,6 +105,9 @@ under Docker (a tmpfs overlay, bounded by the site's `sessiondir max size`); lef
 disk instead (`--workdir`, in the job script)."""
 DEFAULT_TERMINATION_PATH = "/dev/termination-log"
 _TERMINATION_POLICIES = ("File", "FallbackToLogsOnError")
+CONSOLE_FLAGS = (("stdin", "--stdin"), ("stdinOnce", "--stdin-once"), ("tty", "--tty"))
+"""A container's input fields, and the launcher's flags for them (kubelet_py.job.attach)."""
+
 PID_NAMESPACE = "--pid"
 """A container's own PID namespace, as Kubernetes gives each container: a process in it can
 signal only its own container's processes. Without it every pod of the user shares the node's
@@ -253,6 +256,9 @@ class ContainerLaunch:
     """Seconds between the TERM that stops a sidecar and the KILL; None for other containers."""
     probes: str | None = None
     """The container's probes file (kubelet_py.pod.probe_spec), None when it has no probes."""
+    console: tuple[str, ...] = ()
+    """The launcher's flags for the container's input: `--stdin`, `--stdin-once`, `--tty`
+    (kubelet_py.job.attach)."""
 
 
 def render_pod(
@@ -328,7 +334,7 @@ def render_pod(
             restart, grace = _restart(container, where, init=key == "initContainers", spec=spec)
             launch = replace(launch, restart=restart, sidecar=grace is not None, grace=grace)
             if key == "containers" and launch.name == srun_name:
-                launch = replace(launch, srun=True)
+                launch = _srun_launch(launch, container, where)
             launches[key].append(launch)
             if environment is not None:
                 files[f"{ENV_DIR}/{launch.name}"] = environment
@@ -476,6 +482,19 @@ def _with_probes(
     return replace(launch, probes=str(settings.pod_dir / PROBES_DIR / launch.name))
 
 
+def _srun_launch(
+    launch: ContainerLaunch, container: Mapping[str, object], where: str
+) -> ContainerLaunch:
+    """The launch of the container srun starts on every task, which has no input."""
+    asked = [field for field, _ in CONSOLE_FLAGS if container.get(field) is True]
+    if asked:
+        raise InvalidPodSpec(
+            f"{where}.{asked[0]}",
+            "srun starts this container on every task: it has no input to attach to",
+        )
+    return replace(launch, srun=True)
+
+
 def srun_container(value: object, main: Sequence[Mapping[str, object]]) -> str | None:
     """The main container the launcher annotation names, or None without the annotation.
 
@@ -545,7 +564,12 @@ def _launch(
         pod=pod,
         inputs=inputs,
         warnings=warnings,
-        base={**inputs.service_links, **service_variables(settings.kubernetes_service)},
+        base={
+            # As container runtimes give a container on a terminal.
+            **({"TERM": "xterm"} if container.get("tty") is True else {}),
+            **inputs.service_links,
+            **service_variables(settings.kubernetes_service),
+        },
     )
     written = {key: written_words(container, key, where) for key in ("command", "args")}
     command = [expand(word, variables) for word in written["command"]]
@@ -606,6 +630,7 @@ def _launch(
         termination_path=_termination_path(container, where),
         arguments=tuple(argv),
         node_ip_env=tuple(node_ip_env),
+        console=tuple(flag for key, flag in CONSOLE_FLAGS if container.get(key) is True),
     )
     return launch, env_file(variables) if variables else None
 

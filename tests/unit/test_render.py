@@ -690,8 +690,8 @@ def test_pod_fields_hpk_cannot_honour_fail_the_pod(
         ("lifecycle", {}, "lifecycle", "yet"),
         ("restartPolicy", "Always", "restartPolicy", "only init containers"),
         ("restartPolicy", "Never", "restartPolicy", "only init containers"),
-        ("stdin", True, "stdin", "no input"),
-        ("tty", True, "tty", "no input"),
+        ("stdin", "yes", "stdin", "true or false"),
+        ("tty", 1, "tty", "true or false"),
         ("securityContext", {"runAsUser": -1}, "securityContext.runAsUser", "user or group"),
         ("securityContext", {"privileged": True}, "securityContext.privileged", "never"),
         (
@@ -808,14 +808,16 @@ def test_files_are_a_read_only_view() -> None:
 
 def launch_words(rendered: RenderedPod) -> dict[str, list[str]]:
     """Each container's launcher options (the words between `kubelet_py.job.launch` and its
-    folder), from the job script; without `--termination PATH`, which every one has."""
+    folder), from the job script; without `--termination PATH` and `--attach`, which every one
+    has."""
     found = {}
     for line in rendered.script.splitlines():
         if "-m kubelet_py.job.launch" in line:
             words = shlex.split(line.replace('"$containers"/', "").rstrip(" \\"))
             *options, folder, _dash = words[words.index("kubelet_py.job.launch") + 1 :]
             at = options.index("--termination")
-            found[folder] = options[2:at] + options[at + 2 :]  # after --image SIF
+            kept = options[2:at] + options[at + 2 :]  # after --image SIF
+            found[folder] = [word for word in kept if word != "--attach"]
     return found
 
 
@@ -1001,3 +1003,28 @@ def test_an_exec_probe_keeps_its_command() -> None:
     rendered = render_pod(pod("x", main), settings())
     probe = json.loads(rendered.files["probes/main"])["readiness"]
     assert (probe["kind"], probe["command"]) == ("exec", ["cat", "/ok"])
+
+
+def test_a_containers_input_fields_reach_its_launcher_and_a_terminal_has_term() -> None:
+    the_pod = pod(
+        "console",
+        busybox("shell", command=["sh"], stdin=True, stdinOnce=True, tty=True),
+        busybox("quiet", command=["sleep", "1"]),
+    )
+    rendered = render_pod(the_pod, settings())
+    found = launch_words(rendered)
+    assert found["shell"] == ["--stdin", "--stdin-once", "--tty"]
+    assert found["quiet"] == []
+    assert "TERM=xterm" in rendered.files["env/shell"]
+    assert "TERM" not in rendered.files.get("env/quiet", "")
+    # Every container the job script starts can be attached to.
+    launcher_lines = [line for line in rendered.script.splitlines() if "job.launch" in line]
+    assert len(launcher_lines) == 2 and all("--attach" in line for line in launcher_lines)
+
+
+def test_an_srun_started_container_has_no_input() -> None:
+    the_pod = pod("mpi", busybox("main", command=["hostname"], tty=True))
+    the_pod["metadata"]["annotations"] = {"slurm.hpk.io/launcher": "srun"}
+    error = refused(the_pod)
+    assert error.field == "spec.containers[0].tty"
+    assert "every task" in str(error)

@@ -74,7 +74,7 @@ prepare empty-lists || exit 125
 main_pids=()
 
 # command-only: docker.io/library/busybox:latest
-"$python" -I -m kubelet_py.job.launch --image /home/alice/.hpk/images/docker.io/library/busybox/latest.sif --termination /dev/termination-log "$containers"/command-only -- \
+"$python" -I -m kubelet_py.job.launch --image /home/alice/.hpk/images/docker.io/library/busybox/latest.sif --attach --termination /dev/termination-log "$containers"/command-only -- \
     "$apptainer" --quiet exec "${run_options[@]}" --cleanenv --no-eval --contain --no-mount bind-paths,hostfs,cwd --writable-tmpfs --no-home --home /:/ --pid --pwd / \
     --workdir "$scratch"/command-only \
     --bind "$containers"/command-only/handshake:/.hpk-ready \
@@ -83,7 +83,7 @@ main_pids=()
 main_pids+=("$!")
 
 # command-and-args: docker.io/library/busybox:latest
-"$python" -I -m kubelet_py.job.launch --image /home/alice/.hpk/images/docker.io/library/busybox/latest.sif --termination /dev/termination-log "$containers"/command-and-args -- \
+"$python" -I -m kubelet_py.job.launch --image /home/alice/.hpk/images/docker.io/library/busybox/latest.sif --attach --termination /dev/termination-log "$containers"/command-and-args -- \
     "$apptainer" --quiet exec "${run_options[@]}" --cleanenv --no-eval --contain --no-mount bind-paths,hostfs,cwd --writable-tmpfs --no-home --home /:/ --pid --pwd /tmp \
     --workdir "$scratch"/command-and-args \
     --bind "$containers"/command-and-args/handshake:/.hpk-ready \
@@ -92,7 +92,7 @@ main_pids+=("$!")
 main_pids+=("$!")
 
 # args-only: docker.io/library/busybox:latest
-"$python" -I -m kubelet_py.job.launch --image /home/alice/.hpk/images/docker.io/library/busybox/latest.sif --termination /dev/termination-log "$containers"/args-only -- \
+"$python" -I -m kubelet_py.job.launch --image /home/alice/.hpk/images/docker.io/library/busybox/latest.sif --attach --termination /dev/termination-log "$containers"/args-only -- \
     "$apptainer" --quiet run "${run_options[@]}" --cleanenv --no-eval --contain --no-mount bind-paths,hostfs,cwd --writable-tmpfs --no-home --home /:/ --pid --pwd / \
     --workdir "$scratch"/args-only \
     --bind "$containers"/args-only/handshake:/.hpk-ready \
@@ -101,7 +101,7 @@ main_pids+=("$!")
 main_pids+=("$!")
 
 # neither: docker.io/library/busybox:latest
-"$python" -I -m kubelet_py.job.launch --image /home/alice/.hpk/images/docker.io/library/busybox/latest.sif --termination /dev/termination-log "$containers"/neither -- \
+"$python" -I -m kubelet_py.job.launch --image /home/alice/.hpk/images/docker.io/library/busybox/latest.sif --attach --termination /dev/termination-log "$containers"/neither -- \
     "$apptainer" --quiet run "${run_options[@]}" --cleanenv --no-eval --contain --no-mount bind-paths,hostfs,cwd --writable-tmpfs --no-home --home /:/ --pid --pwd / \
     --workdir "$scratch"/neither \
     --bind "$containers"/neither/handshake:/.hpk-ready \
@@ -110,7 +110,7 @@ main_pids+=("$!")
 main_pids+=("$!")
 
 # empty-lists: docker.io/library/busybox:latest
-"$python" -I -m kubelet_py.job.launch --image /home/alice/.hpk/images/docker.io/library/busybox/latest.sif --termination /dev/termination-log "$containers"/empty-lists -- \
+"$python" -I -m kubelet_py.job.launch --image /home/alice/.hpk/images/docker.io/library/busybox/latest.sif --attach --termination /dev/termination-log "$containers"/empty-lists -- \
     "$apptainer" --quiet run "${run_options[@]}" --cleanenv --no-eval --contain --no-mount bind-paths,hostfs,cwd --writable-tmpfs --no-home --home /:/ --pid --pwd / \
     --workdir "$scratch"/empty-lists \
     --bind "$containers"/empty-lists/handshake:/.hpk-ready \

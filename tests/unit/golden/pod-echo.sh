@@ -70,7 +70,7 @@ prepare main || exit 125
 main_pids=()
 
 # main: docker.io/library/busybox:latest
-"$python" -I -m kubelet_py.job.launch --image /home/alice/.hpk/images/docker.io/library/busybox/latest.sif --termination /dev/termination-log "$containers"/main -- \
+"$python" -I -m kubelet_py.job.launch --image /home/alice/.hpk/images/docker.io/library/busybox/latest.sif --attach --termination /dev/termination-log "$containers"/main -- \
     "$apptainer" --quiet exec "${run_options[@]}" --cleanenv --no-eval --contain --no-mount bind-paths,hostfs,cwd --writable-tmpfs --no-home --home /:/ --pid --pwd / \
     --workdir "$scratch"/main \
     --bind "$containers"/main/handshake:/.hpk-ready \

@@ -70,7 +70,7 @@ prepare main || exit 125
 main_pids=()
 
 # main: docker.io/library/python:3.11
-"$python" -I -m kubelet_py.job.launch --image /home/alice/.hpk/images/docker.io/library/python/3.11.sif --termination /dev/termination-log "$containers"/main -- \
+"$python" -I -m kubelet_py.job.launch --image /home/alice/.hpk/images/docker.io/library/python/3.11.sif --attach --termination /dev/termination-log "$containers"/main -- \
     "$apptainer" --quiet exec "${run_options[@]}" --cleanenv --no-eval --contain --no-mount bind-paths,hostfs,cwd --writable-tmpfs --no-home --home /:/ --pid --env-file env/main --pwd / \
     --workdir "$scratch"/main \
     --bind "$containers"/main/handshake:/.hpk-ready \

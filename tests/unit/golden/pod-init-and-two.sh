@@ -72,7 +72,7 @@ prepare reader || exit 125
 # Init containers, one after another: the first that fails ends the job with its code.
 
 # first: docker.io/library/busybox:latest
-"$python" -I -m kubelet_py.job.launch --image /home/alice/.hpk/images/docker.io/library/busybox/latest.sif --termination /dev/termination-log "$containers"/first -- \
+"$python" -I -m kubelet_py.job.launch --image /home/alice/.hpk/images/docker.io/library/busybox/latest.sif --attach --termination /dev/termination-log "$containers"/first -- \
     "$apptainer" --quiet exec "${run_options[@]}" --cleanenv --no-eval --contain --no-mount bind-paths,hostfs,cwd --writable-tmpfs --no-home --home /:/ --pid --pwd / \
     --workdir "$scratch"/first \
     --bind "$containers"/first/handshake:/.hpk-ready \
@@ -82,7 +82,7 @@ prepare reader || exit 125
 wait "$!" || exit "$?"
 
 # second: docker.io/library/busybox:latest
-"$python" -I -m kubelet_py.job.launch --image /home/alice/.hpk/images/docker.io/library/busybox/latest.sif --termination /dev/termination-log "$containers"/second -- \
+"$python" -I -m kubelet_py.job.launch --image /home/alice/.hpk/images/docker.io/library/busybox/latest.sif --attach --termination /dev/termination-log "$containers"/second -- \
     "$apptainer" --quiet exec "${run_options[@]}" --cleanenv --no-eval --contain --no-mount bind-paths,hostfs,cwd --writable-tmpfs --no-home --home /:/ --pid --pwd / \
     --workdir "$scratch"/second \
     --bind "$containers"/second/handshake:/.hpk-ready \
@@ -95,7 +95,7 @@ wait "$!" || exit "$?"
 main_pids=()
 
 # writer: docker.io/library/busybox:latest
-"$python" -I -m kubelet_py.job.launch --image /home/alice/.hpk/images/docker.io/library/busybox/latest.sif --termination /dev/termination-log "$containers"/writer -- \
+"$python" -I -m kubelet_py.job.launch --image /home/alice/.hpk/images/docker.io/library/busybox/latest.sif --attach --termination /dev/termination-log "$containers"/writer -- \
     "$apptainer" --quiet exec "${run_options[@]}" --cleanenv --no-eval --contain --no-mount bind-paths,hostfs,cwd --writable-tmpfs --no-home --home /:/ --pid --pwd / \
     --workdir "$scratch"/writer \
     --bind "$containers"/writer/handshake:/.hpk-ready \
@@ -105,7 +105,7 @@ main_pids=()
 main_pids+=("$!")
 
 # reader: docker.io/library/busybox:latest
-"$python" -I -m kubelet_py.job.launch --image /home/alice/.hpk/images/docker.io/library/busybox/latest.sif --termination /dev/termination-log "$containers"/reader -- \
+"$python" -I -m kubelet_py.job.launch --image /home/alice/.hpk/images/docker.io/library/busybox/latest.sif --attach --termination /dev/termination-log "$containers"/reader -- \
     "$apptainer" --quiet exec "${run_options[@]}" --cleanenv --no-eval --contain --no-mount bind-paths,hostfs,cwd --writable-tmpfs --no-home --home /:/ --pid --pwd / \
     --workdir "$scratch"/reader \
     --bind "$containers"/reader/handshake:/.hpk-ready \

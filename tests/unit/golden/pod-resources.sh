@@ -71,7 +71,7 @@ prepare b || exit 125
 # Init containers, one after another: the first that fails ends the job with its code.
 
 # init: docker.io/library/busybox:latest
-"$python" -I -m kubelet_py.job.launch --image /home/alice/.hpk/images/docker.io/library/busybox/latest.sif --termination /dev/termination-log "$containers"/init -- \
+"$python" -I -m kubelet_py.job.launch --image /home/alice/.hpk/images/docker.io/library/busybox/latest.sif --attach --termination /dev/termination-log "$containers"/init -- \
     "$apptainer" --quiet exec "${run_options[@]}" --cleanenv --no-eval --contain --no-mount bind-paths,hostfs,cwd --writable-tmpfs --no-home --home /:/ --pid --pwd / \
     --workdir "$scratch"/init \
     --bind "$containers"/init/handshake:/.hpk-ready \
@@ -83,7 +83,7 @@ wait "$!" || exit "$?"
 main_pids=()
 
 # a: docker.io/library/busybox:latest
-"$python" -I -m kubelet_py.job.launch --image /home/alice/.hpk/images/docker.io/library/busybox/latest.sif --termination /dev/termination-log "$containers"/a -- \
+"$python" -I -m kubelet_py.job.launch --image /home/alice/.hpk/images/docker.io/library/busybox/latest.sif --attach --termination /dev/termination-log "$containers"/a -- \
     "$apptainer" --quiet exec "${run_options[@]}" --cleanenv --no-eval --contain --no-mount bind-paths,hostfs,cwd --writable-tmpfs --no-home --home /:/ --pid --pwd / \
     --workdir "$scratch"/a \
     --bind "$containers"/a/handshake:/.hpk-ready \
@@ -92,7 +92,7 @@ main_pids=()
 main_pids+=("$!")
 
 # b: docker.io/library/busybox:latest
-"$python" -I -m kubelet_py.job.launch --image /home/alice/.hpk/images/docker.io/library/busybox/latest.sif --termination /dev/termination-log "$containers"/b -- \
+"$python" -I -m kubelet_py.job.launch --image /home/alice/.hpk/images/docker.io/library/busybox/latest.sif --attach --termination /dev/termination-log "$containers"/b -- \
     "$apptainer" --quiet exec "${run_options[@]}" --cleanenv --no-eval --contain --no-mount bind-paths,hostfs,cwd --writable-tmpfs --no-home --home /:/ --pid --nv --pwd / \
     --workdir "$scratch"/b \
     --bind "$containers"/b/handshake:/.hpk-ready \

@@ -82,7 +82,7 @@ await_started() {
 # Init containers, one after another: the first that fails ends the job with its code.
 
 # setup: docker.io/library/busybox:latest
-"$python" -I -m kubelet_py.job.launch --image /home/alice/.hpk/images/docker.io/library/busybox/latest.sif --restart OnFailure --termination /dev/termination-log "$containers"/setup -- \
+"$python" -I -m kubelet_py.job.launch --image /home/alice/.hpk/images/docker.io/library/busybox/latest.sif --restart OnFailure --attach --termination /dev/termination-log "$containers"/setup -- \
     "$apptainer" --quiet exec "${run_options[@]}" --cleanenv --no-eval --contain --no-mount bind-paths,hostfs,cwd --writable-tmpfs --no-home --home /:/ --pid --pwd / \
     --workdir "$scratch"/setup \
     --bind "$containers"/setup/handshake:/.hpk-ready \
@@ -91,7 +91,7 @@ await_started() {
 wait "$!" || exit "$?"
 
 # proxy: docker.io/library/busybox:latest (sidecar)
-"$python" -I -m kubelet_py.job.launch --image /home/alice/.hpk/images/docker.io/library/busybox/latest.sif --restart Always --grace 5 --termination /dev/termination-log "$containers"/proxy -- \
+"$python" -I -m kubelet_py.job.launch --image /home/alice/.hpk/images/docker.io/library/busybox/latest.sif --restart Always --grace 5 --attach --termination /dev/termination-log "$containers"/proxy -- \
     "$apptainer" --quiet exec "${run_options[@]}" --cleanenv --no-eval --contain --no-mount bind-paths,hostfs,cwd --writable-tmpfs --no-home --home /:/ --pid --pwd / \
     --workdir "$scratch"/proxy \
     --bind "$containers"/proxy/handshake:/.hpk-ready \
@@ -101,7 +101,7 @@ sidecar_pids+=("$!")
 await_started proxy "$!"
 
 # after-proxy: docker.io/library/busybox:latest
-"$python" -I -m kubelet_py.job.launch --image /home/alice/.hpk/images/docker.io/library/busybox/latest.sif --restart OnFailure --termination /dev/termination-log "$containers"/after-proxy -- \
+"$python" -I -m kubelet_py.job.launch --image /home/alice/.hpk/images/docker.io/library/busybox/latest.sif --restart OnFailure --attach --termination /dev/termination-log "$containers"/after-proxy -- \
     "$apptainer" --quiet exec "${run_options[@]}" --cleanenv --no-eval --contain --no-mount bind-paths,hostfs,cwd --writable-tmpfs --no-home --home /:/ --pid --pwd / \
     --workdir "$scratch"/after-proxy \
     --bind "$containers"/after-proxy/handshake:/.hpk-ready \
@@ -113,7 +113,7 @@ wait "$!" || exit "$?"
 main_pids=()
 
 # main: docker.io/library/busybox:latest
-"$python" -I -m kubelet_py.job.launch --image /home/alice/.hpk/images/docker.io/library/busybox/latest.sif --restart OnFailure --termination /dev/termination-log "$containers"/main -- \
+"$python" -I -m kubelet_py.job.launch --image /home/alice/.hpk/images/docker.io/library/busybox/latest.sif --restart OnFailure --attach --termination /dev/termination-log "$containers"/main -- \
     "$apptainer" --quiet exec "${run_options[@]}" --cleanenv --no-eval --contain --no-mount bind-paths,hostfs,cwd --writable-tmpfs --no-home --home /:/ --pid --pwd / \
     --workdir "$scratch"/main \
     --bind "$containers"/main/handshake:/.hpk-ready \
