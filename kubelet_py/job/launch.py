@@ -61,9 +61,10 @@ from types import FrameType
 
 from kubelet_py.job import podfiles
 from kubelet_py.job.clock import rfc3339
+from kubelet_py.job.handlers import exec_prefix
 from kubelet_py.job.podfolder import ContainerFolder
 from kubelet_py.job.probes import Probe, Probes, Runner, check
-from kubelet_py.job.termination import HOOK_PATH, READY_PATH, Termination
+from kubelet_py.job.termination import Termination
 
 IMAGE_CANNOT_RUN = 125
 """The exit code when the container cannot be started at all (as `docker run` uses it)."""
@@ -388,25 +389,6 @@ class _Probing:
         # An exec probe may still run (up to its timeout): the exit marker does not wait.
         self.thread.join(timeout=1.0)
         self.runner.finish()
-
-
-def exec_prefix(command: Sequence[str], image: Path | None) -> list[str]:
-    """`apptainer ... exec ... SIF` of COMMAND, for exec probes: the same options, binds and
-    environment as the container, its `run` turned into `exec`; [] when COMMAND is no plain
-    `apptainer exec|run` of the image (an srun container)."""
-    if image is None or str(image) not in command:
-        return []
-    words = list(command[: list(command).index(str(image)) + 1])
-    actions = [i for i, word in enumerate(words) if word in ("exec", "run")]
-    if not actions or "apptainer" not in Path(words[0]).name:
-        return []
-    words[actions[0]] = "exec"
-    # An exec probe is no new run of the container: it waits for no termination handshake.
-    for index in range(len(words) - 2, 0, -1):
-        target = words[index + 1].split(":")[1:2]
-        if words[index] == "--bind" and target in ([READY_PATH], [HOOK_PATH]):
-            del words[index : index + 2]
-    return words
 
 
 def _start_probes(

@@ -18,7 +18,6 @@ from types import MappingProxyType
 
 from kubelet_py.errors import InvalidPodSpec
 from kubelet_py.errors import expect_object as _mapping
-from kubelet_py.pod.probe_spec import PROBE_FIELDS
 
 DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
 DNS_SUBDOMAIN = re.compile(rf"{DNS_LABEL.pattern}(\.{DNS_LABEL.pattern})*")
@@ -79,7 +78,10 @@ _CONTAINER_HONOURED = frozenset(
         "volumeMounts",
         "terminationMessagePath",
         "terminationMessagePolicy",
-        *PROBE_FIELDS,
+        # checked and written for the launcher by kubelet_py.pod.probe_spec
+        "startupProbe",
+        "livenessProbe",
+        "readinessProbe",
     }
 )
 _CONTAINER_CHECKED = frozenset({"stdin", "stdinOnce", "tty", "securityContext", "restartPolicy"})
