@@ -252,9 +252,16 @@ class Runner:
             self.failed = True
             self.on_failure(state.probe)
 
-    def run(self, stop: threading.Event, *, clock: Callable[[], float] = time.monotonic) -> None:
-        """Probe on the real clock until `stop` is set or a probe failed."""
-        began = clock()
+    def run(
+        self,
+        stop: threading.Event,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        began: float | None = None,
+    ) -> None:
+        """Probe on the real clock until `stop` is set or a probe failed. The initial delays
+        count from `began` (a `clock()` reading: when the run started), else from now."""
+        began = clock() if began is None else began
         while not stop.is_set() and not self.failed:
             try:
                 due = self.step(clock() - began)

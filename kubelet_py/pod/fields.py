@@ -58,7 +58,8 @@ _ELSEWHERE: Mapping[str, str] = MappingProxyType(
         "priority": "Slurm orders its queue",
         "priorityClassName": "Slurm orders its queue",
         "preemptionPolicy": "Slurm orders its queue",
-        "terminationGracePeriodSeconds": "deletion waits this long before Slurm kills the job",
+        "terminationGracePeriodSeconds": "deletion waits this long before Slurm kills the job "
+        "(render gives it to the launchers, which bound preStop hooks by it)",
         "serviceAccountName": "the token comes as a projected volume",
         "serviceAccount": "the token comes as a projected volume",
         "automountServiceAccountToken": "the token comes as a projected volume",
@@ -78,10 +79,11 @@ _CONTAINER_HONOURED = frozenset(
         "volumeMounts",
         "terminationMessagePath",
         "terminationMessagePolicy",
-        # checked and written for the launcher by kubelet_py.pod.probe_spec
+        # checked and written for the launcher by kubelet_py.pod.probe_spec and hook_spec
         "startupProbe",
         "livenessProbe",
         "readinessProbe",
+        "lifecycle",
     }
 )
 _CONTAINER_CHECKED = frozenset({"stdin", "stdinOnce", "tty", "securityContext", "restartPolicy"})
