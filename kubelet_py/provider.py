@@ -188,7 +188,9 @@ class JobRunner(Protocol):
         self, script: Path, argv_flags: Any, *, env: Mapping[str, str] | None = None
     ) -> str: ...
 
-    def cancel(self, job_id: str, *, signal: str | None = None) -> None: ...
+    def cancel(
+        self, job_id: str, *, signal: str | None = None, batch_only: bool = False
+    ) -> None: ...
 
     def listed_jobs(self, comment_prefix: str) -> dict[str, ListedJob]: ...
 
@@ -437,7 +439,10 @@ class SlurmProvider:
             log.info("%s: job %s cancelled before it started", key, job_id)
             return True
         try:
-            self.slurm.cancel(job_id, signal=signal)
+            # TERM to the job script alone: its trap passes it to each container's launcher,
+            # which runs the container's preStop hook before it passes it on (with --full,
+            # slurmstepd would signal every process of the job at once). KILL ends them all.
+            self.slurm.cancel(job_id, signal=signal, batch_only=signal != "KILL")
         except SlurmUnavailable:
             raise
         except SlurmError as error:

@@ -194,6 +194,8 @@ def test_delete_sends_term_once_then_kill(bed: Bed) -> None:
     assert bed.provider.delete_pod(make_pod(), kill=True) is False
     assert bed.provider.delete_pod(make_pod(), kill=True) is False
     assert bed.slurm.cancelled == [(job_id, "TERM"), (job_id, "KILL")]
+    # TERM to the job script alone (its launchers run the preStop hooks first), KILL to all.
+    assert bed.slurm.batch_only == [job_id]
     bed.watcher.views[job_id] = job_view(job_id, "FAILED", final=True)
     assert bed.provider.delete_pod(make_pod()) is True
     bed.provider.forget(make_pod())
