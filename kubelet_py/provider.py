@@ -48,6 +48,7 @@ from kubelet_py.adapters.hub import Hub, HubUnavailable, new_private_key, public
 from kubelet_py.adapters.slurm import FINAL_STATES, JOB_ID, ListedJob, SlurmError, SlurmUnavailable
 from kubelet_py.errors import InvalidPodSpec
 from kubelet_py.job import podfiles
+from kubelet_py.job.hooks import FAILED_REASONS, POST_START, PRE_STOP, TITLES
 from kubelet_py.job.network import NetworkConfig
 from kubelet_py.job.podfolder import PodFolder
 from kubelet_py.loops.pulls import ImagePuller, ImageWaiting, PullSettings, pull_policy
@@ -57,7 +58,7 @@ from kubelet_py.pod.environment import service_links
 from kubelet_py.pod.inputs import ObjectLookup, PodInputs, needs_node_address, resolve
 from kubelet_py.pod.network import AddressPool, PodAddress, PodNetworkSettings, wants_pod_network
 from kubelet_py.pod.render import JOB_NAME_PREFIX, RenderSettings, render_pod
-from kubelet_py.pod.status import pod_status, read_markers
+from kubelet_py.pod.status import ContainerMarkers, pod_status, read_markers
 from kubelet_py.pod.storage import read_failure, resolve_claims, with_failure
 from kubelet_py.pod.streams import RunningPod
 
@@ -163,7 +164,8 @@ class PodLifecycleHandler(Protocol):
 
     def take_warnings(self, key: str) -> tuple[tuple[str, str], ...]:
         """(reason, message) of each Warning Event the pod is owed (what its submission left
-        out, a job ID on it that was not its own); each is handed out once."""
+        out, a job ID on it that was not its own, a lifecycle hook that failed); each is
+        handed out once."""
 
     def sweep_orphans(
         self,
@@ -187,7 +189,9 @@ class JobRunner(Protocol):
         self, script: Path, argv_flags: Any, *, env: Mapping[str, str] | None = None
     ) -> str: ...
 
-    def cancel(self, job_id: str, *, signal: str | None = None) -> None: ...
+    def cancel(
+        self, job_id: str, *, signal: str | None = None, batch_only: bool = False
+    ) -> None: ...
 
     def listed_jobs(self, comment_prefix: str) -> dict[str, ListedJob]: ...
 
@@ -258,6 +262,8 @@ class _Known:
     """The pod's address on the pod network; None on the node's network."""
     network: tuple[str, str] | None = None
     """What its job reported of its network (`pod` or `host`, and why), once it has."""
+    hook_failures: set[tuple[str, str, str]] = field(default_factory=set)
+    """(container, hook, time) of each failed hook its Warning Event was owed for."""
 
 
 class SlurmProvider:
@@ -434,7 +440,10 @@ class SlurmProvider:
             log.info("%s: job %s cancelled before it started", key, job_id)
             return True
         try:
-            self.slurm.cancel(job_id, signal=signal)
+            # TERM to the job script alone: its trap passes it to each container's launcher,
+            # which runs the container's preStop hook before it passes it on (with --full,
+            # slurmstepd would signal every process of the job at once). KILL ends them all.
+            self.slurm.cancel(job_id, signal=signal, batch_only=signal != "KILL")
         except SlurmUnavailable:
             raise
         except SlurmError as error:
@@ -461,15 +470,41 @@ class SlurmProvider:
         if known.address:
             network = self._network_of(known)
             pod_ip = "" if network is None else known.address if network[0] == "pod" else None
+        markers = read_markers(known.folder)
+        self._hook_warnings(known, markers)
         status = pod_status(
             known.pod.get("spec") or {},
             self._view(known.job_id, known.pod),
-            read_markers(known.folder),
+            markers,
             node_addresses=self.settings.node_addresses,
             pod_ip=pod_ip,
         )
         # A job its storage ended (a hostPath check, an emptyDir over its sizeLimit) says why.
         return with_failure(status, read_failure(known.folder))
+
+    def _hook_warnings(self, known: _Known, markers: Mapping[str, ContainerMarkers]) -> None:
+        """A Warning Event (FailedPostStartHook, FailedPreStopHook) for each hook failure its
+        launcher wrote that the pod has not been warned of; without the hook's output, which
+        may hold what the pod keeps from its readers (as Kubernetes leaves it out)."""
+        key = pod_key(known.pod)
+        found = []
+        for name, marker in sorted(markers.items()):
+            for hook, failure in (
+                (POST_START, marker.post_start_failure),
+                (PRE_STOP, marker.pre_stop_failure),
+            ):
+                if failure is None or (name, hook, failure.stamp) in known.hook_failures:
+                    continue
+                message = f"container {name}: {TITLES[hook]} failed: {failure.summary}"
+                found.append(((name, hook, failure.stamp), (FAILED_REASONS[hook], message)))
+        if not found:
+            return
+        with self._lock:
+            for seen, warning in found:
+                known.hook_failures.add(seen)
+                self._warnings[key] = (*self._warnings.get(key, ()), warning)
+        for _, (_, message) in found:
+            log.warning("%s: job %s: %s", key, known.job_id, message)
 
     def get_pods(self) -> list[JSON]:
         with self._lock:

@@ -503,10 +503,11 @@ class SlurmClient:
         """End the job, or send it a signal. Idempotent: a job Slurm no longer knows is fine.
 
         With a signal (e.g. "TERM"), scancel sends it to the batch script as well as to the
-        job's steps (`--full`), so that the script's trap can record its containers' exit;
-        with `batch_only` to the batch script alone (`--batch`: `hpk down` lets the
-        control-plane job stop its components in order). The caller has proven the job its
-        own: this only checks that the ID is one.
+        job's steps and every process of the job (`--full`); with `batch_only` to the batch
+        script alone (`--batch`), whose trap then stops the rest in its own order: a pod's
+        job records its containers' exit and passes TERM to their launchers, which run the
+        preStop hooks first, and `hpk down` lets the control-plane job stop its components.
+        The caller has proven the job its own: this only checks that the ID is one.
         """
         _checked_ids([job_id])
         argv = [self._settings.scancel]

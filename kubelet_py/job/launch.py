@@ -14,11 +14,12 @@ per line, and it does not wait for process substitutions, so the last lines of a
 land after the exit marker, or be lost when the job ends. One reader for both pipes also keeps
 stdout and stderr in the order they arrived as closely as two pipes allow.
 
-TERM, INT and HUP are passed on to COMMAND; this process keeps reading until COMMAND has ended,
-so the exit marker holds the container's real code (143 after TERM) unless Slurm's KILL ends
-everything first, in which case the job script's trap has already written 137. With
-`--grace SECONDS`, COMMAND (its whole process group) gets KILL that long after the first
-signal, so a container that ignores TERM still ends (sidecars stopped by the job script).
+TERM, INT and HUP are passed on to COMMAND (after its preStop hook, with `--hooks`); this
+process keeps reading until COMMAND has ended, so the exit marker holds the container's real
+code (143 after TERM) unless Slurm's KILL ends everything first, in which case the job
+script's trap has already written 137. With `--grace SECONDS`, COMMAND (its whole process
+group) gets KILL that long after the first signal, so a container that ignores TERM still
+ends (sidecars stopped by the job script).
 
 `--restart OnFailure|Always` runs COMMAND again when it ends (OnFailure: with a non-zero
 code), after Kubernetes' back-off (`Backoff`), until a signal comes: that is how a pod's
@@ -30,6 +31,23 @@ the count to CONTAINER_DIR/restarts; CONTAINER_DIR/backoff exists while it waits
 (kubelet_py.job.probes): they write CONTAINER_DIR/startup and CONTAINER_DIR/ready, and a failed
 liveness or startup probe stops the run (TERM to its process group, KILL after the probe's
 grace period); the restart policy then decides as for any other end.
+
+`--hooks FILE` runs the container's lifecycle hooks (kubelet_py.job.hooks), as Kubernetes
+does:
+- postStart starts with COMMAND and runs beside it. The run counts as started only once the
+  hook has passed: CONTAINER_DIR/started is written then (with the time COMMAND started), and
+  the probes begin then. A hook that fails writes CONTAINER_DIR/poststart-failed and a line to
+  the log, and the run is stopped as below (with the pod's grace period); the restart policy
+  decides what comes next. A run that ends before its hook has passed stops the hook.
+- preStop runs whenever the launcher stops a running container: a signal (the pod deleted,
+  the job's end for a sidecar), a failed probe, a failed postStart hook. The signal (TERM for
+  the launcher's own stops) goes to COMMAND once the hook has ended, or once the grace period
+  is over (`--grace`, the probe's, else the pod's). The launcher's KILL, where it sends one
+  (`--grace`, a failed probe or postStart hook), comes at the end of the grace period and at
+  least 2 s after that signal; otherwise the job's end (the kubelet's KILL at the end of the
+  pod's grace period) ends what is left. A hook that fails writes
+  CONTAINER_DIR/prestop-failed and a line to the log; the stop goes on. A container that ends
+  by itself runs no preStop hook.
 
 Containers can write in the pod folder, so the markers and the log are written through
 kubelet_py.job.podfolder and kubelet_py.job.podfiles: a marker replaces whatever has its name
@@ -67,9 +85,11 @@ from typing import IO
 from kubelet_py.job import podfiles
 from kubelet_py.job.attach import AttachPoint
 from kubelet_py.job.clock import rfc3339
-from kubelet_py.job.podfolder import ContainerFolder
+from kubelet_py.job.handlers import exec_prefix
+from kubelet_py.job.hooks import POST_START, PRE_STOP, TITLES, Hook, Hooks, Outcome, run_hook
+from kubelet_py.job.podfolder import HOOK_FAILED, ContainerFolder
 from kubelet_py.job.probes import Probe, Probes, Runner, check
-from kubelet_py.job.termination import HOOK_PATH, READY_PATH, Termination
+from kubelet_py.job.termination import Termination
 
 IMAGE_CANNOT_RUN = 125
 """The exit code when the container cannot be started at all (as `docker run` uses it)."""
@@ -201,6 +221,9 @@ class _Signals:
     first_at: float | None = None
     """time.monotonic() when the first signal came."""
     child: subprocess.Popen[bytes] | None = None
+    hold: bool = False
+    """Keep signals from the container for now: its preStop hook runs first (`_RunControl`
+    passes the first on once the hook has ended)."""
 
 
 def restarts(policy: str, code: int) -> bool:
@@ -218,6 +241,7 @@ def launch(
     backoff: Backoff | None = None,
     clock: Clock | None = None,
     probes: Probes | None = None,
+    hooks: Hooks | None = None,
     termination: PurePosixPath | None = None,
     console: Console | None = None,
     attachable: bool = False,
@@ -234,7 +258,7 @@ def launch(
         if signals.first_at is None:
             signals.first_at = time.monotonic()
         child = signals.child
-        if child is not None and child.returncode is None:
+        if child is not None and child.returncode is None and not signals.hold:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(child.pid, signum)
 
@@ -255,6 +279,7 @@ def launch(
             signals=signals,
             grace=grace,
             probes=probes,
+            hooks=hooks,
             termination=termination,
             console=console,
             attach=attach,
@@ -275,6 +300,7 @@ def _runs(
     signals: _Signals,
     grace: float | None,
     probes: Probes | None,
+    hooks: Hooks | None,
     termination: PurePosixPath | None,
     console: Console,
     attach: AttachPoint | None,
@@ -293,6 +319,7 @@ def _runs(
             signals=signals,
             grace=grace,
             probes=probes,
+            hooks=hooks,
             termination=termination,
             console=console,
             attach=attach,
@@ -335,6 +362,7 @@ def _run(
     signals: _Signals,
     grace: float | None,
     probes: Probes | None = None,
+    hooks: Hooks | None = None,
     termination: PurePosixPath | None = None,
     console: Console | None = None,
     attach: AttachPoint | None = None,
@@ -343,11 +371,24 @@ def _run(
     kubelet_py.job.termination)."""
     fd = open_log(folder.log)
     log = LogWriter(fd)
+    began = time.monotonic()
+    started = rfc3339(time.time_ns())
+    marked: list[str] = []
+
+    def mark_started() -> None:
+        if not marked:
+            folder.mark_started(started)
+            marked.append(started)
+
     try:
-        started = rfc3339(time.time_ns())
-        folder.mark_started(started)
+        if hooks is not None and hooks.post_start is not None:
+            # The run counts as started once its postStart hook has passed: until then a
+            # reader sees the container waiting, never the run before as running.
+            folder.started.unlink(missing_ok=True)
+        else:
+            mark_started()
         # A new run: the markers of the one before go, so readers see it running.
-        for stale in (folder.exit, folder.backoff):
+        for stale in (folder.exit, folder.backoff, *map(folder.hook_failed, HOOK_FAILED)):
             stale.unlink(missing_ok=True)
         if image is not None and not os.access(image, os.R_OK):
             log.line("stderr", f"hpk: cannot read the image file {image}", now=time.time_ns())
@@ -355,27 +396,31 @@ def _run(
         else:
             message = None if termination is None else Termination(folder.path, termination)
             code = _run_command(
-                folder.path,
+                folder,
                 command,
                 log=log,
                 image=image,
                 signals=signals,
                 grace=grace,
                 probes=probes,
+                hooks=hooks,
                 message=message,
                 console=console or Console(),
                 attach=attach,
+                began=began,
+                mark_started=mark_started,
             )
         log.close(now=time.time_ns())
     finally:
         os.close(fd)
+    mark_started()  # a run that ended before its postStart hook passed still ran
     finished = rfc3339(time.time_ns())
     folder.mark_exit(code, finished)
     return _Run(code=code, started=started, finished=finished)
 
 
 def _run_command(
-    container_dir: Path,
+    folder: ContainerFolder,
     command: Sequence[str],
     *,
     log: LogWriter,
@@ -383,9 +428,12 @@ def _run_command(
     signals: _Signals,
     grace: float | None,
     probes: Probes | None,
+    hooks: Hooks | None,
     message: Termination | None,
     console: Console,
     attach: AttachPoint | None,
+    began: float,
+    mark_started: Callable[[], None],
 ) -> int:
     """COMMAND started, logged and waited for; its exit code."""
     stdio = _Stdio.open(console)
@@ -399,7 +447,10 @@ def _run_command(
             stderr=stdio.child_stderr,
             # Its own process group, so that KILL after the grace period reaches every
             # process of the container; a terminal's own session, whose terminal it is.
-            start_new_session=grace is not None or probes is not None or console.tty,
+            start_new_session=grace is not None
+            or probes is not None
+            or hooks is not None
+            or console.tty,
             preexec_fn=_take_terminal if console.tty else None,  # noqa: PLW1509 (only ioctl)
         )
     except OSError as error:
@@ -409,45 +460,55 @@ def _run_command(
     sources = stdio.started(child)
     if attach is not None:
         attach.run_started(stdio.take_input(child), stdio.resize)
+    # Held from the start: a signal that comes from now on waits for the preStop hook.
+    signals.hold = hooks is not None and hooks.pre_stop is not None
     signals.child = child
     if signals.received:  # a signal came between the check above and the start
+        signals.hold = False
         os.kill(child.pid, signals.received[-1])
-    folder = ContainerFolder(container_dir)
     folder.mark_pid(child.pid)
     if message is not None:
         message.start(lambda: child.poll() is None, child.pid)
-    probing = _start_probes(container_dir, child, probes, command=command, image=image)
-    kill = _killer(child, signals=signals, grace=grace, probing=probing)
-    code = _pump(child, log, sources, kill=kill, attach=attach)
+    control = _RunControl(
+        child=child,
+        folder=folder,
+        log=log,
+        signals=signals,
+        grace=grace,
+        probes=probes,
+        hooks=hooks or Hooks(),
+        prefix=exec_prefix(command, image),
+        began=began,
+        mark_started=mark_started,
+    )
+    control.start()
+    code = _pump(child, log, sources, tick=control.tick, attach=attach)
     stdio.close()
     if attach is not None:
         attach.run_ended()
     signals.child = None
+    signals.hold = False
     folder.mark_pid(None)
     if message is not None:
         message.collect()
         if message.problem is not None:
             log.line("stderr", f"hpk: no termination log: {message.problem}", now=time.time_ns())
-    if probing is not None:
-        probing.stop()
-        if probing.note is not None:
-            log.line("stderr", probing.note, now=time.time_ns())
+    control.finish()
     return code
+
+
+MIN_KILL_SECONDS = 2.0
+"""Kubernetes' shortest time between TERM and KILL after a preStop hook: a container whose
+hook used up its grace period still gets this long."""
 
 
 @dataclass
 class _Probing:
-    """The probes of one run, in their thread, and when a failed probe stopped the run."""
+    """The probes of one run, in their thread."""
 
     runner: Runner
     thread: threading.Thread
     done: threading.Event
-    failed_at: float | None = None
-    """time.monotonic() when a failed liveness or startup probe sent TERM."""
-    grace: float = 0.0
-    """Seconds from that TERM to KILL."""
-    note: str | None = None
-    """Why a probe stopped the run, for the container's log."""
 
     def stop(self) -> None:
         self.done.set()
@@ -456,95 +517,251 @@ class _Probing:
         self.runner.finish()
 
 
-def exec_prefix(command: Sequence[str], image: Path | None) -> list[str]:
-    """`apptainer ... exec ... SIF` of COMMAND, for exec probes: the same options, binds and
-    environment as the container, its `run` turned into `exec`; [] when COMMAND is no plain
-    `apptainer exec|run` of the image (an srun container)."""
-    if image is None or str(image) not in command:
-        return []
-    words = list(command[: list(command).index(str(image)) + 1])
-    actions = [i for i, word in enumerate(words) if word in ("exec", "run")]
-    if not actions or "apptainer" not in Path(words[0]).name:
-        return []
-    words[actions[0]] = "exec"
-    # An exec probe is no new run of the container: it waits for no termination handshake.
-    for index in range(len(words) - 2, 0, -1):
-        target = words[index + 1].split(":")[1:2]
-        if words[index] == "--bind" and target in ([READY_PATH], [HOOK_PATH]):
-            del words[index : index + 2]
-    return words
+class _HookRun:
+    """One hook running in a thread of its own; `outcome` once it has ended."""
+
+    def __init__(self, hook: Hook, *, prefix: Sequence[str], timeout: float | None) -> None:
+        self.hook = hook
+        self.stopped = threading.Event()
+        self.outcome: Outcome | None = None
+
+        def run() -> None:
+            self.outcome = run_hook(hook, exec_prefix=prefix, timeout=timeout, stop=self.stopped)
+
+        self._thread = threading.Thread(target=run, name="hook", daemon=True)
+        self._thread.start()
+
+    @property
+    def done(self) -> bool:
+        return self.outcome is not None
+
+    def cancel(self) -> None:
+        """Stop the hook (its command gets KILL) and wait a moment for its thread."""
+        self.stopped.set()
+        self._thread.join(timeout=1.0)
+
+
+@dataclass
+class _Stop:
+    """A stop of the run under way: its preStop hook, then the signal, then KILL."""
+
+    began: float
+    """time.monotonic() when it was decided."""
+    signum: int
+    group: bool
+    """Whether the signal goes to the container's process group (a stop of the launcher's
+    own: a failed probe or postStart hook) or to its process (a signal passed on)."""
+    grace: float | None
+    """Seconds from `began` to KILL; None: the launcher sends none (the job's end does)."""
+    bound: float
+    """The longest the preStop hook may take."""
+    hook: _HookRun | None = None
+    sent_at: float | None = None
+    """time.monotonic() when the signal went to the container."""
+    killed: bool = False
+
+    def kill_at(self) -> float | None:
+        """When the container gets KILL; None before the signal went, or never."""
+        if self.grace is None or self.sent_at is None:
+            return None
+        if self.hook is None:
+            return self.began + self.grace
+        return max(self.began + self.grace, self.sent_at + MIN_KILL_SECONDS)
+
+
+class _RunControl:
+    """What happens around one run of the container besides its output: its postStart hook,
+    its probes once it has started, and its stop (preStop hook, signal, KILL).
+
+    `tick` is called by the run's own thread (the one that writes the log) every few tenths of
+    a second while the container runs; the probe thread may ask for a stop at any time."""
+
+    def __init__(
+        self,
+        *,
+        child: subprocess.Popen[bytes],
+        folder: ContainerFolder,
+        log: LogWriter,
+        signals: _Signals,
+        grace: float | None,
+        probes: Probes | None,
+        hooks: Hooks,
+        prefix: Sequence[str],
+        began: float,
+        mark_started: Callable[[], None],
+    ) -> None:
+        self.child = child
+        self.folder = folder
+        self.log = log
+        self.signals = signals
+        self.grace = grace
+        self.probes = probes
+        self.hooks = hooks
+        self.prefix = prefix
+        self.began = began
+        self.mark_started = mark_started
+        self.post_start: _HookRun | None = None
+        self.probing: _Probing | None = None
+        self.stop: _Stop | None = None
+        self.probe_note: str | None = None
+        """Why a probe stopped the run, for the container's log once it has ended."""
+        self._lock = threading.Lock()
+
+    def start(self) -> None:
+        """The container's command has just started."""
+        if self.hooks.post_start is not None:
+            self.post_start = _HookRun(self.hooks.post_start, prefix=self.prefix, timeout=None)
+        else:
+            self._started()
+
+    def _started(self) -> None:
+        """The run counts as started: its marker, then its probes."""
+        self.mark_started()
+        if self.probes is not None:
+            self.probing = _start_probes(
+                self.folder.path,
+                self.probes,
+                check=lambda probe: check(probe, exec_prefix=self.prefix),
+                on_failure=self._probe_failed,
+                began=self.began,
+            )
+
+    def _probe_failed(self, probe: Probe) -> None:
+        assert self.probes is not None
+        kind = "Startup" if probe is self.probes.startup else "Liveness"
+        self.probe_note = (
+            f"hpk: {kind} probe failed {probe.failure_threshold} times; stopping the container"
+        )
+        self.request_stop(signal.SIGTERM, group=True, grace=self.probes.kill_grace(probe))
+
+    def request_stop(self, signum: int, *, group: bool, grace: float | None) -> None:
+        """Stop the run: its preStop hook (for at most `grace` seconds, else the pod's grace
+        period), then `signum`, then KILL `grace` seconds after now (None: no KILL). A second
+        request changes nothing."""
+        with self._lock:
+            if self.stop is not None:
+                return
+            pre_stop = self.hooks.pre_stop
+            bound = self.hooks.grace if grace is None else grace
+            stop = _Stop(
+                began=time.monotonic(), signum=signum, group=group, grace=grace, bound=bound
+            )
+            if pre_stop is not None:
+                stop.hook = _HookRun(pre_stop, prefix=self.prefix, timeout=bound)
+            else:
+                self._send(stop)
+            self.stop = stop
+        if self.post_start is not None and not self.post_start.done:
+            self.post_start.stopped.set()  # the run is ending: its postStart hook no longer counts
+
+    def tick(self) -> None:
+        """Move the run on: a signal received, a postStart hook that ended, a stop's steps."""
+        signals = self.signals
+        if signals.received and self.stop is None:
+            if signals.hold:
+                self.request_stop(signals.received[0], group=False, grace=self.grace)
+            else:  # passed on by the signal handler already
+                assert signals.first_at is not None
+                with self._lock:
+                    self.stop = self.stop or _Stop(
+                        began=signals.first_at,
+                        signum=signals.received[0],
+                        group=False,
+                        grace=self.grace,
+                        bound=0.0,
+                        sent_at=signals.first_at,
+                    )
+        self._post_start_ended()
+        self._stop_steps()
+
+    def _post_start_ended(self) -> None:
+        post_start = self.post_start
+        if post_start is None or post_start.outcome is None or self.stop is not None:
+            return
+        outcome = post_start.outcome
+        self.post_start = None
+        if outcome.ok:
+            self._started()
+            return
+        self._hook_failed(POST_START, outcome, then="stopping the container")
+        self.request_stop(signal.SIGTERM, group=True, grace=self.hooks.grace)
+
+    def _stop_steps(self) -> None:
+        stop = self.stop
+        if stop is None:
+            return
+        now = time.monotonic()
+        hook = stop.hook
+        if stop.sent_at is None and hook is not None:
+            outcome = hook.outcome
+            if outcome is None and now - stop.began < stop.bound:
+                return  # the preStop hook runs on
+            if outcome is None or outcome.timed_out:
+                hook.cancel()
+                self._line(
+                    f"PreStopHook did not end within {stop.bound:g} s; stopping the container"
+                )
+            elif not outcome.ok:
+                self._hook_failed(PRE_STOP, outcome, then="stopping the container")
+            with self._lock:
+                self._send(stop)
+        kill_at = stop.kill_at()
+        first = self.signals.first_at
+        if stop.group and self.grace is not None and first is not None:
+            # A signal came during the launcher's own stop: its grace period counts too.
+            kill_at = min(first + self.grace, kill_at or math.inf)
+        if kill_at is not None and now >= kill_at and not stop.killed and self.child.poll() is None:
+            stop.killed = True
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.child.pid, signal.SIGKILL)
+
+    def _send(self, stop: _Stop) -> None:
+        """The stop's signal to the container (with the lock held)."""
+        stop.sent_at = time.monotonic()
+        self.signals.hold = False
+        if self.child.poll() is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            if stop.group:
+                os.killpg(self.child.pid, stop.signum)
+            else:
+                os.kill(self.child.pid, stop.signum)
+
+    def _hook_failed(self, which: str, outcome: Outcome, *, then: str) -> None:
+        """A failed hook's marker (kubelet_py.pod.status and the kubelet's Events read it)
+        and a line in the container's log."""
+        at = rfc3339(time.time_ns())
+        self.folder.mark_hook_failed(which, at, outcome.summary, outcome.output)
+        self._line(f"{TITLES[which]} failed: {outcome.summary}; {then}")
+
+    def _line(self, text: str) -> None:
+        self.log.line("stderr", f"hpk: {text}", now=time.time_ns())
+
+    def finish(self) -> None:
+        """The container's process has ended: its hooks and probes stop."""
+        for run in (self.post_start, None if self.stop is None else self.stop.hook):
+            if run is not None and not run.done:
+                run.cancel()
+        if self.probing is not None:
+            self.probing.stop()
+        if self.probe_note is not None:
+            self.log.line("stderr", self.probe_note, now=time.time_ns())
 
 
 def _start_probes(
     container_dir: Path,
-    child: subprocess.Popen[bytes],
-    probes: Probes | None,
+    probes: Probes,
     *,
-    command: Sequence[str] = (),
-    image: Path | None = None,
-) -> _Probing | None:
-    """Start probing a run that has just started; None without probes."""
-    if probes is None:
-        return None
-
-    def failed(probe: Probe) -> None:
-        # The probe thread only records and signals; the pump's kill check sends KILL later.
-        kind = "Startup" if probe is probes.startup else "Liveness"
-        # Logged by the run's own thread once the container ended: LogWriter has one writer.
-        probing.note = (
-            f"hpk: {kind} probe failed {probe.failure_threshold} times; stopping the container"
-        )
-        probing.grace = probes.kill_grace(probe)
-        probing.failed_at = time.monotonic()
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(child.pid, signal.SIGTERM)
-
-    prefix = exec_prefix(command, image)
-
-    def check_one(probe: Probe) -> bool:
-        return check(probe, exec_prefix=prefix)
-
+    check: Callable[[Probe], bool],
+    on_failure: Callable[[Probe], None],
+    began: float,
+) -> _Probing:
+    """Start probing a run that has started, with initial delays from `began`."""
     done = threading.Event()
-    runner = Runner(probes=probes, container_dir=container_dir, on_failure=failed, check=check_one)
-    thread = threading.Thread(target=runner.run, args=(done,), daemon=True)
-    probing = _Probing(runner=runner, thread=thread, done=done)
+    runner = Runner(probes=probes, container_dir=container_dir, on_failure=on_failure, check=check)
+    thread = threading.Thread(target=runner.run, args=(done,), kwargs={"began": began}, daemon=True)
     thread.start()
-    return probing
-
-
-def _killer(
-    child: subprocess.Popen[bytes],
-    *,
-    signals: _Signals,
-    grace: float | None,
-    probing: _Probing | None = None,
-) -> Callable[[], None]:
-    """Called while the container runs: KILL its process group once the grace is over."""
-    killed = False
-
-    def check() -> None:
-        nonlocal killed
-        if killed:
-            return
-        failed_at = None if probing is None else probing.failed_at
-        if (
-            probing is not None
-            and failed_at is not None
-            and time.monotonic() - failed_at >= probing.grace
-            and child.poll() is None
-        ):
-            killed = True
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(child.pid, signal.SIGKILL)
-            return
-        if grace is None or signals.first_at is None:
-            return
-        if time.monotonic() - signals.first_at >= grace and child.poll() is None:
-            killed = True
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(child.pid, signal.SIGKILL)
-
-    return check
+    return _Probing(runner=runner, thread=thread, done=done)
 
 
 def _pump(
@@ -552,7 +769,7 @@ def _pump(
     log: LogWriter,
     sources: Sequence[tuple[int, str]],
     *,
-    kill: Callable[[], None] = lambda: None,
+    tick: Callable[[], None] = lambda: None,
     attach: AttachPoint | None = None,
 ) -> int:
     """Log what the container writes on `sources` (descriptors and their streams), and pass
@@ -576,7 +793,7 @@ def _pump(
                         attach.output(key.data, data)
                 else:
                     selector.unregister(key.fileobj)
-            kill()
+            tick()
             if drain_until is None and child.poll() is not None:
                 drain_until = time.monotonic() + DRAIN_SECONDS
             elif drain_until is not None and time.monotonic() >= drain_until:
@@ -660,7 +877,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if "--" not in words:
         print(
             "usage: python -m kubelet_py.job.launch [--image SIF] [--restart POLICY] "
-            "[--grace SECONDS] [--probes FILE] [--termination PATH] DIR -- COMMAND...",
+            "[--grace SECONDS] [--probes FILE] [--hooks FILE] [--termination PATH] "
+            "DIR -- COMMAND...",
             file=sys.stderr,
         )
         return 2
@@ -680,6 +898,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument(
         "--probes", type=Path, help="a JSON file of the container's probes (kubelet_py.job.probes)"
+    )
+    parser.add_argument(
+        "--hooks",
+        type=Path,
+        help="a JSON file of the container's postStart and preStop hooks (kubelet_py.job.hooks)",
     )
     parser.add_argument(
         "--termination",
@@ -706,6 +929,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         restart=args.restart,
         grace=args.grace,
         probes=None if args.probes is None else Probes.load(args.probes),
+        hooks=None if args.hooks is None else Hooks.load(args.hooks),
         termination=args.termination,
         console=Console(stdin=args.stdin, stdin_once=args.stdin_once, tty=args.tty),
         attachable=args.attach,

@@ -35,6 +35,8 @@ JOB_ID = "job-id"
 SLURM_OUTPUT = "slurm.out"
 ENV_DIR = "env"
 PROBES_DIR = "probes"
+HOOKS_DIR = "hooks"
+"""The containers' postStart and preStop hooks, one JSON file each (kubelet_py.job.hooks)."""
 VOLUMES_DIR = "volumes"
 CONTAINERS_DIR = "containers"
 NETWORK_CONFIG = "network.json"
@@ -61,6 +63,12 @@ RESTARTS = "restarts"
 LAST = "last"
 STARTUP = "startup"
 READY = "ready"
+POST_START_FAILED = "poststart-failed"
+PRE_STOP_FAILED = "prestop-failed"
+"""Written by the launcher when the current run's postStart or preStop hook failed: the time,
+then what ran and how it ended, then the end of an exec hook's output."""
+HOOK_FAILED = {"postStart": POST_START_FAILED, "preStop": PRE_STOP_FAILED}
+"""Each hook's failure marker, by the hook's name in the pod spec."""
 TERMINATION_LOG = "termination-log"
 """The container's termination message, copied out of it (kubelet_py.job.termination)."""
 HANDSHAKE_FIFO = "handshake"
@@ -86,6 +94,18 @@ class Ended:
     """The container's code, or 128 + the signal that ended it."""
     at: datetime | None
     """When it ended; None when the marker has no time."""
+
+
+@dataclass(frozen=True)
+class HookFailure:
+    """A `poststart-failed` or `prestop-failed` marker."""
+
+    stamp: str
+    """When the hook failed, as written (RFC 3339): tells one failure from the next."""
+    summary: str
+    """What ran and how it ended, one line."""
+    output: str
+    """The end of an exec hook's output (may be empty)."""
 
 
 @dataclass(frozen=True)
@@ -166,6 +186,10 @@ class ContainerFolder:
     def ready(self) -> Path:
         return self.path / READY
 
+    def hook_failed(self, hook: str) -> Path:
+        """The failure marker of `hook` (`postStart` or `preStop`)."""
+        return self.path / HOOK_FAILED[hook]
+
     @property
     def termination_log(self) -> Path:
         return self.path / TERMINATION_LOG
@@ -201,6 +225,10 @@ class ContainerFolder:
 
     def mark_restarts(self, count: int) -> None:
         write_marker(self.restarts, str(count))
+
+    def mark_hook_failed(self, hook: str, at: str, summary: str, output: str) -> None:
+        summary = " ".join(summary.split())  # one line, whatever the handler's words hold
+        write_marker(self.hook_failed(hook), "\n".join(filter(None, (at, summary, output))))
 
     # -- the readers (the kubelet) ------------------------------------------------------------
 
@@ -251,6 +279,17 @@ class ContainerFolder:
         code = _code(self.last, words[0] if words else "", text)
         times = [parse_time(word) for word in words[1:3]] + [None, None]
         return Last(code=code, started_at=times[0], finished_at=times[1])
+
+    def read_hook_failure(self, hook: str) -> HookFailure | None:
+        """How the current run's `hook` failed; None when it did not (or has not run)."""
+        text = self._text(self.hook_failed(hook))
+        if text is None:
+            return None
+        stamp, _, rest = text.partition("\n")
+        if parse_time(stamp) is None:
+            raise MalformedMarker(self.hook_failed(hook), "hook failure", text)
+        summary, _, output = rest.partition("\n")
+        return HookFailure(stamp=stamp, summary=summary.strip(), output=output.strip())
 
     def startup_passed(self) -> bool:
         """Whether the current run's startup probe has passed (a link does not count)."""

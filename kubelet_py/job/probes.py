@@ -1,10 +1,11 @@
 """Runs a container's startup, liveness and readiness probes beside it, inside the pod's job.
 
 Kubernetes' kubelet probes containers from the node; in hpk the node is the Slurm job, so
-kubelet_py.job.launch runs the probes of the container it started. Containers share the node's
-network, so an `httpGet` or `tcpSocket` probe without a host goes to 127.0.0.1; an `exec`
-probe runs `apptainer exec` of the container's own image and options (kubelet_py.job.launch
-hands over that prefix).
+kubelet_py.job.launch runs the probes of the container it started. The launcher shares the
+pod's network, so an `httpGet` or `tcpSocket` probe without a host goes to 127.0.0.1; an
+`exec` probe runs `apptainer exec` of the container's own image and options
+(kubelet_py.job.launch hands over that prefix). The checks themselves are the handlers
+lifecycle hooks run too (kubelet_py.job.handlers).
 
 The probes come as a JSON file that kubelet_py.pod.probe_spec makes at render time
 (`probes/<container>` in the pod folder):
@@ -19,8 +20,8 @@ applied and named ports resolved. What the runner writes into the container's fo
 readiness probe passes (removed when it fails, or when the run ends).
 
 It runs on compute nodes with `python -I`: stdlib only, nothing else of kubelet_py but
-kubelet_py.job.podfolder (stdlib only too), through which the markers are written: never through
-a link a container put in the container's folder.
+kubelet_py.job.handlers and kubelet_py.job.podfolder (stdlib only too), through which the
+markers are written: never through a link a container put in the container's folder.
 """
 
 from __future__ import annotations
@@ -28,9 +29,6 @@ from __future__ import annotations
 import contextlib
 import http.client
 import json
-import socket
-import ssl
-import subprocess
 import sys
 import threading
 import time
@@ -38,6 +36,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from kubelet_py.job import handlers
 from kubelet_py.job.podfolder import ContainerFolder, write_marker
 
 HTTP_GET = "httpGet"
@@ -139,42 +138,26 @@ class Probes:
 def check(probe: Probe, *, exec_prefix: Sequence[str] = ()) -> bool:
     """Whether one check of `probe` passes: HTTP 200-399, a TCP connection accepted, or the
     exec probe's command exiting 0 when run after `exec_prefix` (`apptainer exec ... SIF`)."""
+    if probe.kind == EXEC:
+        if not exec_prefix:
+            return False
+        timeout = probe.timeout + EXEC_START_SECONDS
+        return handlers.run_exec([*exec_prefix, *probe.command], timeout=timeout).code == 0
     try:
-        if probe.kind == EXEC:
-            if not exec_prefix:
-                return False
-            result = subprocess.run(
-                [*exec_prefix, *probe.command],
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-                timeout=probe.timeout + EXEC_START_SECONDS,
-                check=False,
-            )
-            return result.returncode == 0
         if probe.kind == TCP_SOCKET:
-            with socket.create_connection((probe.host, probe.port), timeout=probe.timeout):
-                return True
-        connection: http.client.HTTPConnection
-        if probe.scheme.upper() == "HTTPS":
-            context = ssl.create_default_context()
-            context.check_hostname = False
-            context.verify_mode = ssl.CERT_NONE
-            connection = http.client.HTTPSConnection(
-                probe.host, probe.port, timeout=probe.timeout, context=context
-            )
-        else:
-            connection = http.client.HTTPConnection(probe.host, probe.port, timeout=probe.timeout)
-        try:
-            headers = {"User-Agent": "kube-probe/hpk", "Accept": "*/*"}
-            headers.update(dict(probe.headers))
-            connection.request("GET", probe.path, headers=headers)
-            status = connection.getresponse().status
-        finally:
-            connection.close()
-        return 200 <= status < 400
-    except (OSError, http.client.HTTPException, ValueError, subprocess.TimeoutExpired):
+            handlers.tcp_connect(probe.host, probe.port, timeout=probe.timeout)
+            return True
+        status = handlers.http_get(
+            host=probe.host,
+            port=probe.port,
+            path=probe.path,
+            scheme=probe.scheme,
+            headers=probe.headers,
+            timeout=probe.timeout,
+        )
+    except (OSError, http.client.HTTPException, ValueError):
         return False
+    return handlers.passes(status)
 
 
 @dataclass
@@ -269,9 +252,16 @@ class Runner:
             self.failed = True
             self.on_failure(state.probe)
 
-    def run(self, stop: threading.Event, *, clock: Callable[[], float] = time.monotonic) -> None:
-        """Probe on the real clock until `stop` is set or a probe failed."""
-        began = clock()
+    def run(
+        self,
+        stop: threading.Event,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        began: float | None = None,
+    ) -> None:
+        """Probe on the real clock until `stop` is set or a probe failed. The initial delays
+        count from `began` (a `clock()` reading: when the run started), else from now."""
+        began = clock() if began is None else began
         while not stop.is_set() and not self.failed:
             try:
                 due = self.step(clock() - began)

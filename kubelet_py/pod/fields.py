@@ -18,7 +18,6 @@ from types import MappingProxyType
 
 from kubelet_py.errors import InvalidPodSpec
 from kubelet_py.errors import expect_object as _mapping
-from kubelet_py.pod.probe_spec import PROBE_FIELDS
 
 DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
 DNS_SUBDOMAIN = re.compile(rf"{DNS_LABEL.pattern}(\.{DNS_LABEL.pattern})*")
@@ -59,7 +58,8 @@ _ELSEWHERE: Mapping[str, str] = MappingProxyType(
         "priority": "Slurm orders its queue",
         "priorityClassName": "Slurm orders its queue",
         "preemptionPolicy": "Slurm orders its queue",
-        "terminationGracePeriodSeconds": "deletion waits this long before Slurm kills the job",
+        "terminationGracePeriodSeconds": "deletion waits this long before Slurm kills the job "
+        "(render gives it to the launchers, which bound preStop hooks by it)",
         "serviceAccountName": "the token comes as a projected volume",
         "serviceAccount": "the token comes as a projected volume",
         "automountServiceAccountToken": "the token comes as a projected volume",
@@ -79,7 +79,11 @@ _CONTAINER_HONOURED = frozenset(
         "volumeMounts",
         "terminationMessagePath",
         "terminationMessagePolicy",
-        *PROBE_FIELDS,
+        # checked and written for the launcher by kubelet_py.pod.probe_spec and hook_spec
+        "startupProbe",
+        "livenessProbe",
+        "readinessProbe",
+        "lifecycle",
     }
 )
 _CONTAINER_CHECKED = frozenset({"stdin", "stdinOnce", "tty", "securityContext", "restartPolicy"})

@@ -17,6 +17,7 @@ text out. The only I/O is Jinja2 reading the template, through hpk.templating.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import sys
@@ -30,11 +31,13 @@ from hpk.images import NATIVE_IMAGE, ImageConfig, InvalidImageReference, normali
 from hpk.templating import render
 from kubelet_py.errors import ImageNotResolved, InvalidPodSpec
 from kubelet_py.errors import expect_object as _mapping
+from kubelet_py.job.hooks import POST_START
 from kubelet_py.job.podfolder import (
     ENV_DIR,
     ETC_DIR,
     HANDSHAKE_FIFO,
     HANDSHAKE_HOOK,
+    HOOKS_DIR,
     JOB_SCRIPT,
     NETWORK,
     NETWORK_CONFIG,
@@ -63,6 +66,7 @@ from kubelet_py.pod.fields import (
     has_control,
 )
 from kubelet_py.pod.flags import ANNOTATION, FIELD, SbatchOption, merge_options, parse_flags
+from kubelet_py.pod.hook_spec import hooks_file
 from kubelet_py.pod.inputs import PodInputs
 from kubelet_py.pod.mounts import container_binds, pod_volumes, volume_dirs
 from kubelet_py.pod.network import (
@@ -259,6 +263,11 @@ class ContainerLaunch:
     console: tuple[str, ...] = ()
     """The launcher's flags for the container's input: `--stdin`, `--stdin-once`, `--tty`
     (kubelet_py.job.attach)."""
+    hooks: str | None = None
+    """The container's hooks file (kubelet_py.pod.hook_spec), None when it has no hooks."""
+    post_start: bool = False
+    """It has a postStart hook: the next container starts once the hook has passed (or the
+    run has ended), as Kubernetes starts a pod's containers one after another."""
 
 
 def render_pod(
@@ -338,10 +347,15 @@ def render_pod(
             launches[key].append(launch)
             if environment is not None:
                 files[f"{ENV_DIR}/{launch.name}"] = environment
-            launch = _with_probes(
-                launch, container, where, spec=spec, settings=settings, files=files
+            launches[key][-1] = _with_probes_and_hooks(
+                launch,
+                container,
+                where,
+                spec=spec,
+                settings=settings,
+                files=files,
+                warnings=warnings,
             )
-            launches[key][-1] = launch
 
     joins = _join_network(pod, settings, address, files, warnings)
     if not_honoured:
@@ -456,6 +470,24 @@ def _join_network(
     )
 
 
+def _with_probes_and_hooks(
+    launch: ContainerLaunch,
+    container: Mapping[str, object],
+    where: str,
+    *,
+    spec: Mapping[str, object],
+    settings: RenderSettings,
+    files: dict[str, str],
+    warnings: list[tuple[str, str]],
+) -> ContainerLaunch:
+    """`launch` with the files its launcher reads besides the command: its probes and its
+    lifecycle hooks (which go into `files`)."""
+    launch = _with_probes(launch, container, where, spec=spec, settings=settings, files=files)
+    return _with_hooks(
+        launch, container, where, spec=spec, settings=settings, files=files, warnings=warnings
+    )
+
+
 def _with_probes(
     launch: ContainerLaunch,
     container: Mapping[str, object],
@@ -466,13 +498,8 @@ def _with_probes(
     files: dict[str, str],
 ) -> ContainerLaunch:
     """`launch` with its probes file, which goes into `files`; as it is without probes."""
-    grace = spec.get("terminationGracePeriodSeconds", DEFAULT_GRACE_SECONDS)
-    if isinstance(grace, bool) or not isinstance(grace, int) or grace < 0:
-        raise InvalidPodSpec(
-            "spec.terminationGracePeriodSeconds", f"{grace!r} is no number of seconds"
-        )
     init = where.startswith("spec.initContainers") and not launch.sidecar
-    text = probes_file(container, where, grace=grace, init=init)
+    text = probes_file(container, where, grace=_grace(spec), init=init)
     if text is None:
         return launch
     for key in PROBE_FIELDS:
@@ -493,6 +520,40 @@ def _srun_launch(
             "srun starts this container on every task: it has no input to attach to",
         )
     return replace(launch, srun=True)
+
+
+def _with_hooks(
+    launch: ContainerLaunch,
+    container: Mapping[str, object],
+    where: str,
+    *,
+    spec: Mapping[str, object],
+    settings: RenderSettings,
+    files: dict[str, str],
+    warnings: list[tuple[str, str]],
+) -> ContainerLaunch:
+    """`launch` with its hooks file, which goes into `files`; as it is without hooks."""
+    init = where.startswith("spec.initContainers") and not launch.sidecar
+    text, ignored = hooks_file(container, where, grace=_grace(spec), init=init, srun=launch.srun)
+    warnings += ignored
+    if text is None:
+        return launch
+    files[f"{HOOKS_DIR}/{launch.name}"] = text
+    return replace(
+        launch,
+        hooks=str(settings.pod_dir / HOOKS_DIR / launch.name),
+        post_start=POST_START in json.loads(text),
+    )
+
+
+def _grace(spec: Mapping[str, object]) -> int:
+    """The pod's terminationGracePeriodSeconds (Kubernetes' 30 s without one)."""
+    grace = spec.get("terminationGracePeriodSeconds", DEFAULT_GRACE_SECONDS)
+    if isinstance(grace, bool) or not isinstance(grace, int) or grace < 0:
+        raise InvalidPodSpec(
+            "spec.terminationGracePeriodSeconds", f"{grace!r} is no number of seconds"
+        )
+    return grace
 
 
 def srun_container(value: object, main: Sequence[Mapping[str, object]]) -> str | None:
@@ -678,12 +739,7 @@ def _restart(
         raise InvalidPodSpec(
             f"{where}.restartPolicy", f"{own!r}: an init container may only set Always (a sidecar)"
         )
-    grace = spec.get("terminationGracePeriodSeconds", DEFAULT_GRACE_SECONDS)
-    if isinstance(grace, bool) or not isinstance(grace, int) or grace < 0:
-        raise InvalidPodSpec(
-            "spec.terminationGracePeriodSeconds", f"{grace!r} is no number of seconds"
-        )
-    return "Always", grace
+    return "Always", _grace(spec)
 
 
 def _asks_for_gpus(option: SbatchOption) -> bool:

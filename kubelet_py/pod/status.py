@@ -5,7 +5,8 @@ Kubernetes' (phases, conditions, container states) is one pure function that uni
 check case by case. It touches nothing: `pod_status` takes plain data and returns the status
 as the API's JSON shape, and `read_markers` is its only reader, of the pod folder's
 `containers/<name>/` markers (`started`, `exit`, and for restarted containers `restarts`,
-`last` and `backoff`; for probed containers `startup` and `ready`), which
+`last` and `backoff`; for probed containers `startup` and `ready`; for containers with
+lifecycle hooks `poststart-failed` and `prestop-failed`), which
 kubelet_py.job.podfolder names and parses. Containers can write there, so markers are read
 through kubelet_py.job.podfiles: no link is followed, only regular files are read, and only
 their first bytes.
@@ -27,7 +28,14 @@ from typing import Any, Protocol, TypeVar
 
 from kubelet_py.job import podfiles
 from kubelet_py.job.clock import api_time
-from kubelet_py.job.podfolder import ContainerFolder, MalformedMarker, PodFolder, parse_time
+from kubelet_py.job.hooks import POST_START, PRE_STOP, TITLES
+from kubelet_py.job.podfolder import (
+    ContainerFolder,
+    HookFailure,
+    MalformedMarker,
+    PodFolder,
+    parse_time,
+)
 from kubelet_py.job.termination import TERMINATION_MESSAGE_LIMIT
 
 log = logging.getLogger(__name__)
@@ -41,6 +49,8 @@ FAILED = "Failed"
 
 SLURM_PENDING = "SlurmPending"
 """The waiting reason of containers whose job Slurm has not started."""
+POST_START_ERROR = "PostStartHookError"
+"""The waiting reason of a container whose postStart hook failed, while it is stopped."""
 
 EXIT_SIGTERM = 143
 EXIT_SIGKILL = 137
@@ -117,6 +127,11 @@ class ContainerMarkers:
     log_tail: str | None = None
     """The end of its log, once it has ended with a non-zero code: the message of
     `terminationMessagePolicy: FallbackToLogsOnError` when it wrote none."""
+    post_start_failure: HookFailure | None = None
+    """How this run's postStart hook failed (the `poststart-failed` file): the launcher then
+    stops the run."""
+    pre_stop_failure: HookFailure | None = None
+    """How this run's preStop hook failed (the `prestop-failed` file)."""
 
 
 @dataclass(frozen=True)
@@ -302,6 +317,8 @@ def _container_markers(folder: ContainerFolder) -> ContainerMarkers:
         backoff_seconds=_marker(folder.read_backoff, None),
         startup_passed=folder.startup_passed(),
         probe_ready=folder.probe_ready(),
+        post_start_failure=_marker(lambda: folder.read_hook_failure(POST_START), None),
+        pre_stop_failure=_marker(lambda: folder.read_hook_failure(PRE_STOP), None),
     )
 
 
@@ -360,6 +377,12 @@ def _read_log_tail(folder: ContainerFolder) -> str | None:
     texts = [line.split(" ", 2)[2] if line.count(" ") >= 2 else "" for line in lines]
     tail = "\n".join(texts[-LOG_FALLBACK_LINES:]).encode()[-LOG_FALLBACK_BYTES:]
     return tail.decode("utf-8", "ignore") or None
+
+
+def hook_failure_message(hook: str, failure: HookFailure) -> str:
+    """What a container's status says of a failed hook, with the end of its output."""
+    message = f"{TITLES[hook]} failed: {failure.summary}"
+    return f"{message}\n{failure.output}" if failure.output else message
 
 
 def probed_readiness(container: Mapping[str, Any], marker: ContainerMarkers) -> tuple[bool, bool]:
@@ -537,6 +560,12 @@ def _current_state(
         return _base(container, state={"terminated": _terminated(marker, outcome, container)})
 
     if outcome is None:  # the job runs
+        if marker.started_at is None and marker.post_start_failure is not None:
+            # Being stopped: its postStart hook failed (Kubernetes' reason for this moment).
+            message = hook_failure_message(POST_START, marker.post_start_failure)
+            return _base(
+                container, state={"waiting": {"reason": POST_START_ERROR, "message": message}}
+            )
         if marker.started_at is not None:
             running = {"startedAt": _time(marker.started_at)}
             # An init container is not ready while it runs, a sidecar is; probes may say later.
@@ -584,6 +613,8 @@ def _terminated(
     if marker.exit_code == EXIT_CANNOT_RUN:
         terminated["message"] = "the container's image could not run"
     message = marker.termination_message
+    if not message and marker.post_start_failure is not None:
+        message = hook_failure_message(POST_START, marker.post_start_failure)
     if not message and container.get("terminationMessagePolicy") == "FallbackToLogsOnError":
         message = marker.log_tail if marker.exit_code != 0 else None
     if message:

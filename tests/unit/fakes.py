@@ -254,6 +254,8 @@ class FakeSlurm:
     def __init__(self) -> None:
         self.submitted: list[tuple[Path, list[str]]] = []
         self.cancelled: list[tuple[str, str | None]] = []
+        self.batch_only: list[str] = []
+        """The jobs signalled in their batch script alone (`scancel --batch`)."""
         self.listed: dict[str, ListedJob] = {}
         self.list_calls = 0
         self.identified: list[list[str]] = []
@@ -278,12 +280,14 @@ class FakeSlurm:
         )
         return job_id
 
-    def cancel(self, job_id: str, *, signal: str | None = None) -> None:
+    def cancel(self, job_id: str, *, signal: str | None = None, batch_only: bool = False) -> None:
         if self.unavailable:
             raise SlurmUnavailable("scancel: Unable to contact slurm controller")
         if signal is not None and self.refuse_signal is not None:
             raise SlurmError(f"scancel: {self.refuse_signal}")
         self.cancelled.append((job_id, signal))
+        if batch_only:
+            self.batch_only.append(job_id)
 
     def listed_jobs(self, comment_prefix: str) -> dict[str, ListedJob]:
         self.list_calls += 1

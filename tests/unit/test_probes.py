@@ -15,7 +15,7 @@ from typing import ClassVar
 
 import pytest
 
-from kubelet_py.job.launch import exec_prefix
+from kubelet_py.job.handlers import exec_prefix
 from kubelet_py.job.probes import EXEC, HTTP_GET, TCP_SOCKET, Probe, Probes, Runner, check
 
 

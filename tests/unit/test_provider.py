@@ -22,6 +22,7 @@ from kubelet_py.adapters.slurm import (
     SlurmUnavailable,
 )
 from kubelet_py.errors import InvalidPodSpec
+from kubelet_py.job.podfolder import ContainerFolder
 from kubelet_py.provider import JOB_ID_ANNOTATION, PodLifecycleHandler, SlurmProvider
 from tests.unit.fakes import UID, Bed, FakeProvider, FakeWatcher, job_view, make_pod
 
@@ -193,11 +194,36 @@ def test_delete_sends_term_once_then_kill(bed: Bed) -> None:
     assert bed.provider.delete_pod(make_pod(), kill=True) is False
     assert bed.provider.delete_pod(make_pod(), kill=True) is False
     assert bed.slurm.cancelled == [(job_id, "TERM"), (job_id, "KILL")]
+    # TERM to the job script alone (its launchers run the preStop hooks first), KILL to all.
+    assert bed.slurm.batch_only == [job_id]
     bed.watcher.views[job_id] = job_view(job_id, "FAILED", final=True)
     assert bed.provider.delete_pod(make_pod()) is True
     bed.provider.forget(make_pod())
     assert bed.watcher.registered == {}
     assert bed.provider.job_id("default/web") is None
+
+
+def test_a_failed_hook_gives_one_warning_event_per_failure(bed: Bed) -> None:
+    job_id = bed.provider.create_pod(make_pod())
+    bed.watcher.views[job_id] = job_view(job_id, "RUNNING")
+    bed.provider.take_warnings("default/web")  # what the submission owed, if anything
+    folder = ContainerFolder(bed.folder() / "containers" / "main")
+    folder.path.mkdir(parents=True)
+    failed = 'exec ["false"] exited with 1'
+    folder.mark_hook_failed("postStart", "2026-11-24T10:00:03.000000000Z", failed, "a secret")
+    bed.provider.get_pod_status("default", "web")
+    bed.provider.get_pod_status("default", "web")  # read again: no second Event
+    assert bed.provider.take_warnings("default/web") == (
+        ("FailedPostStartHook", f"container main: PostStartHook failed: {failed}"),
+    )
+    # The next run's failure is another Event; so is a preStop hook's.
+    folder.mark_hook_failed("postStart", "2026-11-24T10:00:19.000000000Z", failed, "")
+    folder.mark_hook_failed("preStop", "2026-11-24T10:00:20.000000000Z", "sleep 5s ended", "")
+    bed.provider.get_pod_status("default", "web")
+    assert [reason for reason, _ in bed.provider.take_warnings("default/web")] == [
+        "FailedPostStartHook",
+        "FailedPreStopHook",
+    ]
 
 
 def test_delete_of_an_ended_job_or_a_pod_without_job_sends_nothing(bed: Bed) -> None:

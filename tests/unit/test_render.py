@@ -11,8 +11,10 @@ import json
 import os
 import re
 import shlex
+import signal
 import subprocess
 import sys
+import time
 from collections.abc import Mapping
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -174,6 +176,44 @@ RESTARTS = pod(
     terminationGracePeriodSeconds=5,
 )
 
+# Both hooks, each handler: a server whose postStart execs in its image and whose preStop asks
+# it to drain (a named port), a worker whose preStop sleeps, and a sidecar whose postStart
+# waits for its own port. The server's hook holds the worker back until it has passed.
+HOOKS = pod(
+    "hooked",
+    busybox(
+        "server",
+        command=["httpd", "-f", "-p", "8080", "-h", "/work"],
+        ports=[{"name": "http", "containerPort": 8080}],
+        volumeMounts=[{"name": "work", "mountPath": "/work"}],
+        lifecycle={
+            "postStart": {"exec": {"command": ["sh", "-c", "echo up > /work/index.html"]}},
+            "preStop": {
+                "httpGet": {
+                    "port": "http",
+                    "path": "/drain",
+                    "httpHeaders": [{"name": "X-Reason", "value": "pod deleted"}],
+                }
+            },
+        },
+    ),
+    busybox(
+        "worker",
+        command=["sh", "-c", "wget -q -O - http://127.0.0.1:8080/; exec sleep 3600"],
+        lifecycle={"preStop": {"sleep": {"seconds": 5}}},
+    ),
+    initContainers=[
+        busybox(
+            "proxy",
+            command=["sleep", "3600"],
+            restartPolicy="Always",
+            lifecycle={"postStart": {"httpGet": {"port": 15000, "scheme": "HTTPS"}}},
+        ),
+    ],
+    terminationGracePeriodSeconds=20,
+    volumes=[{"name": "work", "emptyDir": {}}],
+)
+
 GOLDEN_CASES: dict[str, tuple[Pod, RenderSettings]] = {
     "echo": (ECHO, settings("echo")),
     "init-and-two": (INIT_AND_TWO, settings("init-and-two")),
@@ -183,6 +223,7 @@ GOLDEN_CASES: dict[str, tuple[Pod, RenderSettings]] = {
     "flags": (FLAGS, settings("flags")),
     "weird-path": (ECHO, settings(pod_dir=WEIRD_DIR)),
     "restarts": (RESTARTS, settings("restarts")),
+    "hooks": (HOOKS, settings("hooked")),
     "config": (CONFIG, settings("config", node_addresses={"n1": "10.1.0.1", "n2": "10.1.0.2"})),
 }
 GOLDEN_INPUTS = {"config": CONFIG_INPUTS}
@@ -687,7 +728,7 @@ def test_pod_fields_hpk_cannot_honour_fail_the_pod(
             "readinessProbe.terminationGracePeriodSeconds",
             "only liveness",
         ),
-        ("lifecycle", {}, "lifecycle", "yet"),
+        ("lifecycle", {"stopSignal": "SIGUSR1"}, "lifecycle.stopSignal", "yet"),
         ("restartPolicy", "Always", "restartPolicy", "only init containers"),
         ("restartPolicy", "Never", "restartPolicy", "only init containers"),
         ("stdin", "yes", "stdin", "true or false"),
@@ -869,6 +910,18 @@ exec "$@"
 
 
 def run_job(tmp_path: Path, the_pod: Pod) -> tuple[subprocess.CompletedProcess[str], Path]:
+    job = start_job(tmp_path, the_pod)
+    try:
+        stdout, stderr = job.communicate(timeout=60)
+    finally:
+        job.kill()
+    result = subprocess.CompletedProcess(job.args, job.returncode, stdout, stderr)
+    return result, tmp_path / "pod" / "containers"
+
+
+def start_job(tmp_path: Path, the_pod: Pod) -> subprocess.Popen[str]:
+    """The pod's job script running under bash, with an `apptainer` that runs the command
+    after the image on the host."""
     apptainer = tmp_path / "apptainer"
     apptainer.write_text(FAKE_APPTAINER)
     apptainer.chmod(0o755)
@@ -886,10 +939,15 @@ def run_job(tmp_path: Path, the_pod: Pod) -> tuple[subprocess.CompletedProcess[s
         ),
     )
     (pod_dir / "job.sh").write_text(rendered.script)
-    result = subprocess.run(
-        ["bash", str(pod_dir / "job.sh")], capture_output=True, text=True, timeout=60, check=False
+    for path, text in rendered.files.items():
+        (pod_dir / path).parent.mkdir(parents=True, exist_ok=True)
+        (pod_dir / path).write_text(text)
+    return subprocess.Popen(
+        ["bash", str(pod_dir / "job.sh")],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
-    return result, pod_dir / "containers"
 
 
 def marker_time(containers: Path, name: str, marker: str) -> str:
@@ -936,6 +994,60 @@ def test_a_sidecar_that_ignores_term_is_killed_after_the_grace_period(tmp_path: 
     result, containers = run_job(tmp_path, the_pod)
     assert result.returncode == 3, result.stderr  # main's code, not the sidecar's
     assert (containers / "proxy" / "exit").read_text().startswith("137 ")
+
+
+def exec_hook(script: str) -> dict[str, Any]:
+    return {"exec": {"command": ["sh", "-c", script]}}
+
+
+def test_a_post_start_hook_holds_the_next_container_back_until_it_has_passed(
+    tmp_path: Path,
+) -> None:
+    hooked = tmp_path / "hooked"
+    the_pod = pod(
+        "held",
+        shell(
+            "first",
+            "sleep 1",
+            lifecycle={
+                "postStart": {"exec": {"command": ["sh", "-c", f"sleep 0.5; touch {hooked}"]}}
+            },
+        ),
+        shell("second", f"test -e {hooked}"),
+    )
+    result, containers = run_job(tmp_path, the_pod)
+    assert result.returncode == 0, "the second container started before the first's hook passed"
+    assert marker_time(containers, "first", "started") < marker_time(
+        containers, "second", "started"
+    )
+
+
+def test_term_to_the_job_script_runs_the_pre_stop_hook_before_the_container_gets_it(
+    tmp_path: Path,
+) -> None:
+    drained = tmp_path / "drained"
+    the_pod = pod(
+        "deleted",
+        shell(
+            "main",
+            f"trap 'test -e {drained} && exit 0; exit 1' TERM; while :; do sleep 0.05; done",
+            lifecycle={
+                "preStop": {"exec": {"command": ["sh", "-c", f"sleep 0.5; touch {drained}"]}}
+            },
+        ),
+        terminationGracePeriodSeconds=10,
+    )
+    job = start_job(tmp_path, the_pod)
+    started = tmp_path / "pod" / "containers" / "main" / "started"
+    deadline = time.monotonic() + 20
+    while not started.exists():
+        assert time.monotonic() < deadline and job.poll() is None, "the container did not start"
+        time.sleep(0.05)
+    job.send_signal(signal.SIGTERM)  # what `scancel --batch --signal=TERM` does
+    _, stderr = job.communicate(timeout=30)
+    assert job.returncode == 143, stderr
+    main = tmp_path / "pod" / "containers" / "main"
+    assert (main / "exit").read_text().startswith("0 "), "TERM came before the hook had ended"
 
 
 def test_probes_go_to_a_probes_file_with_defaults_and_named_ports_resolved() -> None:

@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 
+from kubelet_py.job.podfolder import HookFailure
 from kubelet_py.loops.watcher import JobView
 from kubelet_py.pod.status import ContainerMarkers, pod_status, read_markers
 
@@ -712,3 +713,64 @@ def test_read_markers_reads_the_probe_markers(tmp_path: Path) -> None:
     (folder / "ready").write_text("\n")
     markers = read_markers(tmp_path)["main"]
     assert markers.probe_ready is True and markers.startup_passed is True
+
+
+# --- lifecycle hooks -----------------------------------------------------------------------
+
+HOOKED: dict[str, Any] = {
+    "containers": [
+        {
+            "name": "main",
+            "image": "docker://busybox:1.36",
+            "lifecycle": {"postStart": {"exec": {"command": ["false"]}}},
+        }
+    ]
+}
+FAILED_HOOK = HookFailure(
+    stamp="2026-11-24T10:00:03.000000000Z",
+    summary='exec ["false"] exited with 1',
+    output="no config",
+)
+
+
+def test_a_container_in_its_post_start_hook_is_waiting_and_not_started() -> None:
+    # The launcher writes `started` once the hook has passed: until then, no marker.
+    status = pod_status(HOOKED, job("RUNNING"), {"main": ContainerMarkers()})
+    main = container(status, "main")
+    assert main["state"] == {"waiting": {"reason": "ContainerCreating"}}
+    assert (main["started"], main["ready"]) == (False, False)
+
+
+def test_a_container_whose_post_start_hook_failed_says_why_while_it_is_stopped() -> None:
+    markers = {"main": ContainerMarkers(post_start_failure=FAILED_HOOK)}
+    main = container(pod_status(HOOKED, job("RUNNING"), markers), "main")
+    assert main["state"]["waiting"] == {
+        "reason": "PostStartHookError",
+        "message": 'PostStartHook failed: exec ["false"] exited with 1\nno config',
+    }
+    assert main["started"] is False
+
+
+def test_the_run_a_failed_post_start_hook_ended_carries_its_message() -> None:
+    ended = replace(ran(1, 4, code=143), post_start_failure=FAILED_HOOK, backoff_seconds=10)
+    main = container(pod_status(HOOKED, job("RUNNING"), {"main": ended}), "main")
+    assert main["state"]["waiting"]["reason"] == "CrashLoopBackOff"
+    last = main["lastState"]["terminated"]
+    assert (last["exitCode"], last["reason"]) == (143, "Error")
+    assert last["message"] == 'PostStartHook failed: exec ["false"] exited with 1\nno config'
+    # What the container wrote at its terminationMessagePath comes first.
+    written = replace(ended, backoff_seconds=None, termination_message="bye")
+    status = pod_status(HOOKED, job("FAILED", exit_code=143), {"main": written})
+    assert terminated(status, "main")["message"] == "bye"
+
+
+def test_read_markers_reads_the_hook_failures(tmp_path: Path) -> None:
+    folder = tmp_path / "containers" / "main"
+    folder.mkdir(parents=True)
+    (folder / "poststart-failed").write_text(
+        '2026-11-24T10:00:03.000000000Z\nexec ["false"] exited with 1\nno config\n'
+    )
+    (folder / "prestop-failed").write_text("not a time\nsleep 5s ended\n")  # damaged
+    markers = read_markers(tmp_path)["main"]
+    assert markers.post_start_failure == FAILED_HOOK
+    assert markers.pre_stop_failure is None

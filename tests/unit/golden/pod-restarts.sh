@@ -69,12 +69,15 @@ prepare proxy || exit 125
 prepare after-proxy || exit 125
 prepare main || exit 125
 
-# Sidecars (init containers with restartPolicy Always) run on beside the containers; the next
-# container starts once the sidecar has started.
+# The next container starts once this one has started: a sidecar (an init container with
+# restartPolicy Always, which runs on beside the containers), and a container with a
+# postStart hook, which counts as started once its hook has passed. A container whose run
+# ended (its postStart hook failed) lets the next one start, a sidecar does not.
 sidecar_pids=()
 await_started() {
     until [[ -e $containers/$1/started ]]; do
         kill -0 "$2" 2>/dev/null || return 0
+        [[ -z ${3:-} || ! -e $containers/$1/exit ]] || return 0
         sleep 0.1
     done
 }
