@@ -552,6 +552,12 @@ class ClusterPKI:
     """hpk-kubelet's identity. It registers a node per Slurm partition, which the Node
     authorizer's system:node:<name> identities cannot; RBAC grants it its rights instead."""
     KUBELET_GROUPS = ("hpk:kubelets",)
+    METRICS_SERVER_USER = "hpk:metrics-server"
+    """metrics-server's identity towards hpk-kubelet (`--kubelet-client-certificate`): the
+    kubelet lets it read the pods' usage and its metrics, never a log."""
+    METRICS_SERVER_NAME = "metrics-server.kube-system.svc"
+    """The name the API server checks metrics-server's serving certificate against (the
+    APIService's Service, `<name>.<namespace>.svc`)."""
     KUBELET_SERVING_NAME = "hpk-kubelet"
     """CN of the kubelet's serving certificate (clients check its SANs, not its CN)."""
 

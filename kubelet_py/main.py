@@ -18,7 +18,9 @@ Kubernetes client blocks:
   StorageClass (kubelet_py.loops.provisioner), one folder per PersistentVolumeClaim;
 - `logserver`: the HTTPS kubelet API (`kubectl logs`, kubelet_py.loops.logserver), when it has its
   certificate (`--tls-cert-file`); its port is bound before anything else, so a port that is
-  taken ends the kubelet at once.
+  taken ends the kubelet at once. It also serves the pods' usage (`/stats/summary`,
+  `/metrics/resource`: kubelet_py.loops.stats) and the kubelet's own metrics (`/metrics`:
+  kubelet_py.loops.metrics, counted from the Slurm adapter, the controller and the binder).
 
 SIGTERM or SIGINT stops them all within a few seconds and leaves the nodes registered (see
 kubelet_py.loops.nodes for why) and the pods' jobs running (a restart adopts them).
@@ -61,6 +63,7 @@ from kubelet_py.loops.logserver import (
     ServerTLS,
 )
 from kubelet_py.loops.markerwatch import WATCH_FAILED, MarkerWatch
+from kubelet_py.loops.metrics import KubeletMetrics
 from kubelet_py.loops.nodes import (
     HostInfo,
     NodeAgent,
@@ -76,6 +79,7 @@ from kubelet_py.loops.provisioner import (
     ProvisionerSettings,
 )
 from kubelet_py.loops.pulls import PullSettings
+from kubelet_py.loops.stats import PodStats, stats_routes
 from kubelet_py.loops.tokens import TokenManager, TokenSettings
 from kubelet_py.loops.watcher import JobView, JobWatcher
 from kubelet_py.pod.network import PodNetworkSettings
@@ -450,6 +454,7 @@ def run(  # noqa: PLR0915 (every thread's wiring, start and stop in one place)
     storage_api = KubeApi(settings.kubeconfig)
     server: LogServer | None = None
     events = EventRecorder(event_api)
+    metrics = KubeletMetrics()
     try:
         if settings.tls is not None:
             server = _log_server(
@@ -474,12 +479,12 @@ def run(  # noqa: PLR0915 (every thread's wiring, start and stop in one place)
         )
         agent = NodeAgent(
             node_api,
-            source=partitions_from(SlurmClient(SubprocessRunner())),
+            source=partitions_from(SlurmClient(SubprocessRunner(), observer=metrics.observe_slurm)),
             settings=settings.nodes,
             host=host,
         )
         watch = unbound_pods(binder_api, settings.binder)
-        slurm = SlurmClient(SubprocessRunner())
+        slurm = SlurmClient(SubprocessRunner(), observer=metrics.observe_slurm)
         changed: list[Callable[[str, JobView], None]] = []
 
         def on_change(key: str, view: JobView) -> None:
@@ -539,7 +544,13 @@ def run(  # noqa: PLR0915 (every thread's wiring, start and stop in one place)
             return node_name[len(prefix) :] or None if node_name.startswith(prefix) else None
 
         changed.append(provider.job_changed)
-        controller = PodController(pod_api, provider, partition_of=partition_of, events=events)
+        controller = PodController(
+            pod_api,
+            provider,
+            partition_of=partition_of,
+            events=events,
+            status_lag=metrics.observe_status_lag,
+        )
         markers = MarkerWatch(
             provider.running_folders,
             provider.markers_changed,
@@ -553,6 +564,12 @@ def run(  # noqa: PLR0915 (every thread's wiring, start and stop in one place)
             starter=controller,
         )
         pods_watch = ListWatch(pod_api, pod_path(), field_selector=BOUND_PODS)
+        metrics.watch_queue("pods", controller.queued)
+        metrics.watch_queue("binder", binder.queued)
+        metrics.watch_phases(controller.phases)
+        if server is not None:
+            stats = PodStats(pods=provider.running_pods, usage=slurm.usage)
+            server.add_routes({**stats_routes(stats), "/metrics": metrics.route()})
         stop = threading.Event()
         watcher.start()
         threads = [

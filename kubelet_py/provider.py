@@ -51,6 +51,7 @@ from kubelet_py.job import podfiles
 from kubelet_py.job.network import NetworkConfig
 from kubelet_py.job.podfolder import PodFolder
 from kubelet_py.loops.pulls import ImagePuller, ImageWaiting, PullSettings, pull_policy
+from kubelet_py.loops.stats import RunningContainer, RunningPod
 from kubelet_py.loops.watcher import LOST, WAITING_STATES, JobView
 from kubelet_py.pod import projected
 from kubelet_py.pod.environment import service_links
@@ -515,6 +516,42 @@ class SlurmProvider:
             view, folder = self._view(pod.job_id, pod.pod), pod.folder
             if view is not None and not view.final and view.state not in WAITING_STATES:
                 running.append((key, folder))
+        return running
+
+    def running_pods(self) -> list[RunningPod]:
+        """The pods whose job runs now, each with its containers whose current run has
+        started and not ended (from their markers): what kubelet_py.loops.stats measures."""
+        with self._lock:
+            known = list(self._pods.values())
+        running = []
+        for pod in known:
+            view = self._view(pod.job_id, pod.pod)
+            if view is None or view.final or view.state in WAITING_STATES:
+                continue
+            metadata = pod.pod.get("metadata") or {}
+            spec = pod.pod.get("spec") or {}
+            names = {
+                str(container.get("name", ""))
+                for group in ("initContainers", "containers")
+                for container in spec.get(group) or ()
+            }
+            containers = tuple(
+                RunningContainer(name=name, started_at=markers.started_at)
+                for name, markers in read_markers(pod.folder).items()
+                if name in names and markers.started_at is not None and markers.exit_code is None
+            )
+            running.append(
+                RunningPod(
+                    namespace=str(metadata.get("namespace", "")),
+                    name=str(metadata.get("name", "")),
+                    uid=pod.uid,
+                    node=str(spec.get("nodeName") or ""),
+                    job_id=pod.job_id,
+                    folder=pod.folder,
+                    started_at=view.start_time,
+                    containers=containers,
+                )
+            )
         return running
 
     def markers_changed(self, key: str) -> None:

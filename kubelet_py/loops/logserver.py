@@ -1,4 +1,6 @@
-"""The kubelet's HTTPS API: `/containerLogs` for `kubectl logs`, and `/healthz`.
+"""The kubelet's HTTPS API: `/containerLogs` for `kubectl logs`, `/healthz`, and the routes
+it is given (`Route`: the pods' usage, kubelet_py.loops.stats, and the kubelet's own metrics,
+kubelet_py.loops.metrics).
 
 `kubectl logs` asks the API server, which asks the kubelet of the pod's node at the node's
 InternalIP and the port in `status.daemonEndpoints`. This module answers from the pod folders
@@ -7,7 +9,8 @@ InternalIP and the port in `status.daemonEndpoints`. This module answers from th
 
 Who may ask: TLS with a client certificate signed by the cluster CA (anything else fails the
 handshake), and then only the API server's kubelet-client identity or a member of
-`system:masters`; any other identity of the cluster gets 403.
+`system:masters`; metrics-server's identity (`METRICS_READERS`) may also read the given
+routes and `/healthz`, never a log; any other identity of the cluster gets 403.
 
 Two layers, so that the first can be tested on literal files:
 
@@ -70,6 +73,10 @@ ALLOWED_USERS = frozenset({"kube-apiserver-kubelet-client"})
 ALLOWED_GROUPS = frozenset({"system:masters"})
 """Client certificate Os whose members may use the API."""
 
+METRICS_READERS = frozenset({"hpk:metrics-server"})
+"""Client certificate CNs that may read the given routes (usage and metrics) and /healthz
+only: the identity hpk.pki issues for metrics-server (`ClusterPKI.METRICS_SERVER_USER`)."""
+
 SERVE_FAILED = "LogServeFailed"
 """The reason of the Warning Event a pod gets when its log files cannot be served."""
 
@@ -106,6 +113,20 @@ class NotFound(LogError):
 
 class LookupUnavailable(RuntimeError):
     """The API server could not say whether the pod exists; the folders alone then decide."""
+
+
+@dataclass(frozen=True)
+class RouteAnswer:
+    """What a route answers with."""
+
+    body: bytes
+    content_type: str
+    status: HTTPStatus = HTTPStatus.OK
+
+
+Route = Callable[[str | None, Mapping[str, Sequence[str]]], RouteAnswer]
+"""A read-only route of the API: (the node whose port was asked, None when the port stands
+for no single node; the query) -> the answer. A route's failure is a 500 for that request."""
 
 
 PodLookup = Callable[[str, str], Mapping[str, Any] | None]
@@ -481,6 +502,11 @@ def allowed(user: str, groups: Sequence[str]) -> bool:
     return user in ALLOWED_USERS or any(group in ALLOWED_GROUPS for group in groups)
 
 
+def reads_metrics(user: str) -> bool:
+    """Whether this identity may read the routes and /healthz (but no log): metrics-server."""
+    return user in METRICS_READERS
+
+
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
     block_on_close = False
@@ -493,6 +519,8 @@ class _Server(ThreadingHTTPServer):
         pods_dir: Path,
         lookup: PodLookup | None,
         warnings: PodWarnings,
+        routes: Mapping[str, Route],
+        node: str | None,
     ) -> None:
         super().__init__(address, _Handler)
         # The handshake happens in the connection's own thread (finish_request), so a slow
@@ -501,6 +529,8 @@ class _Server(ThreadingHTTPServer):
         self.pods_dir = pods_dir
         self.lookup = lookup
         self.warnings = warnings
+        self.routes = dict(routes)
+        self.node = node
         self.stopping = threading.Event()
 
     def server_bind(self) -> None:
@@ -541,7 +571,10 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_GET(self) -> None:
         user, groups = identity(self.connection.getpeercert())
-        if not allowed(user, groups):
+        url = urlsplit(self.path)
+        route = self.server.routes.get(url.path)
+        readable = url.path == "/healthz" or route is not None
+        if not allowed(user, groups) and not (readable and reads_metrics(user)):
             log.info("refused %s %s to user %r (groups %s)", self.command, self.path, user, groups)
             self._answer(
                 HTTPStatus.FORBIDDEN,
@@ -549,14 +582,29 @@ class _Handler(BaseHTTPRequestHandler):
                 "system:masters may use the kubelet API",
             )
             return
-        url = urlsplit(self.path)
         parts = [unquote(part) for part in url.path.split("/")[1:]]
+        query = parse_qs(url.query, keep_blank_values=True)
         if parts == ["healthz"]:
             self._answer(HTTPStatus.OK, "ok")
+        elif route is not None:
+            self._route(route, query)
         elif len(parts) == 4 and parts[0] == "containerLogs":
-            self._logs(*parts[1:], query=parse_qs(url.query, keep_blank_values=True))
+            self._logs(*parts[1:], query=query)
         else:
             self._answer(HTTPStatus.NOT_FOUND, f"{url.path} not found")
+
+    def _route(self, route: Route, query: Mapping[str, Sequence[str]]) -> None:
+        try:
+            answer = route(self.server.node, query)
+        except Exception as error:  # this request alone; the server goes on
+            log.exception("%s failed", self.path)
+            self._answer(HTTPStatus.INTERNAL_SERVER_ERROR, f"{type(error).__name__}: {error}")
+            return
+        self.send_response(answer.status)
+        self.send_header("Content-Type", answer.content_type)
+        self.send_header("Content-Length", str(len(answer.body)))
+        self.end_headers()
+        self.wfile.write(answer.body)
 
     def _logs(self, namespace: str, pod: str, container: str, *, query: dict[str, Any]) -> None:
         key = f"{namespace}/{pod}"
@@ -684,22 +732,32 @@ class LogServer:
         port: int,
         lookup: PodLookup | None = None,
         warnings: PodWarnings | None = None,
+        routes: Mapping[str, Route] | None = None,
+        node: str | None = None,
     ) -> None:
         """Binds the port (OSError when it is taken) and loads the certificates (OSError,
         ssl.SSLError when they cannot be read); serves nothing before `start`. `warnings`
-        reports a pod whose files cannot be served (module docstring)."""
+        reports a pod whose files cannot be served (module docstring); `routes` maps a path
+        to its route, which is told `node`, the node this port stands for."""
         self._server = _Server(
             (address, port),
             tls=tls.context(),
             pods_dir=pods_dir,
             lookup=lookup,
             warnings=warnings or PodWarnings(None, reason=SERVE_FAILED),
+            routes=routes or {},
+            node=node,
         )
         self._thread: threading.Thread | None = None
 
     @property
     def port(self) -> int:
         return int(self._server.server_address[1])
+
+    def add_routes(self, routes: Mapping[str, Route]) -> None:
+        """Serve these routes too (before `start`: the entry point binds the port first and
+        makes what the routes read afterwards)."""
+        self._server.routes.update(routes)
 
     def start(self) -> threading.Thread:
         """Serve on a daemon thread of its own until `stop`."""

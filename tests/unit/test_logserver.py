@@ -25,12 +25,14 @@ from hpk.pki import (
 from kubelet_py.job.launch import Clock, launch
 from kubelet_py.loops.events import PodWarnings
 from kubelet_py.loops.logserver import (
+    METRICS_READERS,
     SERVE_FAILED,
     BadRequest,
     LogOptions,
     LogServer,
     NotFound,
     PodView,
+    RouteAnswer,
     ServerTLS,
     find_log,
     parse_options,
@@ -559,3 +561,75 @@ def test_reading_a_fifo_as_the_log_never_blocks(tmp_path: Path) -> None:
     os.mkfifo(log)
     with pytest.raises(OSError, match="not a regular file"):
         body(log)
+
+
+# --- the routes it is given ------------------------------------------------------------------
+
+
+def test_routes_are_served_with_the_ports_node_and_metrics_server_reads_only_them(
+    tmp_path: Path,
+) -> None:
+    pki = ClusterPKI(tmp_path / "pki")
+    pki.ensure_control_plane(
+        hostname="localhost", node_ips=["127.0.0.1"], service_cidr="10.96.0.0/16"
+    )
+    serving = pki.ensure_kubelet_serving(hostname="localhost", addresses=["127.0.0.1"])
+    pod_folder(tmp_path / "pods", "p", {"main": LOG})
+    asked: list[tuple[str | None, dict[str, Any]]] = []
+
+    def usage(node: str | None, query: Mapping[str, Any]) -> RouteAnswer:
+        asked.append((node, dict(query)))
+        return RouteAnswer(body=b'{"pods": []}', content_type="application/json")
+
+    def broken(node: str | None, query: Mapping[str, Any]) -> RouteAnswer:
+        raise RuntimeError("no figures")
+
+    server = LogServer(
+        tls=ServerTLS(cert=serving.cert, key=serving.key, client_ca=pki.ca.cert),
+        pods_dir=tmp_path / "pods",
+        address="127.0.0.1",
+        port=0,
+        node="hpk-batch",
+    )
+    server.add_routes({"/stats/summary": usage, "/metrics": broken})
+    reader = CertFiles(cert=tmp_path / "reader.crt", key=tmp_path / "reader.key")
+    ensure_client_cert(reader, ca=pki.load_ca(), user=ClusterPKI.METRICS_SERVER_USER)
+    server.start()
+
+    def get(path: str, client: CertFiles) -> tuple[int, str, bytes]:
+        context = ssl.create_default_context(cafile=str(pki.ca.cert))
+        context.load_cert_chain(client.cert, client.key)
+        connection = http.client.HTTPSConnection("127.0.0.1", server.port, context=context)
+        try:
+            connection.request("GET", path)
+            response = connection.getresponse()
+            return response.status, response.getheader("Content-Type", ""), response.read()
+        finally:
+            connection.close()
+
+    try:
+        api = pki.apiserver_kubelet_client
+        assert get("/stats/summary?only_cpu_and_memory=true", api) == (
+            200,
+            "application/json",
+            b'{"pods": []}',
+        )
+        assert asked == [("hpk-batch", {"only_cpu_and_memory": ["true"]})]
+        assert get("/stats/summary", reader)[0] == 200, "metrics-server reads the usage"
+        assert get("/healthz", reader)[::2] == (200, b"ok")
+        status, _, text = get("/containerLogs/default/p/main", reader)
+        assert status == 403, "but never a log"
+        assert b"user=hpk:metrics-server" in text
+        status, _, text = get("/metrics", api)
+        assert (status, text) == (500, b"RuntimeError: no figures"), "that request alone fails"
+        assert get("/containerLogs/default/p/main", api)[::2] == (
+            200,
+            b"first\nsecond line\nthird\n",
+        )
+        assert get("/stats/summary", pki.ensure_hpk_kubelet_client())[0] == 403
+    finally:
+        server.stop()
+
+
+def test_the_metrics_readers_name_is_the_one_the_pki_issues() -> None:
+    assert {ClusterPKI.METRICS_SERVER_USER} == METRICS_READERS
