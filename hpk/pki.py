@@ -629,6 +629,14 @@ class ClusterPKI:
         return self._pair("kubelet-serving")
 
     @property
+    def metrics_server_serving(self) -> CertFiles:
+        return self._pair("metrics-server-serving")
+
+    @property
+    def metrics_server_client(self) -> CertFiles:
+        return self._pair("metrics-server-kubelet-client")
+
+    @property
     def sa_key(self) -> Path:
         return self.root / "sa.key"
 
@@ -750,6 +758,35 @@ class ClusterPKI:
             policy=self.policy,
         )
         return self.kubelet_serving
+
+    def ensure_metrics_server_serving(self, *, cluster_domain: str = "cluster.local") -> CertFiles:
+        """metrics-server's serving certificate, from the cluster CA, for the names of its
+        Service; the API server checks it against the APIService's caBundle (the cluster
+        CA) under the name `METRICS_SERVER_NAME`."""
+        ensure_server_cert(
+            self.metrics_server_serving,
+            ca=self.load_ca(),
+            common_name=self.METRICS_SERVER_NAME,
+            sans=[
+                self.METRICS_SERVER_NAME,
+                self.METRICS_SERVER_NAME.removesuffix(".svc"),
+                f"{self.METRICS_SERVER_NAME}.{cluster_domain}",
+            ],
+            policy=self.policy,
+        )
+        return self.metrics_server_serving
+
+    def ensure_metrics_server_client(self) -> CertFiles:
+        """metrics-server's client certificate towards hpk-kubelet (CN hpk:metrics-server, no
+        group): the kubelet lets it read the pods' usage, and the API server grants the name
+        nothing."""
+        ensure_client_cert(
+            self.metrics_server_client,
+            ca=self.load_ca(),
+            user=self.METRICS_SERVER_USER,
+            policy=self.policy,
+        )
+        return self.metrics_server_client
 
     def ensure_kubelet_client(self, node_name: str) -> CertFiles:
         """The kubelet's client certificate for node `node_name` (CN=system:node:<name>,

@@ -592,8 +592,7 @@ def test_routes_are_served_with_the_ports_node_and_metrics_server_reads_only_the
         node="hpk-batch",
     )
     server.add_routes({"/stats/summary": usage, "/metrics": broken})
-    reader = CertFiles(cert=tmp_path / "reader.crt", key=tmp_path / "reader.key")
-    ensure_client_cert(reader, ca=pki.load_ca(), user=ClusterPKI.METRICS_SERVER_USER)
+    reader = pki.ensure_metrics_server_client()
     server.start()
 
     def get(path: str, client: CertFiles) -> tuple[int, str, bytes]:
