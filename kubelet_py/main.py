@@ -482,6 +482,7 @@ def run(  # noqa: PLR0915 (every thread's wiring, start and stop in one place)
             source=partitions_from(SlurmClient(SubprocessRunner(), observer=metrics.observe_slurm)),
             settings=settings.nodes,
             host=host,
+            ports=server,
         )
         watch = unbound_pods(binder_api, settings.binder)
         slurm = SlurmClient(SubprocessRunner(), observer=metrics.observe_slurm)

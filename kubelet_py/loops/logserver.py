@@ -519,7 +519,7 @@ class _Server(ThreadingHTTPServer):
         pods_dir: Path,
         lookup: PodLookup | None,
         warnings: PodWarnings,
-        routes: Mapping[str, Route],
+        routes: dict[str, Route],
         node: str | None,
     ) -> None:
         super().__init__(address, _Handler)
@@ -529,7 +529,7 @@ class _Server(ThreadingHTTPServer):
         self.pods_dir = pods_dir
         self.lookup = lookup
         self.warnings = warnings
-        self.routes = dict(routes)
+        self.routes = routes
         self.node = node
         self.stopping = threading.Event()
 
@@ -721,7 +721,13 @@ class _Handler(BaseHTTPRequestHandler):
 
 
 class LogServer:
-    """The kubelet API on `address:port`, serving the pod folders below `pods_dir`."""
+    """The kubelet API on `address:port`, serving the pod folders below `pods_dir`, and on a
+    port of its own for each node that asks for one (`port_for`).
+
+    Every node of the kubelet is a Slurm partition, and all of them have the host's address:
+    a request says nothing of the node it is for, but its port does. So each node advertises
+    a port of its own, and the routes (the pods' usage) answer for that node.
+    """
 
     def __init__(
         self,
@@ -738,40 +744,95 @@ class LogServer:
         """Binds the port (OSError when it is taken) and loads the certificates (OSError,
         ssl.SSLError when they cannot be read); serves nothing before `start`. `warnings`
         reports a pod whose files cannot be served (module docstring); `routes` maps a path
-        to its route, which is told `node`, the node this port stands for."""
-        self._server = _Server(
-            (address, port),
-            tls=tls.context(),
-            pods_dir=pods_dir,
-            lookup=lookup,
-            warnings=warnings or PodWarnings(None, reason=SERVE_FAILED),
-            routes=routes or {},
+        to its route, which is told `node`, the node this port stands for (None: none yet,
+        the routes answer for every node)."""
+        self._context = tls.context()
+        self._address = address
+        self._pods_dir = pods_dir
+        self._lookup = lookup
+        self._warnings = warnings or PodWarnings(None, reason=SERVE_FAILED)
+        self._routes: dict[str, Route] = dict(routes or {})
+        self._lock = threading.Lock()
+        self._server = self._bind(port, node)
+        self._nodes: dict[str, _Server] = {}
+        """Node -> the server of its own port (the main port's node is not here)."""
+        self._threads: list[tuple[_Server, threading.Thread]] = []
+        self._started = False
+
+    def _bind(self, port: int, node: str | None) -> _Server:
+        return _Server(
+            (self._address, port),
+            tls=self._context,
+            pods_dir=self._pods_dir,
+            lookup=self._lookup,
+            warnings=self._warnings,
+            routes=self._routes,  # shared: add_routes serves every port
             node=node,
         )
-        self._thread: threading.Thread | None = None
 
     @property
     def port(self) -> int:
         return int(self._server.server_address[1])
 
     def add_routes(self, routes: Mapping[str, Route]) -> None:
-        """Serve these routes too (before `start`: the entry point binds the port first and
+        """Serve these routes too, on every port (the entry point binds the port first and
         makes what the routes read afterwards)."""
-        self._server.routes.update(routes)
+        self._routes.update(routes)
+
+    def port_for(self, node: str, *, default: bool, advertised: int | None = None) -> int:
+        """The port `node` advertises in its status: the main port for the default node (the
+        first that asks), a port of its own for every other, bound now and served from then
+        on. A node keeps its port while the kubelet runs; after a restart it gets the one it
+        `advertised` again while that is free, else one the system picks."""
+        with self._lock:
+            if self._server.node == node or (default and self._server.node is None):
+                self._server.node = node
+                return self.port
+            found = self._nodes.get(node)
+            if found is not None:
+                return int(found.server_address[1])
+            wanted = advertised if advertised and advertised != self.port else 0
+            try:
+                server = self._bind(wanted, node)
+            except OSError:
+                if not wanted:
+                    raise
+                server = self._bind(0, node)
+            self._nodes[node] = server
+            if self._started:
+                self._serve(server)
+        port = int(server.server_address[1])
+        log.info("kubelet API for node %s listening on port %d", node, port)
+        return port
+
+    def _serve(self, server: _Server) -> threading.Thread:
+        thread = threading.Thread(
+            target=server.serve_forever, args=(0.5,), name="logserver", daemon=True
+        )
+        thread.start()
+        self._threads.append((server, thread))
+        return thread
 
     def start(self) -> threading.Thread:
-        """Serve on a daemon thread of its own until `stop`."""
+        """Serve on daemon threads of its own until `stop`; returns the main port's."""
         log.info("kubelet API listening on port %d", self.port)
-        self._thread = threading.Thread(
-            target=self._server.serve_forever, args=(0.5,), name="logserver", daemon=True
-        )
-        self._thread.start()
-        return self._thread
+        with self._lock:
+            self._started = True
+            main = self._serve(self._server)
+            for server in self._nodes.values():
+                self._serve(server)
+        return main
 
     def stop(self) -> None:
-        """Stop accepting, end every follow within a poll, and close the port."""
-        self._server.stopping.set()
-        if self._thread is not None:
-            self._server.shutdown()
-            self._thread.join()
-        self._server.server_close()
+        """Stop accepting, end every follow within a poll, and close the ports."""
+        with self._lock:
+            servers = [self._server, *self._nodes.values()]
+            threads, self._threads = self._threads, []
+            self._started = False
+        for server in servers:
+            server.stopping.set()
+        for server, thread in threads:
+            server.shutdown()
+            thread.join()
+        for server in servers:
+            server.server_close()
