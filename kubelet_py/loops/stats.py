@@ -3,18 +3,22 @@
 
 Each hpk node is a Slurm partition, not a machine, and Slurm measures jobs, not containers:
 
-- **A pod's** CPU and memory are its job's, as `sstat` tells them (kubelet_py.adapters.slurm,
-  `SlurmClient.usage`): the sum over the job's running steps, so they hold everything the job
-  runs, hpk's container launchers and the pod network's helpers included. One sstat call asks
-  for every running job of the kubelet, and its answer is kept for `UsageSettings.ttl_s`, so
-  that a scrape of each node, or two scrapes close together, make one call.
-- **A container's** figures are those of its own processes, read from `/proc` where the job
-  runs on the host the kubelet runs on (a single-host cluster, the test bed): sstat lists the
-  job's processes, the launcher of each container is found by its command line (which names
-  the container's folder in this pod's folder), and the processes below it are the
-  container's. Where the job runs elsewhere, its processes cannot be seen: a pod with one
-  running container gives that container the pod's figures, a pod with several gives them no
-  figures of their own (metrics-server then leaves that pod out of `kubectl top pod`).
+- **A pod's** CPU and memory are its job's: everything the job runs, hpk's container
+  launchers and the pod network's helpers included. `sstat` (kubelet_py.adapters.slurm,
+  `SlurmClient.usage`) tells them, summed over the job's running steps, and lists the job's
+  processes. One sstat call asks for every running job of the kubelet, and its answer is
+  kept for `UsageSettings.ttl_s`, so that a scrape of each node, or two scrapes close
+  together, make one call. Slurm's figures are only as fresh as its accounting poll
+  (`JobAcctGatherFrequency`, 30 s by default), so where the job's processes can be seen from
+  here (the job runs on the kubelet's host: a single-host cluster, the test bed) the pod's
+  figures are the sum over those processes, read from `/proc` now.
+- **A container's** figures are those of its own processes, where they can be seen: the
+  launcher of each container is found among the job's processes by its command line (which
+  names the container's folder in this pod's folder), and the processes below it are the
+  container's (the launcher itself is hpk's). Where the job runs on another host its
+  processes cannot be seen: a pod with one running container gives that container the pod's
+  figures, a pod with several gives them no figures of their own (metrics-server then leaves
+  that pod out of `kubectl top pod`).
 - **A node's** figures are the sum over this kubelet's running pods on it: its CPU counter
   also keeps what the pods that have ended used while the kubelet watched them, so it never
   goes down, and its memory is what the running pods hold now. A node without a running pod
@@ -295,19 +299,23 @@ class PodStats:
         return Sample(at=at, pods=tuple(pods), failed=failed)
 
     def _measure(self, pod: RunningPod, job: JobUsage | None) -> PodSample | None:
-        cpu = job.cpu_seconds if job is not None else None
-        memory = job.memory_bytes if job is not None else None
-        if cpu is None or memory is None:
+        processes = self._processes.read(job.pids) if job is not None else {}
+        containers = container_usage(processes, pod.folder / "containers")
+        usage: Usage | None = None
+        if containers is not None:  # its processes are seen here: fresher than Slurm's poll
+            usage = Usage(
+                cpu_seconds=sum(process.cpu_seconds for process in processes.values()),
+                memory_bytes=sum(process.rss_bytes for process in processes.values()),
+            )
+        elif job is not None and job.cpu_seconds is not None and job.memory_bytes is not None:
+            usage = Usage(cpu_seconds=job.cpu_seconds, memory_bytes=job.memory_bytes)
+        if usage is None:
             if pod.uid not in self._unread:
                 self._unread.add(pod.uid)
                 why = "sstat lists no running step" if job is None else "sstat gave no figures"
                 log.info("%s: job %s: no usage figures (%s); left out", pod.key, pod.job_id, why)
             return None
         self._unread.discard(pod.uid)
-        usage = Usage(cpu_seconds=cpu, memory_bytes=memory)
-        containers = container_usage(
-            self._processes.read(job.pids if job else ()), pod.folder / "containers"
-        )
         running = {container.name for container in pod.containers}
         if containers is not None:
             containers = {name: used for name, used in containers.items() if name in running}

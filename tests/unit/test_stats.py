@@ -280,9 +280,12 @@ def test_containers_are_measured_by_their_processes_where_they_are_seen(tmp_path
     }
     assert memory == {"main": 10 << 20, "wait": 12 << 20}
     assert found["pod_cpu_usage_seconds_total"] == [
-        ({"pod": "web", "namespace": "default"}, 33.0)
-    ], "the pod's is its job's: launchers and the batch script included"
-    assert found["node_cpu_usage_seconds_total"] == [({}, 33.0)]
+        ({"pod": "web", "namespace": "default"}, pytest.approx(32.5))
+    ], "its job's processes as /proc shows them now (not sstat's 33), launchers included"
+    assert found["pod_memory_working_set_bytes"] == [
+        ({"pod": "web", "namespace": "default"}, (4 + 20 + 10 + 20 + 12) << 20)
+    ]
+    assert found["node_cpu_usage_seconds_total"] == [({}, pytest.approx(32.5))]
     assert found["scrape_error"] == [({}, 0.0)]
     started = dict(
         (labels["container"], value) for labels, value in found["container_start_time_seconds"]
