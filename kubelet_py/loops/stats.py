@@ -11,7 +11,8 @@ Each hpk node is a Slurm partition, not a machine, and Slurm measures jobs, not 
   together, make one call. Slurm's figures are only as fresh as its accounting poll
   (`JobAcctGatherFrequency`, 30 s by default), so where the job's processes can be seen from
   here (the job runs on the kubelet's host: a single-host cluster, the test bed) the pod's
-  figures are the sum over those processes, read from `/proc` now.
+  figures are the sum over those processes, read from `/proc` now. A job with srun steps is
+  Slurm's alone: its tasks run on other nodes.
 - **A container's** figures are those of its own processes, where they can be seen: the
   launcher of each container is found among the job's processes by its command line (which
   names the container's folder in this pod's folder), and the processes below it are the
@@ -230,6 +231,16 @@ def container_usage(
     return usage or None
 
 
+def _local_pids(job: JobUsage) -> tuple[int, ...]:
+    """The job's processes that may be this host's: those of its batch (and extern) step,
+    which run on one node. A job with srun steps has tasks on other nodes, whose pids mean
+    nothing here, and whose containers are those tasks, not what runs below their
+    launchers: its processes are not looked at."""
+    if any(not step.step_id.endswith((".batch", ".extern")) for step in job.steps):
+        return ()
+    return job.pids
+
+
 # ---------------------------------------------------------------------------------------------
 # Sampling
 
@@ -299,7 +310,7 @@ class PodStats:
         return Sample(at=at, pods=tuple(pods), failed=failed)
 
     def _measure(self, pod: RunningPod, job: JobUsage | None) -> PodSample | None:
-        processes = self._processes.read(job.pids) if job is not None else {}
+        processes = self._processes.read(_local_pids(job)) if job is not None else {}
         containers = container_usage(processes, pod.folder / "containers")
         usage: Usage | None = None
         if containers is not None:  # its processes are seen here: fresher than Slurm's poll

@@ -371,3 +371,24 @@ def test_the_routes_answer_json_and_prometheus_text(tmp_path: Path) -> None:
     text = routes["/metrics/resource"]("hpk-batch", {})
     assert text.content_type.startswith("text/plain; version=0.0.4")
     assert b"node_memory_working_set_bytes 1.0 " in text.body
+
+
+def test_a_job_with_srun_steps_is_measured_by_slurm_alone(tmp_path: Path) -> None:
+    folder = tmp_path / "pods" / "default" / "mpi"
+    proc = FakeProc(tmp_path / "proc")
+    proc.add(3011, 1, launcher(folder, "main"), cpu_s=0.3, rss=20 << 20)
+    proc.add(3012, 3011, ["srun", "apptainer"], cpu_s=0.1, rss=6 << 20)
+    proc.add(5000, 1, ["someone", "else"], cpu_s=500.0, rss=1 << 30)  # a task's pid elsewhere
+    steps = (
+        StepUsage("41.batch", cpu_seconds=1.0, memory_bytes=30 << 20, pids=(3011, 3012)),
+        StepUsage("41.0", cpu_seconds=80.0, memory_bytes=200 << 20, pids=(5000,)),
+    )
+    source = Source({"41": JobUsage(job_id="41", steps=steps)})
+    stats = make_stats([running_pod(folder, name="mpi")], source, tmp_path / "proc")
+    found = families(resource_metrics(stats, "hpk-batch"))
+    assert found["pod_cpu_usage_seconds_total"] == [
+        ({"pod": "mpi", "namespace": "default"}, 81.0)
+    ], "Slurm's figures for every step; no pid of another node is read here"
+    assert found["container_cpu_usage_seconds_total"] == [
+        ({"container": "main", "pod": "mpi", "namespace": "default"}, 81.0)
+    ], "its one container: the srun tasks, not the srun client below its launcher"
