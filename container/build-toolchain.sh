@@ -296,7 +296,10 @@ build_metrics_server() {
     ld+=" -X $pkg.gitMinor=$minor -X $pkg.gitTreeState=clean -X $pkg.buildDate=1970-01-01T00:00:00Z"
     GOBIN=$dest/bin go install -trimpath -ldflags "$ld" \
         "sigs.k8s.io/metrics-server/cmd/metrics-server@v$version"
-    "$dest/bin/metrics-server" --version | grep -qx "v$version"
+    local printed
+    printed=$("$dest/bin/metrics-server" --version)
+    echo "$printed"
+    [[ $printed == "v$version" ]]
 }
 
 # Whether the Go module proxy answers. A build may still succeed from the local module cache,
