@@ -7,7 +7,8 @@
 #
 # Parts: Debian packages, etcd, kube-apiserver + kube-controller-manager + kubectl, kube-proxy,
 # CoreDNS, the pod network's tunnel (hpk-tunnel), the kubelet API's front (hpk-kubelet-api),
-# Apptainer (unprivileged, without setuid), Argo Workflows (binaries and install manifests). Each Go part installs into
+# Apptainer (unprivileged, without setuid), Argo Workflows (binaries and install manifests),
+# metrics-server. Each Go part installs into
 # <tools>/<name>-<version>/bin and is marked complete only when its build succeeded,
 # so a second run finds everything in place and takes seconds.
 #
@@ -304,6 +305,23 @@ build_argo() {
     done
 }
 
+# metrics-server, for `kubectl top`: the checksum database lists its module, so `go install`
+# of the pinned version checks it. The version is stamped where `--version` reads it, as
+# upstream's release does.
+build_metrics_server() {
+    local dest=$1 version=$2
+    local pkg=k8s.io/client-go/pkg/version minor=${version#*.}
+    minor=${minor%%.*}
+    local ld="-s -w -X $pkg.gitVersion=v$version -X $pkg.gitMajor=${version%%.*}"
+    ld+=" -X $pkg.gitMinor=$minor -X $pkg.gitTreeState=clean -X $pkg.buildDate=1970-01-01T00:00:00Z"
+    GOBIN=$dest/bin go install -trimpath -ldflags "$ld" \
+        "sigs.k8s.io/metrics-server/cmd/metrics-server@v$version"
+    local printed
+    printed=$("$dest/bin/metrics-server" --version)
+    echo "$printed"
+    [[ $printed == "v$version" ]]
+}
+
 # Whether the Go module proxy answers. A build may still succeed from the local module cache,
 # so an unreachable proxy is not fatal by itself; if a part then fails, the message names it.
 proxy_problem=""
@@ -311,7 +329,7 @@ check_module_proxy() {
     local name answer
     for name in etcd-$ETCD_VERSION kubernetes-$KUBERNETES_VERSION kube-proxy-$KUBERNETES_VERSION \
         coredns-$COREDNS_VERSION hpk-tunnel-$tunnel_version hpk-kubelet-api-$kubelet_api_version \
-        apptainer-$APPTAINER_VERSION argo-$ARGO_VERSION; do
+        apptainer-$APPTAINER_VERSION argo-$ARGO_VERSION metrics-server-$METRICS_SERVER_VERSION; do
         [[ -f $tools/$name/.complete ]] && continue
         # -versions always asks the proxy; a plain lookup may be answered from the local cache.
         if ! answer=$(timeout 120 go list -m -versions k8s.io/kubernetes 2>&1); then
@@ -337,5 +355,6 @@ part hpk-tunnel "$tunnel_version" build_tunnel
 part hpk-kubelet-api "$kubelet_api_version" build_kubelet_api
 part apptainer "$APPTAINER_VERSION" build_apptainer
 part argo "$ARGO_VERSION" build_argo
+part metrics-server "$METRICS_SERVER_VERSION" build_metrics_server
 trap - ERR
 say "ready: $tools"

@@ -1,4 +1,5 @@
-"""Add-ons a user installs into a running hpk cluster: `hpk addons install argo`.
+"""Add-ons a user installs into a running hpk cluster: `hpk addons install argo` and
+`hpk addons install metrics-server`.
 
 Argo Workflows goes in as a site without a registry would install it: its images, made from
 the pinned binaries (hpk.argo), are imported into the user's image cache, and its standard
@@ -6,6 +7,10 @@ install manifest, which the toolchain generated from the pinned module as upstre
 does, is applied with `kubectl apply` as upstream ships it: nothing in it needs changing for
 hpk. Beside it hpk adds the executor's RBAC in the namespaces workflows run in, which
 upstream leaves to the user.
+
+metrics-server goes in with objects of hpk's own (hpk.metrics_server says why each differs
+from upstream's): its image from the pinned binary, its certificates from the cluster CA as
+Secrets, its rights, its Deployment on its node's network, its Service and its APIService.
 
 This module may run kubectl (through the `Kubectl` it is given) and touch the image cache;
 it does not import the Kubernetes client.
@@ -27,9 +32,12 @@ from typing import Any, Protocol
 
 import yaml
 
+from hpk import metrics_server
 from hpk.argo import import_argo_images
 from hpk.home import HpkHome
 from hpk.images import ImageError
+from hpk.metrics_server import MetricsServerError, MetricsServerSettings
+from hpk.pki import ClusterPKI, PKIError
 from hpk.toolchain import Toolchain, ToolchainMissing
 
 Progress = Callable[[str], None]
@@ -244,8 +252,91 @@ def uninstall_argo(
     return 0
 
 
-def _pod_jobs(kubectl: Kubectl, namespace: str, *, app: str) -> list[tuple[str, str]]:
-    out = kubectl("get", "pods", "-n", namespace, "-l", f"app={app}", "-o", "json")
+def install_metrics_server(
+    *,
+    kubectl: Kubectl,
+    progress: Progress,
+    home: HpkHome | None = None,
+    toolchain: Toolchain | None = None,
+    settings: MetricsServerSettings | None = None,
+    import_image: Callable[[], tuple[str, Path]] | None = None,
+    sleep: Callable[[float], None] = time.sleep,
+) -> int:
+    """Import metrics-server's image, issue its certificates, apply its objects, and wait
+    until its Deployment is available and the API server serves metrics.k8s.io; safe to
+    repeat. Raises AddonError."""
+    hpk_home = home or HpkHome.default()
+    tools = toolchain or Toolchain.load()
+    try:
+        chosen = settings or MetricsServerSettings(port=metrics_server.chosen_port(hpk_home))
+        pki = ClusterPKI(hpk_home.pki)
+        serving, client = metrics_server.ensure_certificates(pki)
+    except (MetricsServerError, PKIError, OSError) as error:
+        raise AddonError(str(error)) from error
+    version = tools.pins["METRICS_SERVER_VERSION"]
+    progress(f"metrics-server v{version}: image into the image cache")
+    reference, image = (
+        import_image or (lambda: metrics_server.import_metrics_server_image(toolchain=tools))
+    )()
+    progress(f"  {reference} -> {image}")
+    objects = metrics_server.manifests(
+        chosen, image=reference, ca=pki.ca.cert, serving=serving, client=client
+    )
+    progress(
+        f"namespace {metrics_server.NAMESPACE}: {len(objects)} objects; it serves on port "
+        f"{chosen.port} of its node"
+    )
+    for line in kubectl("apply", "-f", "-", stdin=_as_list(objects)).splitlines():
+        progress(f"  {line}")
+    deadline = time.monotonic() + chosen.timeout
+    left = max(1, int(deadline - time.monotonic()))
+    progress(f"waiting for deployment/{metrics_server.NAME} (its pod is a Slurm job)")
+    kubectl(
+        "rollout",
+        "status",
+        "-n",
+        metrics_server.NAMESPACE,
+        f"deployment/{metrics_server.NAME}",
+        f"--timeout={left}s",
+        timeout=left + 30,
+    )
+    for pod, job in _pod_jobs(
+        kubectl, metrics_server.NAMESPACE, selector=f"k8s-app={metrics_server.NAME}"
+    ):
+        progress(f"  pod {pod}: Slurm job {job}")
+    progress(f"waiting for the API server to serve {metrics_server.API_SERVICE}")
+    while True:
+        found = json.loads(kubectl("get", "apiservice", metrics_server.API_SERVICE, "-o", "json"))
+        if metrics_server.available(found):
+            break
+        if time.monotonic() > deadline:
+            raise AddonError(
+                f"the API server does not serve {metrics_server.API_SERVICE} after "
+                f"{chosen.timeout:.0f} s; see: kubectl describe apiservice "
+                f"{metrics_server.API_SERVICE}"
+            )
+        sleep(2)
+    progress(
+        f"ready: kubectl top node, kubectl top pod (figures after two scrapes, "
+        f"{2 * chosen.resolution_s} s)"
+    )
+    return 0
+
+
+def uninstall_metrics_server(*, kubectl: Kubectl, progress: Progress) -> int:
+    """Delete what `install_metrics_server` applied (the image stays in the cache, the
+    certificates in ~/.hpk/pki)."""
+    objects = metrics_server.removal()
+    progress(f"deleting {len(objects)} objects of metrics-server")
+    kubectl("delete", "--ignore-not-found", "-f", "-", stdin=_as_list(objects))
+    return 0
+
+
+def _pod_jobs(
+    kubectl: Kubectl, namespace: str, *, app: str | None = None, selector: str | None = None
+) -> list[tuple[str, str]]:
+    chosen = selector or f"app={app}"
+    out = kubectl("get", "pods", "-n", namespace, "-l", chosen, "-o", "json")
     found = []
     for pod in json.loads(out).get("items", []):
         annotations = pod["metadata"].get("annotations") or {}
@@ -272,6 +363,10 @@ def _run(args: argparse.Namespace) -> int:
     )
     try:
         kubectl = KubectlCommand(kubeconfig=default_kubeconfig())
+        if args.addon == "metrics-server":
+            if args.action == "install":
+                return install_metrics_server(kubectl=kubectl, progress=_say)
+            return uninstall_metrics_server(kubectl=kubectl, progress=_say)
         if args.action == "install":
             return install_argo(settings, kubectl=kubectl, progress=_say)
         return uninstall_argo(settings, kubectl=kubectl, progress=_say)
@@ -281,16 +376,19 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def add_addons_commands(commands: Any) -> None:
-    """Register `hpk addons install|uninstall argo` on the CLI's subcommands."""
+    """Register `hpk addons install|uninstall argo|metrics-server` on the CLI's subcommands."""
     addons = commands.add_parser(
         "addons",
-        help="install add-ons into the running cluster (argo: Argo Workflows)",
-        description="install: import Argo's images into the image cache, apply its install "
-        "manifest for the pinned release, add the executor's Role, and wait until its "
-        "controller runs; safe to repeat. uninstall: delete those objects again.",
+        help="install add-ons into the running cluster (argo: Argo Workflows; "
+        "metrics-server: kubectl top)",
+        description="install argo: import Argo's images into the image cache, apply its "
+        "install manifest for the pinned release, add the executor's Role, and wait until its "
+        "controller runs. install metrics-server: import its image, issue its certificates "
+        "from the cluster CA, apply its objects, and wait until the API server serves "
+        "metrics.k8s.io. Both are safe to repeat; uninstall deletes those objects again.",
     )
     addons.add_argument("action", choices=["install", "uninstall"])
-    addons.add_argument("addon", choices=["argo"])
+    addons.add_argument("addon", choices=["argo", "metrics-server"])
     addons.add_argument("--namespace", default="argo", help="where Argo runs (default: argo)")
     addons.add_argument(
         "--namespaced",
@@ -305,5 +403,7 @@ def add_addons_commands(commands: Any) -> None:
         help="also let workflows run in NS (its default service account gets the executor's "
         "Role); may be repeated",
     )
-    addons.add_argument("--timeout", type=float, default=300, help="seconds to wait for Argo")
+    addons.add_argument(
+        "--timeout", type=float, default=300, help="seconds to wait for Argo (argo only)"
+    )
     addons.set_defaults(func=_run)

@@ -552,6 +552,12 @@ class ClusterPKI:
     """hpk-kubelet's identity. It registers a node per Slurm partition, which the Node
     authorizer's system:node:<name> identities cannot; RBAC grants it its rights instead."""
     KUBELET_GROUPS = ("hpk:kubelets",)
+    METRICS_SERVER_USER = "hpk:metrics-server"
+    """metrics-server's identity towards hpk-kubelet (`--kubelet-client-certificate`): the
+    kubelet lets it read the pods' usage and its metrics, never a log."""
+    METRICS_SERVER_NAME = "metrics-server.kube-system.svc"
+    """The name the API server checks metrics-server's serving certificate against (the
+    APIService's Service, `<name>.<namespace>.svc`)."""
     KUBELET_SERVING_NAME = "hpk-kubelet"
     """CN of the kubelet's serving certificate (clients check its SANs, not its CN)."""
 
@@ -621,6 +627,14 @@ class ClusterPKI:
     @property
     def kubelet_serving(self) -> CertFiles:
         return self._pair("kubelet-serving")
+
+    @property
+    def metrics_server_serving(self) -> CertFiles:
+        return self._pair("metrics-server-serving")
+
+    @property
+    def metrics_server_client(self) -> CertFiles:
+        return self._pair("metrics-server-kubelet-client")
 
     @property
     def sa_key(self) -> Path:
@@ -744,6 +758,35 @@ class ClusterPKI:
             policy=self.policy,
         )
         return self.kubelet_serving
+
+    def ensure_metrics_server_serving(self, *, cluster_domain: str = "cluster.local") -> CertFiles:
+        """metrics-server's serving certificate, from the cluster CA, for the names of its
+        Service; the API server checks it against the APIService's caBundle (the cluster
+        CA) under the name `METRICS_SERVER_NAME`."""
+        ensure_server_cert(
+            self.metrics_server_serving,
+            ca=self.load_ca(),
+            common_name=self.METRICS_SERVER_NAME,
+            sans=[
+                self.METRICS_SERVER_NAME,
+                self.METRICS_SERVER_NAME.removesuffix(".svc"),
+                f"{self.METRICS_SERVER_NAME}.{cluster_domain}",
+            ],
+            policy=self.policy,
+        )
+        return self.metrics_server_serving
+
+    def ensure_metrics_server_client(self) -> CertFiles:
+        """metrics-server's client certificate towards hpk-kubelet (CN hpk:metrics-server, no
+        group): the kubelet lets it read the pods' usage, and the API server grants the name
+        nothing."""
+        ensure_client_cert(
+            self.metrics_server_client,
+            ca=self.load_ca(),
+            user=self.METRICS_SERVER_USER,
+            policy=self.policy,
+        )
+        return self.metrics_server_client
 
     def ensure_kubelet_client(self, node_name: str) -> CertFiles:
         """The kubelet's client certificate for node `node_name` (CN=system:node:<name>,

@@ -26,6 +26,7 @@ COMPONENTS = {
     "coredns": "COREDNS_VERSION",
     "apptainer": "APPTAINER_VERSION",
     "argo": "ARGO_VERSION",
+    "metrics-server": "METRICS_SERVER_VERSION",
 }
 
 

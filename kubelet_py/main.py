@@ -18,7 +18,9 @@ Kubernetes client blocks:
   StorageClass (kubelet_py.loops.provisioner), one folder per PersistentVolumeClaim;
 - `logserver`: the HTTPS kubelet API (`kubectl logs`, kubelet_py.loops.logserver), when it has its
   certificate (`--tls-cert-file`); its port is bound before anything else, so a port that is
-  taken ends the kubelet at once.
+  taken ends the kubelet at once. It also serves the pods' usage (`/stats/summary`,
+  `/metrics/resource`: kubelet_py.loops.stats) and the kubelet's own metrics (`/metrics`:
+  kubelet_py.loops.metrics, counted from the Slurm adapter, the controller and the binder).
 
 SIGTERM or SIGINT stops them all within a few seconds and leaves the nodes registered (see
 kubelet_py.loops.nodes for why) and the pods' jobs running (a restart adopts them).
@@ -65,6 +67,7 @@ from kubelet_py.loops.logserver import (
     ServerTLS,
 )
 from kubelet_py.loops.markerwatch import WATCH_FAILED, MarkerWatch
+from kubelet_py.loops.metrics import KubeletMetrics
 from kubelet_py.loops.nodes import (
     HostInfo,
     NodeAgent,
@@ -80,6 +83,7 @@ from kubelet_py.loops.provisioner import (
     ProvisionerSettings,
 )
 from kubelet_py.loops.pulls import PullSettings
+from kubelet_py.loops.stats import PodStats, stats_routes
 from kubelet_py.loops.tokens import TokenManager, TokenSettings
 from kubelet_py.loops.watcher import JobView, JobWatcher
 from kubelet_py.pod.network import PodNetworkSettings
@@ -469,9 +473,22 @@ def _front_server(
     only this user can open, and the front on the port; None (the reason logged) when either
     cannot start."""
     backend = Path(tempfile.mkdtemp(prefix="hpk-kubelet-api-")) / "kubelet.sock"
+    front = Front(
+        FrontSettings(
+            binary=front_binary,
+            address=settings.address,
+            port=settings.nodes.kubelet_port,
+            cert=tls.cert,
+            key=tls.key,
+            client_ca=tls.client_ca,
+            backend=backend,
+        )
+    )
     try:
         server = LogServer(
             unix=backend,
+            port=settings.nodes.kubelet_port,
+            open_port=front.open_port,
             pods_dir=pods_dir,
             lookup=pod_lookup(api),
             warnings=warnings,
@@ -480,16 +497,6 @@ def _front_server(
     except OSError as error:
         log.error("cannot serve the kubelet API to its front on %s: %s", backend, error)
         return None
-    front = Front(
-        FrontSettings(
-            binary=front_binary,
-            listen=f"{settings.address}:{settings.nodes.kubelet_port}",
-            cert=tls.cert,
-            key=tls.key,
-            client_ca=tls.client_ca,
-            backend=backend,
-        )
-    )
     try:
         front.start()
     except (FrontFailed, OSError) as error:
@@ -535,6 +542,7 @@ def run(  # noqa: PLR0912, PLR0915 (every thread's wiring, start and stop in one
             raise PlanRefused(HTTPStatus.SERVICE_UNAVAILABLE, "the kubelet is starting")
         return make_plan[0](data)
 
+    metrics = KubeletMetrics()
     try:
         if settings.tls is not None and settings.front is not None:
             served = _front_server(
@@ -572,12 +580,13 @@ def run(  # noqa: PLR0912, PLR0915 (every thread's wiring, start and stop in one
         )
         agent = NodeAgent(
             node_api,
-            source=partitions_from(SlurmClient(SubprocessRunner())),
+            source=partitions_from(SlurmClient(SubprocessRunner(), observer=metrics.observe_slurm)),
             settings=settings.nodes,
             host=host,
+            ports=server,
         )
         watch = unbound_pods(binder_api, settings.binder)
-        slurm = SlurmClient(SubprocessRunner())
+        slurm = SlurmClient(SubprocessRunner(), observer=metrics.observe_slurm)
         changed: list[Callable[[str, JobView], None]] = []
 
         def on_change(key: str, view: JobView) -> None:
@@ -619,7 +628,7 @@ def run(  # noqa: PLR0912, PLR0915 (every thread's wiring, start and stop in one
 
         def plan_for(data: object) -> Mapping[str, Any]:
             request = StreamRequest.parse(data)
-            running = provider.running_pod(request.namespace, request.pod)
+            running = provider.stream_target(request.namespace, request.pod)
             return plan(request, running, plan_settings).to_json()
 
         make_plan.append(plan_for)
@@ -648,7 +657,13 @@ def run(  # noqa: PLR0912, PLR0915 (every thread's wiring, start and stop in one
             return node_name[len(prefix) :] or None if node_name.startswith(prefix) else None
 
         changed.append(provider.job_changed)
-        controller = PodController(pod_api, provider, partition_of=partition_of, events=events)
+        controller = PodController(
+            pod_api,
+            provider,
+            partition_of=partition_of,
+            events=events,
+            status_lag=metrics.observe_status_lag,
+        )
         markers = MarkerWatch(
             provider.running_folders,
             provider.markers_changed,
@@ -662,6 +677,12 @@ def run(  # noqa: PLR0912, PLR0915 (every thread's wiring, start and stop in one
             starter=controller,
         )
         pods_watch = ListWatch(pod_api, pod_path(), field_selector=BOUND_PODS)
+        metrics.watch_queue("pods", controller.queued)
+        metrics.watch_queue("binder", binder.queued)
+        metrics.watch_phases(controller.phases)
+        if server is not None:
+            stats = PodStats(pods=provider.running_pods, usage=slurm.usage)
+            server.add_routes({**stats_routes(stats), "/metrics": metrics.route()})
         stop = threading.Event()
         watcher.start()
         threads = [

@@ -52,6 +52,7 @@ from kubelet_py.job.hooks import FAILED_REASONS, POST_START, PRE_STOP, TITLES
 from kubelet_py.job.network import NetworkConfig
 from kubelet_py.job.podfolder import PodFolder
 from kubelet_py.loops.pulls import ImagePuller, ImageWaiting, PullSettings, pull_policy
+from kubelet_py.loops.stats import RunningContainer, RunningPod
 from kubelet_py.loops.watcher import LOST, WAITING_STATES, JobView
 from kubelet_py.pod import projected
 from kubelet_py.pod.environment import service_links
@@ -60,7 +61,7 @@ from kubelet_py.pod.network import AddressPool, PodAddress, PodNetworkSettings, 
 from kubelet_py.pod.render import JOB_NAME_PREFIX, RenderSettings, render_pod
 from kubelet_py.pod.status import ContainerMarkers, pod_status, read_markers
 from kubelet_py.pod.storage import read_failure, resolve_claims, with_failure
-from kubelet_py.pod.streams import RunningPod
+from kubelet_py.pod.streams import StreamTarget
 
 if TYPE_CHECKING:  # the manager is given; importing it would pull in the API client
     from kubelet_py.loops.tokens import IssuedToken, TokenManager
@@ -553,6 +554,42 @@ class SlurmProvider:
                 running.append((key, folder))
         return running
 
+    def running_pods(self) -> list[RunningPod]:
+        """The pods whose job runs now, each with its containers whose current run has
+        started and not ended (from their markers): what kubelet_py.loops.stats measures."""
+        with self._lock:
+            known = list(self._pods.values())
+        running = []
+        for pod in known:
+            view = self._view(pod.job_id, pod.pod)
+            if view is None or view.final or view.state in WAITING_STATES:
+                continue
+            metadata = pod.pod.get("metadata") or {}
+            spec = pod.pod.get("spec") or {}
+            names = {
+                str(container.get("name", ""))
+                for group in ("initContainers", "containers")
+                for container in spec.get(group) or ()
+            }
+            containers = tuple(
+                RunningContainer(name=name, started_at=markers.started_at)
+                for name, markers in read_markers(pod.folder).items()
+                if name in names and markers.started_at is not None and markers.exit_code is None
+            )
+            running.append(
+                RunningPod(
+                    namespace=str(metadata.get("namespace", "")),
+                    name=str(metadata.get("name", "")),
+                    uid=pod.uid,
+                    node=str(spec.get("nodeName") or ""),
+                    job_id=pod.job_id,
+                    folder=pod.folder,
+                    started_at=view.start_time,
+                    containers=containers,
+                )
+            )
+        return running
+
     def markers_changed(self, key: str) -> None:
         """The marker watch's callback: the pod's containers wrote markers; like job_changed."""
         self._notify(key)
@@ -765,7 +802,7 @@ class SlurmProvider:
         log.warning("%s: %s", key, message)
         return report
 
-    def running_pod(self, namespace: str, name: str) -> RunningPod | None:
+    def stream_target(self, namespace: str, name: str) -> StreamTarget | None:
         """What a plan for `kubectl exec`, `attach` or `port-forward` needs of a pod
         (kubelet_py.pod.streams); None when this kubelet does not run it."""
         with self._lock:
@@ -777,7 +814,7 @@ class SlurmProvider:
         on_pod_network = network is not None and network[0] == "pod"
         host = None if view is None else view.batch_host
         address = known.address if on_pod_network else self.settings.node_addresses.get(host or "")
-        return RunningPod(
+        return StreamTarget(
             pod=known.pod,
             job_id=known.job_id,
             folder=known.folder,

@@ -10,8 +10,11 @@
 //	hpk-kubelet-api relay --socket PATH --allow CIDR[,CIDR...]
 //
 // serve: TLS with a client certificate signed by the cluster CA, and then only the API
-// server's kubelet-client identity or a member of system:masters. It writes "ready" on stdout
-// once the port is bound, and ends when its stdin closes (the kubelet that started it ended).
+// server's kubelet-client identity or a member of system:masters (metrics-server's identity
+// may read the usage and metrics paths alone). It writes "ready" on stdout once the port is
+// bound. On stdin the kubelet asks for a node's own port ("listen NODE PORT", answered
+// "listening NODE PORT" or "failed NODE WHY"); requests that come to it reach the kubelet
+// with the node's name in X-Hpk-Node. It ends when its stdin closes (the kubelet ended).
 //
 // relay: run inside the pod network's hub namespace; takes Unix connections that name an
 // address ("10.244.0.7:8888\n"), dials it inside the namespace, answers "ok\n" or

@@ -1,6 +1,7 @@
 package main
 
 import (
+	"bufio"
 	"bytes"
 	"context"
 	"crypto/tls"
@@ -37,7 +38,13 @@ const (
 var (
 	allowedUsers  = []string{"kube-apiserver-kubelet-client"}
 	allowedGroups = []string{"system:masters"}
+	// metrics-server: its usage and metrics paths, never a log nor a stream.
+	metricsReaders = []string{"hpk:metrics-server"}
+	metricsPaths   = []string{"/healthz", "/metrics", "/metrics/resource", "/stats/summary"}
 )
+
+// nodeHeader names the node whose port a request came to, for the kubelet's usage paths.
+const nodeHeader = "X-Hpk-Node"
 
 type server struct {
 	backend string // the Python kubelet's Unix socket
@@ -71,32 +78,76 @@ func serve(args []string) error {
 		return fmt.Errorf("%s holds no certificate", *clientCA)
 	}
 	s := newServer(*backend)
+	config := &tls.Config{
+		Certificates: []tls.Certificate{pair},
+		ClientCAs:    pool,
+		ClientAuth:   tls.RequireAndVerifyClientCert,
+		MinVersion:   tls.VersionTLS12,
+		NextProtos:   []string{"http/1.1"},
+	}
+	host, _, err := net.SplitHostPort(*listen)
+	if err != nil {
+		return err
+	}
 	listener, err := net.Listen("tcp", *listen)
 	if err != nil {
 		return err
 	}
+	fmt.Println("ready")
+	go s.follow(os.Stdin, host, config)
+	return serveOn(listener, config, &nodeHandler{server: s})
+}
+
+func serveOn(listener net.Listener, config *tls.Config, handler http.Handler) error {
 	httpServer := &http.Server{
-		Handler:           s,
+		Handler:           handler,
 		ReadHeaderTimeout: 10 * time.Second,
 		// HTTP/1.1 only: the streaming protocols upgrade the connection.
 		TLSNextProto: map[string]func(*http.Server, *tls.Conn, http.Handler){},
-		TLSConfig: &tls.Config{
-			Certificates: []tls.Certificate{pair},
-			ClientCAs:    pool,
-			ClientAuth:   tls.RequireAndVerifyClientCert,
-			MinVersion:   tls.VersionTLS12,
-			NextProtos:   []string{"http/1.1"},
-		},
-		ErrorLog: log.New(os.Stderr, "hpk-kubelet-api: ", 0),
+		TLSConfig:    config,
+		ErrorLog:     log.New(os.Stderr, "hpk-kubelet-api: ", 0),
 	}
-	go func() {
-		// The kubelet holds the other end of stdin: when it ends, so does this helper.
-		_, _ = io.Copy(io.Discard, os.Stdin)
-		log.Print("hpk-kubelet-api: the kubelet ended; stopping")
-		os.Exit(0)
-	}()
-	fmt.Println("ready")
 	return httpServer.ServeTLS(listener, "", "")
+}
+
+// follow reads the kubelet's requests for nodes' ports until stdin closes, and then ends
+// the helper: the kubelet holds the other end.
+func (s *server) follow(stdin io.Reader, host string, config *tls.Config) {
+	lines := bufio.NewScanner(stdin)
+	for lines.Scan() {
+		words := strings.Fields(lines.Text())
+		if len(words) != 3 || words[0] != "listen" {
+			fmt.Printf("failed ? cannot read %q\n", lines.Text())
+			continue
+		}
+		node, port := words[1], words[2]
+		listener, err := net.Listen("tcp", net.JoinHostPort(host, port))
+		if err != nil {
+			fmt.Printf("failed %s %v\n", node, strings.ReplaceAll(err.Error(), "\n", " "))
+			continue
+		}
+		go func() {
+			err := serveOn(listener, config, &nodeHandler{server: s, node: node})
+			log.Printf("node %s: its port stopped: %v", node, err)
+		}()
+		fmt.Printf("listening %s %d\n", node, listener.Addr().(*net.TCPAddr).Port)
+	}
+	log.Print("the kubelet ended; stopping")
+	os.Exit(0)
+}
+
+// nodeHandler serves one port: the main one (no node) or a node's own.
+type nodeHandler struct {
+	server *server
+	node   string
+}
+
+func (h *nodeHandler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	r.Header.Del(nodeHeader)
+	if h.node != "" {
+		r.Header.Set(nodeHeader, h.node)
+	}
+	h.server.ServeHTTP(w, r)
 }
 
 func newServer(backend string) *server {
@@ -125,6 +176,9 @@ func allowed(r *http.Request) (string, []string, bool) {
 	ok := slices.Contains(allowedUsers, subject.CommonName)
 	for _, group := range subject.Organization {
 		ok = ok || slices.Contains(allowedGroups, group)
+	}
+	if !ok && slices.Contains(metricsReaders, subject.CommonName) && r.Method == http.MethodGet {
+		ok = slices.Contains(metricsPaths, strings.TrimSuffix(r.URL.Path, "/"))
 	}
 	return subject.CommonName, subject.Organization, ok
 }

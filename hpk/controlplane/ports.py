@@ -56,6 +56,10 @@ class Ports:
     hub: int
     """The pod network hub's tunnel (UDP, every address): where pods' tunnels connect."""
 
+    metrics_server: int
+    """metrics-server's HTTPS port, on the network of the node its pod runs on (`hpk addons
+    install metrics-server`): chosen free here like the others; nothing listens on it here."""
+
     def as_dict(self) -> dict[str, int]:
         return asdict(self)
 
@@ -66,7 +70,7 @@ class Ports:
 UDP_PORTS = frozenset({"dns", "hub"})
 """Fields whose port must be free for UDP as well as TCP."""
 
-ADDED_PORTS = frozenset({"kubelet", "hub"})
+ADDED_PORTS = frozenset({"kubelet", "hub", "metrics_server"})
 """Fields a ports.json written by an older hpk lacks. Such a record is still used: these
 ports are read as 0 ("not recorded") and chosen afresh, the others kept."""
 

@@ -1,9 +1,10 @@
 """The kubelet's Slurm adapter: the only module of kubelet_py that runs Slurm's commands.
 
-It runs `sbatch`, `squeue`, `sacct`, `scancel` and `sinfo` through a `CommandRunner` it is
-given, so that unit tests replace the commands with a fake and never patch globals. Every call
-passes argv, never a shell. Everything above this module sees parsed, typed answers and typed
-errors; Slurm's text formats stay here.
+It runs `sbatch`, `squeue`, `sacct`, `scancel`, `sinfo` and `sstat` through a `CommandRunner`
+it is given, so that unit tests replace the commands with a fake and never patch globals. Every
+call passes argv, never a shell, and goes through `SlurmClient._run`, the one place where an
+injected `CallObserver` hears of each call (the kubelet's metrics count them there). Everything
+above this module sees parsed, typed answers and typed errors; Slurm's text formats stay here.
 
 Facts about Slurm 22.05 this module is built on (measured on the test bed):
 
@@ -23,6 +24,14 @@ Facts about Slurm 22.05 this module is built on (measured on the test bed):
 - An unreachable controller makes squeue, sbatch, scancel and sinfo retry for about 9 s and then
   fail with "Unable to contact slurm controller"; an unreachable slurmdbd makes sacct fail at
   once.
+- `sstat` has no TotalCPU field (sacct has); its `TRESUsageInTot` sums the step's tasks:
+  `cpu=` is CPU time as `[D-]HH:MM:SS` or `MM:SS[.mmm]`, whole seconds in practice, and `mem=`
+  the tasks' resident memory at Slurm's last accounting poll (bytes with `--noconvert`, else
+  with a K/M/G suffix). Its figures are only as fresh as that poll (`JobAcctGatherFrequency`,
+  30 s by default), and with `JobAcctGatherType=jobacct_gather/none` they stay empty.
+- `sstat -a -j A,B` takes a list of jobs and prints every running step of each (`A.batch`,
+  `A.extern`, `A.0`, ...); a job that has ended or has not started prints no line, only an
+  error on stderr, and the exit code stays 0. `Pids` lists each step's processes on its node.
 """
 
 from __future__ import annotations
@@ -31,7 +40,8 @@ import logging
 import os
 import re
 import subprocess
-from collections.abc import Iterable, Mapping, Sequence
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -113,6 +123,8 @@ _ACCOUNTING_FIELDS = (
     "End",
 )
 
+_USAGE_FIELDS = ("JobID", "TRESUsageInTot", "Pids")
+
 _NO_TIME = frozenset({"", "N/A", "NONE", "None", "Unknown"})
 _NO_NODES = frozenset({"", "None assigned", "(null)", "n/a"})
 
@@ -140,6 +152,12 @@ class CommandResult(NamedTuple):
     returncode: int
     stdout: str
     stderr: str
+
+
+CallObserver = Callable[[str, float, str], None]
+"""Told of each Slurm command the client ran: (command name, seconds it took, outcome), the
+outcome "ok" (exit code 0), "error" (any other code) or "unavailable" (it could not run, or
+ran out of time). It must be quick and must not raise."""
 
 
 class CommandRunner(Protocol):
@@ -293,6 +311,49 @@ class AccountingEntry:
 
 
 @dataclass(frozen=True)
+class StepUsage:
+    """What `sstat` tells of one running step of a job."""
+
+    step_id: str
+    """The step as sstat names it: "123.batch", "123.extern", "123.0"."""
+    cpu_seconds: float | None
+    """CPU time its tasks used so far (TRESUsageInTot's cpu); None when Slurm gave none."""
+    memory_bytes: int | None
+    """Resident memory of its tasks at Slurm's last poll (TRESUsageInTot's mem); None when
+    Slurm gave none."""
+    pids: tuple[int, ...] = ()
+    """The step's processes on its node, as Slurm's process tracking knows them."""
+
+    @property
+    def job_id(self) -> str:
+        return self.step_id.partition(".")[0]
+
+
+@dataclass(frozen=True)
+class JobUsage:
+    """A running job's steps as `sstat -a` tells of them, and their sums."""
+
+    job_id: str
+    steps: tuple[StepUsage, ...]
+
+    @property
+    def cpu_seconds(self) -> float | None:
+        """CPU time of all its running steps; None when no step had a figure."""
+        known = [step.cpu_seconds for step in self.steps if step.cpu_seconds is not None]
+        return sum(known) if known else None
+
+    @property
+    def memory_bytes(self) -> int | None:
+        """Resident memory of all its running steps; None when no step had a figure."""
+        known = [step.memory_bytes for step in self.steps if step.memory_bytes is not None]
+        return sum(known) if known else None
+
+    @property
+    def pids(self) -> tuple[int, ...]:
+        return tuple(pid for step in self.steps for pid in step.pids)
+
+
+@dataclass(frozen=True)
 class NodeInfo:
     """One node of a partition, as sinfo shows it."""
 
@@ -362,14 +423,23 @@ class SlurmSettings:
     """The scancel command."""
     sinfo: str = "sinfo"
     """The sinfo command."""
+    sstat: str = "sstat"
+    """The sstat command."""
 
 
 class SlurmClient:
     """Typed calls to Slurm's commands. Safe to share between threads."""
 
-    def __init__(self, runner: CommandRunner, *, settings: SlurmSettings | None = None) -> None:
+    def __init__(
+        self,
+        runner: CommandRunner,
+        *,
+        settings: SlurmSettings | None = None,
+        observer: CallObserver | None = None,
+    ) -> None:
         self._runner = runner
         self._settings = settings or SlurmSettings()
+        self._observer = observer
 
     def submit(
         self,
@@ -536,8 +606,32 @@ class SlurmClient:
             raise _failure("sinfo", _message(result), result.returncode)
         return parse_partitions(result.stdout)
 
+    def usage(self, job_ids: Iterable[str]) -> dict[str, JobUsage]:
+        """The running steps of the given jobs as sstat tells of them, in one call, keyed by
+        job ID. Jobs without a running step (pending, ended, unknown) are missing."""
+        ids = _checked_ids(job_ids)
+        if not ids:
+            return {}
+        argv = [self._settings.sstat, "-a", "-n", "-P", "--noconvert", "-j", ",".join(ids)]
+        result = self._run([*argv, "-o", ",".join(_USAGE_FIELDS)])
+        message = _message(result)
+        if result.returncode != 0:
+            raise _failure("sstat", message, result.returncode)
+        found = parse_usage(result.stdout)
+        if not found and _unreachable(message):
+            raise SlurmUnavailable(f"sstat: {message}")
+        return {job_id: usage for job_id, usage in found.items() if job_id in ids}
+
     def _run(self, argv: Sequence[str], *, env: Mapping[str, str] | None = None) -> CommandResult:
-        return self._runner.run(argv, timeout=self._settings.timeout, env=env)
+        began = time.monotonic()
+        outcome = "unavailable"
+        try:
+            result = self._runner.run(argv, timeout=self._settings.timeout, env=env)
+            outcome = "ok" if result.returncode == 0 else "error"
+            return result
+        finally:
+            if self._observer is not None:
+                self._observer(os.path.basename(argv[0]), time.monotonic() - began, outcome)
 
 
 def parse_queue(text: str) -> dict[str, QueueEntry]:
@@ -644,6 +738,58 @@ def parse_accounting(text: str) -> dict[str, AccountingEntry]:
             end_time=parse_time(end),
         )
     return entries
+
+
+def parse_usage(text: str) -> dict[str, JobUsage]:
+    """Parse `sstat -a -n -P --noconvert -o JobID,TRESUsageInTot,Pids`: one line per running
+    step; the steps of a job are gathered under its ID."""
+    steps: dict[str, list[StepUsage]] = {}
+    for line in text.splitlines():
+        if not line.strip():
+            continue
+        parts = [part.strip() for part in line.split("|")]
+        if len(parts) != len(_USAGE_FIELDS) or "." not in parts[0]:
+            log.warning("sstat printed a line this adapter cannot read: %r", line)
+            continue
+        step_id, tres, pids = parts
+        usage = tres_usage(tres)
+        step = StepUsage(
+            step_id=step_id,
+            cpu_seconds=parse_cpu_time(usage["cpu"]) if "cpu" in usage else None,
+            memory_bytes=parse_bytes(usage["mem"]) if "mem" in usage else None,
+            pids=tuple(int(pid) for pid in pids.split(",") if pid.strip().isdigit()),
+        )
+        steps.setdefault(step.job_id, []).append(step)
+    return {job_id: JobUsage(job_id=job_id, steps=tuple(found)) for job_id, found in steps.items()}
+
+
+def tres_usage(text: str) -> dict[str, str]:
+    """A TRES string such as "cpu=00:00:05,mem=1101824,fs/disk=2012" as name -> value."""
+    pairs = (item.partition("=") for item in text.split(","))
+    return {name.strip(): value.strip() for name, sep, value in pairs if sep and value.strip()}
+
+
+def parse_cpu_time(text: str) -> float | None:
+    """A CPU time as sstat prints it ("05:07.250", "00:05:07", "01:02:03", "2-01:02:03") in
+    seconds; None when it is none of these."""
+    match = re.fullmatch(r"(?:(\d+)-)?(?:(\d+):)?(\d+):(\d+(?:\.\d+)?)", text.strip())
+    if match is None:
+        return None
+    days, hours, minutes, seconds = match.groups()
+    if days is not None and hours is None:  # "D-MM:SS" is no format of Slurm's
+        return None
+    return ((int(days or 0) * 24 + int(hours or 0)) * 60 + int(minutes)) * 60 + float(seconds)
+
+
+_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40, "P": 1 << 50}
+
+
+def parse_bytes(text: str) -> int | None:
+    """A size as Slurm prints it ("1101824", "1076K", "1.50M") in bytes; None otherwise."""
+    match = re.fullmatch(r"(\d+(?:\.\d+)?)([KMGTP]?)", text.strip())
+    if match is None:
+        return None
+    return round(float(match.group(1)) * _UNITS[match.group(2)])
 
 
 def parse_partitions(text: str) -> list[PartitionInfo]:

@@ -366,6 +366,10 @@ class Binder:
         """Wake `work` so that it notices its stop event at once."""
         self._queue.wake()
 
+    def queued(self) -> int:
+        """Keys waiting in the work queue, due or not (the queue's depth)."""
+        return len(self._queue)
+
     def handle(self, key: str, pod: JSON) -> None:
         """Bind one pod, or report why it cannot be bound."""
         nodes = self.nodes()

@@ -146,6 +146,7 @@ class PodController:
         settings: ControllerSettings | None = None,
         events: EventRecorder | None = None,
         clock: Callable[[], float] = time.monotonic,
+        status_lag: Callable[[float], None] | None = None,
     ) -> None:
         self.api = api
         self.events = events if events is not None else EventRecorder(api)
@@ -156,7 +157,13 @@ class PodController:
         """Node name -> its Slurm partition; None for a node that is not the kubelet's."""
         self.settings = settings or ControllerSettings()
         self.clock = clock
-        """Monotonic seconds, for grace periods (the unit tests pass a fake)."""
+        """Monotonic seconds, for grace periods and the status lag (the unit tests pass a
+        fake)."""
+        self.status_lag = status_lag
+        """Told, for each status written after the provider reported a change of the pod's
+        job, the seconds from that report to the write (kubelet_py.loops.metrics)."""
+        self._seen: dict[str, float] = {}
+        """Pod key -> when the provider first reported a change not yet written."""
         self._pods: dict[str, JSON] = {}
         self._deletions: dict[str, _Deletion] = {}
         self._confirmed: OrderedDict[str, None] = OrderedDict()
@@ -230,6 +237,23 @@ class PodController:
         `timeout_s`. Only then can a caller tell that what it offered changed nothing."""
         return self._queue.wait_idle(timeout_s)
 
+    def queued(self) -> int:
+        """Keys waiting in the work queue, due or not (the queue's depth)."""
+        return len(self._queue)
+
+    def phases(self) -> dict[str, int]:
+        """How many of the pods bound to the kubelet's nodes are in each phase: the phase of
+        the status the controller wrote last, else the pod's own (Pending without one)."""
+        counted: dict[str, int] = {}
+        with self._lock:
+            for key, pod in self._pods.items():
+                written = self._written.get(key)
+                uid = str((pod.get("metadata") or {}).get("uid", ""))
+                status = written.status if written and written.uid == uid else pod.get("status")
+                phase = str((status or {}).get("phase") or "Pending")
+                counted[phase] = counted.get(phase, 0) + 1
+        return counted
+
     @property
     def lists_seen(self) -> int:
         """How many full lists of the pods the controller was told of."""
@@ -270,6 +294,7 @@ class PodController:
         """The provider's notification: handle the pod again, and its deletion if any."""
         with self._lock:
             deletions = [dkey for dkey in self._deletions if group_of(dkey) == key]
+            self._seen.setdefault(key, self.clock())
         self._queue.put(key)
         for dkey in deletions:
             self._queue.put(dkey)
@@ -364,6 +389,8 @@ class PodController:
             return  # not listed by Slurm yet; the watcher brings the pod back when it is
         metadata = pod["metadata"]
         uid = str(metadata.get("uid", ""))
+        with self._lock:  # forgotten once handled: a failed write is retried from the same report
+            seen = self._seen.get(key)
         wanted = self.provider.get_pod_status(metadata["namespace"], metadata["name"])
         if wanted is None:
             return
@@ -378,12 +405,16 @@ class PodController:
         if wanted == before:
             with self._lock:
                 self._written[key] = _Written(uid=uid, status=wanted)
+                self._seen.pop(key, None)
             return
         self.api.patch_pod_status(
             namespace=metadata["namespace"], name=metadata["name"], patch={"status": wanted}
         )
         with self._lock:
             self._written[key] = _Written(uid=uid, status=wanted)
+            self._seen.pop(key, None)
+        if seen is not None and self.status_lag is not None:
+            self.status_lag(self.clock() - seen)
         phase = wanted.get("phase")
         old_phase = (before or {}).get("phase") or (pod.get("status") or {}).get("phase")
         log.debug("%s: job %s: status written (%s)", key, job_id, phase)
@@ -533,6 +564,8 @@ class PodController:
             if written is not None and written.uid == uid:
                 del self._written[key]
             self._annotated.discard(uid)
+            if key not in self._pods:
+                self._seen.pop(key, None)
 
     # -- recovery -------------------------------------------------------------------------
 

@@ -1,4 +1,6 @@
-"""The kubelet's HTTPS API: `/containerLogs` for `kubectl logs`, and `/healthz`.
+"""The kubelet's HTTPS API: `/containerLogs` for `kubectl logs`, `/healthz`, and the routes
+it is given (`Route`: the pods' usage, kubelet_py.loops.stats, and the kubelet's own metrics,
+kubelet_py.loops.metrics).
 
 It is served in one of two ways:
 
@@ -16,7 +18,9 @@ InternalIP and the port in `status.daemonEndpoints`. This module answers from th
 
 Who may ask: TLS with a client certificate signed by the cluster CA (anything else fails the
 handshake), and then only the API server's kubelet-client identity or a member of
-`system:masters`; any other identity of the cluster gets 403. The front applies the same rule.
+`system:masters`; metrics-server's identity (`METRICS_READERS`) may also read the given
+routes and `/healthz`, never a log; any other identity of the cluster gets 403. The front
+applies the same rules.
 
 Two layers, so that the first can be tested on literal files:
 
@@ -81,6 +85,10 @@ ALLOWED_USERS = frozenset({"kube-apiserver-kubelet-client"})
 ALLOWED_GROUPS = frozenset({"system:masters"})
 """Client certificate Os whose members may use the API."""
 
+METRICS_READERS = frozenset({"hpk:metrics-server"})
+"""Client certificate CNs that may read the given routes (usage and metrics) and /healthz
+only: the identity hpk.pki issues for metrics-server (`ClusterPKI.METRICS_SERVER_USER`)."""
+
 SERVE_FAILED = "LogServeFailed"
 """The reason of the Warning Event a pod gets when its log files cannot be served."""
 
@@ -122,6 +130,28 @@ class LookupUnavailable(RuntimeError):
 
 Planner = Callable[[object], Mapping[str, Any]]
 """The front's request (JSON) -> its plan (JSON); raises kubelet_py.pod.streams.PlanRefused."""
+
+
+@dataclass(frozen=True)
+class RouteAnswer:
+    """What a route answers with."""
+
+    body: bytes
+    content_type: str
+    status: HTTPStatus = HTTPStatus.OK
+
+
+Route = Callable[[str | None, Mapping[str, Sequence[str]]], RouteAnswer]
+"""A read-only route of the API: (the node whose port was asked, None when the port stands
+for no single node; the query) -> the answer. A route's failure is a 500 for that request."""
+
+OpenPort = Callable[[str, int], int]
+"""Behind the front: (node, the port it would like, 0 for any) -> the port the front now
+serves for that node (kubelet_py.adapters.front)."""
+
+NODE_HEADER = "X-Hpk-Node"
+"""The front's header that names the node whose port a request came to (none: the main
+port's)."""
 
 PodLookup = Callable[[str, str], Mapping[str, Any] | None]
 """The pod `(namespace, name)` as the API server has it, None when it has none; raises
@@ -496,6 +526,11 @@ def allowed(user: str, groups: Sequence[str]) -> bool:
     return user in ALLOWED_USERS or any(group in ALLOWED_GROUPS for group in groups)
 
 
+def reads_metrics(user: str) -> bool:
+    """Whether this identity may read the routes and /healthz (but no log): metrics-server."""
+    return user in METRICS_READERS
+
+
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
     block_on_close = False
@@ -511,6 +546,8 @@ class _Server(ThreadingHTTPServer):
         pods_dir: Path,
         lookup: PodLookup | None,
         warnings: PodWarnings,
+        routes: dict[str, Route],
+        node: str | None,
     ) -> None:
         super().__init__(address, _Handler)
         # The handshake happens in the connection's own thread (finish_request), so a slow
@@ -519,6 +556,8 @@ class _Server(ThreadingHTTPServer):
         self.pods_dir = pods_dir
         self.lookup = lookup
         self.warnings = warnings
+        self.routes = routes
+        self.node = node
         self.stopping = threading.Event()
 
     def server_bind(self) -> None:
@@ -555,6 +594,8 @@ class _UnixServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
         lookup: PodLookup | None,
         warnings: PodWarnings,
         planner: Planner | None,
+        routes: dict[str, Route],
+        node: str | None,
     ) -> None:
         path.unlink(missing_ok=True)
         mask = os.umask(0o077)  # only this user may connect
@@ -567,6 +608,8 @@ class _UnixServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
         self.lookup = lookup
         self.warnings = warnings
         self.planner = planner
+        self.routes = routes
+        self.node = node
         self.stopping = threading.Event()
 
     def handle_error(self, request: Any, client_address: Any) -> None:
@@ -629,30 +672,51 @@ class _Handler(BaseHTTPRequestHandler):
         self.wfile.write(body)
 
     def do_GET(self) -> None:
+        url = urlsplit(self.path)
+        route = self.server.routes.get(url.path)
         # Behind the front, the front has checked the client already.
         if not self.server.behind_front:
             user, groups = identity(self.connection.getpeercert())
-            if allowed(user, groups):
-                self._route()
+            readable = url.path == "/healthz" or route is not None
+            if not allowed(user, groups) and not (readable and reads_metrics(user)):
+                log.info(
+                    "refused %s %s to user %r (groups %s)", self.command, self.path, user, groups
+                )
+                self._answer(
+                    HTTPStatus.FORBIDDEN,
+                    f"Forbidden (user={user}, groups={list(groups)}): only the API server and "
+                    "system:masters may use the kubelet API",
+                )
                 return
-            log.info("refused %s %s to user %r (groups %s)", self.command, self.path, user, groups)
-            self._answer(
-                HTTPStatus.FORBIDDEN,
-                f"Forbidden (user={user}, groups={list(groups)}): only the API server and "
-                "system:masters may use the kubelet API",
-            )
-            return
-        self._route()
-
-    def _route(self) -> None:
-        url = urlsplit(self.path)
         parts = [unquote(part) for part in url.path.split("/")[1:]]
+        query = parse_qs(url.query, keep_blank_values=True)
         if parts == ["healthz"]:
             self._answer(HTTPStatus.OK, "ok")
+        elif route is not None:
+            self._route(route, query)
         elif len(parts) == 4 and parts[0] == "containerLogs":
-            self._logs(*parts[1:], query=parse_qs(url.query, keep_blank_values=True))
+            self._logs(*parts[1:], query=query)
         else:
             self._answer(HTTPStatus.NOT_FOUND, f"{url.path} not found")
+
+    def _route(self, route: Route, query: Mapping[str, Sequence[str]]) -> None:
+        try:
+            answer = route(self._node(), query)
+        except Exception as error:  # this request alone; the server goes on
+            log.exception("%s failed", self.path)
+            self._answer(HTTPStatus.INTERNAL_SERVER_ERROR, f"{type(error).__name__}: {error}")
+            return
+        self.send_response(answer.status)
+        self.send_header("Content-Type", answer.content_type)
+        self.send_header("Content-Length", str(len(answer.body)))
+        self.end_headers()
+        self.wfile.write(answer.body)
+
+    def _node(self) -> str | None:
+        """The node whose port the request came to."""
+        if self.server.behind_front:
+            return self.headers.get(NODE_HEADER) or self.server.node
+        return self.server.node
 
     def _logs(self, namespace: str, pod: str, container: str, *, query: dict[str, Any]) -> None:
         key = f"{namespace}/{pod}"
@@ -776,7 +840,13 @@ class _Handler(BaseHTTPRequestHandler):
 
 class LogServer:
     """The kubelet API on `address:port` with TLS, or on the Unix socket `unix` behind the
-    front, serving the pod folders below `pods_dir`."""
+    front, serving the pod folders below `pods_dir`; and on a port of its own for each node
+    that asks for one (`port_for`).
+
+    Every node of the kubelet is a Slurm partition, and all of them have the host's address:
+    a request says nothing of the node it is for, but its port does. So each node advertises
+    a port of its own, and the routes (the pods' usage) answer for that node.
+    """
 
     def __init__(
         self,
@@ -786,54 +856,136 @@ class LogServer:
         address: str = "0.0.0.0",  # noqa: S104 (the API server connects to the node's address)
         port: int = 0,
         unix: Path | None = None,
+        open_port: OpenPort | None = None,
         lookup: PodLookup | None = None,
         warnings: PodWarnings | None = None,
+        routes: Mapping[str, Route] | None = None,
+        node: str | None = None,
         planner: Planner | None = None,
     ) -> None:
         """Binds the port (OSError when it is taken) and loads the certificates (OSError,
-        ssl.SSLError when they cannot be read), or binds the socket `unix`; serves nothing
-        before `start`. `warnings` reports a pod whose files cannot be served (module
-        docstring); `planner` answers the front's plans (with `unix` only)."""
-        warnings = warnings or PodWarnings(None, reason=SERVE_FAILED)
+        ssl.SSLError when they cannot be read), or binds the socket `unix` (whose front
+        serves `port` and opens the nodes' ports through `open_port`); serves nothing before
+        `start`. `warnings` reports a pod whose files cannot be served (module docstring);
+        `routes` maps a path to its route, which is told the node whose port was asked
+        (`node` for the main port; None: none yet, the routes answer for every node);
+        `planner` answers the front's plans."""
+        self._address = address
+        self._pods_dir = pods_dir
+        self._lookup = lookup
+        self._warnings = warnings or PodWarnings(None, reason=SERVE_FAILED)
+        self._routes: dict[str, Route] = dict(routes or {})
+        self._lock = threading.Lock()
+        self._context: ssl.SSLContext | None = None
+        self._open_port = open_port
         self._server: _Server | _UnixServer
         if unix is not None:
+            if open_port is None:
+                raise ValueError("behind the front, the kubelet API needs open_port")
             self._server = _UnixServer(
-                unix, pods_dir=pods_dir, lookup=lookup, warnings=warnings, planner=planner
-            )
-        elif tls is not None:
-            self._server = _Server(
-                (address, port),
-                tls=tls.context(),
+                unix,
                 pods_dir=pods_dir,
                 lookup=lookup,
-                warnings=warnings,
+                warnings=self._warnings,
+                planner=planner,
+                routes=self._routes,
+                node=node,
             )
+            self._main_port = port
+        elif tls is not None:
+            self._context = tls.context()
+            self._server = self._bind(port, node)
+            self._main_port = int(self._server.server_address[1])
         else:
             raise ValueError("the kubelet API needs TLS or a Unix socket")
-        self._thread: threading.Thread | None = None
+        self._nodes: dict[str, int] = {}
+        """Node -> the port of its own (the main port's node is not here)."""
+        self._node_servers: list[_Server] = []
+        self._threads: list[tuple[_Server | _UnixServer, threading.Thread]] = []
+        self._started = False
+
+    def _bind(self, port: int, node: str | None) -> _Server:
+        assert self._context is not None
+        return _Server(
+            (self._address, port),
+            tls=self._context,
+            pods_dir=self._pods_dir,
+            lookup=self._lookup,
+            warnings=self._warnings,
+            routes=self._routes,  # shared: add_routes serves every port
+            node=node,
+        )
 
     @property
     def port(self) -> int:
-        if isinstance(self._server, _UnixServer):
-            return 0
-        return int(self._server.server_address[1])
+        return self._main_port
+
+    def add_routes(self, routes: Mapping[str, Route]) -> None:
+        """Serve these routes too, on every port (the entry point binds the port first and
+        makes what the routes read afterwards)."""
+        self._routes.update(routes)
+
+    def port_for(self, node: str, *, default: bool, advertised: int | None = None) -> int:
+        """The port `node` advertises in its status: the main port for the default node (the
+        first that asks), a port of its own for every other, bound now and served from then
+        on. A node keeps its port while the kubelet runs; after a restart it gets the one it
+        `advertised` again while that is free, else one the system picks."""
+        with self._lock:
+            if self._server.node == node or (default and self._server.node is None):
+                self._server.node = node
+                return self._main_port
+            found = self._nodes.get(node)
+            if found is not None:
+                return found
+            wanted = advertised if advertised and advertised != self._main_port else 0
+            if self._open_port is not None:
+                port = self._open_port(node, wanted)
+            else:
+                try:
+                    server = self._bind(wanted, node)
+                except OSError:
+                    if not wanted:
+                        raise
+                    server = self._bind(0, node)
+                self._node_servers.append(server)
+                if self._started:
+                    self._serve(server)
+                port = int(server.server_address[1])
+            self._nodes[node] = port
+        log.info("kubelet API for node %s listening on port %d", node, port)
+        return port
+
+    def _serve(self, server: _Server | _UnixServer) -> threading.Thread:
+        thread = threading.Thread(
+            target=server.serve_forever, args=(0.5,), name="logserver", daemon=True
+        )
+        thread.start()
+        self._threads.append((server, thread))
+        return thread
 
     def start(self) -> threading.Thread:
-        """Serve on a daemon thread of its own until `stop`."""
-        if self._server.behind_front:
+        """Serve on daemon threads of its own until `stop`; returns the main port's."""
+        if isinstance(self._server, _UnixServer):
             log.info("kubelet API served to its front on %s", self._server.server_address)
         else:
             log.info("kubelet API listening on port %d", self.port)
-        self._thread = threading.Thread(
-            target=self._server.serve_forever, args=(0.5,), name="logserver", daemon=True
-        )
-        self._thread.start()
-        return self._thread
+        with self._lock:
+            self._started = True
+            main = self._serve(self._server)
+            for server in self._node_servers:
+                self._serve(server)
+        return main
 
     def stop(self) -> None:
-        """Stop accepting, end every follow within a poll, and close the port."""
-        self._server.stopping.set()
-        if self._thread is not None:
-            self._server.shutdown()
-            self._thread.join()
-        self._server.server_close()
+        """Stop accepting, end every follow within a poll, and close the ports."""
+        with self._lock:
+            servers: list[_Server | _UnixServer] = [self._server, *self._node_servers]
+            threads, self._threads = self._threads, []
+            self._started = False
+        for server in servers:
+            server.stopping.set()
+        for server, thread in threads:
+            server.shutdown()
+            thread.join()
+        for server in servers:
+            server.server_close()

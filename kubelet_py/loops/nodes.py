@@ -466,9 +466,11 @@ def node_status_object(
     heartbeat: dt.datetime,
     ready_since: dt.datetime,
     network: JSON | None = None,
+    port: int | None = None,
 ) -> JSON:
     """The Node's status as the kubelet applies it to the status subresource; `network` is
-    its PodNetworkReady condition, when the kubelet knows one."""
+    its PodNetworkReady condition, when the kubelet knows one, and `port` the kubelet API's
+    port for this node (None: `settings.kubelet_port`)."""
     partition = node.partition
     amounts = resources(partition, settings)
     state = "up" if partition.up else "not up (Slurm queues its jobs until it is)"
@@ -498,7 +500,9 @@ def node_status_object(
                 {"type": "InternalIP", "address": host.address},
                 {"type": "Hostname", "address": host.hostname},
             ],
-            "daemonEndpoints": {"kubeletEndpoint": {"Port": settings.kubelet_port}},
+            "daemonEndpoints": {
+                "kubeletEndpoint": {"Port": settings.kubelet_port if port is None else port}
+            },
             "nodeInfo": {
                 "machineID": "",
                 "systemUUID": "",
@@ -573,6 +577,23 @@ NETWORK_CONDITION = "PodNetworkReady"
 """The nodes' condition that says whether pods get their own network (docs/networking.md)."""
 
 
+def advertised_port(node: Mapping[str, Any] | None) -> int | None:
+    """The kubelet API port a Node object advertises; None when it has none."""
+    endpoints = ((node or {}).get("status") or {}).get("daemonEndpoints") or {}
+    port = (endpoints.get("kubeletEndpoint") or {}).get("Port")
+    return port if isinstance(port, int) and not isinstance(port, bool) and port > 0 else None
+
+
+class NodePorts(Protocol):
+    """Which port of the kubelet API each node advertises (kubelet_py.loops.logserver's
+    LogServer): a request to that port is then known to be about that node."""
+
+    def port_for(self, node: str, *, default: bool, advertised: int | None = None) -> int:
+        """The node's port, bound and served from now on; `default` for the node of the
+        default partition, `advertised` the port its Node object had."""
+        ...
+
+
 class NodeAgent:
     """Registers the partition nodes, refreshes their status and renews their Leases.
 
@@ -589,6 +610,7 @@ class NodeAgent:
         host: HostInfo,
         clock: Callable[[], dt.datetime] = utcnow,
         network: Callable[[], tuple[bool, str, str]] | None = None,
+        ports: NodePorts | None = None,
     ) -> None:
         self.api = api
         self.source = source
@@ -599,6 +621,10 @@ class NodeAgent:
         """Whether pods get their own network, why, and what to say (the provider's
         network_condition); None: the nodes show no PodNetworkReady condition."""
         self._network_since: tuple[bool, dt.datetime] | None = None
+        self.ports = ports
+        """The kubelet API's port of each node; None: every node advertises
+        `settings.kubelet_port` (the kubelet serves no API, or one port for all)."""
+        self._advertised: dict[str, int | None] = {}
         self.registered = threading.Event()
         """Set once every node has been registered at least once."""
         self._lock = threading.Lock()
@@ -635,7 +661,16 @@ class NodeAgent:
         registered = []
         for node in planned.nodes:
             if node.name not in self._ready_since:
-                self._ready_since[node.name] = ready_since(self.api.get_node(node.name), now=now)
+                existing = self.api.get_node(node.name)
+                self._ready_since[node.name] = ready_since(existing, now=now)
+                self._advertised[node.name] = advertised_port(existing)
+            port = None
+            if self.ports is not None:
+                port = self.ports.port_for(
+                    node.name,
+                    default=node.partition.name == planned.default,
+                    advertised=self._advertised.get(node.name),
+                )
             applied = self.api.apply_node(node_object(node))
             metadata = applied.get("metadata") or {}
             uid = str(metadata.get("uid", ""))
@@ -650,6 +685,7 @@ class NodeAgent:
                     heartbeat=now,
                     ready_since=self._ready_since[node.name],
                     network=network,
+                    port=port,
                 )
             )
             with self._lock:

@@ -115,7 +115,7 @@ class Plan:
 
 
 @dataclass(frozen=True)
-class RunningPod:
+class StreamTarget:
     """What the kubelet knows of one of its pods, for a plan."""
 
     pod: Mapping[str, Any]
@@ -151,7 +151,7 @@ def srun_environment(environment: Mapping[str, str]) -> tuple[str, ...]:
     )
 
 
-def plan(request: StreamRequest, running: RunningPod | None, settings: PlanSettings) -> Plan:
+def plan(request: StreamRequest, running: StreamTarget | None, settings: PlanSettings) -> Plan:
     """The plan for `request` on `running` (None: the kubelet has no such pod)."""
     key = f"{request.namespace}/{request.pod}"
     if running is None:
@@ -207,7 +207,7 @@ def plan(request: StreamRequest, running: RunningPod | None, settings: PlanSetti
     return Plan(argv=(*srun, "--", *helper), env=srun_environment(settings.environment))
 
 
-def _check_container(running: RunningPod, name: str, key: str) -> None:
+def _check_container(running: StreamTarget, name: str, key: str) -> None:
     spec = running.pod.get("spec") or {}
     names = [
         str(c.get("name"))

@@ -49,6 +49,7 @@ PINS = {
     "COREDNS_VERSION": "1.12.4",
     "APPTAINER_VERSION": "1.4.3",
     "ARGO_VERSION": "3.7.18",
+    "METRICS_SERVER_VERSION": "0.8.0",
 }
 IMAGE = Path("/opt/hpk tools/control-plane.sif")
 
@@ -317,6 +318,7 @@ def context(tmp_path: Path) -> comp.Context:
             dns_ready=8181,
             kubelet=10250,
             hub=51820,
+            metrics_server=4443,
         ),
         layout=StateLayout(tmp_path / "state"),
         advertise_address="192.0.2.10",

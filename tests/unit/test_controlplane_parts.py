@@ -67,6 +67,7 @@ def context(tmp_path: Path, *, upstreams_state: Path | None = None) -> comp.Cont
         dns_ready=8181,
         kubelet=10250,
         hub=51820,
+        metrics_server=4443,
     )
     return comp.Context(
         settings=ControlPlaneSettings(),
@@ -165,7 +166,7 @@ def test_stop_escalates_to_sigkill_and_reaches_the_whole_group(tmp_path: Path) -
 def test_chosen_ports_are_distinct_and_free(tmp_path: Path) -> None:
     ports = choose_ports()
     values = ports.values()
-    assert len(set(values)) == len(values) == 9
+    assert len(set(values)) == len(values) == 10
     assert all(port_is_free(p) for p in values)
     assert port_is_free(ports.dns, udp=True)
     save_ports(tmp_path / "ports.json", ports)

@@ -17,7 +17,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 DOC = ROOT / "docs" / "kubelet.md"
-SLURM_COMMANDS = frozenset({"sbatch", "squeue", "sacct", "scancel", "sinfo", "scontrol", "srun"})
+SLURM_COMMANDS = frozenset(
+    {"sbatch", "squeue", "sacct", "scancel", "sinfo", "sstat", "scontrol", "srun"}
+)
 SLURM_ADAPTER = "kubelet_py/adapters/slurm.py"
 API_ADAPTER = "kubelet_py.adapters.apiserver"
 # Where Slurm's commands may be named besides the adapter: root's own test bed. (The job

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import http.client
 import os
+import socket
 import ssl
 import threading
 import time
@@ -25,12 +26,14 @@ from hpk.pki import (
 from kubelet_py.job.launch import Clock, launch
 from kubelet_py.loops.events import PodWarnings
 from kubelet_py.loops.logserver import (
+    METRICS_READERS,
     SERVE_FAILED,
     BadRequest,
     LogOptions,
     LogServer,
     NotFound,
     PodView,
+    RouteAnswer,
     ServerTLS,
     find_log,
     parse_options,
@@ -559,3 +562,130 @@ def test_reading_a_fifo_as_the_log_never_blocks(tmp_path: Path) -> None:
     os.mkfifo(log)
     with pytest.raises(OSError, match="not a regular file"):
         body(log)
+
+
+# --- the routes it is given ------------------------------------------------------------------
+
+
+def test_routes_are_served_with_the_ports_node_and_metrics_server_reads_only_them(
+    tmp_path: Path,
+) -> None:
+    pki = ClusterPKI(tmp_path / "pki")
+    pki.ensure_control_plane(
+        hostname="localhost", node_ips=["127.0.0.1"], service_cidr="10.96.0.0/16"
+    )
+    serving = pki.ensure_kubelet_serving(hostname="localhost", addresses=["127.0.0.1"])
+    pod_folder(tmp_path / "pods", "p", {"main": LOG})
+    asked: list[tuple[str | None, dict[str, Any]]] = []
+
+    def usage(node: str | None, query: Mapping[str, Any]) -> RouteAnswer:
+        asked.append((node, dict(query)))
+        return RouteAnswer(body=b'{"pods": []}', content_type="application/json")
+
+    def broken(node: str | None, query: Mapping[str, Any]) -> RouteAnswer:
+        raise RuntimeError("no figures")
+
+    server = LogServer(
+        tls=ServerTLS(cert=serving.cert, key=serving.key, client_ca=pki.ca.cert),
+        pods_dir=tmp_path / "pods",
+        address="127.0.0.1",
+        port=0,
+        node="hpk-batch",
+    )
+    server.add_routes({"/stats/summary": usage, "/metrics": broken})
+    reader = pki.ensure_metrics_server_client()
+    server.start()
+
+    def get(path: str, client: CertFiles) -> tuple[int, str, bytes]:
+        context = ssl.create_default_context(cafile=str(pki.ca.cert))
+        context.load_cert_chain(client.cert, client.key)
+        connection = http.client.HTTPSConnection("127.0.0.1", server.port, context=context)
+        try:
+            connection.request("GET", path)
+            response = connection.getresponse()
+            return response.status, response.getheader("Content-Type", ""), response.read()
+        finally:
+            connection.close()
+
+    try:
+        api = pki.apiserver_kubelet_client
+        assert get("/stats/summary?only_cpu_and_memory=true", api) == (
+            200,
+            "application/json",
+            b'{"pods": []}',
+        )
+        assert asked == [("hpk-batch", {"only_cpu_and_memory": ["true"]})]
+        assert get("/stats/summary", reader)[0] == 200, "metrics-server reads the usage"
+        assert get("/healthz", reader)[::2] == (200, b"ok")
+        status, _, text = get("/containerLogs/default/p/main", reader)
+        assert status == 403, "but never a log"
+        assert b"user=hpk:metrics-server" in text
+        status, _, text = get("/metrics", api)
+        assert (status, text) == (500, b"RuntimeError: no figures"), "that request alone fails"
+        assert get("/containerLogs/default/p/main", api)[::2] == (
+            200,
+            b"first\nsecond line\nthird\n",
+        )
+        assert get("/stats/summary", pki.ensure_hpk_kubelet_client())[0] == 403
+    finally:
+        server.stop()
+
+
+def test_the_metrics_readers_name_is_the_one_the_pki_issues() -> None:
+    assert {ClusterPKI.METRICS_SERVER_USER} == METRICS_READERS
+
+
+def test_each_node_gets_a_port_of_its_own_and_its_routes_answer_for_it(bed: Bed) -> None:
+    told: list[str | None] = []
+
+    def usage(node: str | None, query: Mapping[str, Any]) -> RouteAnswer:
+        told.append(node)
+        return RouteAnswer(body=str(node).encode(), content_type="text/plain")
+
+    bed.server.add_routes({"/stats/summary": usage})
+    main = bed.server.port
+    assert bed.server.port_for("hpk-batch", default=True) == main, "the default node's"
+    gpu = bed.server.port_for("hpk-gpu", default=False)
+    assert gpu != main
+    assert bed.server.port_for("hpk-gpu", default=False) == gpu, "kept while it runs"
+    with socket.socket() as probe:  # a port that is free now: a node's port before a restart
+        probe.bind(("127.0.0.1", 0))
+        free = probe.getsockname()[1]
+    assert bed.server.port_for("hpk-old", default=False, advertised=free) == free
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        busy = taken.getsockname()[1]
+        other = bed.server.port_for("hpk-busy", default=False, advertised=busy)
+        assert other not in (busy, main, gpu, free), "another user's process holds it"
+
+    def get(port: int, path: str) -> tuple[int, bytes]:
+        context = ssl.create_default_context(cafile=str(bed.pki.ca.cert))
+        client = bed.pki.apiserver_kubelet_client
+        context.load_cert_chain(client.cert, client.key)
+        connection = http.client.HTTPSConnection("127.0.0.1", port, context=context, timeout=10)
+        try:
+            connection.request("GET", path)
+            response = connection.getresponse()
+            return response.status, response.read()
+        finally:
+            connection.close()
+
+    assert get(main, "/stats/summary") == (200, b"hpk-batch")
+    assert get(gpu, "/stats/summary") == (200, b"hpk-gpu")
+    assert get(other, "/stats/summary") == (200, b"hpk-busy")
+    pod_folder(bed.pods, "p", {"main": LOG})
+    assert get(gpu, "/containerLogs/default/p/main") == (200, b"first\nsecond line\nthird\n")
+    assert told == ["hpk-batch", "hpk-gpu", "hpk-busy"]
+    bed.server.stop()
+    with pytest.raises(OSError):
+        get(gpu, "/healthz")
+
+
+def test_a_port_without_a_node_answers_for_every_node(bed: Bed) -> None:
+    bed.server.add_routes(
+        {"/stats/summary": lambda node, _: RouteAnswer(body=repr(node).encode(), content_type="x")}
+    )
+    assert bed.get("/stats/summary") == (200, b"None")
+    assert bed.server.port_for("hpk-gpu", default=False) != bed.server.port
+    assert bed.get("/stats/summary") == (200, b"None"), "until the default node claims it"

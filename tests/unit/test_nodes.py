@@ -602,3 +602,48 @@ def test_a_started_pod_that_cannot_be_bound_is_abandoned() -> None:
     run_binder(binder, [WatchEvent("ADDED", pod("raced"))])
     assert starter.abandoned == ["raced"]
     assert api.events == []
+
+
+class FakePorts:
+    """The NodePorts seam: one port per node, and what each node asked with."""
+
+    def __init__(self) -> None:
+        self.asked: list[tuple[str, bool, int | None]] = []
+
+    def port_for(self, node: str, *, default: bool, advertised: int | None = None) -> int:
+        self.asked.append((node, default, advertised))
+        return {"hpk-batch": 40001, "hpk-gpu": 40002}[node]
+
+
+def test_each_node_advertises_its_own_port_of_the_kubelet_api() -> None:
+    api = FakeNodeApi()
+    api.nodes["hpk-gpu"] = {
+        "metadata": {"name": "hpk-gpu"},
+        "status": {"daemonEndpoints": {"kubeletEndpoint": {"Port": 41234}}},
+    }
+    ports = FakePorts()
+    agent = NodeAgent(
+        api,
+        source=lambda: TESTBED,
+        settings=NodeSettings(kubelet_port=40001),
+        host=HOST,
+        clock=lambda: NOW,
+        ports=ports,
+    )
+    agent.sync()
+    agent.sync()
+    advertised = {
+        name: status["daemonEndpoints"]["kubeletEndpoint"]["Port"]
+        for name, status in api.statuses.items()
+    }
+    assert advertised == {"hpk-batch": 40001, "hpk-gpu": 40002}
+    assert ports.asked[:2] == [
+        ("hpk-batch", True, None),
+        ("hpk-gpu", False, 41234),
+    ], "the default partition's node first asks for the main port; the other for its old one"
+    without = NodeAgent(
+        FakeNodeApi(), source=lambda: TESTBED, settings=NodeSettings(), host=HOST, clock=lambda: NOW
+    )
+    statuses = without.api.statuses  # type: ignore[attr-defined]
+    without.sync()
+    assert {s["daemonEndpoints"]["kubeletEndpoint"]["Port"] for s in statuses.values()} == {10250}
