@@ -19,7 +19,13 @@ import (
 	utilexec "k8s.io/utils/exec"
 )
 
-const dialTimeout = 10 * time.Second
+const (
+	dialTimeout = 10 * time.Second
+	// How long a terminal's start waits for the client's size, and how long srun takes to
+	// set its terminal up (resizes wait for it).
+	firstSizeWait = time.Second
+	terminalSetUp = 2 * time.Second
+)
 
 // commandRunner runs a plan's command (srun into the pod's job, which enters the container)
 // with the client's streams: exec and attach are the same here, the plan says what to run.
@@ -131,21 +137,36 @@ func runTerminal(ctx context.Context, cmd *exec.Cmd, in io.Reader, out io.Writer
 	defer master.Close()
 	cmd.Stdin, cmd.Stdout, cmd.Stderr = slave, slave, slave
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true, Setctty: true, Ctty: 0}
+	setSize := func(size remotecommand.TerminalSize) {
+		winsize := &unix.Winsize{Row: size.Height, Col: size.Width}
+		_ = unix.IoctlSetWinsize(int(master.Fd()), unix.TIOCSWINSZ, winsize)
+	}
+	// The client sends its size first: set before the start, it needs no signal. srun
+	// gives up its terminal when SIGWINCH interrupts it while it sets the terminal up, so a
+	// resize in its first moments waits until they are over.
+	select {
+	case size, ok := <-resize:
+		if ok {
+			setSize(size)
+		}
+	case <-time.After(firstSizeWait):
+	}
 	err = cmd.Start()
 	slave.Close()
 	if err != nil {
 		return err
 	}
+	started := time.Now()
 	ended := stopOnCancel(ctx, cmd)
 	defer ended()
-	go func() {
-		for size := range resize {
-			winsize := &unix.Winsize{Row: size.Height, Col: size.Width}
-			if err := unix.IoctlSetWinsize(int(master.Fd()), unix.TIOCSWINSZ, winsize); err != nil {
-				return
+	if resize != nil {
+		go func() {
+			for size := range resize {
+				time.Sleep(time.Until(started.Add(terminalSetUp)))
+				setSize(size)
 			}
-		}
-	}()
+		}()
+	}
 	if in != nil {
 		go func() { _, _ = io.Copy(master, in) }()
 	}

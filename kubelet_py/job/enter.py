@@ -17,8 +17,9 @@ kubelet_py.pod.streams), on the node of the job's batch script, as the job's use
    owns: first the user namespace that owns its network namespace with that network namespace
    (the pod's network, when the pod has one of its own), then, with nsenter, the container's
    user, mount and PID namespaces, its root and its working directory;
-5. runs COMMAND there with the container's environment (its process's, as Apptainer made it),
-   and TERM=xterm added on a terminal when the container has none.
+5. runs COMMAND there with the container's environment (its process's, as Apptainer made it,
+   less Apptainer's own prompt), and TERM=xterm added on a terminal when the container has
+   none.
 
 The exit status is COMMAND's; 126 when the container's process cannot be found or entered
 (the message on stderr says why), as a runtime says for a command it cannot start.
@@ -48,6 +49,9 @@ CLONE_NEWUSER = 0x10000000
 CLONE_NEWNET = 0x40000000
 NS_GET_USERNS = 0xB701
 """ioctl: the user namespace that owns a namespace (linux/nsfs.h)."""
+
+APPTAINER_PROMPT = "Apptainer> "
+"""The PS1 Apptainer gives a container; a shell started by exec gets the image's own."""
 
 INIT_SHIMS = frozenset({"sinit", "appinit"})
 """Names Apptainer gives the init it runs as PID 1 of a container's PID namespace."""
@@ -91,13 +95,21 @@ def job_cgroup(pid: int | str, proc: Path = Path("/proc")) -> str | None:
     return match.group(1) if match else None
 
 
+def parent(pid: int, proc: Path = Path("/proc")) -> int:
+    stat = (proc / str(pid) / "stat").read_text()
+    return int(stat[stat.rindex(")") + 2 :].split()[1])
+
+
 def check_same_job(pid: int, *, job_id: str, proc: Path = Path("/proc")) -> None:
-    """CannotEnter unless process `pid` belongs to Slurm job `job_id`, as this process does."""
+    """CannotEnter unless process `pid` belongs to Slurm job `job_id`, as this process does.
+
+    Apptainer starts its runtime with an environment of its own: the job's variables are its
+    launcher's, the process's parent."""
     try:
-        theirs = environ(pid, proc).get("SLURM_JOB_ID")
-    except OSError:
+        jobs = {environ(each, proc).get("SLURM_JOB_ID") for each in (pid, parent(pid, proc))}
+    except (OSError, ValueError, IndexError):
         raise CannotEnter("the container is not running (its process is gone)") from None
-    if theirs != job_id:
+    if job_id not in jobs or len(jobs - {None}) != 1:
         raise CannotEnter(f"process {pid} is not of this pod's job {job_id}")
     ours, their_cgroup = job_cgroup("self", proc), job_cgroup(pid, proc)
     if ours is not None and their_cgroup != ours:
@@ -115,7 +127,7 @@ def children(proc: Path = Path("/proc")) -> dict[int, list[int]]:
         except OSError:
             continue
         # "pid (comm) state ppid ...": comm may hold spaces and parentheses.
-        ppid = int(stat[stat.rindex(")") + 2 :].split()[1])
+        ppid = int(stat[stat.rindex(")") + 2 :].split()[1])  # as parent() reads it
         tree.setdefault(ppid, []).append(int(entry.name))
     return tree
 
@@ -176,14 +188,23 @@ def enter_network(pid: int, proc: Path = Path("/proc")) -> None:
         os.close(net)
 
 
-def nsenter_argv(pid: int, command: Sequence[str]) -> list[str]:
-    """nsenter into the container's user, mount and PID namespaces, its root and directory."""
+OWN_NAMESPACES = (("mnt", "--mount"), ("pid", "--pid"), ("uts", "--uts"), ("ipc", "--ipc"))
+"""The namespaces a container may have of its own, and nsenter's flags for them."""
+
+
+def nsenter_argv(pid: int, command: Sequence[str], proc: Path = Path("/proc")) -> list[str]:
+    """nsenter into the container's user namespace and those of its namespaces that are its
+    own (entering one of the node's would need privileges), its root and directory."""
+    own = [
+        flag
+        for kind, flag in OWN_NAMESPACES
+        if _namespace(pid, kind, proc) != os.readlink(proc / "self" / "ns" / kind)
+    ]
     return [
         "nsenter",
         f"--target={pid}",
         "--user",
-        "--mount",
-        "--pid",
+        *own,
         "--root",
         "--wd",
         "--preserve-credentials",
@@ -208,6 +229,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         env = environ(target)
         if args.tty:
             env.setdefault("TERM", "xterm")
+        if env.get("PS1") == APPTAINER_PROMPT:  # Apptainer's own, not the image's
+            del env["PS1"]
         enter_network(target)
     except (CannotEnter, OSError) as error:
         print(f"hpk: cannot enter the container: {error}", file=sys.stderr)
