@@ -603,7 +603,7 @@ def run(  # noqa: PLR0912, PLR0915 (every thread's wiring, start and stop in one
                 pods_dir=home.root / "pods",
                 apptainer=PurePosixPath(find_apptainer()),
                 image_cache=home.root / "images",
-                node_addresses=SlurmNodeAddresses(agent.current),
+                node_addresses=SlurmNodeAddresses(agent.current, host_address=host.address),
                 kubernetes_service=(
                     service_endpoint(settings.pod_api_server)
                     if settings.pod_api_server

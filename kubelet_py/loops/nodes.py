@@ -138,11 +138,16 @@ class SlurmNodeAddresses(Mapping[str, str]):
 
     A pod's hostIP (and podIP: containers share the node's network) is the address of the
     Slurm node its job runs on. A NodeAddr that is a host name is resolved once and cached;
-    one that does not resolve is left out.
+    one that does not resolve is left out. A loopback NodeAddr means the node is this host:
+    it becomes `host_address`, the address others reach this host at (an endpoint of a
+    Service may not be a loopback address, and no one else could use it).
     """
 
-    def __init__(self, current: Callable[[], NodeSet | None]) -> None:
+    def __init__(
+        self, current: Callable[[], NodeSet | None], *, host_address: str | None = None
+    ) -> None:
         self._current = current
+        self._host_address = host_address
         self._resolved: dict[str, str | None] = {}
 
     def _addresses(self) -> dict[str, str]:
@@ -162,6 +167,9 @@ class SlurmNodeAddresses(Mapping[str, str]):
                 except OSError:
                     log.warning("Slurm node %s: cannot resolve its address %s", name, address)
                     self._resolved[address] = None
+            found = self._resolved[address]
+            if found and self._host_address and ipaddress.ip_address(found).is_loopback:
+                self._resolved[address] = self._host_address
         resolved = self._resolved[address]
         if resolved is None:
             raise KeyError(name)

@@ -137,6 +137,10 @@ def test_slurm_node_addresses_are_ip_addresses_from_the_current_partitions() -> 
     assert addresses.get("n3") is None
     assert addresses.get("n7") is None
     assert set(addresses) == {"n1", "n2", "n3"}
+    # A loopback NodeAddr is this host, at the address others reach it at.
+    on_host = SlurmNodeAddresses(lambda: current[0], host_address="192.0.2.2")
+    assert on_host["n2"] == "192.0.2.2"
+    assert on_host["n1"] == "10.0.0.1"
 
 
 def test_slurm_failure_is_partitions_unavailable() -> None:
