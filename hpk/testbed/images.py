@@ -67,6 +67,7 @@ TEST_IMAGES: tuple[TestImage, ...] = (
     TestImage("busybox", "docker.io/library/busybox:latest", "busybox.def"),
     TestImage("python-3.11", "docker.io/library/python:3.11", "python-3.11.def"),
     TestImage("entrypoint", "hpk.test/entrypoint:1", ""),
+    TestImage("jupyterlab", "hpk.test/jupyterlab:4.6.6", "jupyterlab.def"),
 )
 
 ENTRYPOINT_CONFIG: dict[str, object] = {

@@ -28,6 +28,7 @@ from typing import Any
 
 import pytest
 
+from hpk.testbed.images import ensure_test_images
 from hpk.toolchain import Toolchain
 from tests.e2e.conftest import UserInstall
 from tests.e2e.kube import eventually
@@ -373,3 +374,33 @@ def test_the_api_refuses_other_identities(cluster: UserCluster, shell: dict[str,
         check=False,
     )
     assert done.stdout in ("000", ""), shlex.join(done.args) + done.stdout
+
+
+def test_jupyterlab_in_a_pod_answers_through_port_forward(cluster: UserCluster) -> None:
+    """The interactive case: a notebook server on a compute node, reached from the login node."""
+    reference = "hpk.test/jupyterlab:4.6.6"
+    imported = cluster.run(
+        "hpk", "images", "import", reference, str(ensure_test_images()[reference])
+    )
+    assert imported.returncode == 0, imported.stderr
+    notebook = {
+        "name": "lab",
+        "image": reference,
+        "args": ["--ip=0.0.0.0", "--port=8888", "--no-browser", "--IdentityProvider.token=s3cret"],
+        "resources": {"requests": {"cpu": "1", "memory": "1Gi"}},
+        "readinessProbe": {"tcpSocket": {"port": 8888}, "periodSeconds": 2},
+    }
+    cluster.create(pod("jupyter", notebook, node="n2"))
+    eventually(
+        "jupyter ready",
+        lambda: all(
+            s.get("ready")
+            for s in cluster.pod("jupyter")["status"].get("containerStatuses") or [{}]
+        ),
+        timeout=240,
+    )
+    with port_forward(cluster, "pod/jupyter", "8888") as port:
+        answer = http_get(port, "/api?token=s3cret")
+    status_line, _, body = answer.partition("\r\n\r\n")
+    assert status_line.startswith("HTTP/1.1 200"), answer[:500]
+    assert json.loads(body)["version"], body
