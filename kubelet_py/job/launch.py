@@ -56,6 +56,13 @@ kubelet_py.job.podfolder and kubelet_py.job.podfiles: a marker replaces whatever
 the user's. The launcher never reads a marker back: `last` is written from the times it
 wrote itself.
 
+While a run lasts, CONTAINER_DIR/pid holds its process, for `kubectl exec`
+(kubelet_py.job.enter). With `--attach`, CONTAINER_DIR/attach is a socket for `kubectl
+attach` (kubelet_py.job.attach): attached clients get the container's output, and its input
+when it has one: `--stdin` keeps a pipe open to it (`--stdin-once`: until the first client
+that used it leaves), and `--tty` runs it on a terminal whose other side the launcher keeps
+(its output is then all `stdout`).
+
 It runs on compute nodes and must start fast: stdlib only, nothing else of kubelet_py
 but the rest of kubelet_py.job (stdlib only too).
 """
