@@ -278,39 +278,42 @@ def launch(
     folder = ContainerFolder(container_dir)
     console = console or Console()
     attach = AttachPoint(container_dir, stdin_once=console.stdin_once) if attachable else None
+    container = _Container(
+        command=command,
+        image=image,
+        grace=grace,
+        probes=probes,
+        hooks=hooks,
+        termination=termination,
+        console=console,
+        attach=attach,
+    )
     try:
-        return _runs(
-            folder,
-            command,
-            image=image,
-            signals=signals,
-            grace=grace,
-            probes=probes,
-            hooks=hooks,
-            termination=termination,
-            console=console,
-            attach=attach,
-            restart=restart,
-            backoff=backoff,
-            clock=clock,
-        )
+        return _runs(folder, container, signals, restart=restart, backoff=backoff, clock=clock)
     finally:
         if attach is not None:
             attach.close()
 
 
+@dataclass(frozen=True)
+class _Container:
+    """What every run of the container starts with."""
+
+    command: Sequence[str]
+    image: Path | None
+    grace: float | None
+    probes: Probes | None
+    hooks: Hooks | None
+    termination: PurePosixPath | None
+    console: Console
+    attach: AttachPoint | None
+
+
 def _runs(
     folder: ContainerFolder,
-    command: Sequence[str],
-    *,
-    image: Path | None,
+    container: _Container,
     signals: _Signals,
-    grace: float | None,
-    probes: Probes | None,
-    hooks: Hooks | None,
-    termination: PurePosixPath | None,
-    console: Console,
-    attach: AttachPoint | None,
+    *,
     restart: str,
     backoff: Backoff,
     clock: Clock,
@@ -319,18 +322,7 @@ def _runs(
     count = 0
     while True:
         began = clock.monotonic()
-        run = _run(
-            folder,
-            command,
-            image=image,
-            signals=signals,
-            grace=grace,
-            probes=probes,
-            hooks=hooks,
-            termination=termination,
-            console=console,
-            attach=attach,
-        )
+        run = _run(folder, container, signals)
         if signals.received or not restarts(restart, run.code):
             return run.code
         delay = backoff.delay(ran=clock.monotonic() - began)
@@ -361,21 +353,10 @@ def _keep_previous(folder: ContainerFolder, run: _Run, count: int) -> None:
     folder.mark_restarts(count)
 
 
-def _run(
-    folder: ContainerFolder,
-    command: Sequence[str],
-    *,
-    image: Path | None,
-    signals: _Signals,
-    grace: float | None,
-    probes: Probes | None = None,
-    hooks: Hooks | None = None,
-    termination: PurePosixPath | None = None,
-    console: Console | None = None,
-    attach: AttachPoint | None = None,
-) -> _Run:
+def _run(folder: ContainerFolder, container: _Container, signals: _Signals) -> _Run:
     """One run of the container: `started`, the log, `exit` (and its termination message,
     kubelet_py.job.termination)."""
+    image, hooks, termination = container.image, container.hooks, container.termination
     fd = open_log(folder.log)
     log = LogWriter(fd)
     began = time.monotonic()
@@ -404,16 +385,10 @@ def _run(
             message = None if termination is None else Termination(folder.path, termination)
             code = _run_command(
                 folder,
-                command,
+                container,
                 log=log,
-                image=image,
                 signals=signals,
-                grace=grace,
-                probes=probes,
-                hooks=hooks,
                 message=message,
-                console=console or Console(),
-                attach=attach,
                 began=began,
                 mark_started=mark_started,
             )
@@ -428,21 +403,22 @@ def _run(
 
 def _run_command(
     folder: ContainerFolder,
-    command: Sequence[str],
+    container: _Container,
     *,
     log: LogWriter,
-    image: Path | None,
     signals: _Signals,
-    grace: float | None,
-    probes: Probes | None,
-    hooks: Hooks | None,
     message: Termination | None,
-    console: Console,
-    attach: AttachPoint | None,
     began: float,
     mark_started: Callable[[], None],
 ) -> int:
     """COMMAND started, logged and waited for; its exit code."""
+    command, grace, probes, hooks = (
+        container.command,
+        container.grace,
+        container.probes,
+        container.hooks,
+    )
+    console, attach = container.console, container.attach
     stdio = _Stdio.open(console)
     try:
         if message is not None:
@@ -484,7 +460,7 @@ def _run_command(
         grace=grace,
         probes=probes,
         hooks=hooks or Hooks(),
-        prefix=exec_prefix(command, image),
+        prefix=exec_prefix(command, container.image),
         began=began,
         mark_started=mark_started,
     )
