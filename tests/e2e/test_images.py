@@ -28,6 +28,7 @@ pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]  # a cold build runs de
 BUSYBOX = "docker.io/library/busybox:latest"
 PYTHON = "docker.io/library/python:3.11"
 ENTRYPOINT = "hpk.test/entrypoint:1"
+JUPYTERLAB = "hpk.test/jupyterlab:4.6.6"
 
 
 @pytest.fixture(scope="module")
@@ -136,7 +137,7 @@ def shared_cache() -> Iterator[Path]:
 
 def test_registered_under_docker_names(built: dict[str, Path], shared_cache: Path) -> None:
     registered = register_test_images(cache_dir=shared_cache)
-    assert set(registered) == {BUSYBOX, PYTHON, ENTRYPOINT}
+    assert set(registered) == {BUSYBOX, PYTHON, ENTRYPOINT, JUPYTERLAB}
     assert cached_image("busybox", cache_dir=shared_cache) == registered[BUSYBOX]
     assert cached_image("python:3.11", cache_dir=shared_cache) == registered[PYTHON]
     assert registered[BUSYBOX] == shared_cache / "docker.io/library/busybox/latest.sif"
@@ -151,7 +152,7 @@ def test_registered_under_docker_names(built: dict[str, Path], shared_cache: Pat
     assert config.entrypoint[0] == "/bin/sh"
     assert (config.cmd, config.working_dir) == (("default-cmd",), "/srv")
     listed = [image.reference for image in list_images(shared_cache)]
-    assert listed == [BUSYBOX, PYTHON, ENTRYPOINT]
+    assert listed == [BUSYBOX, PYTHON, ENTRYPOINT, JUPYTERLAB]
 
     started = time.monotonic()
     assert register_test_images(cache_dir=shared_cache) == registered

@@ -404,3 +404,25 @@ def test_jupyterlab_in_a_pod_answers_through_port_forward(cluster: UserCluster) 
     status_line, _, body = answer.partition("\r\n\r\n")
     assert status_line.startswith("HTTP/1.1 200"), answer[:500]
     assert json.loads(body)["version"], body
+
+
+def test_the_python_client_execs_over_websocket(
+    cluster: UserCluster, shell: dict[str, Any]
+) -> None:
+    """The official Python client speaks WebSocket (v4.channel.k8s.io) to the API server."""
+    from kubernetes import client, config  # noqa: PLC0415 (only this test needs it)
+    from kubernetes.stream import stream  # noqa: PLC0415
+
+    api = client.CoreV1Api(config.new_client_from_config(str(cluster.kubeconfig)))
+    answer = stream(
+        api.connect_get_namespaced_pod_exec,
+        "shell",
+        NAMESPACE,
+        container="main",
+        command=["sh", "-c", "echo $GREETING; cat /data/file"],
+        stderr=True,
+        stdin=False,
+        stdout=True,
+        tty=False,
+    )
+    assert answer == "hello there\nfrom-the-volume\n"
