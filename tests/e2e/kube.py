@@ -235,14 +235,23 @@ class PodCluster:
     def phase(self, name: str, wanted: str, timeout: float = 180) -> dict[str, Any]:
         """The pod once its phase is `wanted`; fails at once if it ends in another phase."""
 
+        last: list[dict[str, Any] | None] = [None]
+
         def probe() -> dict[str, Any] | None:
-            found = self.pod(name)
+            found = last[0] = self.pod(name)
             phase = (found or {}).get("status", {}).get("phase")
             if phase in ("Succeeded", "Failed") and phase != wanted:
                 pytest.fail(f"pod {name} ended {phase}: {found}\n{self.log()[-3000:]}")
             return found if phase == wanted else None
 
-        return dict(eventually(f"pod {name} {wanted}", probe, timeout=timeout))
+        try:
+            return dict(eventually(f"pod {name} {wanted}", probe, timeout=timeout))
+        except pytest.fail.Exception:
+            # What the pod was when time ran out, and the kubelet's last words, to say why.
+            status = (last[0] or {}).get("status")
+            pytest.fail(
+                f"pod {name} not {wanted} in {timeout:.0f} s: {status}\n{self.log()[-3000:]}"
+            )
 
     def events(self, name: str) -> str:
         return self.kubectl(

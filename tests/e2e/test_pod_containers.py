@@ -156,9 +156,16 @@ def test_a_gpu_pod_asks_slurm_for_gres_and_runs_with_nv(launched: PodCluster) ->
 def test_an_srun_pod_runs_four_ranks_over_two_nodes(launched: PodCluster) -> None:
     pod = launched.phase("ranks", "Succeeded")
     lines = sorted(log_lines(launched, "ranks"))
+    folder = launched.folder("ranks")
+    # Everything the job wrote, to say why when a rank's line is missing.
+    said = [
+        (path.name, path.read_text(errors="replace")[-2000:])
+        for path in (folder / "containers" / "main" / "log", folder / "slurm.out")
+        if path.exists()
+    ]
     assert [line.split()[:4] for line in lines] == [
         ["rank", str(rank), "of", "4"] for rank in range(4)
-    ], lines
+    ], said
     nodes = {line.split()[-1] for line in lines}
     assert len(nodes) == 2, lines
     shown = scontrol(pod["metadata"]["annotations"][JOB_ID])
