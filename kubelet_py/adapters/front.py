@@ -13,6 +13,7 @@ it again, with the nodes' ports, when it ends by itself while the kubelet runs.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import select
 import subprocess
@@ -89,6 +90,7 @@ class Front:
         if line.strip() != b"ready":
             process.kill()
             process.wait()
+            _close_pipes(process)
             raise FrontFailed(
                 f"{self.settings.binary.name} did not start (exit status {process.returncode}; "
                 "its own words are in this log above)"
@@ -131,6 +133,7 @@ class Front:
             code = process.wait()
             if self._stopping.is_set():
                 return
+            _close_pipes(process)
             log.error("the kubelet API's front ended (exit status %s); starting it again", code)
             time.sleep(RESTART_DELAY_S)
             try:
@@ -155,3 +158,14 @@ class Front:
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
+        if process is not None:
+            _close_pipes(process)
+        if self._watch is not None:
+            self._watch.join(timeout=3)
+
+
+def _close_pipes(process: subprocess.Popen[bytes]) -> None:
+    for pipe in (process.stdin, process.stdout):
+        if pipe is not None and not pipe.closed:
+            with contextlib.suppress(OSError):
+                pipe.close()
