@@ -95,7 +95,9 @@ def job_cgroup(pid: int | str, proc: Path = Path("/proc")) -> str | None:
     return match.group(1) if match else None
 
 
-def parent(pid: int, proc: Path = Path("/proc")) -> int:
+def parent(pid: int | str, proc: Path = Path("/proc")) -> int:
+    """The parent pid, from /proc/<pid>/stat: "pid (comm) state ppid ...", where comm may hold
+    spaces and parentheses."""
     stat = (proc / str(pid) / "stat").read_text()
     return int(stat[stat.rindex(")") + 2 :].split()[1])
 
@@ -123,16 +125,15 @@ def children(proc: Path = Path("/proc")) -> dict[int, list[int]]:
         if not entry.name.isdigit():
             continue
         try:
-            stat = (entry / "stat").read_text()
+            ppid = parent(entry.name, proc)
         except OSError:
             continue
-        # "pid (comm) state ppid ...": comm may hold spaces and parentheses.
-        ppid = int(stat[stat.rindex(")") + 2 :].split()[1])  # as parent() reads it
         tree.setdefault(ppid, []).append(int(entry.name))
     return tree
 
 
-def _namespace(pid: int, kind: str, proc: Path) -> str:
+def _namespace(pid: int | str, kind: str, proc: Path) -> str:
+    """The namespace of `pid` ("self": this process's) of `kind`, as its link names it."""
     return os.readlink(proc / str(pid) / "ns" / kind)
 
 
@@ -174,7 +175,7 @@ def _setns(fd: int, kind: int) -> None:
 def enter_network(pid: int, proc: Path = Path("/proc")) -> None:
     """Join the network namespace of `pid`, with the user namespace that owns it, when it is
     not this process's own (a pod on the pod network)."""
-    if _namespace(pid, "net", proc) == os.readlink(proc / "self" / "ns" / "net"):
+    if _namespace(pid, "net", proc) == _namespace("self", "net", proc):
         return
     net = os.open(proc / str(pid) / "ns" / "net", os.O_RDONLY | os.O_CLOEXEC)
     try:
@@ -198,7 +199,7 @@ def nsenter_argv(pid: int, command: Sequence[str], proc: Path = Path("/proc")) -
     own = [
         flag
         for kind, flag in OWN_NAMESPACES
-        if _namespace(pid, kind, proc) != os.readlink(proc / "self" / "ns" / kind)
+        if _namespace(pid, kind, proc) != _namespace("self", kind, proc)
     ]
     return [
         "nsenter",
