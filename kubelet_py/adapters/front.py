@@ -133,7 +133,8 @@ class Front:
             code = process.wait()
             if self._stopping.is_set():
                 return
-            _close_pipes(process)
+            with self._lock:  # not while open_port reads the front's answer
+                _close_pipes(process)
             log.error("the kubelet API's front ended (exit status %s); starting it again", code)
             time.sleep(RESTART_DELAY_S)
             try:
