@@ -6,6 +6,7 @@ otherwise it is brought up here and down at the end.
 
 from __future__ import annotations
 
+import gc
 import os
 import pwd
 import shutil
@@ -33,6 +34,17 @@ can enter, as /root is."""
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         item.add_marker(pytest.mark.e2e)
+
+
+@pytest.fixture(autouse=True)
+def _collect_garbage() -> Iterator[None]:
+    """Collect each test's garbage in its own teardown.
+
+    A socket a test forgot to close then fails that test, not whichever test runs when the
+    collector next happens to run (warnings are errors here).
+    """
+    yield
+    gc.collect()
 
 
 @pytest.fixture(scope="session")

@@ -413,16 +413,27 @@ def test_the_python_client_execs_over_websocket(
     from kubernetes import client, config  # noqa: PLC0415 (only this test needs it)
     from kubernetes.stream import stream  # noqa: PLC0415
 
-    api = client.CoreV1Api(config.new_client_from_config(str(cluster.kubeconfig)))
-    answer = stream(
-        api.connect_get_namespaced_pod_exec,
-        "shell",
-        NAMESPACE,
-        container="main",
-        command=["sh", "-c", "echo $GREETING; cat /data/file"],
-        stderr=True,
-        stdin=False,
-        stdout=True,
-        tty=False,
-    )
+    # The client and its socket are closed here. After the server's close frame the
+    # WebSocket counts as closed, and its close() then leaves the socket open.
+    with config.new_client_from_config(str(cluster.kubeconfig)) as api_client:
+        connection = stream(
+            client.CoreV1Api(api_client).connect_get_namespaced_pod_exec,
+            "shell",
+            NAMESPACE,
+            container="main",
+            command=["sh", "-c", "echo $GREETING; cat /data/file"],
+            stderr=True,
+            stdin=False,
+            stdout=True,
+            tty=False,
+            _preload_content=False,
+        )
+        try:
+            connection.run_forever(timeout=60)
+            code = connection.returncode  # read from the error channel, before read_all
+            answer = connection.read_all()
+        finally:
+            connection.close()
+            connection.sock.shutdown()
+    assert code == 0, answer
     assert answer == "hello there\nfrom-the-volume\n"
