@@ -8,7 +8,7 @@
 # Parts: Debian packages, etcd, kube-apiserver + kube-controller-manager + kubectl, kube-proxy,
 # CoreDNS, the pod network's tunnel (hpk-tunnel), the kubelet API's front (hpk-kubelet-api),
 # Apptainer (unprivileged, without setuid), Argo Workflows (binaries and install manifests),
-# metrics-server. Each Go part installs into
+# metrics-server, MinIO. Each Go part installs into
 # <tools>/<name>-<version>/bin and is marked complete only when its build succeeded,
 # so a second run finds everything in place and takes seconds.
 #
@@ -322,6 +322,16 @@ build_metrics_server() {
     [[ $printed == "v$version" ]]
 }
 
+# MinIO, the S3 server of Argo's artifact repository: the checksum database lists its module.
+# Static, as upstream's release is. MinIO stamps a release date it then parses; a build from
+# the module stamps none, and `--version` says DEVELOPMENT.GOGET.
+build_minio() {
+    local dest=$1 version=$2
+    CGO_ENABLED=0 GOBIN=$dest/bin go install -trimpath -ldflags "-s -w" \
+        "github.com/minio/minio@v$version"
+    "$dest/bin/minio" --version
+}
+
 # Whether the Go module proxy answers. A build may still succeed from the local module cache,
 # so an unreachable proxy is not fatal by itself; if a part then fails, the message names it.
 proxy_problem=""
@@ -329,7 +339,8 @@ check_module_proxy() {
     local name answer
     for name in etcd-$ETCD_VERSION kubernetes-$KUBERNETES_VERSION kube-proxy-$KUBERNETES_VERSION \
         coredns-$COREDNS_VERSION hpk-tunnel-$tunnel_version hpk-kubelet-api-$kubelet_api_version \
-        apptainer-$APPTAINER_VERSION argo-$ARGO_VERSION metrics-server-$METRICS_SERVER_VERSION; do
+        apptainer-$APPTAINER_VERSION argo-$ARGO_VERSION metrics-server-$METRICS_SERVER_VERSION \
+        minio-$MINIO_VERSION; do
         [[ -f $tools/$name/.complete ]] && continue
         # -versions always asks the proxy; a plain lookup may be answered from the local cache.
         if ! answer=$(timeout 120 go list -m -versions k8s.io/kubernetes 2>&1); then
@@ -356,5 +367,6 @@ part hpk-kubelet-api "$kubelet_api_version" build_kubelet_api
 part apptainer "$APPTAINER_VERSION" build_apptainer
 part argo "$ARGO_VERSION" build_argo
 part metrics-server "$METRICS_SERVER_VERSION" build_metrics_server
+part minio "$MINIO_VERSION" build_minio
 trap - ERR
 say "ready: $tools"

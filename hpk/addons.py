@@ -32,11 +32,12 @@ from typing import Any, Protocol
 
 import yaml
 
-from hpk import metrics_server
+from hpk import metrics_server, minio
 from hpk.argo import import_argo_images
 from hpk.home import HpkHome
 from hpk.images import ImageError
 from hpk.metrics_server import MetricsServerError, MetricsServerSettings
+from hpk.minio import ArtifactStore, ArtifactStoreError
 from hpk.pki import ClusterPKI, PKIError
 from hpk.toolchain import Toolchain, ToolchainMissing
 
@@ -109,6 +110,9 @@ class ArgoSettings:
     workflow_namespaces: tuple[str, ...] = ()
     """Namespaces whose `default` service account gets the executor's Role; the install
     namespace is always one."""
+    artifacts: bool = True
+    """Also run MinIO and make it the default artifact repository of those namespaces
+    (hpk.minio); False for a site that brings its own."""
     timeout: float = 300
     """Seconds to wait for the controller and the server to be available."""
 
@@ -188,10 +192,13 @@ def install_argo(
     kubectl: Kubectl,
     progress: Progress,
     toolchain: Toolchain | None = None,
+    home: HpkHome | None = None,
     import_images: Callable[[], Mapping[str, Path]] | None = None,
+    import_minio: Callable[[], tuple[str, Path]] | None = None,
 ) -> int:
-    """Import Argo's images, apply its install manifest and the executor's RBAC, and wait for
-    its Deployments; safe to repeat. Raises AddonError."""
+    """Import Argo's images, apply its install manifest and the executor's RBAC, set up the
+    artifact repository (unless `settings.artifacts` is False), and wait for the Deployments;
+    safe to repeat. Raises AddonError."""
     tools = toolchain or Toolchain.load()
     version = tools.pins["ARGO_VERSION"]
     path = manifest_path(tools, settings)
@@ -201,6 +208,19 @@ def install_argo(
     imported = (import_images or (lambda: import_argo_images(toolchain=tools, skip_cached=True)))()
     for reference, image in sorted(imported.items()):
         progress(f"  {reference} -> {image}")
+    server: list[Manifest] = []
+    credentials = None
+    if settings.artifacts:
+        store = ArtifactStore((home or HpkHome.default()).artifacts)
+        try:
+            credentials = store.ensure()
+        except (ArtifactStoreError, OSError) as error:
+            raise AddonError(f"the artifact store in {store.root}: {error}") from error
+        progress(f"MinIO {tools.pins['MINIO_VERSION']}: the artifact repository's S3 server")
+        reference, image = (import_minio or (lambda: minio.import_minio_image(toolchain=tools)))()
+        progress(f"  {reference} -> {image}")
+        progress(f"  its data: {store.data}")
+        server = minio.server(settings.namespace, image=reference, store=store)
 
     progress(f"namespace {settings.namespace}: {path.name}, {len(objects)} objects")
     kubectl("apply", "-f", "-", stdin=_as_list([namespace_object(settings.namespace)]))
@@ -211,10 +231,17 @@ def install_argo(
     for namespace in settings.executor_namespaces():
         progress(f"namespace {namespace}: the executor's Role for the default service account")
         rbac = [namespace_object(namespace), *executor_rbac(namespace)]
+        if credentials is not None:
+            progress(f"  and the default artifact repository, {minio.endpoint(settings.namespace)}")
+            rbac += minio.namespace_objects(
+                namespace, install_namespace=settings.namespace, credentials=credentials
+            )
         kubectl("apply", "-f", "-", stdin=_as_list(rbac))
+    if server:
+        kubectl("apply", "-f", "-", stdin=_as_list(server))
 
     deadline = time.monotonic() + settings.timeout
-    for name in deployments(objects):
+    for name in deployments([*objects, *server]):
         left = max(1, int(deadline - time.monotonic()))
         progress(f"waiting for deployment/{name} (each pod is a Slurm job)")
         kubectl(
@@ -240,11 +267,23 @@ def uninstall_argo(
     progress: Progress,
     toolchain: Toolchain | None = None,
 ) -> int:
-    """Delete what `install_argo` applied (the images stay in the cache)."""
+    """Delete what `install_argo` applied (the images stay in the cache, the artifacts in
+    the user's hpk folder)."""
     tools = toolchain or Toolchain.load()
     objects = load_manifest(manifest_path(tools, settings))
+    store = ArtifactStore(Path())  # only the objects' names matter for their deletion
+    no_keys = minio.Credentials("", "")
     for namespace in settings.executor_namespaces():
-        kubectl("delete", "--ignore-not-found", "-f", "-", stdin=_as_list(executor_rbac(namespace)))
+        owned = executor_rbac(namespace)
+        if settings.artifacts:
+            owned += minio.namespace_objects(
+                namespace, install_namespace=settings.namespace, credentials=no_keys
+            )
+        kubectl("delete", "--ignore-not-found", "-f", "-", stdin=_as_list(owned))
+    if settings.artifacts:
+        server = minio.server(settings.namespace, image="", store=store)
+        progress(f"deleting MinIO from namespace {settings.namespace} (its data stays)")
+        kubectl("delete", "--ignore-not-found", "-f", "-", stdin=_as_list(server))
     progress(f"deleting {len(objects)} objects from namespace {settings.namespace}")
     kubectl(
         "delete", "--ignore-not-found", "-n", settings.namespace, "-f", "-", stdin=_as_list(objects)
@@ -359,6 +398,7 @@ def _run(args: argparse.Namespace) -> int:
         namespace=args.namespace,
         namespaced=args.namespaced,
         workflow_namespaces=tuple(args.workflow_namespace),
+        artifacts=not args.no_artifacts,
         timeout=args.timeout,
     )
     try:
@@ -382,7 +422,8 @@ def add_addons_commands(commands: Any) -> None:
         help="install add-ons into the running cluster (argo: Argo Workflows; "
         "metrics-server: kubectl top)",
         description="install argo: import Argo's images into the image cache, apply its "
-        "install manifest for the pinned release, add the executor's Role, and wait until its "
+        "install manifest for the pinned release, add the executor's Role, run MinIO as the "
+        "default artifact repository (its data in ~/.hpk/artifacts), and wait until its "
         "controller runs. install metrics-server: import its image, issue its certificates "
         "from the cluster CA, apply its objects, and wait until the API server serves "
         "metrics.k8s.io. Both are safe to repeat; uninstall deletes those objects again.",
@@ -401,7 +442,12 @@ def add_addons_commands(commands: Any) -> None:
         default=[],
         metavar="NS",
         help="also let workflows run in NS (its default service account gets the executor's "
-        "Role); may be repeated",
+        "Role, and NS the artifact repository); may be repeated",
+    )
+    addons.add_argument(
+        "--no-artifacts",
+        action="store_true",
+        help="no MinIO and no default artifact repository (argo only): for a site's own S3",
     )
     addons.add_argument(
         "--timeout", type=float, default=300, help="seconds to wait for Argo (argo only)"

@@ -54,5 +54,11 @@ class HpkHome:
         return self.root / "logs"
 
     @property
+    def artifacts(self) -> Path:
+        """The S3 server of Argo's artifact repository: its credentials and its data, kept
+        from one cluster to the next (hpk.minio)."""
+        return self.root / "artifacts"
+
+    @property
     def kubelet_log(self) -> Path:
         return self.control_plane / "logs" / "hpk-kubelet.log"

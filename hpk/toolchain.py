@@ -27,6 +27,7 @@ COMPONENTS = {
     "apptainer": "APPTAINER_VERSION",
     "argo": "ARGO_VERSION",
     "metrics-server": "METRICS_SERVER_VERSION",
+    "minio": "MINIO_VERSION",
 }
 
 

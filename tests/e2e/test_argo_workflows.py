@@ -172,7 +172,7 @@ def test_install_runs_the_controller_and_server_as_slurm_jobs(cluster: ArgoClust
     assert installed is not None
     version = cluster.tools.pins["ARGO_VERSION"]
     jobs = {}
-    for name in ("workflow-controller", "argo-server"):
+    for name in ("workflow-controller", "argo-server", "minio"):
         (pod,) = cluster.app_pods(name)
         assert pod["status"]["phase"] == "Running"
         job = jobs[name] = job_of(pod)
@@ -273,6 +273,28 @@ def test_an_output_parameter_reaches_the_next_step(cluster: ArgoCluster) -> None
     # The emissary's own log lines follow the step's output, as on any Kubernetes.
     assert log.splitlines()[0] == f"received: {value}", log
     assert job_of(produce) != job_of(consume)
+
+
+def test_an_output_artifact_reaches_the_next_step_through_minio(cluster: ArgoCluster) -> None:
+    name = cluster.submit("artifacts")
+    workflow = cluster.finished(name)
+    assert workflow["status"]["phase"] == "Succeeded", cluster.explain(name)
+    pods = cluster.pods(name)
+    (produce,) = (pod for node, pod in pods.items() if node.endswith(".produce"))
+    (consume,) = (pod for node, pod in pods.items() if node.endswith(".consume"))
+    assert job_of(produce) != job_of(consume)
+    log = cluster.kubectl("logs", "-n", NAMESPACE, consume["metadata"]["name"], "-c", "main")
+    lines = log.splitlines()
+    assert lines[0].startswith("written on "), log
+    assert lines[1] == "numbers: 1000, sum 500500", log
+    # The artifact went through MinIO: Argo recorded where, and MinIO's drive in the user's
+    # hpk folder holds it (an object is a folder of that name on MinIO's drive).
+    nodes = workflow["status"]["nodes"].values()
+    (produced,) = (node for node in nodes if node.get("displayName") == "produce")
+    (artifact,) = (a for a in produced["outputs"]["artifacts"] if a["name"] == "results")
+    assert artifact["s3"]["bucket"] == "artifacts", artifact
+    stored = cluster.home / "artifacts" / "data" / "artifacts" / artifact["s3"]["key"]
+    assert cluster.run("test", "-e", str(stored)).returncode == 0, (stored, artifact)
 
 
 def test_a_failing_step_is_retried_then_reported_with_its_exit_code(

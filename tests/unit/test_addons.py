@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from hpk import minio
 from hpk.addons import (
     EXECUTOR_ROLE,
     AddonError,
@@ -19,6 +20,7 @@ from hpk.addons import (
     uninstall_argo,
 )
 from hpk.cli import build_parser
+from hpk.home import HpkHome
 from hpk.toolchain import Toolchain, read_pins
 
 PINS = read_pins()
@@ -90,7 +92,9 @@ def run_install(
         kubectl=kubectl,
         progress=said.append,
         toolchain=toolchain(tmp_path),
+        home=HpkHome(tmp_path / "hpk"),
         import_images=lambda: {"quay.io/argoproj/argoexec:v1": tmp_path / "argoexec.sif"},
+        import_minio=lambda: ("localhost/minio:1", tmp_path / "minio.sif"),
     )
     return code, said
 
@@ -103,8 +107,11 @@ def test_install_applies_the_manifest_then_the_rbac_then_waits(tmp_path: Path) -
     assert verbs == [
         ("apply", "-f"),  # the namespace
         ("apply", "-n"),  # upstream's objects, into it
-        ("apply", "-f"),  # the executor's Role in argo
+        ("apply", "-f"),  # the executor's Role and the artifact repository in argo
         ("apply", "-f"),  # ... and in science
+        ("apply", "-f"),  # MinIO
+        ("rollout", "status", "-n", "argo"),
+        ("get", "pods"),
         ("rollout", "status", "-n", "argo"),
         ("get", "pods"),
         ("rollout", "status", "-n", "argo"),
@@ -117,7 +124,11 @@ def test_install_applies_the_manifest_then_the_rbac_then_waits(tmp_path: Path) -
         "Deployment",
     ]
     rollouts = [args[4] for args, _ in kubectl.calls if args[0] == "rollout"]
-    assert rollouts == ["deployment/workflow-controller", "deployment/argo-server"]
+    assert rollouts == [
+        "deployment/workflow-controller",
+        "deployment/argo-server",
+        "deployment/minio",
+    ]
     # The wait may take the whole timeout: the call is not cut short before kubectl's own.
     for (args, _), timeout in zip(kubectl.calls, kubectl.timeouts, strict=True):
         if args[0] == "rollout":
@@ -128,10 +139,39 @@ def test_install_applies_the_manifest_then_the_rbac_then_waits(tmp_path: Path) -
         ("Namespace", "science"),
         ("Role", EXECUTOR_ROLE),
         ("RoleBinding", EXECUTOR_ROLE),
+        ("Secret", minio.SECRET),
+        ("ConfigMap", minio.REPOSITORIES),
     ]
+    server = kubectl.calls[4][1]["items"]
+    assert [(item["kind"], item["metadata"]["namespace"]) for item in server] == [
+        ("Deployment", "argo"),
+        ("Service", "argo"),
+    ]
+    assert server[0]["spec"]["template"]["spec"]["containers"][0]["image"] == "localhost/minio:1"
     assert "  pod workflow-controller-1: Slurm job 42" in said
     assert any("argoexec" in line for line in said)
     assert said[-1].startswith("ready: submit workflows with ")
+
+
+def test_no_artifacts_leaves_out_minio(tmp_path: Path) -> None:
+    kubectl = FakeKubectl()
+    code, said = run_install(tmp_path, ArgoSettings(artifacts=False), kubectl)
+    assert code == 0
+    applied = [item["kind"] for _, stdin in kubectl.calls if stdin for item in stdin["items"]]
+    assert "Secret" not in applied
+    assert "ConfigMap" not in applied
+    assert not any("MinIO" in line for line in said)
+    assert not (tmp_path / "hpk" / "artifacts").exists()
+
+
+def test_spoilt_credentials_stop_the_install_with_the_fix(tmp_path: Path) -> None:
+    store = HpkHome(tmp_path / "hpk").artifacts
+    store.mkdir(parents=True)
+    (store / "credentials").write_text("not json")
+    kubectl = FakeKubectl()
+    with pytest.raises(AddonError, match="remove it to make new ones"):
+        run_install(tmp_path, ArgoSettings(), kubectl)
+    assert not kubectl.calls
 
 
 def test_the_executor_role_is_upstreams_minimum() -> None:
@@ -184,11 +224,15 @@ def test_uninstall_deletes_the_rbac_and_the_manifest(tmp_path: Path) -> None:
     uninstall_argo(
         ArgoSettings(), kubectl=kubectl, progress=lambda _: None, toolchain=toolchain(tmp_path)
     )
-    assert [args[:2] for args, _ in kubectl.calls] == [
-        ("delete", "--ignore-not-found"),
-        ("delete", "--ignore-not-found"),
+    assert [args[:2] for args, _ in kubectl.calls] == [("delete", "--ignore-not-found")] * 3
+    assert [item["kind"] for item in kubectl.calls[0][1]["items"]] == [
+        "Role",
+        "RoleBinding",
+        "Secret",
+        "ConfigMap",
     ]
-    assert len(kubectl.calls[1][1]["items"]) == 3
+    assert [item["kind"] for item in kubectl.calls[1][1]["items"]] == ["Deployment", "Service"]
+    assert len(kubectl.calls[2][1]["items"]) == 3
 
 
 def test_the_cli_takes_the_addon_and_its_namespaces() -> None:
