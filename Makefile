@@ -11,7 +11,7 @@ PYTHON ?= $(shell test -x /usr/bin/python3 && echo /usr/bin/python3 || command -
 VENV := .venv
 HPK := $(VENV)/bin/hpk
 
-.PHONY: demo test lint unit e2e toolchain venv
+.PHONY: demo test lint unit e2e conformance toolchain venv
 
 toolchain:
 	@bash container/build-toolchain.sh
@@ -43,6 +43,13 @@ e2e: toolchain venv
 	@$(VENV)/bin/pytest tests/e2e
 
 test: toolchain lint unit e2e
+
+# Every [sig-network] conformance test of Kubernetes' own e2e.test (built from the pinned
+# module) against an ordinary user's cluster: prints passed / total and each failure's
+# reason. The test suite runs a few of them; this runs them all (an hour or more).
+conformance: toolchain venv
+	@echo "[conformance] [sig-network] conformance tests, all of them"
+	@HPK_CONFORMANCE=all $(VENV)/bin/pytest -s tests/e2e/test_conformance.py
 
 # make bench   the benchmark (bench/) on a private Slurm bed of its own, as root; writes
 #              bench/results/<date>.json and .png. BENCH_ARGS=--quick for small numbers.

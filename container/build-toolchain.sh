@@ -8,7 +8,7 @@
 # Parts: Debian packages, etcd, kube-apiserver + kube-controller-manager + kubectl, kube-proxy,
 # CoreDNS, the pod network's tunnel (hpk-tunnel), the kubelet API's front (hpk-kubelet-api),
 # Apptainer (unprivileged, without setuid), Argo Workflows (binaries and install manifests),
-# metrics-server, MinIO. Each Go part installs into
+# metrics-server, MinIO, Kubernetes' e2e.test and agnhost. Each Go part installs into
 # <tools>/<name>-<version>/bin and is marked complete only when its build succeeded,
 # so a second run finds everything in place and takes seconds.
 #
@@ -206,6 +206,22 @@ build_kube_proxy() {
     "$dest/bin/kube-proxy" --version
 }
 
+# Kubernetes' end-to-end suite (e2e.test) and agnhost, the program of its test images, for the
+# [sig-network] conformance tests (hpk.testbed.conformance): the same module, with the test
+# packages' own requirements added (-mod=mod). k8s.io/sample-apiserver, which only the
+# aggregator's test imports, is not served at v0.<minor>.<patch>; the newest patch served
+# stands in for it. agnhost is static, as it runs in images of its own.
+build_kubernetes_e2e() {
+    local dest=$1 version=$2
+    kubernetes_module "$version"
+    go mod edit -replace "k8s.io/sample-apiserver=k8s.io/sample-apiserver@v$SAMPLE_APISERVER_VERSION"
+    GOFLAGS=-mod=mod go test -c -trimpath -ldflags "$kubernetes_ldflags" -o "$dest/bin/e2e.test" \
+        k8s.io/kubernetes/test/e2e
+    CGO_ENABLED=0 GOFLAGS=-mod=mod go build -trimpath -ldflags "$kubernetes_ldflags" \
+        -o "$dest/bin/agnhost" k8s.io/kubernetes/test/images/agnhost
+    "$dest/bin/e2e.test" --version
+}
+
 build_coredns() {
     local dest=$1 version=$2
     wrapper_module "$tools/src/coredns-$version" coredns
@@ -338,6 +354,7 @@ proxy_problem=""
 check_module_proxy() {
     local name answer
     for name in etcd-$ETCD_VERSION kubernetes-$KUBERNETES_VERSION kube-proxy-$KUBERNETES_VERSION \
+        kubernetes-e2e-$KUBERNETES_VERSION \
         coredns-$COREDNS_VERSION hpk-tunnel-$tunnel_version hpk-kubelet-api-$kubelet_api_version \
         apptainer-$APPTAINER_VERSION argo-$ARGO_VERSION metrics-server-$METRICS_SERVER_VERSION \
         minio-$MINIO_VERSION; do
@@ -368,5 +385,6 @@ part apptainer "$APPTAINER_VERSION" build_apptainer
 part argo "$ARGO_VERSION" build_argo
 part metrics-server "$METRICS_SERVER_VERSION" build_metrics_server
 part minio "$MINIO_VERSION" build_minio
+part kubernetes-e2e "$KUBERNETES_VERSION" build_kubernetes_e2e
 trap - ERR
 say "ready: $tools"

@@ -23,6 +23,7 @@ COMPONENTS = {
     "etcd": "ETCD_VERSION",
     "kubernetes": "KUBERNETES_VERSION",
     "kube-proxy": "KUBERNETES_VERSION",
+    "kubernetes-e2e": "KUBERNETES_VERSION",
     "coredns": "COREDNS_VERSION",
     "apptainer": "APPTAINER_VERSION",
     "argo": "ARGO_VERSION",

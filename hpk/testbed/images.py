@@ -153,20 +153,35 @@ def ensure_test_images(progress: Callable[[str], None] = _say) -> dict[str, Path
                 )
             progress(f"{image.name}: building {image.reference} (log: {log_file})")
             started = time.monotonic()
-            _build(image, target=target, apptainer=apptainer, log_file=log_file)
+            build_image(image, target=target, apptainer=apptainer, log_file=log_file)
             size_mb = target.stat().st_size / 1e6
             progress(f"{image.name}: done in {time.monotonic() - started:.0f} s, {size_mb:.1f} MB")
     return wanted
 
 
-def _build(image: TestImage, *, target: Path, apptainer: Path, log_file: Path) -> None:
+def build_image(
+    image: TestImage,
+    *,
+    target: Path,
+    apptainer: Path,
+    log_file: Path | None = None,
+    recipes: Path | None = None,
+    environment: dict[str, str] | None = None,
+) -> None:
+    """Build `image` from its recipe in `recipes` (default: the test images' folder) into
+    `target`, with `environment` added to the build's (which the recipe's %setup sees)."""
+    recipes = recipes or recipes_dir()
+    if log_file is None:
+        log_file = tools_dir() / "logs" / f"test-images-{datetime.now(UTC):%Y%m%d-%H%M%S}.log"
+        log_file.parent.mkdir(parents=True, exist_ok=True)
     partial = target.with_name(f".{target.name}.part")
     with log_file.open("a") as stream:
         stream.write(f"=== {image.name} ({image.reference}) from {image.recipe}\n")
         stream.flush()
         result = subprocess.run(
             [str(apptainer), "build", "--force", "--notest", str(partial), image.recipe],
-            cwd=recipes_dir(),
+            cwd=recipes,
+            env={**os.environ, **(environment or {})},
             stdin=subprocess.DEVNULL,
             stdout=stream,
             stderr=subprocess.STDOUT,
@@ -180,7 +195,7 @@ def _build(image: TestImage, *, target: Path, apptainer: Path, log_file: Path) -
             f"with {result.returncode}; full log: {log_file}; its last lines:\n{tail}"
         )
     check_sif(partial)
-    config = recipe_oci_config(recipes_dir() / image.recipe)
+    config = recipe_oci_config(recipes / image.recipe)
     if config is not None:
         # The config Apptainer would have written had the image come from Docker Hub.
         config_json = partial.with_name(f".{image.name}.oci-config.json")
