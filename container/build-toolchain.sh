@@ -219,7 +219,10 @@ build_kubernetes_e2e() {
         k8s.io/kubernetes/test/e2e
     CGO_ENABLED=0 GOFLAGS=-mod=mod go build -trimpath -ldflags "$kubernetes_ldflags" \
         -o "$dest/bin/agnhost" k8s.io/kubernetes/test/images/agnhost
-    "$dest/bin/e2e.test" --version
+    local printed
+    printed=$("$dest/bin/e2e.test" --version)
+    echo "$printed"
+    [[ $printed == "v$version" ]]
 }
 
 build_coredns() {

@@ -76,6 +76,11 @@ def job_state(job_id: str) -> str:
     return out.splitlines()[-1].split()[0] if out else ""
 
 
+def queue_state(job_id: str) -> str:
+    """The job's state as slurmctld has it now (sacct, fed by slurmdbd, may lag behind)."""
+    return slurm("squeue", "-h", "-j", job_id, "-o", "%T").strip()
+
+
 def job_ended(job_id: str) -> str:
     """The job's final state in sacct, once it has one."""
 
@@ -219,7 +224,7 @@ def test_post_start_runs_beside_the_container_and_pre_stop_before_term(
     assert command_started.timestamp() < hooked, (command_started, hooked)
     assert (folder / "started").stat().st_mtime >= hooked
     job_id = found["metadata"]["annotations"][JOB_ID]
-    assert job_state(job_id) == "RUNNING"
+    assert queue_state(job_id) == "RUNNING"
 
     cluster.kubectl("delete", "pod", "-n", NAMESPACE, "ordered", "--wait=false")
     eventually("pod ordered gone", lambda: cluster.pod("ordered") is None, timeout=60)
