@@ -50,6 +50,7 @@ PINS = {
     "APPTAINER_VERSION": "1.4.3",
     "ARGO_VERSION": "3.7.18",
     "METRICS_SERVER_VERSION": "0.8.0",
+    "MINIO_VERSION": "0.0.0-20260212201848-7aac2a2c5b7c",
 }
 IMAGE = Path("/opt/hpk tools/control-plane.sif")
 

@@ -58,6 +58,17 @@ scratch=$(mktemp -d -p "${TMPDIR:-/tmp}" "hpk-job-${SLURM_JOB_ID:-$$}.XXXXXX" 2>
     mktemp -d -p /tmp "hpk-job-${SLURM_JOB_ID:-$$}.XXXXXX") || exit 125
 scratch_dirs+=("$scratch")
 
+# Without FUSE, Apptainer unpacks each container's image with unsquashfs, whose queues
+# default to 256 MB each, in the job's memory: three containers starting at once took more
+# than a 256 MB job has. Apptainer finds unsquashfs on PATH, so it finds one with 16 MB
+# queues first (as fast for images of this size; the folder's name is no container's).
+if [[ " ${run_options[*]} " == *" --unsquash "* ]] && unsquashfs=$(command -v unsquashfs); then
+    mkdir -m 0700 "$scratch/.unsquashfs" &&
+        printf '#!/bin/bash\nexec %q -da 16 -fr 16 "$@"\n' "$unsquashfs" >"$scratch/.unsquashfs/unsquashfs" &&
+        chmod 0700 "$scratch/.unsquashfs/unsquashfs" || exit 125
+    PATH=$scratch/.unsquashfs:$PATH
+fi
+
 # A container's scratch folders (its launcher makes its folder in the pod's, with the
 # termination handshake's files, when it starts it: a container that never starts has none).
 prepare() {
