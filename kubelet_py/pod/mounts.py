@@ -165,24 +165,33 @@ def _mount_source(folder: str, sub_path: object, at: str) -> str:
 def volume_dirs(
     volumes: Mapping[str, str],
     config_volumes: frozenset[str],
-    containers: Sequence[Mapping[str, object]],
     *,
     managed: Collection[str] = frozenset(),
 ) -> set[str]:
-    """Folders the script creates before any container starts: emptyDir volumes and their
-    subPaths (configMap and secret volumes are the kubelet's; the `managed` storage volumes'
-    own folders are the node's or the storage block's, their subPaths are made here)."""
-    folders = {
+    """Folders the script creates before any container starts: the emptyDir volumes
+    (configMap and secret volumes are the kubelet's; the `managed` storage volumes' own
+    folders are the node's or the storage block's)."""
+    return {
         folder
         for name, folder in volumes.items()
         if name not in config_volumes and name not in managed
     }
-    for container in containers:
-        for mount in expect_objects(container.get("volumeMounts"), "volumeMounts"):
-            name = str(mount["name"])
-            if mount.get("subPath") and name not in config_volumes:
-                folders.add(_mount_source(volumes[name], mount["subPath"], ""))
-    return folders
+
+
+def sub_path_dirs(
+    volumes: Mapping[str, str],
+    config_volumes: frozenset[str],
+    container: Mapping[str, object],
+) -> tuple[str, ...]:
+    """The folders of one container's subPaths, which the script creates just before that
+    container starts, as the kubelet does: not before. An init container may create the
+    path itself (Argo's init puts an input artifact there, and refuses a folder in its way)."""
+    folders = set()
+    for mount in expect_objects(container.get("volumeMounts"), "volumeMounts"):
+        name = str(mount["name"])
+        if mount.get("subPath") and name not in config_volumes:
+            folders.add(_mount_source(volumes[name], mount["subPath"], ""))
+    return tuple(sorted(folders))
 
 
 def _check_bind_path(path: str, where: str) -> None:

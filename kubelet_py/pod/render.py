@@ -68,7 +68,7 @@ from kubelet_py.pod.fields import (
 from kubelet_py.pod.flags import ANNOTATION, FIELD, SbatchOption, merge_options, parse_flags
 from kubelet_py.pod.hook_spec import hooks_file
 from kubelet_py.pod.inputs import PodInputs
-from kubelet_py.pod.mounts import container_binds, pod_volumes, volume_dirs
+from kubelet_py.pod.mounts import container_binds, pod_volumes, sub_path_dirs, volume_dirs
 from kubelet_py.pod.network import (
     LAUNCHER_ANNOTATION,
     PodAddress,
@@ -242,6 +242,8 @@ class ContainerLaunch:
     """Apptainer options after hpk's run options, other than the binds."""
     binds: tuple[str, ...]
     """`--bind` specifications, one per volume mount."""
+    sub_paths: tuple[str, ...]
+    """Folders of its subPaths, relative to the pod folder, made just before it starts."""
     termination_path: str
     """Its terminationMessagePath (kubelet_py.job.termination places the file there)."""
     arguments: tuple[str, ...]
@@ -368,9 +370,7 @@ def render_pod(
         pod_dir=str(settings.pod_dir),
         apptainer=str(settings.apptainer),
         python=str(settings.python),
-        volume_dirs=sorted(
-            volume_dirs(volumes, config_volumes, init + main, managed=storage.managed)
-        ),
+        volume_dirs=sorted(volume_dirs(volumes, config_volumes, managed=storage.managed)),
         storage=storage.plan(),
         open_volume_dirs=any(
             "--security" in launch.options for group in launches.values() for launch in group
@@ -688,6 +688,7 @@ def _launch(
                 read_only=storage.read_only,
             )
         ),
+        sub_paths=sub_path_dirs(volumes, config_volumes, container),
         termination_path=_termination_path(container, where),
         arguments=tuple(argv),
         node_ip_env=tuple(node_ip_env),

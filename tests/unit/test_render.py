@@ -361,6 +361,21 @@ def test_init_containers_run_in_order_before_the_main_ones() -> None:
     assert order[0] < first_wait < order[1]
 
 
+def test_a_sub_path_folder_is_made_just_before_its_container_starts() -> None:
+    # Argo's init container puts an input artifact where the main container's subPath
+    # points, and refuses a folder already there: the folder must not exist before then.
+    the_pod = pod(
+        "artifacts",
+        busybox("main", volumeMounts=[{"name": "in", "mountPath": "/in", "subPath": "a/b"}]),
+        initContainers=[busybox("init", volumeMounts=[{"name": "in", "mountPath": "/all"}])],
+        volumes=[{"name": "in", "emptyDir": {}}],
+    )
+    script = render_pod(the_pod, settings()).script
+    made = script.index("mkdir -p -- volumes/in/a/b || exit 125")
+    assert 'mkdir -p -- "$containers" volumes/in || exit 125' in script
+    assert script.index('"$containers"/init --') < made < script.index('"$containers"/main --')
+
+
 def test_env_values_go_to_the_env_file_not_the_script() -> None:
     rendered = render_pod(ENV, settings("env"))
     assert set(rendered.files) == {"env/main"}

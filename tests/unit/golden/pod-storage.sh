@@ -124,10 +124,13 @@ scratch_dirs+=("$scratch")
 # Without FUSE, Apptainer unpacks each container's image with unsquashfs, whose queues
 # default to 256 MB each, in the job's memory: three containers starting at once took more
 # than a 256 MB job has. Apptainer finds unsquashfs on PATH, so it finds one with 16 MB
-# queues first (as fast for images of this size; the folder's name is no container's).
+# queues first (as fast for images of this size; the folder's name is no container's). It is
+# a wrapper as Apptainer's unprivileged install writes them: with _WRAPPER_EXEC_CMD set,
+# Apptainer learns the real program and its libraries through it.
 if [[ " ${run_options[*]} " == *" --unsquash "* ]] && unsquashfs=$(command -v unsquashfs); then
     mkdir -m 0700 "$scratch/.unsquashfs" &&
-        printf '#!/bin/bash\nexec %q -da 16 -fr 16 "$@"\n' "$unsquashfs" >"$scratch/.unsquashfs/unsquashfs" &&
+        printf '#!/bin/bash\nif [[ -n ${_WRAPPER_EXEC_CMD:-} ]]; then exec $_WRAPPER_EXEC_CMD %q "$@"; fi\nexec %q -da 16 -fr 16 "$@"\n' \
+            "$unsquashfs" "$unsquashfs" >"$scratch/.unsquashfs/unsquashfs" &&
         chmod 0700 "$scratch/.unsquashfs/unsquashfs" || exit 125
     PATH=$scratch/.unsquashfs:$PATH
 fi
