@@ -20,6 +20,7 @@ Stdlib only, and nothing but util-linux and iproute2 on the node: it runs on com
 from __future__ import annotations
 
 import argparse
+import contextlib
 import fcntl
 import os
 import socket
@@ -35,6 +36,10 @@ _IFF_VNET_HDR = 0x4000
 _TUNSETIFF = 0x400454CA
 TUN_DEVICE = "/dev/net/tun"
 IP_FORWARD = "/proc/sys/net/ipv4/ip_forward"
+UNPRIVILEGED_PORT_START = "/proc/sys/net/ipv4/ip_unprivileged_port_start"
+"""Ports below it need a capability in the namespace; 0 in a pod's own namespace lets its
+containers, which run as the user, bind :80 as a container running as root would (Docker and
+rootless runtimes set the same)."""
 
 
 class NamespaceRefused(OSError):
@@ -152,7 +157,11 @@ def _hold(channel_fd: int, interface: Interface | None, *, forwarding: bool) -> 
     """In the new namespaces: set them up, report to the job, then wait for its end."""
     channel = socket.socket(fileno=channel_fd)
     _ip("link", "set", "lo", "up")
-    if forwarding:  # /proc/sys/net is this namespace's own, and its root may write it
+    # /proc/sys/net is this namespace's own, and its root may write it.
+    # Kernels before 4.11 have no such knob.
+    with contextlib.suppress(FileNotFoundError), open(UNPRIVILEGED_PORT_START, "w") as knob:
+        knob.write("0\n")
+    if forwarding:
         with open(IP_FORWARD, "w") as switch:
             switch.write("1\n")
     fds = []

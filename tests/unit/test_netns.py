@@ -99,6 +99,14 @@ def test_a_pods_process_keeps_the_users_identity_and_no_power_over_the_network(
     assert "Operation not permitted" in add.stderr
 
 
+def test_a_pods_process_binds_a_port_below_1024_as_a_container_running_as_root_would(
+    holder: Holder,
+) -> None:
+    code = "import socket; s = socket.socket(); s.bind(('0.0.0.0', 80)); print(s.getsockname()[1])"
+    bound = run(inside(holder, code))
+    assert bound.stdout.strip() == "80", bound.stderr
+
+
 @pytest.mark.skipif(
     not os.access(TUN_DEVICE, os.R_OK | os.W_OK), reason=f"{TUN_DEVICE} is closed to this user"
 )
