@@ -4,9 +4,9 @@ against an ordinary user's hpk cluster.
 The test suite runs a few of them, chosen to cover what hpk implements (ClusterIP Services
 through kube-proxy and cluster DNS, pod-to-pod traffic, the API server's Service), and all
 must pass. The DNS tests are not among them: they read their results through the API
-server's pod proxy, which cannot reach the pod network yet. `make conformance` runs all of them (HPK_CONFORMANCE=all) and prints passed / total
-with the reason of each failure; that run is not expected to pass whole, and it fails only if
-the suite itself could not run.
+server's pod proxy, which cannot reach the pod network yet. `make conformance` runs all of
+them (HPK_CONFORMANCE=all) and prints passed / total with the reason of each failure; that
+run is not expected to pass whole, and it fails only if the suite itself could not run.
 """
 
 from __future__ import annotations
