@@ -1013,3 +1013,23 @@ def _sync_folder(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def import_made_image(
+    reference: str,
+    write_archive: Callable[[Path], object],
+    *,
+    apptainer: str | None = None,
+    cache_dir: Path | None = None,
+) -> Path:
+    """The SIF file of `reference` in the image cache. Unless the cache holds it, it is made
+    from the docker-archive `write_archive` writes to the path it is given (in a scratch
+    folder), through the import users run: how hpk brings in the images it makes itself
+    from built binaries."""
+    found = cached_image(reference, cache_dir=cache_dir)
+    if found is not None:
+        return found
+    with tempfile.TemporaryDirectory(prefix="hpk-made-image-") as scratch:
+        archive = Path(scratch) / "image.tar"
+        write_archive(archive)
+        return import_image(reference, archive, cache_dir=cache_dir, apptainer=apptainer)

@@ -29,7 +29,6 @@ the `Kubectl` it is given.
 from __future__ import annotations
 
 import base64
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,7 +38,7 @@ from hpk.controlplane.ports import load_ports
 from hpk.controlplane.settings import StateLayout
 from hpk.docker_archive import folder, regular_file, write_docker_archive
 from hpk.home import HpkHome
-from hpk.images import cached_image, import_image
+from hpk.images import import_made_image
 from hpk.pki import CertFiles, ClusterPKI
 from hpk.toolchain import Toolchain
 
@@ -104,16 +103,12 @@ def import_metrics_server_image(
     and its SIF file."""
     version = toolchain.pins["METRICS_SERVER_VERSION"]
     reference = image_reference(version)
-    found = cached_image(reference, cache_dir=cache_dir)
-    if found is not None:
-        return reference, found
-    with tempfile.TemporaryDirectory(prefix="hpk-metrics-server-image-") as scratch:
-        archive = image_archive(
-            Path(scratch) / f"{NAME}.tar", binary=toolchain.binary(NAME), version=version
-        )
-        sif = import_image(
-            reference, archive, cache_dir=cache_dir, apptainer=str(toolchain.binary("apptainer"))
-        )
+    sif = import_made_image(
+        reference,
+        lambda archive: image_archive(archive, binary=toolchain.binary(NAME), version=version),
+        apptainer=str(toolchain.binary("apptainer")),
+        cache_dir=cache_dir,
+    )
     return reference, sif
 
 

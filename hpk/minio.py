@@ -30,14 +30,13 @@ from __future__ import annotations
 import base64
 import json
 import secrets
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from hpk.docker_archive import folder, regular_file, write_docker_archive
 from hpk.files import private_dir, write_atomic
-from hpk.images import cached_image, import_image
+from hpk.images import import_made_image
 from hpk.toolchain import Toolchain
 
 Manifest = dict[str, Any]
@@ -140,16 +139,12 @@ def import_minio_image(*, toolchain: Toolchain, cache_dir: Path | None = None) -
     and its SIF file."""
     version = toolchain.pins["MINIO_VERSION"]
     reference = image_reference(version)
-    found = cached_image(reference, cache_dir=cache_dir)
-    if found is not None:
-        return reference, found
-    with tempfile.TemporaryDirectory(prefix="hpk-minio-image-") as scratch:
-        archive = image_archive(
-            Path(scratch) / f"{NAME}.tar", binary=toolchain.binary(NAME), version=version
-        )
-        sif = import_image(
-            reference, archive, cache_dir=cache_dir, apptainer=str(toolchain.binary("apptainer"))
-        )
+    sif = import_made_image(
+        reference,
+        lambda archive: image_archive(archive, binary=toolchain.binary(NAME), version=version),
+        apptainer=str(toolchain.binary("apptainer")),
+        cache_dir=cache_dir,
+    )
     return reference, sif
 
 

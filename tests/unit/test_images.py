@@ -25,6 +25,7 @@ from hpk.images import (
     image_lock,
     image_path,
     import_image,
+    import_made_image,
     list_images,
     normalize_reference,
 )
@@ -429,3 +430,13 @@ def test_docker_archive_is_a_docker_save_tarball(tmp_path: Path) -> None:
         names = files.getnames()
     assert "bin/busybox" in names
     assert "bin/sh" in names
+
+
+def test_a_made_image_the_cache_holds_is_not_made_again(tmp_path: Path) -> None:
+    cached = image_path("localhost/tool:1", cache_dir=tmp_path)
+    cached.parent.mkdir(parents=True)
+    cached.write_bytes(b"sif")
+    made: list[Path] = []
+    found = import_made_image("localhost/tool:1", made.append, cache_dir=tmp_path)
+    assert found == cached
+    assert made == []
