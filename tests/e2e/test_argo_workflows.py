@@ -287,13 +287,17 @@ def test_an_output_artifact_reaches_the_next_step_through_minio(cluster: ArgoClu
     lines = log.splitlines()
     assert lines[0].startswith("written on "), log
     assert lines[1] == "numbers: 1000, sum 500500", log
-    # The artifact went through MinIO: Argo recorded where, and MinIO's drive in the user's
-    # hpk folder holds it (an object is a folder of that name on MinIO's drive).
+    # The artifact went through MinIO: Argo recorded the repository it used (the one hpk
+    # configured) and the object's key, and MinIO's drive in the user's hpk folder holds it
+    # (an object is a folder of that name on MinIO's drive, under its bucket's folder).
+    repository = workflow["status"]["artifactRepositoryRef"]
+    assert repository["configMap"] == "artifact-repositories", repository
+    bucket = repository["artifactRepository"]["s3"]["bucket"]
+    assert bucket == "artifacts", repository
     nodes = workflow["status"]["nodes"].values()
     (produced,) = (node for node in nodes if node.get("displayName") == "produce")
     (artifact,) = (a for a in produced["outputs"]["artifacts"] if a["name"] == "results")
-    assert artifact["s3"]["bucket"] == "artifacts", artifact
-    stored = cluster.home / "artifacts" / "data" / "artifacts" / artifact["s3"]["key"]
+    stored = cluster.home / "artifacts" / "data" / bucket / artifact["s3"]["key"]
     assert cluster.run("test", "-e", str(stored)).returncode == 0, (stored, artifact)
 
 

@@ -36,6 +36,9 @@ SUBSET = (
 )
 """The tests the suite runs in CI: each is one `It` of the [sig-network] conformance set."""
 
+KEPT_NAMESPACES = frozenset({"default", "kube-system", "kube-public", "kube-node-lease"})
+"""The namespaces of the cluster itself, left in place when the suite's own are cleared."""
+
 
 class ConformanceCluster:
     def __init__(self, install: UserInstall) -> None:
@@ -51,6 +54,47 @@ class ConformanceCluster:
         assert done.returncode == 0, f"hpk {' '.join(args)}:\n{done.stdout}\n{done.stderr}"
         return done.stdout
 
+    def clear_pods(self, timeout: float = 240) -> None:
+        """Delete the namespaces the suite made and wait until their pods are gone.
+
+        e2e.test deletes each test's namespace without waiting for it, and the pods' jobs
+        outlive `hpk down` (as they do for any user: a new control-plane job takes them back).
+        """
+        listed = self.install.run(
+            "kubectl", "get", "namespaces", "-o", "name", env=self.env(), timeout=60
+        )
+        ours = [
+            name
+            for name in listed.stdout.split()
+            if name.removeprefix("namespace/") not in KEPT_NAMESPACES
+        ]
+        if ours:
+            self.install.run("kubectl", "delete", "--wait=false", *ours, env=self.env(), timeout=60)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            pods = self.install.run(
+                "kubectl", "get", "pods", "-A", "-o", "name", env=self.env(), timeout=60
+            )
+            if pods.returncode == 0 and not pods.stdout.strip():
+                return
+            time.sleep(2)
+
+    def cancel_leftover_jobs(self) -> None:
+        """Cancel any job still running from this cluster's folder (a pod the API server
+        could not delete in time); other tests count the user's processes."""
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            queue = self.install.run("squeue", "--me", "-h", "-o", "%i|%Z", timeout=60)
+            leftover = [
+                job
+                for job, _, folder in (line.partition("|") for line in queue.stdout.splitlines())
+                if folder.startswith(f"{self.home}/")
+            ]
+            if not leftover:
+                return
+            self.install.run("scancel", *leftover, timeout=60)
+            time.sleep(2)
+
 
 @pytest.fixture(scope="module")
 def cluster(user_install: UserInstall) -> Iterator[ConformanceCluster]:
@@ -64,7 +108,9 @@ def cluster(user_install: UserInstall) -> Iterator[ConformanceCluster]:
             made.hpk("images", "import", reference, str(path))
         yield made
     finally:
+        made.clear_pods()
         user_install.run("hpk", "down", env=made.env(), timeout=300)
+        made.cancel_leftover_jobs()
         user_install.run("rm", "-rf", str(made.home))
 
 
